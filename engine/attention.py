@@ -1,0 +1,210 @@
+"""Paged attention over a flattened ragged batch (vectorised pure-torch path).
+
+The runner flattens every scheduled sequence's new tokens into one ``[T]`` batch. Each layer
+stores the new keys / values into the paged KV cache through ``slot_mapping`` and then attends over
+each sequence's cached context through its block table.
+
+Two groups keep the torch path fast on the CPU:
+- *short* sequences (decode, verify blocks, drafter blocks: ``q_len <= SHORT_QUERY_MAX``) are padded
+  to ``[S, q_max]`` queries and ``[S, kv_max]`` keys and run as ONE batched SDPA call per layer;
+- *long* sequences (prefill chunks) run one SDPA call each.
+
+Mask rule: query i of a sequence (absolute position ``start + i``) sees key j iff
+``j <= start + i`` (causal), or, for a non-causal (bidirectional) block of a drafter, iff
+``j < kv_len``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SHORT_QUERY_MAX = 16
+
+
+@dataclass
+class PrefillSeq:
+    """A long query run on its own: token rows ``[q_start, q_end)`` of the flat batch."""
+
+    q_start: int
+    q_end: int
+    start_pos: int  # absolute position of the first query token
+    slots: torch.Tensor  # [kv_len] flat cache slots of the whole context (incl. new tokens)
+    mask: torch.Tensor | None  # [q_len, kv_len] bool, None = plain causal over fresh keys
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step attention inputs, shared by all layers.
+
+    Attributes:
+        slot_mapping: [T] int64 flat cache slot (block_id * block_size + offset) of each new token;
+            rows whose key/value must not be stored (e.g. drafter block rows) carry no slot and are
+            excluded by ``store_rows``.
+        store_rows: [T'] int64 rows of the flat batch to store (None = all rows), aligned with
+            ``slot_mapping``.
+        short_q_index: [S_s, q_max] int64 rows of the flat batch for the short group (padding points
+            at row 0 and is masked out / dropped).
+        short_q_valid: [S_s, q_max] bool, which padded query rows are real.
+        short_block_tables: [S_s, max_blocks] int64 block tables of the short group.
+        short_mask: [S_s, 1, q_max, max_blocks * block_size] bool, True = may attend.
+        prefills: long sequences.
+        num_tokens: T.
+    """
+
+    slot_mapping: torch.Tensor
+    store_rows: torch.Tensor | None
+    short_q_index: torch.Tensor | None
+    short_q_valid: torch.Tensor | None
+    short_block_tables: torch.Tensor | None
+    short_mask: torch.Tensor | None
+    prefills: list[PrefillSeq]
+    num_tokens: int
+    block_size: int
+
+
+def build_attention_metadata(
+    q_lens: list[int],
+    start_positions: list[int],
+    kv_lens: list[int],
+    block_tables: list[list[int]] | list[tuple[int, ...]],
+    block_size: int,
+    causal: list[bool] | None = None,
+    store: list[bool] | None = None,
+    device: torch.device | str = "cpu",
+) -> AttentionMetadata:
+    """Build the metadata for a flat ragged batch of S sequences.
+
+    Args:
+        q_lens: new (query) tokens per sequence; rows are laid out sequence after sequence.
+        start_positions: absolute position of each sequence's first query token.
+        kv_lens: context length visible to each sequence after this step's keys are stored
+            (``start + q_len`` for the target; context rows + block for a drafter).
+        block_tables: physical block ids per sequence covering ``kv_lens``.
+        block_size: tokens per KV block.
+        causal: per sequence, False for a bidirectional block (drafter); default all True.
+        store: per sequence, whether its new keys / values are written to the cache (default all).
+            A sequence with ``store=False`` must be short and its keys are appended after the cached
+            context by the caller (see ``paged_attention``'s ``extra_kv``); not used by the target.
+    Returns:
+        AttentionMetadata on ``device``.
+    """
+    num_seqs = len(q_lens)
+    causal = causal if causal is not None else [True] * num_seqs
+    slots: list[int] = []
+    q_offsets = [0]
+    for i in range(num_seqs):
+        q_offsets.append(q_offsets[-1] + q_lens[i])
+        table = block_tables[i]
+        for pos in range(start_positions[i], start_positions[i] + q_lens[i]):
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
+
+    short = [i for i in range(num_seqs) if q_lens[i] <= SHORT_QUERY_MAX]
+    long = [i for i in range(num_seqs) if q_lens[i] > SHORT_QUERY_MAX]
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping, store_rows=None, short_q_index=None, short_q_valid=None,
+        short_block_tables=None, short_mask=None, prefills=[], num_tokens=q_offsets[-1],
+        block_size=block_size,
+    )
+    if short:
+        q_max = max(q_lens[i] for i in short)
+        max_blocks = max((kv_lens[i] + block_size - 1) // block_size for i in short)
+        index = torch.zeros(len(short), q_max, dtype=torch.int64)
+        tables = torch.zeros(len(short), max(max_blocks, 1), dtype=torch.int64)
+        q_pos = torch.full((len(short), q_max), -1, dtype=torch.int64)
+        kv_len_t = torch.tensor([kv_lens[i] for i in short], dtype=torch.int64)
+        for row, i in enumerate(short):
+            n = q_lens[i]
+            index[row, :n] = torch.arange(q_offsets[i], q_offsets[i] + n)
+            q_pos[row, :n] = torch.arange(start_positions[i], start_positions[i] + n)
+            nb = (kv_lens[i] + block_size - 1) // block_size
+            tables[row, :nb] = torch.tensor(list(block_tables[i][:nb]), dtype=torch.int64)
+        valid = q_pos >= 0
+        key_pos = torch.arange(tables.shape[1] * block_size)
+        in_ctx = key_pos[None, None, :] < kv_len_t[:, None, None]
+        causal_t = torch.tensor([causal[i] for i in short], dtype=torch.bool)
+        causal_ok = key_pos[None, None, :] <= q_pos[:, :, None]
+        mask = in_ctx & (causal_ok | ~causal_t[:, None, None]) & valid[:, :, None]
+        # Padded query rows attend to key 0 so SDPA never sees an all-masked row (no NaN).
+        mask[:, :, 0] |= ~valid
+        meta.short_q_index = index.to(device)
+        meta.short_q_valid = valid.to(device)
+        meta.short_block_tables = tables.to(device)
+        meta.short_mask = mask[:, None].to(device)
+    for i in long:
+        table = torch.tensor(list(block_tables[i]), dtype=torch.int64)
+        pos = torch.arange(kv_lens[i])
+        seq_slots = table[pos // block_size] * block_size + pos % block_size
+        mask = None
+        if start_positions[i] != 0 or not causal[i] or kv_lens[i] != q_lens[i]:
+            q_pos = torch.arange(start_positions[i], start_positions[i] + q_lens[i])
+            mask = pos[None, :] < kv_lens[i]
+            if causal[i]:
+                mask = mask & (pos[None, :] <= q_pos[:, None])
+            mask = mask.expand(q_lens[i], kv_lens[i]).contiguous().to(device)
+        meta.prefills.append(
+            PrefillSeq(q_offsets[i], q_offsets[i + 1], start_positions[i], seq_slots.to(device), mask)
+        )
+    return meta
+
+
+def store_kv(
+    k: torch.Tensor,  # [T, Hkv, hd]
+    v: torch.Tensor,  # [T, Hkv, hd]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, hd]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, hd]
+    slot_mapping: torch.Tensor,  # [T] int64
+) -> None:
+    """Write new keys / values into their cache slots (reference for the Triton store kernel)."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, hd]
+    k: torch.Tensor,  # [T, Hkv, hd]
+    v: torch.Tensor,  # [T, Hkv, hd]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, hd]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, hd]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Store this step's K/V and attend over the paged cache. Returns [T, H, hd].
+
+    GQA: each group of ``H / Hkv`` query heads shares one KV head.
+    """
+    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    out = q.new_empty(num_tokens, num_heads, head_dim)
+    gqa = num_heads != num_kv_heads
+    if meta.short_q_index is not None:
+        tables = meta.short_block_tables  # [S, nb]
+        seqs, nb = tables.shape
+        keys = k_cache[tables].view(seqs, nb * meta.block_size, num_kv_heads, head_dim)
+        values = v_cache[tables].view(seqs, nb * meta.block_size, num_kv_heads, head_dim)
+        q_pad = q[meta.short_q_index]  # [S, q_max, H, hd]
+        o = F.scaled_dot_product_attention(
+            q_pad.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
+            attn_mask=meta.short_mask, scale=scale, enable_gqa=gqa,
+        ).transpose(1, 2)  # [S, q_max, H, hd]
+        valid = meta.short_q_valid
+        out[meta.short_q_index[valid]] = o[valid]
+    for seq in meta.prefills:
+        qs = q[seq.q_start:seq.q_end].transpose(0, 1)  # [H, q_len, hd]
+        if seq.mask is None:
+            ks, vs = k[seq.q_start:seq.q_end], v[seq.q_start:seq.q_end]
+        else:
+            flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+            flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+            ks, vs = flat_k[seq.slots].to(q.dtype), flat_v[seq.slots].to(q.dtype)
+        o = F.scaled_dot_product_attention(
+            qs, ks.transpose(0, 1), vs.transpose(0, 1), attn_mask=seq.mask,
+            is_causal=seq.mask is None, scale=scale, enable_gqa=gqa,
+        )
+        out[seq.q_start:seq.q_end] = o.transpose(0, 1)
+    return out

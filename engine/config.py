@@ -1,0 +1,65 @@
+"""Engine configuration (frozen, validated at construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Everything needed to build an engine; the CLI maps flags 1:1 onto these fields.
+
+    Attributes:
+        model: local HF folder or GGUF file; ``None`` = the embedded SmolLM2-135M-Instruct.
+        served_model_name: name reported by ``/v1/models`` (default: derived from ``model``).
+        dtype: "float32" | "bfloat16" (weights, activations and KV cache).
+        kv_cache_memory_gb: memory for the paged KV cache (GiB), used when ``num_kv_blocks`` is None.
+        num_kv_blocks: explicit number of KV blocks (overrides ``kv_cache_memory_gb``).
+        block_size: tokens per KV block.
+        max_num_seqs: most requests running at once.
+        max_num_batched_tokens: token budget of one step (prefill chunks + decode + verify tokens).
+        max_model_len: context length cap (default: the model's, capped at 8192).
+        max_waiting_requests: bounded waiting queue; past it new requests get 429.
+        num_threads: torch intra-op threads (None = torch default).
+        seed: global seed for requests without their own.
+        drafter: path of a drafter checkpoint, "none" for no speculation, None = the default
+            (the shipped drafter for the embedded model, none otherwise).
+        drafter_kind: "dspark" | "dflash" | "draft-model".
+        num_draft_tokens: drafts per step for the draft-model drafter.
+        verify_policy: "none" | "fixed:K" | "dspark" | "dspark-async" (None = dspark when drafting).
+        profile_path: throughput profile file to reuse (None = measure / cache at start-up).
+        shuffle_blocks: hand out physical KV blocks in a random order (tests that paging is real).
+    """
+
+    model: str | None = None
+    served_model_name: str | None = None
+    dtype: str = "bfloat16"
+    kv_cache_memory_gb: float = 1.0
+    num_kv_blocks: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None
+    max_waiting_requests: int = 512
+    num_threads: int | None = None
+    seed: int = 0
+    drafter: str | None = None
+    drafter_kind: str = "dspark"
+    num_draft_tokens: int = 4
+    verify_policy: str | None = None
+    profile_path: str | None = None
+    shuffle_blocks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.max_waiting_requests < 0:
+            raise ValueError("max_waiting_requests must be >= 0")
+        if self.drafter_kind not in ("dspark", "dflash", "draft-model"):
+            raise ValueError(f"unknown drafter_kind {self.drafter_kind!r}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be >= 1")

@@ -1,0 +1,95 @@
+"""Request state machine (after vLLM v1): ``num_computed_tokens`` chases ``num_tokens``."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from scheduler.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered request states; every state >= FINISHED_STOPPED is final.
+
+    Changed only by the scheduler.
+    """
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        """OpenAI ``finish_reason`` of a final state, None while unfinished."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass
+class Request:
+    """One sequence being generated.
+
+    Attributes:
+        request_id: unique id.
+        prompt_token_ids: prompt tokens.
+        sampling_params: sampling and stop parameters.
+        eos_token_id: the model's EOS token (``None`` if it has none).
+        arrival_time: ``time.monotonic()`` seconds at arrival.
+        output_token_ids: generated tokens so far (accepted drafts, recovered and bonus tokens).
+        num_computed_tokens: tokens whose KV is in the cache. Progress = this chasing
+            ``num_tokens`` (prefill, chunked prefill and speculation are all cases of it).
+        spec_token_ids: drafted tokens proposed for the next verify step (not yet accepted).
+        spec_confidences: per-position conditional survival confidences c_k of the drafts (fp32
+            values as Python floats), same length as ``spec_token_ids``; empty without a drafter.
+        num_preemptions: how many times the request was preempted (recompute).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_id: int | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_confidences: list[float] = field(default_factory=list)
+    num_preemptions: int = 0
+    stop_reason: int | str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Known tokens: prompt + generated (drafts excluded)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
