@@ -1,0 +1,277 @@
+"""AsyncEngine: the asyncio front of the engine (continuous batching loop).
+
+The loop runs ``EngineCore.step()`` in a single worker thread (the model forward releases the GIL,
+so HTTP handlers stay responsive) and applies new requests and aborts *between* steps, so the
+scheduler is only ever touched by one thread at a time. Each request owns an ``asyncio.Queue`` of
+``RequestOutput`` deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from engine.config import EngineArgs
+from engine.core import EngineCore
+from scheduler.outputs import EngineCoreOutput, TokenLogprob
+from scheduler.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop died; in-flight requests fail and readiness turns false."""
+
+
+class QueueFullError(RuntimeError):
+    """The bounded waiting queue is full (HTTP 429 with ``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineDrainingError(RuntimeError):
+    """The engine stopped admitting requests (graceful shutdown; HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A delta of one request's output.
+
+    Attributes:
+        request_id: the request.
+        new_token_ids: tokens new since the previous output (several with speculation).
+        new_logprobs: one entry per new token when logprobs were requested.
+        finish_reason: "stop" | "length" | "abort" | "error" on the last output, else None.
+        stop_reason: the stop token id that ended the request, if any.
+        num_prompt_tokens: prompt length.
+        num_output_tokens: generated tokens so far (cumulative).
+    """
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_logprobs: tuple[TokenLogprob, ...] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class _Tracked:
+    queue: asyncio.Queue
+    num_prompt_tokens: int
+    num_output_tokens: int = 0
+
+
+class AsyncEngine:
+    """Serves many concurrent requests from one continuous-batching loop.
+
+    Args:
+        core: the synchronous engine core.
+        max_waiting_requests: bound on queued (not yet running) requests.
+    """
+
+    def __init__(self, core: EngineCore, max_waiting_requests: int = 512) -> None:
+        self.core = core
+        self.tokenizer = core.tokenizer
+        self.model_name = core.model_name
+        self.max_model_len = core.max_model_len
+        self.max_waiting_requests = max_waiting_requests
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self._tracked: dict[str, _Tracked] = {}
+        self._pending_adds: list = []
+        self._pending_aborts: list[str] = []
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._dead: BaseException | None = None
+        self._admitting = True
+        self.step_listeners: list = []  # callables(core, outputs) run on the loop after each step
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> AsyncEngine:
+        return cls(EngineCore(args), max_waiting_requests=args.max_waiting_requests)
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.create_task(self._run_loop(), name="engine-loop")
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def stop_admitting(self) -> None:
+        """Graceful shutdown: new requests get ``EngineDrainingError`` (503)."""
+        self._admitting = False
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight or ``timeout_s`` passes. Returns True if drained."""
+        deadline = time.monotonic() + timeout_s
+        while self._tracked and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._tracked
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._dead is None and self._task is not None and not self._task.done()
+
+    @property
+    def is_admitting(self) -> bool:
+        return self._admitting
+
+    @property
+    def num_running(self) -> int:
+        return self.core.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.core.scheduler.num_waiting + len(self._pending_adds)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._tracked)
+
+    # ------------------------------------------------------------ requests
+    async def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Queue a request; errors are raised here, before the caller sends any byte.
+
+        Raises:
+            RequestRejectedError: the request can never fit (HTTP 400).
+            QueueFullError: the waiting queue is full (HTTP 429).
+            EngineDrainingError: the server is shutting down (HTTP 503).
+            EngineDeadError: the engine loop died (HTTP 503).
+        """
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop died: {self._dead!r}")
+        if not self._admitting:
+            raise EngineDrainingError("server is shutting down")
+        if request_id in self._tracked:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        request = self.core.make_request(request_id, prompt_token_ids, params)
+        self.core.validate(request)
+        if self.num_waiting >= self.max_waiting_requests:
+            raise QueueFullError(f"too many waiting requests ({self.num_waiting})", retry_after_s=1.0)
+        tracked = _Tracked(asyncio.Queue(), request.num_prompt_tokens)
+        self._tracked[request_id] = tracked
+        self._pending_adds.append(request)
+        if self._wakeup is not None:
+            self._wakeup.set()
+        return self._stream(request_id, tracked)
+
+    async def _stream(self, request_id: str, tracked: _Tracked) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await tracked.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request (idempotent); its KV blocks are freed before the next step."""
+        if self._tracked.pop(request_id, None) is None:
+            return
+        self._pending_aborts.append(request_id)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> RequestOutput:
+        """Convenience: run one request to completion and return all its tokens as one output."""
+        request_id = uuid.uuid4().hex
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        last = None
+        async for out in await self.add_request(request_id, prompt_token_ids, params):
+            tokens.extend(out.new_token_ids)
+            logprobs.extend(out.new_logprobs or ())
+            last = out
+        assert last is not None
+        return RequestOutput(
+            request_id, tuple(tokens), tuple(logprobs) if logprobs else None, last.finish_reason,
+            last.stop_reason, last.num_prompt_tokens, last.num_output_tokens,
+        )
+
+    async def check_ready(self, timeout_s: float = 5.0) -> bool:
+        """Readiness: a real 1-token generation through the engine queue within ``timeout_s``."""
+        if not self.is_healthy or not self._admitting:
+            return False
+        prompt = self.tokenizer.encode("ping") or [0]
+        try:
+            out = await asyncio.wait_for(
+                self.generate(prompt, SamplingParams(temperature=0.0, max_tokens=1)), timeout_s
+            )
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            return False
+        return out.num_output_tokens == 1
+
+    # ------------------------------------------------------------ loop
+    def _apply_pending(self) -> None:
+        adds, self._pending_adds = self._pending_adds, []
+        for request in adds:
+            if request.request_id in self._tracked:
+                self.core.add_request(request)
+        aborts, self._pending_aborts = self._pending_aborts, []
+        for request_id in aborts:
+            self.core.abort_request(request_id)
+
+    async def _run_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wakeup is not None
+        try:
+            while True:
+                self._apply_pending()
+                if not self.core.has_unfinished_requests():
+                    self._wakeup.clear()
+                    if not self._pending_adds and not self._pending_aborts:
+                        await self._wakeup.wait()
+                    continue
+                outputs = await loop.run_in_executor(self._executor, self.core.step)
+                self._dispatch(outputs)
+                for listener in self.step_listeners:
+                    listener(self.core, outputs)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the loop must report any failure
+            logger.exception("engine loop died")
+            self._dead = exc
+            error = EngineDeadError(f"engine loop died: {exc!r}")
+            for tracked in self._tracked.values():
+                tracked.queue.put_nowait(error)
+            self._tracked.clear()
+
+    def _dispatch(self, outputs: list[EngineCoreOutput]) -> None:
+        for out in outputs:
+            tracked = self._tracked.get(out.request_id)
+            if tracked is None:
+                continue
+            tracked.num_output_tokens += len(out.new_token_ids)
+            tracked.queue.put_nowait(
+                RequestOutput(
+                    out.request_id, out.new_token_ids, out.new_logprobs, out.finish_reason,
+                    out.stop_reason, tracked.num_prompt_tokens, tracked.num_output_tokens,
+                )
+            )
+            if out.finish_reason is not None:
+                del self._tracked[out.request_id]

