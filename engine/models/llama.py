@@ -1,0 +1,244 @@
+"""Llama-family decoder in plain torch: Llama, SmolLM2, Qwen2/Qwen2.5 (q/k/v bias), Qwen3 (q/k norm).
+
+The model runs a *flat ragged batch*: every scheduled sequence's new tokens are concatenated into
+``[T]`` ids with their absolute positions; attention goes through the paged KV cache via
+``engine.attention.paged_attention``, so prefill, chunked prefill, decode and verify blocks all take
+the same path.
+
+Numerics follow transformers: RMSNorm in fp32 (weight applied after the cast back), RoPE with the
+rotate-half convention (pairs ``i`` and ``i + hd/2``), SwiGLU MLP, GQA. For speed the q/k/v
+projections are fused into one ``qkv_proj`` and gate/up into one ``gate_up_proj``;
+:meth:`LlamaForCausalLM.load_weights` accepts the unfused Hugging Face names.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionMetadata, paged_attention
+from engine.models.config import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x / rms(x))`` with the normalisation in fp32. x: [..., n], weight: [n]."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return weight * normed.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies ``theta^(-2i/hd)``, rescaled for linear / llama3 RoPE scaling. Returns [hd/2] fp32."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3: low frequencies (long wavelengths) are divided by `factor`, high ones kept, the band
+    # between interpolated smoothly.
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x: [T, heads, hd]; cos, sin: [T, 1, hd/2]. Returns [T, heads, hd]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        self.q_size, self.kv_size = self.num_heads * hd, self.num_kv_heads * hd
+        self.eps = config.rms_norm_eps
+        self.scale = hd**-0.5
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+        self.input_layernorm = param(d)
+        self.post_attention_layernorm = param(d)
+        self.qkv_proj = param(self.q_size + 2 * self.kv_size, d)  # rows: q | k | v
+        self.qkv_bias = param(self.q_size + 2 * self.kv_size) if config.attention_bias else None
+        self.o_proj = param(d, self.q_size)
+        self.o_bias = param(d) if config.o_proj_bias else None
+        self.q_norm = param(hd) if config.qk_norm else None
+        self.k_norm = param(hd) if config.qk_norm else None
+        self.gate_up_proj = param(2 * config.intermediate_size, d)  # rows: gate | up
+        self.down_proj = param(d, config.intermediate_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, d] residual stream
+        cos: torch.Tensor,  # [T, 1, hd/2]
+        sin: torch.Tensor,  # [T, 1, hd/2]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [num_blocks, block_size, Hkv, hd]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, d]
+        """One layer over the flat batch; stores this step's keys / values into ``kv_cache``."""
+        num_tokens = x.shape[0]
+        h = rms_norm(x, self.input_layernorm, self.eps)
+        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)  # [T, (H + 2 Hkv) hd]
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, self.eps)
+            k = rms_norm(k, self.k_norm, self.eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, hd]
+        x = x + F.linear(attn.reshape(num_tokens, self.q_size), self.o_proj, self.o_bias)
+        h = rms_norm(x, self.post_attention_layernorm, self.eps)
+        gate, up = F.linear(h, self.gate_up_proj).chunk(2, dim=-1)  # [T, I] each
+        return x + F.linear(F.silu(gate) * up, self.down_proj)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM over a flat ragged batch with a paged KV cache.
+
+    Args:
+        config: model shape.
+        dtype: parameter / activation dtype (float32 or bfloat16).
+        max_positions: RoPE table length (default ``config.max_position_embeddings``); positions
+            must stay below it.
+    Parameters are allocated uninitialised: fill them with :meth:`load_weights`.
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32,
+                 max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        d, vocab = config.hidden_size, config.vocab_size
+        self.embed_tokens = nn.Embedding(vocab, d, _weight=torch.empty(vocab, d, dtype=dtype), _freeze=True)
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype) for _ in range(config.num_hidden_layers))
+        self.norm = nn.Parameter(torch.empty(d, dtype=dtype), requires_grad=False)
+        self.lm_head = None if config.tie_word_embeddings else nn.Parameter(
+            torch.empty(vocab, d, dtype=dtype), requires_grad=False)
+        num_pos = max_positions or config.max_position_embeddings
+        freqs = torch.outer(torch.arange(num_pos, dtype=torch.float32), rope_inv_freq(config))  # [P, hd/2]
+        # cos/sin are rounded to the model dtype once, as transformers does per call.
+        self.register_buffer("rope_cos", freqs.cos().to(dtype), persistent=False)  # [P, hd/2]
+        self.register_buffer("rope_sin", freqs.sin().to(dtype), persistent=False)  # [P, hd/2]
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The output embedding [V, d] (the token embedding when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64, flat ragged batch
+        positions: torch.Tensor,  # [T] int64 absolute positions
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer, each [num_blocks, block_size, Hkv, hd]
+        meta: AttentionMetadata,
+        aux_layer_ids: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run all layers; returns (final-normed hidden [T, d], aux [T, len(aux_layer_ids) * d] or None).
+
+        ``aux`` concatenates, in ``aux_layer_ids`` order, the raw residual-stream output of each listed
+        decoder layer (before the final norm; -1 = the embedding output): the DSpark drafter's
+        context features (transformers' ``hidden_states[l + 1]``).
+        """
+        num_layers = len(self.layers)
+        for layer_id in aux_layer_ids:
+            if not -1 <= layer_id < num_layers:
+                raise ValueError(f"aux layer id {layer_id} outside [-1, {num_layers})")
+        x = self.embed_tokens(input_ids)  # [T, d]
+        cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, hd/2]
+        sin = self.rope_sin[positions].unsqueeze(1)  # [T, 1, hd/2]
+        captured: dict[int, torch.Tensor] = {}
+        if -1 in aux_layer_ids:
+            captured[-1] = x
+        for layer_id, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_caches[layer_id], meta)
+            if layer_id in aux_layer_ids:
+                captured[layer_id] = x
+        aux = torch.cat([captured[i] for i in aux_layer_ids], dim=-1) if aux_layer_ids else None
+        return rms_norm(x, self.norm, self.config.rms_norm_eps), aux
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head: [N, d] -> [N, V] float32 logits."""
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors (``model.layers.3.self_attn.q_proj.weight`` ...) into the
+        fused parameters, casting to the model dtype. Raises ValueError on an unknown name or when a
+        parameter is left unfilled."""
+        filled: set[str] = set()
+        for name, tensor in weights:
+            target = self._resolve(name)
+            if target is None:
+                continue
+            param_name, rows = target
+            param = self._param(param_name, name)
+            dest = param if rows is None else param[rows[0]:rows[1]]
+            if dest.shape != tensor.shape:
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit {param_name} {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            filled.add(param_name if rows is None else f"{param_name}[{rows[0]}]")
+        expected = {n for n, _ in self.named_parameters()}
+        for i, layer in enumerate(self.layers):
+            expected -= {f"layers.{i}.qkv_proj", f"layers.{i}.qkv_bias", f"layers.{i}.gate_up_proj"}
+            for fused, starts in (("qkv_proj", (0, layer.q_size, layer.q_size + layer.kv_size)),
+                                  ("qkv_bias", (0, layer.q_size, layer.q_size + layer.kv_size)),
+                                  ("gate_up_proj", (0, self.config.intermediate_size))):
+                if getattr(layer, fused) is not None:
+                    expected |= {f"layers.{i}.{fused}[{s}]" for s in starts}
+        missing = expected - filled
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:5]}")
+
+    def _param(self, param_name: str, tensor_name: str) -> torch.Tensor:
+        try:
+            return self.get_parameter(param_name)
+        except AttributeError:
+            raise ValueError(f"{tensor_name}: the config has no parameter {param_name}") from None
+
+    def _resolve(self, name: str) -> tuple[str, tuple[int, int] | None] | None:
+        """HF tensor name -> (parameter name, row range of a fused parameter or None); None = skip."""
+        name = name.removeprefix("model.")
+        if name == "lm_head.weight":
+            return None if self.lm_head is None else ("lm_head", None)
+        if name == "embed_tokens.weight":
+            return name, None
+        if name == "norm.weight":
+            return "norm", None
+        if name.endswith("rotary_emb.inv_freq"):
+            return None
+        parts = name.split(".")  # layers.{i}.{self_attn|mlp}.{proj}.{weight|bias} or layers.{i}.{norm}.weight
+        if parts[0] != "layers" or len(parts) < 4:
+            raise ValueError(f"unexpected tensor {name!r}")
+        i, layer = int(parts[1]), self.layers[int(parts[1])]
+        prefix, leaf, kind = f"layers.{i}", parts[-2], parts[-1]
+        if leaf in ("input_layernorm", "post_attention_layernorm", "q_norm", "k_norm"):
+            return f"{prefix}.{leaf}", None
+        q, kv, inter = layer.q_size, layer.kv_size, self.config.intermediate_size
+        fused_rows = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv),
+                      "gate_proj": (0, inter), "up_proj": (inter, 2 * inter)}
+        if leaf in ("q_proj", "k_proj", "v_proj"):
+            return f"{prefix}.{'qkv_proj' if kind == 'weight' else 'qkv_bias'}", fused_rows[leaf]
+        if leaf in ("gate_proj", "up_proj"):
+            return f"{prefix}.gate_up_proj", fused_rows[leaf]
+        if leaf == "o_proj":
+            return f"{prefix}.{'o_proj' if kind == 'weight' else 'o_bias'}", None
+        if leaf == "down_proj":
+            return f"{prefix}.down_proj", None
+        raise ValueError(f"unexpected tensor {name!r}")

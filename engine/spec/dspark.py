@@ -1,0 +1,323 @@
+"""DSpark / DFlash drafter, Qwen3 variant, over the paged KV cache (DEEPSPEC_FORMAT.md section 2).
+
+Terms: *context rows* are target tokens whose features (concatenated hidden states of the target
+layers ``target_layer_ids``) have been projected into the drafter's KV cache; they have no queries.
+The *block* is ``[anchor, mask x (B-1)]`` at positions ``start..start+B-1`` where ``start`` (the
+anchor's position) equals the number of context rows. Block slot k proposes the token at position
+``start+k+1``.
+
+Paging: the drafter owns one paged pool per layer with the SAME block tables / slot mapping as the
+target; the context row of position p lives in the slot of position p. A block writes its own K/V into
+the slots of positions ``start..start+B-1`` (no context row exists there yet; later context rows
+overwrite them) and attends bidirectionally over ``kv_len = start + B`` keys, which is exactly section 2
+step 5 (block sees every context row and every block key). The caller allocates blocks for ``start + B``
+positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.attention import build_attention_metadata, paged_attention, store_kv
+from engine.spec.dspark_loader import DSparkConfig
+
+__all__ = ["DSparkConfig", "DSparkDrafter", "DraftOutput", "apply_rope", "rms_norm"]
+
+GREEDY_TEMPERATURE = 1e-5  # below this a request is greedy (section 2 step 8)
+AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q [T,H,hd], k [T,Hkv,hd], v) -> [T,H,hd]
+KVCache = tuple[Tensor, Tensor]  # ([num_blocks, block_size, Hkv, hd], same) per drafter layer
+
+
+@dataclass
+class DraftOutput:
+    """One block of drafts per request.
+
+    Attributes:
+        token_ids: [R, B] int64 drafted tokens x_k (slot k = position start+k+1).
+        draft_probs: [R, B, V] fp32 q_k = softmax(Z_k / T), one-hot of argmax Z_k for greedy requests;
+            the distributions the drafts were sampled from (use these in verification).
+        confidences: [R, B] fp32 c_k, conditional acceptance estimates; None without a confidence head.
+    """
+
+    token_ids: Tensor
+    draft_probs: Tensor
+    confidences: Tensor | None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight, normalised in fp32 (Qwen3RMSNorm, section 2 step 5)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Default (rotate-half) RoPE. x: [T, heads, hd]; positions: [T] int64. Computed in fp32."""
+    head_dim = x.shape[-1]
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=x.device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)  # [hd/2]
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, hd/2]
+    cos = torch.cat((angles.cos(), angles.cos()), -1)[:, None, :]  # [T, 1, hd]
+    sin = torch.cat((angles.sin(), angles.sin()), -1)[:, None, :]
+    xf = x.float()
+    rotated = torch.cat((-xf[..., head_dim // 2:], xf[..., : head_dim // 2]), -1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class DSparkAttention(nn.Module):
+    """Qwen3 attention whose keys/values also come from context rows (KV injection)."""
+
+    def __init__(self, config: DSparkConfig) -> None:
+        super().__init__()
+        d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = hd
+        self.rope_theta = config.rope_theta
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=bias)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def project_kv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys (k_norm, RoPE at ``positions``) and values of rows x: [T, d] -> 2 x [T, Hkv, hd].
+        Used for context rows (x = Hctx) and block rows (x = input_layernorm(block))."""
+        shape = (x.shape[0], self.num_kv_heads, self.head_dim)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(shape)), positions, self.rope_theta)
+        return k, self.v_proj(x).view(shape)
+
+    def forward(self, x: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
+        """x: [T, d] block rows (already input-normed) -> [T, d]; ``attend`` supplies the context."""
+        q = self.q_proj(x).view(x.shape[0], self.num_heads, self.head_dim)
+        q = apply_rope(self.q_norm(q), positions, self.rope_theta)  # [T, H, hd]
+        k, v = self.project_kv(x, positions)
+        return self.o_proj(attend(q, k, v).reshape(x.shape[0], -1))
+
+
+class DSparkMLP(nn.Module):
+    def __init__(self, config: DSparkConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DSparkLayer(nn.Module):
+    """Qwen3 decoder layer (section 2 step 5); reusable by a training forward with a dense ``attend``."""
+
+    def __init__(self, config: DSparkConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DSparkAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = DSparkMLP(config)
+
+    def forward(self, x: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
+        """x: [T, d] block rows at ``positions`` [T] -> [T, d]."""
+        x = x + self.self_attn(self.input_layernorm(x), positions, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MarkovHead(nn.Module):
+    """Vanilla Markov head: bias_k = W2 @ W1[prev_k] (section 2 step 8)."""
+
+    def __init__(self, vocab_size: int, rank: int) -> None:
+        super().__init__()
+        self.markov_w1 = nn.Embedding(vocab_size, rank)  # W1 [V, r]
+        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)  # W2 [V, r]
+
+    def forward(self, prev: Tensor) -> Tensor:
+        """prev: [...] token ids -> [..., V] logit bias."""
+        return self.markov_w2(self.markov_w1(prev))
+
+
+class ConfidenceHead(nn.Module):
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_features, 1)
+
+
+def _draw(logits: Tensor, greedy: list[bool], temps: Tensor,
+          generators: Sequence[torch.Generator | None]) -> tuple[Tensor, Tensor]:
+    """Sample one token per row and slot. logits: [R, n, V] fp32; temps: [R] (1.0 for greedy rows).
+    Returns tokens [R, n] int64 and q [R, n, V] fp32 = softmax(logits / T) (one-hot argmax if greedy)."""
+    probs = torch.softmax(logits / temps[:, None, None], dim=-1)  # [R, n, V]
+    tokens = logits.argmax(-1)  # [R, n]
+    shared = [i for i, g in enumerate(greedy) if not g and generators[i] is None]
+    if shared:  # requests on the global RNG: one call
+        rows = torch.tensor(shared, device=logits.device)
+        tokens[rows] = torch.multinomial(probs[rows].flatten(0, 1), 1).view(len(shared), -1)
+    for i, gen in enumerate(generators):
+        if not greedy[i] and gen is not None:
+            tokens[i] = torch.multinomial(probs[i], 1, generator=gen).squeeze(-1)
+    if any(greedy):
+        rows = torch.tensor([i for i, g in enumerate(greedy) if g], device=logits.device)
+        probs[rows] = F.one_hot(tokens[rows], logits.shape[-1]).float()
+    return tokens, probs
+
+
+class DSparkDrafter(nn.Module):
+    """DSpark drafter (Markov + confidence heads) or DFlash drafter (markov_rank 0, no confidence head).
+
+    The token embedding and LM head are the target's, frozen and shared (non-persistent buffers, not in
+    ``state_dict``); every other tensor has its DeepSpec name (DEEPSPEC_FORMAT.md 1.3).
+    """
+
+    def __init__(self, config: DSparkConfig, embed_weight: Tensor, lm_head_weight: Tensor) -> None:
+        super().__init__()
+        expected = (config.vocab_size, config.hidden_size)
+        for name, w in (("embed_tokens", embed_weight), ("lm_head", lm_head_weight)):
+            if tuple(w.shape) != expected:
+                raise ValueError(f"target {name} weight has shape {list(w.shape)}, the drafter needs "
+                                 f"[vocab_size, hidden_size] = {list(expected)}: the drafter's hidden size "
+                                 f"and vocabulary must equal the target's")
+        self.config = config
+        d = config.hidden_size
+        self.fc = nn.Linear(config.num_features * d, d, bias=False)
+        self.hidden_norm = RMSNorm(d, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DSparkLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.markov_head = MarkovHead(config.vocab_size, config.markov_rank) if config.markov_rank else None
+        self.confidence_head = (
+            ConfidenceHead(config.confidence_in_features) if config.enable_confidence_head else None
+        )
+        self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)  # [V, d]
+        self.register_buffer("lm_head_weight", lm_head_weight.detach(), persistent=False)  # [V, d]
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """HF default init: weights ~ N(0, initializer_range), zero biases, unit norms (section 4)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std, generator=generator)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def make_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> list[KVCache]:
+        """One (K, V) paged pool per layer, each [num_blocks, block_size, Hkv, hd], zero-filled."""
+        shape = (num_blocks, block_size, self.config.num_key_value_heads, self.config.head_dim)
+        device = self.fc.weight.device
+        return [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in self.layers
+        ]
+
+    @torch.no_grad()
+    def add_context(self, target_features: Tensor, positions: Tensor, slot_mapping: Tensor,
+                    kv_caches: list[KVCache]) -> None:
+        """Project context rows and store their K/V in every layer (section 2 step 3; once per row).
+
+        target_features: [N, m*d] concatenated target-layer outputs (rows of several requests);
+        positions: [N] int64 absolute positions; slot_mapping: [N] int64 cache slots of those positions
+        (all on the drafter's device).
+        """
+        hctx = self.hidden_norm(self.fc(target_features.to(self.fc.weight.dtype)))  # [N, d]
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            k, v = layer.self_attn.project_kv(hctx, positions)  # [N, Hkv, hd]
+            store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    @torch.no_grad()
+    def block_hidden_states(self, anchor_ids: Tensor, starts: list[int], block_tables: list[Sequence[int]],
+                            block_size: int, kv_caches: list[KVCache]) -> Tensor:
+        """Backbone over the block [anchor, mask x (B-1)] of each request -> h = norm(x): [R, B, d].
+
+        anchor_ids: [R] int64; starts[r] = anchor position = number of context rows of request r.
+        """
+        num_reqs, B, d = anchor_ids.shape[0], self.config.block_size, self.config.hidden_size
+        device = self.embed_weight.device
+        ids = torch.full((num_reqs, B), self.config.mask_token_id, dtype=torch.int64, device=device)
+        ids[:, 0] = anchor_ids
+        x = F.embedding(ids.flatten(), self.embed_weight).to(self.fc.weight.dtype)  # [R*B, d]
+        offsets = torch.arange(B, device=device)
+        positions = (torch.tensor(starts, device=device)[:, None] + offsets).flatten()  # [R*B]
+        meta = build_attention_metadata(
+            q_lens=[B] * num_reqs, start_positions=list(starts), kv_lens=[s + B for s in starts],
+            block_tables=[list(t) for t in block_tables], block_size=block_size,
+            causal=[False] * num_reqs, device=device,
+        )
+        scale = self.config.head_dim**-0.5
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            attend = partial(paged_attention, k_cache=k_cache, v_cache=v_cache, meta=meta, scale=scale)
+            x = layer(x, positions, attend)
+        return self.norm(x).view(num_reqs, B, d)
+
+    def base_logits(self, h: Tensor) -> Tensor:
+        """U = lm_head(h) with the target's head: [R, B, d] -> [R, B, V] fp32 (section 2 step 7)."""
+        return F.linear(h, self.lm_head_weight.to(h.dtype)).float()
+
+    @torch.no_grad()
+    def sample_block(self, h: Tensor, base_logits: Tensor, anchor_ids: Tensor, temperatures: Tensor,
+                     generators: Sequence[torch.Generator | None]) -> tuple[DraftOutput, Tensor]:
+        """Markov head + sampling + confidence head (section 2 steps 8-9).
+
+        h: [R, B, d]; base_logits: U [R, B, V] fp32; anchor_ids: [R]; temperatures: [R] fp32.
+        Returns the drafts and the step logits Z [R, B, V] fp32 (Z = U for DFlash).
+        """
+        greedy = (temperatures < GREEDY_TEMPERATURE).tolist()
+        temps = torch.where(temperatures < GREEDY_TEMPERATURE, 1.0, temperatures.float())  # [R]
+        temps = temps.to(base_logits.device)
+        if self.markov_head is None:  # DFlash: slots independent
+            tokens, probs = _draw(base_logits, greedy, temps, generators)
+            return DraftOutput(tokens, probs, self._confidence(h, None)), base_logits
+        prev = anchor_ids
+        prevs, steps, toks, qs = [], [], [], []
+        for k in range(self.config.block_size):
+            z = base_logits[:, k] + self.markov_head(prev).float()  # [R, V]
+            tok, q = _draw(z[:, None], greedy, temps, generators)
+            prevs.append(prev)
+            steps.append(z)
+            toks.append(tok[:, 0])
+            qs.append(q[:, 0])
+            prev = tok[:, 0]
+        conf = self._confidence(h, torch.stack(prevs, 1))
+        return DraftOutput(torch.stack(toks, 1), torch.stack(qs, 1), conf), torch.stack(steps, 1)
+
+    def _confidence(self, h: Tensor, prev: Tensor | None) -> Tensor | None:
+        """c_k = sigmoid((w . [h_k ; W1[prev_k]] + b) / T_k) in fp32; h: [R, B, d], prev: [R, B]."""
+        if self.confidence_head is None:
+            return None
+        feats = h.float()
+        if self.config.confidence_head_with_markov and self.markov_head is not None and prev is not None:
+            feats = torch.cat((feats, self.markov_head.markov_w1(prev).float()), -1)  # [R, B, d+r]
+        proj = self.confidence_head.proj
+        logit = F.linear(feats, proj.weight.float(), proj.bias.float()).squeeze(-1)  # [R, B]
+        calib = self.config.confidence_temperatures or (1.0,) * self.config.block_size
+        return torch.sigmoid(logit / torch.tensor(calib, device=logit.device))
+
+    @torch.no_grad()
+    def propose(self, anchor_ids: Tensor, starts: list[int], block_tables: list[Sequence[int]],
+                block_size: int, kv_caches: list[KVCache], temperatures: Tensor,
+                generators: Sequence[torch.Generator | None]) -> DraftOutput:
+        """One batched drafter forward for R requests (section 2 steps 2-9).
+
+        anchor_ids: [R] int64 last committed tokens; starts: their positions (= context rows cached);
+        block_tables: per request, covering ``start + B`` positions; temperatures: [R] fp32
+        (< 1e-5 = greedy); generators: per request RNG on the drafter's device (None = global RNG).
+        Overwrites the cache slots of positions start..start+B-1 (no context rows there yet).
+        """
+        h = self.block_hidden_states(anchor_ids, starts, block_tables, block_size, kv_caches)
+        out, _ = self.sample_block(h, self.base_logits(h), anchor_ids, temperatures, generators)
+        return out

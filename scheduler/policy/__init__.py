@@ -1,0 +1,48 @@
+"""Verification policies: how many drafts each decode request verifies per step.
+
+- ``common``: ``VerifyRequest``, ``VerifyPlan``, ``survival``, ``slo_weight``,
+  ``split_token_budget`` (the token-budget rule).
+- ``dspark``: ``verify_dspark`` (Algorithm 1, early stop), ``plan_budget_k`` and
+  ``verify_dspark_async`` (the production top-K variant).
+- ``spec``: ``parse_policy``, ``verify_none``, ``verify_fixed`` and ``plan_verify`` (dispatch).
+"""
+
+from scheduler.policy.common import (
+    SLO_MAX_WEIGHT,
+    TokenBudgetSplit,
+    VerifyPlan,
+    VerifyRequest,
+    slo_weight,
+    split_token_budget,
+    survival,
+)
+from scheduler.policy.dspark import Slot, plan_budget_k, ranked_slots, verify_dspark, verify_dspark_async
+from scheduler.policy.spec import (
+    POLICY_KINDS,
+    PolicySpec,
+    parse_policy,
+    plan_verify,
+    verify_fixed,
+    verify_none,
+)
+
+__all__ = [
+    "POLICY_KINDS",
+    "SLO_MAX_WEIGHT",
+    "PolicySpec",
+    "Slot",
+    "TokenBudgetSplit",
+    "VerifyPlan",
+    "VerifyRequest",
+    "parse_policy",
+    "plan_budget_k",
+    "plan_verify",
+    "ranked_slots",
+    "slo_weight",
+    "split_token_budget",
+    "survival",
+    "verify_dspark",
+    "verify_dspark_async",
+    "verify_fixed",
+    "verify_none",
+]

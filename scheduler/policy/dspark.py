@@ -1,0 +1,166 @@
+"""DSpark's confidence-scheduled verification (DESIGN.md section 1; paper Algorithm 1).
+
+Each step, for R decode requests with drafts and T prefill tokens in the same batch:
+
+    B = T + sum_r (1 + l_r)                        batch tokens of the step
+    E = sum_r (1 + sum_{j<=l_r} a_{r,j})           expected emitted tokens
+    Theta = E * SPS(B, R) = E / step_time(B, R)    maximised
+
+Per-request TPOT goals (``slo_weight``, w_r >= 1, 1 without a goal) scale the *gain* of a request's
+slots, ``w_r * a_{r,j}``, in the ranking and in the admission test, but not E on the cost side: a
+request behind its goal gets slots that plain throughput would not pay for, while everyone else's
+tokens keep their value (weighting E itself would make one prioritised request starve the rest).
+
+**Why the greedy stops early.** c_{r,j} depends on the sampled draft d_{r,j-1}, so a_{r,j+1} carries
+information about d_{r,j}. Speculative sampling is lossless only if the decision to verify d_{r,j}
+is independent of d_{r,j} given the past (a stopping time). Slots are visited by a descending
+``w_r * a_{r,j}``, ties by position then request, so every slot visited before (r, j) belongs to
+another request or to r's own prefix; the decision on (r, j) is taken before anything that depends
+on d_{r,j} is looked at. Stopping at the first slot that does not improve Theta keeps this. A full
+search (the best l over all slots) would let a_{r,j+1} decide whether d_{r,j} is verified and bias
+the output (paper Appendix A: (0.85, 0.15) instead of (0.7, 0.3); tests/test_policy_lossless.py).
+
+The production variant (``dspark-async``) gets its budget K from a *full* search over the
+confidences of an earlier step (already verified drafts, so no leak; it can run off the critical
+path and sees past jagged steps of the SPS curve), then takes this step's top-K slots in the same
+order: a top-K cut is non-anticipating for the same reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from scheduler.policy.common import VerifyPlan, VerifyRequest
+from scheduler.profile.grid import StepTimeModel
+
+
+class Slot(NamedTuple):
+    """One verify slot: draft ``position`` (0-based; verifying it makes l_r = position + 1) of
+    ``request`` with survival ``survival`` and ranking key ``weighted = w_r * survival``."""
+
+    weighted: float
+    position: int
+    request: int
+    survival: float
+
+
+def ranked_slots(reqs: Sequence[VerifyRequest]) -> list[Slot]:
+    """All slots with a > 0 within each request's cap, ordered by ``w_r * a`` descending, ties by
+    position then request. Within a request, a is non-increasing (fp32 cumulative product, as in
+    ``survival``), so a slot always comes after its own prefix. Vectorised over the batch."""
+    caps = [min(req.max_verify, len(req.confidences)) for req in reqs]
+    width = max(caps, default=0)
+    if width == 0:
+        return []
+    conf = np.zeros((len(reqs), width), dtype=np.float32)  # [R, width], 0 past each cap
+    for r, (req, cap) in enumerate(zip(reqs, caps, strict=True)):
+        conf[r, :cap] = req.confidences[:cap]
+    if not np.all((conf >= 0) & (conf <= 1)):  # also rejects NaN
+        raise ValueError("confidences must lie in [0, 1]")
+    survival = np.cumprod(conf, axis=1, dtype=np.float32)  # [R, width]
+    weights = np.array([req.slo_weight for req in reqs])  # [R]
+    request, position = np.nonzero(survival > 0)  # [num_slots] each
+    a = survival[request, position].astype(np.float64)  # [num_slots]
+    weighted = a * weights[request]  # [num_slots]
+    order = np.lexsort((request, position, -weighted))  # primary key last
+    return list(
+        map(
+            Slot,
+            weighted[order].tolist(),
+            position[order].tolist(),
+            request[order].tolist(),
+            a[order].tolist(),
+        )
+    )
+
+
+def _base_tokens(num_requests: int, prefill_tokens: int, token_budget: int) -> int:
+    base = prefill_tokens + num_requests
+    if prefill_tokens < 0 or base > token_budget:
+        raise ValueError(
+            f"{prefill_tokens} prefill + {num_requests} base tokens do not fit the budget of {token_budget}"
+        )
+    return base
+
+
+def _plan(
+    reqs: Sequence[VerifyRequest], admitted: Sequence[Slot], base: int, profile: StepTimeModel | None
+) -> VerifyPlan:
+    lengths = [0] * len(reqs)
+    for slot in admitted:
+        lengths[slot.request] += 1
+    expected = len(reqs) + sum(slot.survival for slot in admitted)
+    batch = base + len(admitted)
+    theta = expected / profile.step_time(batch, len(reqs)) if profile is not None and reqs else None
+    return VerifyPlan(tuple(lengths), expected, batch, theta)
+
+
+def verify_dspark(
+    reqs: Sequence[VerifyRequest], profile: StepTimeModel, prefill_tokens: int, token_budget: int
+) -> VerifyPlan:
+    """Algorithm 1 with early stopping (lossless): admit slots in ``ranked_slots`` order while each
+    improves Theta and fits ``token_budget`` (B <= budget, prefill tokens counted in B).
+
+    The improvement test ``(E + w a) / t(B + 1) > E / t(B)`` is evaluated as
+    ``w a * t(B) > E * (t(B + 1) - t(B))`` so that with a flat profile every slot with a > 0 passes
+    however small a is next to E. E accumulates the unweighted a (see the module docstring).
+    """
+    num_requests = len(reqs)
+    base = _base_tokens(num_requests, prefill_tokens, token_budget)
+    slots = ranked_slots(reqs)
+    admitted: list[Slot] = []
+    if slots:
+        expected = float(num_requests)  # E at l = 0
+        batch, step = base, profile.step_time(base, num_requests)
+        for slot in slots:
+            if batch + 1 > token_budget:
+                break
+            next_step = profile.step_time(batch + 1, num_requests)
+            if not slot.weighted * step > expected * (next_step - step):
+                break  # first slot that does not improve Theta: stop (non-anticipating)
+            admitted.append(slot)
+            expected += slot.survival
+            batch, step = batch + 1, next_step
+    return _plan(reqs, admitted, base, profile)
+
+
+def plan_budget_k(
+    prev_reqs: Sequence[VerifyRequest], profile: StepTimeModel, prefill_tokens: int, token_budget: int
+) -> int:
+    """The verify budget K for a later step: full search over the top-k prefixes of an earlier
+    step's ranked slots, ``K = argmax_k (R + sum_{top k} w a) / t(T + R + k, R)`` (smallest k on
+    ties; with all w = 1 this is Theta(k) exactly). Full search is safe only because these drafts
+    are already verified; never feed it the confidences of the step being planned."""
+    num_requests = len(prev_reqs)
+    base = _base_tokens(num_requests, prefill_tokens, token_budget)
+    slots = ranked_slots(prev_reqs)[: token_budget - base]
+    if not slots:
+        return 0
+    objective = float(num_requests)
+    best_k, best = 0, objective / profile.step_time(base, num_requests)
+    for k, slot in enumerate(slots, start=1):
+        objective += slot.weighted
+        theta = objective / profile.step_time(base + k, num_requests)
+        if theta > best:
+            best_k, best = k, theta
+    return best_k
+
+
+def verify_dspark_async(
+    reqs: Sequence[VerifyRequest],
+    profile: StepTimeModel | None,
+    prefill_tokens: int,
+    token_budget: int,
+    budget_k_from_earlier_step: int,
+) -> VerifyPlan:
+    """Production variant: this step's top-K slots by current ``w_r * a`` (ties by position, so a
+    deeper slot never displaces its own prefix), K from ``plan_budget_k`` on an earlier step,
+    capped by the token budget. ``profile`` only fills in ``theta``."""
+    if budget_k_from_earlier_step < 0:
+        raise ValueError(f"budget K must be >= 0, got {budget_k_from_earlier_step}")
+    base = _base_tokens(len(reqs), prefill_tokens, token_budget)
+    k = min(budget_k_from_earlier_step, token_budget - base)
+    return _plan(reqs, ranked_slots(reqs)[:k], base, profile)

@@ -1,0 +1,105 @@
+"""Measuring a throughput profile at start-up, its default grid and its on-disk cache.
+
+Pure orchestration: the engine supplies ``step_fn(B, R)``, which runs one real step (target forward
+over B batch tokens with R decode requests, plus the drafter for those R requests) and returns its
+wall time in seconds. Nothing here touches a tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from scheduler.profile.grid import ProfileKey, ThroughputProfile
+
+
+def default_grid(max_num_batched_tokens: int, max_num_seqs: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (B, R) grid to profile.
+
+    B: 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and their 1.5x midpoints) up to and including
+    ``max_num_batched_tokens``; R: powers of two up to and including ``max_num_seqs``, capped at
+    ``max_num_batched_tokens`` (every decode request needs one token). About 2 log2(B) x log2(R)
+    cells, of which only those with B >= R are measured.
+    """
+    if max_num_batched_tokens < 1 or max_num_seqs < 1:
+        raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+    batch = {max_num_batched_tokens}
+    power = 1
+    while power < max_num_batched_tokens:
+        batch.update(b for b in (power, power + power // 2) if b < max_num_batched_tokens)
+        power *= 2
+    max_r = min(max_num_seqs, max_num_batched_tokens)
+    requests = {max_r}
+    power = 1
+    while power < max_r:
+        requests.add(power)
+        power *= 2
+    return tuple(sorted(batch)), tuple(sorted(requests))
+
+
+def measure_profile(
+    step_fn: Callable[[int, int], float],
+    batch_grid: Sequence[int],
+    request_grid: Sequence[int],
+    repeats: int = 3,
+    warmup: int = 1,
+    progress: bool = False,
+    key: ProfileKey | None = None,
+) -> ThroughputProfile:
+    """Time ``step_fn(B, R)`` on every grid cell with B >= R and build a smoothed profile.
+
+    Each cell runs ``warmup`` untimed calls, then takes the median of ``repeats`` timed calls.
+    Cells with B < R (impossible steps) take the first measured value above them in their column,
+    and the grid is then made monotone (``smooth_monotone``). ``progress`` shows a tqdm bar.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    batch_grid, request_grid = tuple(batch_grid), tuple(request_grid)
+    if not batch_grid or not request_grid or request_grid[0] > batch_grid[-1]:
+        raise ValueError("the grid needs at least one cell with B >= R")
+    cells = [(b, r) for b in batch_grid for r in request_grid if b >= r]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cells), desc="profiling SPS(B, R)", unit="cell")
+    measured: dict[tuple[int, int], float] = {}
+    for b, r in cells:
+        for _ in range(warmup):
+            step_fn(b, r)
+        measured[(b, r)] = statistics.median(float(step_fn(b, r)) for _ in range(repeats))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    grid = [[measured.get((b, r)) for r in request_grid] for b in batch_grid]
+    for k in range(len(request_grid)):
+        first = next((row[k] for row in grid if row[k] is not None), None)
+        for row in grid:
+            if row[k] is not None:
+                break
+            row[k] = first
+    # Columns with R beyond every B (only if request_grid exceeds batch_grid) copy their left neighbour.
+    for row in grid:
+        for k in range(len(request_grid)):
+            if row[k] is None:
+                row[k] = row[k - 1]
+    return ThroughputProfile.from_measurements(batch_grid, request_grid, grid, key)  # type: ignore[arg-type]
+
+
+def profile_cache_path(key: ProfileKey, cache_dir: str | Path | None = None) -> Path:
+    """``<cache_dir>/<sha256 of the canonical key JSON, 16 hex>.json``.
+
+    The default folder is ``$XDG_CACHE_HOME/sparkserve/profiles`` (``~/.cache/sparkserve/profiles``).
+    The key should name everything the timings depend on: model path, dtype, device, drafter,
+    gamma, max_num_batched_tokens, max_num_seqs, the grid, torch version.
+    """
+    if cache_dir is None:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        cache_dir = base / "sparkserve" / "profiles"
+    digest = hashlib.sha256(json.dumps(dict(key), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{digest}.json"

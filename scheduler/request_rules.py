@@ -1,0 +1,98 @@
+"""Per-request rules of the scheduler as small pure functions: admission and stop checks.
+
+Kept apart from ``Scheduler`` so each rule is unit-testable on a bare ``Request``.
+"""
+
+from __future__ import annotations
+
+from scheduler.config import SchedulerConfig
+from scheduler.errors import RequestRejectedError
+from scheduler.request import Request, RequestStatus
+
+
+def max_kv_positions(num_prompt_tokens: int, max_tokens: int) -> int:
+    """KV positions a request can ever need: every token but the last generated one is fed back,
+    so at full length it caches ``prompt + max_tokens - 1`` positions."""
+    return num_prompt_tokens + max_tokens - 1
+
+
+def check_admissible(request: Request, config: SchedulerConfig) -> None:
+    """Raise ``RequestRejectedError`` for a request that could never be served.
+
+    Such a request would otherwise wait forever (or be preempted forever): a prompt that is empty,
+    ``prompt + max_tokens > max_model_len``, or more KV blocks at full length than the cache has.
+    """
+    num_prompt, max_tokens = request.num_prompt_tokens, request.sampling_params.max_tokens
+    if request.num_computed_tokens or request.output_token_ids:
+        raise RequestRejectedError("a new request must not carry progress", None, "invalid_request")
+    if num_prompt == 0:
+        raise RequestRejectedError("the prompt is empty", "prompt", "empty_prompt")
+    if num_prompt + max_tokens > config.max_model_len:
+        raise RequestRejectedError(
+            f"This model's maximum context length is {config.max_model_len} tokens. However, you "
+            f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in "
+            "the completion). Please reduce the length of the prompt or completion.",
+            "prompt" if num_prompt >= config.max_model_len else "max_tokens",
+            "context_length_exceeded",
+        )
+    num_blocks = -(-max_kv_positions(num_prompt, max_tokens) // config.block_size)
+    if num_blocks > config.num_kv_blocks:
+        raise RequestRejectedError(
+            f"the request needs {num_blocks} KV blocks at full length but the cache holds "
+            f"{config.num_kv_blocks}",
+            "max_tokens",
+            "kv_cache_too_small",
+        )
+
+
+def check_stop(request: Request, token: int, max_model_len: int) -> RequestStatus | None:
+    """Final status after ``token`` was appended to ``request.output_token_ids``, or None.
+
+    Order: EOS (unless ``ignore_eos``) or a ``stop_token_ids`` member -> FINISHED_STOPPED; only then
+    ``max_tokens`` or ``max_model_len`` -> FINISHED_LENGTH, so a stop token landing exactly at the cap
+    is a "stop". Sets ``request.stop_reason`` to the stop token id; it stays None for EOS (as vLLM
+    reports it), since EOS is the model's natural end rather than a user-requested stop.
+    """
+    params = request.sampling_params
+    if token == request.eos_token_id and not params.ignore_eos:
+        return RequestStatus.FINISHED_STOPPED
+    if token in params.stop_token_ids:
+        request.stop_reason = token
+        return RequestStatus.FINISHED_STOPPED
+    if request.num_output_tokens >= params.max_tokens or request.num_tokens >= max_model_len:
+        return RequestStatus.FINISHED_LENGTH
+    return None
+
+
+def append_with_stop_checks(
+    request: Request, sampled: list[int], max_model_len: int
+) -> tuple[int, RequestStatus | None]:
+    """Append ``sampled`` token by token, stopping at the first stop; returns (kept, status).
+
+    Tokens after a stop (e.g. accepted drafts past an EOS inside a verify block) are dropped.
+    """
+    for index, token in enumerate(sampled):
+        request.output_token_ids.append(token)
+        status = check_stop(request, token, max_model_len)
+        if status is not None:
+            return index + 1, status
+    return len(sampled), None
+
+
+def token_slice(request: Request, start: int, end: int) -> tuple[int, ...]:
+    """``request.all_token_ids[start:end]`` without concatenating prompt and outputs."""
+    prompt, outputs = request.prompt_token_ids, request.output_token_ids
+    num_prompt = len(prompt)
+    if end <= num_prompt:
+        return tuple(prompt[start:end])
+    if start >= num_prompt:
+        return tuple(outputs[start - num_prompt : end - num_prompt])
+    return tuple(prompt[start:]) + tuple(outputs[: end - num_prompt])
+
+
+def draft_cap(request: Request, num_lookahead_tokens: int, max_model_len: int) -> int:
+    """Most drafts a verify step may carry: at most gamma, and the step's up to ``l_r + 1`` emitted
+    tokens must stay within ``max_tokens`` and ``max_model_len``."""
+    max_tokens_left = request.sampling_params.max_tokens - request.num_output_tokens
+    model_room = max_model_len - request.num_tokens
+    return max(0, min(num_lookahead_tokens, max_tokens_left - 1, model_room - 1))

@@ -1,0 +1,190 @@
+"""The FastAPI application: OpenAI routes, health / readiness probes, auth, graceful drain.
+
+``build_app(engine)`` wires an engine (``engine.async_engine.AsyncEngine`` or a test fake) into an
+ASGI app; the lifespan starts and shuts down the engine. The server never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.engine_client import EngineClient
+from server.errors import ApiError, install_error_handlers
+from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.serving import ServerState
+from server.serving_chat import create_chat_completion
+from server.serving_completions import create_completion
+
+logger = logging.getLogger(__name__)
+
+
+class MetricsRenderer(Protocol):
+    """The metrics hook: ``render()`` returns the exposition body and its content type."""
+
+    def render(self) -> tuple[bytes, str]: ...
+
+
+class ApiKeyMiddleware:
+    """Requires ``Authorization: Bearer <api_key>`` on ``/v1`` routes (401 otherwise).
+
+    A pure ASGI middleware (not ``BaseHTTPMiddleware``) so streaming and disconnects pass through
+    untouched, and so auth is checked before the body is parsed.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self._expected):
+                error = ApiError(
+                    401,
+                    "Invalid or missing API key (expected 'Authorization: Bearer <key>').",
+                    code="invalid_api_key",
+                )
+                await error.to_response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class ReadinessProbe:
+    """Readiness = a real one-token generation through the engine queue, time-limited.
+
+    The result is cached for ``cache_s`` seconds and concurrent probes share one check, so probes
+    cannot flood the engine. Draining or a dead engine answer "not ready" without a generation.
+    """
+
+    state: ServerState
+    timeout_s: float = 10.0
+    cache_s: float = 5.0
+    _last_result: bool = False
+    _last_time: float = float("-inf")
+    _lock: asyncio.Lock | None = None
+
+    async def check(self) -> bool:
+        engine = self.state.engine
+        if self.state.draining or not engine.is_healthy:
+            return False
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if time.monotonic() - self._last_time < self.cache_s:
+                return self._last_result
+            try:
+                ready = await asyncio.wait_for(engine.check_ready(self.timeout_s), self.timeout_s)
+            except Exception as exc:  # timeout, engine dead, queue full: all mean "not ready"
+                logger.warning("readiness check failed: %r", exc)
+                ready = False
+            self._last_result, self._last_time = bool(ready), time.monotonic()
+            return self._last_result
+
+
+async def drain(state: ServerState, timeout_s: float) -> bool:
+    """Graceful shutdown: stop admitting (503, readiness false), then wait up to ``timeout_s``
+    for in-flight requests to finish. Returns True if everything finished in time."""
+    state.draining = True
+    state.engine.stop_admitting()
+    deadline = time.monotonic() + timeout_s
+    try:
+        await asyncio.wait_for(state.engine.drain(timeout_s), timeout_s)
+    except Exception as exc:
+        logger.warning("engine drain did not complete: %r", exc)
+    while state.num_inflight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return state.num_inflight == 0
+
+
+def build_app(
+    engine: EngineClient,
+    *,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    default_max_tokens: int = 1024,
+    max_choices: int = 16,
+    metrics: MetricsRenderer | None = None,
+    ready_timeout_s: float = 10.0,
+    ready_cache_s: float = 5.0,
+    manage_engine: bool = True,
+) -> FastAPI:
+    """Build the OpenAI-compatible app around ``engine``.
+
+    Args:
+        engine: the engine (see :class:`server.engine_client.EngineClient`).
+        api_key: if set, ``/v1`` routes require ``Authorization: Bearer <api_key>``.
+        served_model_name: model name for ``/v1/models`` and requests (default: ``engine.model_name``).
+        default_max_tokens: ``max_tokens`` when omitted, capped by the context room left.
+        max_choices: most choices per request (``n`` times the number of prompts).
+        metrics: optional Prometheus hook served at ``GET /metrics``.
+        ready_timeout_s / ready_cache_s: readiness generation time limit and cache lifetime (s).
+        manage_engine: start the engine on app start-up and shut it down on app shutdown.
+
+    The :class:`ServerState` is at ``app.state.server`` (the CLI drains through it).
+    """
+    state = ServerState(engine, served_model_name or engine.model_name, default_max_tokens, max_choices)
+    probe = ReadinessProbe(state, ready_timeout_s, ready_cache_s)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if manage_engine:
+            await engine.start()
+        try:
+            yield
+        finally:
+            if manage_engine:
+                await engine.shutdown()
+
+    app = FastAPI(title="sparkserve", lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:
+        return await create_chat_completion(body, raw_request, state)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, raw_request: Request) -> Response:
+        return await create_completion(body, raw_request, state)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        card = ModelCard(id=state.served_model_name, created=created, max_model_len=engine.max_model_len)
+        return ModelList(data=[card])
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        healthy = engine.is_healthy
+        return JSONResponse(
+            {"status": "ok" if healthy else "engine dead"}, status_code=200 if healthy else 503
+        )
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        ok = await probe.check()
+        status = "ready" if ok else ("draining" if state.draining else "not ready")
+        return JSONResponse({"status": status}, status_code=200 if ok else 503)
+
+    if metrics is not None:
+
+        @app.get("/metrics")
+        async def metrics_route() -> Response:
+            body, content_type = metrics.render()
+            return Response(body, media_type=content_type)
+
+    return app

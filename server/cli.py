@@ -1,0 +1,167 @@
+"""The ``sparkserve`` console script: ``sparkserve serve [flags]``.
+
+Flags map 1:1 onto :class:`engine.config.EngineArgs`. The engine (and torch) is imported only
+when serving starts, so ``sparkserve --help`` stays fast.
+
+Graceful shutdown: the first SIGTERM / SIGINT stops admission (new requests get 503, readiness
+turns false), waits up to ``--drain-timeout`` seconds for in-flight requests, then lets uvicorn
+shut down (closing connections, then the engine). A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Sequence
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from engine.config import EngineArgs
+from server.app import build_app, drain
+
+logger = logging.getLogger("sparkserve")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn server whose first exit signal drains in-flight requests before shutting down."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain_timeout_s = drain_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self._draining = False
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self._loop is None or not self.started:
+            super().handle_exit(sig, frame)  # second signal, or not serving yet: exit now
+            return
+        self._draining = True
+        logger.info("received %s: draining for up to %.1f s", signal.Signals(sig).name, self._drain_timeout_s)
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        finished = await drain(self._app.state.server, self._drain_timeout_s)
+        if not finished:
+            logger.warning("drain timeout: closing the remaining requests")
+        self.should_exit = True
+
+
+def serve(app: FastAPI, *, host: str, port: int, drain_timeout_s: float, log_level: str = "info") -> None:
+    """Run ``app`` with uvicorn until a signal, draining gracefully (see module docstring)."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, int(drain_timeout_s)),
+    )
+    DrainingServer(config, app, drain_timeout_s).run()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sparkserve`` argument parser (subcommand ``serve``)."""
+    parser = argparse.ArgumentParser(prog="sparkserve", description="OpenAI-compatible LLM inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve a model over the OpenAI API")
+    d = EngineArgs()
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--model", default=None, help="HF folder or GGUF file (default: embedded SmolLM2-135M-Instruct)"
+    )
+    s.add_argument("--served-model-name", default=None, help="model name clients use (default: from --model)")
+    s.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"))
+    s.add_argument(
+        "--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb, help="paged KV cache size, GiB"
+    )
+    s.add_argument(
+        "--num-kv-blocks", type=int, default=None, help="explicit KV block count (overrides memory)"
+    )
+    s.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
+    s.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="most requests running at once")
+    s.add_argument(
+        "--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="token budget per step"
+    )
+    s.add_argument(
+        "--max-model-len", type=int, default=None, help="context length cap (default: model's, <= 8192)"
+    )
+    s.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests, help="beyond it: 429")
+    s.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
+    s.add_argument("--seed", type=int, default=d.seed, help="global seed for requests without one")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    s.add_argument("--drafter", default=None, help="drafter checkpoint, or 'none' to disable speculation")
+    s.add_argument("--drafter-kind", default=d.drafter_kind, choices=("dspark", "dflash", "draft-model"))
+    s.add_argument("--num-draft-tokens", type=int, default=d.num_draft_tokens)
+    s.add_argument("--verify-policy", default=None, help="none | fixed:K | dspark | dspark-async")
+    s.add_argument("--profile", default=None, help="throughput profile file to reuse")
+    s.add_argument("--default-max-tokens", type=int, default=1024, help="max_tokens when a request omits it")
+    s.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM"
+    )
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    return parser
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    """Map parsed ``serve`` flags onto :class:`EngineArgs` (raises ValueError on bad values)."""
+    return EngineArgs(
+        model=ns.model,
+        served_model_name=ns.served_model_name,
+        dtype=ns.dtype,
+        kv_cache_memory_gb=ns.kv_cache_memory_gb,
+        num_kv_blocks=ns.num_kv_blocks,
+        block_size=ns.block_size,
+        max_num_seqs=ns.max_num_seqs,
+        max_num_batched_tokens=ns.max_num_batched_tokens,
+        max_model_len=ns.max_model_len,
+        max_waiting_requests=ns.max_waiting_requests,
+        num_threads=ns.num_threads,
+        seed=ns.seed,
+        drafter=ns.drafter,
+        drafter_kind=ns.drafter_kind,
+        num_draft_tokens=ns.num_draft_tokens,
+        verify_policy=ns.verify_policy,
+        profile_path=ns.profile,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``sparkserve`` console script."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine_args = engine_args_from(ns)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if ns.default_max_tokens < 1 or ns.drain_timeout < 0:
+        parser.error("--default-max-tokens must be >= 1 and --drain-timeout >= 0")
+    from engine.async_engine import AsyncEngine  # imports torch: only when actually serving
+
+    engine = AsyncEngine.from_args(engine_args)
+    app = build_app(
+        engine,
+        api_key=ns.api_key,
+        served_model_name=ns.served_model_name,
+        default_max_tokens=ns.default_max_tokens,
+    )
+    serve(app, host=ns.host, port=ns.port, drain_timeout_s=ns.drain_timeout, log_level=ns.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""What the server needs from the engine, as typing Protocols.
+
+The server codes against these shapes instead of importing ``engine.async_engine`` (which pulls
+in torch); ``engine.async_engine.AsyncEngine`` and ``tests.fake_engine.FakeEngine`` both satisfy
+them structurally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from scheduler.outputs import TokenLogprob
+from scheduler.sampling_params import SamplingParams
+
+
+class Tokenizer(Protocol):
+    """The part of ``engine.tokenizer.Tokenizer`` the server uses."""
+
+    eos_token_id: int | None
+    stop_token_ids: tuple[int, ...]
+    vocab_size: int
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str: ...
+
+
+class RequestOutput(Protocol):
+    """One output delta of a request (see ``engine.async_engine.RequestOutput``)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def new_token_ids(self) -> tuple[int, ...]: ...
+    @property
+    def new_logprobs(self) -> tuple[TokenLogprob, ...] | None: ...
+    @property
+    def finish_reason(self) -> str | None: ...
+    @property
+    def stop_reason(self) -> int | str | None: ...
+    @property
+    def num_prompt_tokens(self) -> int: ...
+    @property
+    def num_output_tokens(self) -> int: ...
+
+
+class EngineClient(Protocol):
+    """The asyncio engine API the HTTP layer drives.
+
+    ``add_request`` raises ``RequestRejectedError`` / ``QueueFullError`` / ``EngineDeadError``
+    before returning, so the server can answer 400 / 429 / 503 before any SSE byte; the returned
+    iterator ends after the output carrying ``finish_reason`` and raises ``EngineDeadError`` if
+    the engine loop dies.
+    """
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Tokenizer
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    async def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def check_ready(self, timeout_s: float) -> bool: ...
+
+    @property
+    def is_healthy(self) -> bool: ...
+
+    def stop_admitting(self) -> None: ...
+
+    async def drain(self, timeout_s: float) -> object: ...

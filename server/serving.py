@@ -1,0 +1,284 @@
+"""Request handling shared by chat and completions: admission, fan-out, decoding, disconnects.
+
+A :class:`Generation` is one HTTP request turned into ``len(prompts) * n`` engine requests with
+ids ``{response_id}-{i}``. It is submitted before any response byte (so 400 / 429 / 503 are real
+HTTP statuses), then yields :class:`ChoiceUpdate` deltas that are already detokenized, cut at stop
+strings and counted for usage. Closing it (always, via ``finally`` or the response's background
+task) aborts every engine request that has not finished, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+from fastapi import Request
+
+from scheduler.outputs import TokenLogprob
+from scheduler.sampling_params import SamplingParams
+from server.detokenizer import StopStringDecoder
+from server.engine_client import EngineClient, RequestOutput
+from server.errors import ApiError, engine_error_to_api_error, internal_error
+from server.protocol import UsageInfo
+
+_background_tasks: set[asyncio.Task[object]] = set()
+
+
+@dataclass
+class ServerState:
+    """Serving configuration and the mutable bits the routes share.
+
+    Attributes:
+        engine: the engine (or a fake with the same shape).
+        served_model_name: the only model name requests may use (404 otherwise).
+        default_max_tokens: ``max_tokens`` when a request omits it, further capped by what is
+            left of the context (``max_model_len - prompt_len``).
+        max_choices: most choices (``n`` times the number of prompts) in one request.
+        draining: set on graceful shutdown; new requests then get 503 and readiness is false.
+        num_inflight: generations submitted and not yet closed.
+    """
+
+    engine: EngineClient
+    served_model_name: str
+    default_max_tokens: int = 1024
+    max_choices: int = 16
+    draining: bool = False
+    num_inflight: int = 0
+
+    def check_can_serve(self, model: str) -> None:
+        """404 for an unknown model, 503 while draining (checked before any work)."""
+        if model != self.served_model_name:
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist. This server serves `{self.served_model_name}`.",
+                param="model",
+                code="model_not_found",
+            )
+        if self.draining:
+            raise ApiError(
+                503, "The server is shutting down and does not accept new requests.", code="draining"
+            )
+
+
+@dataclass(frozen=True)
+class ChoiceUpdate:
+    """New text of one choice, after detokenization and stop strings.
+
+    Attributes:
+        index: choice index in the response.
+        text: text to append (may be empty when only held-back tokens arrived).
+        token_ids: the tokens this update accounts for (cut after a stop string).
+        logprobs: one entry per token in ``token_ids`` when requested.
+        finish_reason: "stop" | "length" | "abort" on the choice's last update.
+        stop_reason: the stop string or stop token id that ended the choice.
+    """
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _Choice:
+    index: int
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    decoder: StopStringDecoder
+    num_output_tokens: int = 0
+    finished: bool = False
+    outputs: AsyncIterator[RequestOutput] | None = None
+
+    def apply(self, out: RequestOutput) -> ChoiceUpdate:
+        if out.finish_reason == "error":
+            raise ApiError(500, "The engine failed while generating this request.", code="engine_error")
+        final = out.finish_reason is not None
+        # A stop token id ends the choice: it counts in usage but is not part of the text.
+        skip_last = final and out.finish_reason == "stop" and isinstance(out.stop_reason, int)
+        delta = self.decoder.process(out.new_token_ids, final=final, skip_last=skip_last)
+        self.num_output_tokens += delta.num_tokens
+        token_ids = tuple(out.new_token_ids[: delta.num_tokens])
+        logprobs = None if out.new_logprobs is None else tuple(out.new_logprobs[: delta.num_tokens])
+        if delta.stop is not None:
+            self.finished = True
+            return ChoiceUpdate(self.index, delta.text, token_ids, logprobs, "stop", delta.stop)
+        if final:
+            self.finished = True
+            return ChoiceUpdate(
+                self.index, delta.text, token_ids, logprobs, out.finish_reason, out.stop_reason
+            )
+        return ChoiceUpdate(self.index, delta.text, token_ids, logprobs)
+
+
+@dataclass
+class Generation:
+    """The engine requests behind one HTTP request (see module docstring)."""
+
+    state: ServerState
+    response_id: str
+    prompts: list[list[int]]
+    choices: list[_Choice] = field(default_factory=list)
+    _closed: bool = False
+    _submitted: bool = False
+
+    @classmethod
+    def create(
+        cls,
+        state: ServerState,
+        response_id: str,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        n: int,
+    ) -> Generation:
+        """``params[p]`` is the per-prompt template; choice ``p * n + i`` gets seed ``seed + i``."""
+        gen = cls(state, response_id, prompts)
+        tokenizer = state.engine.tokenizer
+        for p, (prompt, base) in enumerate(zip(prompts, params, strict=True)):
+            for i in range(n):
+                index = p * n + i
+                choice_params = base if base.seed is None else dataclasses.replace(base, seed=base.seed + i)
+                decoder = StopStringDecoder(tokenizer, prompt, base.stop)
+                gen.choices.append(_Choice(index, f"{response_id}-{index}", prompt, choice_params, decoder))
+        return gen
+
+    async def submit(self) -> None:
+        """Add every choice to the engine; on any failure abort the ones already added and raise."""
+        try:
+            for choice in self.choices:
+                choice.outputs = await self.state.engine.add_request(
+                    choice.request_id, choice.prompt_token_ids, choice.params
+                )
+        except ApiError:
+            await self.close()
+            raise
+        except Exception as exc:
+            await self.close()
+            raise engine_error_to_api_error(exc) or internal_error(exc) from exc
+        self._submitted = True
+        self.state.num_inflight += 1
+
+    async def updates(self) -> AsyncIterator[ChoiceUpdate]:
+        """Decoded updates of all choices, interleaved as the engine produces them.
+
+        Raises:
+            ApiError: 503 if the engine dies mid-generation, 500 on an engine error.
+        """
+        merged = _merge([c.outputs for c in self.choices if c.outputs is not None])
+        try:
+            async for index, out in merged:
+                choice = self.choices[index]
+                if choice.finished:
+                    continue
+                update = choice.apply(out)
+                if update.finish_reason is not None and out.finish_reason is None:
+                    await _shielded_abort(self.state.engine, [choice.request_id])  # stop string
+                yield update
+                if all(c.finished for c in self.choices):
+                    break
+        except ApiError:
+            raise
+        except Exception as exc:
+            raise engine_error_to_api_error(exc) or internal_error(exc) from exc
+        finally:
+            await merged.aclose()
+            await self.close()
+
+    def usage(self) -> UsageInfo:
+        """Prompt tokens count each distinct prompt once; completion tokens sum over choices."""
+        prompt_tokens = sum(len(p) for p in self.prompts)
+        completion_tokens = sum(c.num_output_tokens for c in self.choices)
+        return UsageInfo(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+    async def close(self) -> None:
+        """Abort unfinished engine requests (idempotent); frees their KV blocks."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._submitted:
+            self.state.num_inflight -= 1
+        pending = [c.request_id for c in self.choices if c.outputs is not None and not c.finished]
+        for choice in self.choices:
+            choice.finished = True
+        if pending:
+            await _shielded_abort(self.state.engine, pending)
+
+
+async def _shielded_abort(engine: EngineClient, request_ids: Sequence[str]) -> None:
+    """Abort requests even while the calling task is being cancelled (client disconnect)."""
+
+    async def abort_all() -> None:
+        for request_id in request_ids:
+            await engine.abort(request_id)
+
+    task: asyncio.Task[None] = asyncio.ensure_future(abort_all())
+    _background_tasks.add(task)
+    task.add_done_callback(_background_tasks.discard)
+    with anyio.CancelScope(shield=True):
+        await asyncio.shield(task)
+
+
+async def _merge(iterators: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several engine output streams, tagging each output with its stream index."""
+    if len(iterators) == 1:
+        async for out in iterators[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, outputs: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in outputs:
+                await queue.put((index, out, None))
+        except Exception as exc:
+            await queue.put((index, None, exc))
+            return
+        await queue.put((index, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, it)) for i, it in enumerate(iterators)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, out, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if out is None:
+                remaining -= 1
+                continue
+            yield index, out
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def collect(generation: Generation, raw_request: Request) -> list[ChoiceUpdate] | None:
+    """All updates of a non-streaming request, or None if the client disconnected first (the
+    generation is then closed, which aborts its engine requests)."""
+
+    async def consume() -> list[ChoiceUpdate]:
+        return [update async for update in generation.updates()]
+
+    async def wait_disconnect() -> None:
+        while (await raw_request.receive())["type"] != "http.disconnect":
+            pass
+
+    consumer = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not consumer.done():
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await generation.close()
+    return None if consumer.cancelled() else consumer.result()

@@ -1,0 +1,156 @@
+"""``POST /v1/chat/completions``: chat template -> engine -> OpenAI response or SSE chunks."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from starlette.background import BackgroundTask
+
+from scheduler.outputs import TokenLogprob
+from server.engine_client import Tokenizer
+from server.errors import bad_request
+from server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    DeltaMessage,
+    TopLogprob,
+)
+from server.sampling import build_sampling_params, check_num_choices, resolve_max_tokens
+from server.serving import ChoiceUpdate, Generation, ServerState, collect
+from server.sse import EventSourceResponse, stream_events
+
+_MIN_LOGPROB = -9999.0  # OpenAI reports impossible tokens with this instead of -inf
+
+
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    """The text of one token as logprobs report it (special tokens included)."""
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _top(tokenizer: Tokenizer, token_id: int, logprob: float) -> TopLogprob:
+    text = token_text(tokenizer, token_id)
+    return TopLogprob(token=text, logprob=max(logprob, _MIN_LOGPROB), bytes=list(text.encode()))
+
+
+def chat_logprobs(tokenizer: Tokenizer, entries: Sequence[TokenLogprob], top_k: int) -> ChatLogprobs:
+    """OpenAI chat ``logprobs.content`` for the given tokens, with ``top_k`` alternatives each."""
+    content = []
+    for entry in entries:
+        chosen = _top(tokenizer, entry.token_id, entry.logprob)
+        alternatives = [_top(tokenizer, t, lp) for t, lp in entry.top[:top_k]]
+        content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=alternatives))
+    return ChatLogprobs(content=content)
+
+
+def build_chat_prompt(req: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
+    """Render the chat template (``developer`` is sent as ``system``) and tokenize it."""
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
+    ]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except Exception as exc:  # jinja2 errors such as raise_exception("roles must alternate")
+        raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from exc
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+async def create_chat_completion(
+    req: ChatCompletionRequest, raw_request: Request, state: ServerState
+) -> Response:
+    """Validate, submit and answer one chat completion request (streaming or not)."""
+    state.check_can_serve(req.model)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true.", param="top_logprobs")
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
+    check_num_choices(state.max_choices, 1, req.n)
+    engine = state.engine
+    prompt = build_chat_prompt(req, engine.tokenizer)
+    max_tokens = resolve_max_tokens(
+        req.requested_max_tokens(), len(prompt), engine.max_model_len, state.default_max_tokens, "messages"
+    )
+    top_k = req.top_logprobs or 0
+    params = build_sampling_params(
+        req, engine.tokenizer, max_tokens=max_tokens, logprobs=top_k if req.logprobs else None
+    )
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    generation = Generation.create(state, response_id, [prompt], [params], req.n)
+    await generation.submit()
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        events = stream_events(_chat_chunks(generation, req, top_k, include_usage))
+        return EventSourceResponse(events, background=BackgroundTask(generation.close))
+    updates = await collect(generation, raw_request)
+    if updates is None:
+        return Response(status_code=499)  # client closed the connection; nobody reads this
+    return JSONResponse(_chat_response(generation, req, updates, top_k).model_dump(mode="json"))
+
+
+def _chat_response(
+    generation: Generation, req: ChatCompletionRequest, updates: list[ChoiceUpdate], top_k: int
+) -> ChatCompletionResponse:
+    tokenizer = generation.state.engine.tokenizer
+    texts = ["" for _ in generation.choices]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in generation.choices]
+    finish: list[tuple[str | None, int | str | None]] = [(None, None) for _ in generation.choices]
+    for update in updates:
+        texts[update.index] += update.text
+        logprobs[update.index].extend(update.logprobs or ())
+        if update.finish_reason is not None:
+            finish[update.index] = (update.finish_reason, update.stop_reason)
+    choices = [
+        ChatChoice(
+            index=i,
+            message=ChatResponseMessage(content=texts[i]),
+            logprobs=chat_logprobs(tokenizer, logprobs[i], top_k) if req.logprobs else None,
+            finish_reason=finish[i][0],
+            stop_reason=finish[i][1],
+        )
+        for i in range(len(generation.choices))
+    ]
+    return ChatCompletionResponse(
+        id=generation.response_id, model=req.model, choices=choices, usage=generation.usage()
+    )
+
+
+async def _chat_chunks(
+    generation: Generation, req: ChatCompletionRequest, top_k: int, include_usage: bool
+) -> AsyncIterator[str]:
+    """SSE data payloads: a role chunk per choice, content deltas, then an optional usage chunk."""
+    tokenizer = generation.state.engine.tokenizer
+
+    def chunk(choices: list[ChatChunkChoice]) -> str:
+        return ChatCompletionChunk(
+            id=generation.response_id, model=req.model, choices=choices
+        ).model_dump_json()
+
+    for choice in generation.choices:
+        yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))])
+    async for update in generation.updates():
+        if not (update.text or update.finish_reason or (req.logprobs and update.token_ids)):
+            continue
+        logprobs = chat_logprobs(tokenizer, update.logprobs or (), top_k) if req.logprobs else None
+        yield chunk(
+            [
+                ChatChunkChoice(
+                    index=update.index,
+                    delta=DeltaMessage(content=update.text) if update.text else DeltaMessage(),
+                    logprobs=logprobs,
+                    finish_reason=update.finish_reason,
+                    stop_reason=update.stop_reason,
+                )
+            ]
+        )
+    if include_usage:
+        yield ChatCompletionChunk(
+            id=generation.response_id, model=req.model, choices=[], usage=generation.usage()
+        ).model_dump_json()

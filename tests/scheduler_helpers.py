@@ -1,0 +1,51 @@
+"""Builders and a fake step loop shared by the scheduler tests."""
+
+from __future__ import annotations
+
+from scheduler.config import SchedulerConfig
+from scheduler.outputs import DraftProposal, EngineCoreOutput, RunnerOutput, ScheduledSeq, SchedulerOutput
+from scheduler.request import Request
+from scheduler.sampling_params import SamplingParams
+from scheduler.scheduler import Scheduler
+
+EOS = 2
+
+
+def make_config(**overrides: object) -> SchedulerConfig:
+    values: dict[str, object] = dict(
+        max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, block_size=4, num_kv_blocks=64
+    )
+    values.update(overrides)
+    return SchedulerConfig(**values)  # type: ignore[arg-type]
+
+
+def make_request(rid: str, prompt_len: int = 4, max_tokens: int = 16, **params: object) -> Request:
+    """A request whose prompt is ``100, 101, ...`` and whose EOS is ``EOS``."""
+    prompt = [100 + i for i in range(prompt_len)]
+    sampling_params = SamplingParams(max_tokens=max_tokens, **params)  # type: ignore[arg-type]
+    return Request(rid, prompt, sampling_params, eos_token_id=EOS)
+
+
+def run_step(
+    sched: Scheduler,
+    sampled: dict[str, list[int]] | None = None,
+    drafts: dict[str, DraftProposal] | None = None,
+    default_token: int = 7,
+) -> tuple[SchedulerOutput, list[EngineCoreOutput]]:
+    """schedule -> fake runner (one ``default_token`` per sampling seq unless given) -> update."""
+    out = sched.schedule()
+    sampled = dict(sampled or {})
+    for seq in out.seqs:
+        if seq.sample:
+            sampled.setdefault(seq.request_id, [default_token])
+    runner = RunnerOutput(sampled_token_ids=sampled, drafts=dict(drafts or {}))
+    return out, sched.update_from_output(out, runner)
+
+
+def seq_of(out: SchedulerOutput, rid: str) -> ScheduledSeq:
+    return next(seq for seq in out.seqs if seq.request_id == rid)
+
+
+def prefill_with_drafts(sched: Scheduler, rid: str, drafts: tuple[int, ...]) -> None:
+    """One step in which ``rid`` samples token 10 and receives ``drafts`` for the next step."""
+    run_step(sched, sampled={rid: [10]}, drafts={rid: DraftProposal(drafts, (0.5,) * len(drafts))})

@@ -1,0 +1,54 @@
+"""``calibrate-drafter``: sequential temperature scaling of the confidence head (DSpark paper, Sequential
+Temperature Scaling; DEEPSPEC_FORMAT.md section 5).
+
+Labels come from running drafts against the target at T = 1 (the stochastic-acceptance prefix y_k,
+train/spec_eval.py) on held-out prompts. For k = 0..B-1, left to right, T_k is a 1-D grid search that
+minimises the ECE (20 bins) of the cumulative survival a_k = prod_{i<=k} sigmoid(logit_i / T_i), the
+temperatures of positions < k already fixed. The result is stored as ``confidence_temperatures`` in the
+drafter's config.json, which the engine's confidence head applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from train.metrics import cumulative_survival, ece
+
+GRID = [round(float(t), 4) for t in torch.logspace(-1.0, 1.0, 81)]  # 0.1 .. 10
+
+
+def fit_temperatures(conf_logits: Tensor, labels: Tensor, num_drafted: list[int],
+                     grid: list[float] | None = None) -> list[float]:
+    """Per-position temperatures. conf_logits / labels: [rounds, B]; num_drafted: n_eff per round."""
+    grid = grid or GRID
+    b = conf_logits.shape[1]
+    drafted = torch.tensor(num_drafted)
+    temps = [1.0] * b
+    for k in range(b):
+        sel = drafted > k
+        if not bool(sel.any()):
+            continue
+        y = labels[sel, k].double()
+        best = (float("inf"), 1.0)
+        for t in grid:
+            trial = temps[:k] + [t] + [1.0] * (b - k - 1)
+            score = ece(cumulative_survival(conf_logits[sel], trial)[:, k], y)
+            best = min(best, (score, t))
+        temps[k] = best[1]
+    return temps
+
+
+def write_temperatures(drafter_dir: str | Path, temperatures: list[float]) -> None:
+    """Store ``confidence_temperatures`` in config.json (validated through DSparkConfig)."""
+    from engine.spec.dspark_loader import DSparkConfig
+
+    path = Path(drafter_dir) / "config.json"
+    raw = json.loads(path.read_text())
+    config = dataclasses.replace(DSparkConfig.from_dict(raw), confidence_temperatures=tuple(temperatures))
+    raw["confidence_temperatures"] = list(config.confidence_temperatures)
+    path.write_text(json.dumps(raw, indent=2) + "\n")

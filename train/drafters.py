@@ -1,0 +1,93 @@
+"""Inference side of the trained drafters: the autoregressive baseline's proposer and checkpoint I/O.
+
+``ARDrafter`` is a ``DSparkDrafter`` without heads whose block is causal and fed its own drafts: step k
+runs [anchor, x_0 .. x_{k-1}] at positions start..start+k over the same paged context cache (KV
+injection) and samples x_k from softmax(lm_head(h_k) / T). It plugs into the same batched
+spec-decoding loop as DSpark / DFlash (``propose`` has the same signature and result).
+
+Checkpoints are the DeepSpec layout (config.json + model.safetensors, bf16, no embedding / LM head);
+an autoregressive checkpoint is marked by ``"drafter_type": "autoregressive"`` in config.json.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine.attention import build_attention_metadata, paged_attention
+from engine.spec.dspark import GREEDY_TEMPERATURE, DraftOutput, DSparkDrafter, KVCache, _draw
+from engine.spec.dspark_loader import load_drafter, save_drafter
+
+AR_TYPE = "autoregressive"
+
+
+class ARDrafter(DSparkDrafter):
+    """Autoregressive drafter with DSpark's context path (see module docstring)."""
+
+    @torch.no_grad()
+    def propose(self, anchor_ids: Tensor, starts: list[int], block_tables: list[Sequence[int]],
+                block_size: int, kv_caches: list[KVCache], temperatures: Tensor,
+                generators: Sequence[torch.Generator | None]) -> DraftOutput:
+        """B sequential steps for R requests. anchor_ids: [R]; temperatures: [R]. Overwrites the cache
+        slots of positions start..start+B-1 like the block drafters."""
+        num_reqs, device = anchor_ids.shape[0], self.embed_weight.device
+        greedy = (temperatures < GREEDY_TEMPERATURE).tolist()
+        temps = torch.where(temperatures < GREEDY_TEMPERATURE, 1.0, temperatures.float()).to(device)
+        ids = anchor_ids[:, None]  # [R, 1]
+        toks, qs = [], []
+        scale = self.config.head_dim**-0.5
+        for k in range(self.config.block_size):
+            q_len = k + 1
+            positions = (torch.tensor(starts, device=device)[:, None] + torch.arange(q_len, device=device))
+            meta = build_attention_metadata(
+                q_lens=[q_len] * num_reqs, start_positions=list(starts), kv_lens=[s + q_len for s in starts],
+                block_tables=[list(t) for t in block_tables], block_size=block_size,
+                causal=[True] * num_reqs, device=device)
+            x = F.embedding(ids.flatten(), self.embed_weight).to(self.fc.weight.dtype)  # [R*q_len, d]
+            for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+                attend = partial(paged_attention, k_cache=k_cache, v_cache=v_cache, meta=meta, scale=scale)
+                x = layer(x, positions.flatten(), attend)
+            h = self.norm(x).view(num_reqs, q_len, -1)[:, -1:]  # [R, 1, d]
+            tok, q = _draw(self.base_logits(h), greedy, temps, generators)  # [R, 1], [R, 1, V]
+            toks.append(tok[:, 0])
+            qs.append(q[:, 0])
+            ids = torch.cat((ids, tok), dim=1)
+        return DraftOutput(torch.stack(toks, 1), torch.stack(qs, 1), None)
+
+
+def is_autoregressive(path: str | Path) -> bool:
+    return json.loads((Path(path) / "config.json").read_text()).get("drafter_type") == AR_TYPE
+
+
+def export_drafter(drafter: DSparkDrafter, path: str | Path, max_bytes: int | None = None) -> int:
+    """Write the DeepSpec layout in bf16 without the shared embedding / LM head. Returns the
+    safetensors size in bytes; ValueError when it exceeds ``max_bytes``."""
+    folder = Path(path)
+    save_drafter(drafter, folder, include_shared=False)
+    if isinstance(drafter, ARDrafter):
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update({"drafter_type": AR_TYPE, "architectures": ["SparkServeARDrafter"]})
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    size = (folder / "model.safetensors").stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(f"{folder}: drafter file is {size} bytes, over the {max_bytes}-byte limit")
+    return size
+
+
+def load_any_drafter(path: str | Path, embed_weight: Tensor, lm_head_weight: Tensor,
+                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> DSparkDrafter:
+    """Load a DSpark / DFlash (``load_drafter``) or autoregressive checkpoint, frozen, in eval mode."""
+    drafter = load_drafter(path, embed_weight, lm_head_weight, dtype=dtype, device=device)
+    if not is_autoregressive(path):
+        return drafter
+    with torch.device("meta"):
+        ar = ARDrafter(drafter.config, drafter.embed_weight, drafter.lm_head_weight)
+    ar.load_state_dict(drafter.state_dict(), strict=True, assign=True)
+    ar.embed_weight, ar.lm_head_weight = drafter.embed_weight, drafter.lm_head_weight
+    return ar.eval().requires_grad_(False)

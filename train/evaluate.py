@@ -1,0 +1,162 @@
+"""``eval-drafter`` and the held-out calibration job.
+
+Prompts: the first turn of MT-bench, HumanEval and GSM8K test (../shared/data/prompts) as one user message
+with the model's template; ``num_prompts`` per set chosen by ``random.Random(seed).shuffle``; prompt
+wrappers as DeepSpec's evaluator (math: "Please reason step by step..."; HumanEval: solution request
+around the prompt in a python fence). Speculation runs through ``train.spec_eval.run_spec_decode`` (the
+serving rejection rule over the target's paged forward) until the engine exposes speculation counters;
+greedy outputs there are identical to non-speculative decoding (tests/test_train.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from engine.loader import LoadedModel
+from train.calibrate import fit_temperatures, write_temperatures
+from train.data import chat_prompt_ids, read_samples, split_holdout
+from train.drafters import load_any_drafter
+from train.metrics import calibration_report, reliability_bins, repetition_share, survival_by_position
+from train.spec_eval import SpecResult, run_spec_decode
+
+DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
+MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+def load_eval_prompts(prompts_dir: str | Path | None, num: int, seed: int) -> dict[str, list[str]]:
+    """{dataset: prompt texts}: mt_bench, humaneval, gsm8k."""
+    folder = Path(prompts_dir) if prompts_dir else DEFAULT_PROMPTS_DIR
+    if not folder.is_dir():
+        raise FileNotFoundError(f"evaluation prompts not found in {folder}; pass --prompts-dir")
+    rows = {
+        "mt_bench": [json.loads(x)["turns"][0] for x in (folder / "mt_bench_question.jsonl").read_text().splitlines()],
+        "humaneval": [
+            "Write a solution to the following problem and make sure that it passes the tests:\n```python\n"
+            + json.loads(x)["prompt"] + "\n```"
+            for x in gzip.decompress((folder / "HumanEval.jsonl.gz").read_bytes()).decode().splitlines() if x],
+        "gsm8k": [json.loads(x)["question"] + MATH_SUFFIX for x in (folder / "gsm8k_test.jsonl").read_text().splitlines()],
+    }
+    for texts in rows.values():
+        random.Random(seed).shuffle(texts)
+    return {name: texts[:num] for name, texts in rows.items()}
+
+
+def _run(loaded: LoadedModel, drafter, prompts: list[list[int]], max_new: int, temp: float, seed: int,
+         batch: int) -> SpecResult:
+    """run_spec_decode in batches of ``batch`` prompts, merged."""
+    merged = SpecResult([])
+    logits = []
+    for i in range(0, len(prompts), batch):
+        res = run_spec_decode(loaded.model, drafter, prompts[i:i + batch], max_new, temp,
+                              set(loaded.tokenizer.stop_token_ids), seed + i)
+        merged.outputs += res.outputs
+        merged.accept_lengths += res.accept_lengths
+        merged.num_drafted += res.num_drafted
+        merged.num_accepted += res.num_accepted
+        if res.conf_logits is not None:
+            logits.append(res.conf_logits)
+    merged.conf_logits = torch.cat(logits) if logits else None
+    return merged
+
+
+def _load(loaded: LoadedModel, path: str | Path):
+    w = loaded.model.embed_tokens.weight
+    return load_any_drafter(path, w, loaded.model.lm_head_weight, dtype=w.dtype, device=w.device)
+
+
+def summarize(res: SpecResult, block_size: int, temperatures: list[float] | None) -> dict:
+    """tau, survival / conditional acceptance by position, repetition, calibration before / after."""
+    surv, cond = survival_by_position(res.num_accepted, res.num_drafted, block_size)
+    out = {"tau": res.tau, "rounds": res.num_rounds, "tokens": sum(len(o) for o in res.outputs),
+           "survival": surv, "conditional": cond,
+           "repetition_share": sum(repetition_share(o) for o in res.outputs) / max(1, len(res.outputs))}
+    if res.conf_logits is not None:
+        out["calibration_raw"] = calibration_report(res.conf_logits, res.labels, res.num_drafted)
+        if temperatures:
+            out["calibration_sts"] = calibration_report(res.conf_logits, res.labels, res.num_drafted, temperatures)
+    return out
+
+
+def evaluate(loaded: LoadedModel, drafters: dict[str, str], out_dir: str | Path, prompts_dir: str | None,
+             num_prompts: int, max_new: int, temperatures: list[float], seed: int, batch: int) -> dict:
+    """Evaluate every drafter on every dataset and temperature; writes report.json and PNG plots."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = load_eval_prompts(prompts_dir, num_prompts, seed)
+    prompts = {name: [chat_prompt_ids(loaded.tokenizer, t) for t in ts] for name, ts in texts.items()}
+    report: dict = {"tau": {}, "detail": {}, "num_prompts": num_prompts, "max_new_tokens": max_new,
+                    "backend": "offline (train/spec_eval.py)"}
+    reliability = {}
+    for name, path in drafters.items():
+        drafter = _load(loaded, path)
+        temps = list(drafter.config.confidence_temperatures or []) or None
+        for temp in temperatures:
+            for ds, ids in prompts.items():
+                res = _run(loaded, drafter, ids, max_new, temp, seed, batch)
+                key = f"{name}/{ds}/T={temp:g}"
+                report["detail"][key] = summarize(res, drafter.config.block_size, temps)
+                report["tau"][key] = round(res.tau, 4)
+                if res.conf_logits is not None and temp == 1.0 and ds == "mt_bench":
+                    reliability[name] = (reliability_bins(res.conf_logits, res.labels, res.num_drafted),
+                                         reliability_bins(res.conf_logits, res.labels, res.num_drafted, temps))
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plots(report, reliability, out)
+    return report
+
+
+def _plots(report: dict, reliability: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, detail in report["detail"].items():
+        ax.plot(range(len(detail["survival"])), [s or 0 for s in detail["survival"]], marker="o", label=key)
+    ax.set_xlabel("draft position k"), ax.set_ylabel("prefix survival (accept_rate@k)")
+    ax.legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(out / "acceptance_by_position.png", dpi=120)
+    plt.close(fig)
+    if reliability:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        for name, (raw, cal) in reliability.items():
+            ax.plot([b[0] for b in raw], [b[1] for b in raw], "o-", label=f"{name} raw")
+            ax.plot([b[0] for b in cal], [b[1] for b in cal], "s-", label=f"{name} STS")
+        ax.set_xlabel("predicted survival a_k"), ax.set_ylabel("observed survival (T=1)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "reliability_diagram.png", dpi=120)
+        plt.close(fig)
+
+
+def calibrate_on_holdout(loaded: LoadedModel, drafter_dir: str, data: str, num_prompts: int, max_new: int,
+                         holdout: float, seed: int, batch: int) -> dict:
+    """Fit STS temperatures at T = 1 on held-out training prompts, store them, report T = 0 and T = 1."""
+    _, held = split_holdout(read_samples(data), holdout, seed)
+    prompts = [s.ids[:s.loss_start] for s in held[:num_prompts]]
+    if not prompts:
+        raise ValueError(f"no held-out samples in {data} (holdout fraction {holdout})")
+    drafter = _load(loaded, drafter_dir)
+    if drafter.confidence_head is None:
+        raise ValueError(f"{drafter_dir} has no confidence head to calibrate")
+    drafter.config = dataclasses.replace(drafter.config, confidence_temperatures=None)
+    runs = {t: _run(loaded, drafter, prompts, max_new, t, seed, batch) for t in (1.0, 0.0)}
+    fit = runs[1.0]
+    temps = fit_temperatures(fit.conf_logits, fit.labels, fit.num_drafted)
+    write_temperatures(drafter_dir, temps)
+    report = {"temperatures": temps, "held_out_prompts": len(prompts)}
+    for t, res in runs.items():
+        report[f"T={t:g}"] = {"tau": res.tau, "rounds": res.num_rounds,
+                              "before": calibration_report(res.conf_logits, res.labels, res.num_drafted)["summary"],
+                              "after": calibration_report(res.conf_logits, res.labels, res.num_drafted,
+                                                          temps)["summary"]}
+    (Path(drafter_dir) / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

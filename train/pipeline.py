@@ -1,0 +1,99 @@
+"""One-process pipeline behind train/gpu_job.sh: load the target once, then gen-data -> DSpark ->
+DFlash and AR at the SAME number of steps -> calibration -> offline tau evaluation, each phase under a
+wall-clock budget; ``summary.json`` is rewritten after every phase so a cut-off run still reports.
+
+Settings come from environment variables (see train/gpu_job.sh); SMOKE=1 shrinks everything so the
+whole job runs on a CPU in a few minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from engine.loader import load_model
+from train.data import DEFAULT_PROMPTS, GenSettings, generate_dataset, read_samples, split_holdout
+from train.evaluate import calibrate_on_holdout, evaluate
+from train.trainer import TrainConfig, train
+
+
+def env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def main() -> None:
+    smoke = env("SMOKE", "0") == "1"
+    out = Path(env("OUT", "runs/gpu_job"))
+    work = Path(env("WORK", str(out / "work")))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(int(env("THREADS", "2" if smoke else "16")))
+    summary: dict = {"device": device, "smoke": smoke, "torch": torch.__version__, "phases": {}}
+    if device == "cuda":
+        summary["gpu"] = torch.cuda.get_device_name(0)
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    def save(phase: str, value, t0: float) -> None:
+        summary["phases"][phase] = {"seconds": round(time.monotonic() - t0, 1), **value}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"== {phase}: {json.dumps(summary['phases'][phase])[:400]}", flush=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    loaded = load_model(env("SPARKSERVE_MODEL_PATH", "") or None, dtype=torch.bfloat16, device=device)
+    save("load", {"model": loaded.name}, t0)
+
+    t0 = time.monotonic()
+    gen = GenSettings(num_prompts=int(env("NUM_PROMPTS", "12" if smoke else "6000")), seed=0,
+                      max_tokens=int(env("MAX_TOKENS", "32" if smoke else "256")),
+                      chunk=int(env("GEN_CHUNK", "6" if smoke else "768")))
+    data_dir = work / "data"
+    generate_dataset(loaded, data_dir, env("PROMPTS", str(DEFAULT_PROMPTS)), gen, backend=env("GEN_BACKEND", "auto"),
+                     time_budget_s=60 * float(env("GEN_MIN", "1" if smoke else "1.8")))
+    samples = read_samples(data_dir, int(env("MAX_LEN", "640")))
+    train_set, held = split_holdout(samples, float(env("HOLDOUT", "0.25" if smoke else "0.04")))
+    save("gen-data", {"samples": len(samples), "train": len(train_set), "held_out": len(held),
+                      "response_tokens": sum(len(s.ids) - s.loss_start for s in samples)}, t0)
+
+    base = dict(target_layer_ids=tuple(int(x) for x in env("LAYERS", "1,8,15,22,28").split(",")),
+                block_size=7, num_layers=int(env("DRAFT_LAYERS", "1")), markov_rank=int(env("MARKOV_RANK", "64")),
+                num_anchors=int(env("ANCHORS", "8" if smoke else "64")),
+                batch_seqs=int(env("BATCH", "2" if smoke else "48")),
+                max_len=int(env("MAX_LEN", "640")), steps=int(env("STEPS", "6" if smoke else "1500")),
+                lr=float(env("LR", "6e-4")), device=device, ckpt_every=int(env("CKPT_EVERY", "200")),
+                top_k=64)
+    minutes = float(env("TRAIN_MIN", "0.5" if smoke else "1.5"))
+    results, steps_done = {}, None
+    for kind in ("dspark", "dflash", "ar"):
+        t0 = time.monotonic()
+        cfg = TrainConfig(kind=kind, stop_at_step=steps_done, max_minutes=minutes * (1.0 if kind == "dspark" else 1.3),
+                          **base)
+        res = train(loaded.model, train_set, cfg, work / kind, resume=True, progress=False)
+        steps_done = steps_done or res["steps"]
+        results[kind] = res["final"]
+        last = res["last"]
+        save(f"train-{kind}", {"steps": res["steps"], "params": res["trainable_params"], "bytes": res["bytes"],
+                               "loss": last.get("loss"), "accept_est": last.get("accept_est"),
+                               "top1": last.get("top1")}, t0)
+
+    t0 = time.monotonic()
+    calib = calibrate_on_holdout(loaded, results["dspark"], str(data_dir), int(env("CALIB_PROMPTS", "4" if smoke else "64")),
+                                 int(env("CALIB_TOKENS", "24" if smoke else "128")), float(env("HOLDOUT", "0.25" if smoke else "0.04")),
+                                 0, 64)
+    save("calibrate", calib, t0)
+
+    t0 = time.monotonic()
+    report = evaluate(loaded, results, out, env("EVAL_PROMPTS_DIR", "") or None,
+                      int(env("EVAL_PROMPTS", "2" if smoke else "20")), int(env("EVAL_TOKENS", "24" if smoke else "256")),
+                      [0.0, 1.0], 0, int(env("EVAL_BATCH", "40")))
+    tau = report["tau"]
+    ratio = {k.split("/", 1)[1]: round(v / tau[k.replace("dspark/", "dflash/")], 4)
+             for k, v in tau.items() if k.startswith("dspark/")}
+    save("eval", {"tau": tau, "dspark_over_dflash": ratio}, t0)
+
+
+if __name__ == "__main__":
+    main()
