@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.config import EngineArgs
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from engine.profiler import load_or_measure_profile, profile_key
+from engine.spec.factory import drafter_bytes_per_block, load_default_or_given_drafter, make_verify_lengths
+from engine.spec.speculator import Speculator
 from scheduler.config import SchedulerConfig
 from scheduler.errors import RequestRejectedError
 from scheduler.outputs import EngineCoreOutput
+from scheduler.policy.spec import parse_policy
+from scheduler.profile import ThroughputProfile
 from scheduler.request import Request
 from scheduler.scheduler import Scheduler
 
@@ -41,6 +46,46 @@ class StepStats:
     duration_s: float = 0.0
 
 
+@dataclass
+class SpecStats:
+    """Speculative decoding counters (DeepSpec section 3 definitions).
+
+    Attributes:
+        num_drafts: verify steps of requests with a drafter (steps with l_r = 0 included).
+        num_draft_tokens: drafts verified (sum of l_r).
+        num_accepted_tokens: drafts accepted (never past a stop).
+        verified_per_pos[k] / accepted_per_pos[k]: drafts verified / accepted at position k;
+            accepted/verified at k is unbiased even when l_r varies.
+    """
+
+    gamma: int
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    verified_per_pos: list[int] = field(default_factory=list)
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.verified_per_pos = [0] * self.gamma
+        self.accepted_per_pos = [0] * self.gamma
+
+    def record(self, num_draft_tokens: int, num_accepted: int, emitted: bool) -> None:
+        if not self.gamma or not emitted:
+            return
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        for k in range(num_draft_tokens):
+            self.verified_per_pos[k] += 1
+        for k in range(num_accepted):
+            self.accepted_per_pos[k] += 1
+
+    @property
+    def accepted_length(self) -> float:
+        """tau: tokens emitted per verify step, bonus / recovered token included."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
 class EngineCore:
     """Owns the scheduler and the model runner; one ``step()`` at a time.
 
@@ -49,7 +94,10 @@ class EngineCore:
         loaded: an already loaded model (tests share one load), or None to load ``args.model``.
     """
 
-    def __init__(self, args: EngineArgs, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self, args: EngineArgs, loaded: LoadedModel | None = None, drafter=None,
+        profile: ThroughputProfile | None = None,
+    ) -> None:
         self.args = args
         dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
         if args.num_threads:
@@ -59,9 +107,14 @@ class EngineCore:
         self.tokenizer = self.loaded.tokenizer
         self.model_name = args.served_model_name or self.loaded.name
         self.max_model_len = min(args.max_model_len or _DEFAULT_MAX_MODEL_LEN, config.max_position_embeddings)
+        if drafter is None:
+            drafter = load_default_or_given_drafter(args, self.loaded, dtype)
+        self.drafter = drafter
         num_blocks = args.num_kv_blocks
         if num_blocks is None:
             per_block = kv_cache_bytes_per_block(config, args.block_size, dtype)
+            if drafter is not None:
+                per_block += drafter_bytes_per_block(drafter, args.block_size, dtype)
             num_blocks = max(1, int(args.kv_cache_memory_gb * (1 << 30)) // per_block)
         self.num_blocks = num_blocks
         self.scheduler = Scheduler(
@@ -71,12 +124,27 @@ class EngineCore:
                 max_model_len=self.max_model_len,
                 block_size=args.block_size,
                 num_kv_blocks=num_blocks,
+                num_lookahead_tokens=int(drafter.config.block_size) if drafter is not None else 0,
                 shuffle_blocks=args.shuffle_blocks,
                 seed=args.seed,
-            )
+            ),
         )
-        self.runner = ModelRunner(self.loaded.model, config, num_blocks, args.block_size, dtype)
+        speculator = None
+        if drafter is not None:
+            speculator = Speculator(drafter, num_blocks, args.block_size, dtype, args.max_num_seqs)
+        self.runner = ModelRunner(self.loaded.model, config, num_blocks, args.block_size, dtype, speculator=speculator)
+        self.verify_hook = None
+        if drafter is not None:
+            policy = parse_policy(args.verify_policy or "dspark")
+            if policy.needs_profile and profile is None:
+                key = profile_key(self.model_name, args.dtype, str(args.drafter or "default"),
+                                  args.max_num_batched_tokens, args.max_num_seqs, torch.get_num_threads())
+                profile = load_or_measure_profile(self.runner, num_blocks, key, args.max_num_batched_tokens,
+                                                  args.max_num_seqs, path=args.profile_path)
+            self.verify_hook = make_verify_lengths(args, drafter, profile)
+            self.scheduler.verify_lengths = self.verify_hook
         self.last_step = StepStats()
+        self.spec_stats = SpecStats(int(drafter.config.block_size) if drafter is not None else 0)
         logger.info(
             "engine ready: model=%s dtype=%s kv_blocks=%d (block_size=%d) max_model_len=%d",
             self.model_name, args.dtype, num_blocks, args.block_size, self.max_model_len,
@@ -128,7 +196,20 @@ class EngineCore:
             num_decode_requests=sum(1 for s in plan.seqs if s.sample),
             duration_s=time.perf_counter() - start,
         )
+        self._observe(plan, outputs)
         return outputs
+
+    def _observe(self, plan, outputs: list[EngineCoreOutput]) -> None:
+        """Feed the online profile (drift correction) and the speculation counters."""
+        hook = self.verify_hook
+        if hook is not None and hook.profile is not None and self.last_step.num_decode_requests:
+            hook.profile.observe(plan.num_batched_tokens, self.last_step.num_decode_requests, self.last_step.duration_s)
+        decode = {s.request_id for s in plan.seqs if s.new_request is None and s.num_new_tokens - s.num_spec_tokens == 1}
+        for out in outputs:
+            if out.request_id in decode:
+                self.spec_stats.record(out.num_draft_tokens, out.num_accepted_tokens, bool(out.new_token_ids))
+            if out.finish_reason is not None and hook is not None:
+                hook.forget(out.request_id)
 
     def generate_batch(self, prompts: list[list[int]], params, request_prefix: str = "batch") -> list[list[int]]:
         """Run prompts to completion (offline batch job; all submitted at once). Returns token ids.

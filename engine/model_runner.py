@@ -19,6 +19,8 @@ from engine.attention import build_attention_metadata
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
 from engine.sampler import Sampler, SamplingMetadata
+from engine.spec.speculator import Speculator
+from engine.spec.verify_step import verify_and_draft
 from scheduler.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput, TokenLogprob
 from scheduler.sampling_params import SamplingParams
 
@@ -36,6 +38,7 @@ class RequestState:
     params: SamplingParams
     generator: torch.Generator | None
     output_token_ids: list[int] = field(default_factory=list)
+    prompt_token_ids: tuple[int, ...] = ()
 
 
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -54,6 +57,7 @@ class ModelRunner:
         block_size: tokens per block.
         dtype: KV cache dtype (same as the model's).
         device: torch device.
+        speculator: drafter wrapper (None = no speculation).
     """
 
     def __init__(
@@ -64,8 +68,10 @@ class ModelRunner:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        speculator: Speculator | None = None,
     ) -> None:
         self.model = model
+        self.speculator = speculator
         self.config = config
         self.block_size = block_size
         self.device = torch.device(device)
@@ -81,10 +87,17 @@ class ModelRunner:
     def _update_states(self, out: SchedulerOutput) -> None:
         for rid in out.finished_request_ids:
             self.requests.pop(rid, None)
+            if self.speculator is not None:
+                self.speculator.drop(rid)
+        for rid in out.preempted_request_ids:
+            if self.speculator is not None:
+                self.speculator.drop(rid)
         for seq in out.seqs:
             new = seq.new_request
             if new is None:
                 continue
+            if self.speculator is not None:
+                self.speculator.drop(seq.request_id)
             state = self.requests.get(seq.request_id)
             if state is None:
                 generator = None
@@ -94,6 +107,7 @@ class ModelRunner:
                 state = RequestState(new.sampling_params, generator)
                 self.requests[seq.request_id] = state
             state.output_token_ids = list(new.output_token_ids)
+            state.prompt_token_ids = new.prompt_token_ids
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -113,7 +127,11 @@ class ModelRunner:
             block_size=self.block_size,
             device=self.device,
         )
-        hidden, _ = self.model(input_ids, positions, self.kv_caches, meta)  # [T, d]
+        aux_ids = self.speculator.target_layer_ids if self.speculator is not None else ()
+        hidden, aux = self.model(input_ids, positions, self.kv_caches, meta, aux_ids)  # [T, d], [T, m*d]
+        if self.speculator is not None:
+            verify_and_draft(self, seqs, meta, hidden, aux, result)
+            return result
         sample_seqs = [s for s in seqs if s.sample]
         if not sample_seqs:
             return result

@@ -53,6 +53,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     num_prompt_tokens: int
     output_token_ids: tuple[int, ...] = ()
+    prompt_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,8 @@ class SchedulerOutput:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """Log-probability of a chosen token and the top alternatives (natural log, after
-    temperature / penalties as OpenAI reports them)."""
+    """Log-probability of a chosen token and the top alternatives: natural-log softmax of the
+    target logits after penalties and logit_bias, before temperature and top-k/top-p/min-p filters."""
 
     token_id: int
     logprob: float

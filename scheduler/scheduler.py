@@ -8,7 +8,7 @@ A request's progress is one number: ``num_computed_tokens`` (positions whose KV 
    ``all_token_ids[num_computed_tokens:num_tokens]``: one base token (the last generated token) for a
    decode request, the next prefill chunk for a request still prefilling.
 2. Decode requests with drafts get ``l_r`` drafts to verify, chosen by the verification policy
-   ``verify_lengths(requests, budget_left)`` and clipped (see ``request_rules.draft_cap`` and ``_schedule_drafts``).
+   ``verify_lengths(requests, budget_left)`` and then clipped (see ``_schedule_drafts``).
 3. If nobody was preempted, waiting requests (preempted ones first, then new ones, FCFS) are admitted
    with a prefill chunk from what is left of the budget; the last chunk of a prompt samples.
 
@@ -40,11 +40,27 @@ from scheduler.outputs import (
 from scheduler.request import Request, RequestStatus
 from scheduler.request_rules import append_with_stop_checks, check_admissible, draft_cap, token_slice
 
-VerifyLengthsFn = Callable[[Sequence[Request], int], Sequence[int]]
-"""``(decode requests with drafts in FCFS order, token budget left) -> l_r per request``."""
+
+@dataclass(frozen=True)
+class VerifyContext:
+    """What the verification policy knows about the step being planned.
+
+    Attributes:
+        num_scheduled_tokens: tokens already in the step (every decode base token + prefill chunks).
+        num_decode_requests: running decode requests this step (with or without drafts).
+        token_budget: the step's whole token budget (``max_num_batched_tokens``).
+    """
+
+    num_scheduled_tokens: int
+    num_decode_requests: int
+    token_budget: int
 
 
-def verify_all_drafts(requests: Sequence[Request], budget_left: int) -> list[int]:
+VerifyLengthsFn = Callable[[Sequence[Request], int, VerifyContext], Sequence[int]]
+"""``(decode requests with drafts in FCFS order, token budget left, context) -> l_r per request``."""
+
+
+def verify_all_drafts(requests: Sequence[Request], budget_left: int, context: VerifyContext | None = None) -> list[int]:
     """Fixed-length policy: verify every draft; the scheduler clips to the budget in FCFS order."""
     return [len(request.spec_token_ids) for request in requests]
 
@@ -200,7 +216,15 @@ class Scheduler:
         return True
 
     def _schedule_drafts(self, plan: _StepPlan) -> None:
-        """Pick ``l_r`` for decode requests: policy choice clipped to budget and free blocks."""
+        """Pick ``l_r`` per decode request with drafts.
+
+        Drafts that can never be verified are dropped first (``request_rules.draft_cap``: at most
+        ``num_lookahead_tokens``, and the up to ``l_r + 1`` emitted tokens stay within ``max_tokens``
+        and ``max_model_len``), so the policy sees only verifiable drafts. The policy gets those
+        requests in FCFS order and ``budget_left`` (the step budget minus the known tokens already
+        scheduled); its choice is clipped to the drafts held, then in FCFS order to the budget left
+        and to the room in the request's blocks plus the free blocks (drafts never preempt).
+        """
         candidates: list[Request] = []
         for request in plan.decode:
             cap = draft_cap(request, self.config.num_lookahead_tokens, self.config.max_model_len)
@@ -209,7 +233,12 @@ class Scheduler:
                 candidates.append(request)
         if not candidates:
             return
-        lengths = list(self.verify_lengths(candidates, plan.budget))
+        context = VerifyContext(
+            num_scheduled_tokens=self.config.max_num_batched_tokens - plan.budget,
+            num_decode_requests=len(plan.decode),
+            token_budget=self.config.max_num_batched_tokens,
+        )
+        lengths = list(self.verify_lengths(candidates, plan.budget, context))
         if len(lengths) != len(candidates) or any(length < 0 for length in lengths):
             raise ValueError(f"verify_lengths returned {lengths} for {len(candidates)} requests")
         for request, wanted in zip(candidates, lengths, strict=True):
@@ -258,6 +287,7 @@ class Scheduler:
                 sampling_params=request.sampling_params,
                 num_prompt_tokens=request.num_prompt_tokens,
                 output_token_ids=tuple(request.output_token_ids),
+                prompt_token_ids=tuple(request.prompt_token_ids),
             )
         return ScheduledSeq(
             request_id=request.request_id,

@@ -9,7 +9,7 @@ import pytest
 from scheduler.outputs import DraftProposal, RunnerOutput, TokenLogprob
 from scheduler.request import Request, RequestStatus
 from scheduler.request_rules import check_stop, draft_cap, token_slice
-from scheduler.scheduler import Scheduler
+from scheduler.scheduler import Scheduler, VerifyContext
 from tests.scheduler_helpers import EOS, make_config, make_request, prefill_with_drafts, run_step
 
 
@@ -80,9 +80,11 @@ def test_max_tokens_caps_drafts_and_stop_at_cap_is_stop() -> None:
 
 def test_verify_lengths_policy_and_clipping() -> None:
     calls: list[tuple[list[str], int]] = []
+    contexts: list[VerifyContext] = []
 
-    def greedy_policy(requests: Sequence[Request], budget_left: int) -> list[int]:
+    def greedy_policy(requests: Sequence[Request], budget_left: int, context: VerifyContext) -> list[int]:
         calls.append(([r.request_id for r in requests], budget_left))
+        contexts.append(context)
         return [100] * len(requests)
 
     config = make_config(max_num_batched_tokens=8, num_lookahead_tokens=4)
@@ -93,13 +95,14 @@ def test_verify_lengths_policy_and_clipping() -> None:
     run_step(sched, drafts=drafts)
     out = sched.schedule()
     assert calls == [(["a", "b"], 8 - 3)]  # c has no drafts; 3 base tokens already spent
+    assert contexts == [VerifyContext(num_scheduled_tokens=3, num_decode_requests=3, token_budget=8)]
     assert [s.num_spec_tokens for s in out.seqs] == [4, 1, 0]  # a: gamma; b: budget left
     assert sched.get_request("a").spec_token_ids == [1] * 4  # unverifiable drafts dropped
     assert out.num_batched_tokens == 8
 
 
 def test_verify_lengths_policy_contract_violations_raise() -> None:
-    sched = Scheduler(make_config(num_lookahead_tokens=2), verify_lengths=lambda reqs, budget: [])
+    sched = Scheduler(make_config(num_lookahead_tokens=2), verify_lengths=lambda reqs, budget, ctx: [])
     sched.add_request(make_request("a"))
     prefill_with_drafts(sched, "a", (1, 1))
     with pytest.raises(ValueError):

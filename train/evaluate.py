@@ -65,6 +65,31 @@ def _run(loaded: LoadedModel, drafter, prompts: list[list[int]], max_new: int, t
     return merged
 
 
+def engine_run(loaded: LoadedModel, path: str, prompts: list[list[int]], max_new: int, temp: float,
+               seed: int) -> dict | None:
+    """tau and survival through the real engine, when ``EngineCore`` exposes ``spec_stats`` with
+    ``num_rounds``, ``num_emitted`` and per-position ``drafted_per_position`` / ``accepted_per_position``
+    (accepted = drafts whose whole prefix was accepted). None when the engine has no such counters."""
+    from engine.config import EngineArgs
+    from engine.core import EngineCore
+    from scheduler.sampling_params import SamplingParams
+
+    kind = "dspark" if _load(loaded, path).confidence_head is not None else "dflash"
+    try:
+        core = EngineCore(EngineArgs(drafter=path, drafter_kind=kind, max_num_seqs=len(prompts),
+                                     verify_policy="fixed:7", seed=seed), loaded=loaded)
+        stats = core.spec_stats
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        return None
+    params = SamplingParams(temperature=temp, max_tokens=max_new, seed=seed)
+    outputs = core.generate_batch(prompts, params, request_prefix="eval")
+    drafted, accepted = list(stats.drafted_per_position), list(stats.accepted_per_position)
+    surv = [a / d if d else None for a, d in zip(accepted, drafted, strict=True)]
+    return {"tau": stats.num_emitted / max(1, stats.num_rounds), "rounds": stats.num_rounds, "survival": surv,
+            "repetition_share": sum(repetition_share(o) for o in outputs) / max(1, len(outputs)),
+            "backend": "engine"}
+
+
 def _load(loaded: LoadedModel, path: str | Path):
     w = loaded.model.embed_tokens.weight
     return load_any_drafter(path, w, loaded.model.lm_head_weight, dtype=w.dtype, device=w.device)

@@ -5,7 +5,7 @@
 #   Prepare here first:  bash train/gpu_prepare.sh      (splits the 98 MB GGUF into data/gpu_a + data/gpu_b)
 #   Device call 1:       carry ["data/gpu_a"]  command: ls data/gpu_a
 #   Device call 2 (within 30 s, same warm machine): carry ["data/gpu_b"]  command: bash train/gpu_job.sh
-# CPU smoke test:        SMOKE=1 OUT=/tmp/x bash train/gpu_job.sh
+# CPU smoke test:        SMOKE=1 OUT=/tmp/sparkserve_smoke bash train/gpu_job.sh
 # Budgets (env): GEN_MIN TRAIN_MIN STEPS BATCH ANCHORS EVAL_PROMPTS EVAL_TOKENS (see train/pipeline.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."

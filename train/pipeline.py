@@ -52,7 +52,7 @@ def main() -> None:
                       chunk=int(env("GEN_CHUNK", "6" if smoke else "768")))
     data_dir = work / "data"
     generate_dataset(loaded, data_dir, env("PROMPTS", str(DEFAULT_PROMPTS)), gen, backend=env("GEN_BACKEND", "auto"),
-                     time_budget_s=60 * float(env("GEN_MIN", "1" if smoke else "1.8")))
+                     time_budget_s=60 * float(env("GEN_MIN", "1" if smoke else "1.6")))
     samples = read_samples(data_dir, int(env("MAX_LEN", "640")))
     train_set, held = split_holdout(samples, float(env("HOLDOUT", "0.25" if smoke else "0.04")))
     save("gen-data", {"samples": len(samples), "train": len(train_set), "held_out": len(held),
@@ -62,7 +62,7 @@ def main() -> None:
                 block_size=7, num_layers=int(env("DRAFT_LAYERS", "1")), markov_rank=int(env("MARKOV_RANK", "64")),
                 num_anchors=int(env("ANCHORS", "8" if smoke else "64")),
                 batch_seqs=int(env("BATCH", "2" if smoke else "48")),
-                max_len=int(env("MAX_LEN", "640")), steps=int(env("STEPS", "6" if smoke else "1500")),
+                max_len=int(env("MAX_LEN", "640")), steps=int(env("STEPS", "6" if smoke else "400")),
                 lr=float(env("LR", "6e-4")), device=device, ckpt_every=int(env("CKPT_EVERY", "200")),
                 top_k=64)
     minutes = float(env("TRAIN_MIN", "0.5" if smoke else "1.5"))
@@ -87,7 +87,7 @@ def main() -> None:
 
     t0 = time.monotonic()
     report = evaluate(loaded, results, out, env("EVAL_PROMPTS_DIR", "") or None,
-                      int(env("EVAL_PROMPTS", "2" if smoke else "20")), int(env("EVAL_TOKENS", "24" if smoke else "256")),
+                      int(env("EVAL_PROMPTS", "2" if smoke else "16")), int(env("EVAL_TOKENS", "24" if smoke else "256")),
                       [0.0, 1.0], 0, int(env("EVAL_BATCH", "40")))
     tau = report["tau"]
     ratio = {k.split("/", 1)[1]: round(v / tau[k.replace("dspark/", "dflash/")], 4)

@@ -41,10 +41,17 @@ class Speculator:
         dtype: cache dtype.
     """
 
-    def __init__(self, drafter, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, drafter, num_blocks: int, block_size: int, dtype: torch.dtype, max_num_seqs: int
+    ) -> None:
         self.drafter = drafter
         self.block_size = block_size
-        self.kv_caches = drafter.make_kv_caches(num_blocks, block_size, dtype)
+        self.num_blocks = num_blocks
+        # Scratch blocks past the shared ids hold each drafted block's own K/V (positions the request
+        # has not allocated yet): ``ceil(gamma / block_size) + 1`` per request row of a step.
+        self.scratch_per_row = -(-self.gamma // block_size) + 1
+        total = num_blocks + max_num_seqs * self.scratch_per_row
+        self.kv_caches = drafter.make_kv_caches(total, block_size, dtype)
         self.pending: dict[str, PendingDraft] = {}
 
     @property
@@ -55,6 +62,21 @@ class Speculator:
     @property
     def target_layer_ids(self) -> tuple[int, ...]:
         return tuple(self.drafter.config.target_layer_ids)
+
+    def _draft_tables(self, starts: list[int], block_tables: list[tuple[int, ...]]) -> list[list[int]]:
+        """Block tables for the drafted block at positions ``start .. start + gamma - 1``: the
+        request's own blocks up to the one holding position ``start - 1`` (a partly filled block has
+        free slots from ``start`` on), then this row's scratch blocks."""
+        tables = []
+        for row, (start, table) in enumerate(zip(starts, block_tables)):
+            first = self.num_blocks + row * self.scratch_per_row
+            own = list(table[: -(-start // self.block_size)])
+            tables.append(own + list(range(first, first + self.scratch_per_row)))
+        return tables
+
+    @property
+    def needs_token_history(self) -> bool:
+        return bool(getattr(self.drafter, "needs_token_history", False))
 
     def drop(self, request_id: str) -> None:
         self.pending.pop(request_id, None)
@@ -77,12 +99,19 @@ class Speculator:
         block_tables: list[tuple[int, ...]],
         temperatures: torch.Tensor,  # [R] fp32
         generators: list[torch.Generator | None],
+        token_histories: list[list[int]] | None = None,
     ) -> dict[str, DraftProposal]:
-        """One batched drafter forward for R requests; remembers q for the next verify step."""
+        """One batched drafter forward for R requests; remembers q for the next verify step.
+
+        ``token_histories`` (prompt + generated tokens, anchor last) go to drafters that declare
+        ``needs_token_history`` (draft-model and test oracle drafters).
+        """
         if not request_ids:
             return {}
+        kwargs = {"token_histories": token_histories} if self.needs_token_history else {}
         out = self.drafter.propose(
-            anchor_ids, starts, block_tables, self.block_size, self.kv_caches, temperatures, generators
+            anchor_ids, starts, self._draft_tables(starts, block_tables), self.block_size, self.kv_caches,
+            temperatures, generators, **kwargs,
         )
         tokens = out.token_ids  # [R, gamma]
         token_lists = tokens.tolist()

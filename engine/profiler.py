@@ -1,0 +1,85 @@
+"""Start-up throughput profiling: SPS(B, R) of whole steps on the actual model, dtype and device.
+
+A synthetic step for (B, R) runs what a real verify step runs: the target over B batch tokens split
+across R decode sequences with a fixed context (paged attention included), the LM head over every
+row (a verify step needs logits for all ``1 + l_r`` rows), and, with a drafter, one drafter
+forward for the R requests. The result is cached on disk keyed by model / dtype / device / settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from engine.attention import build_attention_metadata
+from engine.model_runner import ModelRunner
+from scheduler.profile import ThroughputProfile, default_grid, measure_profile, profile_cache_path
+
+logger = logging.getLogger(__name__)
+
+
+def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -> Callable[[int, int], float]:
+    """``step_fn(B, R) -> seconds`` for ``measure_profile``; writes only to scratch KV slots."""
+    block_size = runner.block_size
+
+    @torch.inference_mode()
+    def step(num_tokens: int, num_requests: int) -> float:
+        q_lens = [num_tokens // num_requests + (1 if i < num_tokens % num_requests else 0) for i in range(num_requests)]
+        per_seq = -(-(context_len + max(q_lens) + 16) // block_size)
+        ctx = context_len if per_seq * num_requests <= num_blocks else max(1, num_blocks // num_requests * block_size - max(q_lens) - 16)
+        per_seq = -(-(ctx + max(q_lens) + 16) // block_size)
+        tables = [[(i * per_seq + j) % num_blocks for j in range(per_seq)] for i in range(num_requests)]
+        device = runner.device
+        start = time.perf_counter()
+        meta = build_attention_metadata(q_lens, [ctx] * num_requests, [ctx + q for q in q_lens], tables, block_size,
+                                        device=device)
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+        positions = torch.cat([torch.arange(ctx, ctx + q) for q in q_lens]).to(device)
+        spec = runner.speculator
+        aux_ids = spec.target_layer_ids if spec is not None else ()
+        hidden, _ = runner.model(ids, positions, runner.kv_caches, meta, aux_ids)
+        runner.model.compute_logits(hidden)
+        if spec is not None:
+            starts = [ctx + q for q in q_lens]
+            spec.drafter.propose(
+                torch.zeros(num_requests, dtype=torch.int64, device=device), starts,
+                spec._draft_tables(starts, [tuple(t) for t in tables]), block_size, spec.kv_caches,
+                torch.zeros(num_requests, device=device), [None] * num_requests,
+            )
+        return time.perf_counter() - start
+
+    return step
+
+
+def profile_key(model_name: str, dtype: str, drafter: str, max_num_batched_tokens: int, max_num_seqs: int,
+                num_threads: int) -> dict[str, str | int]:
+    """What a cached profile is valid for."""
+    return {
+        "model": model_name, "dtype": dtype, "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "drafter": drafter, "max_num_batched_tokens": max_num_batched_tokens, "max_num_seqs": max_num_seqs,
+        "num_threads": num_threads, "torch": torch.__version__,
+    }
+
+
+def load_or_measure_profile(
+    runner: ModelRunner, num_blocks: int, key: dict, max_num_batched_tokens: int, max_num_seqs: int,
+    path: str | None = None, progress: bool = True, repeats: int = 3,
+) -> ThroughputProfile:
+    """``--profile PATH`` if given; else the on-disk cache for ``key``; else measure and cache."""
+    if path is not None:
+        return ThroughputProfile.load(path)
+    cache = profile_cache_path(key)
+    if cache.exists():
+        logger.info("throughput profile from cache %s", cache)
+        return ThroughputProfile.load(cache)
+    batch_grid, request_grid = default_grid(max_num_batched_tokens, max_num_seqs)
+    logger.info("profiling SPS(B, R) over %d x %d cells (cached afterwards)", len(batch_grid), len(request_grid))
+    profile = measure_profile(make_step_fn(runner, num_blocks), batch_grid, request_grid, repeats=repeats,
+                              warmup=1, progress=progress, key=key)
+    Path(cache).parent.mkdir(parents=True, exist_ok=True)
+    profile.save(cache)
+    return profile

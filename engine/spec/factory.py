@@ -1,0 +1,80 @@
+"""Building the drafter and the verification policy hook from ``EngineArgs``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineArgs
+from engine.loader import LoadedModel
+from scheduler.policy.hook import VerifyPolicyHook
+from scheduler.policy.spec import parse_policy
+from scheduler.profile.grid import ThroughputProfile
+from scheduler.profile.online import OnlineProfile
+
+logger = logging.getLogger(__name__)
+
+SHIPPED_DRAFTER = Path(__file__).resolve().parent / "weights" / "smollm2-135m-dspark"
+
+
+def shipped_drafter_path() -> Path | None:
+    """The DSpark drafter trained here for the embedded SmolLM2-135M, if it is installed."""
+    return SHIPPED_DRAFTER if (SHIPPED_DRAFTER / "config.json").exists() else None
+
+
+def load_default_or_given_drafter(args: EngineArgs, loaded: LoadedModel, dtype: torch.dtype):
+    """The drafter to serve with, or None.
+
+    ``--drafter none`` disables speculation; no ``--drafter`` means the shipped drafter for the
+    embedded default model and no drafter for any other ``--model``.
+
+    Raises:
+        FileNotFoundError: ``--drafter PATH`` does not exist.
+        ValueError: the checkpoint does not match the target (see ``load_drafter``).
+    """
+    if args.drafter == "none":
+        return None
+    path: Path | None
+    if args.drafter is None:
+        path = shipped_drafter_path() if args.model is None else None
+        if path is None:
+            return None
+    else:
+        path = Path(args.drafter)
+        if not path.exists():
+            raise FileNotFoundError(f"drafter checkpoint {path} does not exist")
+    if args.drafter_kind == "draft-model":
+        from engine.spec.draft_model import DraftModelDrafter
+
+        return DraftModelDrafter.load(path, args.num_draft_tokens, dtype, target_vocab=loaded.config.vocab_size)
+    from engine.spec.dspark_loader import load_drafter
+
+    drafter = load_drafter(path, loaded.model.embed_tokens.weight, loaded.model.lm_head_weight, dtype=dtype)
+    has_head = drafter.config.markov_rank > 0
+    if args.drafter_kind == "dflash" and has_head:
+        raise ValueError(f"{path} has a Markov head: it is a DSpark drafter, not DFlash")
+    logger.info("drafter %s (%s, block_size=%d)", path, args.drafter_kind, drafter.config.block_size)
+    return drafter
+
+
+def drafter_bytes_per_block(drafter, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes the drafter's paged context cache adds to one KV block (keys and values, all layers)."""
+    cfg = drafter.config
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * int(cfg.num_hidden_layers) * block_size * int(cfg.num_key_value_heads) * int(cfg.head_dim) * itemsize
+
+
+def make_verify_lengths(args: EngineArgs, drafter, profile: ThroughputProfile | None = None):
+    """The scheduler hook for ``--verify-policy`` (default ``dspark`` with a drafter, else none).
+
+    Returns None without a drafter (the scheduler then never sees drafts).
+    """
+    if drafter is None:
+        return None
+    spec = parse_policy(args.verify_policy or "dspark")
+    online = OnlineProfile(profile) if profile is not None else None
+    if spec.needs_profile and online is None:
+        raise ValueError(f"verify policy {spec} needs a throughput profile (--profile PATH or start-up profiling)")
+    return VerifyPolicyHook(spec, online)

@@ -1,0 +1,186 @@
+"""Speculative decoding through the real engine on tiny random targets (fp32).
+
+Greedy losslessness (DESIGN.md section 7) for random DSpark / DFlash drafters and the oracle drafter
+(every accept length 0..gamma), at batch 1, concurrently and under preemption; stops inside an
+accepted block; distributional losslessness with a negative control.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.config import EngineArgs
+from engine.core import EngineCore
+from scheduler.sampling_params import SamplingParams
+from tests.exactness import assert_same_or_near_tie, top2_gap_fn
+from tests.tiny import OracleDrafter, random_dspark, tiny_target
+
+MAX_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def target():
+    torch.manual_seed(0)
+    return tiny_target()
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randint(2, 61, (int(n),), generator=gen).tolist() for n in torch.randint(3, 40, (20,), generator=gen)]
+
+
+def _core(target, drafter=None, **kw) -> EngineCore:
+    args = EngineArgs(dtype="float32", num_kv_blocks=kw.pop("num_kv_blocks", 256), block_size=4,
+                      max_num_batched_tokens=kw.pop("max_num_batched_tokens", 128), max_num_seqs=kw.pop("max_num_seqs", 32),
+                      drafter="none" if drafter is None else None, verify_policy=kw.pop("verify_policy", "fixed:7"),
+                      **kw)
+    return EngineCore(args, loaded=target, drafter=drafter)
+
+
+def _greedy(n=MAX_TOKENS) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def baseline(target, prompts) -> list[list[int]]:
+    core = _core(target)
+    return core.generate_batch(prompts, _greedy())
+
+
+def _check(target, prompts, baseline, outputs, label) -> None:
+    for i, out in enumerate(outputs):
+        assert_same_or_near_tie(out, baseline[i], top2_gap_fn(target.model, prompts[i], baseline[i]), label=f"{label}[{i}]")
+
+
+@pytest.mark.parametrize("kind", ["oracle", "dspark", "dflash"])
+def test_greedy_lossless_concurrent(target, prompts, baseline, kind) -> None:
+    drafter = {
+        "oracle": lambda: OracleDrafter(target, block_size=4, seed=1),
+        "dspark": lambda: random_dspark(target, block_size=4),
+        "dflash": lambda: random_dspark(target, block_size=4, markov_rank=0, confidence=False),
+    }[kind]()
+    core = _core(target, drafter)
+    outputs = core.generate_batch(prompts, _greedy())
+    _check(target, prompts, baseline, outputs, kind)
+    stats = core.spec_stats
+    assert stats.num_draft_tokens > 0
+    if kind == "oracle":
+        # every accept length happens: positions 0..gamma-1 all see both accepts and rejects
+        assert all(0 < a < v for a, v in zip(stats.accepted_per_pos, stats.verified_per_pos)), stats
+        assert stats.accepted_length > 1.5
+
+
+def test_greedy_lossless_batch1_and_preemption(target, prompts, baseline) -> None:
+    core = _core(target, OracleDrafter(target, block_size=4, seed=2))
+    for i in (0, 7):
+        out = core.generate_batch([prompts[i]], _greedy(), request_prefix=f"solo{i}")[0]
+        _check(target, [prompts[i]], [baseline[i]], [out], "batch1")
+    small = _core(target, OracleDrafter(target, block_size=4, seed=3), num_kv_blocks=40, shuffle_blocks=True)
+    outputs = small.generate_batch(prompts, _greedy())
+    assert small.scheduler.num_preemptions_total > 0
+    _check(target, prompts, baseline, outputs, "preempt")
+    assert small.scheduler.kv_cache_usage == 0.0
+
+
+def test_stop_inside_accepted_block(target, prompts, baseline) -> None:
+    # Stop at the baseline's 6th token: with an error-free oracle it lands inside an accepted block.
+    i = next(k for k, out in enumerate(baseline) if out[5] not in out[:5])
+    stop = baseline[i][5]
+    core = _core(target, OracleDrafter(target, block_size=4, seed=4, error_rate=0.0))
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=(stop,))
+    request = core.make_request("s", prompts[i], params)
+    core.add_request(request)
+    tokens, finish, accepted = [], None, 0
+    while core.has_unfinished_requests():
+        for out in core.step():
+            tokens.extend(out.new_token_ids)
+            accepted += out.num_accepted_tokens
+            finish = out.finish_reason or finish
+    assert tokens == baseline[i][:6] and finish == "stop"
+    assert core.spec_stats.num_accepted_tokens == accepted <= len(tokens) - 1
+    # max_tokens cap applied after the stop check: a stop exactly at the cap is "stop"
+    core2 = _core(target, OracleDrafter(target, block_size=4, seed=4, error_rate=0.0))
+    capped = SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=(stop,))
+    req2 = core2.make_request("c", prompts[i], capped)
+    core2.add_request(req2)
+    finishes = [o.finish_reason for _ in range(50) if core2.has_unfinished_requests() for o in core2.step()]
+    assert finishes[-1] == "stop"
+
+
+def _exact_joint(target, prompt: list[int], temperature: float) -> torch.Tensor:
+    """Exact distribution of the (2nd, 3rd) generated tokens: the first verify step's outputs."""
+    from engine.reference import reference_logits
+
+    def p(ctx: list[int]) -> torch.Tensor:
+        return torch.softmax(reference_logits(target.model, ctx) / temperature, -1)
+
+    p1 = p(prompt)
+    vocab = p1.numel()
+    joint = torch.zeros(vocab, vocab)
+    for x1 in range(vocab):
+        p2 = p(prompt + [x1])
+        for x2 in range(vocab):
+            joint[x2] += p1[x1] * p2[x2] * p(prompt + [x1, x2])
+    return joint
+
+
+def _sampled_joint(core, prompt, n: int, temperature: float, vocab: int) -> torch.Tensor:
+    params = [SamplingParams(temperature=temperature, max_tokens=4, ignore_eos=True, seed=1000 + s) for s in range(n)]
+    outs = core.generate_batch([prompt] * n, params)
+    counts = torch.zeros(vocab, vocab)
+    for o in outs:
+        counts[o[1], o[2]] += 1
+    return counts
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> tuple[float, int]:
+    n = counts.sum()
+    expected = probs.flatten() * n
+    big = expected >= min_expected
+    obs_small, exp_small = counts.flatten()[~big].sum(), expected[~big].sum()
+    stat = float((((counts.flatten()[big] - expected[big]) ** 2) / expected[big]).sum())
+    if exp_small > 0:
+        stat += float((obs_small - exp_small) ** 2 / exp_small)
+    return stat, int(big.sum())
+
+
+def _chi2_bound(df: int, z: float = 4.26) -> float:
+    """Wilson-Hilferty upper quantile (z = 4.26 <-> p ~ 1e-5)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_sampling_distribution_matches_target(target) -> None:
+    vocab = 8
+    small = tiny_target(vocab=vocab, seed=5, scale=0.25)
+    prompt = [2, 5, 3]
+    temperature = 1.0
+    exact = _exact_joint(small, prompt, temperature)
+    n = 4000
+    # DSpark drafter with a strong Markov head: its q differs a lot from softmax(U).
+    good = _core(small, random_dspark(small, block_size=3, markov_rank=8, markov_scale=20.0, seed=7),
+                 max_num_batched_tokens=2048, max_num_seqs=512, num_kv_blocks=4096)
+    stat, cells = _chi2(_sampled_joint(good, prompt, n, temperature, vocab), exact)
+    assert good.spec_stats.num_draft_tokens > 0
+    assert stat < _chi2_bound(cells), (stat, cells)
+    print(f"chi2 good {stat:.1f} over {cells} cells (bound {_chi2_bound(cells):.1f})")
+
+    # Negative control: verification with softmax(U) (no Markov correction) instead of the q sampled from.
+    bad_drafter = random_dspark(small, block_size=3, markov_rank=8, markov_scale=20.0, seed=7)
+    real_sample_block = bad_drafter.sample_block
+
+    def wrong_q(*args, **kwargs):
+        out, z = real_sample_block(*args, **kwargs)
+        base = args[1]  # U: [R, B, V]
+        temps = args[3].clamp_min(1e-5)[:, None, None]
+        out.draft_probs = torch.softmax(base.float() / temps, -1)
+        return out, z
+
+    bad_drafter.sample_block = wrong_q
+    bad = _core(small, bad_drafter, max_num_batched_tokens=2048, max_num_seqs=512, num_kv_blocks=4096)
+    bad_stat, bad_cells = _chi2(_sampled_joint(bad, prompt, n, temperature, vocab), exact)
+    print(f"chi2 wrong-q {bad_stat:.1f} over {bad_cells} cells")
+    assert bad_stat > _chi2_bound(bad_cells), (bad_stat, bad_cells)
