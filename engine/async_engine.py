@@ -53,6 +53,8 @@ class RequestOutput:
         stop_reason: the stop token id that ended the request, if any.
         num_prompt_tokens: prompt length.
         num_output_tokens: generated tokens so far (cumulative).
+        arrival_time: ``time.monotonic()`` when the engine accepted the request.
+        first_scheduled_time: ``time.monotonic()`` when it first ran (None if unknown).
     """
 
     request_id: str
@@ -62,12 +64,15 @@ class RequestOutput:
     stop_reason: int | str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
 
 
 @dataclass
 class _Tracked:
     queue: asyncio.Queue
     num_prompt_tokens: int
+    arrival_time: float
     num_output_tokens: int = 0
 
 
@@ -166,7 +171,7 @@ class AsyncEngine:
         self.core.validate(request)
         if self.num_waiting >= self.max_waiting_requests:
             raise QueueFullError(f"too many waiting requests ({self.num_waiting})", retry_after_s=1.0)
-        tracked = _Tracked(asyncio.Queue(), request.num_prompt_tokens)
+        tracked = _Tracked(asyncio.Queue(), request.num_prompt_tokens, request.arrival_time)
         self._tracked[request_id] = tracked
         self._pending_adds.append(request)
         if self._wakeup is not None:
@@ -210,7 +215,8 @@ class AsyncEngine:
         assert last is not None
         return RequestOutput(
             request_id, tuple(tokens), tuple(logprobs) if logprobs else None, last.finish_reason,
-            last.stop_reason, last.num_prompt_tokens, last.num_output_tokens,
+            last.stop_reason, last.num_prompt_tokens, last.num_output_tokens, last.arrival_time,
+            last.first_scheduled_time,
         )
 
     async def check_ready(self, timeout_s: float = 5.0) -> bool:
@@ -271,6 +277,7 @@ class AsyncEngine:
                 RequestOutput(
                     out.request_id, out.new_token_ids, out.new_logprobs, out.finish_reason,
                     out.stop_reason, tracked.num_prompt_tokens, tracked.num_output_tokens,
+                    tracked.arrival_time, out.first_scheduled_time,
                 )
             )
             if out.finish_reason is not None:

@@ -39,11 +39,17 @@ class StepStats:
         num_batched_tokens: tokens fed to the target.
         num_decode_requests: requests that sampled this step.
         duration_s: wall time of schedule + execute + update, seconds.
+        num_preemptions: requests preempted by this step's schedule.
+        verified_per_request / accepted_per_request: l_r and accepted drafts of each decode request
+            (drafter loaded only; nothing past a stop is counted).
     """
 
     num_batched_tokens: int = 0
     num_decode_requests: int = 0
     duration_s: float = 0.0
+    num_preemptions: int = 0
+    verified_per_request: list[int] = field(default_factory=list)
+    accepted_per_request: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -195,6 +201,7 @@ class EngineCore:
             num_batched_tokens=plan.num_batched_tokens,
             num_decode_requests=sum(1 for s in plan.seqs if s.sample),
             duration_s=time.perf_counter() - start,
+            num_preemptions=len(plan.preempted_request_ids),
         )
         self._observe(plan, outputs)
         return outputs
@@ -206,8 +213,10 @@ class EngineCore:
             hook.profile.observe(plan.num_batched_tokens, self.last_step.num_decode_requests, self.last_step.duration_s)
         decode = {s.request_id for s in plan.seqs if s.new_request is None and s.num_new_tokens - s.num_spec_tokens == 1}
         for out in outputs:
-            if out.request_id in decode:
-                self.spec_stats.record(out.num_draft_tokens, out.num_accepted_tokens, bool(out.new_token_ids))
+            if out.request_id in decode and self.drafter is not None and out.new_token_ids:
+                self.spec_stats.record(out.num_draft_tokens, out.num_accepted_tokens, True)
+                self.last_step.verified_per_request.append(out.num_draft_tokens)
+                self.last_step.accepted_per_request.append(out.num_accepted_tokens)
             if out.finish_reason is not None and hook is not None:
                 hook.forget(out.request_id)
 

@@ -131,6 +131,7 @@ class EngineCoreOutput:
         stop_reason: the stop token id that ended it, if any.
         num_prompt_tokens: prompt length (for usage).
         num_draft_tokens: drafts verified this step; num_accepted_tokens: drafts accepted.
+        first_scheduled_time: ``time.monotonic()`` when the request first ran (queue-time metric).
     """
 
     request_id: str
@@ -141,6 +142,7 @@ class EngineCoreOutput:
     num_prompt_tokens: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    first_scheduled_time: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -58,6 +58,8 @@ class Request:
         spec_confidences: per-position conditional survival confidences c_k of the drafts (fp32
             values as Python floats), same length as ``spec_token_ids``; empty without a drafter.
         num_preemptions: how many times the request was preempted (recompute).
+        stop_reason: the stop token id that finished it (None for EOS or a length finish).
+        first_scheduled_time: ``time.monotonic()`` when it first ran (queue time = this - arrival).
     """
 
     request_id: str
@@ -72,6 +74,7 @@ class Request:
     spec_confidences: list[float] = field(default_factory=list)
     num_preemptions: int = 0
     stop_reason: int | str | None = None
+    first_scheduled_time: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -23,6 +23,7 @@ to the free blocks. After a step every running request holds exactly the blocks 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -259,6 +260,8 @@ class Scheduler:
                 return
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)  # admission order is arrival order (FCFS)
             plan.admitted.append((request, num_new))
             plan.budget -= num_new
@@ -324,6 +327,7 @@ class Scheduler:
             num_prompt_tokens=request.num_prompt_tokens,
             num_draft_tokens=num_drafts,
             num_accepted_tokens=min(num_accepted, num_kept),
+            first_scheduled_time=request.first_scheduled_time,
         )
         if status is not None:
             request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)

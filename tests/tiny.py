@@ -112,3 +112,25 @@ class OracleDrafter:
         q = torch.nn.functional.one_hot(tokens, self.vocab).float()  # [R, gamma, V]
         conf = torch.full(tokens.shape, 0.9)
         return DraftOutput(tokens, q, conf)
+
+
+class LookupOracleDrafter(OracleDrafter):
+    """Oracle for real models: proposes the continuation of a precomputed reference output
+    (``references[prompt] = tokens``) found by the request's token history, with the same error
+    injection; past the reference (or after a near-tie parting) it proposes token 0 repeatedly."""
+
+    def __init__(self, references: dict[tuple[int, ...], list[int]], vocab: int, block_size: int = 4,
+                 seed: int = 0, error_rate: float = 1.0) -> None:
+        self.config = _OracleConfig(block_size)
+        self.references = references
+        self.vocab = vocab
+        self.rng = torch.Generator().manual_seed(seed)
+        self.error_rate = error_rate
+
+    def _continuation(self, history: list[int], n: int) -> list[int]:
+        for prompt, ref in self.references.items():
+            k = len(prompt)
+            if tuple(history[:k]) == prompt and history[k:] == ref[: len(history) - k]:
+                cont = ref[len(history) - k: len(history) - k + n]
+                return cont + [0] * (n - len(cont))
+        return [0] * n
