@@ -40,11 +40,7 @@ class AttentionMetadata:
     """Per-step attention inputs, shared by all layers.
 
     Attributes:
-        slot_mapping: [T] int64 flat cache slot (block_id * block_size + offset) of each new token;
-            rows whose key/value must not be stored (e.g. drafter block rows) carry no slot and are
-            excluded by ``store_rows``.
-        store_rows: [T'] int64 rows of the flat batch to store (None = all rows), aligned with
-            ``slot_mapping``.
+        slot_mapping: [T] int64 flat cache slot (block_id * block_size + offset) of each new token.
         short_q_index: [S_s, q_max] int64 rows of the flat batch for the short group (padding points
             at row 0 and is masked out / dropped).
         short_q_valid: [S_s, q_max] bool, which padded query rows are real.
@@ -55,7 +51,6 @@ class AttentionMetadata:
     """
 
     slot_mapping: torch.Tensor
-    store_rows: torch.Tensor | None
     short_q_index: torch.Tensor | None
     short_q_valid: torch.Tensor | None
     short_block_tables: torch.Tensor | None
@@ -72,7 +67,6 @@ def build_attention_metadata(
     block_tables: list[list[int]] | list[tuple[int, ...]],
     block_size: int,
     causal: list[bool] | None = None,
-    store: list[bool] | None = None,
     device: torch.device | str = "cpu",
 ) -> AttentionMetadata:
     """Build the metadata for a flat ragged batch of S sequences.
@@ -85,9 +79,6 @@ def build_attention_metadata(
         block_tables: physical block ids per sequence covering ``kv_lens``.
         block_size: tokens per KV block.
         causal: per sequence, False for a bidirectional block (drafter); default all True.
-        store: per sequence, whether its new keys / values are written to the cache (default all).
-            A sequence with ``store=False`` must be short and its keys are appended after the cached
-            context by the caller (see ``paged_attention``'s ``extra_kv``); not used by the target.
     Returns:
         AttentionMetadata on ``device``.
     """
@@ -105,35 +96,13 @@ def build_attention_metadata(
     short = [i for i in range(num_seqs) if q_lens[i] <= SHORT_QUERY_MAX]
     long = [i for i in range(num_seqs) if q_lens[i] > SHORT_QUERY_MAX]
     meta = AttentionMetadata(
-        slot_mapping=slot_mapping, store_rows=None, short_q_index=None, short_q_valid=None,
+        slot_mapping=slot_mapping, short_q_index=None, short_q_valid=None,
         short_block_tables=None, short_mask=None, prefills=[], num_tokens=q_offsets[-1],
         block_size=block_size,
     )
     if short:
-        q_max = max(q_lens[i] for i in short)
-        max_blocks = max((kv_lens[i] + block_size - 1) // block_size for i in short)
-        index = torch.zeros(len(short), q_max, dtype=torch.int64)
-        tables = torch.zeros(len(short), max(max_blocks, 1), dtype=torch.int64)
-        q_pos = torch.full((len(short), q_max), -1, dtype=torch.int64)
-        kv_len_t = torch.tensor([kv_lens[i] for i in short], dtype=torch.int64)
-        for row, i in enumerate(short):
-            n = q_lens[i]
-            index[row, :n] = torch.arange(q_offsets[i], q_offsets[i] + n)
-            q_pos[row, :n] = torch.arange(start_positions[i], start_positions[i] + n)
-            nb = (kv_lens[i] + block_size - 1) // block_size
-            tables[row, :nb] = torch.tensor(list(block_tables[i][:nb]), dtype=torch.int64)
-        valid = q_pos >= 0
-        key_pos = torch.arange(tables.shape[1] * block_size)
-        in_ctx = key_pos[None, None, :] < kv_len_t[:, None, None]
-        causal_t = torch.tensor([causal[i] for i in short], dtype=torch.bool)
-        causal_ok = key_pos[None, None, :] <= q_pos[:, :, None]
-        mask = in_ctx & (causal_ok | ~causal_t[:, None, None]) & valid[:, :, None]
-        # Padded query rows attend to key 0 so SDPA never sees an all-masked row (no NaN).
-        mask[:, :, 0] |= ~valid
-        meta.short_q_index = index.to(device)
-        meta.short_q_valid = valid.to(device)
-        meta.short_block_tables = tables.to(device)
-        meta.short_mask = mask[:, None].to(device)
+        _build_short_group(meta, short, q_lens, q_offsets, start_positions, kv_lens, block_tables, causal,
+                           block_size, device)
     for i in long:
         table = torch.tensor(list(block_tables[i]), dtype=torch.int64)
         pos = torch.arange(kv_lens[i])
@@ -149,6 +118,45 @@ def build_attention_metadata(
             PrefillSeq(q_offsets[i], q_offsets[i + 1], start_positions[i], seq_slots.to(device), mask)
         )
     return meta
+
+
+def _build_short_group(
+    meta: AttentionMetadata, short: list[int], q_lens: list[int], q_offsets: list[int],
+    start_positions: list[int], kv_lens: list[int], block_tables, causal: list[bool], block_size: int,
+    device: torch.device | str,
+) -> None:
+    """Padded ``[S, q_max]`` queries / ``[S, kv_max]`` keys of the short group (one SDPA per layer).
+
+    Built from Python lists with one tensor creation each (this runs every step, on the host).
+    """
+    q_max = max(q_lens[i] for i in short)
+    nb_max = max(1, max(-(-kv_lens[i] // block_size) for i in short))
+    index: list[int] = []
+    q_pos: list[int] = []
+    tables: list[int] = []
+    for i in short:
+        n, start, offset = q_lens[i], start_positions[i], q_offsets[i]
+        index.extend(range(offset, offset + n))
+        index.extend([0] * (q_max - n))
+        q_pos.extend(range(start, start + n))
+        q_pos.extend([-1] * (q_max - n))
+        nb = -(-kv_lens[i] // block_size)
+        tables.extend(block_tables[i][:nb])
+        tables.extend([0] * (nb_max - nb))
+    num = len(short)
+    index_t = torch.tensor(index, dtype=torch.int64).view(num, q_max)
+    q_pos_t = torch.tensor(q_pos, dtype=torch.int64).view(num, q_max)  # -1 = padding
+    kv_len_t = torch.tensor([kv_lens[i] for i in short], dtype=torch.int64)
+    causal_t = torch.tensor([causal[i] for i in short], dtype=torch.bool)
+    valid = q_pos_t >= 0
+    key_pos = torch.arange(nb_max * block_size)
+    mask = (key_pos[None, None, :] < kv_len_t[:, None, None]) & valid[:, :, None]
+    mask &= (key_pos[None, None, :] <= q_pos_t[:, :, None]) | ~causal_t[:, None, None]
+    mask[:, :, 0] |= ~valid  # padded query rows attend to key 0: SDPA never sees an all-masked row
+    meta.short_q_index = index_t.to(device)
+    meta.short_q_valid = valid.to(device)
+    meta.short_block_tables = torch.tensor(tables, dtype=torch.int64).view(num, nb_max).to(device)
+    meta.short_mask = mask[:, None].to(device)
 
 
 def store_kv(

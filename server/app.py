@@ -13,16 +13,16 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.engine_client import EngineClient
-from server.errors import ApiError, install_error_handlers
+from server.errors import ApiError, RejectionCallback, install_error_handlers
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from server.serving import ServerState
+from server.serving import RequestMetrics, ServerState
 from server.serving_chat import create_chat_completion
 from server.serving_completions import create_completion
 
@@ -39,12 +39,14 @@ class ApiKeyMiddleware:
     """Requires ``Authorization: Bearer <api_key>`` on ``/v1`` routes (401 otherwise).
 
     A pure ASGI middleware (not ``BaseHTTPMiddleware``) so streaming and disconnects pass through
-    untouched, and so auth is checked before the body is parsed.
+    untouched, and so auth is checked before the body is parsed. ``on_rejected("unauthorized")`` is
+    called for each 401 (metrics).
     """
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, on_rejected: RejectionCallback | None = None) -> None:
         self.app = app
         self._expected = f"Bearer {api_key}".encode()
+        self._on_rejected = on_rejected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
@@ -55,6 +57,8 @@ class ApiKeyMiddleware:
                     "Invalid or missing API key (expected 'Authorization: Bearer <key>').",
                     code="invalid_api_key",
                 )
+                if self._on_rejected is not None:
+                    self._on_rejected("unauthorized")
                 await error.to_response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -93,6 +97,14 @@ class ReadinessProbe:
             return self._last_result
 
 
+def _request_metrics(metrics: object) -> RequestMetrics | None:
+    """``metrics`` if it takes request events (see :class:`server.serving.RequestMetrics`), else None."""
+    names = ("on_prompt_tokens", "on_generation_tokens", "on_request_rejected", "on_request_finished")
+    if metrics is not None and all(callable(getattr(metrics, n, None)) for n in names):
+        return cast(RequestMetrics, metrics)
+    return None
+
+
 async def drain(state: ServerState, timeout_s: float) -> bool:
     """Graceful shutdown: stop admitting (503, readiness false), then wait up to ``timeout_s``
     for in-flight requests to finish. Returns True if everything finished in time."""
@@ -128,13 +140,23 @@ def build_app(
         served_model_name: model name for ``/v1/models`` and requests (default: ``engine.model_name``).
         default_max_tokens: ``max_tokens`` when omitted, capped by the context room left.
         max_choices: most choices per request (``n`` times the number of prompts).
-        metrics: optional Prometheus hook served at ``GET /metrics``.
+        metrics: optional Prometheus hook served at ``GET /metrics``; if it also has the
+            :class:`server.serving.RequestMetrics` methods (``ServerMetrics`` does), requests and
+            rejections are recorded into it.
         ready_timeout_s / ready_cache_s: readiness generation time limit and cache lifetime (s).
         manage_engine: start the engine on app start-up and shut it down on app shutdown.
 
     The :class:`ServerState` is at ``app.state.server`` (the CLI drains through it).
     """
-    state = ServerState(engine, served_model_name or engine.model_name, default_max_tokens, max_choices)
+    request_metrics = _request_metrics(metrics)
+    state = ServerState(
+        engine,
+        served_model_name or engine.model_name,
+        default_max_tokens,
+        max_choices,
+        metrics=request_metrics,
+    )
+    on_rejected = request_metrics.on_request_rejected if request_metrics is not None else None
     probe = ReadinessProbe(state, ready_timeout_s, ready_cache_s)
     created = int(time.time())
 
@@ -150,9 +172,9 @@ def build_app(
 
     app = FastAPI(title="sparkserve", lifespan=lifespan)
     app.state.server = state
-    install_error_handlers(app)
+    install_error_handlers(app, on_rejected)
     if api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, on_rejected=on_rejected)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:

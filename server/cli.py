@@ -1,7 +1,11 @@
-"""The ``sparkserve`` console script: ``sparkserve serve [flags]``.
+"""The ``sparkserve`` console script.
 
-Flags map 1:1 onto :class:`engine.config.EngineArgs`. The engine (and torch) is imported only
-when serving starts, so ``sparkserve --help`` stays fast.
+    sparkserve serve [flags]              serve the OpenAI API (and /metrics)
+    sparkserve profile --out PATH [flags] measure the throughput profile SPS(B, R) and save it
+    sparkserve gen-data | train-drafter | calibrate-drafter | eval-drafter   (from train.cli)
+
+Engine flags map 1:1 onto :class:`engine.config.EngineArgs`. The engine (and torch) is imported
+only when a command runs; ``serve`` and ``profile`` do not import the training code at all.
 
 Graceful shutdown: the first SIGTERM / SIGINT stops admission (new requests get 503, readiness
 turns false), waits up to ``--drain-timeout`` seconds for in-flight requests, then lets uvicorn
@@ -15,7 +19,9 @@ import asyncio
 import logging
 import signal
 import socket
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -73,14 +79,12 @@ def serve(app: FastAPI, *, host: str, port: int, drain_timeout_s: float, log_lev
     DrainingServer(config, app, drain_timeout_s).run()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``sparkserve`` argument parser (subcommand ``serve``)."""
-    parser = argparse.ArgumentParser(prog="sparkserve", description="OpenAI-compatible LLM inference server")
-    sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="serve a model over the OpenAI API")
+ENGINE_COMMANDS = ("serve", "profile")
+
+
+def _add_engine_args(s: argparse.ArgumentParser) -> None:
+    """Flags shared by ``serve`` and ``profile`` (mapped by :func:`engine_args_from`)."""
     d = EngineArgs()
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
     s.add_argument(
         "--model", default=None, help="HF folder or GGUF file (default: embedded SmolLM2-135M-Instruct)"
     )
@@ -103,22 +107,58 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests, help="beyond it: 429")
     s.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
     s.add_argument("--seed", type=int, default=d.seed, help="global seed for requests without one")
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     s.add_argument("--drafter", default=None, help="drafter checkpoint, or 'none' to disable speculation")
     s.add_argument("--drafter-kind", default=d.drafter_kind, choices=("dspark", "dflash", "draft-model"))
     s.add_argument("--num-draft-tokens", type=int, default=d.num_draft_tokens)
     s.add_argument("--verify-policy", default=None, help="none | fixed:K | dspark | dspark-async")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def _add_train_subcommands(sub: argparse._SubParsersAction) -> None:
+    """``train.cli.add_subcommands(sub)`` when the training package provides it (imports torch)."""
+    try:
+        from train import cli as train_cli
+    except ImportError as exc:
+        logger.debug("training subcommands unavailable: %r", exc)
+        return
+    add_subcommands = getattr(train_cli, "add_subcommands", None)
+    if callable(add_subcommands):
+        add_subcommands(sub)
+
+
+def build_parser(include_train: bool = True) -> argparse.ArgumentParser:
+    """The ``sparkserve`` argument parser: ``serve``, ``profile`` and (``include_train``) the
+    training subcommands of :mod:`train.cli`."""
+    parser = argparse.ArgumentParser(prog="sparkserve", description="OpenAI-compatible LLM inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve a model over the OpenAI API")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    _add_engine_args(s)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     s.add_argument("--profile", default=None, help="throughput profile file to reuse")
     s.add_argument("--default-max-tokens", type=int, default=1024, help="max_tokens when a request omits it")
     s.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM"
     )
-    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.add_argument(
+        "--metrics-profile-every",
+        type=int,
+        default=100,
+        help="republish the online-corrected throughput profile on /metrics every N engine steps",
+    )
+    p = sub.add_parser("profile", help="measure the throughput profile SPS(B, R) and save it")
+    _add_engine_args(p)
+    p.add_argument("--out", required=True, help="where to write the profile (JSON); also cached")
+    p.add_argument("--remeasure", action="store_true", help="ignore a cached profile and measure again")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per grid cell (median)")
+    if include_train:
+        _add_train_subcommands(sub)
     return parser
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    """Map parsed ``serve`` flags onto :class:`EngineArgs` (raises ValueError on bad values)."""
+    """Map parsed ``serve`` / ``profile`` flags onto :class:`EngineArgs` (ValueError on bad values)."""
     return EngineArgs(
         model=ns.model,
         served_model_name=ns.served_model_name,
@@ -136,31 +176,90 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         drafter_kind=ns.drafter_kind,
         num_draft_tokens=ns.num_draft_tokens,
         verify_policy=ns.verify_policy,
-        profile_path=ns.profile,
+        profile_path=getattr(ns, "profile", None),
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``sparkserve`` console script."""
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        engine_args = engine_args_from(ns)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if ns.default_max_tokens < 1 or ns.drain_timeout < 0:
-        parser.error("--default-max-tokens must be >= 1 and --drain-timeout >= 0")
+def run_serve(ns: argparse.Namespace, engine_args: EngineArgs) -> None:
+    """``sparkserve serve``: build the engine and its metrics, then serve until a signal."""
     from engine.async_engine import AsyncEngine  # imports torch: only when actually serving
+    from server.metrics_glue import build_metrics
 
     engine = AsyncEngine.from_args(engine_args)
+    metrics = build_metrics(engine, engine_args.max_num_batched_tokens, ns.metrics_profile_every)
     app = build_app(
         engine,
         api_key=ns.api_key,
         served_model_name=ns.served_model_name,
         default_max_tokens=ns.default_max_tokens,
+        metrics=metrics,
     )
     serve(app, host=ns.host, port=ns.port, drain_timeout_s=ns.drain_timeout, log_level=ns.log_level)
+
+
+def run_profile(ns: argparse.Namespace, engine_args: EngineArgs) -> Path:
+    """``sparkserve profile``: measure SPS(B, R) on this machine and write it to ``--out``.
+
+    Uses the cache key ``serve`` uses for the same flags, so a later ``serve`` (same model, dtype,
+    drafter, budgets and threads) finds the measured profile in the cache without ``--profile``.
+    """
+    import dataclasses
+
+    import torch
+
+    from engine.core import EngineCore
+    from engine.profiler import load_or_measure_profile, profile_key
+    from scheduler.profile.measure import profile_cache_path
+
+    # The verify policy "none" keeps EngineCore from profiling at construction: we do it below.
+    core = EngineCore(dataclasses.replace(engine_args, verify_policy="none", profile_path=None))
+    key = profile_key(
+        core.model_name,
+        engine_args.dtype,
+        str(engine_args.drafter or "default"),
+        engine_args.max_num_batched_tokens,
+        engine_args.max_num_seqs,
+        torch.get_num_threads(),
+    )
+    cache = profile_cache_path(key)
+    if ns.remeasure:
+        cache.unlink(missing_ok=True)
+    profile = load_or_measure_profile(
+        core.runner,
+        core.num_blocks,
+        key,
+        engine_args.max_num_batched_tokens,
+        engine_args.max_num_seqs,
+        progress=True,
+        repeats=ns.repeats,
+    )
+    out = Path(ns.out)
+    profile.save(out)
+    print(f"throughput profile written to {out} (cache: {cache})")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``sparkserve`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(include_train=not (args and args[0] in ENGINE_COMMANDS))
+    ns = parser.parse_args(args)
+    if ns.command not in ENGINE_COMMANDS:
+        ns.func(ns)  # a training subcommand
+        return
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine_args = engine_args_from(ns)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if ns.command == "profile":
+        if ns.repeats < 1:
+            parser.error("--repeats must be >= 1")
+        run_profile(ns, engine_args)
+        return
+    if ns.default_max_tokens < 1 or ns.drain_timeout < 0 or ns.metrics_profile_every < 1:
+        parser.error("--default-max-tokens and --metrics-profile-every must be >= 1, --drain-timeout >= 0")
+    run_serve(ns, engine_args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -133,6 +134,29 @@ def _validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
     return (f"Invalid value for '{param}': {msg}" if param else msg), param
 
 
+def rejection_reason(status: int, code: str | int | None = None) -> str | None:
+    """The ``request_rejected_total`` reason of an error answered before admission, else None:
+    400 -> invalid_request, 401 -> unauthorized, 429 -> queue_full, 503 ``draining`` -> draining."""
+    if status == 400:
+        return "invalid_request"
+    if status == 401:
+        return "unauthorized"
+    if status == 429:
+        return "queue_full"
+    if status == 503 and code == "draining":
+        return "draining"
+    return None
+
+
+RejectionCallback = Callable[[str], None]
+
+
+def _notify(on_rejected: RejectionCallback | None, status: int, code: str | int | None) -> None:
+    reason = rejection_reason(status, code)
+    if on_rejected is not None and reason is not None:
+        on_rejected(reason)
+
+
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     try:
@@ -155,8 +179,28 @@ async def _on_http_error(_: Request, exc: Exception) -> JSONResponse:
     return ApiError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})).to_response()
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Make every error the app returns OpenAI-shaped (validation -> 400, HTTP errors, ApiError)."""
-    app.add_exception_handler(RequestValidationError, _on_validation_error)
-    app.add_exception_handler(ApiError, _on_api_error)
-    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+def install_error_handlers(app: FastAPI, on_rejected: RejectionCallback | None = None) -> None:
+    """Make every error the app returns OpenAI-shaped (validation -> 400, HTTP errors, ApiError).
+
+    ``on_rejected(reason)`` is called for each error that :func:`rejection_reason` classifies as a
+    rejection (the ``request_rejected_total`` metric).
+    """
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        response = await _on_validation_error(request, exc)
+        _notify(on_rejected, response.status_code, None)
+        return response
+
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        _notify(on_rejected, exc.status, exc.code)
+        return await _on_api_error(request, exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        response = await _on_http_error(request, exc)
+        _notify(on_rejected, response.status_code, None)
+        return response
+
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -5,14 +5,23 @@ ids ``{response_id}-{i}``. It is submitted before any response byte (so 400 / 42
 HTTP statuses), then yields :class:`ChoiceUpdate` deltas that are already detokenized, cut at stop
 strings and counted for usage. Closing it (always, via ``finally`` or the response's background
 task) aborts every engine request that has not finished, which frees its KV blocks.
+
+Metrics (when ``ServerState.metrics`` is set), per choice: the prompt tokens once per prompt at its
+first update and the tokens of every update, exactly as usage counts them; one token event per update
+that carried tokens; and, once, the finish (stop / length / abort / error) with the request's times:
+arrival = when the server received the HTTP request, queued = when the engine accepted it, first
+scheduled = from the engine's outputs (``time.monotonic()`` seconds, all on one clock).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import anyio
 from fastapi import Request
@@ -24,7 +33,32 @@ from server.engine_client import EngineClient, RequestOutput
 from server.errors import ApiError, engine_error_to_api_error, internal_error
 from server.protocol import UsageInfo
 
+logger = logging.getLogger(__name__)
+
 _background_tasks: set[asyncio.Task[object]] = set()
+
+
+class RequestMetrics(Protocol):
+    """The request-level part of :class:`server.metrics.ServerMetrics` the server feeds."""
+
+    def on_prompt_tokens(self, n: int) -> None: ...
+
+    def on_generation_tokens(self, n: int) -> None: ...
+
+    def on_request_rejected(self, reason: str) -> None: ...
+
+    def on_request_finished(
+        self,
+        *,
+        finished_reason: str,
+        num_prompt_tokens: int,
+        num_generation_tokens: int,
+        arrival_time: float,
+        finished_time: float,
+        queued_time: float | None = None,
+        first_scheduled_time: float | None = None,
+        token_event_times: Sequence[float] = (),
+    ) -> None: ...
 
 
 @dataclass
@@ -39,6 +73,7 @@ class ServerState:
         max_choices: most choices (``n`` times the number of prompts) in one request.
         draining: set on graceful shutdown; new requests then get 503 and readiness is false.
         num_inflight: generations submitted and not yet closed.
+        metrics: request metrics to feed (None = no metrics).
     """
 
     engine: EngineClient
@@ -47,6 +82,7 @@ class ServerState:
     max_choices: int = 16
     draining: bool = False
     num_inflight: int = 0
+    metrics: RequestMetrics | None = None
 
     def check_can_serve(self, model: str) -> None:
         """404 for an unknown model, 503 while draining (checked before any work)."""
@@ -91,9 +127,23 @@ class _Choice:
     prompt_token_ids: list[int]
     params: SamplingParams
     decoder: StopStringDecoder
+    prompt_index: int = 0
     num_output_tokens: int = 0
     finished: bool = False
     outputs: AsyncIterator[RequestOutput] | None = None
+    # Metrics: engine times (monotonic s) from its outputs, token event times, finish recorded.
+    queued_time: float | None = None
+    first_scheduled_time: float | None = None
+    token_event_times: list[float] = field(default_factory=list)
+    recorded: bool = False
+
+    def observe_times(self, out: RequestOutput) -> None:
+        """Take the engine's arrival / first-scheduled stamps (engines without them leave None)."""
+        if self.queued_time is None:
+            arrival = getattr(out, "arrival_time", None)
+            self.queued_time = arrival if arrival else None  # 0.0 = "not set"
+        if self.first_scheduled_time is None:
+            self.first_scheduled_time = getattr(out, "first_scheduled_time", None)
 
     def apply(self, out: RequestOutput) -> ChoiceUpdate:
         if out.finish_reason == "error":
@@ -124,8 +174,10 @@ class Generation:
     response_id: str
     prompts: list[list[int]]
     choices: list[_Choice] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
     _closed: bool = False
     _submitted: bool = False
+    _prompts_counted: set[int] = field(default_factory=set)
 
     @classmethod
     def create(
@@ -135,16 +187,24 @@ class Generation:
         prompts: list[list[int]],
         params: list[SamplingParams],
         n: int,
+        arrival_time: float | None = None,
     ) -> Generation:
-        """``params[p]`` is the per-prompt template; choice ``p * n + i`` gets seed ``seed + i``."""
+        """``params[p]`` is the per-prompt template; choice ``p * n + i`` gets seed ``seed + i``.
+
+        ``arrival_time``: ``time.monotonic()`` when the HTTP request arrived (default: now).
+        """
         gen = cls(state, response_id, prompts)
+        if arrival_time is not None:
+            gen.arrival_time = arrival_time
         tokenizer = state.engine.tokenizer
         for p, (prompt, base) in enumerate(zip(prompts, params, strict=True)):
             for i in range(n):
                 index = p * n + i
                 choice_params = base if base.seed is None else dataclasses.replace(base, seed=base.seed + i)
                 decoder = StopStringDecoder(tokenizer, prompt, base.stop)
-                gen.choices.append(_Choice(index, f"{response_id}-{index}", prompt, choice_params, decoder))
+                gen.choices.append(
+                    _Choice(index, f"{response_id}-{index}", prompt, choice_params, decoder, prompt_index=p)
+                )
         return gen
 
     async def submit(self) -> None:
@@ -175,15 +235,19 @@ class Generation:
                 choice = self.choices[index]
                 if choice.finished:
                     continue
+                choice.observe_times(out)
                 update = choice.apply(out)
+                self._record_update(choice, update)
                 if update.finish_reason is not None and out.finish_reason is None:
                     await _shielded_abort(self.state.engine, [choice.request_id])  # stop string
                 yield update
                 if all(c.finished for c in self.choices):
                     break
         except ApiError:
+            self._record_unfinished("error")
             raise
         except Exception as exc:
+            self._record_unfinished("error")
             raise engine_error_to_api_error(exc) or internal_error(exc) from exc
         finally:
             await merged.aclose()
@@ -206,11 +270,55 @@ class Generation:
         self._closed = True
         if self._submitted:
             self.state.num_inflight -= 1
+            self._record_unfinished("abort")  # closed before the end: client gone or server stopping
         pending = [c.request_id for c in self.choices if c.outputs is not None and not c.finished]
         for choice in self.choices:
             choice.finished = True
         if pending:
             await _shielded_abort(self.state.engine, pending)
+
+    # ---- metrics ----------------------------------------------------------------------------
+
+    def _record_update(self, choice: _Choice, update: ChoiceUpdate) -> None:
+        """Count what usage counts for this update; record the choice's finish on its last one."""
+        metrics = self.state.metrics
+        if metrics is None:
+            return
+        if choice.prompt_index not in self._prompts_counted:
+            self._prompts_counted.add(choice.prompt_index)
+            metrics.on_prompt_tokens(len(self.prompts[choice.prompt_index]))
+        if update.token_ids:
+            choice.token_event_times.append(time.monotonic())
+            metrics.on_generation_tokens(len(update.token_ids))
+        if update.finish_reason is not None:
+            self._record_finished(choice, update.finish_reason)
+
+    def _record_unfinished(self, reason: str) -> None:
+        """Record every admitted choice whose finish was not recorded yet as ``reason``."""
+        if self.state.metrics is None or not self._submitted:
+            return
+        for choice in self.choices:
+            if choice.outputs is not None:
+                self._record_finished(choice, reason)
+
+    def _record_finished(self, choice: _Choice, reason: str) -> None:
+        metrics = self.state.metrics
+        if metrics is None or choice.recorded:
+            return
+        choice.recorded = True
+        try:
+            metrics.on_request_finished(
+                finished_reason=reason,
+                num_prompt_tokens=len(choice.prompt_token_ids),
+                num_generation_tokens=choice.num_output_tokens,
+                arrival_time=self.arrival_time,
+                finished_time=time.monotonic(),
+                queued_time=choice.queued_time,
+                first_scheduled_time=choice.first_scheduled_time,
+                token_event_times=choice.token_event_times,
+            )
+        except ValueError:  # inconsistent engine stamps must not fail the request
+            logger.exception("recording metrics of %s failed", choice.request_id)
 
 
 async def _shielded_abort(engine: EngineClient, request_ids: Sequence[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
@@ -67,6 +68,7 @@ async def create_chat_completion(
     req: ChatCompletionRequest, raw_request: Request, state: ServerState
 ) -> Response:
     """Validate, submit and answer one chat completion request (streaming or not)."""
+    arrival = time.monotonic()
     state.check_can_serve(req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true.", param="top_logprobs")
@@ -83,7 +85,7 @@ async def create_chat_completion(
         req, engine.tokenizer, max_tokens=max_tokens, logprobs=top_k if req.logprobs else None
     )
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = Generation.create(state, response_id, [prompt], [params], req.n)
+    generation = Generation.create(state, response_id, [prompt], [params], req.n, arrival_time=arrival)
     await generation.submit()
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

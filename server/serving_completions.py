@@ -7,6 +7,7 @@ server-side ranking).
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
@@ -63,6 +64,7 @@ def completion_logprobs(
 
 async def create_completion(req: CompletionRequest, raw_request: Request, state: ServerState) -> Response:
     """Validate, submit and answer one completions request (streaming or not)."""
+    arrival = time.monotonic()
     state.check_can_serve(req.model)
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of other than n is not supported.", param="best_of")
@@ -82,7 +84,9 @@ async def create_completion(req: CompletionRequest, raw_request: Request, state:
         )
         for p in prompts
     ]
-    generation = Generation.create(state, f"cmpl-{uuid.uuid4().hex}", prompts, params, req.n)
+    generation = Generation.create(
+        state, f"cmpl-{uuid.uuid4().hex}", prompts, params, req.n, arrival_time=arrival
+    )
     await generation.submit()
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

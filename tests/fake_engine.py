@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -96,6 +97,8 @@ class RequestOutput:
     stop_reason: int | str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
 
 
 @dataclass
@@ -171,7 +174,7 @@ class FakeEngine:
             raise QueueFullError("waiting queue full", retry_after_s=1.5)
         self.params[request_id] = params
         self._active[request_id] = False
-        return self._generate(request_id, prompt_token_ids, params)
+        return self._generate(request_id, prompt_token_ids, params, time.monotonic())
 
     def _script(self, prompt_token_ids: list[int]) -> tuple[list[int], dict[str, float]]:
         text = self.tokenizer.decode(prompt_token_ids)
@@ -180,7 +183,7 @@ class FakeEngine:
         return self.tokenizer.encode(replies[-1] if replies else DEFAULT_REPLY), directives
 
     async def _generate(
-        self, request_id: str, prompt: list[int], params: SamplingParams
+        self, request_id: str, prompt: list[int], params: SamplingParams, arrival: float
     ) -> AsyncIterator[RequestOutput]:
         reply, directives = self._script(prompt)
         delay, per_step = directives.get("delay", 0.0), int(directives.get("spec", 1))
@@ -190,12 +193,13 @@ class FakeEngine:
         steps = 0
         while request_id in self._active and list(self._active).index(request_id) >= self.max_num_seqs:
             await asyncio.sleep(0.01)  # waiting for a running slot
+        times = {"arrival_time": arrival, "first_scheduled_time": time.monotonic()}
         while True:
             await asyncio.sleep(delay)
             if self.dead:
                 raise EngineDeadError("engine loop died")
             if request_id not in self._active:
-                yield RequestOutput(request_id, (), None, "abort", None, len(prompt), len(produced))
+                yield RequestOutput(request_id, (), None, "abort", None, len(prompt), len(produced), **times)
                 return
             new, finish, stop_reason = self._step(reply + [EOS], produced, per_step, params, stops)
             produced += new
@@ -208,7 +212,7 @@ class FakeEngine:
             if finish is not None:
                 self._active.pop(request_id, None)
             yield RequestOutput(
-                request_id, tuple(new), logprobs, finish, stop_reason, len(prompt), len(produced)
+                request_id, tuple(new), logprobs, finish, stop_reason, len(prompt), len(produced), **times
             )
             if finish is not None:
                 return
@@ -235,12 +239,14 @@ def main() -> None:
     """Serve a FakeEngine with the real CLI serving loop (used by the graceful-shutdown test)."""
     from server.app import build_app
     from server.cli import serve
+    from server.metrics import ServerMetrics
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--drain-timeout", type=float, default=5.0)
     args = parser.parse_args()
-    app = build_app(FakeEngine())
+    engine = FakeEngine()
+    app = build_app(engine, metrics=ServerMetrics(engine.model_name))
     serve(app, host="127.0.0.1", port=args.port, drain_timeout_s=args.drain_timeout, log_level="warning")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import FINISHED_REASONS, REJECT_REASONS, ServerMetrics
+from server.metrics_glue import EngineMetricsListener, build_metrics, num_speculative_tokens, publish_profile
 
 MODEL = "smollm2-135m"
 GAMMA = 4
@@ -366,3 +368,100 @@ def test_counters_after_n_known_requests_match_usage() -> None:
     assert value(m, "sparkserve:num_requests_running") == 0
     # Queued requests waited for a slot: the queue time histogram saw a positive total.
     assert value(m, "sparkserve:request_queue_time_seconds_sum") > 0
+
+
+# ---- server/metrics_glue.py: the engine step listener, with a fake core ----------------------------
+
+
+@dataclass
+class FakeScheduler:
+    num_running: int = 2
+    num_waiting: int = 1
+    kv_cache_usage: float = 0.25
+
+
+@dataclass
+class FakeStep:
+    num_batched_tokens: int = 20
+    num_preemptions: int = 1
+    verified_per_request: list[int] = field(default_factory=lambda: [3, 1])
+    accepted_per_request: list[int] = field(default_factory=lambda: [2, 0])
+
+
+@dataclass
+class FakeProfile:
+    batch_tokens: tuple[int, ...]
+    num_requests: tuple[int, ...]
+    step_time_s: tuple[tuple[float, ...], ...]
+
+
+class FakeOnlineProfile:
+    """Like scheduler.profile.online.OnlineProfile: ``current`` is a property."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    @property
+    def current(self) -> FakeProfile:
+        return FakeProfile((16, 64), (1, 4), ((self.seconds, self.seconds), (self.seconds, self.seconds)))
+
+
+@dataclass
+class FakeCore:
+    scheduler: FakeScheduler = field(default_factory=FakeScheduler)
+    last_step: FakeStep = field(default_factory=FakeStep)
+    verify_hook: object | None = None
+    drafter: object | None = None
+
+
+def test_step_listener_records_each_step_once() -> None:
+    m = ServerMetrics(MODEL, GAMMA)
+    core = FakeCore()
+    listener = EngineMetricsListener(m)
+    listener(core, [])
+    listener(core, [])  # an empty step keeps the previous StepStats object: not counted again
+    assert value(m, "sparkserve:num_preemptions_total") == 1
+    assert value(m, "sparkserve:iteration_tokens_total_count") == 1
+    assert value(m, "sparkserve:spec_decode_num_draft_tokens_total") == 4
+    assert value(m, "sparkserve:spec_decode_num_accepted_tokens_per_pos_total", position="1") == 1
+    assert value(m, "sparkserve:num_requests_running") == 2
+    assert value(m, "sparkserve:kv_cache_usage_perc") == 0.25
+    core.last_step = FakeStep(num_preemptions=0, verified_per_request=[], accepted_per_request=[])
+    core.scheduler.num_running = 0
+    listener(core, [])
+    assert value(m, "sparkserve:iteration_tokens_total_count") == 2
+    assert value(m, "sparkserve:num_requests_running") == 0
+    assert listener.num_steps == 3
+
+
+def test_step_listener_never_raises() -> None:
+    m = ServerMetrics(MODEL, GAMMA)
+    bad = FakeCore(last_step=FakeStep(verified_per_request=[1], accepted_per_request=[2]))  # a > l
+    EngineMetricsListener(m)(bad, [])  # logged, not raised: it runs inside the engine loop
+    assert value(m, "sparkserve:spec_decode_num_drafts_total") == 0
+
+
+def test_profile_published_at_start_and_refreshed() -> None:
+    online = FakeOnlineProfile(0.02)
+    core = FakeCore(
+        verify_hook=SimpleNamespace(profile=online),
+        drafter=SimpleNamespace(config=SimpleNamespace(block_size=GAMMA)),
+    )
+    engine = SimpleNamespace(core=core, step_listeners=[], model_name=MODEL, max_model_len=512)
+    metrics = build_metrics(engine, 256, profile_every=3)
+    assert metrics.num_speculative_tokens == GAMMA and len(engine.step_listeners) == 1
+    sps = ("sparkserve:profile_steps_per_second", {"batch_tokens": "64", "num_requests": "4"})
+    assert metrics.registry.get_sample_value(sps[0], {"model_name": MODEL, **sps[1]}) == pytest.approx(50)
+    online.seconds = 0.04  # the online profile drifted
+    for _ in range(2):
+        engine.step_listeners[0](core, [])
+    assert metrics.registry.get_sample_value(sps[0], {"model_name": MODEL, **sps[1]}) == pytest.approx(50)
+    engine.step_listeners[0](core, [])  # the 3rd step republishes
+    assert metrics.registry.get_sample_value(sps[0], {"model_name": MODEL, **sps[1]}) == pytest.approx(25)
+
+
+def test_no_drafter_no_profile() -> None:
+    core = FakeCore()
+    assert num_speculative_tokens(core) == 0
+    assert not publish_profile(ServerMetrics(MODEL), core)
+    assert not publish_profile(ServerMetrics(MODEL), FakeCore(verify_hook=SimpleNamespace(profile=None)))

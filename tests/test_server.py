@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from scheduler.errors import RequestRejectedError
 from server.app import build_app
 from server.errors import engine_error_to_api_error
+from server.metrics import ServerMetrics
 from tests.fake_engine import (
     DEFAULT_REPLY,
     EOS,
@@ -410,3 +411,78 @@ def _get_status(url: str) -> int | None:
         return httpx.get(url, timeout=2).status_code
     except httpx.HTTPError:
         return None
+
+
+# ---- request metrics (ServerMetrics fed by the serving layer) ----------------------------------------
+
+
+def _metric(m: ServerMetrics, name: str, **labels: str) -> float:
+    got = m.registry.get_sample_value(name, {"model_name": m.model_name, **labels})
+    assert got is not None, f"series {name}{labels} missing"
+    return got
+
+
+def test_request_metrics_equal_usage() -> None:
+    m = ServerMetrics(MODEL)
+    with run_server(metrics=m) as running:
+        client = running.openai()
+        usages = []
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=chat("{spec=3} [[Hello, world!]]"),
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        usages.append([c.usage for c in stream if c.usage][0])
+        # Two prompts x n=2: usage counts each prompt once, completion tokens over all four choices.
+        r = client.completions.create(model=MODEL, prompt=["[[abc]]", "[[de fg]] x"], n=2, stop=[" f"])
+        usages.append(r.usage)
+        r = client.completions.create(model=MODEL, prompt="{spec=2} [[one two three]]", max_tokens=5)
+        assert r.choices[0].finish_reason == "length"
+        usages.append(r.usage)
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=MODEL, prompt="x", max_tokens=10_000)
+    assert _metric(m, "sparkserve:prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert _metric(m, "sparkserve:generation_tokens_total") == sum(u.completion_tokens for u in usages)
+    assert _metric(m, "sparkserve:request_success_total", finished_reason="stop") == 5
+    assert _metric(m, "sparkserve:request_success_total", finished_reason="length") == 1
+    assert _metric(m, "sparkserve:request_rejected_total", reason="invalid_request") == 1
+    assert _metric(m, "sparkserve:request_generation_tokens_sum") == sum(u.completion_tokens for u in usages)
+    assert _metric(m, "sparkserve:e2e_request_latency_seconds_count") == 6
+    assert _metric(m, "sparkserve:request_queue_time_seconds_count") == 6  # first_scheduled_time known
+    # The chat reply ("Hello, world!" + EOS = 4 tokens) in updates of 3 tokens: 2 events, 1 gap.
+    assert _metric(m, "sparkserve:request_time_per_output_token_seconds_count") == 6
+
+
+def test_request_metrics_rejections_and_aborts() -> None:
+    m = ServerMetrics(MODEL)
+    engine = FakeEngine(max_num_seqs=1, max_waiting_requests=0)
+    with run_server(engine, metrics=m, api_key="k") as running, running.http() as http:
+        auth = {"Authorization": "Bearer k"}
+        assert http.post("/v1/completions", json={"model": MODEL, "prompt": "x"}).status_code == 401
+        assert http.post("/v1/completions", json={"model": MODEL}, headers=auth).status_code == 400
+        body = {"model": MODEL, "prompt": "{delay=0.05} [[" + "z" * 50 + "]]", "stream": True}
+        with http.stream("POST", "/v1/completions", json=body, headers=auth) as response:
+            next(response.iter_lines())
+            busy = http.post("/v1/completions", json={"model": MODEL, "prompt": "y"}, headers=auth)
+            assert busy.status_code == 429
+        assert wait_for(lambda: _metric(m, "sparkserve:request_success_total", finished_reason="abort") == 1)
+    assert _metric(m, "sparkserve:request_rejected_total", reason="unauthorized") == 1
+    assert _metric(m, "sparkserve:request_rejected_total", reason="invalid_request") == 1
+    assert _metric(m, "sparkserve:request_rejected_total", reason="queue_full") == 1
+    assert _metric(m, "sparkserve:time_to_first_token_seconds_count") == 1
+
+
+def test_request_metrics_engine_error_and_draining() -> None:
+    m = ServerMetrics(MODEL)
+    app = build_app(FakeEngine(), metrics=m)
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "{die=2}"})
+        assert r.status_code == 503
+        assert _metric(m, "sparkserve:request_success_total", finished_reason="error") == 1
+    app = build_app(FakeEngine(), metrics=m)
+    with TestClient(app) as client:
+        app.state.server.draining = True
+        assert client.post("/v1/completions", json={"model": MODEL, "prompt": "x"}).status_code == 503
+    assert _metric(m, "sparkserve:request_rejected_total", reason="draining") == 1
+    assert _metric(m, "sparkserve:request_rejected_total", reason="queue_full") == 0

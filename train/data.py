@@ -15,12 +15,15 @@ import random
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
-from engine.loader import LoadedModel
 from train.generate import generate_paged
+
+if TYPE_CHECKING:  # engine.loader needs the gguf package, which the GPU machine lacks
+    from engine.loader import LoadedModel
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "train" / "train_prompts.jsonl"
 KINDS = ("chat", "code", "math")

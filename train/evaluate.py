@@ -15,15 +15,18 @@ import gzip
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine.loader import LoadedModel
 from train.calibrate import fit_temperatures, write_temperatures
 from train.data import chat_prompt_ids, read_samples, split_holdout
 from train.drafters import load_any_drafter
 from train.metrics import calibration_report, reliability_bins, repetition_share, survival_by_position
 from train.spec_eval import SpecResult, run_spec_decode
+
+if TYPE_CHECKING:  # engine.loader needs the gguf package, which the GPU machine lacks
+    from engine.loader import LoadedModel
 
 DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."

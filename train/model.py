@@ -19,6 +19,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.models.llama import LlamaForCausalLM
 from engine.spec.dspark import DSparkDrafter
@@ -26,6 +27,10 @@ from engine.spec.dspark_loader import DSparkConfig, random_drafter_config
 from train.drafters import ARDrafter
 
 KINDS = ("dspark", "dflash", "ar")
+# Backends for the masked training attention: cuDNN is left out on purpose. On H100 / H200 with torch
+# 2.11+ it is the default for masked SDPA, and its backward returns NaN grad_q when an explicit mask meets
+# a key length = 64 (mod 128) (pytorch/pytorch#196678); here keys = S + A*B, e.g. 640 + 448 = 1088.
+TRAIN_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def trainable_parameters(drafter: DSparkDrafter) -> int:
@@ -146,8 +151,9 @@ def block_hidden_states(drafter: DSparkDrafter, features: Tensor, anchors: Tenso
             keys = torch.cat((ck.view(n, s, hkv, hd), k.view(n, a * b, hkv, hd)), 1).transpose(1, 2)
             vals = torch.cat((cv.view(n, s, hkv, hd), v.view(n, a * b, hkv, hd)), 1).transpose(1, 2)
             qs = q.view(n, a * b, -1, hd).transpose(1, 2)  # [N, H, A*B, hd]
-            out = F.scaled_dot_product_attention(qs, keys.to(qs.dtype), vals.to(qs.dtype), attn_mask=mask,
-                                                 scale=scale, enable_gqa=qs.shape[1] != hkv)
+            with sdpa_kernel(TRAIN_SDPA_BACKENDS):
+                out = F.scaled_dot_product_attention(qs, keys.to(qs.dtype), vals.to(qs.dtype), attn_mask=mask,
+                                                     scale=scale, enable_gqa=qs.shape[1] != hkv)
             return out.transpose(1, 2).reshape(n * a * b, -1, hd)
 
         x = layer(x, positions, attend)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -34,12 +35,18 @@ def main() -> None:
     summary: dict = {"device": device, "smoke": smoke, "torch": torch.__version__, "phases": {}}
     if device == "cuda":
         summary["gpu"] = torch.cuda.get_device_name(0)
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32 (the stable API; allow_tf32 is deprecated)
 
     def save(phase: str, value, t0: float) -> None:
         summary["phases"][phase] = {"seconds": round(time.monotonic() - t0, 1), **value}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"== {phase}: {json.dumps(summary['phases'][phase])[:400]}", flush=True)
+
+    def failed(phase: str, exc: BaseException, t0: float) -> None:
+        traceback.print_exc()
+        save(phase, {"error": f"{type(exc).__name__}: {exc}"[:2000]}, t0)
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -71,27 +78,43 @@ def main() -> None:
         t0 = time.monotonic()
         cfg = TrainConfig(kind=kind, stop_at_step=steps_done, max_minutes=minutes * (1.0 if kind == "dspark" else 1.3),
                           **base)
-        res = train(loaded.model, train_set, cfg, work / kind, resume=True, progress=False)
+        try:
+            res = train(loaded.model, train_set, cfg, work / kind, resume=True, progress=False)
+        except Exception as exc:  # noqa: BLE001 - one failed drafter must not cost the others
+            failed(f"train-{kind}", exc, t0)
+            continue
         steps_done = steps_done or res["steps"]
         results[kind] = res["final"]
         last = res["last"]
         save(f"train-{kind}", {"steps": res["steps"], "params": res["trainable_params"], "bytes": res["bytes"],
                                "loss": last.get("loss"), "accept_est": last.get("accept_est"),
-                               "top1": last.get("top1")}, t0)
+                               "top1": last.get("top1"), "skipped_steps": res.get("skipped_steps", 0),
+                               "last_error": res.get("last_error")}, t0)
 
     t0 = time.monotonic()
-    calib = calibrate_on_holdout(loaded, results["dspark"], str(data_dir), int(env("CALIB_PROMPTS", "4" if smoke else "64")),
-                                 int(env("CALIB_TOKENS", "24" if smoke else "128")), float(env("HOLDOUT", "0.25" if smoke else "0.04")),
-                                 0, 64)
-    save("calibrate", calib, t0)
+    if "dspark" in results:
+        try:
+            calib = calibrate_on_holdout(loaded, results["dspark"], str(data_dir),
+                                         int(env("CALIB_PROMPTS", "4" if smoke else "64")),
+                                         int(env("CALIB_TOKENS", "24" if smoke else "128")),
+                                         float(env("HOLDOUT", "0.25" if smoke else "0.04")), 0, 64)
+            save("calibrate", calib, t0)
+        except Exception as exc:  # noqa: BLE001 - evaluate the uncalibrated drafters anyway
+            failed("calibrate", exc, t0)
 
     t0 = time.monotonic()
-    report = evaluate(loaded, results, out, env("EVAL_PROMPTS_DIR", "") or None,
-                      int(env("EVAL_PROMPTS", "2" if smoke else "16")), int(env("EVAL_TOKENS", "24" if smoke else "256")),
-                      [0.0, 1.0], 0, int(env("EVAL_BATCH", "40")))
+    if not results:
+        raise SystemExit("no drafter was trained; see summary.json")
+    try:
+        report = evaluate(loaded, results, out, env("EVAL_PROMPTS_DIR", "") or None,
+                          int(env("EVAL_PROMPTS", "2" if smoke else "16")),
+                          int(env("EVAL_TOKENS", "24" if smoke else "256")), [0.0, 1.0], 0, int(env("EVAL_BATCH", "40")))
+    except Exception as exc:
+        failed("eval", exc, t0)
+        raise
     tau = report["tau"]
     ratio = {k.split("/", 1)[1]: round(v / tau[k.replace("dspark/", "dflash/")], 4)
-             for k, v in tau.items() if k.startswith("dspark/")}
+             for k, v in tau.items() if k.startswith("dspark/") and tau.get(k.replace("dspark/", "dflash/"))}
     save("eval", {"tau": tau, "dspark_over_dflash": ratio}, t0)
 
 

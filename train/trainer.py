@@ -56,6 +56,7 @@ class TrainConfig:
     ckpt_every: int = 100
     max_minutes: float | None = None
     max_bytes: int | None = 24_000_000
+    max_skipped_steps: int = 20  # non-finite loss / gradient steps tolerated (skipped) before stopping
 
     def __post_init__(self) -> None:
         if self.kind not in ("dspark", "dflash", "ar"):
@@ -166,13 +167,32 @@ def train(target: LlamaForCausalLM, samples: list[Sample], cfg: TrainConfig, out
         start = state["step"]
     end = min(cfg.steps, cfg.stop_at_step or cfg.steps)
     t0, last = time.monotonic(), {}
+    skipped, last_error = 0, None
     bar = tqdm(range(start, end), desc=f"train-{cfg.kind}", disable=not progress, initial=start, total=end)
     with (out / "log.jsonl").open("a") as log:
         for step in bar:
-            loss = step_loss(drafter, target, make_batch(samples, step, cfg), cfg, weights)
             opt.zero_grad(set_to_none=True)
-            loss.total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
+            try:
+                loss = step_loss(drafter, target, make_batch(samples, step, cfg), cfg, weights)
+            except FloatingPointError as exc:  # non-finite loss: skip this batch, keep the weights
+                loss = None
+                last_error = str(exc)[:300]
+            grad_norm = None
+            if loss is not None:
+                loss.total.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
+                if not bool(torch.isfinite(grad_norm)):  # NaN / inf gradients: never let them reach AdamW
+                    last_error = f"non-finite grad norm at step {step + 1}"
+                    loss = None
+            if loss is None:
+                sched.step()  # the schedule stays a function of the step number
+                skipped += 1
+                opt.zero_grad(set_to_none=True)
+                log.write(json.dumps({"step": step + 1, "skipped": True, "error": last_error}) + "\n")
+                if skipped > cfg.max_skipped_steps:
+                    _save(drafter, opt, sched, step + 1, cfg, out)
+                    break
+                continue
             opt.step()
             sched.step()
             last = {"step": step + 1, **loss.terms, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
@@ -188,4 +208,4 @@ def train(target: LlamaForCausalLM, samples: list[Sample], cfg: TrainConfig, out
     size = export_drafter(drafter, out / "final", cfg.max_bytes if cfg.kind == "dspark" else None)
     return {"kind": cfg.kind, "steps": last.get("step", start), "seconds": time.monotonic() - t0,
             "trainable_params": trainable_parameters(drafter), "bytes": size, "final": str(out / "final"),
-            "last": last}
+            "last": last, "skipped_steps": skipped, "last_error": last_error}
