@@ -227,7 +227,7 @@ class EngineCore:
         """
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"{request_prefix}-{i}" for i in range(len(prompts))]
-        for rid, prompt, p in zip(ids, prompts, per_prompt):
+        for rid, prompt, p in zip(ids, prompts, per_prompt, strict=False):
             request = self.make_request(rid, prompt, p)
             self.validate(request)
             self.add_request(request)

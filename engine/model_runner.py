@@ -170,11 +170,11 @@ class ModelRunner:
         chosen = sampled.logprobs.tolist() if any(want_logprobs) else None
         top_ids = sampled.top_token_ids.tolist() if sampled.top_token_ids is not None else None
         top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
-        for i, (seq, state) in enumerate(zip(seqs, states)):
+        for i, (seq, state) in enumerate(zip(seqs, states, strict=False)):
             token = token_ids[i]
             state.output_token_ids.append(token)
             result.sampled_token_ids[seq.request_id] = [token]
             if want_logprobs[i] and chosen is not None:
                 k = state.params.logprobs or 0
-                top = tuple(zip(top_ids[i][:k], top_lps[i][:k])) if top_ids is not None else ()
+                top = tuple(zip(top_ids[i][:k], top_lps[i][:k], strict=False)) if top_ids is not None else ()
                 result.logprobs[seq.request_id] = [TokenLogprob(token, chosen[i], top)]

@@ -39,7 +39,7 @@ def prompts(smollm2) -> list[list[int]]:
 
 
 def _core(smollm2, **kw) -> EngineCore:
-    args = EngineArgs(dtype="float32", num_kv_blocks=kw.pop("num_kv_blocks", 512), block_size=16,
+    args = EngineArgs(dtype="float32", drafter="none", num_kv_blocks=kw.pop("num_kv_blocks", 512), block_size=16,
                       max_num_batched_tokens=kw.pop("max_num_batched_tokens", 256), **kw)
     return EngineCore(args, loaded=smollm2)
 

@@ -106,7 +106,9 @@ def make_random_drafter(folder: Path) -> None:
     from engine.spec.dspark_loader import random_drafter_config, save_drafter
 
     target = gguf_model_config(open_gguf(default_model_path()))
-    config = random_drafter_config(target, (1, target.num_hidden_layers // 2), block_size=GAMMA, markov_rank=16)
+    config = random_drafter_config(
+        target, (1, target.num_hidden_layers // 2), block_size=GAMMA, markov_rank=16
+    )
     shared = torch.zeros(target.vocab_size, target.hidden_size, dtype=torch.bfloat16)  # not saved
     drafter = DSparkDrafter(config, shared, shared)
     drafter.reset_parameters(torch.Generator().manual_seed(0))
@@ -189,7 +191,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         "--drain-timeout", str(DRAIN_TIMEOUT_S), "--default-max-tokens", "32", "--log-level", "warning",
     ]  # fmt: skip
     log = tmp / "server.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.Popen(server_cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     config = tmp / "prometheus.yml"
     config.write_text(
@@ -214,7 +219,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     )
     running = Live(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{prom_port}", proc, prom, log)
     try:
-        if not wait_for(lambda: http_status(running.url + "/ready") == 200 or proc.poll() is not None, 120, 0.5):
+        if not wait_for(
+            lambda: http_status(running.url + "/ready") == 200 or proc.poll() is not None, 120, 0.5
+        ):
             pytest.fail(f"server not ready in 120 s:\n{running.server_log()}")
         if proc.poll() is not None:
             pytest.fail(f"server exited with {proc.returncode}:\n{running.server_log()}")
@@ -299,7 +306,13 @@ def test_counters_match_usage(loaded: Live) -> None:
 
 
 def test_disconnect_counts_as_abort(loaded: Live) -> None:
-    body = {"model": loaded.model, "prompt": "Tell me a long story.", "max_tokens": 200, "stream": True}
+    body = {
+        "model": loaded.model,
+        "prompt": "Tell me a long story.",
+        "max_tokens": 200,
+        "ignore_eos": True,  # cannot end on its own before the hang-up
+        "stream": True,
+    }
     with httpx.stream("POST", f"{loaded.url}/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         next(response.iter_lines())  # first event, then hang up mid-stream
@@ -335,27 +348,39 @@ def test_sigterm_drains_stream_then_exits(loaded: Live) -> None:
     first_chunk = threading.Event()
 
     def stream() -> None:
-        chunks = loaded.client().completions.create(
-            model=loaded.model, prompt="Write a poem about the sea.", max_tokens=48, stream=True
+        chunks = loaded.client().completions.create(  # ignore_eos: long enough to outlive the signal
+            model=loaded.model,
+            prompt="Write a poem about the sea.",
+            max_tokens=64,
+            stream=True,
+            extra_body={"ignore_eos": True},
         )
         finish = None
         for chunk in chunks:
             first_chunk.set()
             finish = chunk.choices[0].finish_reason if chunk.choices else finish
         result["finish_reason"] = finish
+        result["finished_at"] = time.monotonic()
 
     thread = threading.Thread(target=stream)
     thread.start()
     assert first_chunk.wait(60)
     sent = time.monotonic()
     loaded.proc.send_signal(signal.SIGTERM)
-    assert wait_for(lambda: http_status(loaded.url + "/ready") == 503, 10)
+    seen: list[tuple[float, int | None]] = []
+
+    def not_ready() -> bool:
+        seen.append((round(time.monotonic() - sent, 2), http_status(loaded.url + "/ready")))
+        return seen[-1][1] == 503
+
+    assert wait_for(not_ready, 20), seen
     with pytest.raises(openai.APIStatusError) as info:
         loaded.client().completions.create(model=loaded.model, prompt="hi", max_tokens=2)
     assert info.value.status_code == 503
     rejected = ("sparkserve:request_rejected_total", (("reason", "draining"),))
     assert loaded.metrics()[rejected] == 1  # /metrics stays up while draining
     thread.join(timeout=DRAIN_TIMEOUT_S + 10)
-    assert result.get("finish_reason") in ("stop", "length"), result
+    assert result.get("finish_reason") == "length", result
+    assert float(result["finished_at"]) > sent  # the stream really outlived the signal
     assert loaded.proc.wait(timeout=DRAIN_TIMEOUT_S + 10) == 0, loaded.server_log()
     assert time.monotonic() - sent < DRAIN_TIMEOUT_S + 10

@@ -463,7 +463,8 @@ def test_request_metrics_rejections_and_aborts() -> None:
         assert http.post("/v1/completions", json={"model": MODEL}, headers=auth).status_code == 400
         body = {"model": MODEL, "prompt": "{delay=0.05} [[" + "z" * 50 + "]]", "stream": True}
         with http.stream("POST", "/v1/completions", json=body, headers=auth) as response:
-            next(response.iter_lines())
+            lines = response.iter_lines()  # keep it: dropping the iterator closes the response
+            next(lines)
             busy = http.post("/v1/completions", json={"model": MODEL, "prompt": "y"}, headers=auth)
             assert busy.status_code == 429
         assert wait_for(lambda: _metric(m, "sparkserve:request_success_total", finished_reason="abort") == 1)
@@ -486,3 +487,23 @@ def test_request_metrics_engine_error_and_draining() -> None:
         assert client.post("/v1/completions", json={"model": MODEL, "prompt": "x"}).status_code == 503
     assert _metric(m, "sparkserve:request_rejected_total", reason="draining") == 1
     assert _metric(m, "sparkserve:request_rejected_total", reason="queue_full") == 0
+
+
+def test_cli_subcommands() -> None:
+    from server.cli import build_parser, engine_args_from
+
+    parser = build_parser()
+    ns = parser.parse_args(["profile", "--out", "p.json", "--drafter", "none", "--max-num-seqs", "4"])
+    assert ns.command == "profile" and ns.out == "p.json"
+    args = engine_args_from(ns)
+    assert args.drafter == "none" and args.max_num_seqs == 4 and args.profile_path is None
+    serve = parser.parse_args(["serve", "--profile", "p.json", "--metrics-profile-every", "10"])
+    assert engine_args_from(serve).profile_path == "p.json" and serve.metrics_profile_every == 10
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert {"serve", "profile", "gen-data", "train-drafter", "calibrate-drafter", "eval-drafter"} <= set(
+        commands
+    )
+    assert set(build_parser(include_train=False)._subparsers._group_actions[0].choices) == {
+        "serve",
+        "profile",
+    }  # type: ignore[union-attr]

@@ -70,9 +70,9 @@ def _run(loaded: LoadedModel, drafter, prompts: list[list[int]], max_new: int, t
 
 def engine_run(loaded: LoadedModel, path: str, prompts: list[list[int]], max_new: int, temp: float,
                seed: int) -> dict | None:
-    """tau and survival through the real engine, when ``EngineCore`` exposes ``spec_stats`` with
-    ``num_rounds``, ``num_emitted`` and per-position ``drafted_per_position`` / ``accepted_per_position``
-    (accepted = drafts whose whole prefix was accepted). None when the engine has no such counters."""
+    """tau and prefix survival through the real engine (serving's scheduler, runner, drafter and
+    rejection sampler) from ``EngineCore.spec_stats``: tau = 1 + accepted / verify rounds; survival at k
+    = drafts accepted at position k / rounds that verified position k (DeepSpec accept_rate@k)."""
     from engine.config import EngineArgs
     from engine.core import EngineCore
     from scheduler.sampling_params import SamplingParams
@@ -86,9 +86,9 @@ def engine_run(loaded: LoadedModel, path: str, prompts: list[list[int]], max_new
         return None
     params = SamplingParams(temperature=temp, max_tokens=max_new, seed=seed)
     outputs = core.generate_batch(prompts, params, request_prefix="eval")
-    drafted, accepted = list(stats.drafted_per_position), list(stats.accepted_per_position)
+    drafted, accepted = list(stats.verified_per_pos), list(stats.accepted_per_pos)
     surv = [a / d if d else None for a, d in zip(accepted, drafted, strict=True)]
-    return {"tau": stats.num_emitted / max(1, stats.num_rounds), "rounds": stats.num_rounds, "survival": surv,
+    return {"tau": stats.accepted_length, "rounds": stats.num_drafts, "survival": surv,
             "repetition_share": sum(repetition_share(o) for o in outputs) / max(1, len(outputs)),
             "backend": "engine"}
 

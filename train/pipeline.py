@@ -26,6 +26,22 @@ def env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+def ship(drafter_dir: str, out: Path, name: str = "dspark_drafter") -> None:
+    """Copy a drafter folder into ``out`` as a tar split under 15 MiB (device files come back <= 16 MiB)."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(drafter_dir, arcname=name)
+    data = buf.getvalue()
+    for old in out.glob(f"{name}.tar.part-*"):
+        old.unlink()
+    part = 15 * 1024 * 1024
+    for i in range(0, len(data), part):
+        (out / f"{name}.tar.part-{i // part:02d}").write_bytes(data[i:i + part])
+
+
 def main() -> None:
     smoke = env("SMOKE", "0") == "1"
     out = Path(env("OUT", "runs/gpu_job"))
@@ -85,6 +101,8 @@ def main() -> None:
             continue
         steps_done = steps_done or res["steps"]
         results[kind] = res["final"]
+        if kind == "dspark":
+            ship(res["final"], out)  # bring the drafter back even if a later phase runs out of time
         last = res["last"]
         save(f"train-{kind}", {"steps": res["steps"], "params": res["trainable_params"], "bytes": res["bytes"],
                                "loss": last.get("loss"), "accept_est": last.get("accept_est"),
@@ -99,6 +117,7 @@ def main() -> None:
                                          int(env("CALIB_TOKENS", "24" if smoke else "128")),
                                          float(env("HOLDOUT", "0.25" if smoke else "0.04")), 0, 64)
             save("calibrate", calib, t0)
+            ship(results["dspark"], out)
         except Exception as exc:  # noqa: BLE001 - evaluate the uncalibrated drafters anyway
             failed("calibrate", exc, t0)
 

@@ -68,7 +68,7 @@ class Speculator:
         request's own blocks up to the one holding position ``start - 1`` (a partly filled block has
         free slots from ``start`` on), then this row's scratch blocks."""
         tables = []
-        for row, (start, table) in enumerate(zip(starts, block_tables)):
+        for row, (start, table) in enumerate(zip(starts, block_tables, strict=False)):
             first = self.num_blocks + row * self.scratch_per_row
             own = list(table[: -(-start // self.block_size)])
             tables.append(own + list(range(first, first + self.scratch_per_row)))

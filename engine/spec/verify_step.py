@@ -41,7 +41,7 @@ def verify_and_draft(
     """Verify, extend the drafter context, draft the next block; fills ``result``."""
     spec: Speculator = runner.speculator
     sample_seqs = [s for s in seqs if s.sample]
-    ends = [off + s.num_new_tokens for off, s in zip(_seq_row_offsets(seqs), seqs) if s.sample]
+    ends = [off + s.num_new_tokens for off, s in zip(_seq_row_offsets(seqs), seqs, strict=False) if s.sample]
     verify = _verify(runner, sample_seqs, ends, hidden, result) if sample_seqs else VerifyResult([], [])
     _add_context(spec, seqs, meta, aux, verify)
     _draft(runner, sample_seqs, verify, result)
@@ -68,8 +68,8 @@ def _verify(
     gamma = max(lengths) if all_greedy else spec.gamma  # fixed width keeps seeded rows reproducible
     width = gamma + 1
     # Rows of the target logits: the last 1 + l_r rows of each sample sequence.
-    src = [e - 1 - l + j for e, l in zip(ends, lengths) for j in range(l + 1)]
-    dst = [r * width + j for r, l in enumerate(lengths) for j in range(l + 1)]
+    src = [e - 1 - n + j for e, n in zip(ends, lengths, strict=True) for j in range(n + 1)]
+    dst = [r * width + j for r, n in enumerate(lengths) for j in range(n + 1)]
     logits = runner.model.compute_logits(hidden[torch.tensor(src, device=device)])  # [N, V] fp32
     vocab = logits.shape[-1]
     padded = logits.new_zeros(num_rows * width, vocab)
@@ -77,12 +77,12 @@ def _verify(
 
     drafts = torch.zeros(num_rows, gamma, dtype=torch.int64, device=device)  # [R, gamma]
     draft_probs = None if all_greedy else torch.zeros(num_rows, gamma, vocab, device=device)
-    for r, (s, l) in enumerate(zip(seqs, lengths)):
+    for r, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
         pending = spec.pending.get(s.request_id)
-        if l and pending is not None:
-            drafts[r, :l] = pending.token_ids[:l]
+        if n and pending is not None:
+            drafts[r, :n] = pending.token_ids[:n]
             if draft_probs is not None and pending.draft_probs is not None:
-                draft_probs[r, :l] = pending.draft_probs[:l]
+                draft_probs[r, :n] = pending.draft_probs[:n]
     sampling = SamplingMetadata.build(
         [st.params for st in states], [st.generator for st in states],
         [st.output_token_ids for st in states], vocab, device,
@@ -98,7 +98,7 @@ def _verify(
     tokens = out.output_token_ids.tolist()
     emitted_counts = out.num_emitted.tolist()
     emitted = [tokens[r][: emitted_counts[r]] for r in range(num_rows)]
-    for r, (s, st) in enumerate(zip(seqs, states)):
+    for r, (s, st) in enumerate(zip(seqs, states, strict=False)):
         st.output_token_ids.extend(emitted[r])
         result.sampled_token_ids[s.request_id] = emitted[r]
         if st.params.logprobs is not None:
@@ -110,7 +110,7 @@ def _logprobs(adjusted: torch.Tensor, first_row: int, tokens: list[int], k: int)
     rows = adjusted[first_row:first_row + len(tokens)]  # [n, V]
     chosen, top_ids, top_values = compute_logprobs(rows, torch.tensor(tokens, device=rows.device), max(k, 1))
     chosen_l, ids_l, vals_l = chosen.tolist(), top_ids.tolist(), top_values.tolist()
-    return [TokenLogprob(t, chosen_l[i], tuple(zip(ids_l[i][:k], vals_l[i][:k]))) for i, t in enumerate(tokens)]
+    return [TokenLogprob(t, chosen_l[i], tuple(zip(ids_l[i][:k], vals_l[i][:k], strict=False))) for i, t in enumerate(tokens)]
 
 
 def _add_context(
@@ -121,7 +121,7 @@ def _add_context(
     rows: list[int] = []
     positions: list[int] = []
     sample_index = 0
-    for off, s in zip(_seq_row_offsets(seqs), seqs):
+    for off, s in zip(_seq_row_offsets(seqs), seqs, strict=False):
         keep = s.num_new_tokens
         if s.sample:
             keep -= s.num_spec_tokens - verify.num_accepted[sample_index]
