@@ -16,7 +16,7 @@ Mask rule: query i of a sequence (absolute position ``start + i``) sees key j if
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,22 @@ class AttentionMetadata:
     prefills: list[PrefillSeq]
     num_tokens: int
     block_size: int
+    short_dst: torch.Tensor | None = None
+    short_src: torch.Tensor | None = None
+    _bias: dict = field(default_factory=dict)
+
+    def short_bias(self, group: int) -> torch.Tensor:
+        """Additive fp32 mask (0 / -inf) of the short group for ``group`` query heads per KV head:
+        [S, 1, group * q_max, L], built once per step and shared by all layers."""
+        bias = self._bias.get(group)
+        if bias is None:
+            mask = self.short_mask  # [S, 1, q_max, L]
+            seqs, _, q_max, length = mask.shape
+            grouped = mask.expand(seqs, group, q_max, length).reshape(seqs, 1, group * q_max, length)
+            bias = torch.zeros(grouped.shape, dtype=torch.float32, device=mask.device)
+            bias.masked_fill_(~grouped, float("-inf"))
+            self._bias[group] = bias
+        return bias
 
 
 def build_attention_metadata(
@@ -153,6 +169,10 @@ def _build_short_group(
     mask = (key_pos[None, None, :] < kv_len_t[:, None, None]) & valid[:, :, None]
     mask &= (key_pos[None, None, :] <= q_pos_t[:, :, None]) | ~causal_t[:, None, None]
     mask[:, :, 0] |= ~valid  # padded query rows attend to key 0: SDPA never sees an all-masked row
+    flat_valid = valid.flatten()
+    src = torch.nonzero(flat_valid).flatten()
+    meta.short_dst = index_t.flatten()[src].to(device)
+    meta.short_src = None if bool(flat_valid.all()) else src.to(device)
     meta.short_q_index = index_t.to(device)
     meta.short_q_valid = valid.to(device)
     meta.short_block_tables = torch.tensor(tables, dtype=torch.int64).view(num, nb_max).to(device)
@@ -170,6 +190,43 @@ def store_kv(
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _short_group_attention(
+    q: torch.Tensor,  # [T, H, hd]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, hd]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,  # [T, H, hd], written in place
+) -> None:
+    """Batched attention of the short group as grouped matmuls (GQA without repeating K/V).
+
+    On the CPU this is ~5x faster than SDPA for 1-16 queries per sequence, and ``index_select``
+    gathers the paged K/V ~10x faster than advanced indexing. Softmax runs in fp32.
+    """
+    tables = meta.short_block_tables  # [S, nb]
+    seqs, nb = tables.shape
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    kv_len = nb * meta.block_size
+    flat = tables.flatten()
+    keys = k_cache.index_select(0, flat).view(seqs, kv_len, num_kv_heads, head_dim).to(q.dtype)
+    values = v_cache.index_select(0, flat).view(seqs, kv_len, num_kv_heads, head_dim).to(q.dtype)
+    q_max = meta.short_q_index.shape[1]
+    q_pad = q.index_select(0, meta.short_q_index.flatten()).view(seqs, q_max, num_kv_heads, group, head_dim)
+    q_grp = q_pad.permute(0, 2, 3, 1, 4).reshape(seqs, num_kv_heads, group * q_max, head_dim)
+    scores = torch.matmul(q_grp, keys.permute(0, 2, 3, 1)).float() * scale  # [S, Hkv, G*q_max, L]
+    scores += meta.short_bias(group)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    o = torch.matmul(probs, values.transpose(1, 2))  # [S, Hkv, G*q_max, hd]
+    o = o.view(seqs, num_kv_heads, group, q_max, head_dim).permute(0, 3, 1, 2, 4)  # [S, q_max, Hkv, G, hd]
+    o = o.reshape(seqs * q_max, num_heads, head_dim)
+    if meta.short_src is None:
+        out.index_copy_(0, meta.short_dst, o)
+    else:
+        out.index_copy_(0, meta.short_dst, o.index_select(0, meta.short_src))
 
 
 def paged_attention(
@@ -191,17 +248,7 @@ def paged_attention(
     out = q.new_empty(num_tokens, num_heads, head_dim)
     gqa = num_heads != num_kv_heads
     if meta.short_q_index is not None:
-        tables = meta.short_block_tables  # [S, nb]
-        seqs, nb = tables.shape
-        keys = k_cache[tables].view(seqs, nb * meta.block_size, num_kv_heads, head_dim)
-        values = v_cache[tables].view(seqs, nb * meta.block_size, num_kv_heads, head_dim)
-        q_pad = q[meta.short_q_index]  # [S, q_max, H, hd]
-        o = F.scaled_dot_product_attention(
-            q_pad.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
-            attn_mask=meta.short_mask, scale=scale, enable_gqa=gqa,
-        ).transpose(1, 2)  # [S, q_max, H, hd]
-        valid = meta.short_q_valid
-        out[meta.short_q_index[valid]] = o[valid]
+        _short_group_attention(q, k_cache, v_cache, meta, scale, out)
     for seq in meta.prefills:
         qs = q[seq.q_start:seq.q_end].transpose(0, 1)  # [H, q_len, hd]
         if seq.mask is None:
@@ -209,7 +256,8 @@ def paged_attention(
         else:
             flat_k = k_cache.view(-1, num_kv_heads, head_dim)
             flat_v = v_cache.view(-1, num_kv_heads, head_dim)
-            ks, vs = flat_k[seq.slots].to(q.dtype), flat_v[seq.slots].to(q.dtype)
+            ks = flat_k.index_select(0, seq.slots).to(q.dtype)
+            vs = flat_v.index_select(0, seq.slots).to(q.dtype)
         o = F.scaled_dot_product_attention(
             qs, ks.transpose(0, 1), vs.transpose(0, 1), attn_mask=seq.mask,
             is_causal=seq.mask is None, scale=scale, enable_gqa=gqa,

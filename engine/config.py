@@ -26,6 +26,9 @@ class EngineArgs:
             (the shipped drafter for the embedded model, none otherwise).
         drafter_kind: "dspark" | "dflash" | "draft-model".
         num_draft_tokens: drafts per step for the draft-model drafter.
+        draft_vocab_size: restrict DSpark / DFlash drafts to token ids below this (the LM head over
+            the full vocabulary dominates the drafter's cost); None = full vocabulary, or the shipped
+            drafter's default for the embedded model.
         verify_policy: "none" | "fixed:K" | "dspark" | "dspark-async" (None = dspark when drafting).
         profile_path: throughput profile file to reuse (None = measure / cache at start-up).
         shuffle_blocks: hand out physical KV blocks in a random order (tests that paging is real).
@@ -46,6 +49,7 @@ class EngineArgs:
     drafter: str | None = None
     drafter_kind: str = "dspark"
     num_draft_tokens: int = 4
+    draft_vocab_size: int | None = None
     verify_policy: str | None = None
     profile_path: str | None = None
     shuffle_blocks: bool = False

@@ -143,9 +143,7 @@ class EngineCore:
         if drafter is not None:
             policy = parse_policy(args.verify_policy or "dspark")
             if policy.needs_profile and profile is None:
-                key = profile_key(self.model_name, args.dtype, str(args.drafter or "default"),
-                                  args.max_num_batched_tokens, args.max_num_seqs, torch.get_num_threads())
-                profile = load_or_measure_profile(self.runner, num_blocks, key, args.max_num_batched_tokens,
+                profile = load_or_measure_profile(self.runner, num_blocks, self.profile_key(), args.max_num_batched_tokens,
                                                   args.max_num_seqs, path=args.profile_path)
             self.verify_hook = make_verify_lengths(args, drafter, profile)
             self.scheduler.verify_lengths = self.verify_hook
@@ -155,6 +153,14 @@ class EngineCore:
             "engine ready: model=%s dtype=%s kv_blocks=%d (block_size=%d) max_model_len=%d",
             self.model_name, args.dtype, num_blocks, args.block_size, self.max_model_len,
         )
+
+    def profile_key(self) -> dict[str, str | int]:
+        """What a cached throughput profile of this engine is valid for (model, dtype, device,
+        drafter and its draft vocabulary, step budgets, threads)."""
+        args = self.args
+        drafter = f"{args.drafter or 'default'}@{getattr(self.drafter, 'draft_vocab_size', None)}"
+        return profile_key(self.model_name, args.dtype, drafter, args.max_num_batched_tokens, args.max_num_seqs,
+                           torch.get_num_threads())
 
     def make_request(self, request_id: str, prompt_token_ids: list[int], params) -> Request:
         """Build a scheduler request with the model's EOS."""

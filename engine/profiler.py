@@ -42,7 +42,9 @@ def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -
         spec = runner.speculator
         aux_ids = spec.target_layer_ids if spec is not None else ()
         hidden, _ = runner.model(ids, positions, runner.kv_caches, meta, aux_ids)
-        runner.model.compute_logits(hidden)
+        # logits only for verify rows (<= gamma + 1 per request); the rest of B is prefill
+        gamma = spec.gamma if spec is not None else 0
+        runner.model.compute_logits(hidden[: min(num_tokens, num_requests * (gamma + 1))])
         if spec is not None:
             starts = [ctx + q for q in q_lens]
             spec.drafter.propose(
@@ -67,7 +69,7 @@ def profile_key(model_name: str, dtype: str, drafter: str, max_num_batched_token
 
 def load_or_measure_profile(
     runner: ModelRunner, num_blocks: int, key: dict, max_num_batched_tokens: int, max_num_seqs: int,
-    path: str | None = None, progress: bool = True, repeats: int = 3,
+    path: str | None = None, progress: bool = True, repeats: int = 2,
 ) -> ThroughputProfile:
     """``--profile PATH`` if given; else the on-disk cache for ``key``; else measure and cache."""
     if path is not None:

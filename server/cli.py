@@ -110,6 +110,8 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--drafter", default=None, help="drafter checkpoint, or 'none' to disable speculation")
     s.add_argument("--drafter-kind", default=d.drafter_kind, choices=("dspark", "dflash", "draft-model"))
     s.add_argument("--num-draft-tokens", type=int, default=d.num_draft_tokens)
+    s.add_argument("--draft-vocab-size", type=int, default=None,
+                   help="restrict DSpark/DFlash drafts to token ids below this (default: 8192 for the shipped drafter)")
     s.add_argument("--verify-policy", default=None, help="none | fixed:K | dspark | dspark-async")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
@@ -175,6 +177,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         drafter=ns.drafter,
         drafter_kind=ns.drafter_kind,
         num_draft_tokens=ns.num_draft_tokens,
+        draft_vocab_size=ns.draft_vocab_size,
         verify_policy=ns.verify_policy,
         profile_path=getattr(ns, "profile", None),
     )
@@ -205,22 +208,13 @@ def run_profile(ns: argparse.Namespace, engine_args: EngineArgs) -> Path:
     """
     import dataclasses
 
-    import torch
-
     from engine.core import EngineCore
-    from engine.profiler import load_or_measure_profile, profile_key
+    from engine.profiler import load_or_measure_profile
     from scheduler.profile.measure import profile_cache_path
 
     # The verify policy "none" keeps EngineCore from profiling at construction: we do it below.
     core = EngineCore(dataclasses.replace(engine_args, verify_policy="none", profile_path=None))
-    key = profile_key(
-        core.model_name,
-        engine_args.dtype,
-        str(engine_args.drafter or "default"),
-        engine_args.max_num_batched_tokens,
-        engine_args.max_num_seqs,
-        torch.get_num_threads(),
-    )
+    key = core.profile_key()
     cache = profile_cache_path(key)
     if ns.remeasure:
         cache.unlink(missing_ok=True)

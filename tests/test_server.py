@@ -461,7 +461,8 @@ def test_request_metrics_rejections_and_aborts() -> None:
         auth = {"Authorization": "Bearer k"}
         assert http.post("/v1/completions", json={"model": MODEL, "prompt": "x"}).status_code == 401
         assert http.post("/v1/completions", json={"model": MODEL}, headers=auth).status_code == 400
-        body = {"model": MODEL, "prompt": "{delay=0.05} [[" + "z" * 50 + "]]", "stream": True}
+        # slow stream (0.2 s a token for 50 tokens): the engine stays busy however loaded the machine is
+        body = {"model": MODEL, "prompt": "{delay=0.2} [[" + "z" * 50 + "]]", "stream": True}
         with http.stream("POST", "/v1/completions", json=body, headers=auth) as response:
             lines = response.iter_lines()  # keep it: dropping the iterator closes the response
             next(lines)

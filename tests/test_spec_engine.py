@@ -173,8 +173,8 @@ def test_sampling_distribution_matches_target(target) -> None:
     real_sample_block = bad_drafter.sample_block
 
     def wrong_q(*args, **kwargs):
+        base = args[1].clone()  # U: [R, B, V] (serving builds Z in place in it)
         out, z = real_sample_block(*args, **kwargs)
-        base = args[1]  # U: [R, B, V]
         temps = args[3].clamp_min(1e-5)[:, None, None]
         out.draft_probs = torch.softmax(base.float() / temps, -1)
         return out, z

@@ -40,13 +40,14 @@ class DraftOutput:
 
     Attributes:
         token_ids: [R, B] int64 drafted tokens x_k (slot k = position start+k+1).
-        draft_probs: [R, B, V] fp32 q_k = softmax(Z_k / T), one-hot of argmax Z_k for greedy requests;
-            the distributions the drafts were sampled from (use these in verification).
+        draft_probs: [R, B, V] fp32 q_k = softmax(Z_k / T), the distributions the drafts were sampled
+            from (use these in verification); None when every request is greedy (q = one-hot of the
+            draft, which greedy verification never reads). A greedy row's entries are meaningless.
         confidences: [R, B] fp32 c_k, conditional acceptance estimates; None without a confidence head.
     """
 
     token_ids: Tensor
-    draft_probs: Tensor
+    draft_probs: Tensor | None
     confidences: Tensor | None
 
 
@@ -158,11 +159,17 @@ class ConfidenceHead(nn.Module):
 
 
 def _draw(logits: Tensor, greedy: list[bool], temps: Tensor,
-          generators: Sequence[torch.Generator | None]) -> tuple[Tensor, Tensor]:
+          generators: Sequence[torch.Generator | None]) -> tuple[Tensor, Tensor | None]:
     """Sample one token per row and slot. logits: [R, n, V] fp32; temps: [R] (1.0 for greedy rows).
-    Returns tokens [R, n] int64 and q [R, n, V] fp32 = softmax(logits / T) (one-hot argmax if greedy)."""
-    probs = torch.softmax(logits / temps[:, None, None], dim=-1)  # [R, n, V]
+
+    Returns tokens [R, n] int64 and q [R, n, V] fp32 = softmax(logits / T) for sampled rows; q is None
+    when every row is greedy, and a greedy row's q is meaningless (its draft is argmax Z, q = one-hot:
+    greedy verification never reads q), which saves a [R, n, V] softmax on the hot path.
+    """
     tokens = logits.argmax(-1)  # [R, n]
+    if all(greedy):
+        return tokens, None
+    probs = torch.softmax(logits / temps[:, None, None], dim=-1)  # [R, n, V]
     shared = [i for i, g in enumerate(greedy) if not g and generators[i] is None]
     if shared:  # requests on the global RNG: one call
         rows = torch.tensor(shared, device=logits.device)
@@ -170,9 +177,6 @@ def _draw(logits: Tensor, greedy: list[bool], temps: Tensor,
     for i, gen in enumerate(generators):
         if not greedy[i] and gen is not None:
             tokens[i] = torch.multinomial(probs[i], 1, generator=gen).squeeze(-1)
-    if any(greedy):
-        rows = torch.tensor([i for i, g in enumerate(greedy) if g], device=logits.device)
-        probs[rows] = F.one_hot(tokens[rows], logits.shape[-1]).float()
     return tokens, probs
 
 
@@ -198,6 +202,7 @@ class DSparkDrafter(nn.Module):
         self.layers = nn.ModuleList(DSparkLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.markov_head = MarkovHead(config.vocab_size, config.markov_rank) if config.markov_rank else None
+        self.draft_vocab_size: int | None = None  # serving option, see ``base_logits``
         self.confidence_head = (
             ConfidenceHead(config.confidence_in_features) if config.enable_confidence_head else None
         )
@@ -265,16 +270,33 @@ class DSparkDrafter(nn.Module):
         return self.norm(x).view(num_reqs, B, d)
 
     def base_logits(self, h: Tensor) -> Tensor:
-        """U = lm_head(h) with the target's head: [R, B, d] -> [R, B, V] fp32 (section 2 step 7)."""
-        return F.linear(h, self.lm_head_weight.to(h.dtype)).float()
+        """U = lm_head(h) with the target's head: [R, B, d] -> [R, B, V'] fp32 (section 2 step 7).
+
+        V' = ``draft_vocab_size`` when set (serving): drafts are then restricted to token ids
+        ``[0, V')``, which for BPE vocabularies are the earliest merges, i.e. the most frequent
+        tokens. Still lossless: q is 0 outside the draft vocabulary and the target's residual
+        distribution max(p - q, 0) covers those tokens. The LM head is the drafter's largest cost.
+        """
+        weight = self.lm_head_weight if self.draft_vocab_size is None else self.lm_head_weight[: self.draft_vocab_size]
+        return F.linear(h, weight.to(h.dtype)).float()
+
+    def _markov_bias(self, prev: Tensor) -> Tensor:
+        """B_k = W2 @ W1[prev_k] over the draft vocabulary: [R] -> [R, V'] fp32."""
+        assert self.markov_head is not None
+        w2 = self.markov_head.markov_w2.weight  # [V, r]
+        if self.draft_vocab_size is not None:
+            w2 = w2[: self.draft_vocab_size]
+        return F.linear(self.markov_head.markov_w1(prev), w2).float()
 
     @torch.no_grad()
     def sample_block(self, h: Tensor, base_logits: Tensor, anchor_ids: Tensor, temperatures: Tensor,
-                     generators: Sequence[torch.Generator | None]) -> tuple[DraftOutput, Tensor]:
+                     generators: Sequence[torch.Generator | None],
+                     return_logits: bool = True) -> tuple[DraftOutput, Tensor]:
         """Markov head + sampling + confidence head (section 2 steps 8-9).
 
         h: [R, B, d]; base_logits: U [R, B, V] fp32; anchor_ids: [R]; temperatures: [R] fp32.
-        Returns the drafts and the step logits Z [R, B, V] fp32 (Z = U for DFlash).
+        Returns the drafts and the step logits Z [R, B, V] fp32 (Z = U for DFlash). With
+        ``return_logits=False`` (serving) Z is built in place in ``base_logits`` (no [R, B, V] copy).
         """
         greedy = (temperatures < GREEDY_TEMPERATURE).tolist()
         temps = torch.where(temperatures < GREEDY_TEMPERATURE, 1.0, temperatures.float())  # [R]
@@ -283,17 +305,20 @@ class DSparkDrafter(nn.Module):
             tokens, probs = _draw(base_logits, greedy, temps, generators)
             return DraftOutput(tokens, probs, self._confidence(h, None)), base_logits
         prev = anchor_ids
-        prevs, steps, toks, qs = [], [], [], []
+        prevs, toks = [], []
+        steps = base_logits.clone() if return_logits else base_logits  # Z, written in place: [R, B, V]
+        qs = None if all(greedy) else torch.empty_like(base_logits)
         for k in range(self.config.block_size):
-            z = base_logits[:, k] + self.markov_head(prev).float()  # [R, V]
+            z = steps[:, k]
+            z += self._markov_bias(prev)  # [R, V']
             tok, q = _draw(z[:, None], greedy, temps, generators)
             prevs.append(prev)
-            steps.append(z)
             toks.append(tok[:, 0])
-            qs.append(q[:, 0])
+            if qs is not None:
+                qs[:, k] = q[:, 0]
             prev = tok[:, 0]
         conf = self._confidence(h, torch.stack(prevs, 1))
-        return DraftOutput(torch.stack(toks, 1), torch.stack(qs, 1), conf), torch.stack(steps, 1)
+        return DraftOutput(torch.stack(toks, 1), qs, conf), steps
 
     def _confidence(self, h: Tensor, prev: Tensor | None) -> Tensor | None:
         """c_k = sigmoid((w . [h_k ; W1[prev_k]] + b) / T_k) in fp32; h: [R, B, d], prev: [R, B]."""
@@ -319,5 +344,6 @@ class DSparkDrafter(nn.Module):
         Overwrites the cache slots of positions start..start+B-1 (no context rows there yet).
         """
         h = self.block_hidden_states(anchor_ids, starts, block_tables, block_size, kv_caches)
-        out, _ = self.sample_block(h, self.base_logits(h), anchor_ids, temperatures, generators)
+        out, _ = self.sample_block(h, self.base_logits(h), anchor_ids, temperatures, generators,
+                                   return_logits=False)
         return out

@@ -17,6 +17,9 @@ from scheduler.profile.online import OnlineProfile
 logger = logging.getLogger(__name__)
 
 SHIPPED_DRAFTER = Path(__file__).resolve().parent / "weights" / "smollm2-135m-dspark"
+# Draft vocabulary of the shipped drafter when serving (see DSparkDrafter.base_logits; measured in
+# docs/benchmarks.md: the full 49,152-token LM head costs more than the target's decode at batch 64).
+SHIPPED_DRAFT_VOCAB = 8192
 
 
 def shipped_drafter_path() -> Path | None:
@@ -52,6 +55,13 @@ def load_default_or_given_drafter(args: EngineArgs, loaded: LoadedModel, dtype: 
     from engine.spec.dspark_loader import load_drafter
 
     drafter = load_drafter(path, loaded.model.embed_tokens.weight, loaded.model.lm_head_weight, dtype=dtype)
+    vocab = args.draft_vocab_size
+    if vocab is None and args.drafter is None:
+        vocab = SHIPPED_DRAFT_VOCAB
+    if vocab is not None:
+        if not 1 <= vocab <= drafter.config.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in [1, {drafter.config.vocab_size}], got {vocab}")
+        drafter.draft_vocab_size = vocab
     has_head = drafter.config.markov_rank > 0
     if args.drafter_kind == "dflash" and has_head:
         raise ValueError(f"{path} has a Markov head: it is a DSpark drafter, not DFlash")

@@ -82,7 +82,8 @@ def _verify(
         if n and pending is not None:
             drafts[r, :n] = pending.token_ids[:n]
             if draft_probs is not None and pending.draft_probs is not None:
-                draft_probs[r, :n] = pending.draft_probs[:n]
+                q = pending.draft_probs[:n]  # [n, V'] (V' < V with a reduced draft vocabulary)
+                draft_probs[r, :n, : q.shape[-1]] = q
     sampling = SamplingMetadata.build(
         [st.params for st in states], [st.generator for st in states],
         [st.output_token_ids for st in states], vocab, device,
