@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="bench_results/policies.json")
     args = ap.parse_args(argv)
     args.api_key, args.request_timeout, args.ignore_eos = None, 600.0, True
-    prompts = [p for pair in zip(load_prompts("mt_bench"), load_prompts("gsm8k")) for p in pair]
+    prompts = [p for pair in zip(load_prompts("mt_bench"), load_prompts("gsm8k"), strict=False) for p in pair]
     results = []
     for policy in args.policies:
         proc = _start(policy, args.port, args.server_args)

@@ -14,6 +14,7 @@ import torch
 
 from engine.config import EngineArgs
 from engine.core import EngineCore
+from engine.spec.draft_model import DraftModelDrafter
 from scheduler.sampling_params import SamplingParams
 from tests.exactness import assert_same_or_near_tie, top2_gap_fn
 from tests.tiny import OracleDrafter, random_dspark, tiny_target
@@ -56,18 +57,22 @@ def _check(target, prompts, baseline, outputs, label) -> None:
         assert_same_or_near_tie(out, baseline[i], top2_gap_fn(target.model, prompts[i], baseline[i]), label=f"{label}[{i}]")
 
 
-@pytest.mark.parametrize("kind", ["oracle", "dspark", "dflash"])
+@pytest.mark.parametrize("kind", ["oracle", "dspark", "dflash", "draft-model"])
 def test_greedy_lossless_concurrent(target, prompts, baseline, kind) -> None:
     drafter = {
         "oracle": lambda: OracleDrafter(target, block_size=4, seed=1),
         "dspark": lambda: random_dspark(target, block_size=4),
         "dflash": lambda: random_dspark(target, block_size=4, markov_rank=0, confidence=False),
+        # the target itself as the draft model: high acceptance, independent KV (re-prefilled)
+        "draft-model": lambda: DraftModelDrafter(target.model, num_draft_tokens=4),
     }[kind]()
     core = _core(target, drafter)
     outputs = core.generate_batch(prompts, _greedy())
     _check(target, prompts, baseline, outputs, kind)
     stats = core.spec_stats
     assert stats.num_draft_tokens > 0
+    if kind == "draft-model":
+        assert stats.accepted_length > 3.0, stats  # drafting with the target: nearly all accepted
     if kind == "oracle":
         # every accept length happens: positions 0..gamma-1 all see both accepts and rejects
         assert all(0 < a < v for a, v in zip(stats.accepted_per_pos, stats.verified_per_pos, strict=False)), stats

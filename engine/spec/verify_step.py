@@ -118,7 +118,10 @@ def _add_context(
     spec: Speculator, seqs: tuple[ScheduledSeq, ...], meta: AttentionMetadata, aux: torch.Tensor,
     verify: VerifyResult,
 ) -> None:
-    """Context rows = every computed row that stays: whole prefill chunks, anchor + accepted drafts."""
+    """Context rows = every computed row that stays: whole prefill chunks, anchor + accepted drafts.
+    No-op for drafters that take no target features (``aux`` is None)."""
+    if aux is None:
+        return
     rows: list[int] = []
     positions: list[int] = []
     sample_index = 0
