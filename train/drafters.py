@@ -56,9 +56,10 @@ class ARDrafter(DSparkDrafter):
             h = self.norm(x).view(num_reqs, q_len, -1)[:, -1:]  # [R, 1, d]
             tok, q = _draw(self.base_logits(h), greedy, temps, generators)  # [R, 1], [R, 1, V]
             toks.append(tok[:, 0])
-            qs.append(q[:, 0])
+            if q is not None:  # None when every request is greedy
+                qs.append(q[:, 0])
             ids = torch.cat((ids, tok), dim=1)
-        return DraftOutput(torch.stack(toks, 1), torch.stack(qs, 1), None)
+        return DraftOutput(torch.stack(toks, 1), torch.stack(qs, 1) if qs else None, None)
 
 
 def is_autoregressive(path: str | Path) -> bool:
