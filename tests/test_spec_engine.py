@@ -57,15 +57,18 @@ def _check(target, prompts, baseline, outputs, label) -> None:
         assert_same_or_near_tie(out, baseline[i], top2_gap_fn(target.model, prompts[i], baseline[i]), label=f"{label}[{i}]")
 
 
+_DRAFTERS = {
+    "oracle": lambda target, seed: OracleDrafter(target, block_size=4, seed=seed),
+    "dspark": lambda target, seed: random_dspark(target, block_size=4, seed=seed),
+    "dflash": lambda target, seed: random_dspark(target, block_size=4, markov_rank=0, confidence=False, seed=seed),
+    # the target itself as the draft model: high acceptance, independent KV (re-prefilled)
+    "draft-model": lambda target, seed: DraftModelDrafter(target.model, num_draft_tokens=4),
+}
+
+
 @pytest.mark.parametrize("kind", ["oracle", "dspark", "dflash", "draft-model"])
 def test_greedy_lossless_concurrent(target, prompts, baseline, kind) -> None:
-    drafter = {
-        "oracle": lambda: OracleDrafter(target, block_size=4, seed=1),
-        "dspark": lambda: random_dspark(target, block_size=4),
-        "dflash": lambda: random_dspark(target, block_size=4, markov_rank=0, confidence=False),
-        # the target itself as the draft model: high acceptance, independent KV (re-prefilled)
-        "draft-model": lambda: DraftModelDrafter(target.model, num_draft_tokens=4),
-    }[kind]()
+    drafter = _DRAFTERS[kind](target, 1)
     core = _core(target, drafter)
     outputs = core.generate_batch(prompts, _greedy())
     _check(target, prompts, baseline, outputs, kind)
@@ -79,15 +82,17 @@ def test_greedy_lossless_concurrent(target, prompts, baseline, kind) -> None:
         assert stats.accepted_length > 1.5
 
 
-def test_greedy_lossless_batch1_and_preemption(target, prompts, baseline) -> None:
-    core = _core(target, OracleDrafter(target, block_size=4, seed=2))
-    for i in (0, 7):
+@pytest.mark.parametrize("kind", ["oracle", "dspark", "dflash", "draft-model"])
+def test_greedy_lossless_batch1_and_preemption(target, prompts, baseline, kind) -> None:
+    make = _DRAFTERS[kind]
+    core = _core(target, make(target, 2))
+    for i in range(len(prompts)):  # every prompt alone (batch 1)
         out = core.generate_batch([prompts[i]], _greedy(), request_prefix=f"solo{i}")[0]
-        _check(target, [prompts[i]], [baseline[i]], [out], "batch1")
-    small = _core(target, OracleDrafter(target, block_size=4, seed=3), num_kv_blocks=40, shuffle_blocks=True)
+        _check(target, [prompts[i]], [baseline[i]], [out], f"{kind}-batch1")
+    small = _core(target, make(target, 3), num_kv_blocks=40, shuffle_blocks=True)
     outputs = small.generate_batch(prompts, _greedy())
     assert small.scheduler.num_preemptions_total > 0
-    _check(target, prompts, baseline, outputs, "preempt")
+    _check(target, prompts, baseline, outputs, f"{kind}-preempt")
     assert small.scheduler.kv_cache_usage == 0.0
 
 
