@@ -64,12 +64,12 @@ class AttentionMetadata:
 
     def short_bias(self, group: int) -> torch.Tensor:
         """Additive fp32 mask (0 / -inf) of the short group for ``group`` query heads per KV head:
-        [S, 1, group * q_max, L], built once per step and shared by all layers."""
+        [1, S, group * q_max, L], built once per step and shared by all layers."""
         bias = self._bias.get(group)
         if bias is None:
             mask = self.short_mask  # [S, 1, q_max, L]
             seqs, _, q_max, length = mask.shape
-            grouped = mask.expand(seqs, group, q_max, length).reshape(seqs, 1, group * q_max, length)
+            grouped = mask.expand(seqs, group, q_max, length).reshape(1, seqs, group * q_max, length)
             bias = torch.zeros(grouped.shape, dtype=torch.float32, device=mask.device)
             bias.masked_fill_(~grouped, float("-inf"))
             self._bias[group] = bias
@@ -179,22 +179,35 @@ def _build_short_group(
     meta.short_mask = mask[:, None].to(device)
 
 
+def new_kv_cache(
+    num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's paged (K, V) pool, zero-filled, head-major: each [Hkv, num_blocks, block_size, hd].
+
+    Head-major lets the gather of a batch's context produce [Hkv, S, L, hd] directly, the layout the
+    batched attention matmuls read (no permute copy of the whole context per layer).
+    """
+    shape = (num_kv_heads, num_blocks, block_size, head_dim)
+    return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+
 def store_kv(
     k: torch.Tensor,  # [T, Hkv, hd]
     v: torch.Tensor,  # [T, Hkv, hd]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, hd]
-    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, hd]
+    k_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, hd]
+    v_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, hd]
     slot_mapping: torch.Tensor,  # [T] int64
 ) -> None:
     """Write new keys / values into their cache slots (reference for the Triton store kernel)."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
 
 
 def _short_group_attention(
     q: torch.Tensor,  # [T, H, hd]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, hd]
+    k_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, hd]
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
@@ -208,20 +221,21 @@ def _short_group_attention(
     tables = meta.short_block_tables  # [S, nb]
     seqs, nb = tables.shape
     num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_cache.shape[2]
+    num_kv_heads = k_cache.shape[0]
     group = num_heads // num_kv_heads
     kv_len = nb * meta.block_size
     flat = tables.flatten()
-    keys = k_cache.index_select(0, flat).view(seqs, kv_len, num_kv_heads, head_dim).to(q.dtype)
-    values = v_cache.index_select(0, flat).view(seqs, kv_len, num_kv_heads, head_dim).to(q.dtype)
+    # Head-major cache: the gathered K/V are already [Hkv, S, L, hd], matmul-ready without a permute.
+    keys = k_cache.index_select(1, flat).view(num_kv_heads, seqs, kv_len, head_dim).to(q.dtype)
+    values = v_cache.index_select(1, flat).view(num_kv_heads, seqs, kv_len, head_dim).to(q.dtype)
     q_max = meta.short_q_index.shape[1]
     q_pad = q.index_select(0, meta.short_q_index.flatten()).view(seqs, q_max, num_kv_heads, group, head_dim)
-    q_grp = q_pad.permute(0, 2, 3, 1, 4).reshape(seqs, num_kv_heads, group * q_max, head_dim)
-    scores = torch.matmul(q_grp, keys.permute(0, 2, 3, 1)).float() * scale  # [S, Hkv, G*q_max, L]
+    q_grp = q_pad.permute(2, 0, 3, 1, 4).reshape(num_kv_heads, seqs, group * q_max, head_dim)
+    scores = torch.matmul(q_grp, keys.transpose(-1, -2)).float() * scale  # [Hkv, S, G*q_max, L]
     scores += meta.short_bias(group)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    o = torch.matmul(probs, values.transpose(1, 2))  # [S, Hkv, G*q_max, hd]
-    o = o.view(seqs, num_kv_heads, group, q_max, head_dim).permute(0, 3, 1, 2, 4)  # [S, q_max, Hkv, G, hd]
+    o = torch.matmul(probs, values)  # [Hkv, S, G*q_max, hd]
+    o = o.view(num_kv_heads, seqs, group, q_max, head_dim).permute(1, 3, 0, 2, 4)  # [S, q_max, Hkv, G, hd]
     o = o.reshape(seqs * q_max, num_heads, head_dim)
     if meta.short_src is None:
         out.index_copy_(0, meta.short_dst, o)
@@ -233,8 +247,8 @@ def paged_attention(
     q: torch.Tensor,  # [T, H, hd]
     k: torch.Tensor,  # [T, Hkv, hd]
     v: torch.Tensor,  # [T, Hkv, hd]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, hd]
-    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, hd]
+    k_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, hd]
+    v_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, hd]
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
@@ -252,14 +266,13 @@ def paged_attention(
     for seq in meta.prefills:
         qs = q[seq.q_start:seq.q_end].transpose(0, 1)  # [H, q_len, hd]
         if seq.mask is None:
-            ks, vs = k[seq.q_start:seq.q_end], v[seq.q_start:seq.q_end]
+            ks = k[seq.q_start:seq.q_end].transpose(0, 1)  # [Hkv, q_len, hd]
+            vs = v[seq.q_start:seq.q_end].transpose(0, 1)
         else:
-            flat_k = k_cache.view(-1, num_kv_heads, head_dim)
-            flat_v = v_cache.view(-1, num_kv_heads, head_dim)
-            ks = flat_k.index_select(0, seq.slots).to(q.dtype)
-            vs = flat_v.index_select(0, seq.slots).to(q.dtype)
+            ks = k_cache.view(num_kv_heads, -1, head_dim).index_select(1, seq.slots).to(q.dtype)  # [Hkv, L, hd]
+            vs = v_cache.view(num_kv_heads, -1, head_dim).index_select(1, seq.slots).to(q.dtype)
         o = F.scaled_dot_product_attention(
-            qs, ks.transpose(0, 1), vs.transpose(0, 1), attn_mask=seq.mask,
+            qs, ks, vs, attn_mask=seq.mask,
             is_causal=seq.mask is None, scale=scale, enable_gqa=gqa,
         )
         out[seq.q_start:seq.q_end] = o.transpose(0, 1)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention import build_attention_metadata
+from engine.attention import build_attention_metadata, new_kv_cache
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
 from engine.sampler import Sampler, SamplingMetadata
@@ -75,9 +75,8 @@ class ModelRunner:
         self.config = config
         self.block_size = block_size
         self.device = torch.device(device)
-        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+            new_kv_cache(num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype, self.device)
             for _ in range(config.num_hidden_layers)
         ]
         self.sampler = Sampler()

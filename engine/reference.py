@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import build_attention_metadata
+from engine.attention import build_attention_metadata, new_kv_cache
 from engine.models.llama import LlamaForCausalLM
 
 
@@ -37,8 +37,8 @@ def reference_logits(model: LlamaForCausalLM, token_ids: list[int]) -> torch.Ten
     block_size = 16
     num_blocks = (n + block_size - 1) // block_size
     dtype = model.embed_tokens.weight.dtype
-    shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-    caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(cfg.num_hidden_layers)]
+    caches = [new_kv_cache(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype)
+              for _ in range(cfg.num_hidden_layers)]
     meta = build_attention_metadata([n], [0], [n], [list(range(num_blocks))], block_size)
     ids = torch.tensor(token_ids, dtype=torch.int64)
     hidden, _ = model(ids, torch.arange(n), caches, meta)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.attention import build_attention_metadata
+from engine.attention import build_attention_metadata, new_kv_cache
 from engine.loader import LoadedModel, default_model_path, load_model
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
@@ -92,9 +92,9 @@ class PagedRunner:
 
     def __init__(self, model: LlamaForCausalLM, num_seqs: int = 1) -> None:
         c = model.config
-        shape = (NUM_BLOCKS, BLOCK_SIZE, c.num_key_value_heads, c.head_dim)
         self.model = model
-        self.caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(c.num_hidden_layers)]
+        self.caches = [new_kv_cache(NUM_BLOCKS, BLOCK_SIZE, c.num_key_value_heads, c.head_dim, torch.float32)
+                       for _ in range(c.num_hidden_layers)]
         blocks = list(range(NUM_BLOCKS))
         random.Random(1).shuffle(blocks)
         per_seq = NUM_BLOCKS // num_seqs

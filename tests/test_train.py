@@ -18,7 +18,7 @@ import types
 import pytest
 import torch
 
-from engine.attention import build_attention_metadata
+from engine.attention import build_attention_metadata, new_kv_cache
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
 from engine.spec.dspark_loader import load_drafter
@@ -78,9 +78,9 @@ def test_dense_forward_matches_paged(setup) -> None:
     target, samples, _ = setup
     ids = torch.tensor(samples[0].ids, device=DEVICE)
     n = len(ids)
-    shape = (-(-n // 16), 16, 2, 8)
-    caches = [(torch.zeros(shape, device=DEVICE), torch.zeros(shape, device=DEVICE)) for _ in range(4)]
-    meta = build_attention_metadata([n], [0], [n], [list(range(shape[0]))], 16, device=DEVICE)
+    num_blocks = -(-n // 16)
+    caches = [new_kv_cache(num_blocks, 16, 2, 8, torch.float32, DEVICE) for _ in range(4)]
+    meta = build_attention_metadata([n], [0], [n], [list(range(num_blocks))], 16, device=DEVICE)
     ref_h, ref_aux = target(ids, torch.arange(n, device=DEVICE), caches, meta, aux_layer_ids=(0, 2))
     h, aux = dense_forward(target, ids[None], (0, 2))
     torch.testing.assert_close(h[0], ref_h, atol=TOL, rtol=TOL)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from engine.attention import build_attention_metadata
+from engine.attention import build_attention_metadata, new_kv_cache
 from engine.models.llama import LlamaForCausalLM
 
 PAGE = 16
@@ -46,8 +46,7 @@ def generate_paged(model: LlamaForCausalLM, prompts: list[list[int]], max_tokens
     for n in need:
         tables.append(list(range(first, first + n)))
         first += n
-    shape = (first, PAGE, cfg.num_key_value_heads, cfg.head_dim)
-    caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+    caches = [new_kv_cache(first, PAGE, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
               for _ in range(cfg.num_hidden_layers)]
     gen = torch.Generator(device=device).manual_seed(seed)
     meta = build_attention_metadata(lens, [0] * len(prompts), lens, tables, PAGE, device=device)

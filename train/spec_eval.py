@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from engine.attention import build_attention_metadata
+from engine.attention import build_attention_metadata, new_kv_cache
 from engine.models.llama import LlamaForCausalLM
 from engine.spec.dspark import DSparkDrafter
 from engine.spec.rejection import rejection_sample
@@ -83,8 +83,7 @@ def run_spec_decode(target: LlamaForCausalLM, drafter: DSparkDrafter, prompts: l
         need = -(-(n + max_new_tokens + b + 1) // PAGE)
         tables.append(list(range(first, first + need)))
         first += need
-    shape = (first, PAGE, cfg.num_key_value_heads, cfg.head_dim)
-    caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+    caches = [new_kv_cache(first, PAGE, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
               for _ in range(cfg.num_hidden_layers)]
     dcaches = drafter.make_kv_caches(first, PAGE, dtype)
     greedy = temperature < 1e-5

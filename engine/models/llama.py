@@ -88,7 +88,7 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,  # [T, d] residual stream
         cos: torch.Tensor,  # [T, 1, hd/2]
         sin: torch.Tensor,  # [T, 1, hd/2]
-        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [num_blocks, block_size, Hkv, hd]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [Hkv, num_blocks, block_size, hd] (engine.attention.new_kv_cache)
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, d]
         """One layer over the flat batch; stores this step's keys / values into ``kv_cache``."""
@@ -146,7 +146,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T] int64, flat ragged batch
         positions: torch.Tensor,  # [T] int64 absolute positions
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer, each [num_blocks, block_size, Hkv, hd]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer, each [Hkv, num_blocks, block_size, hd]
         meta: AttentionMetadata,
         aux_layer_ids: tuple[int, ...] = (),
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

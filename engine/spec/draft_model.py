@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import build_attention_metadata
+from engine.attention import build_attention_metadata, new_kv_cache
 from engine.loader import load_model
 from engine.models.llama import LlamaForCausalLM
 from engine.spec.dspark import DraftOutput
@@ -80,8 +80,7 @@ class DraftModelDrafter:
             first += nb
         dtype = self.model.embed_tokens.weight.dtype
         device = self.model.embed_tokens.weight.device
-        shape = (first, bs, cfg.num_key_value_heads, cfg.head_dim)
-        caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        caches = [new_kv_cache(first, bs, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
                   for _ in range(cfg.num_hidden_layers)]
         greedy = (temperatures < _GREEDY).tolist()
         temps = torch.where(temperatures < _GREEDY, 1.0, temperatures.float())

@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.attention import build_attention_metadata, paged_attention, store_kv
+from engine.attention import build_attention_metadata, new_kv_cache, paged_attention, store_kv
 from engine.spec.dspark_loader import DSparkConfig
 
 __all__ = ["DSparkConfig", "DSparkDrafter", "DraftOutput", "apply_rope", "rms_norm"]
 
 GREEDY_TEMPERATURE = 1e-5  # below this a request is greedy (section 2 step 8)
 AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q [T,H,hd], k [T,Hkv,hd], v) -> [T,H,hd]
-KVCache = tuple[Tensor, Tensor]  # ([num_blocks, block_size, Hkv, hd], same) per drafter layer
+KVCache = tuple[Tensor, Tensor]  # ([Hkv, num_blocks, block_size, hd], same) per drafter layer
 
 
 @dataclass
@@ -222,13 +222,10 @@ class DSparkDrafter(nn.Module):
                 nn.init.ones_(module.weight)
 
     def make_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> list[KVCache]:
-        """One (K, V) paged pool per layer, each [num_blocks, block_size, Hkv, hd], zero-filled."""
-        shape = (num_blocks, block_size, self.config.num_key_value_heads, self.config.head_dim)
-        device = self.fc.weight.device
-        return [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in self.layers
-        ]
+        """One (K, V) paged pool per layer (``engine.attention.new_kv_cache`` layout), zero-filled."""
+        cfg, device = self.config, self.fc.weight.device
+        return [new_kv_cache(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+                for _ in self.layers]
 
     @torch.no_grad()
     def add_context(self, target_features: Tensor, positions: Tensor, slot_mapping: Tensor,
