@@ -15,36 +15,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from loadtests.bench_serving import run_level
+from loadtests.bench_serving import launch_server, run_level
 from loadtests.prompts import load_prompts
 
 POLICIES = ["none", "fixed:1", "fixed:3", "fixed:7", "dspark", "dspark-async"]
 
 
-def _start(policy: str, port: int, extra: list[str]) -> subprocess.Popen:
+def _start(policy: str, port: int, extra: list[str]):
     flags = ["--drafter", "none"] if policy == "none" else ["--verify-policy", policy]
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", *flags, *extra]
-    proc = subprocess.Popen(cmd)
-    deadline = time.monotonic() + 900  # the first dspark start measures the throughput profile
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server for {policy} exited during start-up")
-        time.sleep(1)
-    proc.kill()
-    raise RuntimeError(f"server for {policy} did not become healthy")
+    return launch_server(port, ["--log-level", "warning", *flags, *extra])
 
 
 async def _cell(url: str, model: str, prompts: list[str], concurrency: int, args, temperature: float) -> dict:

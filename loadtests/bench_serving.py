@@ -113,22 +113,23 @@ async def run_level(url: str, model: str, prompts: list[str], concurrency: int, 
     }
 
 
-def _launch(args: argparse.Namespace) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(args.port),
-           *args.server_args]
+def launch_server(port: int, server_args: list[str], timeout_s: float = 900.0) -> subprocess.Popen:
+    """Start ``sparkserve serve`` on 127.0.0.1:``port`` and wait for /health (the first start with
+    the load-aware policy measures the throughput profile, hence the long default timeout)."""
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *server_args]
     proc = subprocess.Popen(cmd, env={**os.environ})
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{args.port}/health", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            raise RuntimeError("server exited during start-up")
+            raise RuntimeError(f"server {server_args} exited during start-up")
         time.sleep(1)
     proc.kill()
-    raise RuntimeError("server did not become healthy")
+    raise RuntimeError(f"server {server_args} did not become healthy")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--request-timeout", type=float, default=600.0)
     ap.add_argument("--out", default="bench_results/serving.json")
     args = ap.parse_args(argv)
-    proc = _launch(args) if args.launch else None
+    proc = launch_server(args.port, args.server_args) if args.launch else None
     url = args.url or f"http://127.0.0.1:{args.port}/v1"
     try:
         model = args.model or httpx.get(f"{url}/models", timeout=10).json()["data"][0]["id"]

@@ -20,6 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine.protocol import EngineDeadError, EngineDrainingError, QueueFullError
+from scheduler.errors import RequestRejectedError
+
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -73,13 +76,9 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, param=param, code=code)
 
 
-def _has_class(exc: BaseException, name: str) -> bool:
-    return any(cls.__name__ == name for cls in type(exc).__mro__)
-
-
 def is_engine_dead(exc: BaseException) -> bool:
     """True for the engine's ``EngineDeadError`` (or a subclass)."""
-    return _has_class(exc, "EngineDeadError")
+    return isinstance(exc, EngineDeadError)
 
 
 def engine_error_to_api_error(exc: BaseException) -> ApiError | None:
@@ -90,14 +89,14 @@ def engine_error_to_api_error(exc: BaseException) -> ApiError | None:
     ``EngineDeadError`` -> 503. Returns
     None for anything else, which the caller treats as a 500.
     """
-    if _has_class(exc, "RequestRejectedError"):
+    if isinstance(exc, RequestRejectedError):
         return ApiError(
             400,
             getattr(exc, "message", None) or str(exc),
             param=getattr(exc, "param", None),
             code=getattr(exc, "code", None),
         )
-    if _has_class(exc, "QueueFullError"):
+    if isinstance(exc, QueueFullError):
         retry_after = max(1, math.ceil(float(getattr(exc, "retry_after_s", 1.0))))
         return ApiError(
             429,
@@ -105,7 +104,7 @@ def engine_error_to_api_error(exc: BaseException) -> ApiError | None:
             code="queue_full",
             headers={"Retry-After": str(retry_after)},
         )
-    if _has_class(exc, "EngineDrainingError"):
+    if isinstance(exc, EngineDrainingError):
         return ApiError(503, "The server is shutting down and does not accept new requests.", code="draining")
     if is_engine_dead(exc):
         return ApiError(503, f"The inference engine is not running: {exc}", code="engine_dead")

@@ -19,6 +19,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from engine.protocol import EngineDeadError, QueueFullError, RequestOutput
+from scheduler.errors import RequestRejectedError
 from scheduler.outputs import TokenLogprob
 from scheduler.sampling_params import SamplingParams
 
@@ -27,26 +29,6 @@ EOS, IM_START, IM_END = 256, 257, 258
 _SPECIALS = {EOS: "<|endoftext|>", IM_START: "<|im_start|>", IM_END: "<|im_end|>"}
 _MERGES = {259: b"Hello", 260: b", wor", 261: b"ld!"}
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in _SPECIALS.values()) + ")")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop died."""
-
-
-class QueueFullError(RuntimeError):
-    """The bounded waiting queue is full."""
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class RequestRejectedError(ValueError):
-    """The request can never be served (e.g. longer than the context)."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.param, self.code = message, param, code
 
 
 class FakeTokenizer:
@@ -86,19 +68,6 @@ class FakeTokenizer:
             raise ValueError("template says no")
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    request_id: str
-    new_token_ids: tuple[int, ...]
-    new_logprobs: tuple[TokenLogprob, ...] | None
-    finish_reason: str | None
-    stop_reason: int | str | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    arrival_time: float = 0.0
-    first_scheduled_time: float | None = None
 
 
 @dataclass
@@ -169,7 +138,7 @@ class FakeEngine:
         if self.dead or not self.admitting:
             raise EngineDeadError("engine is not accepting requests")
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
-            raise RequestRejectedError("prompt + max_tokens exceeds max_model_len", "max_tokens")
+            raise RequestRejectedError("prompt + max_tokens exceeds max_model_len", "max_tokens", "context_length_exceeded")
         if len(self._active) >= self.max_num_seqs + self.max_waiting_requests:
             raise QueueFullError("waiting queue full", retry_after_s=1.5)
         self.params[request_id] = params
