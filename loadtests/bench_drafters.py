@@ -29,10 +29,7 @@ from scheduler.sampling_params import SamplingParams
 def _random(loaded, markov_rank: int) -> DSparkDrafter:
     cfg = loaded.config
     config = random_drafter_config(
-        {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-         "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-         "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "num_hidden_layers": cfg.num_hidden_layers,
-         "rope_theta": cfg.rope_theta},
+        cfg,  # ModelConfig has the attribute names random_drafter_config reads
         target_layer_ids=(1, 8, 15, 22, 28), block_size=7, num_layers=1, markov_rank=markov_rank,
         confidence=markov_rank > 0)
     drafter = DSparkDrafter(config, loaded.model.embed_tokens.weight, loaded.model.lm_head_weight)

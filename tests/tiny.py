@@ -44,10 +44,7 @@ def random_dspark(target: LoadedModel, block_size: int = 4, markov_rank: int = 1
     """A randomly initialised DSpark (markov_rank > 0) or DFlash (0) drafter sharing the target's heads."""
     cfg = target.config
     config = random_drafter_config(
-        {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-         "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-         "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "num_hidden_layers": cfg.num_hidden_layers,
-         "rope_theta": cfg.rope_theta},
+        cfg,  # ModelConfig has the attribute names random_drafter_config reads
         target_layer_ids=(0, 1), block_size=block_size, num_layers=1, markov_rank=markov_rank,
         confidence=confidence,
     )
