@@ -65,7 +65,11 @@ def _verify(
     num_rows = len(seqs)
     lengths = [s.num_spec_tokens for s in seqs]
     all_greedy = all(st.params.greedy for st in states)
-    gamma = max(lengths) if all_greedy else spec.gamma  # fixed width keeps seeded rows reproducible
+    # Pad to the longest verify of the step, not to the drafter's gamma: at high load most l_r are 0
+    # and the [R, width, V] probability tensors are the verify step's main cost. (A seeded sampled
+    # request draws `width - 1` uniforms, so its samples depend on the step's width, as they already
+    # depend on its own l_r, i.e. on load.)
+    gamma = max(lengths)
     width = gamma + 1
     # Rows of the target logits: the last 1 + l_r rows of each sample sequence.
     src = [e - 1 - n + j for e, n in zip(ends, lengths, strict=True) for j in range(n + 1)]
