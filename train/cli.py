@@ -64,8 +64,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     loaded = _load_target(args)
     drafters = dict(item.split("=", 1) for item in args.drafter)
     report = evaluate(loaded, drafters, args.out, args.prompts_dir, args.num_prompts, args.max_new_tokens,
-                      _temps(args.temperatures), args.seed, args.batch)
-    print(json.dumps(report["tau"], indent=2))
+                      _temps(args.temperatures), args.seed, args.batch, backend=args.backend)
+    print(json.dumps({"offline": report["tau"],
+                      "engine": {k: round(v["tau"], 4) for k, v in report.get("engine", {}).items()}}, indent=2))
 
 
 def _temps(text: str) -> list[float]:
@@ -139,6 +140,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperatures", default="0,1")
     p.add_argument("--batch", type=int, default=40)
+    p.add_argument("--backend", choices=("offline", "engine"), default="engine",
+                   help="engine: also measure through the serving engine (same verification code as serving)")
     p.set_defaults(func=cmd_eval)
 
 

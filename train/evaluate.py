@@ -84,7 +84,8 @@ def engine_run(loaded: LoadedModel, path: str, prompts: list[list[int]], max_new
         stats = core.spec_stats
     except (AttributeError, TypeError, ValueError, NotImplementedError):
         return None
-    params = SamplingParams(temperature=temp, max_tokens=max_new, seed=seed)
+    params = SamplingParams(temperature=temp, max_tokens=max_new, seed=seed,
+                            stop_token_ids=tuple(loaded.tokenizer.stop_token_ids))
     outputs = core.generate_batch(prompts, params, request_prefix="eval")
     drafted, accepted = list(stats.verified_per_pos), list(stats.accepted_per_pos)
     surv = [a / d if d else None for a, d in zip(accepted, drafted, strict=True)]
@@ -112,8 +113,14 @@ def summarize(res: SpecResult, block_size: int, temperatures: list[float] | None
 
 
 def evaluate(loaded: LoadedModel, drafters: dict[str, str], out_dir: str | Path, prompts_dir: str | None,
-             num_prompts: int, max_new: int, temperatures: list[float], seed: int, batch: int) -> dict:
-    """Evaluate every drafter on every dataset and temperature; writes report.json and PNG plots."""
+             num_prompts: int, max_new: int, temperatures: list[float], seed: int, batch: int,
+             backend: str = "offline") -> dict:
+    """Evaluate every drafter on every dataset and temperature; writes report.json and PNG plots.
+
+    ``backend="engine"`` also measures tau and survival through the serving engine (same scheduler,
+    runner and rejection sampler as ``sparkserve serve``, ``fixed:7``), reported under ``engine``;
+    drafters the engine cannot load (the AR baseline) are skipped there.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     texts = load_eval_prompts(prompts_dir, num_prompts, seed)
@@ -133,6 +140,14 @@ def evaluate(loaded: LoadedModel, drafters: dict[str, str], out_dir: str | Path,
                 if res.conf_logits is not None and temp == 1.0 and ds == "mt_bench":
                     reliability[name] = (reliability_bins(res.conf_logits, res.labels, res.num_drafted),
                                          reliability_bins(res.conf_logits, res.labels, res.num_drafted, temps))
+    if backend == "engine":
+        report["engine"] = {}
+        for name, path in drafters.items():
+            for temp in temperatures:
+                for ds, ids in prompts.items():
+                    res = engine_run(loaded, path, ids, max_new, temp, seed)
+                    if res is not None:
+                        report["engine"][f"{name}/{ds}/T={temp:g}"] = res
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _plots(report, reliability, out)
     return report
