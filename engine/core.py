@@ -19,11 +19,11 @@ from engine.profiler import load_or_measure_profile, profile_key
 from engine.spec.factory import drafter_bytes_per_block, load_default_or_given_drafter, make_verify_lengths
 from engine.spec.speculator import Speculator
 from scheduler.config import SchedulerConfig
-from scheduler.errors import RequestRejectedError
 from scheduler.outputs import EngineCoreOutput
 from scheduler.policy.spec import parse_policy
 from scheduler.profile import ThroughputProfile
 from scheduler.request import Request
+from scheduler.request_rules import check_admissible
 from scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -167,24 +167,9 @@ class EngineCore:
         return Request(request_id, list(prompt_token_ids), params, eos_token_id=self.tokenizer.eos_token_id)
 
     def validate(self, request: Request) -> None:
-        """Raise RequestRejectedError for a request that can never fit (checked before queueing)."""
-        total = request.num_prompt_tokens + request.sampling_params.max_tokens
-        if request.num_prompt_tokens == 0:
-            raise RequestRejectedError("the prompt is empty", param="prompt", code="empty_prompt")
-        if total > self.max_model_len:
-            raise RequestRejectedError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{total} tokens ({request.num_prompt_tokens} in the messages, "
-                f"{request.sampling_params.max_tokens} in the completion). Please reduce the length of the "
-                "messages or completion.",
-                param="max_tokens", code="context_length_exceeded",
-            )
-        blocks = -(-total // self.args.block_size)
-        if blocks > self.num_blocks:
-            raise RequestRejectedError(
-                f"the request needs {blocks} KV blocks at full length but the cache holds {self.num_blocks}",
-                param="max_tokens", code="kv_cache_too_small",
-            )
+        """Raise RequestRejectedError for a request that can never fit (checked before queueing, with
+        the scheduler's own admission rule)."""
+        check_admissible(request, self.scheduler.config)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

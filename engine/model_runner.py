@@ -18,10 +18,10 @@ import torch
 from engine.attention import build_attention_metadata, new_kv_cache
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
-from engine.sampler import Sampler, SamplingMetadata
+from engine.sampler import Sampler, SamplingMetadata, to_token_logprobs
 from engine.spec.speculator import Speculator
 from engine.spec.verify_step import verify_and_draft
-from scheduler.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput, TokenLogprob
+from scheduler.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
 from scheduler.sampling_params import SamplingParams
 
 
@@ -165,15 +165,9 @@ class ModelRunner:
         )
         sampled = self.sampler(logits, meta)
         token_ids = sampled.token_ids.tolist()
-        want_logprobs = [st.params.logprobs is not None for st in states]
-        chosen = sampled.logprobs.tolist() if any(want_logprobs) else None
-        top_ids = sampled.top_token_ids.tolist() if sampled.top_token_ids is not None else None
-        top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
-        for i, (seq, state) in enumerate(zip(seqs, states, strict=False)):
-            token = token_ids[i]
+        logprobs = to_token_logprobs(sampled, [st.params.logprobs for st in states])
+        for seq, state, token, logprob in zip(seqs, states, token_ids, logprobs, strict=True):
             state.output_token_ids.append(token)
             result.sampled_token_ids[seq.request_id] = [token]
-            if want_logprobs[i] and chosen is not None:
-                k = state.params.logprobs or 0
-                top = tuple(zip(top_ids[i][:k], top_lps[i][:k], strict=False)) if top_ids is not None else ()
-                result.logprobs[seq.request_id] = [TokenLogprob(token, chosen[i], top)]
+            if logprob is not None:
+                result.logprobs[seq.request_id] = [logprob]

@@ -49,7 +49,7 @@ def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -
             starts = [ctx + q for q in q_lens]
             spec.drafter.propose(
                 torch.zeros(num_requests, dtype=torch.int64, device=device), starts,
-                spec._draft_tables(starts, [tuple(t) for t in tables]), block_size, spec.kv_caches,
+                spec.draft_tables(starts, [tuple(t) for t in tables]), block_size, spec.kv_caches,
                 torch.zeros(num_requests, device=device), [None] * num_requests,
             )
         return time.perf_counter() - start

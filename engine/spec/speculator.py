@@ -63,7 +63,7 @@ class Speculator:
     def target_layer_ids(self) -> tuple[int, ...]:
         return tuple(self.drafter.config.target_layer_ids)
 
-    def _draft_tables(self, starts: list[int], block_tables: list[tuple[int, ...]]) -> list[list[int]]:
+    def draft_tables(self, starts: list[int], block_tables: list[tuple[int, ...]]) -> list[list[int]]:
         """Block tables for the drafted block at positions ``start .. start + gamma - 1``: the
         request's own blocks up to the one holding position ``start - 1`` (a partly filled block has
         free slots from ``start`` on), then this row's scratch blocks."""
@@ -110,7 +110,7 @@ class Speculator:
             return {}
         kwargs = {"token_histories": token_histories} if self.needs_token_history else {}
         out = self.drafter.propose(
-            anchor_ids, starts, self._draft_tables(starts, block_tables), self.block_size, self.kv_caches,
+            anchor_ids, starts, self.draft_tables(starts, block_tables), self.block_size, self.kv_caches,
             temperatures, generators, **kwargs,
         )
         tokens = out.token_ids  # [R, gamma]
