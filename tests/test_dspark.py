@@ -3,6 +3,7 @@ Markov / confidence heads, and DeepSpec checkpoint I/O (section 1)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -210,6 +211,36 @@ def test_markov_head_uses_sampled_prev_and_q_is_softmax_z_over_t() -> None:
     assert torch.equal(again.token_ids, out.token_ids)
 
 
+def test_greedy_requests_get_their_own_calibration_temperatures() -> None:
+    """confidence_temperatures_greedy applies to greedy rows, confidence_temperatures to sampled rows of
+    the same batch; the raw head is the same (checked against the uncalibrated drafter)."""
+    sampled_t, greedy_t = (1.0, 0.5, 2.0, 1.5), (0.8, 3.0, 0.6, 1.1)
+    drafter = make_drafter(make_config(temps=sampled_t))
+    raw = make_drafter(make_config())
+    raw.load_state_dict(drafter.state_dict())
+    drafter.config = dataclasses.replace(drafter.config, confidence_temperatures_greedy=greedy_t)
+    pools = [Pool(d) for d in (drafter, raw)]
+    feats = [torch.randn(n, M * D, generator=torch.Generator().manual_seed(n)) for n in (4, 7)]
+    for pool in pools:
+        for r, f in enumerate(feats):
+            pool.new_request()
+            pool.add([(r, p) for p in range(len(f))], list(f))
+    gens = lambda: [None, torch.Generator().manual_seed(3)]  # noqa: E731
+    _, out = pools[0].propose([10, 20], [4, 7], [0.0, 1.0], gens())
+    _, ref = pools[1].propose([10, 20], [4, 7], [0.0, 1.0], gens())
+    assert torch.equal(out.token_ids, ref.token_ids)
+    logit = torch.logit(ref.confidences.double())  # [2, B] raw logits (all temperatures 1)
+    for row, temps in ((0, greedy_t), (1, sampled_t)):
+        expect = torch.sigmoid(logit[row] / torch.tensor(temps, dtype=torch.float64))
+        torch.testing.assert_close(out.confidences[row].double(), expect, atol=1e-5, rtol=1e-4)
+    # a checkpoint without the greedy vector uses the sampled one for every row
+    drafter.config = dataclasses.replace(drafter.config, confidence_temperatures_greedy=None)
+    assert torch.equal(drafter.confidence_temperature_matrix([True, False]),
+                       torch.tensor([sampled_t, sampled_t], dtype=torch.float32))
+    with pytest.raises(ValueError, match="confidence_temperatures_greedy needs 4 positive values"):
+        dataclasses.replace(drafter.config, confidence_temperatures_greedy=(1.0, 0.0, 1.0, 1.0))
+
+
 def test_sampling_follows_q() -> None:
     """Empirical frequency of the first slot's token matches q_0 (one request, many draws)."""
     drafter = make_drafter(make_config())
@@ -330,7 +361,8 @@ def test_missing_or_misshaped_tensor_is_a_clear_error(tmp_path: Path, name: str)
 
 
 def test_config_json_round_trip_and_random_config(tmp_path: Path) -> None:
-    config = make_config(temps=(1.0, 0.9, 0.8, 0.7))
+    config = dataclasses.replace(make_config(temps=(1.0, 0.9, 0.8, 0.7)),
+                                 confidence_temperatures_greedy=(0.5, 0.6, 0.7, 0.8))
     config.to_json(tmp_path / "c.json")
     assert DSparkConfig.from_json(tmp_path / "c.json") == config
     raw = json.loads((tmp_path / "c.json").read_text())

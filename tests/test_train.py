@@ -177,6 +177,10 @@ def test_gpu_job_phases(tmp_path) -> None:
         results[kind] = res["final"]
     calib = calibrate_on_holdout(loaded, results["dspark"], str(data_dir), 4, 12, 0.5, 0, 3)
     assert len(calib["temperatures"]) == 4 and calib["held_out_prompts"] > 0
+    stored = load_any_drafter(results["dspark"], target.embed_tokens.weight, target.lm_head_weight).config
+    assert list(stored.confidence_temperatures) == calib["temperatures"]
+    assert list(stored.confidence_temperatures_greedy) == calib["temperatures_greedy"]
+    assert set(calib["T=0"]) >= {"before", "after", "after_other_temperature_fit"}
     prompts_dir = tmp_path / "eval_prompts"
     prompts_dir.mkdir()
     (prompts_dir / "mt_bench_question.jsonl").write_text(

@@ -4,8 +4,9 @@ Temperature Scaling; DEEPSPEC_FORMAT.md section 5).
 Labels come from running drafts against the target at T = 1 (the stochastic-acceptance prefix y_k,
 train/spec_eval.py) on held-out prompts. For k = 0..B-1, left to right, T_k is a 1-D grid search that
 minimises the ECE (20 bins) of the cumulative survival a_k = prod_{i<=k} sigmoid(logit_i / T_i), the
-temperatures of positions < k already fixed. The result is stored as ``confidence_temperatures`` in the
-drafter's config.json, which the engine's confidence head applies.
+temperatures of positions < k already fixed. The fit at T = 1 is stored as ``confidence_temperatures`` in the
+drafter's config.json; a second fit on greedy verification (T = 0, labels = exact prefix match) as
+``confidence_temperatures_greedy``. The engine's confidence head applies the vector matching each request.
 """
 
 from __future__ import annotations
@@ -43,12 +44,20 @@ def fit_temperatures(conf_logits: Tensor, labels: Tensor, num_drafted: list[int]
     return temps
 
 
-def write_temperatures(drafter_dir: str | Path, temperatures: list[float]) -> None:
-    """Store ``confidence_temperatures`` in config.json (validated through DSparkConfig)."""
+def write_temperatures(drafter_dir: str | Path, temperatures: list[float],
+                       greedy_temperatures: list[float] | None = None) -> None:
+    """Store ``confidence_temperatures`` (and ``confidence_temperatures_greedy`` when given) in config.json,
+    validated through DSparkConfig. Raises ValueError on a wrong length or a non-positive value."""
     from engine.spec.dspark_loader import DSparkConfig
 
     path = Path(drafter_dir) / "config.json"
     raw = json.loads(path.read_text())
-    config = dataclasses.replace(DSparkConfig.from_dict(raw), confidence_temperatures=tuple(temperatures))
-    raw["confidence_temperatures"] = list(config.confidence_temperatures)
+    greedy = tuple(greedy_temperatures) if greedy_temperatures is not None else None
+    dataclasses.replace(DSparkConfig.from_dict(raw), confidence_temperatures=tuple(temperatures),
+                        confidence_temperatures_greedy=greedy)
+    raw["confidence_temperatures"] = list(temperatures)
+    if greedy is not None:
+        raw["confidence_temperatures_greedy"] = list(greedy)
+    else:
+        raw.pop("confidence_temperatures_greedy", None)
     path.write_text(json.dumps(raw, indent=2) + "\n")

@@ -124,7 +124,9 @@ def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("calibrate-drafter", help="sequential temperature scaling on held-out data")
     _common(p)
     p.add_argument("--drafter", required=True)
-    p.add_argument("--data", default="data/smollm2")
+    p.add_argument("--data", default="data/smollm2",
+                   help="gen-data folder (hash held-out split) or PROMPTS.jsonl@N (prompts after the first N "
+                        "of gen-data's seeded order, e.g. ../shared/data/train/train_prompts.jsonl@6000)")
     p.add_argument("--holdout", type=float, default=0.05)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=128)

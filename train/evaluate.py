@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from train.calibrate import fit_temperatures, write_temperatures
-from train.data import chat_prompt_ids, read_samples, split_holdout
+from train.data import chat_prompt_ids, read_samples, select_prompts, split_holdout
 from train.drafters import load_any_drafter
 from train.metrics import calibration_report, reliability_bins, repetition_share, survival_by_position
 from train.spec_eval import SpecResult, run_spec_decode
@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # engine.loader needs the gguf package, which the GPU machine
     from engine.loader import LoadedModel
 
 DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
+MAX_HOLDOUT_PROMPT_TOKENS = 384  # gen-data's default prompt cap (GenSettings.max_prompt_tokens)
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -99,6 +100,12 @@ def _load(loaded: LoadedModel, path: str | Path):
     return load_any_drafter(path, w, loaded.model.lm_head_weight, dtype=w.dtype, device=w.device)
 
 
+def _calibration_for(config, greedy: bool) -> list[float] | None:
+    """The temperature vector the engine applies to requests of this kind (None = uncalibrated)."""
+    temps = (config.confidence_temperatures_greedy if greedy else None) or config.confidence_temperatures
+    return list(temps) if temps else None
+
+
 def summarize(res: SpecResult, block_size: int, temperatures: list[float] | None) -> dict:
     """tau, survival / conditional acceptance by position, repetition, calibration before / after."""
     surv, cond = survival_by_position(res.num_accepted, res.num_drafted, block_size)
@@ -130,8 +137,8 @@ def evaluate(loaded: LoadedModel, drafters: dict[str, str], out_dir: str | Path,
     reliability = {}
     for name, path in drafters.items():
         drafter = _load(loaded, path)
-        temps = list(drafter.config.confidence_temperatures or []) or None
         for temp in temperatures:
+            temps = _calibration_for(drafter.config, greedy=temp < 1e-5)
             for ds, ids in prompts.items():
                 res = _run(loaded, drafter, ids, max_new, temp, seed, batch)
                 key = f"{name}/{ds}/T={temp:g}"
@@ -180,26 +187,48 @@ def _plots(report: dict, reliability: dict, out: Path) -> None:
         plt.close(fig)
 
 
+def _holdout_prompts(loaded: LoadedModel, data: str, num_prompts: int, holdout: float, seed: int) -> list[list[int]]:
+    """Prompt ids never trained on. ``data``: a gen-data folder (its hash-held-out split, ``holdout``
+    fraction), or ``PROMPTS.jsonl@N`` (a train-prompts file: the ``num_prompts`` prompts that follow the
+    first N of ``select_prompts``' order under ``seed``, i.e. a gen-data run of N prompts never saw them;
+    prompts over 384 tokens skipped, as gen-data skips them).
+    Raises ValueError when nothing is held out."""
+    if "@" in data and data.rsplit("@", 1)[1].isdigit():
+        path, skip = data.rsplit("@", 1)
+        seen = {r["id"] for r in select_prompts(path, int(skip), seed)}
+        rows = [r for r in select_prompts(path, int(skip) + 2 * num_prompts, seed) if r["id"] not in seen]
+        prompts = [ids for ids in (chat_prompt_ids(loaded.tokenizer, r["prompt"]) for r in rows)
+                   if len(ids) <= MAX_HOLDOUT_PROMPT_TOKENS][:num_prompts]
+    else:
+        _, held = split_holdout(read_samples(data), holdout, seed)
+        prompts = [s.ids[:s.loss_start] for s in held[:num_prompts]]
+    if not prompts:
+        raise ValueError(f"no held-out prompts in {data} (holdout fraction {holdout})")
+    return prompts
+
+
 def calibrate_on_holdout(loaded: LoadedModel, drafter_dir: str, data: str, num_prompts: int, max_new: int,
                          holdout: float, seed: int, batch: int) -> dict:
-    """Fit STS temperatures at T = 1 on held-out training prompts, store them, report T = 0 and T = 1."""
-    _, held = split_holdout(read_samples(data), holdout, seed)
-    prompts = [s.ids[:s.loss_start] for s in held[:num_prompts]]
-    if not prompts:
-        raise ValueError(f"no held-out samples in {data} (holdout fraction {holdout})")
+    """Fit STS temperatures on held-out training prompts at T = 1 (sampled requests) and at T = 0 (greedy
+    requests), store both in the drafter's config.json, and report ECE / AUC / Brier before and after
+    at both temperatures, each with its own vector and with the other one (does serving need both?)."""
+    prompts = _holdout_prompts(loaded, data, num_prompts, holdout, seed)
     drafter = _load(loaded, drafter_dir)
     if drafter.confidence_head is None:
         raise ValueError(f"{drafter_dir} has no confidence head to calibrate")
-    drafter.config = dataclasses.replace(drafter.config, confidence_temperatures=None)
+    drafter.config = dataclasses.replace(drafter.config, confidence_temperatures=None,
+                                         confidence_temperatures_greedy=None)
     runs = {t: _run(loaded, drafter, prompts, max_new, t, seed, batch) for t in (1.0, 0.0)}
-    fit = runs[1.0]
-    temps = fit_temperatures(fit.conf_logits, fit.labels, fit.num_drafted)
-    write_temperatures(drafter_dir, temps)
-    report = {"temperatures": temps, "held_out_prompts": len(prompts)}
+    fits = {t: fit_temperatures(res.conf_logits, res.labels, res.num_drafted) for t, res in runs.items()}
+    write_temperatures(drafter_dir, fits[1.0], fits[0.0])
+    report = {"temperatures": fits[1.0], "temperatures_greedy": fits[0.0], "held_out_prompts": len(prompts)}
     for t, res in runs.items():
+        other = fits[0.0 if t == 1.0 else 1.0]
         report[f"T={t:g}"] = {"tau": res.tau, "rounds": res.num_rounds,
                               "before": calibration_report(res.conf_logits, res.labels, res.num_drafted)["summary"],
                               "after": calibration_report(res.conf_logits, res.labels, res.num_drafted,
-                                                          temps)["summary"]}
+                                                          fits[t])["summary"],
+                              "after_other_temperature_fit": calibration_report(
+                                  res.conf_logits, res.labels, res.num_drafted, other)["summary"]}
     (Path(drafter_dir) / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -63,9 +63,9 @@ def _slots(table: list[int], positions: range) -> list[int]:
     return [table[p // PAGE] * PAGE + p % PAGE for p in positions]
 
 
-def _raw_conf_logits(drafter: DSparkDrafter, conf: Tensor) -> Tensor:
-    """Invert c = sigmoid(logit / T_k): [R, B] -> raw logits."""
-    temps = torch.tensor(drafter.config.confidence_temperatures or (1.0,) * conf.shape[1])
+def _raw_conf_logits(drafter: DSparkDrafter, conf: Tensor, greedy: bool) -> Tensor:
+    """Invert c = sigmoid(logit / T_k) with the temperatures the drafter applied: [R, B] -> raw logits."""
+    temps = drafter.confidence_temperature_matrix([greedy] * conf.shape[0])
     c = conf.detach().float().cpu().clamp(1e-7, 1 - 1e-7)
     return torch.log(c / (1 - c)) * temps
 
@@ -116,7 +116,7 @@ def run_spec_decode(target: LlamaForCausalLM, drafter: DSparkDrafter, prompts: l
                                None if greedy else draft.draft_probs, probs, logits.argmax(-1), is_greedy,
                                [None] * len(active))
         if draft.confidences is not None:
-            conf_rows.append(_raw_conf_logits(drafter, draft.confidences))
+            conf_rows.append(_raw_conf_logits(drafter, draft.confidences, greedy))
         emitted, accepted = out.output_token_ids.tolist(), out.num_accepted.tolist()
         ctx_rows, ctx_pos, ctx_slots, still = [], [], [], []
         for i, r in enumerate(active):

@@ -300,7 +300,7 @@ class DSparkDrafter(nn.Module):
         temps = temps.to(base_logits.device)
         if self.markov_head is None:  # DFlash: slots independent
             tokens, probs = _draw(base_logits, greedy, temps, generators)
-            return DraftOutput(tokens, probs, self._confidence(h, None)), base_logits
+            return DraftOutput(tokens, probs, self._confidence(h, None, greedy)), base_logits
         prev = anchor_ids
         prevs, toks = [], []
         steps = base_logits.clone() if return_logits else base_logits  # Z, written in place: [R, B, V]
@@ -314,11 +314,15 @@ class DSparkDrafter(nn.Module):
             if qs is not None:
                 qs[:, k] = q[:, 0]
             prev = tok[:, 0]
-        conf = self._confidence(h, torch.stack(prevs, 1))
+        conf = self._confidence(h, torch.stack(prevs, 1), greedy)
         return DraftOutput(torch.stack(toks, 1), qs, conf), steps
 
-    def _confidence(self, h: Tensor, prev: Tensor | None) -> Tensor | None:
-        """c_k = sigmoid((w . [h_k ; W1[prev_k]] + b) / T_k) in fp32; h: [R, B, d], prev: [R, B]."""
+    def _confidence(self, h: Tensor, prev: Tensor | None, greedy: Sequence[bool] | None = None) -> Tensor | None:
+        """c_k = sigmoid((w . [h_k ; W1[prev_k]] + b) / T_k) in fp32; h: [R, B, d], prev: [R, B].
+
+        T_k: ``confidence_temperatures_greedy`` for rows whose request is greedy (``greedy[r]``) when the
+        checkpoint has them, else ``confidence_temperatures`` (sequential temperature scaling, section 5).
+        """
         if self.confidence_head is None:
             return None
         feats = h.float()
@@ -326,8 +330,17 @@ class DSparkDrafter(nn.Module):
             feats = torch.cat((feats, self.markov_head.markov_w1(prev).float()), -1)  # [R, B, d+r]
         proj = self.confidence_head.proj
         logit = F.linear(feats, proj.weight.float(), proj.bias.float()).squeeze(-1)  # [R, B]
-        calib = self.config.confidence_temperatures or (1.0,) * self.config.block_size
-        return torch.sigmoid(logit / torch.tensor(calib, device=logit.device))
+        temps = self.confidence_temperature_matrix(greedy or [False] * logit.shape[0])
+        return torch.sigmoid(logit / temps.to(logit.device))
+
+    def confidence_temperature_matrix(self, greedy: Sequence[bool]) -> Tensor:
+        """Per row calibration temperatures [R, B] fp32 (CPU) for requests with the given greedy flags."""
+        ones = (1.0,) * self.config.block_size
+        sampled = self.config.confidence_temperatures or ones
+        greedy_t = self.config.confidence_temperatures_greedy or sampled
+        table = torch.tensor([sampled, greedy_t], dtype=torch.float32)  # [2, B]
+        rows = torch.tensor([1 if g else 0 for g in greedy], dtype=torch.long)
+        return table[rows]
 
     @torch.no_grad()
     def propose(self, anchor_ids: Tensor, starts: list[int], block_tables: list[Sequence[int]],

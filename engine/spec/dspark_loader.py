@@ -35,7 +35,11 @@ class DSparkConfig:
         block_size: B, input slots per block = draft tokens per round.
         mask_token_id: token embedded at block slots 1..B-1.
         confidence_temperatures: per block slot calibration temperature of the confidence logit
-            (sequential temperature scaling, DESIGN.md section 1); None = all 1.0.
+            (sequential temperature scaling, DESIGN.md section 1), fitted at sampling temperature 1 and
+            applied to sampled requests; None = all 1.0.
+        confidence_temperatures_greedy: the same, fitted on greedy (T = 0) verification and applied to
+            greedy requests, whose survival differs (exact match instead of min(1, p/q)); None = use
+            ``confidence_temperatures``. A sparkserve extension: other DeepSpec readers ignore it.
         num_target_layers: the target's layer count (informational, validates target_layer_ids).
     """
 
@@ -60,6 +64,7 @@ class DSparkConfig:
     initializer_range: float = 0.02
     num_target_layers: int | None = None
     confidence_temperatures: tuple[float, ...] | None = None
+    confidence_temperatures_greedy: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         dims = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -84,9 +89,10 @@ class DSparkConfig:
             raise ValueError("confidence_head_with_markov needs markov_rank > 0")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} not supported (Qwen3 variant: silu)")
-        temps = self.confidence_temperatures
-        if temps is not None and (len(temps) != self.block_size or min(temps) <= 0):
-            raise ValueError(f"confidence_temperatures needs {self.block_size} positive values, got {temps}")
+        for name in ("confidence_temperatures", "confidence_temperatures_greedy"):
+            temps = getattr(self, name)
+            if temps is not None and (len(temps) != self.block_size or min(temps) <= 0):
+                raise ValueError(f"{name} needs {self.block_size} positive values, got {temps}")
 
     @property
     def num_features(self) -> int:
@@ -109,7 +115,10 @@ class DSparkConfig:
             raise ValueError(f"only default RoPE is supported, got {rope}")
         theta = rope.get("rope_theta", raw.get("rope_theta", 1e6))
         heads = raw["num_attention_heads"]
-        temps = raw.get("confidence_temperatures")
+        def _temps(key: str) -> tuple[float, ...] | None:
+            vals = raw.get(key)
+            return tuple(float(t) for t in vals) if vals is not None else None
+
         r = int(raw.get("markov_rank", 0))
         return cls(
             hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"],
@@ -126,7 +135,8 @@ class DSparkConfig:
             hidden_act=raw.get("hidden_act", "silu"),
             initializer_range=float(raw.get("initializer_range", 0.02)),
             num_target_layers=raw.get("num_target_layers"),
-            confidence_temperatures=tuple(float(t) for t in temps) if temps is not None else None,
+            confidence_temperatures=_temps("confidence_temperatures"),
+            confidence_temperatures_greedy=_temps("confidence_temperatures_greedy"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,11 +151,13 @@ class DSparkConfig:
         for key, keep in (("markov_head_type", self.markov_rank > 0),
                           ("confidence_head_with_markov", self.enable_confidence_head),
                           ("confidence_temperatures", self.confidence_temperatures is not None),
+                          ("confidence_temperatures_greedy", self.confidence_temperatures_greedy is not None),
                           ("num_target_layers", self.num_target_layers is not None)):
             if not keep:
                 out.pop(key)
-        if self.confidence_temperatures is not None:
-            out["confidence_temperatures"] = list(self.confidence_temperatures)
+        for key in ("confidence_temperatures", "confidence_temperatures_greedy"):
+            if out.get(key) is not None:
+                out[key] = list(out[key])
         return out
 
     @classmethod
