@@ -31,6 +31,8 @@ class EngineArgs:
             drafter's default for the embedded model.
         verify_policy: "none" | "fixed:K" | "dspark" | "dspark-async" (None = dspark when drafting).
         profile_path: throughput profile file to reuse (None = measure / cache at start-up).
+        draft_gate: with dspark / dspark-async, skip the drafter forward for requests whose next
+            drafts are not worth its cost at the current load (``scheduler.policy.dspark.plan_drafting``).
         shuffle_blocks: hand out physical KV blocks in a random order (tests that paging is real).
     """
 
@@ -52,6 +54,7 @@ class EngineArgs:
     draft_vocab_size: int | None = None
     verify_policy: str | None = None
     profile_path: str | None = None
+    draft_gate: bool = True
     shuffle_blocks: bool = False
 
     def __post_init__(self) -> None:

@@ -42,11 +42,13 @@ class StepStats:
         num_preemptions: requests preempted by this step's schedule.
         verified_per_request / accepted_per_request: l_r and accepted drafts of each decode request
             (drafter loaded only; nothing past a stop is counted).
+        num_drafting: requests the runner drafted for after this step (the drafting gate's choice).
     """
 
     num_batched_tokens: int = 0
     num_decode_requests: int = 0
     duration_s: float = 0.0
+    num_drafting: int = 0
     num_preemptions: int = 0
     verified_per_request: list[int] = field(default_factory=list)
     accepted_per_request: list[int] = field(default_factory=list)
@@ -147,6 +149,7 @@ class EngineCore:
                                                   args.max_num_seqs, path=args.profile_path)
             self.verify_hook = make_verify_lengths(args, drafter, profile)
             self.scheduler.verify_lengths = self.verify_hook
+            self.scheduler.select_drafting = self.verify_hook.select_drafting
         self.last_step = StepStats()
         self.spec_stats = SpecStats(int(drafter.config.block_size) if drafter is not None else 0)
         logger.info(
@@ -193,6 +196,7 @@ class EngineCore:
             num_decode_requests=sum(1 for s in plan.seqs if s.sample),
             duration_s=time.perf_counter() - start,
             num_preemptions=len(plan.preempted_request_ids),
+            num_drafting=len(runner_output.drafts),
         )
         self._observe(plan, outputs)
         return outputs
@@ -200,8 +204,11 @@ class EngineCore:
     def _observe(self, plan, outputs: list[EngineCoreOutput]) -> None:
         """Feed the online profile (drift correction) and the speculation counters."""
         hook = self.verify_hook
-        if hook is not None and hook.profile is not None and self.last_step.num_decode_requests:
-            hook.profile.observe(plan.num_batched_tokens, self.last_step.num_decode_requests, self.last_step.duration_s)
+        step = self.last_step
+        if hook is not None and hook.profile is not None and step.num_decode_requests:
+            # The profile prices a step that drafts for every request: add back what the gate saved.
+            saved = hook.profile.draft_time(step.num_decode_requests) - hook.profile.draft_time(step.num_drafting)
+            hook.profile.observe(plan.num_batched_tokens, step.num_decode_requests, step.duration_s + max(0.0, saved))
         decode = {s.request_id for s in plan.seqs if s.new_request is None and s.num_new_tokens - s.num_spec_tokens == 1}
         for out in outputs:
             if out.request_id in decode and self.drafter is not None and out.new_token_ids:

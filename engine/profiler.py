@@ -3,7 +3,9 @@
 A synthetic step for (B, R) runs what a real verify step runs: the target over B batch tokens split
 across R decode sequences with a fixed context (paged attention included), the LM head over every
 row (a verify step needs logits for all ``1 + l_r`` rows), and, with a drafter, one drafter
-forward for the R requests. The result is cached on disk keyed by model / dtype / device / settings.
+forward for the R requests. With a drafter, the drafter forward alone is also timed per R
+(``draft_time_s``: what a step saves for each request the scheduler does not draft for). The result
+is cached on disk keyed by model / dtype / device / settings.
 """
 
 from __future__ import annotations
@@ -57,13 +59,39 @@ def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -
     return step
 
 
+def make_draft_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -> Callable[[int], float]:
+    """``draft_fn(R) -> seconds`` of one drafter forward (``propose``) for R requests whose context is
+    ``context_len`` rows; writes only scratch slots. Requires ``runner.speculator``."""
+    spec = runner.speculator
+    if spec is None:
+        raise ValueError("make_draft_fn needs a runner with a drafter")
+    block_size = runner.block_size
+
+    @torch.inference_mode()
+    def draft(num_requests: int) -> float:
+        per_seq = -(-(context_len + 1) // block_size)
+        ctx = context_len if per_seq * num_requests <= num_blocks else max(1, num_blocks // num_requests * block_size - 1)
+        per_seq = -(-(ctx + 1) // block_size)
+        tables = [tuple((i * per_seq + j) % num_blocks for j in range(per_seq)) for i in range(num_requests)]
+        starts = [ctx] * num_requests
+        device = runner.device
+        start = time.perf_counter()
+        spec.drafter.propose(
+            torch.zeros(num_requests, dtype=torch.int64, device=device), starts, spec.draft_tables(starts, tables),
+            block_size, spec.kv_caches, torch.zeros(num_requests, device=device), [None] * num_requests,
+        )
+        return time.perf_counter() - start
+
+    return draft
+
+
 def profile_key(model_name: str, dtype: str, drafter: str, max_num_batched_tokens: int, max_num_seqs: int,
                 num_threads: int) -> dict[str, str | int]:
     """What a cached profile is valid for."""
     return {
         "model": model_name, "dtype": dtype, "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "drafter": drafter, "max_num_batched_tokens": max_num_batched_tokens, "max_num_seqs": max_num_seqs,
-        "num_threads": num_threads, "torch": torch.__version__,
+        "num_threads": num_threads, "torch": torch.__version__, "draft_time": drafter != "none",
     }
 
 
@@ -80,8 +108,9 @@ def load_or_measure_profile(
         return ThroughputProfile.load(cache)
     batch_grid, request_grid = default_grid(max_num_batched_tokens, max_num_seqs)
     logger.info("profiling SPS(B, R) over %d x %d cells (cached afterwards)", len(batch_grid), len(request_grid))
+    draft_fn = make_draft_fn(runner, num_blocks) if runner.speculator is not None else None
     profile = measure_profile(make_step_fn(runner, num_blocks), batch_grid, request_grid, repeats=repeats,
-                              warmup=1, progress=progress, key=key)
+                              warmup=1, progress=progress, key=key, draft_fn=draft_fn)
     Path(cache).parent.mkdir(parents=True, exist_ok=True)
     profile.save(cache)
     return profile

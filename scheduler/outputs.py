@@ -25,6 +25,8 @@ class ScheduledSeq:
             (re)creates its per-request state (sampling generator, penalty counts).
         resumed: True on the first step after a recompute preemption (runner rebuilds drafter
             context from this re-prefill).
+        draft: when ``sample``, whether the runner drafts the next block for the request after this
+            step (False: the scheduler's drafting gate priced it out; the drafter context still grows).
     """
 
     request_id: str
@@ -35,6 +37,7 @@ class ScheduledSeq:
     sample: bool = True
     new_request: NewRequestData | None = None
     resumed: bool = False
+    draft: bool = True
 
     @property
     def num_new_tokens(self) -> int:

@@ -57,6 +57,10 @@ class Request:
         spec_token_ids: drafted tokens proposed for the next verify step (not yet accepted).
         spec_confidences: per-position conditional survival confidences c_k of the drafts (fp32
             values as Python floats), same length as ``spec_token_ids``; empty without a drafter.
+        last_draft_confidences: the confidences of the latest drafts the request received (kept after
+            they are verified or when it is not drafted for): the scheduler's estimate of what drafting
+            for it would be worth; empty before its first drafts.
+        last_draft_num_tokens: ``num_tokens`` when those drafts arrived (their age = now - this).
         num_preemptions: how many times the request was preempted (recompute).
         stop_reason: the stop token id that finished it (None for EOS or a length finish).
         first_scheduled_time: ``time.monotonic()`` when it first ran (queue time = this - arrival).
@@ -72,6 +76,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     spec_token_ids: list[int] = field(default_factory=list)
     spec_confidences: list[float] = field(default_factory=list)
+    last_draft_confidences: tuple[float, ...] = ()
+    last_draft_num_tokens: int = 0
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None

@@ -9,7 +9,9 @@ A request's progress is one number: ``num_computed_tokens`` (positions whose KV 
    decode request, the next prefill chunk for a request still prefilling.
 2. Decode requests with drafts get ``l_r`` drafts to verify, chosen by the verification policy
    ``verify_lengths(requests, budget_left)`` and then clipped (see ``_schedule_drafts``).
-3. If nobody was preempted, waiting requests (preempted ones first, then new ones, FCFS) are admitted
+3. With a drafting gate (``select_drafting``), decode requests whose next drafts are not worth
+   their drafter cost are marked ``draft=False`` (the runner skips their drafter forward).
+4. If nobody was preempted, waiting requests (preempted ones first, then new ones, FCFS) are admitted
    with a prefill chunk from what is left of the budget; the last chunk of a prompt samples.
 
 KV blocks cover ``[0, start_pos + num_new_tokens)`` before a request's tokens are scheduled. When a
@@ -61,6 +63,10 @@ VerifyLengthsFn = Callable[[Sequence[Request], int, VerifyContext], Sequence[int
 """``(decode requests with drafts in FCFS order, token budget left, context) -> l_r per request``."""
 
 
+DraftSelectFn = Callable[[Sequence[Request], VerifyContext], Sequence[bool]]
+"""``(decode requests in FCFS order, context of the step) -> draft after this step?`` per request."""
+
+
 def verify_all_drafts(requests: Sequence[Request], budget_left: int, context: VerifyContext | None = None) -> list[int]:
     """Fixed-length policy: verify every draft; the scheduler clips to the budget in FCFS order."""
     return [len(request.spec_token_ids) for request in requests]
@@ -76,14 +82,19 @@ class _StepPlan:
     admitted: list[tuple[Request, int]] = field(default_factory=list)
     num_spec: dict[str, int] = field(default_factory=dict)
     preempted: list[str] = field(default_factory=list)
+    no_draft: set[str] = field(default_factory=set)
 
 
 class Scheduler:
     """Owns the request queues and the KV block manager; the only writer of request state."""
 
-    def __init__(self, config: SchedulerConfig, verify_lengths: VerifyLengthsFn | None = None) -> None:
+    def __init__(
+        self, config: SchedulerConfig, verify_lengths: VerifyLengthsFn | None = None,
+        select_drafting: DraftSelectFn | None = None,
+    ) -> None:
         self.config = config
         self.verify_lengths: VerifyLengthsFn = verify_lengths or verify_all_drafts
+        self.select_drafting: DraftSelectFn | None = select_drafting
         self.block_manager = BlockManager(
             config.num_kv_blocks, config.block_size, shuffle=config.shuffle_blocks, seed=config.seed
         )
@@ -154,9 +165,11 @@ class Scheduler:
         plan = _StepPlan(budget=self.config.max_num_batched_tokens)
         self._schedule_running(plan)
         self._schedule_drafts(plan)
+        self._select_drafting(plan)
         if not plan.preempted:  # blocks are short: admitting now would only thrash
             self._schedule_waiting(plan)
-        seqs = [self._make_seq(r, 1, plan.num_spec.get(r.request_id, 0)) for r in plan.decode]
+        seqs = [self._make_seq(r, 1, plan.num_spec.get(r.request_id, 0), r.request_id not in plan.no_draft)
+                for r in plan.decode]
         seqs += [self._make_seq(r, n, 0) for r, n in plan.chunks + plan.admitted]
         finished, self._finished_ids = frozenset(self._finished_ids), set()
         return SchedulerOutput(
@@ -250,6 +263,22 @@ class Scheduler:
                 plan.budget -= num_spec
                 plan.num_spec[request.request_id] = num_spec
 
+    def _select_drafting(self, plan: _StepPlan) -> None:
+        """Ask the drafting gate which decode requests draft after this step (requests finishing a
+        prefill chunk always draft: nothing is known about their drafts yet). The decision comes
+        before any of the drafts it concerns exist, so it cannot bias verification."""
+        if self.select_drafting is None or not plan.decode:
+            return
+        context = VerifyContext(
+            num_scheduled_tokens=self.config.max_num_batched_tokens - plan.budget,
+            num_decode_requests=len(plan.decode),
+            token_budget=self.config.max_num_batched_tokens,
+        )
+        flags = list(self.select_drafting(plan.decode, context))
+        if len(flags) != len(plan.decode):
+            raise ValueError(f"select_drafting returned {len(flags)} flags for {len(plan.decode)} requests")
+        plan.no_draft = {r.request_id for r, keep in zip(plan.decode, flags, strict=True) if not keep}
+
     def _schedule_waiting(self, plan: _StepPlan) -> None:
         """Admit waiting requests FCFS with a prefill chunk. The head of the queue is never
         skipped: a younger request may not overtake one that does not fit (no starvation)."""
@@ -280,7 +309,7 @@ class Scheduler:
         self.waiting.appendleft(request)
         plan.preempted.append(request.request_id)
 
-    def _make_seq(self, request: Request, num_known: int, num_spec: int) -> ScheduledSeq:
+    def _make_seq(self, request: Request, num_known: int, num_spec: int, draft: bool = True) -> ScheduledSeq:
         start = request.num_computed_tokens
         end = start + num_known
         new_request = None
@@ -301,6 +330,7 @@ class Scheduler:
             sample=end == request.num_tokens,
             new_request=new_request,
             resumed=new_request is not None and request.num_preemptions > 0,
+            draft=draft,
         )
 
     # ---- update_from_output() parts -------------------------------------------------------
@@ -337,6 +367,9 @@ class Scheduler:
             drafts = out.drafts.get(request.request_id)
             request.spec_token_ids = list(drafts.token_ids) if drafts else []
             request.spec_confidences = list(drafts.confidences) if drafts else []
+            if drafts and drafts.confidences:
+                request.last_draft_confidences = tuple(drafts.confidences)
+                request.last_draft_num_tokens = request.num_tokens
         return result
 
     def _finish(self, request: Request, status: RequestStatus) -> None:

@@ -113,6 +113,9 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--draft-vocab-size", type=int, default=None,
                    help="restrict DSpark/DFlash drafts to token ids below this (default: 8192 for the shipped drafter)")
     s.add_argument("--verify-policy", default=None, help="none | fixed:K | dspark | dspark-async")
+    s.add_argument("--no-draft-gate", dest="draft_gate", action="store_false",
+                   help="with dspark policies, draft for every request every step (default: skip the drafter "
+                        "for requests whose drafts are not worth its cost at the current load)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -180,6 +183,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         draft_vocab_size=ns.draft_vocab_size,
         verify_policy=ns.verify_policy,
         profile_path=getattr(ns, "profile", None),
+        draft_gate=getattr(ns, "draft_gate", True),
     )
 
 

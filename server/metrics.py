@@ -132,6 +132,13 @@ class ServerMetrics:
 
         # Speculative decoding.
         self.spec_num_drafts = self._counter("spec_decode_num_drafts", "Decode request-steps with drafts.")
+        self.spec_num_drafter_runs = self._counter(
+            "spec_decode_num_drafter_runs", "Request-steps after which the drafter ran (drafting gate: kept)."
+        )
+        self.spec_num_drafter_skips = self._counter(
+            "spec_decode_num_drafter_skips",
+            "Request-steps after which the drafter was skipped (drafting gate: not worth its cost at this load).",
+        )
         self.spec_num_draft_tokens = self._counter(
             "spec_decode_num_draft_tokens", "Drafts verified (sum l_r)."
         )
@@ -199,6 +206,8 @@ class ServerMetrics:
         num_batched_tokens: int = 0,
         verified_tokens_per_request: Sequence[int] = (),
         accepted_tokens_per_request: Sequence[int] = (),
+        num_drafting: int = 0,
+        num_drafting_skipped: int = 0,
     ) -> None:
         """Record one engine step.
 
@@ -211,11 +220,17 @@ class ServerMetrics:
             verified_tokens_per_request: l_r for every decode request with drafts this step.
             accepted_tokens_per_request: a_r for the same requests, same order (counted before stop
                 truncation: what the rejection sampler accepted).
+            num_drafting / num_drafting_skipped: requests that sampled this step and then drafted /
+                skipped the drafter (the drafting gate).
         """
         if not 0.0 <= kv_cache_usage <= 1.0:
             raise ValueError(f"kv_cache_usage must be a fraction in [0, 1], got {kv_cache_usage}")
-        if min(num_running, num_waiting, num_preemptions, num_batched_tokens) < 0:
+        if min(num_running, num_waiting, num_preemptions, num_batched_tokens, num_drafting, num_drafting_skipped) < 0:
             raise ValueError("step counts must be >= 0")
+        if num_drafting:
+            self.spec_num_drafter_runs.inc(num_drafting)
+        if num_drafting_skipped:
+            self.spec_num_drafter_skips.inc(num_drafting_skipped)
         self.num_requests_running.set(num_running)
         self.num_requests_waiting.set(num_waiting)
         self.kv_cache_usage_perc.set(kv_cache_usage)

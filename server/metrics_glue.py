@@ -94,6 +94,8 @@ class EngineMetricsListener:
                 num_batched_tokens=step.num_batched_tokens,
                 verified_tokens_per_request=list(step.verified_per_request),
                 accepted_tokens_per_request=list(step.accepted_per_request),
+                num_drafting=step.num_drafting if core.drafter is not None else 0,
+                num_drafting_skipped=max(0, step.num_decode_requests - step.num_drafting) if core.drafter is not None else 0,
             )
         else:
             self.metrics.on_step(

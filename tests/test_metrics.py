@@ -386,6 +386,8 @@ class FakeStep:
     num_preemptions: int = 1
     verified_per_request: list[int] = field(default_factory=lambda: [3, 1])
     accepted_per_request: list[int] = field(default_factory=lambda: [2, 0])
+    num_decode_requests: int = 3
+    num_drafting: int = 1
 
 
 @dataclass
@@ -432,6 +434,12 @@ def test_step_listener_records_each_step_once() -> None:
     assert value(m, "sparkserve:iteration_tokens_total_count") == 2
     assert value(m, "sparkserve:num_requests_running") == 0
     assert listener.num_steps == 3
+    assert value(m, "sparkserve:spec_decode_num_drafter_runs_total") == 0  # no drafter loaded
+    core.drafter = object()
+    core.last_step = FakeStep()
+    listener(core, [])
+    assert value(m, "sparkserve:spec_decode_num_drafter_runs_total") == 1
+    assert value(m, "sparkserve:spec_decode_num_drafter_skips_total") == 2
 
 
 def test_step_listener_never_raises() -> None:

@@ -16,6 +16,7 @@ from scheduler.policy import (
     VerifyRequest,
     parse_policy,
     plan_budget_k,
+    plan_drafting,
     plan_verify,
     ranked_slots,
     slo_weight,
@@ -368,3 +369,89 @@ def test_slo_target_met_where_feasible() -> None:
     # An infeasible goal degrades gracefully: best effort for request 0, others keep most throughput.
     _, rate_infeasible = simulate(fastest_tpot / 2)
     assert rate_infeasible >= 0.9 * baseline_rate
+
+
+# ---- drafting gate ---------------------------------------------------------------------------------
+
+
+class WithDrafter:
+    """t(B, R) = 1 + 0.01 B + d R seconds, of which the drafter is d R (``draft_time``)."""
+
+    has_draft_time = True
+
+    def __init__(self, per_request_draft_s: float) -> None:
+        self.d = per_request_draft_s
+
+    def step_time(self, num_tokens: int, num_requests: int) -> float:
+        return 1.0 + 0.01 * num_tokens + self.d * num_requests
+
+    def draft_time(self, num_requests: int) -> float:
+        return self.d * num_requests
+
+
+def test_plan_drafting_prices_the_drafter() -> None:
+    strong, weak = req(0.9, 0.9, 0.9), req(0.05, 0.05, 0.05)
+    # cheap drafter: both strong requests draft
+    assert plan_drafting([strong, strong], WithDrafter(0.001), 0, 64) == [True, True]
+    # a drafter of 2 s a request on a ~1 s target step: even survival 0.9 (tau ~3.4) does not pay
+    # (Theta 3 / 1.03 = 2.9 without drafting vs (3 + 4.88) / 5.09 = 1.5 with the strong two)
+    assert plan_drafting([strong, weak, strong], WithDrafter(2.0), 0, 64) == [False, False, False]
+    # 0.05 s a request: the strong requests draft (Theta 6.6); adding the weak one's slots
+    # (+0.05 expected tokens for 0.05 s of drafter + 0.01 s of verify) lowers Theta to 6.3
+    assert plan_drafting([strong, weak, strong], WithDrafter(0.05), 0, 64) == [True, False, True]
+    # unknown requests (None) always draft; all-zero confidences never do
+    assert plan_drafting([None, req(0.0, 0.0)], WithDrafter(2.0), 0, 64) == [True, False]
+    # no measured drafter time: everyone drafts (the gate needs the price)
+    assert plan_drafting([weak, weak], FLAT, 0, 64) == [True, True]
+    with pytest.raises(ValueError, match="do not fit"):
+        plan_drafting([strong] * 3, WithDrafter(0.05), 62, 64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=7), min_size=1, max_size=12),
+    st.floats(0.0, 0.3),
+)
+def test_plan_drafting_never_predicts_worse_than_no_drafting(confidence_lists, cost) -> None:
+    """Some top-k of the drafted requests' slots has Theta (drafter cost of exactly the drafted
+    requests included) above Theta with nobody drafting; with nobody drafted, no slot pays."""
+    profile = WithDrafter(cost)
+    reqs = [req(*c) for c in confidence_lists]
+    flags = plan_drafting(reqs, profile, 0, 256)
+    r = len(reqs)
+    drafted = [q for q, f in zip(reqs, flags, strict=True) if f]
+
+    def theta(slots, num_drafting: int) -> float:
+        return (r + sum(x.weighted for x in slots)) / (profile.step_time(r + len(slots), r) - cost * (r - num_drafting))
+
+    theta_off = theta([], 0)
+    if drafted:
+        slots = ranked_slots(drafted)
+        assert max(theta(slots[:k], len(drafted)) for k in range(1, len(slots) + 1)) > theta_off
+    else:
+        for q in reqs:
+            slots = ranked_slots([q])
+            assert all(theta(slots[:k], 1) <= theta_off + 1e-12 for k in range(1, len(slots) + 1))
+
+
+def test_hook_drafting_gate_by_policy_and_staleness() -> None:
+    from scheduler.policy.hook import STALE_DRAFT_TOKENS, VerifyPolicyHook
+    from scheduler.request import Request
+    from scheduler.sampling_params import SamplingParams
+    from scheduler.scheduler import VerifyContext
+
+    def request(rid: str, conf: tuple[float, ...], age: int) -> Request:
+        r = Request(rid, [1, 2, 3], SamplingParams(max_tokens=100))
+        r.output_token_ids = [5] * 40
+        r.last_draft_confidences, r.last_draft_num_tokens = conf, r.num_tokens - age
+        return r
+
+    ctx = VerifyContext(num_scheduled_tokens=3, num_decode_requests=3, token_budget=64)
+    reqs = [request("fresh-weak", (0.01,) * 4, 1), request("stale-weak", (0.01,) * 4, STALE_DRAFT_TOKENS + 1),
+            request("never", (), 0)]
+    hook = VerifyPolicyHook(parse_policy("dspark"), WithDrafter(0.2))
+    assert hook.select_drafting(reqs, ctx) == [False, True, True] and hook.last_num_drafting == 2
+    assert VerifyPolicyHook(parse_policy("fixed:3"), WithDrafter(0.2)).select_drafting(reqs, ctx) == [True] * 3
+    assert VerifyPolicyHook(parse_policy("none")).select_drafting(reqs, ctx) == [False] * 3
+    off = VerifyPolicyHook(parse_policy("dspark"), WithDrafter(0.2), gate_drafting=False)
+    assert off.select_drafting(reqs, ctx) == [True] * 3

@@ -14,6 +14,7 @@ from scheduler.profile import (
     OnlineProfile,
     ThroughputProfile,
     default_grid,
+    drafting_step_time,
     isotonic_non_decreasing,
     measure_profile,
     profile_cache_path,
@@ -163,6 +164,42 @@ def test_fixed_profile_file_loads() -> None:
     # The file mimics this CPU: 8 tokens/seq cost ~1.02x one token at batch 1, ~2.4x at 16, ~4.4x at 64.
     for r, lo, hi in ((1, 1.0, 1.05), (16, 2.0, 2.6), (64, 3.8, 4.6)):
         assert lo < profile.step_time(8 * r, r) / profile.step_time(r, r) < hi
+
+
+def test_draft_time_interpolation_round_trip_and_drafting_step_time(tmp_path: Path) -> None:
+    """draft_time(R): linear from the origin through the R grid, extrapolated along the last segment;
+    drafting_step_time removes the drafter time of the requests that do not draft."""
+    profile = ThroughputProfile(SMALL.batch_tokens, SMALL.num_requests, SMALL.step_time_s, {}, (0.2, 0.5))
+    assert profile.has_draft_time and not SMALL.has_draft_time
+    assert profile.draft_time(0) == 0.0 and profile.draft_time(1) == pytest.approx(0.2)
+    assert profile.draft_time(2) == pytest.approx(0.5) and profile.draft_time(4) == pytest.approx(1.1)
+    assert ThroughputProfile.from_json(profile.to_json()) == profile
+    profile.save(tmp_path / "p.json")
+    assert ThroughputProfile.load(tmp_path / "p.json").draft_time_s == (0.2, 0.5)
+    # step (B=3, R=2) = 3.0 s with both drafting; one drafting saves 0.5 - 0.2; none saves 0.5
+    assert drafting_step_time(profile, 3, 2, 2) == pytest.approx(3.0)
+    assert drafting_step_time(profile, 3, 2, 1) == pytest.approx(2.7)
+    assert drafting_step_time(profile, 3, 2, 0) == pytest.approx(2.5)
+    assert drafting_step_time(SMALL, 3, 2, 0) == pytest.approx(3.0)  # no drafter times: the full step
+    online = OnlineProfile(profile)
+    online.observe(3, 2, 6.0)  # twice as slow: the drafter share scales with the global factor
+    assert online.has_draft_time and online.draft_time(2) == pytest.approx(0.5 * online.scale)
+    assert ThroughputProfile.from_measurements((1,), (1, 2), ((1.0, 2.0),), None, (0.3, 0.1)).draft_time_s == (0.2, 0.2)
+    for bad in ((0.1,), (0.5, 0.2), (-0.1, 0.2)):
+        with pytest.raises(ValueError, match="draft_time_s"):
+            ThroughputProfile(SMALL.batch_tokens, SMALL.num_requests, SMALL.step_time_s, {}, bad)
+
+
+def test_measure_profile_times_the_drafter_per_request_count() -> None:
+    seen: list[int] = []
+
+    def draft_fn(r: int) -> float:
+        seen.append(r)
+        return 0.01 * r
+
+    profile = measure_profile(lambda b, r: 0.1 * b + 0.01 * r, (1, 2, 4), (1, 2, 4), repeats=1, warmup=1,
+                              draft_fn=draft_fn)
+    assert seen == [1, 1, 2, 2, 4, 4] and profile.draft_time_s == pytest.approx((0.01, 0.02, 0.04))
 
 
 # ---- measuring, grid, cache path -----------------------------------------------------------------

@@ -101,6 +101,31 @@ def test_verify_lengths_policy_and_clipping() -> None:
     assert out.num_batched_tokens == 8
 
 
+def test_drafting_gate_marks_seqs_and_keeps_last_confidences() -> None:
+    """select_drafting sees the decode requests (after the verify lengths are chosen) and its flags
+    become ``ScheduledSeq.draft``; a request's latest confidences outlive the drafts they came with."""
+    seen: list[tuple[list[str], VerifyContext]] = []
+
+    def gate(requests: Sequence[Request], context: VerifyContext) -> list[bool]:
+        seen.append(([r.request_id for r in requests], context))
+        return [r.request_id != "b" for r in requests]
+
+    sched = Scheduler(make_config(max_num_batched_tokens=16, num_lookahead_tokens=3), select_drafting=gate)
+    for rid in "ab":
+        sched.add_request(make_request(rid, prompt_len=2))
+    out, _ = run_step(sched, drafts={"a": DraftProposal((1, 1, 1), (0.9, 0.8, 0.7))})
+    assert seen == [] and all(s.draft for s in out.seqs)  # prefill-completing requests always draft
+    a = sched.get_request("a")
+    assert a.last_draft_confidences == (0.9, 0.8, 0.7) and a.last_draft_num_tokens == a.num_tokens
+    out, _ = run_step(sched, sampled={"a": [1, 1, 1, 5]})
+    assert seen[0][0] == ["a", "b"] and seen[0][1].num_scheduled_tokens == 2 + 3
+    assert [(s.request_id, s.num_spec_tokens, s.draft) for s in out.seqs] == [("a", 3, True), ("b", 0, False)]
+    assert a.spec_token_ids == [] and a.last_draft_confidences == (0.9, 0.8, 0.7)  # kept as the estimate
+    sched.select_drafting = lambda requests, context: [True]
+    with pytest.raises(ValueError, match="select_drafting returned 1 flags for 2 requests"):
+        sched.schedule()
+
+
 def test_verify_lengths_policy_contract_violations_raise() -> None:
     sched = Scheduler(make_config(num_lookahead_tokens=2), verify_lengths=lambda reqs, budget, ctx: [])
     sched.add_request(make_request("a"))

@@ -8,6 +8,7 @@ accepted block; distributional losslessness with a negative control.
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 from engine.config import EngineArgs
 from engine.core import EngineCore
 from engine.spec.draft_model import DraftModelDrafter
+from scheduler.profile import ThroughputProfile
 from scheduler.sampling_params import SamplingParams
 from tests.exactness import assert_same_or_near_tie, top2_gap_fn
 from tests.tiny import OracleDrafter, random_dspark, tiny_target
@@ -34,12 +36,12 @@ def prompts() -> list[list[int]]:
     return [torch.randint(2, 61, (int(n),), generator=gen).tolist() for n in torch.randint(3, 40, (20,), generator=gen)]
 
 
-def _core(target, drafter=None, **kw) -> EngineCore:
+def _core(target, drafter=None, profile=None, **kw) -> EngineCore:
     args = EngineArgs(dtype="float32", num_kv_blocks=kw.pop("num_kv_blocks", 256), block_size=4,
                       max_num_batched_tokens=kw.pop("max_num_batched_tokens", 128), max_num_seqs=kw.pop("max_num_seqs", 32),
                       drafter="none" if drafter is None else None, verify_policy=kw.pop("verify_policy", "fixed:7"),
                       **kw)
-    return EngineCore(args, loaded=target, drafter=drafter)
+    return EngineCore(args, loaded=target, drafter=drafter, profile=profile)
 
 
 def _greedy(n=MAX_TOKENS) -> SamplingParams:
@@ -94,6 +96,44 @@ def test_greedy_lossless_batch1_and_preemption(target, prompts, baseline, kind) 
     assert small.scheduler.num_preemptions_total > 0
     _check(target, prompts, baseline, outputs, f"{kind}-preempt")
     assert small.scheduler.kv_cache_usage == 0.0
+
+
+@pytest.mark.parametrize("kind", ["oracle", "dspark"])
+def test_greedy_lossless_with_drafting_skipped(target, prompts, baseline, kind) -> None:
+    """Requests that skip the drafter for some steps (the drafting gate) keep growing the drafter's
+    context and draft correctly when they resume: outputs equal no speculation."""
+    core = _core(target, _DRAFTERS[kind](target, 4))
+    rng = random.Random(0)
+    core.scheduler.select_drafting = lambda requests, context: [rng.random() < 0.5 for _ in requests]
+    drafting = []
+    outputs = []
+    ids = [f"g{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts, strict=True):
+        core.add_request(core.make_request(rid, prompt, _greedy()))
+    tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+    while core.has_unfinished_requests():
+        for out in core.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+        drafting.append((core.last_step.num_drafting, core.last_step.num_decode_requests))
+    outputs = [tokens[rid] for rid in ids]
+    _check(target, prompts, baseline, outputs, f"{kind}-gated")
+    assert any(0 < d < r for d, r in drafting) and core.spec_stats.num_accepted_tokens > 0
+    if kind == "oracle":
+        assert core.spec_stats.accepted_length > 1.5  # resumed drafts are still the oracle's good ones
+
+
+def test_drafting_gate_stops_drafting_when_the_drafter_costs_more_than_it_saves(target, prompts, baseline) -> None:
+    """A profile where one request's drafter forward takes 10x a target step: after each request's
+    first (unknown-quality) block nobody drafts, and the output is unchanged."""
+    profile = ThroughputProfile((1, 256), (1, 32), ((11.0, 330.0), (12.0, 331.0)), {}, (10.0, 320.0))
+    core = _core(target, _DRAFTERS["oracle"](target, 5), verify_policy="dspark", profile=profile)
+    outputs = core.generate_batch(prompts, _greedy())
+    _check(target, prompts, baseline, outputs, "gate-expensive")
+    assert core.spec_stats.num_draft_tokens <= 4 * len(prompts)  # at most the first block of each
+    assert core.last_step.num_drafting == 0
+    core_off = _core(target, _DRAFTERS["oracle"](target, 5), verify_policy="dspark", profile=profile, draft_gate=False)
+    core_off.generate_batch(prompts, _greedy())
+    assert core_off.spec_stats.num_draft_tokens > 4 * len(prompts)
 
 
 def test_stop_inside_accepted_block(target, prompts, baseline) -> None:

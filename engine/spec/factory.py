@@ -87,4 +87,4 @@ def make_verify_lengths(args: EngineArgs, drafter, profile: ThroughputProfile | 
     online = OnlineProfile(profile) if profile is not None else None
     if spec.needs_profile and online is None:
         raise ValueError(f"verify policy {spec} needs a throughput profile (--profile PATH or start-up profiling)")
-    return VerifyPolicyHook(spec, online)
+    return VerifyPolicyHook(spec, online, gate_drafting=args.draft_gate)

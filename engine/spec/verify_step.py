@@ -143,13 +143,14 @@ def _add_context(
 
 
 def _draft(runner, seqs: list[ScheduledSeq], verify: VerifyResult, result: RunnerOutput) -> None:
-    """Draft the next block for every request that sampled (penalised requests do not speculate:
-    their target distribution inside a block would depend on the drafts)."""
+    """Draft the next block for every request that sampled and that the scheduler's drafting gate
+    kept (``seq.draft``); penalised requests do not speculate (their target distribution inside a
+    block would depend on the drafts)."""
     spec: Speculator = runner.speculator
     ids, anchors, starts, tables, temps, gens = [], [], [], [], [], []
     for r, s in enumerate(seqs):
         state = runner.requests[s.request_id]
-        if state.params.needs_penalties:
+        if state.params.needs_penalties or not s.draft:
             spec.drop(s.request_id)
             continue
         ids.append(s.request_id)

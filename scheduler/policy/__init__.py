@@ -16,7 +16,14 @@ from scheduler.policy.common import (
     split_token_budget,
     survival,
 )
-from scheduler.policy.dspark import Slot, plan_budget_k, ranked_slots, verify_dspark, verify_dspark_async
+from scheduler.policy.dspark import (
+    Slot,
+    plan_budget_k,
+    plan_drafting,
+    ranked_slots,
+    verify_dspark,
+    verify_dspark_async,
+)
 from scheduler.policy.spec import (
     POLICY_KINDS,
     PolicySpec,
@@ -36,6 +43,7 @@ __all__ = [
     "VerifyRequest",
     "parse_policy",
     "plan_budget_k",
+    "plan_drafting",
     "plan_verify",
     "ranked_slots",
     "slo_weight",

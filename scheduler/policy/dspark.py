@@ -20,6 +20,17 @@ on d_{r,j} is looked at. Stopping at the first slot that does not improve Theta 
 search (the best l over all slots) would let a_{r,j+1} decide whether d_{r,j} is verified and bias
 the output (paper Appendix A: (0.85, 0.15) instead of (0.7, 0.3); tests/test_policy_lossless.py).
 
+**Drafting gate.** Verification only chooses among drafts that exist, and the drafter forward costs a
+share of every step (profile ``draft_time(R)``; 0.28x a target step at R = 64 on the CPU here). So
+before drafting, ``plan_drafting`` runs the same objective with the drafter's cost on the cost side,
+using each request's confidences from its latest drafts as the estimate of its next ones:
+
+    Theta(k) = (R + sum_{top k slots} w a) / (t(T + R + k, R) - t_d(R) + t_d(D_k))
+
+D_k = requests owning one of the top k slots (plus those that must draft anyway). Requests outside
+D_{k*} skip the drafter this step; when nothing pays (high load) nobody drafts and speculation costs
+nothing. The gate is decided before the drafts it concerns exist, so it cannot bias verification.
+
 The production variant (``dspark-async``) gets its budget K from a *full* search over the
 confidences of an earlier step (already verified drafts, so no leak; it can run off the critical
 path and sees past jagged steps of the SPS curve), then takes this step's top-K slots in the same
@@ -34,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 
 from scheduler.policy.common import VerifyPlan, VerifyRequest
-from scheduler.profile.grid import StepTimeModel
+from scheduler.profile.grid import StepTimeModel, drafting_step_time
 
 
 class Slot(NamedTuple):
@@ -164,3 +175,36 @@ def verify_dspark_async(
     base = _base_tokens(len(reqs), prefill_tokens, token_budget)
     k = min(budget_k_from_earlier_step, token_budget - base)
     return _plan(reqs, ranked_slots(reqs)[:k], base, profile)
+
+
+def plan_drafting(
+    estimates: Sequence[VerifyRequest | None], profile: StepTimeModel, prefill_tokens: int, token_budget: int
+) -> list[bool]:
+    """Which decode requests should draft (drafting gate, module docstring): full search of
+    ``Theta(k)`` over the top-k slots of the estimated confidences, drafter cost included.
+
+    estimates: per decode request (all R of the step, FCFS), its expected drafts as a VerifyRequest
+        built from its latest confidences, or None when unknown (no or stale drafts): those always
+        draft, and their drafter cost counts on both sides of the comparison.
+    Returns a flag per request; ``[True] * R`` when the profile has no measured drafter time
+    (``has_draft_time``). Raises ValueError when the base tokens do not fit ``token_budget``.
+    """
+    num_requests = len(estimates)
+    base = _base_tokens(num_requests, prefill_tokens, token_budget)
+    if not getattr(profile, "has_draft_time", False):
+        return [True] * num_requests
+    unknown = [est is None for est in estimates]
+    known = [i for i, est in enumerate(estimates) if est is not None]
+    forced = sum(unknown)
+    slots = ranked_slots([estimates[i] for i in known])[: token_budget - base]  # type: ignore[misc]
+    objective = float(num_requests)
+    best = objective / drafting_step_time(profile, base, num_requests, forced)
+    drafted: set[int] = set()
+    chosen: set[int] = set()
+    for k, slot in enumerate(slots, start=1):
+        objective += slot.weighted
+        drafted.add(known[slot.request])
+        theta = objective / drafting_step_time(profile, base + k, num_requests, forced + len(drafted))
+        if theta > best:
+            best, chosen = theta, set(drafted)
+    return [unknown[i] or i in chosen for i in range(num_requests)]

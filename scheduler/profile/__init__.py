@@ -10,6 +10,7 @@ from scheduler.profile.grid import (
     ProfileKey,
     StepTimeModel,
     ThroughputProfile,
+    drafting_step_time,
     isotonic_non_decreasing,
     smooth_monotone,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "StepTimeModel",
     "ThroughputProfile",
     "default_grid",
+    "drafting_step_time",
     "isotonic_non_decreasing",
     "measure_profile",
     "profile_cache_path",

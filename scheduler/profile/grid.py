@@ -7,6 +7,11 @@ R = decode requests (the drafter runs once per decode request). The profile stor
 *step time* (seconds, the reciprocal of SPS) on a grid and interpolates bilinearly between grid
 points. Step time is kept monotone non-decreasing in B and in R: a bigger step never runs faster,
 which the policy's early stop relies on to be meaningful.
+
+With a drafter, the profile also keeps the drafter's share of a step, ``draft_time(R)`` (one drafter
+forward for R requests, included in ``step_time``), so the scheduler can price drafting on its own:
+a step that drafts for only D of its R requests takes ``step_time(B, R) - draft_time(R) +
+draft_time(D)`` (``drafting_step_time``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,16 @@ class StepTimeModel(Protocol):
     """Anything that predicts the wall time of one engine step (seconds)."""
 
     def step_time(self, num_tokens: int, num_requests: int) -> float: ...
+
+
+def drafting_step_time(model: StepTimeModel, num_tokens: int, num_requests: int, num_drafting: int) -> float:
+    """Seconds of a step of B = ``num_tokens``, R = ``num_requests`` that runs the drafter for
+    ``num_drafting`` of the R requests: the profile's full-drafting step time minus the drafter time
+    it does not spend. Models without measured drafter times (``has_draft_time`` false) give the full step."""
+    full = model.step_time(num_tokens, num_requests)
+    if not getattr(model, "has_draft_time", False) or num_drafting >= num_requests:
+        return full
+    return max(full - model.draft_time(num_requests) + model.draft_time(num_drafting), 1e-9)  # type: ignore[attr-defined]
 
 
 def isotonic_non_decreasing(values: Sequence[float]) -> list[float]:
@@ -95,12 +110,16 @@ class ThroughputProfile:
             over B tokens + drafter for R requests + sampling), non-decreasing along both axes.
             Cells with B < R cannot be measured; ``measure_profile`` fills them from above.
         key: what the profile was measured on (model, dtype, device, settings); metadata only.
+        draft_time_s: ``[len(num_requests)]`` seconds of the drafter forward alone for R requests (part
+            of ``step_time_s``), non-decreasing; None without a drafter or for profiles measured
+            before it was recorded.
     """
 
     batch_tokens: tuple[int, ...]
     num_requests: tuple[int, ...]
     step_time_s: tuple[tuple[float, ...], ...]
     key: ProfileKey = field(default_factory=dict, hash=False)
+    draft_time_s: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         for name, grid in (("batch_tokens", self.batch_tokens), ("num_requests", self.num_requests)):
@@ -121,6 +140,13 @@ class ThroughputProfile:
                         f"step time must be non-decreasing in B and R (at B={self.batch_tokens[i]}, "
                         f"R={self.num_requests[k]}); smooth it with smooth_monotone()"
                     )
+        draft = self.draft_time_s
+        if draft is not None:
+            if len(draft) != len(self.num_requests):
+                raise ValueError("draft_time_s must have one value per num_requests grid point")
+            increasing = all(a <= b for a, b in zip(draft, draft[1:], strict=False))
+            if any(not (math.isfinite(t) and t >= 0) for t in draft) or not increasing:
+                raise ValueError(f"draft_time_s must be finite, >= 0 and non-decreasing in R: {draft}")
 
     @classmethod
     def from_measurements(
@@ -129,9 +155,26 @@ class ThroughputProfile:
         num_requests: Sequence[int],
         step_time_s: Sequence[Sequence[float]],
         key: ProfileKey | None = None,
+        draft_time_s: Sequence[float] | None = None,
     ) -> ThroughputProfile:
         """Build a profile from raw (noisy, possibly non-monotone) timings, smoothing them."""
-        return cls(tuple(batch_tokens), tuple(num_requests), smooth_monotone(step_time_s), dict(key or {}))
+        draft = tuple(isotonic_non_decreasing(draft_time_s)) if draft_time_s is not None else None
+        return cls(tuple(batch_tokens), tuple(num_requests), smooth_monotone(step_time_s), dict(key or {}), draft)
+
+    @property
+    def has_draft_time(self) -> bool:
+        """Whether the drafter's share of a step was measured (``draft_time_s``)."""
+        return self.draft_time_s is not None
+
+    def draft_time(self, num_requests: int) -> float:
+        """Seconds of one drafter forward for ``num_requests`` requests (0 for none, or without
+        ``draft_time_s``): linear in R between grid points, from the origin below the first point,
+        and along the last segment's slope beyond the grid."""
+        if self.draft_time_s is None or num_requests <= 0:
+            return 0.0
+        grid, times = (0, *self.num_requests), (0.0, *self.draft_time_s)
+        i, t = _bracket(grid, num_requests, extrapolate=True)
+        return max(0.0, (1 - t) * times[i] + t * times[i + 1])
 
     def step_time(self, num_tokens: int, num_requests: int) -> float:
         """Predicted seconds of one step with ``num_tokens`` batch tokens and ``num_requests`` decode
@@ -183,6 +226,7 @@ class ThroughputProfile:
             "batch_tokens": list(self.batch_tokens),
             "num_requests": list(self.num_requests),
             "step_time_s": [list(row) for row in self.step_time_s],
+            "draft_time_s": list(self.draft_time_s) if self.draft_time_s is not None else None,
         }
 
     @classmethod
@@ -195,6 +239,7 @@ class ThroughputProfile:
             num_requests=tuple(int(r) for r in data["num_requests"]),  # type: ignore[union-attr]
             step_time_s=tuple(tuple(float(t) for t in row) for row in data["step_time_s"]),  # type: ignore[union-attr]
             key=dict(data.get("key") or {}),  # type: ignore[call-overload]
+            draft_time_s=tuple(float(t) for t in draft) if (draft := data.get("draft_time_s")) is not None else None,  # type: ignore[union-attr]
         )
 
     def to_json(self) -> str:

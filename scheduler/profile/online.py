@@ -84,8 +84,17 @@ class OnlineProfile:
                 self.base.num_requests,
                 smooth_monotone(grid, isotonic=False),
                 self.base.key,
+                self.base.draft_time_s,
             )
         return self._current
+
+    @property
+    def has_draft_time(self) -> bool:
+        return self.base.has_draft_time
+
+    def draft_time(self, num_requests: int) -> float:
+        """Drafter seconds for R requests, scaled by the global correction exp(g)."""
+        return self.base.draft_time(num_requests) * self.scale
 
     def step_time(self, num_tokens: int, num_requests: int) -> float:
         """Predicted seconds per step at (B, R), drift-corrected."""
