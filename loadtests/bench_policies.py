@@ -23,10 +23,15 @@ from loadtests.bench_serving import launch_server, run_level
 from loadtests.prompts import load_prompts
 
 POLICIES = ["none", "fixed:1", "fixed:3", "fixed:7", "dspark", "dspark-async"]
+NO_GATE = "/no-gate"  # suffix: the same policy with the drafting gate off (``--no-draft-gate``)
 
 
 def _start(policy: str, port: int, extra: list[str]):
-    flags = ["--drafter", "none"] if policy == "none" else ["--verify-policy", policy]
+    """A server for ``policy``; ``POLICY/no-gate`` adds ``--no-draft-gate`` (drafter runs every step)."""
+    name = policy.removesuffix(NO_GATE)
+    flags = ["--drafter", "none"] if name == "none" else ["--verify-policy", name]
+    if policy.endswith(NO_GATE):
+        flags.append("--no-draft-gate")
     return launch_server(port, ["--log-level", "warning", *flags, *extra])
 
 
@@ -48,7 +53,7 @@ def _plot(results: list[dict], path: Path) -> None:
     temps = sorted({r["temperature"] for r in results})
     fig, axes = plt.subplots(len(temps), 2, figsize=(11, 4 * len(temps)), squeeze=False)
     for row, temp in enumerate(temps):
-        for policy in POLICIES:
+        for policy in dict.fromkeys(r["policy"] for r in results):
             cells = [r for r in results if r["policy"] == policy and r["temperature"] == temp and not r.get("timed_out")]
             xs = [c["concurrency"] for c in cells]
             axes[row][0].plot(xs, [c["output_tokens_per_s"] for c in cells], marker="o", label=policy)
@@ -66,7 +71,8 @@ def _plot(results: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policies", nargs="+", default=POLICIES)
+    ap.add_argument("--policies", nargs="+", default=POLICIES,
+                    help=f"policies to compare; POLICY{NO_GATE} runs it with the drafting gate off")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     ap.add_argument("--requests-per-slot", type=int, default=2, help="requests per cell = this x concurrency")
