@@ -23,7 +23,8 @@ the output (paper Appendix A: (0.85, 0.15) instead of (0.7, 0.3); tests/test_pol
 **Drafting gate.** Verification only chooses among drafts that exist, and the drafter forward costs a
 share of every step (profile ``draft_time(R)``; 0.28x a target step at R = 64 on the CPU here). So
 before drafting, ``plan_drafting`` runs the same objective with the drafter's cost on the cost side,
-using each request's confidences from its latest drafts as the estimate of its next ones:
+with an estimate of each request's next confidences (the hook blends its latest drafts' confidences
+with the running mean over all requests):
 
     Theta(k) = (R + sum_{top k slots} w a) / (t(T + R + k, R) - t_d(R) + t_d(D_k))
 
@@ -187,7 +188,13 @@ def plan_drafting(
         built from its latest confidences, or None when unknown (no or stale drafts): those always
         draft, and their drafter cost counts on both sides of the comparison.
     Returns a flag per request; ``[True] * R`` when the profile has no measured drafter time
-    (``has_draft_time``). Raises ValueError when the base tokens do not fit ``token_budget``.
+    (``has_draft_time``).
+
+    The search follows the global slot ranking (as verification does), so it is exact when slots
+    are the only cost; with a per-request drafter cost the best set is a knapsack-like choice, and a
+    weaker request whose slot ranks first can hide a subset that would pay (e.g. two requests at 0.75
+    where only the one with a second good slot pays for its drafter time). Correcting that would need
+    per-request bundles; at these drafter costs the ranking's choice is what the benchmarks measure. Raises ValueError when the base tokens do not fit ``token_budget``.
     """
     num_requests = len(estimates)
     base = _base_tokens(num_requests, prefill_tokens, token_budget)

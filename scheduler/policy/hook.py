@@ -21,9 +21,13 @@ from scheduler.request import Request
 from scheduler.scheduler import VerifyContext
 
 STALE_DRAFT_TOKENS = 32
-"""A request's latest confidences estimate its next drafts for this many tokens; older ones (and
-requests never drafted) count as unknown, and unknown requests draft (so every request is re-measured
-at least every 32 tokens, which costs about ``draft_time(R / 32)`` a step)."""
+"""A request's latest confidences inform the estimate of its next drafts for this many tokens."""
+ESTIMATE_SHRINKAGE = 0.5
+"""Weight of a request's own latest confidences in the estimate of its next drafts; the rest is the
+running mean over all requests. Confidence is very context dependent from one block to the next, so
+the latest block alone is a noisy predictor (used alone, it skipped useful drafts at low load)."""
+MEAN_RATE = 0.02
+"""EWMA rate of the running mean confidence vector, per freshly drafted block."""
 
 
 @dataclass
@@ -57,6 +61,7 @@ class VerifyPolicyHook:
     gate_drafting: bool = True
     last_num_drafting: int | None = None
     _budget_k: int | None = None
+    _mean_confidences: list[float] | None = None
     _first_token_time: dict[str, float] = field(default_factory=dict)
 
     def _verify_request(self, request: Request, now: float) -> VerifyRequest:
@@ -92,27 +97,50 @@ class VerifyPolicyHook:
     def select_drafting(self, requests: Sequence[Request], context: VerifyContext) -> list[bool]:
         """The scheduler's drafting gate (``Scheduler(select_drafting=...)``): per decode request,
         draft after this step? ``plan_drafting`` for dspark / dspark-async with a profile that knows
-        the drafter's time; everyone drafts under fixed policies; nobody under ``none``."""
+        the drafter's time; everyone drafts under fixed policies; nobody under ``none``.
+
+        Estimate of a request's next drafts: ``ESTIMATE_SHRINKAGE`` x its latest confidences (if
+        younger than ``STALE_DRAFT_TOKENS``) + the rest x the running mean over all requests; only
+        the mean when its own are stale or missing; unknown (always drafts) before any drafts exist.
+        """
         if self.policy.kind == "none":
             self.last_num_drafting = 0
             return [False] * len(requests)
         if not self.gate_drafting or self.profile is None or not self.policy.needs_profile:
             return [True] * len(requests)
+        for request in requests:  # blocks drafted after the previous step: fold into the mean once
+            if request.last_draft_confidences and request.num_tokens == request.last_draft_num_tokens:
+                self._observe_confidences(request.last_draft_confidences)
         now = self.clock()
-        estimates: list[VerifyRequest | None] = []
-        for request in requests:
-            age = request.num_tokens - request.last_draft_num_tokens
-            if not request.last_draft_confidences or age > STALE_DRAFT_TOKENS:
-                estimates.append(None)
-                continue
-            left = request.sampling_params.max_tokens - request.num_output_tokens - 1
-            est = self._verify_request(request, now)
-            estimates.append(VerifyRequest(request.last_draft_confidences, max(0, min(left, len(
-                request.last_draft_confidences))), est.target_tpot_s, est.decode_time_s, est.num_decode_tokens))
+        estimates = [self._estimate(request, now) for request in requests]
         prefill_tokens = context.num_scheduled_tokens - context.num_decode_requests
         flags = plan_drafting(estimates, self.profile, max(0, prefill_tokens), context.token_budget)
         self.last_num_drafting = sum(flags)
         return flags
+
+    def _observe_confidences(self, confidences: Sequence[float]) -> None:
+        mean = self._mean_confidences
+        if mean is None or len(mean) != len(confidences):
+            self._mean_confidences = [float(c) for c in confidences]
+            return
+        for k, c in enumerate(confidences):
+            mean[k] += MEAN_RATE * (float(c) - mean[k])
+
+    def _estimate(self, request: Request, now: float) -> VerifyRequest | None:
+        own = request.last_draft_confidences
+        if own and request.num_tokens - request.last_draft_num_tokens > STALE_DRAFT_TOKENS:
+            own = ()
+        mean = self._mean_confidences
+        if not own and mean is None:
+            return None
+        if own and mean is not None and len(mean) == len(own):
+            conf = tuple(ESTIMATE_SHRINKAGE * a + (1 - ESTIMATE_SHRINKAGE) * m for a, m in zip(own, mean, strict=True))
+        else:
+            conf = tuple(own or mean or ())
+        left = request.sampling_params.max_tokens - request.num_output_tokens - 1
+        base = self._verify_request(request, now)
+        return VerifyRequest(conf, max(0, min(left, len(conf))), base.target_tpot_s, base.decode_time_s,
+                             base.num_decode_tokens)
 
     def forget(self, request_id: str) -> None:
         """Drop per-request timing of a finished request."""
