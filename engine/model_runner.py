@@ -140,7 +140,7 @@ class ModelRunner:
             if s.sample:
                 rows.append(offset - 1)
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [R, V] fp32
-        self._sample(sample_seqs, logits, result)
+        self.sample(sample_seqs, logits, result)
         return result
 
     def _flatten(self, seqs: tuple[ScheduledSeq, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +154,9 @@ class ModelRunner:
             torch.tensor(pos, dtype=torch.int64, device=self.device),  # [T]
         )
 
-    def _sample(self, seqs: list[ScheduledSeq], logits: torch.Tensor, result: RunnerOutput) -> None:
+    def sample(self, seqs: list[ScheduledSeq], logits: torch.Tensor, result: RunnerOutput) -> None:
+        """One token per sequence from its logits row ([R, V] fp32) with the request's sampling
+        parameters; appends it to the request state and to ``result`` (with logprobs when asked)."""
         states = [self.requests[s.request_id] for s in seqs]
         meta = SamplingMetadata.build(
             [st.params for st in states],

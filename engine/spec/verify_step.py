@@ -42,7 +42,14 @@ def verify_and_draft(
     spec: Speculator = runner.speculator
     sample_seqs = [s for s in seqs if s.sample]
     ends = [off + s.num_new_tokens for off, s in zip(_seq_row_offsets(seqs), seqs, strict=False) if s.sample]
-    verify = _verify(runner, sample_seqs, ends, hidden, result) if sample_seqs else VerifyResult([], [])
+    if not sample_seqs:
+        verify = VerifyResult([], [])
+    elif any(s.num_spec_tokens for s in sample_seqs):
+        verify = _verify(runner, sample_seqs, ends, hidden, result)
+    else:  # nothing to verify (e.g. the drafting gate is off for everyone): the plain sampler's path
+        logits = runner.model.compute_logits(hidden[torch.tensor([e - 1 for e in ends], device=hidden.device)])
+        runner.sample(sample_seqs, logits, result)  # [R, V] fp32 -> one token each
+        verify = VerifyResult([result.sampled_token_ids[s.request_id] for s in sample_seqs], [0] * len(sample_seqs))
     _add_context(spec, seqs, meta, aux, verify)
     _draft(runner, sample_seqs, verify, result)
 
