@@ -147,6 +147,9 @@ class EngineCore:
             if policy.needs_profile and profile is None:
                 profile = load_or_measure_profile(self.runner, num_blocks, self.profile_key(), args.max_num_batched_tokens,
                                                   args.max_num_seqs, path=args.profile_path)
+            if policy.needs_profile and args.draft_gate and not profile.has_draft_time:
+                logger.warning("drafting gate off: the throughput profile has no drafter times (measured before "
+                               "they were recorded); re-measure it with `sparkserve profile --out PATH`")
             self.verify_hook = make_verify_lengths(args, drafter, profile)
             self.scheduler.verify_lengths = self.verify_hook
             self.scheduler.select_drafting = self.verify_hook.select_drafting
@@ -206,9 +209,12 @@ class EngineCore:
         hook = self.verify_hook
         step = self.last_step
         if hook is not None and hook.profile is not None and step.num_decode_requests:
-            # The profile prices a step that drafts for every request: add back what the gate saved.
-            saved = hook.profile.draft_time(step.num_decode_requests) - hook.profile.draft_time(step.num_drafting)
-            hook.profile.observe(plan.num_batched_tokens, step.num_decode_requests, step.duration_s + max(0.0, saved))
+            # The profile prices a step that drafts greedily for every request: convert the measured
+            # step to that (add back what the gate saved, take off what sampled drafting cost extra).
+            profile = hook.profile
+            saved = profile.draft_time(step.num_decode_requests) - profile.draft_time(
+                step.num_drafting, hook.last_sampled_fraction)
+            profile.observe(plan.num_batched_tokens, step.num_decode_requests, max(step.duration_s + saved, 1e-6))
         decode = {s.request_id for s in plan.seqs if s.new_request is None and s.num_new_tokens - s.num_spec_tokens == 1}
         for out in outputs:
             if out.request_id in decode and self.drafter is not None and out.new_token_ids:

@@ -59,16 +59,17 @@ def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -
     return step
 
 
-def make_draft_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -> Callable[[int], float]:
-    """``draft_fn(R) -> seconds`` of one drafter forward (``propose``) for R requests whose context is
-    ``context_len`` rows; writes only scratch slots. Requires ``runner.speculator``."""
+def make_draft_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -> Callable[[int, bool], float]:
+    """``draft_fn(R, sampled) -> seconds`` of one drafter forward (``propose``) for R requests whose
+    context is ``context_len`` rows, greedy or sampled at T = 1 (a sampled block also draws from q per
+    slot); writes only scratch slots. Raises ValueError without ``runner.speculator``."""
     spec = runner.speculator
     if spec is None:
         raise ValueError("make_draft_fn needs a runner with a drafter")
     block_size = runner.block_size
 
     @torch.inference_mode()
-    def draft(num_requests: int) -> float:
+    def draft(num_requests: int, sampled: bool = False) -> float:
         per_seq = -(-(context_len + 1) // block_size)
         ctx = context_len if per_seq * num_requests <= num_blocks else max(1, num_blocks // num_requests * block_size - 1)
         per_seq = -(-(ctx + 1) // block_size)
@@ -78,7 +79,8 @@ def make_draft_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) 
         start = time.perf_counter()
         spec.drafter.propose(
             torch.zeros(num_requests, dtype=torch.int64, device=device), starts, spec.draft_tables(starts, tables),
-            block_size, spec.kv_caches, torch.zeros(num_requests, device=device), [None] * num_requests,
+            block_size, spec.kv_caches, torch.full((num_requests,), 1.0 if sampled else 0.0, device=device),
+            [None] * num_requests,
         )
         return time.perf_counter() - start
 
@@ -91,7 +93,7 @@ def profile_key(model_name: str, dtype: str, drafter: str, max_num_batched_token
     return {
         "model": model_name, "dtype": dtype, "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "drafter": drafter, "max_num_batched_tokens": max_num_batched_tokens, "max_num_seqs": max_num_seqs,
-        "num_threads": num_threads, "torch": torch.__version__, "draft_time": drafter != "none",
+        "num_threads": num_threads, "torch": torch.__version__, "draft_time": 2 if drafter != "none" else 0,
     }
 
 

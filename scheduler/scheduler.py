@@ -269,8 +269,10 @@ class Scheduler:
         before any of the drafts it concerns exist, so it cannot bias verification."""
         if self.select_drafting is None or not plan.decode:
             return
+        # The gate plans the next step: this step's known tokens (base tokens + prefill chunks), not
+        # the verify tokens it spends now.
         context = VerifyContext(
-            num_scheduled_tokens=self.config.max_num_batched_tokens - plan.budget,
+            num_scheduled_tokens=self.config.max_num_batched_tokens - plan.budget - sum(plan.num_spec.values()),
             num_decode_requests=len(plan.decode),
             token_budget=self.config.max_num_batched_tokens,
         )

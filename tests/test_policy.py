@@ -385,8 +385,15 @@ class WithDrafter:
     def step_time(self, num_tokens: int, num_requests: int) -> float:
         return 1.0 + 0.01 * num_tokens + self.d * num_requests
 
-    def draft_time(self, num_requests: int) -> float:
+    def draft_time(self, num_requests: int, sampled_fraction: float = 0.0) -> float:
         return self.d * num_requests
+
+
+class WithSampledDrafter(WithDrafter):
+    """As WithDrafter, and a sampled request's drafter forward costs 4x a greedy one's."""
+
+    def draft_time(self, num_requests: int, sampled_fraction: float = 0.0) -> float:
+        return self.d * num_requests * (1 + 3 * sampled_fraction)
 
 
 def test_plan_drafting_prices_the_drafter() -> None:
@@ -405,6 +412,10 @@ def test_plan_drafting_prices_the_drafter() -> None:
     assert plan_drafting([weak, weak], FLAT, 0, 64) == [True, True]
     with pytest.raises(ValueError, match="do not fit"):
         plan_drafting([strong] * 3, WithDrafter(0.05), 62, 64)
+    # sampled requests draft at a higher cost (here 4x): at 0.4 s a greedy draft the strong pair pays
+    # (Theta 3.7 vs 2.0 without drafting), at 1.6 s a sampled one it does not (1.6)
+    assert plan_drafting([strong, strong], WithSampledDrafter(0.4), 0, 64, sampled_fraction=0.0) == [True, True]
+    assert plan_drafting([strong, strong], WithSampledDrafter(0.4), 0, 64, sampled_fraction=1.0) == [False, False]
 
 
 @settings(max_examples=60, deadline=None)
@@ -466,3 +477,11 @@ def test_hook_drafting_gate_by_policy_and_estimates() -> None:
     assert hook._estimate(reqs[0], hook.clock()).confidences == pytest.approx((blend,) * 4)
     assert hook._estimate(reqs[1], hook.clock()).confidences == (0.95,) * 4
     assert flags == [False, True, True, True]
+    # requests that cannot draft are never chosen: penalised ones, and those whose drafts could not be
+    # verified before max_tokens (2 tokens left: the next step emits one, draft_cap is then 0)
+    penalised = request("pen", (0.95,) * 4, 0)
+    penalised.sampling_params = SamplingParams(max_tokens=100, presence_penalty=0.5)
+    near_end = request("end", (0.95,) * 4, 0)
+    near_end.sampling_params = SamplingParams(max_tokens=42)
+    assert hook.select_drafting([strong, penalised, near_end], VerifyContext(3, 3, 64)) == [True, False, False]
+    assert hook.last_num_drafting == 1

@@ -191,15 +191,22 @@ def test_draft_time_interpolation_round_trip_and_drafting_step_time(tmp_path: Pa
 
 
 def test_measure_profile_times_the_drafter_per_request_count() -> None:
-    seen: list[int] = []
+    seen: list[tuple[int, bool]] = []
 
-    def draft_fn(r: int) -> float:
-        seen.append(r)
-        return 0.01 * r
+    def draft_fn(r: int, sampled: bool) -> float:
+        seen.append((r, sampled))
+        return (0.04 if sampled else 0.01) * r
 
     profile = measure_profile(lambda b, r: 0.1 * b + 0.01 * r, (1, 2, 4), (1, 2, 4), repeats=1, warmup=1,
                               draft_fn=draft_fn)
-    assert seen == [1, 1, 2, 2, 4, 4] and profile.draft_time_s == pytest.approx((0.01, 0.02, 0.04))
+    assert seen == [(r, s) for s in (False, True) for r in (1, 1, 2, 2, 4, 4)]
+    assert profile.draft_time_s == pytest.approx((0.01, 0.02, 0.04))
+    assert profile.draft_time_sampled_s == pytest.approx((0.04, 0.08, 0.16))
+    # a sampled request's drafting costs 4x here: a half-sampled batch pays the mean
+    assert profile.draft_time(2, sampled_fraction=0.5) == pytest.approx(0.05)
+    # a step of R = 4 drafting for 2 sampled requests: full step - 4 greedy drafts + 2 sampled drafts
+    assert drafting_step_time(profile, 4, 4, 2, 1.0) == pytest.approx(profile.step_time(4, 4) - 0.04 + 0.08)
+    assert ThroughputProfile.from_json(profile.to_json()) == profile
 
 
 # ---- measuring, grid, cache path -----------------------------------------------------------------

@@ -118,7 +118,8 @@ def test_drafting_gate_marks_seqs_and_keeps_last_confidences() -> None:
     a = sched.get_request("a")
     assert a.last_draft_confidences == (0.9, 0.8, 0.7) and a.last_draft_num_tokens == a.num_tokens
     out, _ = run_step(sched, sampled={"a": [1, 1, 1, 5]})
-    assert seen[0][0] == ["a", "b"] and seen[0][1].num_scheduled_tokens == 2 + 3
+    # the gate plans the next step: this step's 2 base tokens, not the 3 verify tokens spent now
+    assert seen[0][0] == ["a", "b"] and seen[0][1].num_scheduled_tokens == 2
     assert [(s.request_id, s.num_spec_tokens, s.draft) for s in out.seqs] == [("a", 3, True), ("b", 0, False)]
     assert a.spec_token_ids == [] and a.last_draft_confidences == (0.9, 0.8, 0.7)  # kept as the estimate
     sched.select_drafting = lambda requests, context: [True]

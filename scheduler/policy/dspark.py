@@ -179,22 +179,29 @@ def verify_dspark_async(
 
 
 def plan_drafting(
-    estimates: Sequence[VerifyRequest | None], profile: StepTimeModel, prefill_tokens: int, token_budget: int
+    estimates: Sequence[VerifyRequest | None],
+    profile: StepTimeModel,
+    prefill_tokens: int,
+    token_budget: int,
+    sampled_fraction: float = 0.0,
 ) -> list[bool]:
     """Which decode requests should draft (drafting gate, module docstring): full search of
     ``Theta(k)`` over the top-k slots of the estimated confidences, drafter cost included.
 
     estimates: per decode request (all R of the step, FCFS), its expected drafts as a VerifyRequest
-        built from its latest confidences, or None when unknown (no or stale drafts): those always
-        draft, and their drafter cost counts on both sides of the comparison.
+        built from its confidences, or None when unknown (never drafted yet): those always draft, and
+        their drafter cost counts on both sides of the comparison. A request that cannot draft gets
+        ``VerifyRequest((), 0)`` (no slots: never chosen).
+    prefill_tokens: tokens of the next step beyond one per decode request (its prefill chunks).
+    sampled_fraction: share of sampled (T > 0) requests, which draft at a higher cost.
     Returns a flag per request; ``[True] * R`` when the profile has no measured drafter time
-    (``has_draft_time``).
+    (``has_draft_time``). Raises ValueError when the base tokens do not fit ``token_budget``.
 
     The search follows the global slot ranking (as verification does), so it is exact when slots
     are the only cost; with a per-request drafter cost the best set is a knapsack-like choice, and a
     weaker request whose slot ranks first can hide a subset that would pay (e.g. two requests at 0.75
     where only the one with a second good slot pays for its drafter time). Correcting that would need
-    per-request bundles; at these drafter costs the ranking's choice is what the benchmarks measure. Raises ValueError when the base tokens do not fit ``token_budget``.
+    per-request bundles; at these drafter costs the ranking's choice is what the benchmarks measure.
     """
     num_requests = len(estimates)
     base = _base_tokens(num_requests, prefill_tokens, token_budget)
@@ -203,15 +210,19 @@ def plan_drafting(
     unknown = [est is None for est in estimates]
     known = [i for i, est in enumerate(estimates) if est is not None]
     forced = sum(unknown)
+
+    def step_time(num_tokens: int, num_drafting: int) -> float:
+        return drafting_step_time(profile, num_tokens, num_requests, num_drafting, sampled_fraction)
+
     slots = ranked_slots([estimates[i] for i in known])[: token_budget - base]  # type: ignore[misc]
     objective = float(num_requests)
-    best = objective / drafting_step_time(profile, base, num_requests, forced)
+    best = objective / step_time(base, forced)
     drafted: set[int] = set()
     chosen: set[int] = set()
     for k, slot in enumerate(slots, start=1):
         objective += slot.weighted
         drafted.add(known[slot.request])
-        theta = objective / drafting_step_time(profile, base + k, num_requests, forced + len(drafted))
+        theta = objective / step_time(base + k, forced + len(drafted))
         if theta > best:
             best, chosen = theta, set(drafted)
     return [unknown[i] or i in chosen for i in range(num_requests)]

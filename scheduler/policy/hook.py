@@ -1,6 +1,7 @@
 """The scheduler's per-step verification hook: requests -> ``VerifyRequest`` -> policy -> l_r.
 
-Token-budget rule (stated once, tested in tests/test_policy_hook.py): every running request's base
+Token-budget rule (stated once, tested in tests/test_policy.py::test_split_token_budget_rule and
+tests/test_scheduler_spec.py::test_verify_lengths_policy_and_clipping): every running request's base
 token and every running prefill chunk are scheduled first; the policy then shares what is left of
 ``max_num_batched_tokens`` among verify slots, with B in the objective counting every token of the
 step (``num_scheduled_tokens`` already includes the prefill chunks); new waiting requests are admitted
@@ -36,9 +37,10 @@ class _DraftingCost:
 
     profile: StepTimeModel
     num_drafting: int
+    sampled_fraction: float = 0.0
 
     def step_time(self, num_tokens: int, num_requests: int) -> float:
-        return drafting_step_time(self.profile, num_tokens, num_requests, self.num_drafting)
+        return drafting_step_time(self.profile, num_tokens, num_requests, self.num_drafting, self.sampled_fraction)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class VerifyPolicyHook:
         last_plan: the plan of the latest step (metrics: verify budget, expected tokens).
         gate_drafting: run the drafting gate (``select_drafting``) for the profile-driven policies.
         last_num_drafting: requests the gate let draft in the latest step (None before any).
+        last_sampled_fraction: share of sampled (T > 0) requests among them.
     """
 
     policy: PolicySpec
@@ -60,6 +63,7 @@ class VerifyPolicyHook:
     last_plan: VerifyPlan | None = None
     gate_drafting: bool = True
     last_num_drafting: int | None = None
+    last_sampled_fraction: float = 0.0
     _budget_k: int | None = None
     _mean_confidences: list[float] | None = None
     _first_token_time: dict[str, float] = field(default_factory=dict)
@@ -85,7 +89,8 @@ class VerifyPolicyHook:
         budget = context.num_scheduled_tokens + budget_left
         profile = self.profile
         if profile is not None and self.last_num_drafting is not None and self.gate_drafting:
-            profile = _DraftingCost(profile, self.last_num_drafting)  # this step drafts about as many
+            # this step drafts about as many as the gate chose last step
+            profile = _DraftingCost(profile, self.last_num_drafting, self.last_sampled_fraction)
         plan = plan_verify(self.policy, all_reqs, profile, prefill_tokens, budget, self._budget_k)
         if self.policy.kind == "dspark-async" and self.profile is not None:
             # K for the NEXT step from this step's confidences (full search; off the critical path
@@ -108,14 +113,22 @@ class VerifyPolicyHook:
             return [False] * len(requests)
         if not self.gate_drafting or self.profile is None or not self.policy.needs_profile:
             return [True] * len(requests)
+        if not any(request.spec_token_ids for request in requests):
+            self._budget_k = None  # the policy did not run this step: an older K would be stale
         for request in requests:  # blocks drafted after the previous step: fold into the mean once
             if request.last_draft_confidences and request.num_tokens == request.last_draft_num_tokens:
                 self._observe_confidences(request.last_draft_confidences)
         now = self.clock()
         estimates = [self._estimate(request, now) for request in requests]
+        sampled = [not request.sampling_params.greedy for request in requests]
+        fraction = sum(sampled) / len(requests) if requests else 0.0
+        # The next step's base: one token per decode request plus this step's prefill chunks (the
+        # verify tokens scheduled this step are not part of the next one).
         prefill_tokens = context.num_scheduled_tokens - context.num_decode_requests
-        flags = plan_drafting(estimates, self.profile, max(0, prefill_tokens), context.token_budget)
+        flags = plan_drafting(estimates, self.profile, max(0, prefill_tokens), context.token_budget, fraction)
         self.last_num_drafting = sum(flags)
+        drafting_sampled = sum(f and s for f, s in zip(flags, sampled, strict=True))
+        self.last_sampled_fraction = drafting_sampled / self.last_num_drafting if self.last_num_drafting else 0.0
         return flags
 
     def _observe_confidences(self, confidences: Sequence[float]) -> None:
@@ -127,6 +140,13 @@ class VerifyPolicyHook:
             mean[k] += MEAN_RATE * (float(c) - mean[k])
 
     def _estimate(self, request: Request, now: float) -> VerifyRequest | None:
+        if request.sampling_params.needs_penalties:
+            return VerifyRequest((), 0)  # penalised requests never draft (engine/spec/verify_step.py)
+        # Drafts made after this step are verified in the next, after this step's token: at most
+        # max_tokens - (outputs + 1) - 1 of them can be (scheduler.request_rules.draft_cap).
+        left = request.sampling_params.max_tokens - request.num_output_tokens - 2
+        if left <= 0:
+            return VerifyRequest((), 0)
         own = request.last_draft_confidences
         if own and request.num_tokens - request.last_draft_num_tokens > STALE_DRAFT_TOKENS:
             own = ()
@@ -137,9 +157,8 @@ class VerifyPolicyHook:
             conf = tuple(ESTIMATE_SHRINKAGE * a + (1 - ESTIMATE_SHRINKAGE) * m for a, m in zip(own, mean, strict=True))
         else:
             conf = tuple(own or mean or ())
-        left = request.sampling_params.max_tokens - request.num_output_tokens - 1
         base = self._verify_request(request, now)
-        return VerifyRequest(conf, max(0, min(left, len(conf))), base.target_tpot_s, base.decode_time_s,
+        return VerifyRequest(conf, min(left, len(conf)), base.target_tpot_s, base.decode_time_s,
                              base.num_decode_tokens)
 
     def forget(self, request_id: str) -> None:

@@ -35,14 +35,19 @@ class StepTimeModel(Protocol):
     def step_time(self, num_tokens: int, num_requests: int) -> float: ...
 
 
-def drafting_step_time(model: StepTimeModel, num_tokens: int, num_requests: int, num_drafting: int) -> float:
+def drafting_step_time(
+    model: StepTimeModel, num_tokens: int, num_requests: int, num_drafting: int, sampled_fraction: float = 0.0
+) -> float:
     """Seconds of a step of B = ``num_tokens``, R = ``num_requests`` that runs the drafter for
-    ``num_drafting`` of the R requests: the profile's full-drafting step time minus the drafter time
-    it does not spend. Models without measured drafter times (``has_draft_time`` false) give the full step."""
+    ``num_drafting`` of the R requests, ``sampled_fraction`` of them sampled (T > 0: the drafter also
+    draws from q per slot, up to 4x dearer than greedy drafting here): the profile's step time (measured
+    with greedy drafting for all R) minus the greedy drafter time plus the drafter time this step
+    spends. Models without measured drafter times (``has_draft_time`` false) give the full step."""
     full = model.step_time(num_tokens, num_requests)
-    if not getattr(model, "has_draft_time", False) or num_drafting >= num_requests:
+    if not getattr(model, "has_draft_time", False):
         return full
-    return max(full - model.draft_time(num_requests) + model.draft_time(num_drafting), 1e-9)  # type: ignore[attr-defined]
+    spent = model.draft_time(num_drafting, sampled_fraction)  # type: ignore[attr-defined]
+    return max(full - model.draft_time(num_requests) + spent, 1e-9)  # type: ignore[attr-defined]
 
 
 def isotonic_non_decreasing(values: Sequence[float]) -> list[float]:
@@ -99,6 +104,17 @@ def _bracket(grid: tuple[int, ...], x: float, extrapolate: bool) -> tuple[int, f
     return i, (t if extrapolate else min(t, 1.0))
 
 
+def _draft_curve(grid: tuple[int, ...], times: tuple[float, ...], num_requests: int) -> float:
+    """Linear interpolation of drafter seconds over the R grid, through the origin, extrapolated."""
+    i, t = _bracket((0, *grid), num_requests, extrapolate=True)
+    padded = (0.0, *times)
+    return max(0.0, (1 - t) * padded[i] + t * padded[i + 1])
+
+
+def _floats(values: object) -> tuple[float, ...] | None:
+    return tuple(float(v) for v in values) if values is not None else None  # type: ignore[union-attr]
+
+
 @dataclass(frozen=True)
 class ThroughputProfile:
     """Measured whole-step time on a grid of batch tokens B and decode requests R.
@@ -110,9 +126,10 @@ class ThroughputProfile:
             over B tokens + drafter for R requests + sampling), non-decreasing along both axes.
             Cells with B < R cannot be measured; ``measure_profile`` fills them from above.
         key: what the profile was measured on (model, dtype, device, settings); metadata only.
-        draft_time_s: ``[len(num_requests)]`` seconds of the drafter forward alone for R requests (part
-            of ``step_time_s``), non-decreasing; None without a drafter or for profiles measured
-            before it was recorded.
+        draft_time_s: ``[len(num_requests)]`` seconds of the drafter forward alone for R greedy
+            requests (part of ``step_time_s``), non-decreasing; None without a drafter or for profiles
+            measured before it was recorded.
+        draft_time_sampled_s: the same for R sampled requests (T = 1); None = as greedy.
     """
 
     batch_tokens: tuple[int, ...]
@@ -120,6 +137,7 @@ class ThroughputProfile:
     step_time_s: tuple[tuple[float, ...], ...]
     key: ProfileKey = field(default_factory=dict, hash=False)
     draft_time_s: tuple[float, ...] | None = None
+    draft_time_sampled_s: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         for name, grid in (("batch_tokens", self.batch_tokens), ("num_requests", self.num_requests)):
@@ -140,13 +158,17 @@ class ThroughputProfile:
                         f"step time must be non-decreasing in B and R (at B={self.batch_tokens[i]}, "
                         f"R={self.num_requests[k]}); smooth it with smooth_monotone()"
                     )
-        draft = self.draft_time_s
-        if draft is not None:
+        for name in ("draft_time_s", "draft_time_sampled_s"):
+            draft = getattr(self, name)
+            if draft is None:
+                continue
             if len(draft) != len(self.num_requests):
-                raise ValueError("draft_time_s must have one value per num_requests grid point")
+                raise ValueError(f"{name} must have one value per num_requests grid point")
             increasing = all(a <= b for a, b in zip(draft, draft[1:], strict=False))
             if any(not (math.isfinite(t) and t >= 0) for t in draft) or not increasing:
-                raise ValueError(f"draft_time_s must be finite, >= 0 and non-decreasing in R: {draft}")
+                raise ValueError(f"{name} must be finite, >= 0 and non-decreasing in R: {draft}")
+        if self.draft_time_sampled_s is not None and self.draft_time_s is None:
+            raise ValueError("draft_time_sampled_s needs draft_time_s")
 
     @classmethod
     def from_measurements(
@@ -156,25 +178,31 @@ class ThroughputProfile:
         step_time_s: Sequence[Sequence[float]],
         key: ProfileKey | None = None,
         draft_time_s: Sequence[float] | None = None,
+        draft_time_sampled_s: Sequence[float] | None = None,
     ) -> ThroughputProfile:
         """Build a profile from raw (noisy, possibly non-monotone) timings, smoothing them."""
-        draft = tuple(isotonic_non_decreasing(draft_time_s)) if draft_time_s is not None else None
-        return cls(tuple(batch_tokens), tuple(num_requests), smooth_monotone(step_time_s), dict(key or {}), draft)
+        draft, sampled = (tuple(isotonic_non_decreasing(d)) if d is not None else None
+                          for d in (draft_time_s, draft_time_sampled_s))
+        return cls(tuple(batch_tokens), tuple(num_requests), smooth_monotone(step_time_s), dict(key or {}), draft,
+                   sampled)
 
     @property
     def has_draft_time(self) -> bool:
         """Whether the drafter's share of a step was measured (``draft_time_s``)."""
         return self.draft_time_s is not None
 
-    def draft_time(self, num_requests: int) -> float:
-        """Seconds of one drafter forward for ``num_requests`` requests (0 for none, or without
-        ``draft_time_s``): linear in R between grid points, from the origin below the first point,
-        and along the last segment's slope beyond the grid."""
+    def draft_time(self, num_requests: int, sampled_fraction: float = 0.0) -> float:
+        """Seconds of one drafter forward for ``num_requests`` requests of which ``sampled_fraction``
+        are sampled (0 for none, or without ``draft_time_s``): each curve linear in R between grid
+        points, from the origin below the first point, along the last segment's slope beyond the grid;
+        the two curves mixed linearly by ``sampled_fraction``."""
         if self.draft_time_s is None or num_requests <= 0:
             return 0.0
-        grid, times = (0, *self.num_requests), (0.0, *self.draft_time_s)
-        i, t = _bracket(grid, num_requests, extrapolate=True)
-        return max(0.0, (1 - t) * times[i] + t * times[i + 1])
+        greedy = _draft_curve(self.num_requests, self.draft_time_s, num_requests)
+        if not sampled_fraction or self.draft_time_sampled_s is None:
+            return greedy
+        sampled = _draft_curve(self.num_requests, self.draft_time_sampled_s, num_requests)
+        return (1 - sampled_fraction) * greedy + sampled_fraction * sampled
 
     def step_time(self, num_tokens: int, num_requests: int) -> float:
         """Predicted seconds of one step with ``num_tokens`` batch tokens and ``num_requests`` decode
@@ -227,6 +255,7 @@ class ThroughputProfile:
             "num_requests": list(self.num_requests),
             "step_time_s": [list(row) for row in self.step_time_s],
             "draft_time_s": list(self.draft_time_s) if self.draft_time_s is not None else None,
+            "draft_time_sampled_s": list(self.draft_time_sampled_s) if self.draft_time_sampled_s is not None else None,
         }
 
     @classmethod
@@ -239,7 +268,8 @@ class ThroughputProfile:
             num_requests=tuple(int(r) for r in data["num_requests"]),  # type: ignore[union-attr]
             step_time_s=tuple(tuple(float(t) for t in row) for row in data["step_time_s"]),  # type: ignore[union-attr]
             key=dict(data.get("key") or {}),  # type: ignore[call-overload]
-            draft_time_s=tuple(float(t) for t in draft) if (draft := data.get("draft_time_s")) is not None else None,  # type: ignore[union-attr]
+            draft_time_s=_floats(data.get("draft_time_s")),
+            draft_time_sampled_s=_floats(data.get("draft_time_sampled_s")),
         )
 
     def to_json(self) -> str:

@@ -49,12 +49,13 @@ def measure_profile(
     warmup: int = 1,
     progress: bool = False,
     key: ProfileKey | None = None,
-    draft_fn: Callable[[int], float] | None = None,
+    draft_fn: Callable[..., float] | None = None,
 ) -> ThroughputProfile:
     """Time ``step_fn(B, R)`` on every grid cell with B >= R and build a smoothed profile.
 
-    ``draft_fn(R)`` (seconds of the drafter forward alone for R requests, the part of a step that
-    the scheduler can skip) is timed the same way on every R of the grid, as ``draft_time_s``.
+    ``draft_fn(R, sampled)`` (seconds of the drafter forward alone for R greedy / sampled requests, the
+    part of a step that the scheduler can skip) is timed the same way on every R of the grid, as
+    ``draft_time_s`` and ``draft_time_sampled_s``.
 
     Each cell runs ``warmup`` untimed calls, then takes the median of ``repeats`` timed calls.
     Cells with B < R (impossible steps) take the first measured value above them in their column,
@@ -78,13 +79,14 @@ def measure_profile(
         measured[(b, r)] = statistics.median(float(step_fn(b, r)) for _ in range(repeats))
         if bar is not None:
             bar.update(1)
-    draft_times = None
+    draft_times: dict[bool, list[float]] = {}
     if draft_fn is not None:
-        draft_times = []
-        for r in request_grid:
-            for _ in range(warmup):
-                draft_fn(r)
-            draft_times.append(statistics.median(float(draft_fn(r)) for _ in range(repeats)))
+        for sampled in (False, True):
+            draft_times[sampled] = []
+            for r in request_grid:
+                for _ in range(warmup):
+                    draft_fn(r, sampled)
+                draft_times[sampled].append(statistics.median(float(draft_fn(r, sampled)) for _ in range(repeats)))
     if bar is not None:
         bar.close()
     grid = [[measured.get((b, r)) for r in request_grid] for b in batch_grid]
@@ -99,7 +101,9 @@ def measure_profile(
         for k in range(len(request_grid)):
             if row[k] is None:
                 row[k] = row[k - 1]
-    return ThroughputProfile.from_measurements(batch_grid, request_grid, grid, key, draft_times)  # type: ignore[arg-type]
+    return ThroughputProfile.from_measurements(  # type: ignore[arg-type]
+        batch_grid, request_grid, grid, key, draft_times.get(False), draft_times.get(True)
+    )
 
 
 def profile_cache_path(key: ProfileKey, cache_dir: str | Path | None = None) -> Path:

@@ -85,6 +85,7 @@ class OnlineProfile:
                 smooth_monotone(grid, isotonic=False),
                 self.base.key,
                 self.base.draft_time_s,
+                self.base.draft_time_sampled_s,
             )
         return self._current
 
@@ -92,9 +93,9 @@ class OnlineProfile:
     def has_draft_time(self) -> bool:
         return self.base.has_draft_time
 
-    def draft_time(self, num_requests: int) -> float:
+    def draft_time(self, num_requests: int, sampled_fraction: float = 0.0) -> float:
         """Drafter seconds for R requests, scaled by the global correction exp(g)."""
-        return self.base.draft_time(num_requests) * self.scale
+        return self.base.draft_time(num_requests, sampled_fraction) * self.scale
 
     def step_time(self, num_tokens: int, num_requests: int) -> float:
         """Predicted seconds per step at (B, R), drift-corrected."""
