@@ -108,11 +108,14 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
     s.add_argument("--seed", type=int, default=d.seed, help="global seed for requests without one")
     s.add_argument("--drafter", default=None, help="drafter checkpoint, or 'none' to disable speculation")
-    s.add_argument("--drafter-kind", default=d.drafter_kind, choices=("dspark", "dflash", "draft-model"))
-    s.add_argument("--num-draft-tokens", type=int, default=d.num_draft_tokens)
+    s.add_argument("--drafter-kind", default=d.drafter_kind, choices=("dspark", "dflash", "draft-model"),
+                   help="family of --drafter PATH (default: %(default)s)")
+    s.add_argument("--num-draft-tokens", type=int, default=d.num_draft_tokens,
+                   help="drafts per step for a draft-model drafter (default: %(default)s)")
     s.add_argument("--draft-vocab-size", type=int, default=None,
                    help="restrict DSpark/DFlash drafts to token ids below this (default: 8192 for the shipped drafter)")
-    s.add_argument("--verify-policy", default=None, help="none | fixed:K | dspark | dspark-async")
+    s.add_argument("--verify-policy", default=None,
+                   help="none | fixed:K | dspark | dspark-async (default: dspark when a drafter is loaded)")
     s.add_argument("--no-draft-gate", dest="draft_gate", action="store_false",
                    help="with dspark policies, draft for every request every step (default: skip the drafter "
                         "for requests whose drafts are not worth its cost at the current load)")

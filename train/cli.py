@@ -121,16 +121,21 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("calibrate-drafter", help="sequential temperature scaling on held-out data")
+    p = subparsers.add_parser(
+        "calibrate-drafter", help="sequential temperature scaling on held-out data",
+        description="Fit the confidence head's temperature vectors at T=1 and T=0 on held-out prompts. Rewrites "
+                    "DRAFTER/config.json (confidence_temperatures, confidence_temperatures_greedy) in place and "
+                    "writes DRAFTER/calibration.json (ECE / AUC / Brier before and after).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(p)
-    p.add_argument("--drafter", required=True)
+    p.add_argument("--drafter", required=True, help="drafter folder (DeepSpec layout); modified in place")
     p.add_argument("--data", default="data/smollm2",
                    help="gen-data folder (hash held-out split) or PROMPTS.jsonl@N (prompts after the first N "
                         "of gen-data's seeded order, e.g. ../shared/data/train/train_prompts.jsonl@6000)")
-    p.add_argument("--holdout", type=float, default=0.05)
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--holdout", type=float, default=0.05, help="held-out fraction of a gen-data folder")
+    p.add_argument("--num-prompts", type=int, default=64, help="held-out prompts to decode")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per prompt")
+    p.add_argument("--batch", type=int, default=16, help="prompts decoded at once")
     p.set_defaults(func=cmd_calibrate)
 
     p = subparsers.add_parser("eval-drafter", help="accepted length, survival, calibration, repetition")
