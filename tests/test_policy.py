@@ -485,3 +485,9 @@ def test_hook_drafting_gate_by_policy_and_estimates() -> None:
     near_end.sampling_params = SamplingParams(max_tokens=42)
     assert hook.select_drafting([strong, penalised, near_end], VerifyContext(3, 3, 64)) == [True, False, False]
     assert hook.last_num_drafting == 1
+    # dspark-async: a budget K learned when the policy last ran is dropped in a step where it did not run
+    # (nobody held drafts), so it is never applied to a batch of a different size
+    async_hook = VerifyPolicyHook(parse_policy("dspark-async"), WithDrafter(0.2))
+    async_hook._budget_k = 5
+    async_hook.select_drafting(reqs, ctx)
+    assert async_hook._budget_k is None
