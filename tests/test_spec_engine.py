@@ -234,3 +234,17 @@ def test_sampling_distribution_matches_target(target) -> None:
     bad_stat, bad_cells = _chi2(_sampled_joint(bad, prompt, n, temperature, vocab), exact)
     print(f"chi2 wrong-q {bad_stat:.1f} over {bad_cells} cells")
     assert bad_stat > _chi2_bound(bad_cells), (bad_stat, bad_cells)
+
+
+def test_survival_check_counts_match_the_engine(target, prompts) -> None:
+    """loadtests.survival_check.run: its per-position realised acceptances add up to the engine's own
+    accepted-draft counter, and predictions are prefix survivals in [0, 1]."""
+    from loadtests.survival_check import run
+
+    core = _core(target, _DRAFTERS["dspark"](target, 6))
+    res = run(core, prompts[:5], 0.0, 12)
+    assert res["verified"] == core.spec_stats.num_draft_tokens > 0
+    assert res["realised_accepted"] == core.spec_stats.num_accepted_tokens
+    rows = res["by_position"]
+    assert all(0.0 <= r["predicted"] <= 1.0 and 0.0 <= r["realised"] <= 1.0 for r in rows)
+    assert [r["n"] for r in rows] == sorted((r["n"] for r in rows), reverse=True)  # prefixes: fewer deeper
