@@ -24,6 +24,17 @@ from scheduler.profile import ThroughputProfile, default_grid, measure_profile, 
 logger = logging.getLogger(__name__)
 
 
+def _synthetic_tables(
+    num_requests: int, context_len: int, extra: int, num_blocks: int, block_size: int
+) -> tuple[int, list[tuple[int, ...]]]:
+    """(context length, block tables) for R synthetic sequences of ``ctx + extra`` positions each:
+    ``context_len`` if that fits ``num_blocks``, else shortened; tables wrap around the pool."""
+    per_seq = -(-(context_len + extra) // block_size)
+    ctx = context_len if per_seq * num_requests <= num_blocks else max(1, num_blocks // num_requests * block_size - extra)
+    per_seq = -(-(ctx + extra) // block_size)
+    return ctx, [tuple((i * per_seq + j) % num_blocks for j in range(per_seq)) for i in range(num_requests)]
+
+
 def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -> Callable[[int, int], float]:
     """``step_fn(B, R) -> seconds`` for ``measure_profile``; writes only to scratch KV slots."""
     block_size = runner.block_size
@@ -31,10 +42,7 @@ def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -
     @torch.inference_mode()
     def step(num_tokens: int, num_requests: int) -> float:
         q_lens = [num_tokens // num_requests + (1 if i < num_tokens % num_requests else 0) for i in range(num_requests)]
-        per_seq = -(-(context_len + max(q_lens) + 16) // block_size)
-        ctx = context_len if per_seq * num_requests <= num_blocks else max(1, num_blocks // num_requests * block_size - max(q_lens) - 16)
-        per_seq = -(-(ctx + max(q_lens) + 16) // block_size)
-        tables = [[(i * per_seq + j) % num_blocks for j in range(per_seq)] for i in range(num_requests)]
+        ctx, tables = _synthetic_tables(num_requests, context_len, max(q_lens) + 16, num_blocks, block_size)
         device = runner.device
         start = time.perf_counter()
         meta = build_attention_metadata(q_lens, [ctx] * num_requests, [ctx + q for q in q_lens], tables, block_size,
@@ -51,7 +59,7 @@ def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -
             starts = [ctx + q for q in q_lens]
             spec.drafter.propose(
                 torch.zeros(num_requests, dtype=torch.int64, device=device), starts,
-                spec.draft_tables(starts, [tuple(t) for t in tables]), block_size, spec.kv_caches,
+                spec.draft_tables(starts, tables), block_size, spec.kv_caches,
                 torch.zeros(num_requests, device=device), [None] * num_requests,
             )
         return time.perf_counter() - start
@@ -70,10 +78,7 @@ def make_draft_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) 
 
     @torch.inference_mode()
     def draft(num_requests: int, sampled: bool = False) -> float:
-        per_seq = -(-(context_len + 1) // block_size)
-        ctx = context_len if per_seq * num_requests <= num_blocks else max(1, num_blocks // num_requests * block_size - 1)
-        per_seq = -(-(ctx + 1) // block_size)
-        tables = [tuple((i * per_seq + j) % num_blocks for j in range(per_seq)) for i in range(num_requests)]
+        ctx, tables = _synthetic_tables(num_requests, context_len, 1, num_blocks, block_size)
         starts = [ctx] * num_requests
         device = runner.device
         start = time.perf_counter()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from train.data import MAX_PROMPT_TOKENS
+
 LAYERS = "1,8,15,22,28"
 
 
@@ -91,7 +93,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--name", default="smollm2")
     p.add_argument("--data-root", default="data")
     p.add_argument("--num-prompts", type=int, default=3000)
-    p.add_argument("--max-prompt-tokens", type=int, default=384)
+    p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--backend", default="auto", choices=("auto", "engine", "loop"))

@@ -30,13 +30,17 @@ KINDS = ("chat", "code", "math")
 MIN_LOSS_TOKENS = 14  # DeepSpec drops samples with fewer loss tokens
 
 
+MAX_PROMPT_TOKENS = 384
+"""Prompts longer than this (tokens, chat template included) are skipped by gen-data by default."""
+
+
 @dataclass(frozen=True)
 class GenSettings:
     """Sampling settings of the regeneration (DeepSpec's Qwen3 example: 0.7 / 0.8 / 20)."""
 
     num_prompts: int = 3000
     seed: int = 0
-    max_prompt_tokens: int = 384
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
     max_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 0.8

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from train.calibrate import fit_temperatures, write_temperatures
-from train.data import chat_prompt_ids, read_samples, select_prompts, split_holdout
+from train.data import MAX_PROMPT_TOKENS, chat_prompt_ids, read_samples, select_prompts, split_holdout
 from train.drafters import load_any_drafter
 from train.metrics import calibration_report, reliability_bins, repetition_share, survival_by_position
 from train.spec_eval import SpecResult, run_spec_decode
@@ -29,7 +29,6 @@ if TYPE_CHECKING:  # engine.loader needs the gguf package, which the GPU machine
     from engine.loader import LoadedModel
 
 DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
-MAX_HOLDOUT_PROMPT_TOKENS = 384  # gen-data's default prompt cap (GenSettings.max_prompt_tokens)
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -191,14 +190,14 @@ def _holdout_prompts(loaded: LoadedModel, data: str, num_prompts: int, holdout: 
     """Prompt ids never trained on. ``data``: a gen-data folder (its hash-held-out split, ``holdout``
     fraction), or ``PROMPTS.jsonl@N`` (a train-prompts file: the ``num_prompts`` prompts that follow the
     first N of ``select_prompts``' order under ``seed``, i.e. a gen-data run of N prompts never saw them;
-    prompts over 384 tokens skipped, as gen-data skips them).
+    prompts over MAX_PROMPT_TOKENS skipped, as gen-data skips them).
     Raises ValueError when nothing is held out."""
     if "@" in data and data.rsplit("@", 1)[1].isdigit():
         path, skip = data.rsplit("@", 1)
         seen = {r["id"] for r in select_prompts(path, int(skip), seed)}
         rows = [r for r in select_prompts(path, int(skip) + 2 * num_prompts, seed) if r["id"] not in seen]
         prompts = [ids for ids in (chat_prompt_ids(loaded.tokenizer, r["prompt"]) for r in rows)
-                   if len(ids) <= MAX_HOLDOUT_PROMPT_TOKENS][:num_prompts]
+                   if len(ids) <= MAX_PROMPT_TOKENS][:num_prompts]
     else:
         _, held = split_holdout(read_samples(data), holdout, seed)
         prompts = [s.ids[:s.loss_start] for s in held[:num_prompts]]

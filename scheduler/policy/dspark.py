@@ -40,7 +40,7 @@ order: a top-K cut is non-anticipating for the same reason.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -149,13 +149,22 @@ def plan_budget_k(
     num_requests = len(prev_reqs)
     base = _base_tokens(num_requests, prefill_tokens, token_budget)
     slots = ranked_slots(prev_reqs)[: token_budget - base]
-    if not slots:
-        return 0
+    return _best_prefix(slots, num_requests, lambda k, _: profile.step_time(base + k, num_requests))
+
+
+def _best_prefix(
+    slots: Sequence[Slot], num_requests: int, step_time: Callable[[int, int], float], margin: float = 0.0
+) -> int:
+    """Full search: the k maximising ``Theta(k) = (R + sum_{top k} w a) / step_time(k, owners_k)``, where
+    owners_k = distinct requests among the top k slots; 0 unless some Theta(k) exceeds ``(1 - margin)``
+    x Theta(0); smallest k on ties."""
     objective = float(num_requests)
-    best_k, best = 0, objective / profile.step_time(base, num_requests)
+    best_k, best = 0, (1.0 - margin) * objective / step_time(0, 0)
+    owners: set[int] = set()
     for k, slot in enumerate(slots, start=1):
         objective += slot.weighted
-        theta = objective / profile.step_time(base + k, num_requests)
+        owners.add(slot.request)
+        theta = objective / step_time(k, len(owners))
         if theta > best:
             best_k, best = k, theta
     return best_k
@@ -216,18 +225,10 @@ def plan_drafting(
     known = [i for i, est in enumerate(estimates) if est is not None]
     forced = sum(unknown)
 
-    def step_time(num_tokens: int, num_drafting: int) -> float:
-        return drafting_step_time(profile, num_tokens, num_requests, num_drafting, sampled_fraction)
+    def step_time(k: int, num_owners: int) -> float:
+        return drafting_step_time(profile, base + k, num_requests, forced + num_owners, sampled_fraction)
 
     slots = ranked_slots([estimates[i] for i in known])[: token_budget - base]  # type: ignore[misc]
-    objective = float(num_requests)
-    best = (1.0 - margin) * objective / step_time(base, forced)
-    drafted: set[int] = set()
-    chosen: set[int] = set()
-    for k, slot in enumerate(slots, start=1):
-        objective += slot.weighted
-        drafted.add(known[slot.request])
-        theta = objective / step_time(base + k, forced + len(drafted))
-        if theta > best:
-            best, chosen = theta, set(drafted)
+    best_k = _best_prefix(slots, num_requests, step_time, margin)
+    chosen = {known[slot.request] for slot in slots[:best_k]}
     return [unknown[i] or i in chosen for i in range(num_requests)]

@@ -68,12 +68,19 @@ class VerifyPolicyHook:
     _mean_confidences: list[float] | None = None
     _first_token_time: dict[str, float] = field(default_factory=dict)
 
-    def _verify_request(self, request: Request, now: float) -> VerifyRequest:
+    def _verify_request(
+        self, request: Request, now: float, confidences: tuple[float, ...] | None = None,
+        max_verify: int | None = None,
+    ) -> VerifyRequest:
+        """The policy's view of ``request``: its current drafts, or the given estimate of its next ones."""
         first = self._first_token_time.setdefault(request.request_id, now)
         target = request.sampling_params.target_tpot_ms
+        if confidences is None:
+            confidences = tuple(request.spec_confidences) or (1.0,) * len(request.spec_token_ids)
+            max_verify = len(request.spec_token_ids)
         return VerifyRequest(
-            confidences=tuple(request.spec_confidences) or (1.0,) * len(request.spec_token_ids),
-            max_verify=len(request.spec_token_ids),
+            confidences=confidences,
+            max_verify=max_verify if max_verify is not None else len(confidences),
             target_tpot_s=target / 1000.0 if target is not None else None,
             decode_time_s=now - first,
             num_decode_tokens=max(0, request.num_output_tokens - 1),
@@ -157,9 +164,7 @@ class VerifyPolicyHook:
             conf = tuple(ESTIMATE_SHRINKAGE * a + (1 - ESTIMATE_SHRINKAGE) * m for a, m in zip(own, mean, strict=True))
         else:
             conf = tuple(own or mean or ())
-        base = self._verify_request(request, now)
-        return VerifyRequest(conf, min(left, len(conf)), base.target_tpot_s, base.decode_time_s,
-                             base.num_decode_tokens)
+        return self._verify_request(request, now, conf, min(left, len(conf)))
 
     def forget(self, request_id: str) -> None:
         """Drop per-request timing of a finished request."""
