@@ -1,44 +1,30 @@
-"""ModelRunner: owns every tensor (weights, paged KV cache, sampler state) and runs one step.
+"""ModelRunner: owns every tensor (weights, paged KV cache, persistent batch, drafts) and runs one step.
 
-The scheduler decides *what* runs; the runner only executes a ``SchedulerOutput``:
-1. flatten the ragged batch (prefill chunks, decode tokens, verify blocks) into ``[T]`` input ids and
-   positions, with a slot mapping and block tables for paged attention;
-2. run the target once;
-3. sample (or verify drafts with the rejection sampler) for the sequences that reached the end of
-   their known tokens;
-4. run the drafter for the next step (when one is loaded).
+The scheduler decides *what* runs and who drafts; the runner only executes a ``SchedulerOutput``:
+1. apply the schedule's diff to the persistent batch and build the flat inputs (``engine/input_batch.py``);
+2. run the target once over the ragged batch (prefill chunks, decode tokens, verify blocks);
+3. store every row's target features in the drafter's context cache;
+4. verify (or plainly sample, l_r = 0) the sequences that reached the end of their known tokens
+   (``engine/spec_decode/verifier.py``);
+5. draft the next block for the sequences the scheduler marked ``draft``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 
-from engine.attention import build_attention_metadata, new_kv_cache
+from engine.attention import new_kv_cache
+from engine.input_batch import InputBatch
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
-from engine.sampler import Sampler, SamplingMetadata, to_token_logprobs
-from engine.spec.speculator import Speculator
-from engine.spec.verify_step import verify_and_draft
-from scheduler.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
-from scheduler.sampling_params import SamplingParams
-
-
-@dataclass
-class RequestState:
-    """Per-request state kept by the runner between steps.
-
-    Attributes:
-        params: the request's sampling parameters.
-        generator: seeded generator (``None`` = global RNG).
-        output_token_ids: generated tokens so far (penalties).
-    """
-
-    params: SamplingParams
-    generator: torch.Generator | None
-    output_token_ids: list[int] = field(default_factory=list)
-    prompt_token_ids: tuple[int, ...] = ()
+from engine.sampling.mask import LogitsMask
+from engine.spec_decode.draft_store import DraftStore
+from engine.spec_decode.rejection import DraftProbs, RaggedDrafts
+from engine.spec_decode.speculator import Speculator
+from engine.spec_decode.verifier import Verifier, VerifyInput, VerifyOutput
+from scheduler.outputs import DraftProposal, RunnerOutput, ScheduledSeq, SchedulerOutput
 
 
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -58,6 +44,10 @@ class ModelRunner:
         dtype: KV cache dtype (same as the model's).
         device: torch device.
         speculator: drafter wrapper (None = no speculation).
+        max_num_seqs / max_model_len: size of the persistent batch.
+        engine_seed: mixed into unseeded requests' random streams.
+        mask: the logits-mask hook (grammars), or None.
+        unseeded_coupling: verify unseeded sampled requests by Gumbel coupling (``Verifier``).
     """
 
     def __init__(
@@ -69,6 +59,11 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         speculator: Speculator | None = None,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        engine_seed: int = 0,
+        mask: LogitsMask | None = None,
+        unseeded_coupling: bool = False,
     ) -> None:
         self.model = model
         self.speculator = speculator
@@ -79,97 +74,117 @@ class ModelRunner:
             new_kv_cache(num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype, self.device)
             for _ in range(config.num_hidden_layers)
         ]
-        self.sampler = Sampler()
-        self.requests: dict[str, RequestState] = {}
-
-    # ------------------------------------------------------------------ state
-    def _update_states(self, out: SchedulerOutput) -> None:
-        for rid in out.finished_request_ids:
-            self.requests.pop(rid, None)
-            if self.speculator is not None:
-                self.speculator.drop(rid)
-        for rid in out.preempted_request_ids:
-            if self.speculator is not None:
-                self.speculator.drop(rid)
-        for seq in out.seqs:
-            new = seq.new_request
-            if new is None:
-                continue
-            if self.speculator is not None:
-                self.speculator.drop(seq.request_id)
-            state = self.requests.get(seq.request_id)
-            if state is None:
-                generator = None
-                if new.sampling_params.seed is not None:
-                    generator = torch.Generator(device=self.device)
-                    generator.manual_seed(new.sampling_params.seed)
-                state = RequestState(new.sampling_params, generator)
-                self.requests[seq.request_id] = state
-            state.output_token_ids = list(new.output_token_ids)
-            state.prompt_token_ids = new.prompt_token_ids
+        gamma = speculator.gamma if speculator is not None else 0
+        max_len = (max_model_len or config.max_position_embeddings) + gamma + 1
+        self.batch = InputBatch(max_num_seqs, max_len, block_size, config.vocab_size, self.device, engine_seed)
+        self.drafts = DraftStore()
+        self.verifier = Verifier(mask, unseeded_coupling)
+        self.mask = mask
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        """Run one step. Returns the tokens sampled per request (python ints)."""
-        self._update_states(out)
+        """Run one step. Returns the emitted tokens and next drafts per request (Python values)."""
+        for rid in (*out.finished_request_ids, *out.preempted_request_ids):
+            self.drafts.drop(rid)
+            if self.mask is not None:
+                self.mask.release(rid)
+        self.batch.apply(out)
         result = RunnerOutput()
         if not out.seqs:
             return result
-        seqs = out.seqs
-        input_ids, positions = self._flatten(seqs)
-        meta = build_attention_metadata(
-            q_lens=[s.num_new_tokens for s in seqs],
-            start_positions=[s.start_pos for s in seqs],
-            kv_lens=[s.end_pos for s in seqs],
-            block_tables=[s.block_table for s in seqs],
-            block_size=self.block_size,
-            device=self.device,
-        )
+        inputs = self.batch.prepare(out.seqs)
         aux_ids = self.speculator.target_layer_ids if self.speculator is not None else ()
-        hidden, aux = self.model(input_ids, positions, self.kv_caches, meta, aux_ids)  # [T, d], [T, m*d]
+        hidden, aux = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention, aux_ids)
         if self.speculator is not None:
-            verify_and_draft(self, seqs, meta, hidden, aux, result)
-            return result
-        sample_seqs = [s for s in seqs if s.sample]
+            self.speculator.add_context(aux, inputs.positions, inputs.slot_mapping)
+        sample_seqs = [out.seqs[i] for i in inputs.sample_index]
+        for seq in out.seqs:
+            if not seq.sample:
+                self.batch.record(seq, (), 0)
         if not sample_seqs:
             return result
-        rows, offset = [], 0
-        for s in seqs:
-            offset += s.num_new_tokens
-            if s.sample:
-                rows.append(offset - 1)
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [R, V] fp32
-        self.sample(sample_seqs, logits, result)
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_rows))  # [N, V] fp32
+        verified = self.verifier.verify(self._verify_input(sample_seqs, logits))
+        for i, seq in enumerate(sample_seqs):
+            self.batch.record(seq, verified.token_ids[i], verified.num_accepted[i])
+            result.sampled_token_ids[seq.request_id] = verified.token_ids[i]
+            if verified.logprobs[i] is not None:
+                result.logprobs[seq.request_id] = verified.logprobs[i]
+        if self.speculator is not None:
+            self._draft(sample_seqs, verified, result)
         return result
 
-    def _flatten(self, seqs: tuple[ScheduledSeq, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids: list[int] = []
-        pos: list[int] = []
-        for s in seqs:
-            ids.extend(s.token_ids)
-            pos.extend(range(s.start_pos, s.end_pos))
-        return (
-            torch.tensor(ids, dtype=torch.int64, device=self.device),  # [T]
-            torch.tensor(pos, dtype=torch.int64, device=self.device),  # [T]
+    def _verify_input(self, seqs: Sequence[ScheduledSeq], logits: torch.Tensor) -> VerifyInput:
+        """Drafts from the scheduler (``ScheduledSeq.spec_token_ids``), their q from the draft store."""
+        rids = tuple(s.request_id for s in seqs)
+        device = logits.device
+        dense: list[torch.Tensor | None] = []
+        for seq in seqs:
+            if not seq.spec_token_ids or seq.spec_draft_id is None:
+                self.drafts.drop(seq.request_id)  # drafts not verified this step are stale after it
+                dense.append(None)
+                continue
+            stored = self.drafts.take(seq.request_id, seq.spec_draft_id, seq.spec_token_ids)
+            dense.append(None if stored.probs is None else stored.probs[: seq.num_spec_tokens])
+        flat = [t for s in seqs for t in s.spec_token_ids]
+        drafts = RaggedDrafts(torch.tensor(flat, dtype=torch.int64, device=device),
+                              tuple(s.num_spec_tokens for s in seqs))
+        return VerifyInput(
+            request_ids=rids, logits=logits, drafts=drafts, draft_probs=_draft_probs(seqs, dense, device),
+            sampling=self.batch.sampling_metadata(rids),
+            first_positions=torch.tensor([s.start_pos + s.num_known_tokens for s in seqs], device=device),
+            output_token_ids=[self.batch.requests[rid].output_token_ids for rid in rids],
         )
 
-    def sample(self, seqs: list[ScheduledSeq], logits: torch.Tensor, result: RunnerOutput) -> None:
-        """One token per sequence from its logits row ([R, V] fp32) with the request's sampling
-        parameters; appends it to the request state and to ``result`` (with logprobs when asked)."""
-        states = [self.requests[s.request_id] for s in seqs]
-        meta = SamplingMetadata.build(
-            [st.params for st in states],
-            [st.generator for st in states],
-            [st.output_token_ids for st in states],
-            logits.shape[-1],
-            self.device,
-        )
-        sampled = self.sampler(logits, meta)
-        token_ids = sampled.token_ids.tolist()
-        logprobs = to_token_logprobs(sampled, [st.params.logprobs for st in states])
-        for seq, state, token, logprob in zip(seqs, states, token_ids, logprobs, strict=True):
-            state.output_token_ids.append(token)
-            result.sampled_token_ids[seq.request_id] = [token]
-            if logprob is not None:
-                result.logprobs[seq.request_id] = [logprob]
+    def _draft(self, seqs: Sequence[ScheduledSeq], verified: VerifyOutput, result: RunnerOutput) -> None:
+        """Draft the next block for the sequences the scheduler marked ``draft``; q goes to the store."""
+        spec = self.speculator
+        assert spec is not None
+        rows = [i for i, s in enumerate(seqs) if s.draft]
+        if not rows:
+            return
+        rids = [seqs[i].request_id for i in rows]
+        states = [self.batch.requests[rid] for rid in rids]
+        sampling = self.batch.sampling_metadata(rids)
+        coupled = self.verifier.coupled(sampling)
+        mask_fn = None
+        if self.mask is not None and any(self.mask.constrained(rid) for rid in rids):
+            mask = self.mask
+
+            def mask_fn(row: int, prefix: Sequence[int]) -> torch.Tensor | None:
+                rid = rids[row]
+                return mask.allowed(rid, states[row].output_token_ids, prefix) if mask.constrained(rid) else None
+
+        histories = [self.batch.history(rid) for rid in rids] if spec.drafter.needs_token_history else None
+        anchors = torch.tensor([verified.token_ids[i][-1] for i in rows], dtype=torch.int64, device=self.device)
+        out = spec.propose(anchors, [st.num_computed for st in states], [st.block_ids for st in states],
+                           sampling, coupled, histories, mask_fn)
+        tokens = out.token_ids.tolist()
+        confidences = out.confidences.float().tolist() if out.confidences is not None else None
+        free = {row: f for f, row in enumerate(r for r in range(len(rows)) if not sampling.greedy[r] and not coupled[r])}
+        for row, rid in enumerate(rids):
+            n = out.num_tokens[row] if out.num_tokens is not None else len(tokens[row])
+            if n == 0:
+                self.drafts.drop(rid)
+                continue
+            probs = out.draft_probs[free[row]] if row in free and out.draft_probs is not None else None
+            draft_id = self.drafts.put(rid, tuple(tokens[row][:n]), probs)
+            conf = tuple(confidences[row][:n]) if confidences is not None else ()
+            result.drafts[rid] = DraftProposal(tuple(tokens[row][:n]), conf, draft_id, spec.drafter.name)
+
+
+def _draft_probs(seqs: Sequence[ScheduledSeq], dense: list[torch.Tensor | None],
+                 device: torch.device) -> DraftProbs | None:
+    """q rows of every draft: the stored q of freely sampled drafts, one-hot for the rest."""
+    if not any(s.spec_token_ids for s in seqs):
+        return None
+    one_hot = torch.tensor([d is None for s, d in zip(seqs, dense, strict=True) for _ in s.spec_token_ids],
+                           dtype=torch.bool, device=device)
+    shapes = [d for d in dense if d is not None]
+    if not shapes:
+        return DraftProbs(None, one_hot)
+    vocab = shapes[0].shape[-1]
+    rows = [d if d is not None else torch.zeros(s.num_spec_tokens, vocab, device=device)
+            for s, d in zip(seqs, dense, strict=True) if s.spec_token_ids]
+    return DraftProbs(torch.cat(rows), one_hot)

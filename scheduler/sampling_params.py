@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-_SAMPLING_EPS = 1e-5
+GREEDY_TEMPERATURE = 1e-5
+"""Below this temperature a request is greedy (argmax), as DeepSpec: the one threshold of the project."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         """True when decoding is argmax (temperature below 1e-5, as DeepSpec)."""
-        return self.temperature < _SAMPLING_EPS
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:
