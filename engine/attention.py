@@ -78,13 +78,14 @@ class AttentionMetadata:
 
 def build_attention_metadata(
     q_lens: list[int],
-    start_positions: list[int],
-    kv_lens: list[int],
+    start_positions: list[int] | torch.Tensor,
+    kv_lens: list[int] | torch.Tensor,
     block_tables: torch.Tensor | list[list[int]] | list[tuple[int, ...]],
     block_size: int,
     causal: list[bool] | None = None,
     device: torch.device | str = "cpu",
     token_positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_kv_len: int | None = None,
 ) -> AttentionMetadata:
     """Build the metadata for a flat ragged batch of S sequences (tensor ops, no per-token Python).
 
@@ -98,6 +99,8 @@ def build_attention_metadata(
         block_size: tokens per KV block.
         causal: per sequence, False for a bidirectional block (drafter); default all True.
         token_positions: ``(owner [T], position [T])`` of every query row if the caller has them.
+        max_kv_len: a host-side upper bound of ``kv_lens`` (shapes), so tensor ``start_positions`` /
+            ``kv_lens`` (e.g. computed on the device from accepted counts) need no host sync.
     Returns:
         AttentionMetadata on ``device``.
     """
@@ -106,9 +109,11 @@ def build_attention_metadata(
     tables = block_tables if isinstance(block_tables, torch.Tensor) else _pad_tables(block_tables)
     counts = torch.tensor(q_lens, dtype=torch.int64)
     q_offsets = torch.cumsum(counts, 0) - counts  # [S] first row of each sequence
+    starts_t = torch.as_tensor(start_positions, dtype=torch.int64)
+    kv_t = torch.as_tensor(kv_lens, dtype=torch.int64)
     if token_positions is None:
         owner = torch.repeat_interleave(torch.arange(num_seqs), counts)  # [T]
-        positions = torch.tensor(start_positions, dtype=torch.int64)[owner] + torch.arange(int(counts.sum())) - q_offsets[owner]
+        positions = starts_t[owner] + torch.arange(int(counts.sum())) - q_offsets[owner]
     else:
         owner, positions = token_positions
     slot_mapping = tables[owner, positions // block_size] * block_size + positions % block_size  # [T]
@@ -120,8 +125,11 @@ def build_attention_metadata(
         block_size=block_size,
     )
     if short:
-        _build_short_group(meta, short, q_lens, q_offsets, start_positions, kv_lens, tables, causal, block_size, device)
+        _build_short_group(meta, short, q_lens, q_offsets, starts_t, kv_t, tables, causal, block_size, device,
+                           max_kv_len)
     offsets = q_offsets.tolist()
+    if long and (isinstance(start_positions, torch.Tensor) or isinstance(kv_lens, torch.Tensor)):
+        start_positions, kv_lens = starts_t.tolist(), kv_t.tolist()
     for i in long:
         pos = torch.arange(kv_lens[i])
         seq_slots = tables[i, pos // block_size] * block_size + pos % block_size
@@ -146,18 +154,19 @@ def _pad_tables(block_tables: list[list[int]] | list[tuple[int, ...]]) -> torch.
 
 def _build_short_group(
     meta: AttentionMetadata, short: list[int], q_lens: list[int], q_offsets: torch.Tensor,
-    start_positions: list[int], kv_lens: list[int], tables: torch.Tensor, causal: list[bool], block_size: int,
-    device: torch.device | str,
+    start_positions: torch.Tensor, kv_lens: torch.Tensor, tables: torch.Tensor, causal: list[bool], block_size: int,
+    device: torch.device | str, max_kv_len: int | None = None,
 ) -> None:
     """Padded ``[S, q_max]`` queries / ``[S, kv_max]`` keys of the short group (one batched attention
-    per layer), built with tensor ops from the sequences' lengths and block tables."""
+    per layer), built with tensor ops from the sequences' lengths and block tables (``max_kv_len``: a
+    host bound of the keys, else read from ``kv_lens``)."""
     index = torch.tensor(short, dtype=torch.int64)
     q_len_t = torch.tensor([q_lens[i] for i in short], dtype=torch.int64)  # [S]
-    kv_len_t = torch.tensor([kv_lens[i] for i in short], dtype=torch.int64)
-    start_t = torch.tensor([start_positions[i] for i in short], dtype=torch.int64)
+    kv_len_t = kv_lens.index_select(0, index)
+    start_t = start_positions.index_select(0, index)
     causal_t = torch.tensor([causal[i] for i in short], dtype=torch.bool)
-    q_max = int(q_len_t.max())
-    nb_max = max(1, -(-int(kv_len_t.max()) // block_size))
+    q_max = max(q_lens[i] for i in short)
+    nb_max = max(1, -(-(max_kv_len if max_kv_len is not None else int(kv_len_t.max())) // block_size))
     cols = torch.arange(q_max)
     valid = cols[None, :] < q_len_t[:, None]  # [S, q_max]
     index_t = torch.where(valid, q_offsets[index][:, None] + cols[None, :], torch.zeros_like(valid, dtype=torch.int64))

@@ -12,6 +12,7 @@ The scheduler decides *what* runs and who drafts; the runner only executes a ``S
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -21,9 +22,10 @@ from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
 from engine.sampling.mask import LogitsMask
 from engine.spec_decode.draft_store import DraftStore
+from engine.spec_decode.drafter import DraftOutput
 from engine.spec_decode.rejection import DraftProbs, RaggedDrafts
 from engine.spec_decode.speculator import Speculator
-from engine.spec_decode.verifier import Verifier, VerifyInput, VerifyOutput
+from engine.spec_decode.verifier import Verifier, VerifyInput, VerifyOutput, emitted_tokens
 from scheduler.outputs import DraftProposal, RunnerOutput, ScheduledSeq, SchedulerOutput
 
 
@@ -84,7 +86,12 @@ class ModelRunner:
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        """Run one step. Returns the emitted tokens and next drafts per request (Python values)."""
+        """Run one step. Returns the emitted tokens and next drafts per request (Python values).
+
+        One device-to-host transfer per step carries the emitted tokens, accepted counts and the next
+        drafts with their confidences (the drafter reads the accepted counts on the device). Extra
+        transfers happen only for logprobs, logits masks and drafters that read token histories.
+        """
         for rid in (*out.finished_request_ids, *out.preempted_request_ids):
             self.drafts.drop(rid)
             if self.mask is not None:
@@ -98,22 +105,43 @@ class ModelRunner:
         hidden, aux = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention, aux_ids)
         if self.speculator is not None:
             self.speculator.add_context(aux, inputs.positions, inputs.slot_mapping)
-        sample_seqs = [out.seqs[i] for i in inputs.sample_index]
         for seq in out.seqs:
             if not seq.sample:
                 self.batch.record(seq, (), 0)
+        sample_seqs = [out.seqs[i] for i in inputs.sample_index]
         if not sample_seqs:
             return result
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_rows))  # [N, V] fp32
         verified = self.verifier.verify(self._verify_input(sample_seqs, logits))
-        for i, seq in enumerate(sample_seqs):
-            self.batch.record(seq, verified.token_ids[i], verified.num_accepted[i])
-            result.sampled_token_ids[seq.request_id] = verified.token_ids[i]
-            if verified.logprobs[i] is not None:
-                result.logprobs[seq.request_id] = verified.logprobs[i]
-        if self.speculator is not None:
-            self._draft(sample_seqs, verified, result)
+        drafting = [i for i, s in enumerate(sample_seqs) if s.draft] if self.speculator is not None else []
+        emitted: list[list[int]] | None = None
+        if drafting and self._drafts_need_host_tokens(sample_seqs, drafting):
+            emitted = emitted_tokens(verified.token_ids.tolist(), verified.num_accepted.tolist())
+            self._record(sample_seqs, emitted, verified, result)
+        drafted = self._draft(sample_seqs, drafting, verified) if drafting else None
+        host = _to_host(verified if emitted is None else None, drafted)  # the step's transfer
+        if emitted is None:
+            emitted = emitted_tokens(host.token_ids, host.num_accepted)
+            self._record(sample_seqs, emitted, verified, result)
+        if drafted is not None:
+            self._store_drafts([sample_seqs[i].request_id for i in drafting], drafted, host, result)
         return result
+
+    def _record(self, seqs: Sequence[ScheduledSeq], emitted: list[list[int]], verified: VerifyOutput,
+                result: RunnerOutput) -> None:
+        for i, seq in enumerate(seqs):
+            self.batch.record(seq, emitted[i], len(emitted[i]) - 1)
+            result.sampled_token_ids[seq.request_id] = emitted[i]
+            logprobs = verified.logprobs(i, emitted[i])
+            if logprobs is not None:
+                result.logprobs[seq.request_id] = logprobs
+
+    def _drafts_need_host_tokens(self, seqs: Sequence[ScheduledSeq], drafting: list[int]) -> bool:
+        """Token-history drafters and masks need this step's emitted tokens on the host first."""
+        assert self.speculator is not None
+        if self.speculator.drafter.needs_token_history:
+            return True
+        return self.mask is not None and any(self.mask.constrained(seqs[i].request_id) for i in drafting)
 
     def _verify_input(self, seqs: Sequence[ScheduledSeq], logits: torch.Tensor) -> VerifyInput:
         """Drafts from the scheduler (``ScheduledSeq.spec_token_ids``), their q from the draft store."""
@@ -137,15 +165,18 @@ class ModelRunner:
             output_token_ids=[self.batch.requests[rid].output_token_ids for rid in rids],
         )
 
-    def _draft(self, seqs: Sequence[ScheduledSeq], verified: VerifyOutput, result: RunnerOutput) -> None:
-        """Draft the next block for the sequences the scheduler marked ``draft``; q goes to the store."""
+    def _draft(self, seqs: Sequence[ScheduledSeq], rows: list[int], verified: VerifyOutput) -> _Drafted:
+        """Draft the next block for the sequences the scheduler marked ``draft`` (on the device: the
+        anchors and their positions come from the verify result without a host sync)."""
         spec = self.speculator
         assert spec is not None
-        rows = [i for i, s in enumerate(seqs) if s.draft]
-        if not rows:
-            return
         rids = [seqs[i].request_id for i in rows]
         states = [self.batch.requests[rid] for rid in rids]
+        index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        accepted = verified.num_accepted.index_select(0, index)  # [R_d]
+        anchors = verified.token_ids.index_select(0, index).gather(1, accepted[:, None]).squeeze(1)  # [R_d]
+        known_end = torch.tensor([seqs[i].start_pos + seqs[i].num_known_tokens for i in rows], device=self.device)
+        starts = known_end + accepted  # [R_d] anchor positions
         sampling = self.batch.sampling_metadata(rids)
         coupled = self.verifier.coupled(sampling)
         mask_fn = None
@@ -157,21 +188,72 @@ class ModelRunner:
                 return mask.allowed(rid, states[row].output_token_ids, prefix) if mask.constrained(rid) else None
 
         histories = [self.batch.history(rid) for rid in rids] if spec.drafter.needs_token_history else None
-        anchors = torch.tensor([verified.token_ids[i][-1] for i in rows], dtype=torch.int64, device=self.device)
-        out = spec.propose(anchors, [st.num_computed for st in states], [st.block_ids for st in states],
+        out = spec.propose(anchors, starts, [seqs[i].end_pos for i in rows], [st.block_ids for st in states],
                            sampling, coupled, histories, mask_fn)
-        tokens = out.token_ids.tolist()
-        confidences = out.confidences.float().tolist() if out.confidences is not None else None
-        free = {row: f for f, row in enumerate(r for r in range(len(rows)) if not sampling.greedy[r] and not coupled[r])}
+        free = [r for r in range(len(rows)) if not sampling.greedy[r] and not coupled[r]]
+        return _Drafted(out, free)
+
+    def _store_drafts(self, rids: list[str], drafted: _Drafted, host: _HostStep, result: RunnerOutput) -> None:
+        """Keep q under fresh draft ids; hand the token ids and confidences to the scheduler."""
+        spec = self.speculator
+        assert spec is not None
+        out = drafted.output
+        free = {row: f for f, row in enumerate(drafted.free_rows)}
         for row, rid in enumerate(rids):
-            n = out.num_tokens[row] if out.num_tokens is not None else len(tokens[row])
+            tokens = host.draft_tokens[row]
+            n = out.num_tokens[row] if out.num_tokens is not None else len(tokens)
             if n == 0:
                 self.drafts.drop(rid)
                 continue
             probs = out.draft_probs[free[row]] if row in free and out.draft_probs is not None else None
-            draft_id = self.drafts.put(rid, tuple(tokens[row][:n]), probs)
-            conf = tuple(confidences[row][:n]) if confidences is not None else ()
-            result.drafts[rid] = DraftProposal(tuple(tokens[row][:n]), conf, draft_id, spec.drafter.name)
+            draft_id = self.drafts.put(rid, tuple(tokens[:n]), probs)
+            conf = tuple(host.confidences[row][:n]) if host.confidences is not None else ()
+            result.drafts[rid] = DraftProposal(tuple(tokens[:n]), conf, draft_id, spec.drafter.name)
+
+
+@dataclass(frozen=True)
+class _Drafted:
+    """A drafter's output (on the device) and which of its rows were freely sampled."""
+
+    output: DraftOutput
+    free_rows: list[int]
+
+
+@dataclass(frozen=True)
+class _HostStep:
+    """The step's results after its one device-to-host transfer (Python values)."""
+
+    token_ids: list[list[int]]
+    num_accepted: list[int]
+    draft_tokens: list[list[int]]
+    confidences: list[list[float]] | None
+
+
+def _to_host(verified: VerifyOutput | None, drafted: _Drafted | None) -> _HostStep:
+    """One transfer: emitted tokens and accepted counts (unless already moved), drafts and confidences,
+    packed as float64 (exact for token ids)."""
+    parts, shapes = [], []
+    for t in (None if verified is None else verified.token_ids, None if verified is None else verified.num_accepted,
+              None if drafted is None else drafted.output.token_ids,
+              None if drafted is None else drafted.output.confidences):
+        shapes.append(None if t is None else tuple(t.shape))
+        if t is not None:
+            parts.append(t.reshape(-1).to(torch.float64))
+    flat = torch.cat(parts).tolist() if parts else []
+    values, offset = [], 0
+    for shape in shapes:
+        if shape is None:
+            values.append(None)
+            continue
+        size = 1
+        for dim in shape:
+            size *= dim
+        chunk = flat[offset: offset + size]
+        offset += size
+        values.append([chunk[i * shape[1]: (i + 1) * shape[1]] for i in range(shape[0])] if len(shape) == 2 else chunk)
+    tokens, accepted, drafts, conf = values
+    return _HostStep([[int(x) for x in row] for row in tokens or []], [int(x) for x in accepted or []],
+                     [[int(x) for x in row] for row in drafts or []], conf)
 
 
 def _draft_probs(seqs: Sequence[ScheduledSeq], dense: list[torch.Tensor | None],

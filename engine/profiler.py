@@ -95,7 +95,8 @@ def _synthetic_draft(runner: ModelRunner, starts: list[int], tables: list[tuple[
     sampling = SamplingMetadata.build([params] * num_requests, list(range(num_requests)), [[]] * num_requests,
                                       runner.config.vocab_size, runner.device)
     histories = [[0] * (s + 1) for s in starts] if spec.drafter.needs_token_history else None
-    spec.propose(torch.zeros(num_requests, dtype=torch.int64, device=runner.device), starts, tables, sampling,
+    spec.propose(torch.zeros(num_requests, dtype=torch.int64, device=runner.device),
+                 torch.tensor(starts, dtype=torch.int64, device=runner.device), starts, tables, sampling,
                  (False,) * num_requests, histories)
 
 

@@ -154,7 +154,7 @@ def draft_batch(anchor_ids: torch.Tensor, starts: list[int], tables, caches, tem
     params = [SamplingParams(temperature=t, seed=sd) for t, sd in zip(temps, seeds, strict=True)]
     keys = [request_key(sd, f"row{i}") for i, sd in enumerate(seeds)]
     meta = SamplingMetadata.build(params, keys, [[]] * len(params), V)
-    return DraftBatch(anchor_ids, list(starts), [list(t) for t in tables], PAGE, caches, meta,
+    return DraftBatch(anchor_ids, torch.tensor(starts), max(starts), [list(t) for t in tables], PAGE, caches, meta,
                       tuple(sd is not None for sd in seeds))
 
 

@@ -4,6 +4,7 @@ exact cases, keyed-coupling identities, and distributional losslessness with neg
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from engine.sampling.keyed_random import Draw, keyed_gumbel, request_key
 from engine.sampling.metadata import SamplingMetadata
 from engine.spec_decode import rejection
 from engine.spec_decode.rejection import DraftProbs, RaggedDrafts
-from engine.spec_decode.verifier import Verifier, VerifyInput
+from engine.spec_decode.verifier import Verifier, VerifyInput, emitted_tokens
 from scheduler.sampling_params import SamplingParams
 
 torch.set_num_threads(1)
@@ -48,7 +49,9 @@ def verify_flat(probs: Tensor, drafts: Tensor, lengths: list[int], params: list[
     meta = SamplingMetadata.build(params, keys, [[] for _ in params], probs.shape[-1], attempts=[attempt] * n)
     inp = VerifyInput(tuple(f"r{i}" for i in range(n)), probs.log(), RaggedDrafts(drafts, tuple(lengths)), q, meta,
                       torch.tensor(first_positions), [[] for _ in params])
-    return Verifier().verify(inp)
+    out = Verifier().verify(inp)
+    accepted = out.num_accepted.tolist()
+    return SimpleNamespace(token_ids=emitted_tokens(out.token_ids.tolist(), accepted), num_accepted=accepted)
 
 
 def verify(probs_rows: list[Tensor], drafts: list[list[int]], params: list[SamplingParams], q: list[Tensor | None] | None = None,

@@ -40,17 +40,17 @@ class ARDrafter(DSparkDrafter):
         """B sequential steps for R requests (``Drafter`` Protocol). Overwrites the cache slots of
         positions start..start+B-1 like the block drafters."""
         num_reqs, device = batch.num_rows, self.embed_weight.device
-        starts = batch.starts
+        starts = batch.starts.to(device)  # [R]
         sampler = SlotSampler(batch, self.config.block_size, device)
         ids = batch.anchor_ids[:, None]  # [R, 1]
         scale = self.config.head_dim**-0.5
         for k in range(self.config.block_size):
             q_len = k + 1
-            positions = (torch.tensor(starts, device=device)[:, None] + torch.arange(q_len, device=device))
+            positions = starts[:, None] + torch.arange(q_len, device=device)
             meta = build_attention_metadata(
-                q_lens=[q_len] * num_reqs, start_positions=list(starts), kv_lens=[s + q_len for s in starts],
+                q_lens=[q_len] * num_reqs, start_positions=starts, kv_lens=starts + q_len,
                 block_tables=[list(t) for t in batch.block_tables], block_size=batch.block_size,
-                causal=[True] * num_reqs, device=device)
+                causal=[True] * num_reqs, device=device, max_kv_len=batch.max_start + q_len)
             x = F.embedding(ids.flatten(), self.embed_weight).to(self.fc.weight.dtype)  # [R*q_len, d]
             for layer, (k_cache, v_cache) in zip(self.layers, batch.kv_caches, strict=True):
                 attend = partial(paged_attention, k_cache=k_cache, v_cache=v_cache, meta=meta, scale=scale)

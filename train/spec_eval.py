@@ -22,7 +22,7 @@ from engine.sampling.metadata import SamplingMetadata
 from engine.spec_decode.drafter import DraftBatch
 from engine.spec_decode.dspark import DSparkDrafter
 from engine.spec_decode.rejection import DraftProbs, RaggedDrafts
-from engine.spec_decode.verifier import Verifier, VerifyInput
+from engine.spec_decode.verifier import Verifier, VerifyInput, emitted_tokens
 from scheduler.sampling_params import SamplingParams
 from train.generate import sample_next
 
@@ -111,8 +111,8 @@ def run_spec_decode(target: LlamaForCausalLM, drafter: DSparkDrafter, prompts: l
         sampling = SamplingMetadata.build([params] * len(active), [seed * 100003 + r for r in active],
                                           [res.outputs[r] for r in active], cfg.vocab_size, device,
                                           attempts=[len(res.outputs[r]) for r in active])
-        draft = drafter.propose(DraftBatch(anchors, act_starts, act_tables, PAGE, dcaches, sampling,
-                                           (False,) * len(active)))
+        draft = drafter.propose(DraftBatch(anchors, torch.tensor(act_starts, device=device), max(act_starts),
+                                           act_tables, PAGE, dcaches, sampling, (False,) * len(active)))
         verify_ids = torch.cat((anchors[:, None], draft.token_ids), 1)  # [R, B+1]
         meta = build_attention_metadata([b + 1] * len(active), act_starts, [s + b + 1 for s in act_starts],
                                         act_tables, PAGE, device=device)
@@ -127,7 +127,8 @@ def run_spec_decode(target: LlamaForCausalLM, drafter: DSparkDrafter, prompts: l
             [res.outputs[r] for r in active]))
         if draft.confidences is not None:
             conf_rows.append(_raw_conf_logits(drafter, draft.confidences, greedy))
-        emitted, accepted = out.token_ids, out.num_accepted
+        accepted = out.num_accepted.tolist()
+        emitted = emitted_tokens(out.token_ids.tolist(), accepted)
         ctx_rows, ctx_pos, ctx_slots, still = [], [], [], []
         for i, r in enumerate(active):
             a = accepted[i]

@@ -38,7 +38,7 @@ class SlotSampler:
         self.greedy_only = meta.all_greedy
         self.coupled_rows = [r for r in range(batch.num_rows) if not meta.greedy[r] and batch.coupled[r]]
         self.free_rows = batch.free_rows
-        self.starts = torch.tensor(batch.starts, dtype=torch.int64, device=device)  # [R]
+        self.starts = batch.starts.to(device)  # [R]
         self.tokens: list[Tensor] = []  # per slot [R]
         self.probs: list[Tensor] = []  # per slot [F, V']
         self.num_tokens = [num_slots] * batch.num_rows

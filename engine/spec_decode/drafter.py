@@ -36,7 +36,9 @@ class DraftBatch:
 
     Attributes:
         anchor_ids: ``[R]`` int64 last emitted token of each request.
-        starts: ``[R]`` anchor positions (= context rows the drafter has for the request).
+        starts: ``[R]`` int64 anchor positions (= context rows the drafter has for the request), on the
+            drafter's device: computed there from the verify step's accepted counts (no host sync).
+        max_start: a host-side upper bound of ``starts`` (attention shapes).
         block_tables: per request, the drafter's block table covering ``start + gamma`` positions (the
             request's own blocks, then scratch blocks; ``Speculator.draft_tables``).
         block_size: tokens per KV block.
@@ -49,7 +51,8 @@ class DraftBatch:
     """
 
     anchor_ids: Tensor
-    starts: list[int]
+    starts: Tensor
+    max_start: int
     block_tables: list[list[int]]
     block_size: int
     kv_caches: list[KVCache]
@@ -60,7 +63,7 @@ class DraftBatch:
 
     @property
     def num_rows(self) -> int:
-        return len(self.starts)
+        return int(self.anchor_ids.shape[0])
 
     @property
     def free_rows(self) -> list[int]:

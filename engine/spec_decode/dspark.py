@@ -224,11 +224,12 @@ class DSparkDrafter(nn.Module):
             store_kv(k, v, k_cache, v_cache, slot_mapping)
 
     @torch.no_grad()
-    def block_hidden_states(self, anchor_ids: Tensor, starts: list[int], block_tables: list[Sequence[int]],
-                            block_size: int, kv_caches: list[KVCache]) -> Tensor:
+    def block_hidden_states(self, anchor_ids: Tensor, starts: Tensor | list[int], block_tables: list[Sequence[int]],
+                            block_size: int, kv_caches: list[KVCache], max_start: int | None = None) -> Tensor:
         """Backbone over the block [anchor, mask x (B-1)] of each request -> h = norm(x): [R, B, d].
 
-        anchor_ids: [R] int64; starts[r] = anchor position = number of context rows of request r.
+        anchor_ids: [R] int64; starts[r] = anchor position = number of context rows of request r ([R]
+        int64 tensor or list); max_start: a host bound of the starts (no host sync when given).
         """
         num_reqs, B, d = anchor_ids.shape[0], self.config.block_size, self.config.hidden_size
         device = self.embed_weight.device
@@ -236,11 +237,12 @@ class DSparkDrafter(nn.Module):
         ids[:, 0] = anchor_ids
         x = F.embedding(ids.flatten(), self.embed_weight).to(self.fc.weight.dtype)  # [R*B, d]
         offsets = torch.arange(B, device=device)
-        positions = (torch.tensor(starts, device=device)[:, None] + offsets).flatten()  # [R*B]
+        starts_t = torch.as_tensor(starts, dtype=torch.int64, device=device)  # [R]
+        positions = (starts_t[:, None] + offsets).flatten()  # [R*B]
         meta = build_attention_metadata(
-            q_lens=[B] * num_reqs, start_positions=list(starts), kv_lens=[s + B for s in starts],
+            q_lens=[B] * num_reqs, start_positions=starts_t, kv_lens=starts_t + B,
             block_tables=[list(t) for t in block_tables], block_size=block_size,
-            causal=[False] * num_reqs, device=device,
+            causal=[False] * num_reqs, device=device, max_kv_len=None if max_start is None else max_start + B,
         )
         scale = self.config.head_dim**-0.5
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
@@ -322,5 +324,5 @@ class DSparkDrafter(nn.Module):
         are overwritten (no context rows exist there yet).
         """
         h = self.block_hidden_states(batch.anchor_ids, batch.starts, batch.block_tables, batch.block_size,
-                                     batch.kv_caches)
+                                     batch.kv_caches, batch.max_start)
         return self.sample_block(h, self.base_logits(h), batch)

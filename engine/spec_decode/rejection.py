@@ -163,9 +163,9 @@ def verify_by_rejection(drafts: RaggedDrafts, target_probs: Tensor, q: DraftProb
     counts = torch.tensor(drafts.num_draft_tokens, dtype=torch.int64, device=p_final.device)
     rejected = num_accepted < counts  # [R]
     weights, uniforms = p_final, u_bonus
-    if bool(rejected.any()):
+    if drafts.token_ids.numel():  # (no host sync: the residual is built for every request)
         cu = torch.cumsum(counts, 0) - counts
-        rejected_draft = (cu + num_accepted).clamp_max(max(drafts.token_ids.numel() - 1, 0))  # [R]
+        rejected_draft = (cu + num_accepted).clamp_max(drafts.token_ids.numel() - 1)  # [R]
         residual = _residual(p_final, q, drafts.token_ids, rejected_draft)
         use_residual = rejected & (residual.sum(dim=1) > RESIDUAL_MIN_MASS)
         weights = torch.where(use_residual[:, None], residual, p_final)

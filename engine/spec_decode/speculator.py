@@ -58,7 +58,11 @@ class Speculator:
     def draft_tables(self, starts: Sequence[int], block_tables: Sequence[Sequence[int]]) -> list[list[int]]:
         """Block tables for the drafted blocks at positions ``start .. start + gamma - 1``: the
         request's own blocks up to the one holding position ``start - 1`` (a partly filled block has
-        free slots from ``start`` on), then this row's scratch blocks."""
+        free slots from ``start`` on), then this row's scratch blocks.
+
+        ``starts`` may be upper bounds of the anchor positions (the end of the verified block): the own
+        blocks then reach further, but they are the request's, allocated for this step, and positions
+        at or after the real anchor hold nothing the drafter reads before the block overwrites them."""
         tables = []
         for row, (start, table) in enumerate(zip(starts, block_tables, strict=True)):
             first = self.num_blocks + row * self.scratch_per_row
@@ -80,7 +84,8 @@ class Speculator:
     def propose(
         self,
         anchor_ids: Tensor,  # [R] int64 last emitted token of each request
-        starts: list[int],  # [R] position of each anchor (= number of context rows)
+        starts: Tensor,  # [R] int64 position of each anchor (= number of context rows), on the device
+        max_starts: Sequence[int],  # [R] host upper bounds of ``starts``
         block_tables: Sequence[Sequence[int]],
         sampling: SamplingMetadata,
         coupled: tuple[bool, ...],
@@ -90,7 +95,8 @@ class Speculator:
         """One batched drafter forward for R requests (``token_histories``: prompt + outputs, anchor last,
         for drafters that need them)."""
         batch = DraftBatch(
-            anchor_ids=anchor_ids, starts=list(starts), block_tables=self.draft_tables(starts, block_tables),
+            anchor_ids=anchor_ids, starts=starts, max_start=max(max_starts, default=0),
+            block_tables=self.draft_tables(max_starts, block_tables),
             block_size=self.block_size, kv_caches=self.kv_caches, sampling=sampling, coupled=coupled,
             token_histories=token_histories if self.drafter.needs_token_history else None, mask=mask,
         )

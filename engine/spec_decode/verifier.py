@@ -61,12 +61,35 @@ class VerifyInput:
 
 @dataclass(frozen=True)
 class VerifyOutput:
-    """Per request: emitted tokens (accepted drafts, then the recovered or bonus token), accepted drafts,
-    and logprobs of the emitted tokens when asked."""
+    """Emitted tokens of R requests, still on the device (the runner moves them to the host once per
+    step, together with the next drafts).
 
-    token_ids: list[list[int]]
-    num_accepted: list[int]
-    logprobs: list[list[TokenLogprob] | None]
+    Attributes:
+        token_ids: ``[R, 1 + max l_r]`` int64: accepted drafts, then the recovered or bonus token, then 0.
+        num_accepted: ``[R]`` int64 accepted drafts a (row r emits a + 1 tokens).
+        adjusted: ``[N, V]`` adjusted logits of every verify row (logprobs are read from them).
+        row_offsets: first row of each request in ``adjusted``.
+        num_logprobs: per request, ``SamplingParams.logprobs``.
+    """
+
+    token_ids: Tensor
+    num_accepted: Tensor
+    adjusted: Tensor
+    row_offsets: tuple[int, ...]
+    num_logprobs: tuple[int | None, ...]
+
+    def logprobs(self, request: int, emitted: Sequence[int]) -> list[TokenLogprob] | None:
+        """Logprobs of request ``request``'s emitted tokens (host values), None if not asked."""
+        k = self.num_logprobs[request]
+        if k is None:
+            return None
+        first = self.row_offsets[request]
+        return token_logprobs(self.adjusted[first: first + len(emitted)], emitted, k)
+
+
+def emitted_tokens(token_ids: Sequence[Sequence[int]], num_accepted: Sequence[int]) -> list[list[int]]:
+    """Host lists of each request's emitted tokens from ``VerifyOutput`` moved to the host."""
+    return [list(row[: a + 1]) for row, a in zip(token_ids, num_accepted, strict=True)]
 
 
 class Verifier:
@@ -87,7 +110,7 @@ class Verifier:
         return tuple(not g and (s or self.unseeded_coupling) for g, s in zip(sampling.greedy, sampling.seeded, strict=True))
 
     def verify(self, inp: VerifyInput) -> VerifyOutput:
-        """Rules in the module docstring; one host transfer for the emitted tokens."""
+        """Rules in the module docstring; no host sync (results stay on the device)."""
         drafts, meta = inp.drafts, inp.sampling
         rows_meta = meta.expand(drafts.num_draft_tokens, drafts.token_ids)  # N rows
         adjusted = apply_penalties_and_bias(inp.logits, rows_meta)  # [N, V]
@@ -107,12 +130,7 @@ class Verifier:
             index = torch.tensor(group, device=tokens.device)
             tokens[index, : result.token_ids.shape[1]] = result.token_ids
             accepted[index] = result.num_accepted
-        packed = torch.cat((accepted[:, None], tokens), dim=1).tolist()  # the step's one host transfer
-        num_accepted = [row[0] for row in packed]
-        emitted = [row[1: a + 2] for row, a in zip(packed, num_accepted, strict=True)]
-        logprobs = [None if k is None else token_logprobs(adjusted[row_of[r]: row_of[r] + len(emitted[r])], emitted[r], k)
-                    for r, k in enumerate(meta.num_logprobs)]
-        return VerifyOutput(emitted, num_accepted, logprobs)
+        return VerifyOutput(tokens, accepted, adjusted, tuple(row_of), meta.num_logprobs)
 
     def _agreement(self, drafts: RaggedDrafts, meta: SamplingMetadata, adjusted: Tensor, positions: Tensor,
                    probs: DraftProbs | None, coupled: list[bool]) -> VerifyResult:
