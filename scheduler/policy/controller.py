@@ -139,8 +139,12 @@ class SpeculationController:
             self._next_k = None
         plan = plan_verify(self.policy, all_reqs, profile, prefill_tokens, budget, self._budget_k)
         if self.policy.kind == "dspark-async" and self.profile is not None:
-            # K for the NEXT step from this step's confidences (full search), off the critical path.
-            self._next_k = self._pool().submit(plan_budget_k, all_reqs, profile, prefill_tokens, budget)
+            # K for the NEXT step from this step's confidences (full search), off the critical path, on
+            # an immutable snapshot of the profile (the engine corrects the live one after the step).
+            snapshot: StepTimeModel = getattr(self.profile, "current", self.profile)
+            if self.last_num_drafting is not None and self.gate_drafting:
+                snapshot = _DraftingCost(snapshot, self.last_num_drafting, self.last_sampled_fraction)
+            self._next_k = self._pool().submit(plan_budget_k, all_reqs, snapshot, prefill_tokens, budget)
         self.last_plan = plan
         return list(plan.lengths[: len(reqs)])
 
