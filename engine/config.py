@@ -36,6 +36,11 @@ class EngineArgs:
         shuffle_blocks: hand out physical KV blocks in a random order (tests that paging is real).
         unseeded_coupling: verify unseeded sampled requests by Gumbel-max coupling (as seeded ones
             always are) instead of rejection sampling (``engine/spec_decode/verifier.py``).
+        speculative_method: "dspark" (the ``drafter`` checkpoint), "suffix" (training-free suffix
+            drafts) or "hybrid" (per request and step the better of the two).
+        suffix_global: the suffix drafter also matches recent outputs of other requests (opt-in: one
+            tenant's text could raise another's acceptance).
+        online_calibration: correct draft confidences online from verification outcomes.
     """
 
     model: str | None = None
@@ -59,6 +64,9 @@ class EngineArgs:
     draft_gate: bool = True
     shuffle_blocks: bool = False
     unseeded_coupling: bool = False
+    speculative_method: str = "dspark"
+    suffix_global: bool = False
+    online_calibration: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -71,5 +79,7 @@ class EngineArgs:
             raise ValueError("max_waiting_requests must be >= 0")
         if self.drafter_kind not in ("dspark", "dflash", "draft-model"):
             raise ValueError(f"unknown drafter_kind {self.drafter_kind!r}")
+        if self.speculative_method not in ("dspark", "suffix", "hybrid"):
+            raise ValueError(f"unknown speculative_method {self.speculative_method!r}: dspark, suffix or hybrid")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")

@@ -100,6 +100,7 @@ class EngineCore:
             self.scheduler.verify_lengths = self.controller.verify_lengths
             self.scheduler.select_drafting = self.controller.select_drafting
             self.scheduler.request_finished = self.controller.forget
+            self.scheduler.drafts_verified = self.controller.drafts_verified
         self.last_step = StepStats()
         self.spec_stats = SpecStats(gamma)
         logger.info(
@@ -112,6 +113,8 @@ class EngineCore:
         drafter and its draft vocabulary, step budgets, threads)."""
         args = self.args
         drafter = f"{args.drafter or 'default'}@{effective_draft_vocab(args)}"
+        if args.speculative_method != "dspark":
+            drafter = f"{args.speculative_method}{'+global' if args.suffix_global else ''}:{drafter}"
         return profile_key(self.model_name, args.dtype, drafter, args.max_num_batched_tokens, args.max_num_seqs,
                            torch.get_num_threads())
 

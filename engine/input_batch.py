@@ -120,9 +120,10 @@ class InputBatch:
         self.step += 1
         for rid in (*out.finished_request_ids, *out.preempted_request_ids):
             self.remove(rid)
+        writes = _Writes()
         for seq in out.seqs:
             if seq.new_request is not None:
-                self._add(seq)
+                self._add(seq, writes)
             state = self.requests.get(seq.request_id)
             if state is None:
                 raise BatchStateError(f"request {seq.request_id!r} is scheduled but the runner has no state for it")
@@ -132,9 +133,10 @@ class InputBatch:
             if seq.sample and seq.start_pos + seq.num_known_tokens != state.num_tokens:
                 raise BatchStateError(f"request {seq.request_id!r}: the scheduler knows "
                                       f"{seq.start_pos + seq.num_known_tokens} tokens, the runner {state.num_tokens}")
-            self._set_blocks(state, seq)
+            self._set_blocks(state, seq, writes)
+        writes.apply(self.token_ids, self.block_table)
 
-    def _add(self, seq: ScheduledSeq) -> None:
+    def _add(self, seq: ScheduledSeq, writes: _Writes) -> None:
         new = seq.new_request
         assert new is not None
         self.remove(seq.request_id)
@@ -142,41 +144,49 @@ class InputBatch:
             raise BatchStateError("the persistent batch is full (more requests than max_num_seqs)")
         tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
         row = self._free_rows.pop()
-        self.token_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+        writes.tokens(row, 0, tokens)
         key = request_key(new.sampling_params.seed, seq.request_id, self.engine_seed)
         self.requests[seq.request_id] = RowState(row, new.sampling_params, key, len(new.prompt_token_ids),
                                                  len(tokens), 0, list(new.output_token_ids), [])
         self.sampling.set_row(row, new.sampling_params, key, new.output_token_ids)
 
-    def _set_blocks(self, state: RowState, seq: ScheduledSeq) -> None:
+    def _set_blocks(self, state: RowState, seq: ScheduledSeq, writes: _Writes) -> None:
         kept = seq.num_blocks - len(seq.new_block_ids)
         if kept < 0 or kept > len(state.block_ids):
             raise BatchStateError(f"request {seq.request_id!r}: keeps {kept} of {len(state.block_ids)} blocks")
         del state.block_ids[kept:]
         if seq.new_block_ids:
             state.block_ids.extend(seq.new_block_ids)
-            self.block_table[state.row, kept: seq.num_blocks] = torch.tensor(seq.new_block_ids, dtype=torch.int64)
+            writes.blocks(state.row, kept, seq.new_block_ids)
 
     def record(self, seq: ScheduledSeq, emitted: Sequence[int], num_accepted: int) -> None:
         """After the step: ``emitted`` tokens appended (none for a non-final chunk); computed tokens
         advance by the known tokens and the accepted drafts."""
-        state = self.requests[seq.request_id]
-        state.num_computed = seq.start_pos + seq.num_known_tokens + num_accepted
-        if emitted:
-            start = state.num_tokens
-            self.token_ids[state.row, start: start + len(emitted)] = torch.tensor(list(emitted), dtype=torch.int64)
-            state.num_tokens += len(emitted)
-            state.output_token_ids.extend(emitted)
-            self.sampling.record(state.row, state.params, emitted)
+        self.record_all([seq], [emitted], [num_accepted])
+
+    def record_all(self, seqs: Sequence[ScheduledSeq], emitted: Sequence[Sequence[int]],
+                   num_accepted: Sequence[int]) -> None:
+        """``record`` for many sequences with one write into the token buffer."""
+        writes = _Writes()
+        for seq, tokens, accepted in zip(seqs, emitted, num_accepted, strict=True):
+            state = self.requests[seq.request_id]
+            state.num_computed = seq.start_pos + seq.num_known_tokens + accepted
+            if tokens:
+                writes.tokens(state.row, state.num_tokens, tokens)
+                state.num_tokens += len(tokens)
+                state.output_token_ids.extend(tokens)
+                self.sampling.record(state.row, state.params, tokens)
+        writes.apply(self.token_ids, self.block_table)
 
     # ---------------------------------------------------------------- step inputs
     def prepare(self, seqs: Sequence[ScheduledSeq]) -> StepInputs:
         """Flat inputs of a step; the drafts of each sequence are written into its token row first."""
         states = [self.requests[s.request_id] for s in seqs]
+        writes = _Writes()
         for seq, state in zip(seqs, states, strict=True):
             if seq.spec_token_ids:
-                start = state.num_tokens
-                self.token_ids[state.row, start: start + seq.num_spec_tokens] = torch.tensor(seq.spec_token_ids)
+                writes.tokens(state.row, state.num_tokens, seq.spec_token_ids)
+        writes.apply(self.token_ids, self.block_table)
         q_lens = [s.num_new_tokens for s in seqs]
         starts = [s.start_pos for s in seqs]
         rows = torch.tensor([st.row for st in states], dtype=torch.int64)
@@ -203,6 +213,34 @@ class InputBatch:
         """Prompt + outputs of a request (drafter token histories)."""
         state = self.requests[request_id]
         return self.token_ids[state.row, : state.num_tokens].tolist()
+
+
+class _Writes:
+    """Scattered writes into the token buffer and the block table, applied with one ``index_put_`` each."""
+
+    def __init__(self) -> None:
+        self.token_rows: list[int] = []
+        self.token_cols: list[int] = []
+        self.token_values: list[int] = []
+        self.block_rows: list[int] = []
+        self.block_cols: list[int] = []
+        self.block_values: list[int] = []
+
+    def tokens(self, row: int, start: int, values: Sequence[int]) -> None:
+        self.token_rows.extend([row] * len(values))
+        self.token_cols.extend(range(start, start + len(values)))
+        self.token_values.extend(values)
+
+    def blocks(self, row: int, start: int, values: Sequence[int]) -> None:
+        self.block_rows.extend([row] * len(values))
+        self.block_cols.extend(range(start, start + len(values)))
+        self.block_values.extend(values)
+
+    def apply(self, token_ids: Tensor, block_table: Tensor) -> None:
+        for target, rows, cols, values in ((token_ids, self.token_rows, self.token_cols, self.token_values),
+                                           (block_table, self.block_rows, self.block_cols, self.block_values)):
+            if values:
+                target.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.tensor(values, dtype=torch.int64))
 
 
 class SamplingRows:

@@ -96,6 +96,8 @@ class ModelRunner:
             self.drafts.drop(rid)
             if self.mask is not None:
                 self.mask.release(rid)
+            if self.speculator is not None:
+                self.speculator.drafter.release(rid)
         self.batch.apply(out)
         result = RunnerOutput()
         if not out.seqs:
@@ -105,9 +107,8 @@ class ModelRunner:
         hidden, aux = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention, aux_ids)
         if self.speculator is not None:
             self.speculator.add_context(aux, inputs.positions, inputs.slot_mapping)
-        for seq in out.seqs:
-            if not seq.sample:
-                self.batch.record(seq, (), 0)
+        chunks = [seq for seq in out.seqs if not seq.sample]
+        self.batch.record_all(chunks, [()] * len(chunks), [0] * len(chunks))
         sample_seqs = [out.seqs[i] for i in inputs.sample_index]
         if not sample_seqs:
             return result
@@ -129,8 +130,8 @@ class ModelRunner:
 
     def _record(self, seqs: Sequence[ScheduledSeq], emitted: list[list[int]], verified: VerifyOutput,
                 result: RunnerOutput) -> None:
+        self.batch.record_all(seqs, emitted, [len(e) - 1 for e in emitted])
         for i, seq in enumerate(seqs):
-            self.batch.record(seq, emitted[i], len(emitted[i]) - 1)
             result.sampled_token_ids[seq.request_id] = emitted[i]
             logprobs = verified.logprobs(i, emitted[i])
             if logprobs is not None:
@@ -189,8 +190,9 @@ class ModelRunner:
 
         histories = [self.batch.history(rid) for rid in rids] if spec.drafter.needs_token_history else None
         out = spec.propose(anchors, starts, [seqs[i].end_pos for i in rows], [st.block_ids for st in states],
-                           sampling, coupled, histories, mask_fn)
-        free = [r for r in range(len(rows)) if not sampling.greedy[r] and not coupled[r]]
+                           sampling, coupled, histories, mask_fn, rids)
+        free = out.q_rows if out.q_rows is not None else [
+            r for r in range(len(rows)) if not sampling.greedy[r] and not coupled[r]]
         return _Drafted(out, free)
 
     def _store_drafts(self, rids: list[str], drafted: _Drafted, host: _HostStep, result: RunnerOutput) -> None:
@@ -208,7 +210,8 @@ class ModelRunner:
             probs = out.draft_probs[free[row]] if row in free and out.draft_probs is not None else None
             draft_id = self.drafts.put(rid, tuple(tokens[:n]), probs)
             conf = tuple(host.confidences[row][:n]) if host.confidences is not None else ()
-            result.drafts[rid] = DraftProposal(tuple(tokens[:n]), conf, draft_id, spec.drafter.name)
+            name = out.drafters[row] if out.drafters is not None else spec.drafter.name
+            result.drafts[rid] = DraftProposal(tuple(tokens[:n]), conf, draft_id, name)
 
 
 @dataclass(frozen=True)

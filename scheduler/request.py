@@ -41,9 +41,9 @@ _FINISH_REASONS = {
 }
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """One sequence being generated.
+    """One sequence being generated (compared by identity: queues remove it in O(position)).
 
     Attributes:
         request_id: unique id.
@@ -58,10 +58,12 @@ class Request:
         spec_confidences: per-position conditional survival confidences c_k of the drafts (fp32
             values as Python floats), same length as ``spec_token_ids``; empty without a drafter.
         spec_draft_id: the runner's id of those drafts (where their q lives); None without drafts.
+        spec_drafter: the drafter family that proposed them (per-drafter calibration and statistics).
         last_draft_confidences: the confidences of the latest drafts the request received (kept after
             they are verified or when it is not drafted for): the scheduler's estimate of what drafting
             for it would be worth; empty before its first drafts.
         last_draft_num_tokens: ``num_tokens`` when those drafts arrived (their age = now - this).
+        last_draft_drafter: the drafter family of those drafts.
         num_preemptions: how many times the request was preempted (recompute).
         stop_reason: the stop token id that finished it (None for EOS or a length finish).
         first_scheduled_time: ``time.monotonic()`` when it first ran (queue time = this - arrival).
@@ -78,8 +80,10 @@ class Request:
     spec_token_ids: list[int] = field(default_factory=list)
     spec_confidences: list[float] = field(default_factory=list)
     spec_draft_id: int | None = None
+    spec_drafter: str = ""
     last_draft_confidences: tuple[float, ...] = ()
     last_draft_num_tokens: int = 0
+    last_draft_drafter: str = ""
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
@@ -110,3 +114,4 @@ class Request:
         self.spec_token_ids.clear()
         self.spec_confidences.clear()
         self.spec_draft_id = None
+        self.spec_drafter = ""

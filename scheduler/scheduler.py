@@ -105,6 +105,9 @@ class Scheduler:
         self._needs_request_data: set[str] = set()  # runner must (re)create per-request state
         self._runner_blocks: dict[str, int] = {}  # block-table entries the runner holds (after trims)
         self._finished_ids: set[str] = set()  # reported in the next SchedulerOutput
+        self.drafts_verified: Callable[[Request, tuple[float, ...], int, int], None] | None = None
+        """Called after every verify step with drafts: ``(request, stated confidences of the verified
+        drafts, l_r, accepted drafts)`` (online calibration of confidences)."""
         self.request_finished: Callable[[str], None] | None = None
         """Called with the id of every request that ends (stop, length, abort, error): owners of
         per-request state outside the scheduler (the speculation controller) release it."""
@@ -356,6 +359,9 @@ class Scheduler:
                 f"got {sampled!r}"
             )
         num_accepted = len(sampled) - 1
+        if self.drafts_verified is not None and seq.num_spec_tokens and request.spec_confidences:
+            self.drafts_verified(request, tuple(request.spec_confidences[: seq.num_spec_tokens]), seq.num_spec_tokens,
+                                 num_accepted)
         request.num_computed_tokens -= seq.num_spec_tokens - num_accepted  # rejected draft slots
         num_kept, status = append_with_stop_checks(request, sampled, self.config.max_model_len)
         # Drafts at or before the stop position count; nothing past a stop does.
@@ -383,9 +389,11 @@ class Scheduler:
             request.spec_token_ids = list(drafts.token_ids) if drafts else []
             request.spec_confidences = list(drafts.confidences) if drafts else []
             request.spec_draft_id = drafts.draft_id if drafts else None
+            request.spec_drafter = drafts.drafter if drafts else ""
             if drafts and drafts.confidences:
                 request.last_draft_confidences = tuple(drafts.confidences)
                 request.last_draft_num_tokens = request.num_tokens
+                request.last_draft_drafter = drafts.drafter
         return result
 
     def _finish(self, request: Request, status: RequestStatus) -> None:

@@ -119,6 +119,13 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-draft-gate", dest="draft_gate", action="store_false",
                    help="with dspark policies, draft for every request every step (default: skip the drafter "
                         "for requests whose drafts are not worth its cost at the current load)")
+    s.add_argument("--speculative-method", default=d.speculative_method, choices=("dspark", "suffix", "hybrid"),
+                   help="drafts from the DSpark --drafter, training-free suffix matches, or per request and step "
+                        "the better of the two (default: %(default)s)")
+    s.add_argument("--suffix-global", action="store_true",
+                   help="suffix drafts also match recent outputs of other requests (off: tenants share it)")
+    s.add_argument("--no-online-calibration", dest="online_calibration", action="store_false",
+                   help="rank drafts by the drafter's own confidences (default: corrected online from outcomes)")
     s.add_argument("--unseeded-coupling", action="store_true",
                    help="verify unseeded sampled requests by Gumbel-max coupling like seeded ones (default: "
                         "rejection sampling, which accepts more drafts; see docs/benchmarks.md)")
@@ -191,6 +198,9 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         profile_path=getattr(ns, "profile", None),
         draft_gate=getattr(ns, "draft_gate", True),
         unseeded_coupling=getattr(ns, "unseeded_coupling", False),
+        speculative_method=getattr(ns, "speculative_method", "dspark"),
+        suffix_global=getattr(ns, "suffix_global", False),
+        online_calibration=getattr(ns, "online_calibration", True),
     )
 
 

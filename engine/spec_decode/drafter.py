@@ -48,6 +48,7 @@ class DraftBatch:
         token_histories: per request, prompt + output tokens (anchor last), for drafters with
             ``needs_token_history``; None otherwise.
         mask: allowed tokens per slot (grammars), None when no row is constrained.
+        request_ids: the requests of the rows (drafters with per-request state key it by them).
     """
 
     anchor_ids: Tensor
@@ -60,6 +61,7 @@ class DraftBatch:
     coupled: tuple[bool, ...]
     token_histories: list[list[int]] | None = None
     mask: DraftMaskFn | None = None
+    request_ids: tuple[str, ...] = ()
 
     @property
     def num_rows(self) -> int:
@@ -77,17 +79,22 @@ class DraftOutput:
 
     Attributes:
         token_ids: ``[R, gamma]`` int64 drafts (slot k = position start + k + 1).
-        draft_probs: ``[F, gamma, V']`` fp32 distributions q the drafts of the F free rows
-            (``DraftBatch.free_rows``, in that order) were sampled from; None when F = 0. V' <= V is
-            the draft vocabulary (a prefix of the token ids).
+        draft_probs: ``[F, gamma, V']`` fp32 distributions q the drafts of F sampled rows were drawn
+            from (rows ``q_rows``); None when F = 0. V' <= V is the draft vocabulary (a prefix of the
+            token ids). Rows without q (greedy, coupled, or deterministic drafts) verify with one-hot q.
         confidences: ``[R, gamma]`` fp32 conditional survival estimates c_k, or None.
         num_tokens: per row, how many leading drafts are valid (a mask may cut a block); None = all.
+        q_rows: the batch rows of ``draft_probs``; None means ``DraftBatch.free_rows``.
+        drafters: per row, the drafter family that made the row's drafts (a hybrid mixes them); None
+            means ``Drafter.name`` for every row.
     """
 
     token_ids: Tensor
     draft_probs: Tensor | None
     confidences: Tensor | None
     num_tokens: list[int] | None = None
+    q_rows: list[int] | None = None
+    drafters: list[str] | None = None
 
 
 @runtime_checkable
@@ -123,6 +130,10 @@ class Drafter(Protocol):
         """Draft gamma tokens for each row of ``batch``."""
         ...
 
+    def release(self, request_id: str) -> None:
+        """The request finished or was preempted: drop any state kept for it."""
+        ...
+
 
 class TokenDrafter:
     """Base of drafters that read token histories instead of target features (a draft LM, test
@@ -140,4 +151,7 @@ class TokenDrafter:
 
     def add_context(self, target_features: Tensor, positions: Tensor, slot_mapping: Tensor,
                     kv_caches: list[KVCache]) -> None:
+        return None
+
+    def release(self, request_id: str) -> None:
         return None

@@ -197,6 +197,9 @@ class DSparkDrafter(nn.Module):
     def target_layer_ids(self) -> tuple[int, ...]:
         return tuple(self.config.target_layer_ids)
 
+    def release(self, request_id: str) -> None:
+        """No per-request state (the context cache lives in the shared paged pools)."""
+
     def context_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         """Bytes of one block of the context cache (keys and values, every drafter layer)."""
         cfg = self.config

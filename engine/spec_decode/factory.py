@@ -10,6 +10,10 @@ import torch
 from engine.config import EngineArgs
 from engine.loader import LoadedModel
 from engine.spec_decode.drafter import Drafter
+from engine.spec_decode.dspark import DSparkDrafter
+from engine.spec_decode.hybrid import HybridDrafter
+from engine.spec_decode.suffix import load_suffix_drafter
+from scheduler.policy.calibration import OnlineCalibration
 from scheduler.policy.controller import SpeculationController
 from scheduler.policy.spec import parse_policy
 from scheduler.profile.grid import ThroughputProfile
@@ -37,6 +41,27 @@ def effective_draft_vocab(args: EngineArgs) -> int | None:
 
 
 def load_default_or_given_drafter(args: EngineArgs, loaded: LoadedModel, dtype: torch.dtype) -> Drafter | None:
+    """The drafter of ``--speculative-method``: the checkpoint drafter (``_load_checkpoint_drafter``), the
+    suffix drafter, or the hybrid of the two (which needs a DSpark / DFlash checkpoint).
+
+    Raises:
+        FileNotFoundError / ValueError: as ``_load_checkpoint_drafter``; ValueError for a hybrid without
+            a DSpark / DFlash checkpoint.
+    """
+    if args.drafter == "none":
+        return None
+    if args.speculative_method == "suffix":
+        return load_suffix_drafter(global_index=args.suffix_global)
+    drafter = _load_checkpoint_drafter(args, loaded, dtype)
+    if args.speculative_method == "dspark" or drafter is None:
+        return drafter
+    if not isinstance(drafter, DSparkDrafter):
+        raise ValueError("--speculative-method hybrid needs a DSpark / DFlash drafter checkpoint")
+    suffix = load_suffix_drafter(drafter.num_speculative_tokens, global_index=args.suffix_global)
+    return HybridDrafter(drafter, suffix)
+
+
+def _load_checkpoint_drafter(args: EngineArgs, loaded: LoadedModel, dtype: torch.dtype) -> Drafter | None:
     """The drafter to serve with, or None.
 
     ``--drafter none`` disables speculation; no ``--drafter`` means the shipped drafter for the
@@ -90,4 +115,5 @@ def make_controller(args: EngineArgs, drafter: Drafter | None,
     if spec.needs_profile and online is None:
         raise ValueError(f"verify policy {spec} needs a throughput profile (--profile PATH or start-up profiling)")
     return SpeculationController(spec, online, gate_drafting=args.draft_gate,
-                                 num_lookahead_tokens=drafter.num_speculative_tokens)
+                                 num_lookahead_tokens=drafter.num_speculative_tokens,
+                                 calibration=OnlineCalibration() if args.online_calibration else None)

@@ -91,6 +91,7 @@ class Speculator:
         coupled: tuple[bool, ...],
         token_histories: list[list[int]] | None = None,
         mask: DraftMaskFn | None = None,
+        request_ids: Sequence[str] = (),
     ) -> DraftOutput:
         """One batched drafter forward for R requests (``token_histories``: prompt + outputs, anchor last,
         for drafters that need them)."""
@@ -99,5 +100,6 @@ class Speculator:
             block_tables=self.draft_tables(max_starts, block_tables),
             block_size=self.block_size, kv_caches=self.kv_caches, sampling=sampling, coupled=coupled,
             token_histories=token_histories if self.drafter.needs_token_history else None, mask=mask,
+            request_ids=tuple(request_ids),
         )
         return self.drafter.propose(batch)

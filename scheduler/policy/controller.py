@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from scheduler.policy.calibration import CalibrationRow, OnlineCalibration
 from scheduler.policy.common import VerifyPlan, VerifyRequest
 from scheduler.policy.dspark import plan_budget_k, plan_drafting
 from scheduler.policy.spec import PolicySpec, plan_verify
@@ -83,6 +84,7 @@ class ControllerStats:
         num_drafting: requests the gate let draft in the latest step (None before any).
         profile: the throughput profile the policy uses now (drift-corrected), None without one.
         num_tracked_requests: requests with per-request state (must fall back to 0 when idle).
+        calibration: cumulative stated / corrected vs realised survival per drafter, class, position.
     """
 
     policy: str
@@ -92,6 +94,7 @@ class ControllerStats:
     num_drafting: int | None
     profile: ThroughputProfile | None
     num_tracked_requests: int
+    calibration: tuple[CalibrationRow, ...] = ()
 
 
 @dataclass
@@ -104,6 +107,7 @@ class SpeculationController:
         clock: monotonic clock in seconds (injectable for simulations).
         gate_drafting: run the drafting gate for the profile-driven policies.
         num_lookahead_tokens: gamma (drafting rule ``request_rules.may_draft``).
+        calibration: the online correction of confidences, None to rank by the drafter's own.
         last_plan: the plan of the latest step.
         last_num_drafting / last_sampled_fraction: the gate's latest choice.
     """
@@ -113,6 +117,7 @@ class SpeculationController:
     clock: Callable[[], float] = time.monotonic
     gate_drafting: bool = True
     num_lookahead_tokens: int = 1
+    calibration: OnlineCalibration | None = field(default_factory=OnlineCalibration)
     last_plan: VerifyPlan | None = None
     last_num_drafting: int | None = None
     last_sampled_fraction: float = 0.0
@@ -169,7 +174,8 @@ class SpeculationController:
             self._next_k = None
         for request in requests:  # blocks drafted after the previous step: fold into the mean once
             if request.last_draft_confidences and request.num_tokens == request.last_draft_num_tokens:
-                self._observe_confidences(request.last_draft_confidences)
+                self._observe_confidences(self.corrected(request.last_draft_drafter, request,
+                                                         request.last_draft_confidences))
         now = self.clock()
         estimates = [self._estimate(request, now) for request in requests]
         sampled = [not request.sampling_params.greedy for request in requests]
@@ -181,6 +187,19 @@ class SpeculationController:
         drafting_sampled = sum(f and s for f, s in zip(flags, sampled, strict=True))
         self.last_sampled_fraction = drafting_sampled / self.last_num_drafting if self.last_num_drafting else 0.0
         return flags
+
+    def drafts_verified(self, request: Request, confidences: tuple[float, ...], num_verified: int,
+                        num_accepted: int) -> None:
+        """A verify step's outcome (``Scheduler.drafts_verified``): feeds the online calibration."""
+        if self.calibration is not None:
+            self.calibration.observe(request.spec_drafter, request.sampling_params.greedy, confidences, num_verified,
+                                     num_accepted)
+
+    def corrected(self, drafter: str, request: Request, confidences: tuple[float, ...]) -> tuple[float, ...]:
+        """Confidences as the policy ranks them: corrected online for this drafter and temperature class."""
+        if self.calibration is None or not confidences:
+            return confidences
+        return self.calibration.correct(drafter, request.sampling_params.greedy, confidences)
 
     def forget(self, request_id: str) -> None:
         """Release a finished request's state (``Scheduler.request_finished``: every finish, aborts too)."""
@@ -210,6 +229,7 @@ class SpeculationController:
             num_drafting=self.last_num_drafting,
             profile=current if isinstance(current, ThroughputProfile) else None,
             num_tracked_requests=len(self._first_token_time),
+            calibration=tuple(self.calibration.report()) if self.calibration is not None else (),
         )
 
     def close(self) -> None:
@@ -230,7 +250,8 @@ class SpeculationController:
         first = self._first_token_time.setdefault(request.request_id, now)
         target = request.sampling_params.target_tpot_ms
         if confidences is None:
-            confidences = tuple(request.spec_confidences) or (1.0,) * len(request.spec_token_ids)
+            stated = tuple(request.spec_confidences)
+            confidences = self.corrected(request.spec_drafter, request, stated) or (1.0,) * len(request.spec_token_ids)
             max_verify = len(request.spec_token_ids)
         return VerifyRequest(
             confidences=confidences,
@@ -253,7 +274,7 @@ class SpeculationController:
             return VerifyRequest((), 0)  # the drafting rule: it could not use drafts (never chosen)
         # Drafts made after this step are verified in the next, after this step's token.
         left = request.sampling_params.max_tokens - request.num_output_tokens - 2
-        own = request.last_draft_confidences
+        own = self.corrected(request.last_draft_drafter, request, request.last_draft_confidences)
         if own and request.num_tokens - request.last_draft_num_tokens > STALE_DRAFT_TOKENS:
             own = ()
         mean = self._mean_confidences
