@@ -18,6 +18,7 @@ from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.profiler import load_or_measure_profile, profile_key
 from engine.spec.factory import drafter_bytes_per_block, load_default_or_given_drafter, make_verify_lengths
 from engine.spec.speculator import Speculator
+from engine.step_faults import StepFaultHandler
 from scheduler.config import SchedulerConfig
 from scheduler.outputs import EngineCoreOutput
 from scheduler.policy.spec import parse_policy
@@ -135,6 +136,9 @@ class EngineCore:
                 num_lookahead_tokens=int(drafter.config.block_size) if drafter is not None else 0,
                 shuffle_blocks=args.shuffle_blocks,
                 seed=args.seed,
+                long_prefill_token_threshold=args.long_prefill_token_threshold,
+                max_num_partial_prefills=args.max_num_partial_prefills,
+                max_long_partial_prefills=args.max_long_partial_prefills,
             ),
         )
         speculator = None
@@ -153,6 +157,7 @@ class EngineCore:
             self.verify_hook = make_verify_lengths(args, drafter, profile)
             self.scheduler.verify_lengths = self.verify_hook
             self.scheduler.select_drafting = self.verify_hook.select_drafting
+        self.faults = StepFaultHandler(self.scheduler)
         self.last_step = StepStats()
         self.spec_stats = SpecStats(int(drafter.config.block_size) if drafter is not None else 0)
         logger.info(
@@ -187,13 +192,24 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
-        """One engine step: schedule -> execute -> update. Returns per-request deltas."""
+        """One engine step: schedule -> execute -> update. Returns per-request deltas.
+
+        An exception anywhere in the step fails (or retries) the requests of the step, not the
+        engine (``engine.step_faults``); it raises only ``EngineBrokenError`` (steps keep failing).
+        """
         start = time.perf_counter()
-        plan = self.scheduler.schedule()
+        plan = None
+        num_delivered: dict[str, int] = {}
+        try:
+            plan = self.scheduler.schedule()
+            num_delivered = self._num_outputs(plan)
+            runner_output = self.runner.execute(plan)
+            outputs = self.scheduler.update_from_output(plan, runner_output)
+        except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, never the engine
+            return self.faults.recover(exc, plan, num_delivered)
+        self.faults.on_success(plan)
         if plan.is_empty:
-            return self.scheduler.update_from_output(plan, self.runner.execute(plan))
-        runner_output = self.runner.execute(plan)
-        outputs = self.scheduler.update_from_output(plan, runner_output)
+            return outputs
         self.last_step = StepStats(
             num_batched_tokens=plan.num_batched_tokens,
             num_decode_requests=sum(1 for s in plan.seqs if s.sample),
@@ -201,8 +217,16 @@ class EngineCore:
             num_preemptions=len(plan.preempted_request_ids),
             num_drafting=len(runner_output.drafts),
         )
-        self._observe(plan, outputs)
+        try:
+            self._observe(plan, outputs)
+        except Exception:  # noqa: BLE001 - statistics must not lose the step's tokens
+            logger.exception("recording step statistics failed")
         return outputs
+
+    def _num_outputs(self, plan) -> dict[str, int]:
+        """Output tokens of each planned request before the step (what a rollback keeps)."""
+        requests = (self.scheduler.get_request(s.request_id) for s in plan.seqs)
+        return {r.request_id: r.num_output_tokens for r in requests if r is not None}
 
     def _observe(self, plan, outputs: list[EngineCoreOutput]) -> None:
         """Feed the online profile (drift correction) and the speculation counters."""

@@ -96,7 +96,7 @@ def test_decode_mixes_with_prefill_chunk_in_one_step() -> None:
 
 
 def test_running_prefill_continues_before_new_admissions() -> None:
-    sched = Scheduler(make_config(max_num_batched_tokens=8))
+    sched = Scheduler(make_config(max_num_batched_tokens=8, long_prefill_token_threshold=8))  # no cap
     sched.add_request(make_request("a", prompt_len=11))
     run_step(sched)
     sched.add_request(make_request("b", prompt_len=3))
