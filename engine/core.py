@@ -20,11 +20,12 @@ from engine.spec.factory import drafter_bytes_per_block, load_default_or_given_d
 from engine.spec.speculator import Speculator
 from engine.step_faults import StepFaultHandler
 from scheduler.config import SchedulerConfig
+from scheduler.errors import RequestRejectedError
 from scheduler.outputs import EngineCoreOutput
 from scheduler.policy.spec import parse_policy
 from scheduler.profile import ThroughputProfile
 from scheduler.request import Request
-from scheduler.request_rules import check_admissible
+from scheduler.request_rules import check_admissible, check_sampling_params
 from scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -179,8 +180,12 @@ class EngineCore:
 
     def validate(self, request: Request) -> None:
         """Raise RequestRejectedError for a request that can never fit (checked before queueing, with
-        the scheduler's own admission rule)."""
+        the scheduler's own admission rule) or whose parameters or token ids a step could not use."""
         check_admissible(request, self.scheduler.config)
+        vocab_size = self.loaded.config.vocab_size
+        check_sampling_params(request.sampling_params, vocab_size)
+        if any(not 0 <= t < vocab_size for t in request.prompt_token_ids):
+            raise RequestRejectedError(f"prompt token ids must be in [0, {vocab_size})", "prompt", "invalid_token_id")
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

@@ -16,10 +16,10 @@ and disconnect notices pass through untouched. For every HTTP request it
   notices) passed through.
 
 Headers are parsed by uvicorn before any ASGI code runs, so their read timeout lives in the
-protocol: :class:`HeaderTimeoutH11Protocol` arms uvicorn's keep-alive timer when a connection is
-made, so a client that never completes its first request's headers is dropped after
-``timeout_keep_alive`` seconds (uvicorn already applies that timer between requests of a
-keep-alive connection). Header size is bounded by h11 (``h11_max_incomplete_event_size``, 16 KiB).
+protocol: :class:`HeaderTimeoutH11Protocol` closes a connection whose request head is not complete
+``timeout_keep_alive`` seconds after the connection opened (or after the previous response). Header
+size is bounded by h11 (``h11_max_incomplete_event_size``, 16 KiB). Behind a reverse proxy, set its
+own header / body timeouts too (nginx ``client_header_timeout`` / ``client_body_timeout``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import asyncio
 import time
 from typing import Any
 
+import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -155,16 +156,42 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 class HeaderTimeoutH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a header read timeout on new connections (module docstring).
+    """uvicorn's h11 protocol with a header read timeout (module docstring).
 
     Pass as ``uvicorn.Config(http=HeaderTimeoutH11Protocol)``; the timeout is the config's
-    ``timeout_keep_alive``. The timer is uvicorn's own keep-alive timer, which uvicorn cancels when a
-    request's headers are complete.
+    ``timeout_keep_alive``. A timer is armed when a connection is made and after each response; it
+    is cancelled once h11 has parsed a complete request head, and closes the connection when it fires
+    first (uvicorn's own keep-alive timer is cancelled by any byte, so a client trickling header bytes
+    would hold the connection forever).
     """
+
+    _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if getattr(self, "timeout_keep_alive_task", None) is None:
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
+        self._arm_header_timer()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self._header_timer is not None and self.conn.their_state is not h11.IDLE:
+            self._header_timer.cancel()  # the request head is complete
+            self._header_timer = None
+
+    def on_response_complete(self) -> None:
+        self._arm_header_timer()  # for the next request on this connection
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.timeout_keep_alive, self._on_header_timeout)
+
+    def _on_header_timeout(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.timeout_keep_alive_handler()  # closes the connection

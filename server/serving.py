@@ -97,6 +97,11 @@ class ServerState:
         for generation in list(self.generations):
             await generation.abort_engine_requests()
 
+    def default_max_tokens_for(self, num_choices: int) -> int:
+        """``max_tokens`` for a request that omits it: ``default_max_tokens``, lowered so that all
+        ``num_choices`` choices stay within ``max_total_tokens`` (the context cap comes later)."""
+        return max(1, min(self.default_max_tokens, self.max_total_tokens // num_choices))
+
     def check_can_serve(self, model: str) -> None:
         """404 for an unknown model, 503 while draining (checked before any work)."""
         if model != self.served_model_name:

@@ -94,7 +94,8 @@ async def create_chat_completion(
     # Off the event loop: a long prompt takes a while to render and tokenize.
     prompt = await run_in_threadpool(build_chat_prompt, req, engine.tokenizer, engine.max_model_len)
     max_tokens = resolve_max_tokens(
-        req.requested_max_tokens(), len(prompt), engine.max_model_len, state.default_max_tokens, "messages"
+        req.requested_max_tokens(), len(prompt), engine.max_model_len, state.default_max_tokens_for(req.n),
+        "messages",
     )
     check_total_tokens(state.max_total_tokens, [max_tokens], req.n)
     top_k = req.top_logprobs or 0

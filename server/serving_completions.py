@@ -89,7 +89,8 @@ async def create_completion(req: CompletionRequest, raw_request: Request, state:
     check_num_choices(state.max_choices, len(prompts), req.n)
     max_tokens = [
         resolve_max_tokens(
-            req.requested_max_tokens(), len(p), engine.max_model_len, state.default_max_tokens, "prompt"
+            req.requested_max_tokens(), len(p), engine.max_model_len,
+            state.default_max_tokens_for(req.n * len(prompts)), "prompt",
         )
         for p in prompts
     ]

@@ -95,6 +95,7 @@ class FakeEngine:
     max_waiting_requests: int = 4
     tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
     params: dict[str, SamplingParams] = field(default_factory=dict)
+    prompts: dict[str, list[int]] = field(default_factory=dict)
     aborted: list[str] = field(default_factory=list)
     ready_checks: int = 0
     dead: bool = False
@@ -157,6 +158,7 @@ class FakeEngine:
         if len(self._active) >= self.max_num_seqs + self.max_waiting_requests:
             raise QueueFullError("waiting queue full", retry_after_s=1.5)
         self.params[request_id] = params
+        self.prompts[request_id] = list(prompt_token_ids)
         self._active[request_id] = False
         return self._generate(request_id, prompt_token_ids, params, time.monotonic())
 
