@@ -6,6 +6,8 @@ Kept apart from ``Scheduler`` so each rule is unit-testable on a bare ``Request`
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from scheduler.config import SchedulerConfig
 from scheduler.errors import RequestRejectedError
@@ -133,3 +135,40 @@ def draft_cap(request: Request, num_lookahead_tokens: int, max_model_len: int) -
     max_tokens_left = request.sampling_params.max_tokens - request.num_output_tokens
     model_room = max_model_len - request.num_tokens
     return max(0, min(num_lookahead_tokens, max_tokens_left - 1, model_room - 1))
+
+
+class PrefillSlots(NamedTuple):
+    """Partial-prefill slots taken in the step being planned: requests that will still be mid-prefill
+    after it (``partial``) and, of those, the ones with more than the long-prefill threshold to go."""
+
+    partial: int
+    long: int
+
+    def plus(self, num_left_after: int, threshold: int) -> PrefillSlots:
+        """The slots after admitting a request that has ``num_left_after`` tokens left after its chunk."""
+        return PrefillSlots(self.partial + (num_left_after > 0), self.long + (num_left_after > threshold))
+
+
+def prefill_slots_in_use(running: Sequence[Request], planned: Mapping[str, int], threshold: int) -> PrefillSlots:
+    """Slots taken by running requests, given the chunk each got this step (``planned``, tokens)."""
+    partial = long = 0
+    for request in running:
+        num_known = request.num_tokens - request.num_computed_tokens
+        left = num_known - planned.get(request.request_id, 0)
+        if num_known > 1 and left > 0:
+            partial += 1
+            long += left > threshold
+    return PrefillSlots(partial, long)
+
+
+def held_by_prefill_limits(num_left: int, num_new: int, slots: PrefillSlots, config: SchedulerConfig) -> bool:
+    """Whether a waiting request with ``num_left`` tokens to prefill, offered a ``num_new`` chunk, must
+    wait for a partial-prefill slot: only when the chunk leaves it mid-prefill, and then while
+    ``max_num_partial_prefills`` are taken, or, for a long prompt (more than the threshold left),
+    while ``max_long_partial_prefills`` long ones are (vLLM's partial-prefill limits)."""
+    if num_new >= num_left:
+        return False
+    is_long = num_left > config.prefill_chunk_cap
+    return slots.partial >= config.max_num_partial_prefills or (
+        is_long and slots.long >= config.max_long_partial_prefills
+    )

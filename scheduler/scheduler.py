@@ -31,9 +31,7 @@ to the free blocks. After a step every running request holds exactly the blocks 
 ``[0, num_computed_tokens)``: the slots of rejected drafts are trimmed.
 
 Fault isolation (``rollback_request``, used by ``engine.step_faults``): a request rolled back after a
-failed step is *isolated*: it runs in steps of its own, alternating with normal steps, until it has
-sampled ``ISOLATION_SAMPLES`` times, so a request that makes steps fail is found alone and cannot take
-the others with it.
+failed step runs in steps of its own until it has proven itself (``scheduler.isolation``).
 """
 
 from __future__ import annotations
@@ -46,6 +44,7 @@ from dataclasses import dataclass, field
 from scheduler.block_manager import BlockManager
 from scheduler.config import SchedulerConfig
 from scheduler.errors import RequestRejectedError
+from scheduler.isolation import Isolation
 from scheduler.outputs import (
     EngineCoreOutput,
     NewRequestData,
@@ -54,11 +53,14 @@ from scheduler.outputs import (
     SchedulerOutput,
 )
 from scheduler.request import Request, RequestStatus
-from scheduler.request_rules import append_with_stop_checks, check_admissible, draft_cap, token_slice
-
-ISOLATION_SAMPLES = 2
-"""Sampling steps an isolated request runs alone before it rejoins normal steps (its re-prefill and
-first sample, then one decode step: verification, drafting and the verify policy included)."""
+from scheduler.request_rules import (
+    append_with_stop_checks,
+    check_admissible,
+    draft_cap,
+    held_by_prefill_limits,
+    prefill_slots_in_use,
+    token_slice,
+)
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,7 @@ class Scheduler:
         self._requests: dict[str, Request] = {}  # unfinished requests only
         self._needs_request_data: set[str] = set()  # runner must (re)create per-request state
         self._finished_ids: set[str] = set()  # reported in the next SchedulerOutput
-        self._isolated: dict[str, int] = {}  # rolled-back request -> solo sampling steps left
-        self._solo_last = False  # the previous step was a solo step
+        self._isolated = Isolation()  # rolled-back requests running in solo steps
         self.solo_request_id: str | None = None  # the request of the step being planned, if solo
 
     # ---- queries ---------------------------------------------------------------------------
@@ -146,7 +147,7 @@ class Scheduler:
     @property
     def isolated_request_ids(self) -> tuple[str, ...]:
         """Requests running in steps of their own after a failed step (oldest failure first)."""
-        return tuple(self._isolated)
+        return self._isolated.request_ids
 
     def get_request(self, request_id: str) -> Request | None:
         """An unfinished request (finished ones are forgotten once their output is returned)."""
@@ -210,7 +211,7 @@ class Scheduler:
         request.num_preemptions += 1
         self._needs_request_data.add(request_id)
         self._finished_ids.add(request_id)
-        self._isolated[request_id] = ISOLATION_SAMPLES
+        self._isolated.add(request_id)
         self.waiting.appendleft(request)
         return True
 
@@ -258,7 +259,7 @@ class Scheduler:
             request.num_computed_tokens += seq.num_new_tokens
             if seq.sample:
                 outputs.append(self._apply_sampled(request, seq, runner_output))
-                self._end_isolation_step(seq.request_id)
+                self._isolated.on_sampled(seq.request_id)
         return outputs
 
     # ---- schedule() parts --------------------------------------------------------------------
@@ -371,18 +372,16 @@ class Scheduler:
         """
         config = self.config
         cap = config.prefill_chunk_cap
-        if any(self._requests[rid].status != RequestStatus.RUNNING for rid in self._isolated):
+        if any(self._requests[rid].status != RequestStatus.RUNNING for rid in self._isolated.request_ids):
             return  # an isolated request waits for a slot and blocks: admit nobody before it
-        num_partial, num_long = self._prefill_slots_in_use(plan)
+        planned = {r.request_id: n for r, n in (*plan.chunks, *plan.admitted)}
+        slots = prefill_slots_in_use(self.running, planned, cap)
         for request in list(self.waiting):
             if plan.budget <= 0 or len(self.running) >= config.max_num_seqs:
                 return
             num_left = request.num_tokens - request.num_computed_tokens
             num_new = min(num_left, plan.budget, cap)
-            if num_new < num_left and (
-                num_partial >= config.max_num_partial_prefills
-                or (num_left > cap and num_long >= config.max_long_partial_prefills)
-            ):
+            if held_by_prefill_limits(num_left, num_new, slots, config):
                 continue
             if not self.block_manager.allocate(request.request_id, request.num_computed_tokens + num_new):
                 return
@@ -390,21 +389,7 @@ class Scheduler:
             self._admit(request)
             plan.admitted.append((request, num_new))
             plan.budget -= num_new
-            num_partial += num_new < num_left
-            num_long += num_left - num_new > cap
-
-    def _prefill_slots_in_use(self, plan: _StepPlan) -> tuple[int, int]:
-        """(partial, long) prefill slots taken: running requests still mid-prefill after this step's
-        chunks as planned, and of those the ones with more than the threshold still to go."""
-        planned = {r.request_id: n for r, n in (*plan.chunks, *plan.admitted)}
-        num_partial = num_long = 0
-        for request in self.running:
-            num_known = request.num_tokens - request.num_computed_tokens
-            left = num_known - planned.get(request.request_id, 0)
-            if num_known > 1 and left > 0:
-                num_partial += 1
-                num_long += left > self.config.prefill_chunk_cap
-        return num_partial, num_long
+            slots = slots.plus(num_left - num_new, cap)
 
     def _admit(self, request: Request) -> None:
         request.status = RequestStatus.RUNNING
@@ -428,17 +413,11 @@ class Scheduler:
                     plan.budget -= extra
 
     def _solo_turn(self) -> Request | None:
-        """The isolated request to run alone this step, or None for a normal step. Solo and normal
-        steps alternate while both kinds of work exist."""
-        if not self._isolated:
-            self._solo_last = False
-            return None
-        has_normal = any(r.request_id not in self._isolated for r in (*self.running, *self.waiting))
-        if self._solo_last and has_normal:
-            self._solo_last = False
-            return None
-        self._solo_last = True
-        return self._requests[next(iter(self._isolated))]
+        """The isolated request to run alone this step, or None for a normal step."""
+        isolated = self._isolated
+        has_normal = bool(isolated) and any(r.request_id not in isolated for r in (*self.running, *self.waiting))
+        request_id = isolated.next_solo(has_normal)
+        return None if request_id is None else self._requests[request_id]
 
     def _schedule_solo(self, request: Request, plan: _StepPlan) -> bool:
         """Schedule ``request`` alone (uncapped chunk, no preemption); False if it does not fit now."""
@@ -459,15 +438,6 @@ class Scheduler:
         else:
             plan.chunks.append((request, num_new))
         return True
-
-    def _end_isolation_step(self, request_id: str) -> None:
-        """Count a sampling step of an isolated request; it rejoins normal steps after the last."""
-        left = self._isolated.get(request_id)
-        if left is not None:
-            if left <= 1:
-                del self._isolated[request_id]
-            else:
-                self._isolated[request_id] = left - 1
 
     def _preempt(self, request: Request, plan: _StepPlan) -> None:
         """Recompute preemption of a request just taken off ``running``: drop its KV, keep its
@@ -557,5 +527,5 @@ class Scheduler:
         request.spec_confidences.clear()
         del self._requests[request.request_id]
         self._needs_request_data.discard(request.request_id)
-        self._isolated.pop(request.request_id, None)
+        self._isolated.discard(request.request_id)
         self._finished_ids.add(request.request_id)

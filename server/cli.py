@@ -96,7 +96,7 @@ class DrainingServer(uvicorn.Server):
     async def _drain(self) -> None:
         finished = await drain(self._app.state.server, self._drain_timeout_s)
         if not finished:
-            logger.warning("drain timeout: closing the remaining requests")
+            logger.warning("drain timeout: the remaining requests were aborted")
         self.should_exit = True
 
 

@@ -243,3 +243,15 @@ def test_engine_death_exits_the_process_non_zero() -> None:
         assert proc.wait(timeout=15) == 1
     finally:
         proc.kill()
+
+
+def test_no_prompts_or_keys_in_logs_at_the_default_level(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    secret_prompt, key = "my-secret-prompt-4242", "sk-very-secret"
+    with TestClient(build_app(FakeEngine(), api_key=key)) as client:
+        auth = {"Authorization": f"Bearer {key}"}
+        for content in (secret_prompt, "RAISE"):
+            client.post(CHAT, json={"model": MODEL, "messages": chat(content), "max_tokens": 2}, headers=auth)
+        client.post(CHAT, json={"model": MODEL, "messages": chat(secret_prompt), "seed": 2**64}, headers=auth)
+        client.post(CHAT, json={"model": MODEL, "messages": chat(secret_prompt)}, headers={"Authorization": "Bearer x"})
+    assert caplog.records and secret_prompt not in caplog.text and key not in caplog.text

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from scheduler.isolation import ISOLATION_SAMPLES
 from scheduler.request import RequestStatus
-from scheduler.scheduler import ISOLATION_SAMPLES, Scheduler
+from scheduler.scheduler import Scheduler
 from tests.scheduler_helpers import make_config, make_request, run_step
 
 LONG = 7000
