@@ -9,7 +9,7 @@ string ``model`` is set to the served model so cases reach validation and the en
 stopping at the 404. The cases go to the POST operations (GETs get a few each). After the run
 ``/health`` must still answer 200. Writes a JSON summary.
 
-    python scripts/fuzz_api.py --url http://127.0.0.1:8000 --cases 1000 --out fuzz.json
+    python -m scripts.fuzz_api --url http://127.0.0.1:8000 --cases 1000 --out fuzz.json
 
 ``tests/test_fuzz_api.py`` runs :func:`fuzz` for about 200 cases against the fake engine in CI.
 """
@@ -30,6 +30,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+
+from scripts.results import emit
 
 _CAPPED = ("max_tokens", "max_completion_tokens")
 
@@ -147,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON summary path (default: stdout only)")
     ns = parser.parse_args(argv)
     result = fuzz(ns.url, ns.cases, ns.seed, ns.timeout, ns.max_tokens)
-    text = json.dumps({**asdict(result), "ok": result.ok}, indent=2)
-    print(text)
-    if ns.out:
-        with open(ns.out, "w") as f:
-            f.write(text + "\n")
+    emit({**asdict(result), "ok": result.ok}, ns.out)
     return 0 if result.ok else 1
 
 

@@ -14,14 +14,13 @@ mid-request; a few send bad requests (invalid fields: 400; an oversized body: 41
 Writes a JSON result (``--out``); exits 1 when a check fails. Not part of the test suite
 (minutes of CPU); its last result is recorded in docs/hardening.md.
 
-    python scripts/soak.py --duration 600 --concurrency 32 --out soak.json
+    python -m scripts.soak --duration 600 --concurrency 32 --out soak.json   (from the repository root)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import sys
 import time
@@ -31,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 import httpx
 import psutil
 
+from scripts.results import emit
 from tests.server_harness import run_server, wait_for
 
 QUESTIONS = [
@@ -54,6 +54,7 @@ class SoakResult:
     duration_s: float
     concurrency: int
     drafter: str
+    verify_policy: str
     outcomes: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     rss_after_warmup_mb: float = 0.0
@@ -171,10 +172,11 @@ def soak(ns: argparse.Namespace) -> SoakResult:
     from engine.config import EngineArgs
     from server.metrics_glue import build_metrics
 
-    args = EngineArgs(drafter=None if ns.drafter == "default" else ns.drafter, max_num_seqs=ns.concurrency)
+    args = EngineArgs(drafter=None if ns.drafter == "default" else ns.drafter, max_num_seqs=ns.concurrency,
+                      verify_policy=None if ns.drafter == "none" else ns.verify_policy)
     engine = AsyncEngine.from_args(args)
     metrics = build_metrics(engine, args.max_num_batched_tokens)
-    result = SoakResult(ns.duration, ns.concurrency, ns.drafter)
+    result = SoakResult(ns.duration, ns.concurrency, ns.drafter, ns.verify_policy)
     counts: Counter = Counter()
     process = psutil.Process()
     with run_server(engine, metrics=metrics) as server:
@@ -206,17 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--disconnect-rate", type=float, default=0.10)
     parser.add_argument("--drafter", default="default", help="'default' (shipped DSpark) or 'none'")
+    parser.add_argument("--verify-policy", default="dspark",
+                        help="with a drafter: dspark (measures a throughput profile at start unless cached) | fixed:K")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     ns = parser.parse_args(argv)
     if not 0 < ns.warmup < ns.duration:
         parser.error("need 0 < --warmup < --duration")
     result = soak(ns)
-    text = json.dumps(asdict(result), indent=2)
-    print(text)
-    if ns.out:
-        with open(ns.out, "w") as f:
-            f.write(text + "\n")
+    emit(asdict(result), ns.out)
     return 0 if result.ok else 1
 
 
