@@ -192,6 +192,8 @@ class EngineCore:
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)
+        if self.verify_hook is not None:
+            self.verify_hook.forget(request_id)  # aborted requests produce no final output
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -211,7 +213,11 @@ class EngineCore:
             runner_output = self.runner.execute(plan)
             outputs = self.scheduler.update_from_output(plan, runner_output)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, never the engine
-            return self.faults.recover(exc, plan, num_delivered)
+            failed = self.faults.recover(exc, plan, num_delivered)
+            if self.verify_hook is not None:
+                for out in failed:
+                    self.verify_hook.forget(out.request_id)
+            return failed
         self.faults.on_success(plan)
         if plan.is_empty:
             return outputs

@@ -89,7 +89,9 @@ class _Recorder:
         try:
             response = case.call(base_url=self.base_url, timeout=self.timeout_s)
         except Exception as exc:  # noqa: BLE001 - a timeout or reset is a failure, never a crash
-            self._fail(f"{label}: no answer ({type(exc).__name__}: {exc})"[:300])
+            size = len(json.dumps(case.body, default=str)) if case.body is not None else 0
+            self._fail(f"{label}: no answer ({type(exc).__name__}) for a {size}-byte body: "
+                       f"{json.dumps(case.body, default=str)[:150]}")
             return
         status = response.status_code
         self.statuses[str(status)] += 1

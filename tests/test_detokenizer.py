@@ -170,13 +170,19 @@ def test_real_tokenizer_incremental_is_the_full_decode_for_any_text(
 )
 def test_stop_matcher_never_emits_or_retracts_text(text: str, stops: list[str], chunks: list[int]) -> None:
     """Property (several stop strings, variable chunking): what has been sent is at every moment a
-    prefix of the final answer (nothing is ever taken back), the final answer is the text cut before
-    the earliest stop string, and no stop string appears in what was sent."""
+    prefix of the final answer (nothing is ever taken back), the final answer is the text cut at the
+    first stop string to be completed (the leftmost of those complete at that character; every
+    character of this alphabet is one token or one multi-byte character), and no stop string appears
+    in what was sent."""
     tok = FakeTokenizer()
     ids = tok.encode(text)
     decoder = StopStringDecoder(tok, (), stop=stops)
-    positions = [p for p in (text.find(s) for s in stops) if p >= 0]
-    expected = text[: min(positions)] if positions else text
+    expected, positions = text, []
+    for end in range(1, len(text) + 1):
+        positions = [p for p in (text[:end].find(s) for s in stops) if p >= 0]
+        if positions:
+            expected = text[: min(positions)]
+            break
     sent, start, i = "", 0, 0
     while start < len(ids) and decoder.stopped_by is None:
         size = chunks[i % len(chunks)]
