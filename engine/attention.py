@@ -78,51 +78,61 @@ class AttentionMetadata:
 
 def build_attention_metadata(
     q_lens: list[int],
-    start_positions: list[int],
-    kv_lens: list[int],
-    block_tables: list[list[int]] | list[tuple[int, ...]],
+    start_positions: list[int] | torch.Tensor,
+    kv_lens: list[int] | torch.Tensor,
+    block_tables: torch.Tensor | list[list[int]] | list[tuple[int, ...]],
     block_size: int,
     causal: list[bool] | None = None,
     device: torch.device | str = "cpu",
+    token_positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_kv_len: int | None = None,
 ) -> AttentionMetadata:
-    """Build the metadata for a flat ragged batch of S sequences.
+    """Build the metadata for a flat ragged batch of S sequences (tensor ops, no per-token Python).
 
     Args:
         q_lens: new (query) tokens per sequence; rows are laid out sequence after sequence.
         start_positions: absolute position of each sequence's first query token.
         kv_lens: context length visible to each sequence after this step's keys are stored
             (``start + q_len`` for the target; context rows + block for a drafter).
-        block_tables: physical block ids per sequence covering ``kv_lens``.
+        block_tables: ``[S, max_blocks]`` int64 tensor (CPU; entries past a table are ignored) or
+            per-sequence lists of physical block ids covering ``kv_lens``.
         block_size: tokens per KV block.
         causal: per sequence, False for a bidirectional block (drafter); default all True.
+        token_positions: ``(owner [T], position [T])`` of every query row if the caller has them.
+        max_kv_len: a host-side upper bound of ``kv_lens`` (shapes), so tensor ``start_positions`` /
+            ``kv_lens`` (e.g. computed on the device from accepted counts) need no host sync.
     Returns:
         AttentionMetadata on ``device``.
     """
     num_seqs = len(q_lens)
     causal = causal if causal is not None else [True] * num_seqs
-    slots: list[int] = []
-    q_offsets = [0]
-    for i in range(num_seqs):
-        q_offsets.append(q_offsets[-1] + q_lens[i])
-        table = block_tables[i]
-        for pos in range(start_positions[i], start_positions[i] + q_lens[i]):
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
-    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
-
+    tables = block_tables if isinstance(block_tables, torch.Tensor) else _pad_tables(block_tables)
+    counts = torch.tensor(q_lens, dtype=torch.int64)
+    q_offsets = torch.cumsum(counts, 0) - counts  # [S] first row of each sequence
+    starts_t = torch.as_tensor(start_positions, dtype=torch.int64)
+    kv_t = torch.as_tensor(kv_lens, dtype=torch.int64)
+    if token_positions is None:
+        owner = torch.repeat_interleave(torch.arange(num_seqs), counts)  # [T]
+        positions = starts_t[owner] + torch.arange(int(counts.sum())) - q_offsets[owner]
+    else:
+        owner, positions = token_positions
+    slot_mapping = tables[owner, positions // block_size] * block_size + positions % block_size  # [T]
     short = [i for i in range(num_seqs) if q_lens[i] <= SHORT_QUERY_MAX]
     long = [i for i in range(num_seqs) if q_lens[i] > SHORT_QUERY_MAX]
     meta = AttentionMetadata(
-        slot_mapping=slot_mapping, short_q_index=None, short_q_valid=None,
-        short_block_tables=None, short_mask=None, prefills=[], num_tokens=q_offsets[-1],
+        slot_mapping=slot_mapping.to(device), short_q_index=None, short_q_valid=None,
+        short_block_tables=None, short_mask=None, prefills=[], num_tokens=int(counts.sum()),
         block_size=block_size,
     )
     if short:
-        _build_short_group(meta, short, q_lens, q_offsets, start_positions, kv_lens, block_tables, causal,
-                           block_size, device)
+        _build_short_group(meta, short, q_lens, q_offsets, starts_t, kv_t, tables, causal, block_size, device,
+                           max_kv_len)
+    offsets = q_offsets.tolist()
+    if long and (isinstance(start_positions, torch.Tensor) or isinstance(kv_lens, torch.Tensor)):
+        start_positions, kv_lens = starts_t.tolist(), kv_t.tolist()
     for i in long:
-        table = torch.tensor(list(block_tables[i]), dtype=torch.int64)
         pos = torch.arange(kv_lens[i])
-        seq_slots = table[pos // block_size] * block_size + pos % block_size
+        seq_slots = tables[i, pos // block_size] * block_size + pos % block_size
         mask = None
         if start_positions[i] != 0 or not causal[i] or kv_lens[i] != q_lens[i]:
             q_pos = torch.arange(start_positions[i], start_positions[i] + q_lens[i])
@@ -131,51 +141,52 @@ def build_attention_metadata(
                 mask = mask & (pos[None, :] <= q_pos[:, None])
             mask = mask.expand(q_lens[i], kv_lens[i]).contiguous().to(device)
         meta.prefills.append(
-            PrefillSeq(q_offsets[i], q_offsets[i + 1], start_positions[i], seq_slots.to(device), mask)
+            PrefillSeq(offsets[i], offsets[i] + q_lens[i], start_positions[i], seq_slots.to(device), mask)
         )
     return meta
 
 
-def _build_short_group(
-    meta: AttentionMetadata, short: list[int], q_lens: list[int], q_offsets: list[int],
-    start_positions: list[int], kv_lens: list[int], block_tables, causal: list[bool], block_size: int,
-    device: torch.device | str,
-) -> None:
-    """Padded ``[S, q_max]`` queries / ``[S, kv_max]`` keys of the short group (one SDPA per layer).
+def _pad_tables(block_tables: list[list[int]] | list[tuple[int, ...]]) -> torch.Tensor:
+    """Per-sequence block id lists -> ``[S, max_blocks]`` int64 (padded with block 0)."""
+    width = max((len(t) for t in block_tables), default=0) or 1
+    return torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64)
 
-    Built from Python lists with one tensor creation each (this runs every step, on the host).
-    """
-    q_max = max(q_lens[i] for i in short)
-    nb_max = max(1, max(-(-kv_lens[i] // block_size) for i in short))
-    index: list[int] = []
-    q_pos: list[int] = []
-    tables: list[int] = []
-    for i in short:
-        n, start, offset = q_lens[i], start_positions[i], q_offsets[i]
-        index.extend(range(offset, offset + n))
-        index.extend([0] * (q_max - n))
-        q_pos.extend(range(start, start + n))
-        q_pos.extend([-1] * (q_max - n))
-        nb = -(-kv_lens[i] // block_size)
-        tables.extend(block_tables[i][:nb])
-        tables.extend([0] * (nb_max - nb))
-    num = len(short)
-    index_t = torch.tensor(index, dtype=torch.int64).view(num, q_max)
-    q_pos_t = torch.tensor(q_pos, dtype=torch.int64).view(num, q_max)  # -1 = padding
-    kv_len_t = torch.tensor([kv_lens[i] for i in short], dtype=torch.int64)
+
+def _build_short_group(
+    meta: AttentionMetadata, short: list[int], q_lens: list[int], q_offsets: torch.Tensor,
+    start_positions: torch.Tensor, kv_lens: torch.Tensor, tables: torch.Tensor, causal: list[bool], block_size: int,
+    device: torch.device | str, max_kv_len: int | None = None,
+) -> None:
+    """Padded ``[S, q_max]`` queries / ``[S, kv_max]`` keys of the short group (one batched attention
+    per layer), built with tensor ops from the sequences' lengths and block tables (``max_kv_len``: a
+    host bound of the keys, else read from ``kv_lens``)."""
+    index = torch.tensor(short, dtype=torch.int64)
+    q_len_t = torch.tensor([q_lens[i] for i in short], dtype=torch.int64)  # [S]
+    kv_len_t = kv_lens.index_select(0, index)
+    start_t = start_positions.index_select(0, index)
     causal_t = torch.tensor([causal[i] for i in short], dtype=torch.bool)
-    valid = q_pos_t >= 0
+    q_max = max(q_lens[i] for i in short)
+    nb_max = max(1, -(-(max_kv_len if max_kv_len is not None else int(kv_len_t.max())) // block_size))
+    cols = torch.arange(q_max)
+    valid = cols[None, :] < q_len_t[:, None]  # [S, q_max]
+    index_t = torch.where(valid, q_offsets[index][:, None] + cols[None, :], torch.zeros_like(valid, dtype=torch.int64))
+    q_pos_t = start_t[:, None] + cols[None, :]
     key_pos = torch.arange(nb_max * block_size)
     mask = (key_pos[None, None, :] < kv_len_t[:, None, None]) & valid[:, :, None]
     mask &= (key_pos[None, None, :] <= q_pos_t[:, :, None]) | ~causal_t[:, None, None]
-    mask[:, :, 0] |= ~valid  # padded query rows attend to key 0: SDPA never sees an all-masked row
+    mask[:, :, 0] |= ~valid  # padded query rows attend to key 0: softmax never sees an all-masked row
+    block_tables = tables.index_select(0, index)[:, :nb_max]
+    if block_tables.shape[1] < nb_max:
+        block_tables = torch.nn.functional.pad(block_tables, (0, nb_max - block_tables.shape[1]))
+    used = torch.arange(nb_max)[None, :] * block_size < kv_len_t[:, None]
+    block_tables = torch.where(used, block_tables, torch.zeros_like(block_tables))
     flat_valid = valid.flatten()
     src = torch.nonzero(flat_valid).flatten()
     meta.short_dst = index_t.flatten()[src].to(device)
     meta.short_src = None if bool(flat_valid.all()) else src.to(device)
     meta.short_q_index = index_t.to(device)
     meta.short_q_valid = valid.to(device)
-    meta.short_block_tables = torch.tensor(tables, dtype=torch.int64).view(num, nb_max).to(device)
+    meta.short_block_tables = block_tables.contiguous().to(device)
     meta.short_mask = mask[:, None].to(device)
 
 

@@ -39,6 +39,8 @@ class EngineArgs:
         draft_gate: with dspark / dspark-async, skip the drafter forward for requests whose next
             drafts are not worth its cost at the current load (``scheduler.policy.dspark.plan_drafting``).
         shuffle_blocks: hand out physical KV blocks in a random order (tests that paging is real).
+        unseeded_coupling: verify unseeded sampled requests by Gumbel-max coupling (as seeded ones
+            always are) instead of rejection sampling (``engine/spec_decode/verifier.py``).
     """
 
     model: str | None = None
@@ -65,6 +67,7 @@ class EngineArgs:
     profile_path: str | None = None
     draft_gate: bool = True
     shuffle_blocks: bool = False
+    unseeded_coupling: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):

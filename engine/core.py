@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -16,12 +15,16 @@ from engine.config import EngineArgs
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.profiler import load_or_measure_profile, profile_key
-from engine.spec.factory import drafter_bytes_per_block, load_default_or_given_drafter, make_verify_lengths
-from engine.spec.speculator import Speculator
+from engine.protocol import EngineStats, SpecStats, StepStats
+from engine.sampling.mask import LogitsMask
+from engine.spec_decode.drafter import Drafter
+from engine.spec_decode.factory import effective_draft_vocab, load_default_or_given_drafter, make_controller
+from engine.spec_decode.speculator import Speculator
 from engine.step_faults import StepFaultHandler
 from scheduler.config import SchedulerConfig
 from scheduler.errors import RequestRejectedError
 from scheduler.outputs import EngineCoreOutput
+from scheduler.policy.controller import StepObservation
 from scheduler.policy.spec import parse_policy
 from scheduler.profile import ThroughputProfile
 from scheduler.request import Request
@@ -33,80 +36,20 @@ logger = logging.getLogger(__name__)
 _DEFAULT_MAX_MODEL_LEN = 8192
 
 
-@dataclass
-class StepStats:
-    """What one step did (for metrics and the throughput profile).
-
-    Attributes:
-        num_batched_tokens: tokens fed to the target.
-        num_decode_requests: requests that sampled this step.
-        duration_s: wall time of schedule + execute + update, seconds.
-        num_preemptions: requests preempted by this step's schedule.
-        verified_per_request / accepted_per_request: l_r and accepted drafts of each decode request
-            (drafter loaded only; nothing past a stop is counted).
-        num_drafting: requests the runner drafted for after this step (the drafting gate's choice).
-    """
-
-    num_batched_tokens: int = 0
-    num_decode_requests: int = 0
-    duration_s: float = 0.0
-    num_drafting: int = 0
-    num_preemptions: int = 0
-    verified_per_request: list[int] = field(default_factory=list)
-    accepted_per_request: list[int] = field(default_factory=list)
-
-
-@dataclass
-class SpecStats:
-    """Speculative decoding counters (DeepSpec section 3 definitions).
-
-    Attributes:
-        num_drafts: verify steps of requests with a drafter (steps with l_r = 0 included).
-        num_draft_tokens: drafts verified (sum of l_r).
-        num_accepted_tokens: drafts accepted (never past a stop).
-        verified_per_pos[k] / accepted_per_pos[k]: drafts verified / accepted at position k;
-            accepted/verified at k is unbiased even when l_r varies.
-    """
-
-    gamma: int
-    num_drafts: int = 0
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    verified_per_pos: list[int] = field(default_factory=list)
-    accepted_per_pos: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.verified_per_pos = [0] * self.gamma
-        self.accepted_per_pos = [0] * self.gamma
-
-    def record(self, num_draft_tokens: int, num_accepted: int, emitted: bool) -> None:
-        if not self.gamma or not emitted:
-            return
-        self.num_drafts += 1
-        self.num_draft_tokens += num_draft_tokens
-        self.num_accepted_tokens += num_accepted
-        for k in range(num_draft_tokens):
-            self.verified_per_pos[k] += 1
-        for k in range(num_accepted):
-            self.accepted_per_pos[k] += 1
-
-    @property
-    def accepted_length(self) -> float:
-        """tau: tokens emitted per verify step, bonus / recovered token included."""
-        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
-
-
 class EngineCore:
     """Owns the scheduler and the model runner; one ``step()`` at a time.
 
     Args:
         args: engine arguments.
         loaded: an already loaded model (tests share one load), or None to load ``args.model``.
+        drafter: a ``Drafter`` to use instead of the one ``args`` names.
+        profile: the throughput profile (None: ``--profile`` or measured / cached at start-up).
+        logits_mask: the logits-mask hook (constrained decoding), or None.
     """
 
     def __init__(
-        self, args: EngineArgs, loaded: LoadedModel | None = None, drafter=None,
-        profile: ThroughputProfile | None = None,
+        self, args: EngineArgs, loaded: LoadedModel | None = None, drafter: Drafter | None = None,
+        profile: ThroughputProfile | None = None, logits_mask: LogitsMask | None = None,
     ) -> None:
         self.args = args
         dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
@@ -124,9 +67,10 @@ class EngineCore:
         if num_blocks is None:
             per_block = kv_cache_bytes_per_block(config, args.block_size, dtype)
             if drafter is not None:
-                per_block += drafter_bytes_per_block(drafter, args.block_size, dtype)
+                per_block += drafter.context_bytes_per_block(args.block_size, dtype)
             num_blocks = max(1, int(args.kv_cache_memory_gb * (1 << 30)) // per_block)
         self.num_blocks = num_blocks
+        gamma = drafter.num_speculative_tokens if drafter is not None else 0
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=args.max_num_seqs,
@@ -134,7 +78,7 @@ class EngineCore:
                 max_model_len=self.max_model_len,
                 block_size=args.block_size,
                 num_kv_blocks=num_blocks,
-                num_lookahead_tokens=int(drafter.config.block_size) if drafter is not None else 0,
+                num_lookahead_tokens=gamma,
                 shuffle_blocks=args.shuffle_blocks,
                 seed=args.seed,
                 long_prefill_token_threshold=args.long_prefill_token_threshold,
@@ -145,8 +89,10 @@ class EngineCore:
         speculator = None
         if drafter is not None:
             speculator = Speculator(drafter, num_blocks, args.block_size, dtype, args.max_num_seqs)
-        self.runner = ModelRunner(self.loaded.model, config, num_blocks, args.block_size, dtype, speculator=speculator)
-        self.verify_hook = None
+        self.runner = ModelRunner(self.loaded.model, config, num_blocks, args.block_size, dtype, speculator=speculator,
+                                  max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
+                                  engine_seed=args.seed, mask=logits_mask, unseeded_coupling=args.unseeded_coupling)
+        self.controller = None
         if drafter is not None:
             policy = parse_policy(args.verify_policy or "dspark")
             if policy.needs_profile and profile is None:
@@ -155,12 +101,13 @@ class EngineCore:
             if policy.needs_profile and args.draft_gate and not profile.has_draft_time:
                 logger.warning("drafting gate off: the throughput profile has no drafter times (measured before "
                                "they were recorded); re-measure it with `sparkserve profile --out PATH`")
-            self.verify_hook = make_verify_lengths(args, drafter, profile)
-            self.scheduler.verify_lengths = self.verify_hook
-            self.scheduler.select_drafting = self.verify_hook.select_drafting
+            self.controller = make_controller(args, drafter, profile)
+            self.scheduler.verify_lengths = self.controller.verify_lengths
+            self.scheduler.select_drafting = self.controller.select_drafting
+            self.scheduler.request_finished = self.controller.forget
         self.faults = StepFaultHandler(self.scheduler)
         self.last_step = StepStats()
-        self.spec_stats = SpecStats(int(drafter.config.block_size) if drafter is not None else 0)
+        self.spec_stats = SpecStats(gamma)
         logger.info(
             "engine ready: model=%s dtype=%s kv_blocks=%d (block_size=%d) max_model_len=%d",
             self.model_name, args.dtype, num_blocks, args.block_size, self.max_model_len,
@@ -170,9 +117,21 @@ class EngineCore:
         """What a cached throughput profile of this engine is valid for (model, dtype, device,
         drafter and its draft vocabulary, step budgets, threads)."""
         args = self.args
-        drafter = f"{args.drafter or 'default'}@{getattr(self.drafter, 'draft_vocab_size', None)}"
+        drafter = f"{args.drafter or 'default'}@{effective_draft_vocab(args)}"
         return profile_key(self.model_name, args.dtype, drafter, args.max_num_batched_tokens, args.max_num_seqs,
                            torch.get_num_threads())
+
+    def stats(self) -> EngineStats:
+        """A typed snapshot for metrics (no tensors; read on the event loop after a step)."""
+        scheduler = self.scheduler
+        return EngineStats(
+            num_running=scheduler.num_running,
+            num_waiting=scheduler.num_waiting,
+            kv_cache_usage=scheduler.kv_cache_usage,
+            last_step=self.last_step,
+            num_speculative_tokens=self.spec_stats.gamma,
+            controller=self.controller.stats() if self.controller is not None else None,
+        )
 
     def make_request(self, request_id: str, prompt_token_ids: list[int], params) -> Request:
         """Build a scheduler request with the model's EOS."""
@@ -192,8 +151,6 @@ class EngineCore:
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)
-        if self.verify_hook is not None:
-            self.verify_hook.forget(request_id)  # aborted requests produce no final output
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -209,24 +166,26 @@ class EngineCore:
         num_delivered: dict[str, int] = {}
         try:
             plan = self.scheduler.schedule()
+            scheduled = time.perf_counter()
             num_delivered = self._num_outputs(plan)
             runner_output = self.runner.execute(plan)
+            executed = time.perf_counter()
             outputs = self.scheduler.update_from_output(plan, runner_output)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, never the engine
-            failed = self.faults.recover(exc, plan, num_delivered)
-            if self.verify_hook is not None:
-                for out in failed:
-                    self.verify_hook.forget(out.request_id)
-            return failed
+            return self.faults.recover(exc, plan, num_delivered)
         self.faults.on_success(plan)
         if plan.is_empty:
             return outputs
+        end = time.perf_counter()
         self.last_step = StepStats(
             num_batched_tokens=plan.num_batched_tokens,
             num_decode_requests=sum(1 for s in plan.seqs if s.sample),
-            duration_s=time.perf_counter() - start,
+            duration_s=end - start,
             num_preemptions=len(plan.preempted_request_ids),
             num_drafting=len(runner_output.drafts),
+            schedule_s=scheduled - start,
+            execute_s=executed - scheduled,
+            update_s=end - executed,
         )
         try:
             self._observe(plan, outputs)
@@ -240,24 +199,19 @@ class EngineCore:
         return {r.request_id: r.num_output_tokens for r in requests if r is not None}
 
     def _observe(self, plan, outputs: list[EngineCoreOutput]) -> None:
-        """Feed the online profile (drift correction) and the speculation counters."""
-        hook = self.verify_hook
+        """Feed the controller (online profile) and the speculation counters."""
         step = self.last_step
-        if hook is not None and hook.profile is not None and step.num_decode_requests:
-            # The profile prices a step that drafts greedily for every request: convert the measured
-            # step to that (add back what the gate saved, take off what sampled drafting cost extra).
-            profile = hook.profile
-            saved = profile.draft_time(step.num_decode_requests) - profile.draft_time(
-                step.num_drafting, hook.last_sampled_fraction)
-            profile.observe(plan.num_batched_tokens, step.num_decode_requests, max(step.duration_s + saved, 1e-6))
-        decode = {s.request_id for s in plan.seqs if s.new_request is None and s.num_new_tokens - s.num_spec_tokens == 1}
+        if self.controller is not None:
+            self.controller.observe_step(StepObservation(
+                step.num_batched_tokens, step.num_decode_requests, step.num_drafting, step.duration_s))
+        if self.drafter is None:
+            return
+        decode = {s.request_id for s in plan.seqs if s.new_request is None and s.num_known_tokens == 1}
         for out in outputs:
-            if out.request_id in decode and self.drafter is not None and out.new_token_ids:
+            if out.request_id in decode and out.new_token_ids:
                 self.spec_stats.record(out.num_draft_tokens, out.num_accepted_tokens, True)
-                self.last_step.verified_per_request.append(out.num_draft_tokens)
-                self.last_step.accepted_per_request.append(out.num_accepted_tokens)
-            if out.finish_reason is not None and hook is not None:
-                hook.forget(out.request_id)
+                step.verified_per_request.append(out.num_draft_tokens)
+                step.accepted_per_request.append(out.num_accepted_tokens)
 
     def generate_batch(self, prompts: list[list[int]], params, request_prefix: str = "batch") -> list[list[int]]:
         """Run prompts to completion (offline batch job; all submitted at once). Returns token ids.

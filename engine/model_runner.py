@@ -1,44 +1,32 @@
-"""ModelRunner: owns every tensor (weights, paged KV cache, sampler state) and runs one step.
+"""ModelRunner: owns every tensor (weights, paged KV cache, persistent batch, drafts) and runs one step.
 
-The scheduler decides *what* runs; the runner only executes a ``SchedulerOutput``:
-1. flatten the ragged batch (prefill chunks, decode tokens, verify blocks) into ``[T]`` input ids and
-   positions, with a slot mapping and block tables for paged attention;
-2. run the target once;
-3. sample (or verify drafts with the rejection sampler) for the sequences that reached the end of
-   their known tokens;
-4. run the drafter for the next step (when one is loaded).
+The scheduler decides *what* runs and who drafts; the runner only executes a ``SchedulerOutput``:
+1. apply the schedule's diff to the persistent batch and build the flat inputs (``engine/input_batch.py``);
+2. run the target once over the ragged batch (prefill chunks, decode tokens, verify blocks);
+3. store every row's target features in the drafter's context cache;
+4. verify (or plainly sample, l_r = 0) the sequences that reached the end of their known tokens
+   (``engine/spec_decode/verifier.py``);
+5. draft the next block for the sequences the scheduler marked ``draft``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from engine.attention import build_attention_metadata, new_kv_cache
+from engine.attention import new_kv_cache
+from engine.input_batch import InputBatch
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
-from engine.sampler import Sampler, SamplingMetadata, to_token_logprobs
-from engine.spec.speculator import Speculator
-from engine.spec.verify_step import verify_and_draft
-from scheduler.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
-from scheduler.sampling_params import SamplingParams
-
-
-@dataclass
-class RequestState:
-    """Per-request state kept by the runner between steps.
-
-    Attributes:
-        params: the request's sampling parameters.
-        generator: seeded generator (``None`` = global RNG).
-        output_token_ids: generated tokens so far (penalties).
-    """
-
-    params: SamplingParams
-    generator: torch.Generator | None
-    output_token_ids: list[int] = field(default_factory=list)
-    prompt_token_ids: tuple[int, ...] = ()
+from engine.sampling.mask import LogitsMask
+from engine.spec_decode.draft_store import DraftStore
+from engine.spec_decode.drafter import DraftOutput
+from engine.spec_decode.rejection import DraftProbs, RaggedDrafts
+from engine.spec_decode.speculator import Speculator
+from engine.spec_decode.verifier import Verifier, VerifyInput, VerifyOutput, emitted_tokens
+from scheduler.outputs import DraftProposal, RunnerOutput, ScheduledSeq, SchedulerOutput
 
 
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -58,6 +46,10 @@ class ModelRunner:
         dtype: KV cache dtype (same as the model's).
         device: torch device.
         speculator: drafter wrapper (None = no speculation).
+        max_num_seqs / max_model_len: size of the persistent batch.
+        engine_seed: mixed into unseeded requests' random streams.
+        mask: the logits-mask hook (grammars), or None.
+        unseeded_coupling: verify unseeded sampled requests by Gumbel coupling (``Verifier``).
     """
 
     def __init__(
@@ -69,6 +61,11 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         speculator: Speculator | None = None,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        engine_seed: int = 0,
+        mask: LogitsMask | None = None,
+        unseeded_coupling: bool = False,
     ) -> None:
         self.model = model
         self.speculator = speculator
@@ -79,97 +76,197 @@ class ModelRunner:
             new_kv_cache(num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype, self.device)
             for _ in range(config.num_hidden_layers)
         ]
-        self.sampler = Sampler()
-        self.requests: dict[str, RequestState] = {}
-
-    # ------------------------------------------------------------------ state
-    def _update_states(self, out: SchedulerOutput) -> None:
-        for rid in out.finished_request_ids:
-            self.requests.pop(rid, None)
-            if self.speculator is not None:
-                self.speculator.drop(rid)
-        for rid in out.preempted_request_ids:
-            if self.speculator is not None:
-                self.speculator.drop(rid)
-        for seq in out.seqs:
-            new = seq.new_request
-            if new is None:
-                continue
-            if self.speculator is not None:
-                self.speculator.drop(seq.request_id)
-            state = self.requests.get(seq.request_id)
-            if state is None:
-                generator = None
-                if new.sampling_params.seed is not None:
-                    generator = torch.Generator(device=self.device)
-                    generator.manual_seed(new.sampling_params.seed)
-                state = RequestState(new.sampling_params, generator)
-                self.requests[seq.request_id] = state
-            state.output_token_ids = list(new.output_token_ids)
-            state.prompt_token_ids = new.prompt_token_ids
+        gamma = speculator.gamma if speculator is not None else 0
+        max_len = (max_model_len or config.max_position_embeddings) + gamma + 1
+        self.batch = InputBatch(max_num_seqs, max_len, block_size, config.vocab_size, self.device, engine_seed)
+        self.drafts = DraftStore()
+        self.verifier = Verifier(mask, unseeded_coupling)
+        self.mask = mask
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        """Run one step. Returns the tokens sampled per request (python ints)."""
-        self._update_states(out)
+        """Run one step. Returns the emitted tokens and next drafts per request (Python values).
+
+        One device-to-host transfer per step carries the emitted tokens, accepted counts and the next
+        drafts with their confidences (the drafter reads the accepted counts on the device). Extra
+        transfers happen only for logprobs, logits masks and drafters that read token histories.
+        """
+        for rid in (*out.finished_request_ids, *out.preempted_request_ids):
+            self.drafts.drop(rid)
+            if self.mask is not None:
+                self.mask.release(rid)
+        self.batch.apply(out)
         result = RunnerOutput()
         if not out.seqs:
             return result
-        seqs = out.seqs
-        input_ids, positions = self._flatten(seqs)
-        meta = build_attention_metadata(
-            q_lens=[s.num_new_tokens for s in seqs],
-            start_positions=[s.start_pos for s in seqs],
-            kv_lens=[s.end_pos for s in seqs],
-            block_tables=[s.block_table for s in seqs],
-            block_size=self.block_size,
-            device=self.device,
-        )
+        inputs = self.batch.prepare(out.seqs)
         aux_ids = self.speculator.target_layer_ids if self.speculator is not None else ()
-        hidden, aux = self.model(input_ids, positions, self.kv_caches, meta, aux_ids)  # [T, d], [T, m*d]
+        hidden, aux = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention, aux_ids)
         if self.speculator is not None:
-            verify_and_draft(self, seqs, meta, hidden, aux, result)
-            return result
-        sample_seqs = [s for s in seqs if s.sample]
+            self.speculator.add_context(aux, inputs.positions, inputs.slot_mapping)
+        for seq in out.seqs:
+            if not seq.sample:
+                self.batch.record(seq, (), 0)
+        sample_seqs = [out.seqs[i] for i in inputs.sample_index]
         if not sample_seqs:
             return result
-        rows, offset = [], 0
-        for s in seqs:
-            offset += s.num_new_tokens
-            if s.sample:
-                rows.append(offset - 1)
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [R, V] fp32
-        self.sample(sample_seqs, logits, result)
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_rows))  # [N, V] fp32
+        verified = self.verifier.verify(self._verify_input(sample_seqs, logits))
+        drafting = [i for i, s in enumerate(sample_seqs) if s.draft] if self.speculator is not None else []
+        emitted: list[list[int]] | None = None
+        if drafting and self._drafts_need_host_tokens(sample_seqs, drafting):
+            emitted = emitted_tokens(verified.token_ids.tolist(), verified.num_accepted.tolist())
+            self._record(sample_seqs, emitted, verified, result)
+        drafted = self._draft(sample_seqs, drafting, verified) if drafting else None
+        host = _to_host(verified if emitted is None else None, drafted)  # the step's transfer
+        if emitted is None:
+            emitted = emitted_tokens(host.token_ids, host.num_accepted)
+            self._record(sample_seqs, emitted, verified, result)
+        if drafted is not None:
+            self._store_drafts([sample_seqs[i].request_id for i in drafting], drafted, host, result)
         return result
 
-    def _flatten(self, seqs: tuple[ScheduledSeq, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids: list[int] = []
-        pos: list[int] = []
-        for s in seqs:
-            ids.extend(s.token_ids)
-            pos.extend(range(s.start_pos, s.end_pos))
-        return (
-            torch.tensor(ids, dtype=torch.int64, device=self.device),  # [T]
-            torch.tensor(pos, dtype=torch.int64, device=self.device),  # [T]
+    def _record(self, seqs: Sequence[ScheduledSeq], emitted: list[list[int]], verified: VerifyOutput,
+                result: RunnerOutput) -> None:
+        for i, seq in enumerate(seqs):
+            self.batch.record(seq, emitted[i], len(emitted[i]) - 1)
+            result.sampled_token_ids[seq.request_id] = emitted[i]
+            logprobs = verified.logprobs(i, emitted[i])
+            if logprobs is not None:
+                result.logprobs[seq.request_id] = logprobs
+
+    def _drafts_need_host_tokens(self, seqs: Sequence[ScheduledSeq], drafting: list[int]) -> bool:
+        """Token-history drafters and masks need this step's emitted tokens on the host first."""
+        assert self.speculator is not None
+        if self.speculator.drafter.needs_token_history:
+            return True
+        return self.mask is not None and any(self.mask.constrained(seqs[i].request_id) for i in drafting)
+
+    def _verify_input(self, seqs: Sequence[ScheduledSeq], logits: torch.Tensor) -> VerifyInput:
+        """Drafts from the scheduler (``ScheduledSeq.spec_token_ids``), their q from the draft store."""
+        rids = tuple(s.request_id for s in seqs)
+        device = logits.device
+        dense: list[torch.Tensor | None] = []
+        for seq in seqs:
+            if not seq.spec_token_ids or seq.spec_draft_id is None:
+                self.drafts.drop(seq.request_id)  # drafts not verified this step are stale after it
+                dense.append(None)
+                continue
+            stored = self.drafts.take(seq.request_id, seq.spec_draft_id, seq.spec_token_ids)
+            dense.append(None if stored.probs is None else stored.probs[: seq.num_spec_tokens])
+        flat = [t for s in seqs for t in s.spec_token_ids]
+        drafts = RaggedDrafts(torch.tensor(flat, dtype=torch.int64, device=device),
+                              tuple(s.num_spec_tokens for s in seqs))
+        return VerifyInput(
+            request_ids=rids, logits=logits, drafts=drafts, draft_probs=_draft_probs(seqs, dense, device),
+            sampling=self.batch.sampling_metadata(rids),
+            first_positions=torch.tensor([s.start_pos + s.num_known_tokens for s in seqs], device=device),
+            output_token_ids=[self.batch.requests[rid].output_token_ids for rid in rids],
         )
 
-    def sample(self, seqs: list[ScheduledSeq], logits: torch.Tensor, result: RunnerOutput) -> None:
-        """One token per sequence from its logits row ([R, V] fp32) with the request's sampling
-        parameters; appends it to the request state and to ``result`` (with logprobs when asked)."""
-        states = [self.requests[s.request_id] for s in seqs]
-        meta = SamplingMetadata.build(
-            [st.params for st in states],
-            [st.generator for st in states],
-            [st.output_token_ids for st in states],
-            logits.shape[-1],
-            self.device,
-        )
-        sampled = self.sampler(logits, meta)
-        token_ids = sampled.token_ids.tolist()
-        logprobs = to_token_logprobs(sampled, [st.params.logprobs for st in states])
-        for seq, state, token, logprob in zip(seqs, states, token_ids, logprobs, strict=True):
-            state.output_token_ids.append(token)
-            result.sampled_token_ids[seq.request_id] = [token]
-            if logprob is not None:
-                result.logprobs[seq.request_id] = [logprob]
+    def _draft(self, seqs: Sequence[ScheduledSeq], rows: list[int], verified: VerifyOutput) -> _Drafted:
+        """Draft the next block for the sequences the scheduler marked ``draft`` (on the device: the
+        anchors and their positions come from the verify result without a host sync)."""
+        spec = self.speculator
+        assert spec is not None
+        rids = [seqs[i].request_id for i in rows]
+        states = [self.batch.requests[rid] for rid in rids]
+        index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        accepted = verified.num_accepted.index_select(0, index)  # [R_d]
+        anchors = verified.token_ids.index_select(0, index).gather(1, accepted[:, None]).squeeze(1)  # [R_d]
+        known_end = torch.tensor([seqs[i].start_pos + seqs[i].num_known_tokens for i in rows], device=self.device)
+        starts = known_end + accepted  # [R_d] anchor positions
+        sampling = self.batch.sampling_metadata(rids)
+        coupled = self.verifier.coupled(sampling)
+        mask_fn = None
+        if self.mask is not None and any(self.mask.constrained(rid) for rid in rids):
+            mask = self.mask
+
+            def mask_fn(row: int, prefix: Sequence[int]) -> torch.Tensor | None:
+                rid = rids[row]
+                return mask.allowed(rid, states[row].output_token_ids, prefix) if mask.constrained(rid) else None
+
+        histories = [self.batch.history(rid) for rid in rids] if spec.drafter.needs_token_history else None
+        out = spec.propose(anchors, starts, [seqs[i].end_pos for i in rows], [st.block_ids for st in states],
+                           sampling, coupled, histories, mask_fn)
+        free = [r for r in range(len(rows)) if not sampling.greedy[r] and not coupled[r]]
+        return _Drafted(out, free)
+
+    def _store_drafts(self, rids: list[str], drafted: _Drafted, host: _HostStep, result: RunnerOutput) -> None:
+        """Keep q under fresh draft ids; hand the token ids and confidences to the scheduler."""
+        spec = self.speculator
+        assert spec is not None
+        out = drafted.output
+        free = {row: f for f, row in enumerate(drafted.free_rows)}
+        for row, rid in enumerate(rids):
+            tokens = host.draft_tokens[row]
+            n = out.num_tokens[row] if out.num_tokens is not None else len(tokens)
+            if n == 0:
+                self.drafts.drop(rid)
+                continue
+            probs = out.draft_probs[free[row]] if row in free and out.draft_probs is not None else None
+            draft_id = self.drafts.put(rid, tuple(tokens[:n]), probs)
+            conf = tuple(host.confidences[row][:n]) if host.confidences is not None else ()
+            result.drafts[rid] = DraftProposal(tuple(tokens[:n]), conf, draft_id, spec.drafter.name)
+
+
+@dataclass(frozen=True)
+class _Drafted:
+    """A drafter's output (on the device) and which of its rows were freely sampled."""
+
+    output: DraftOutput
+    free_rows: list[int]
+
+
+@dataclass(frozen=True)
+class _HostStep:
+    """The step's results after its one device-to-host transfer (Python values)."""
+
+    token_ids: list[list[int]]
+    num_accepted: list[int]
+    draft_tokens: list[list[int]]
+    confidences: list[list[float]] | None
+
+
+def _to_host(verified: VerifyOutput | None, drafted: _Drafted | None) -> _HostStep:
+    """One transfer: emitted tokens and accepted counts (unless already moved), drafts and confidences,
+    packed as float64 (exact for token ids)."""
+    parts, shapes = [], []
+    for t in (None if verified is None else verified.token_ids, None if verified is None else verified.num_accepted,
+              None if drafted is None else drafted.output.token_ids,
+              None if drafted is None else drafted.output.confidences):
+        shapes.append(None if t is None else tuple(t.shape))
+        if t is not None:
+            parts.append(t.reshape(-1).to(torch.float64))
+    flat = torch.cat(parts).tolist() if parts else []
+    values, offset = [], 0
+    for shape in shapes:
+        if shape is None:
+            values.append(None)
+            continue
+        size = 1
+        for dim in shape:
+            size *= dim
+        chunk = flat[offset: offset + size]
+        offset += size
+        values.append([chunk[i * shape[1]: (i + 1) * shape[1]] for i in range(shape[0])] if len(shape) == 2 else chunk)
+    tokens, accepted, drafts, conf = values
+    return _HostStep([[int(x) for x in row] for row in tokens or []], [int(x) for x in accepted or []],
+                     [[int(x) for x in row] for row in drafts or []], conf)
+
+
+def _draft_probs(seqs: Sequence[ScheduledSeq], dense: list[torch.Tensor | None],
+                 device: torch.device) -> DraftProbs | None:
+    """q rows of every draft: the stored q of freely sampled drafts, one-hot for the rest."""
+    if not any(s.spec_token_ids for s in seqs):
+        return None
+    one_hot = torch.tensor([d is None for s, d in zip(seqs, dense, strict=True) for _ in s.spec_token_ids],
+                           dtype=torch.bool, device=device)
+    shapes = [d for d in dense if d is not None]
+    if not shapes:
+        return DraftProbs(None, one_hot)
+    vocab = shapes[0].shape[-1]
+    rows = [d if d is not None else torch.zeros(s.num_spec_tokens, vocab, device=device)
+            for s, d in zip(seqs, dense, strict=True) if s.spec_token_ids]
+    return DraftProbs(torch.cat(rows), one_hot)

@@ -19,7 +19,9 @@ import torch
 
 from engine.attention import build_attention_metadata
 from engine.model_runner import ModelRunner
+from engine.sampling.metadata import SamplingMetadata
 from scheduler.profile import ThroughputProfile, default_grid, measure_profile, profile_cache_path
+from scheduler.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +53,14 @@ def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -
         positions = torch.cat([torch.arange(ctx, ctx + q) for q in q_lens]).to(device)
         spec = runner.speculator
         aux_ids = spec.target_layer_ids if spec is not None else ()
-        hidden, _ = runner.model(ids, positions, runner.kv_caches, meta, aux_ids)
+        hidden, aux = runner.model(ids, positions, runner.kv_caches, meta, aux_ids)
+        if spec is not None:  # a real step stores every row's features in the drafter's context cache
+            spec.add_context(aux, positions, meta.slot_mapping)
         # logits only for verify rows (<= gamma + 1 per request); the rest of B is prefill
         gamma = spec.gamma if spec is not None else 0
         runner.model.compute_logits(hidden[: min(num_tokens, num_requests * (gamma + 1))])
         if spec is not None:
-            starts = [ctx + q for q in q_lens]
-            spec.drafter.propose(
-                torch.zeros(num_requests, dtype=torch.int64, device=device), starts,
-                spec.draft_tables(starts, tables), block_size, spec.kv_caches,
-                torch.zeros(num_requests, device=device), [None] * num_requests,
-            )
+            _synthetic_draft(runner, [ctx + q for q in q_lens], tables, sampled=False)
         return time.perf_counter() - start
 
     return step
@@ -80,16 +79,25 @@ def make_draft_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) 
     def draft(num_requests: int, sampled: bool = False) -> float:
         ctx, tables = _synthetic_tables(num_requests, context_len, 1, num_blocks, block_size)
         starts = [ctx] * num_requests
-        device = runner.device
         start = time.perf_counter()
-        spec.drafter.propose(
-            torch.zeros(num_requests, dtype=torch.int64, device=device), starts, spec.draft_tables(starts, tables),
-            block_size, spec.kv_caches, torch.full((num_requests,), 1.0 if sampled else 0.0, device=device),
-            [None] * num_requests,
-        )
+        _synthetic_draft(runner, starts, tables, sampled)
         return time.perf_counter() - start
 
     return draft
+
+
+def _synthetic_draft(runner: ModelRunner, starts: list[int], tables: list[tuple[int, ...]], sampled: bool) -> None:
+    """One drafter forward for synthetic requests (greedy, or sampled at T = 1 without a seed)."""
+    spec = runner.speculator
+    assert spec is not None
+    num_requests = len(starts)
+    params = SamplingParams(temperature=1.0 if sampled else 0.0)
+    sampling = SamplingMetadata.build([params] * num_requests, list(range(num_requests)), [[]] * num_requests,
+                                      runner.config.vocab_size, runner.device)
+    histories = [[0] * (s + 1) for s in starts] if spec.drafter.needs_token_history else None
+    spec.propose(torch.zeros(num_requests, dtype=torch.int64, device=runner.device),
+                 torch.tensor(starts, dtype=torch.int64, device=runner.device), starts, tables, sampling,
+                 (False,) * num_requests, histories)
 
 
 def profile_key(model_name: str, dtype: str, drafter: str, max_num_batched_tokens: int, max_num_seqs: int,

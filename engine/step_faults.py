@@ -14,8 +14,10 @@ request field that slipped through validation, a transient allocation failure). 
   with ``finish_reason="error"`` (the server sends an error event, then ``[DONE]``) and not retried.
   Since normal steps hold no isolated request, one poisoned request is found in its own step and cannot
   take the innocent ones with it: they were retried and pass their solo steps.
-* Requests that finished or were aborted inside the failed step get an ``"error"`` output too (the
-  step's outputs are lost with it), and finished ids of the plan are reported to the runner again.
+* Requests that finished inside the failed step get an ``"error"`` output too (the step's outputs
+  are lost with it); every runner state that may be stale is dropped at the next step
+  (``Scheduler.resync_runner``: the failed plan's finished ids, and every request that will be sent
+  to the runner as new), so the persistent batch cannot keep rows of requests it lost track of.
 * ``max_consecutive_failures`` failed steps in a row (no successful step between them) mean the
   engine itself is broken: :class:`EngineBrokenError` is raised; the async loop then dies, every
   in-flight request gets ``EngineDeadError`` and the server process exits non-zero (a supervisor
@@ -85,7 +87,6 @@ class StepFaultHandler:
             involved = [r.request_id for r in scheduler.running_requests]
         else:
             involved = [seq.request_id for seq in plan.seqs]
-            scheduler.report_finished(plan.finished_request_ids)
         isolated = set(scheduler.isolated_request_ids)
         logger.error("engine step failed (%d requests, %d in a row): %r", len(involved),
                      self.num_consecutive_failures, exc, exc_info=exc)
@@ -105,4 +106,5 @@ class StepFaultHandler:
                 logger.error("request %s failed twice: finished with an error", request_id)
             self.num_failed_requests += 1
             outputs.append(EngineCoreOutput(request_id, (), finish_reason="error", num_prompt_tokens=num_prompt))
+        scheduler.resync_runner(plan.finished_request_ids if plan is not None else frozenset())
         return outputs

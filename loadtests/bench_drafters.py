@@ -18,12 +18,12 @@ from engine.config import EngineArgs
 from engine.core import EngineCore
 from engine.loader import load_model
 from engine.profiler import make_step_fn
-from engine.spec.dspark import DSparkDrafter
-from engine.spec.dspark_loader import random_drafter_config
-from engine.spec.factory import SHIPPED_DRAFT_VOCAB, shipped_drafter_path
-from engine.spec.oracle import LookupOracleDrafter
+from engine.spec_decode.dspark import DSparkDrafter
+from engine.spec_decode.dspark_loader import random_drafter_config
+from engine.spec_decode.factory import SHIPPED_DRAFT_VOCAB, shipped_drafter_path
 from loadtests.prompts import load_prompts
 from scheduler.sampling_params import SamplingParams
+from tests.oracle import LookupOracleDrafter
 
 
 def _random(loaded, markov_rank: int) -> DSparkDrafter:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     base = _run(loaded, None, prompts, params, "none")
     refs = {tuple(p): o for p, o in zip(prompts, base["outputs"], strict=True)}
     results = []
-    from engine.spec.dspark_loader import load_drafter
+    from engine.spec_decode.dspark_loader import load_drafter
 
     shipped = load_drafter(shipped_drafter_path(), loaded.model.embed_tokens.weight, loaded.model.lm_head_weight,
                            dtype=loaded.model.embed_tokens.weight.dtype)

@@ -9,54 +9,82 @@ from scheduler.sampling_params import SamplingParams
 
 @dataclass(frozen=True)
 class ScheduledSeq:
-    """One request's work in a step: compute ``token_ids`` at positions ``start_pos ...``.
+    """One request's work in a step, as a diff against what the runner already holds (vLLM v1's
+    cached-request data): the runner keeps each request's tokens, block table and sampling state
+    between steps (``engine/input_batch.py``).
+
+    The step computes positions ``start_pos .. start_pos + num_new_tokens - 1``: ``num_known_tokens``
+    known tokens (a prefill chunk, or the last generated token) followed by the drafts to verify.
 
     Attributes:
         request_id: the request.
-        token_ids: tokens fed to the target this step, length ``num_new_tokens``:
-            a prefill chunk, or the last generated token, followed by ``num_spec_tokens`` drafts
-            to verify.
-        start_pos: position of ``token_ids[0]`` (= ``num_computed_tokens`` before the step).
-        block_table: physical KV block ids covering positions ``[0, start_pos + num_new_tokens)``.
-        num_spec_tokens: trailing draft tokens in ``token_ids`` to verify (l_r); 0 = plain decode.
-        sample: True when this chunk reaches the end of the known tokens, so the runner samples
-            (or verifies) and returns new tokens; False for a non-final prefill chunk.
-        new_request: present the first time a request is scheduled after arrival; the runner then
-            (re)creates its per-request state (sampling generator, penalty counts).
-        resumed: True on the first step after a recompute preemption (runner rebuilds drafter
-            context from this re-prefill).
-        draft: when ``sample``, whether the runner drafts the next block for the request after this
-            step (False: the scheduler's drafting gate priced it out; the drafter context still grows).
+        start_pos: position of the first token computed (= ``num_computed_tokens`` before the step).
+        num_known_tokens: known tokens (prompt or generated) computed this step.
+        spec_token_ids: drafts to verify (l_r of them), appended after the known tokens; taken from the
+            scheduler's copy of the request's drafts (the one source of truth for what is verified).
+        spec_draft_id: the runner's id of those drafts (``DraftProposal.draft_id``), which is where their
+            q lives; None for drafts the runner did not propose (deterministic, one-hot q).
+        new_block_ids: physical KV blocks appended to the request's block table since the runner last
+            saw it (all of them for a new request).
+        num_blocks: the block table's length after this step's allocation; the runner's table is first
+            cut to ``num_blocks - len(new_block_ids)`` (blocks of rejected drafts were given back).
+        sample: True when this chunk reaches the end of the known tokens, so the runner samples (or
+            verifies) and returns new tokens; False for a non-final prefill chunk.
+        draft: when ``sample``, whether the runner drafts the next block after this step (the scheduler's
+            decision: drafting gate, penalties, max_tokens; the drafter context grows regardless).
+        new_request: present the first time a request is scheduled after arrival or after a recompute
+            preemption; the runner then (re)creates its state from it.
     """
 
     request_id: str
-    token_ids: tuple[int, ...]
     start_pos: int
-    block_table: tuple[int, ...]
-    num_spec_tokens: int = 0
+    num_known_tokens: int
+    spec_token_ids: tuple[int, ...] = ()
+    spec_draft_id: int | None = None
+    new_block_ids: tuple[int, ...] = ()
+    num_blocks: int = 0
     sample: bool = True
+    draft: bool = False
     new_request: NewRequestData | None = None
-    resumed: bool = False
-    draft: bool = True
+
+    @property
+    def num_spec_tokens(self) -> int:
+        """l_r, drafts verified this step."""
+        return len(self.spec_token_ids)
 
     @property
     def num_new_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens fed to the target this step (known + drafts)."""
+        return self.num_known_tokens + len(self.spec_token_ids)
 
     @property
     def end_pos(self) -> int:
         """Context length after the step (= ``start_pos + num_new_tokens``)."""
-        return self.start_pos + len(self.token_ids)
+        return self.start_pos + self.num_new_tokens
+
+    @property
+    def resumed(self) -> bool:
+        """First step after a recompute preemption (its outputs are re-prefilled)."""
+        return self.new_request is not None and bool(self.new_request.output_token_ids)
 
 
 @dataclass(frozen=True)
 class NewRequestData:
-    """What the runner needs to know about a request once (sampling state)."""
+    """What the runner needs to (re)create a request's state.
 
+    Attributes:
+        prompt_token_ids / output_token_ids: the request's tokens (outputs are non-empty after a
+            recompute preemption: they are re-prefilled like the prompt).
+        sampling_params: its sampling parameters.
+    """
+
+    prompt_token_ids: tuple[int, ...]
     sampling_params: SamplingParams
-    num_prompt_tokens: int
     output_token_ids: tuple[int, ...] = ()
-    prompt_token_ids: tuple[int, ...] = ()
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
 
 
 @dataclass(frozen=True)
@@ -93,16 +121,20 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class DraftProposal:
-    """Drafts for a request's next verify step (from the drafter, via the runner).
+    """Drafts for a request's next verify step (from the runner's drafter).
 
     Attributes:
-        token_ids: gamma draft tokens.
+        token_ids: the draft tokens (gamma of them, fewer when a logits mask ended the block).
         confidences: conditional survival estimates c_k in (0, 1), same length (empty for drafters
             without a confidence head).
+        draft_id: the runner's id for these drafts (their q stays in the runner under it).
+        drafter: the drafter family that proposed them (per-drafter statistics).
     """
 
     token_ids: tuple[int, ...]
     confidences: tuple[float, ...] = ()
+    draft_id: int | None = None
+    drafter: str = ""
 
 
 @dataclass
@@ -114,7 +146,6 @@ class RunnerOutput:
             bonus token (exactly one token without speculation).
         logprobs: per request, one entry per sampled token, when the request asked for logprobs.
         drafts: per request, drafts for the next step (empty without a drafter).
-        num_draft_tokens_verified: per request, drafts that were verified this step (l_r).
     """
 
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)

@@ -57,6 +57,7 @@ class Request:
         spec_token_ids: drafted tokens proposed for the next verify step (not yet accepted).
         spec_confidences: per-position conditional survival confidences c_k of the drafts (fp32
             values as Python floats), same length as ``spec_token_ids``; empty without a drafter.
+        spec_draft_id: the runner's id of those drafts (where their q lives); None without drafts.
         last_draft_confidences: the confidences of the latest drafts the request received (kept after
             they are verified or when it is not drafted for): the scheduler's estimate of what drafting
             for it would be worth; empty before its first drafts.
@@ -76,6 +77,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     spec_token_ids: list[int] = field(default_factory=list)
     spec_confidences: list[float] = field(default_factory=list)
+    spec_draft_id: int | None = None
     last_draft_confidences: tuple[float, ...] = ()
     last_draft_num_tokens: int = 0
     num_preemptions: int = 0
@@ -102,3 +104,9 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    def clear_drafts(self) -> None:
+        """Drop the pending drafts (verified, preempted or finished)."""
+        self.spec_token_ids.clear()
+        self.spec_confidences.clear()
+        self.spec_draft_id = None

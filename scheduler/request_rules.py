@@ -129,6 +129,20 @@ def token_slice(request: Request, start: int, end: int) -> tuple[int, ...]:
     return tuple(prompt[start:]) + tuple(outputs[: end - num_prompt])
 
 
+def may_draft(request: Request, num_lookahead_tokens: int) -> bool:
+    """Whether drafts made after this step could be verified: the one drafting rule, stated once.
+
+    No drafting without a drafter (``num_lookahead_tokens`` 0); none for requests with presence /
+    frequency penalties (their target distribution inside a block would depend on the drafts: verified
+    correctly, but every verified position would need its own penalty counts, so speculation does not pay
+    for them); none when the step's token would leave no room for a draft within ``max_tokens`` (drafts
+    made now are verified after it: at most ``max_tokens - (outputs + 1) - 1`` of them, ``draft_cap``).
+    """
+    if num_lookahead_tokens <= 0 or request.sampling_params.needs_penalties:
+        return False
+    return request.sampling_params.max_tokens - request.num_output_tokens - 2 > 0
+
+
 def draft_cap(request: Request, num_lookahead_tokens: int, max_model_len: int) -> int:
     """Most drafts a verify step may carry: at most gamma, and the step's up to ``l_r + 1`` emitted
     tokens must stay within ``max_tokens`` and ``max_model_len``."""

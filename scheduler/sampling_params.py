@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-_SAMPLING_EPS = 1e-5
+GREEDY_TEMPERATURE = 1e-5
+"""Below this temperature a request is greedy (argmax), as DeepSpec: the one threshold of the project."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
+        if self.target_tpot_ms is not None and not (math.isfinite(self.target_tpot_ms) and self.target_tpot_ms > 0):
+            raise ValueError(f"target_tpot_ms must be a finite number > 0, got {self.target_tpot_ms}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
@@ -72,7 +78,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         """True when decoding is argmax (temperature below 1e-5, as DeepSpec)."""
-        return self.temperature < _SAMPLING_EPS
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:

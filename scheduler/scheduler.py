@@ -58,8 +58,8 @@ from scheduler.request_rules import (
     check_admissible,
     draft_cap,
     held_by_prefill_limits,
+    may_draft,
     prefill_slots_in_use,
-    token_slice,
 )
 
 
@@ -122,9 +122,14 @@ class Scheduler:
         self.num_preemptions_total = 0
         self._requests: dict[str, Request] = {}  # unfinished requests only
         self._needs_request_data: set[str] = set()  # runner must (re)create per-request state
+        self._runner_blocks: dict[str, int] = {}  # block-table entries the runner holds (after trims)
         self._finished_ids: set[str] = set()  # reported in the next SchedulerOutput
+        self._last_reported: frozenset[str] = frozenset()  # finished ids of the last SchedulerOutput
         self._isolated = Isolation()  # rolled-back requests running in solo steps
         self.solo_request_id: str | None = None  # the request of the step being planned, if solo
+        self.request_finished: Callable[[str], None] | None = None
+        """Called with the id of every request that ends (stop, length, abort, error): owners of
+        per-request state outside the scheduler (the speculation controller) release it."""
 
     # ---- queries ---------------------------------------------------------------------------
     @property
@@ -206,8 +211,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.stop_reason = None
-        request.spec_token_ids.clear()
-        request.spec_confidences.clear()
+        request.clear_drafts()
         request.num_preemptions += 1
         self._needs_request_data.add(request_id)
         self._finished_ids.add(request_id)
@@ -215,10 +219,15 @@ class Scheduler:
         self.waiting.appendleft(request)
         return True
 
-    def report_finished(self, request_ids: frozenset[str]) -> None:
-        """Report these ids again in the next ``finished_request_ids`` (a failed step may have lost
-        them before the runner dropped their state; dropping is idempotent)."""
-        self._finished_ids |= request_ids
+    def resync_runner(self, lost: frozenset[str] = frozenset()) -> None:
+        """After a failed step, make the next ``finished_request_ids`` drop every runner state that may
+        be stale: ``lost`` (the failed plan's finished ids), the last reported ones (when the plan itself
+        was lost) and every request that will be sent as new anyway (rolled back or preempted; its row
+        may survive a failure that came before the runner saw the preemption). Only ids of finished
+        requests or of requests that will be re-sent are reported, so no live runner state is dropped.
+        """
+        candidates = set(lost) | set(self._last_reported) | self._needs_request_data
+        self._finished_ids |= {rid for rid in candidates if rid not in self._requests or rid in self._needs_request_data}
 
     # ---- one step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -239,6 +248,7 @@ class Scheduler:
                 for r in plan.decode]
         seqs += [self._make_seq(r, n, 0) for r, n in plan.chunks + plan.admitted]
         finished, self._finished_ids = frozenset(self._finished_ids), set()
+        self._last_reported = finished
         return SchedulerOutput(
             seqs=tuple(seqs),
             finished_request_ids=finished,
@@ -323,6 +333,8 @@ class Scheduler:
         for request in plan.decode:
             cap = draft_cap(request, self.config.num_lookahead_tokens, self.config.max_model_len)
             del request.spec_token_ids[cap:], request.spec_confidences[cap:]
+            if not request.spec_token_ids:
+                request.spec_draft_id = None
             if request.spec_token_ids:
                 candidates.append(request)
         if not candidates:
@@ -445,8 +457,7 @@ class Scheduler:
         self.block_manager.free(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
-        request.spec_token_ids.clear()
-        request.spec_confidences.clear()
+        request.clear_drafts()
         request.num_preemptions += 1
         self.num_preemptions_total += 1
         self._needs_request_data.add(request.request_id)
@@ -454,27 +465,33 @@ class Scheduler:
         plan.preempted.append(request.request_id)
 
     def _make_seq(self, request: Request, num_known: int, num_spec: int, draft: bool = True) -> ScheduledSeq:
+        """The step's diff for ``request``: its new blocks, the drafts it verifies, whether it drafts."""
         start = request.num_computed_tokens
         end = start + num_known
         new_request = None
         if request.request_id in self._needs_request_data:
             self._needs_request_data.discard(request.request_id)
+            self._runner_blocks[request.request_id] = 0
             new_request = NewRequestData(
-                sampling_params=request.sampling_params,
-                num_prompt_tokens=request.num_prompt_tokens,
-                output_token_ids=tuple(request.output_token_ids),
                 prompt_token_ids=tuple(request.prompt_token_ids),
+                sampling_params=request.sampling_params,
+                output_token_ids=tuple(request.output_token_ids),
             )
+        table = self.block_manager.block_table(request.request_id)
+        held = self._runner_blocks.get(request.request_id, 0)
+        self._runner_blocks[request.request_id] = len(table)
+        sample = end == request.num_tokens
         return ScheduledSeq(
             request_id=request.request_id,
-            token_ids=token_slice(request, start, end) + tuple(request.spec_token_ids[:num_spec]),
             start_pos=start,
-            block_table=self.block_manager.block_table(request.request_id),
-            num_spec_tokens=num_spec,
-            sample=end == request.num_tokens,
+            num_known_tokens=num_known,
+            spec_token_ids=tuple(request.spec_token_ids[:num_spec]),
+            spec_draft_id=request.spec_draft_id if num_spec else None,
+            new_block_ids=table[held:],
+            num_blocks=len(table),
+            sample=sample,
+            draft=sample and draft and may_draft(request, self.config.num_lookahead_tokens),
             new_request=new_request,
-            resumed=new_request is not None and request.num_preemptions > 0,
-            draft=draft,
         )
 
     # ---- update_from_output() parts -------------------------------------------------------
@@ -508,9 +525,12 @@ class Scheduler:
             self._finish(request, status)
         else:
             self.block_manager.trim(request.request_id, request.num_computed_tokens)
+            self._runner_blocks[request.request_id] = min(
+                self._runner_blocks.get(request.request_id, 0), self.block_manager.num_blocks_of(request.request_id))
             drafts = out.drafts.get(request.request_id)
             request.spec_token_ids = list(drafts.token_ids) if drafts else []
             request.spec_confidences = list(drafts.confidences) if drafts else []
+            request.spec_draft_id = drafts.draft_id if drafts else None
             if drafts and drafts.confidences:
                 request.last_draft_confidences = tuple(drafts.confidences)
                 request.last_draft_num_tokens = request.num_tokens
@@ -523,9 +543,11 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         self.block_manager.free(request.request_id)
-        request.spec_token_ids.clear()
-        request.spec_confidences.clear()
+        request.clear_drafts()
         del self._requests[request.request_id]
         self._needs_request_data.discard(request.request_id)
         self._isolated.discard(request.request_id)
+        self._runner_blocks.pop(request.request_id, None)
         self._finished_ids.add(request.request_id)
+        if self.request_finished is not None:
+            self.request_finished(request.request_id)

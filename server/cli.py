@@ -181,6 +181,9 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-draft-gate", dest="draft_gate", action="store_false",
                    help="with dspark policies, draft for every request every step (default: skip the drafter "
                         "for requests whose drafts are not worth its cost at the current load)")
+    s.add_argument("--unseeded-coupling", action="store_true",
+                   help="verify unseeded sampled requests by Gumbel-max coupling like seeded ones (default: "
+                        "rejection sampling, which accepts more drafts; see docs/benchmarks.md)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -266,6 +269,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         verify_policy=ns.verify_policy,
         profile_path=getattr(ns, "profile", None),
         draft_gate=getattr(ns, "draft_gate", True),
+        unseeded_coupling=getattr(ns, "unseeded_coupling", False),
     )
 
 

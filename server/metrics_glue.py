@@ -1,12 +1,11 @@
 """Feeding :class:`server.metrics.ServerMetrics` from the engine: step listener and profile publisher.
 
 ``AsyncEngine.step_listeners`` run on the event loop after every engine step with ``(core, outputs)``;
-:class:`EngineMetricsListener` turns the core's ``last_step`` and scheduler state into ``on_step``
-and republishes the throughput profile the verification policy uses every ``profile_every`` steps
-(the online profile drifts as measured step times come in).
-
-Only attributes are read from the core (``last_step``, ``scheduler``, ``verify_hook``, ``drafter``),
-so tests drive it with a fake core and no torch. A metrics failure is logged, never raised: an
+:class:`EngineMetricsListener` reads the core's typed snapshot ``core.stats()`` (``engine.protocol.
+EngineStats``: scheduler gauges, the latest step, the speculation controller's stats) and records it,
+republishing the throughput profile the verification policy uses every ``profile_every`` steps (the
+online profile drifts as measured step times come in). Tests drive it with a fake core whose
+``stats()`` returns an ``EngineStats``, no torch. A metrics failure is logged, never raised: an
 exception in a step listener would kill the engine loop.
 """
 
@@ -15,38 +14,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from engine.protocol import EngineStats
 from server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
 
-def num_speculative_tokens(core: Any) -> int:
-    """gamma of the core's drafter (its ``config.block_size``), 0 without a drafter."""
-    drafter = getattr(core, "drafter", None)
-    if drafter is None:
-        return 0
-    return int(getattr(getattr(drafter, "config", None), "block_size", 0) or 0)
-
-
-def current_profile(core: Any) -> Any | None:
-    """The throughput profile the verification policy uses now, or None (no drafter / no profile).
-
-    ``verify_hook.profile`` is an ``OnlineProfile`` (``current`` is the drift-corrected profile; a
-    property, called if it is a method) or a plain ``ThroughputProfile``.
-    """
-    hook = getattr(core, "verify_hook", None)
-    profile = getattr(hook, "profile", None)
-    if profile is None:
-        return None
-    current = getattr(profile, "current", profile)
-    if callable(current):
-        current = current()
-    return current if hasattr(current, "step_time_s") else None
-
-
-def publish_profile(metrics: ServerMetrics, core: Any) -> bool:
-    """``metrics.set_profile`` from the core's current profile; False when there is none."""
-    profile = current_profile(core)
+def publish_profile(metrics: ServerMetrics, stats: EngineStats) -> bool:
+    """``metrics.set_profile`` from the controller's current profile; False when there is none."""
+    profile = stats.controller.profile if stats.controller is not None else None
     if profile is None:
         return False
     metrics.set_profile(profile.batch_tokens, profile.num_requests, profile.step_time_s)
@@ -79,36 +55,35 @@ class EngineMetricsListener:
                 logger.exception("recording engine step metrics failed (%d times)", self._num_failures)
 
     def _record(self, core: Any) -> None:
-        scheduler = core.scheduler
-        step = core.last_step
+        stats: EngineStats = core.stats()
+        step = stats.last_step
         # EngineCore keeps the previous StepStats object after an empty step: count it only once.
-        fresh = step is not None and step is not self._last_step
+        fresh = step is not self._last_step
         self._last_step = step
-        usage = min(1.0, max(0.0, float(scheduler.kv_cache_usage)))
+        usage = min(1.0, max(0.0, float(stats.kv_cache_usage)))
         if fresh:
+            drafting = stats.num_speculative_tokens > 0
             self.metrics.on_step(
-                num_running=scheduler.num_running,
-                num_waiting=scheduler.num_waiting,
+                num_running=stats.num_running,
+                num_waiting=stats.num_waiting,
                 kv_cache_usage=usage,
                 num_preemptions=step.num_preemptions,
                 num_batched_tokens=step.num_batched_tokens,
                 verified_tokens_per_request=list(step.verified_per_request),
                 accepted_tokens_per_request=list(step.accepted_per_request),
-                num_drafting=step.num_drafting if core.drafter is not None else 0,
-                num_drafting_skipped=max(0, step.num_decode_requests - step.num_drafting) if core.drafter is not None else 0,
+                num_drafting=step.num_drafting if drafting else 0,
+                num_drafting_skipped=max(0, step.num_decode_requests - step.num_drafting) if drafting else 0,
             )
         else:
-            self.metrics.on_step(
-                num_running=scheduler.num_running, num_waiting=scheduler.num_waiting, kv_cache_usage=usage
-            )
+            self.metrics.on_step(num_running=stats.num_running, num_waiting=stats.num_waiting, kv_cache_usage=usage)
         self.num_steps += 1
         if self.num_steps % self.profile_every == 0:
-            publish_profile(self.metrics, core)
+            publish_profile(self.metrics, stats)
 
 
 def attach_metrics(engine: Any, metrics: ServerMetrics, profile_every: int = 100) -> EngineMetricsListener:
     """Publish the start-up profile and register a step listener on ``engine`` (an ``AsyncEngine``)."""
-    publish_profile(metrics, engine.core)
+    publish_profile(metrics, engine.core.stats())
     listener = EngineMetricsListener(metrics, profile_every)
     engine.step_listeners.append(listener)
     return listener
@@ -118,7 +93,7 @@ def build_metrics(engine: Any, max_num_batched_tokens: int, profile_every: int =
     """``ServerMetrics`` sized for ``engine`` (gamma, context, step budget) and attached to it."""
     metrics = ServerMetrics(
         engine.model_name,
-        num_speculative_tokens(engine.core),
+        engine.core.stats().num_speculative_tokens,
         engine.max_model_len,
         max_num_batched_tokens,
     )

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.reference import reference_logits
+from tests.reference import reference_logits
 
 # fp32 logits of SmolLM2 are O(10-30); batched GEMM vs GEMV rounding moves them by ~1e-4 in fp32,
 # so a parting where the reference's top-2 gap exceeds 1e-2 is a bug, not rounding.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from scheduler.config import SchedulerConfig
 from scheduler.outputs import DraftProposal, EngineCoreOutput, RunnerOutput, ScheduledSeq, SchedulerOutput
 from scheduler.request import Request
+from scheduler.request_rules import token_slice
 from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import Scheduler
 
@@ -31,9 +32,13 @@ def run_step(
     sampled: dict[str, list[int]] | None = None,
     drafts: dict[str, DraftProposal] | None = None,
     default_token: int = 7,
+    on_schedule=None,
 ) -> tuple[SchedulerOutput, list[EngineCoreOutput]]:
-    """schedule -> fake runner (one ``default_token`` per sampling seq unless given) -> update."""
+    """schedule -> fake runner (one ``default_token`` per sampling seq unless given) -> update.
+    ``on_schedule(out)`` runs between schedule and update (to look at the plan's requests)."""
     out = sched.schedule()
+    if on_schedule is not None:
+        on_schedule(out)
     sampled = dict(sampled or {})
     for seq in out.seqs:
         if seq.sample:
@@ -49,3 +54,26 @@ def seq_of(out: SchedulerOutput, rid: str) -> ScheduledSeq:
 def prefill_with_drafts(sched: Scheduler, rid: str, drafts: tuple[int, ...]) -> None:
     """One step in which ``rid`` samples token 10 and receives ``drafts`` for the next step."""
     run_step(sched, sampled={rid: [10]}, drafts={rid: DraftProposal(drafts, (0.5,) * len(drafts))})
+
+
+def seq_tokens(request: Request, seq: ScheduledSeq) -> tuple[int, ...]:
+    """The tokens ``seq`` feeds the target: known tokens from the request, then the drafts."""
+    return token_slice(request, seq.start_pos, seq.start_pos + seq.num_known_tokens) + seq.spec_token_ids
+
+
+class TableMirror:
+    """Block tables as the runner rebuilds them from the schedule's diffs (``new_block_ids``)."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, list[int]] = {}
+
+    def apply(self, out: SchedulerOutput) -> None:
+        for rid in (*out.finished_request_ids, *out.preempted_request_ids):
+            self.tables.pop(rid, None)
+        for seq in out.seqs:
+            if seq.new_request is not None:
+                self.tables[seq.request_id] = []
+            table = self.tables[seq.request_id]
+            kept = seq.num_blocks - len(seq.new_block_ids)
+            assert 0 <= kept <= len(table), (seq, table)
+            self.tables[seq.request_id] = table[:kept] + list(seq.new_block_ids)

@@ -13,8 +13,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.spec.dspark import DSparkDrafter
-from engine.spec.dspark_loader import DSparkConfig, load_drafter, random_drafter_config, save_drafter
+from engine.sampling.keyed_random import request_key
+from engine.sampling.metadata import SamplingMetadata
+from engine.spec_decode.drafter import DraftBatch
+from engine.spec_decode.dspark import DSparkDrafter
+from engine.spec_decode.dspark_loader import DSparkConfig, load_drafter, random_drafter_config, save_drafter
+from scheduler.sampling_params import SamplingParams
 
 torch.set_num_threads(1)
 
@@ -135,14 +139,23 @@ class Pool:
         self.drafter.add_context(torch.stack(feats), torch.tensor([p for _, p in rows]),
                                  torch.tensor(slots), self.caches)
 
-    def propose(self, anchors: list[int], starts: list[int], temps: list[float], gens=None):
+    def propose(self, anchors: list[int], starts: list[int], temps: list[float], seeds=None):
         for req, s in enumerate(starts):
             self.ensure(req, s + B)
         anchor_ids = torch.tensor(anchors)
-        args = (anchor_ids, starts, self.tables, PAGE, self.caches)
-        h = self.drafter.block_hidden_states(*args)
-        out = self.drafter.propose(*args, torch.tensor(temps), gens or [None] * len(starts))
+        h = self.drafter.block_hidden_states(anchor_ids, starts, self.tables, PAGE, self.caches)
+        out = self.drafter.propose(draft_batch(anchor_ids, starts, self.tables, self.caches, temps, seeds))
         return h, out
+
+
+def draft_batch(anchor_ids: torch.Tensor, starts: list[int], tables, caches, temps: list[float], seeds=None) -> DraftBatch:
+    """A DraftBatch of unseeded (free) or seeded (coupled) rows at the given temperatures."""
+    seeds = seeds or [None] * len(starts)
+    params = [SamplingParams(temperature=t, seed=sd) for t, sd in zip(temps, seeds, strict=True)]
+    keys = [request_key(sd, f"row{i}") for i, sd in enumerate(seeds)]
+    meta = SamplingMetadata.build(params, keys, [[]] * len(params), V)
+    return DraftBatch(anchor_ids, torch.tensor(starts), max(starts), [list(t) for t in tables], PAGE, caches, meta,
+                      tuple(sd is not None for sd in seeds))
 
 
 def test_paged_forward_matches_dense_reference_incremental_context() -> None:
@@ -193,8 +206,7 @@ def test_markov_head_uses_sampled_prev_and_q_is_softmax_z_over_t() -> None:
         pool.new_request()
         pool.add([(r, p) for p in range(len(f))], list(f))
     temps = [0.7, 1.3]
-    gens = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
-    h, out = pool.propose([10, 20], [3, 6], temps, gens)
+    h, out = pool.propose([10, 20], [3, 6], temps)
     for r, anchor in enumerate((10, 20)):
         prev = [anchor] + out.token_ids[r, :-1].tolist()
         _, Z, conf = ref_heads(full_weights(drafter), h[r].double(), prev, (1.0,) * B)
@@ -205,9 +217,8 @@ def test_markov_head_uses_sampled_prev_and_q_is_softmax_z_over_t() -> None:
     # the Markov bias depends on prev: a different prev changes Z
     assert not torch.allclose(ref_heads(w, h[0].double(), [0] * B, (1.0,) * B)[1],
                               ref_heads(w, h[0].double(), [1] * B, (1.0,) * B)[1])
-    # per-request generators make the draft reproducible
-    _, again = pool.propose([10, 20], [3, 6], temps, [torch.Generator().manual_seed(5),
-                                                      torch.Generator().manual_seed(6)])
+    # keyed randomness makes the draft reproducible (same request keys, same positions)
+    _, again = pool.propose([10, 20], [3, 6], temps)
     assert torch.equal(again.token_ids, out.token_ids)
 
 
@@ -225,9 +236,8 @@ def test_greedy_requests_get_their_own_calibration_temperatures() -> None:
         for r, f in enumerate(feats):
             pool.new_request()
             pool.add([(r, p) for p in range(len(f))], list(f))
-    gens = lambda: [None, torch.Generator().manual_seed(3)]  # noqa: E731
-    _, out = pools[0].propose([10, 20], [4, 7], [0.0, 1.0], gens())
-    _, ref = pools[1].propose([10, 20], [4, 7], [0.0, 1.0], gens())
+    _, out = pools[0].propose([10, 20], [4, 7], [0.0, 1.0], [None, 3])
+    _, ref = pools[1].propose([10, 20], [4, 7], [0.0, 1.0], [None, 3])
     assert torch.equal(out.token_ids, ref.token_ids)
     logit = torch.logit(ref.confidences.double())  # [2, B] raw logits (all temperatures 1)
     for row, temps in ((0, greedy_t), (1, sampled_t)):
@@ -249,12 +259,16 @@ def test_sampling_follows_q() -> None:
     pool.add([(0, p) for p in range(4)], list(torch.randn(4, M * D)))
     pool.ensure(0, 4 + B)
     h = drafter.block_hidden_states(torch.tensor([7]), [4], pool.tables, PAGE, pool.caches)
-    U = drafter.base_logits(h).expand(4000, B, V)
-    gen = torch.Generator().manual_seed(0)
-    out, _ = drafter.sample_block(h.expand(4000, B, D), U, torch.full((4000,), 7), torch.full((4000,), 1.0),
-                                  [gen] * 2000 + [None] * 2000)
-    freq = torch.bincount(out.token_ids[:, 0], minlength=V).float() / 4000
-    assert 0.5 * (freq - out.draft_probs[0, 0]).abs().sum() < 0.08
+    U = drafter.base_logits(h).expand(4000, B, V).clone()
+    # 2000 free rows (own keyed stream each) and 2000 coupled rows (Gumbel noise of distinct seeds)
+    batch = draft_batch(torch.full((4000,), 7), [4] * 4000, [pool.tables[0]] * 4000, pool.caches, [1.0] * 4000,
+                        [None] * 2000 + list(range(2000)))
+    out = drafter.sample_block(h.expand(4000, B, D), U, batch)
+    q0 = out.draft_probs[0, 0]  # q of slot 0 = softmax(U_0 + Markov bias of the anchor), the same for every row
+    torch.testing.assert_close(out.draft_probs[1999, 0], q0)
+    for rows in (slice(0, 2000), slice(2000, 4000)):
+        freq = torch.bincount(out.token_ids[rows, 0], minlength=V).float() / 2000
+        assert 0.5 * (freq - q0).abs().sum() < 0.08
 
 
 def test_dflash_variant_has_no_head_terms() -> None:
@@ -270,7 +284,7 @@ def test_dflash_variant_has_no_head_terms() -> None:
     U, Z, conf = ref_heads(full_weights(drafter), h_ref, [0] * B, (1.0,) * B)
     assert conf is None and out.confidences is None
     assert out.token_ids[0].tolist() == U.argmax(-1).tolist()
-    _, outs = pool.propose([4], [5], [0.9], [torch.Generator().manual_seed(0)])
+    _, outs = pool.propose([4], [5], [0.9])
     torch.testing.assert_close(outs.draft_probs[0].double(), torch.softmax(U / 0.9, -1), atol=1e-5, rtol=1e-4)
 
 

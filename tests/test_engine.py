@@ -62,7 +62,7 @@ def test_paris(smollm2, prompts, alone) -> None:
 
 
 def test_alone_equals_reference_loop(smollm2, prompts, alone) -> None:
-    from engine.reference import greedy_reference
+    from tests.reference import greedy_reference
 
     stop = set(smollm2.tokenizer.stop_token_ids)
     for i in (0, 5, 13):

@@ -7,12 +7,15 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.protocol import EngineStats, StepStats
+from scheduler.policy.controller import ControllerStats
+from scheduler.profile.grid import ThroughputProfile
 from server.metrics import FINISHED_REASONS, REJECT_REASONS, ServerMetrics
-from server.metrics_glue import EngineMetricsListener, build_metrics, num_speculative_tokens, publish_profile
+from server.metrics_glue import EngineMetricsListener, build_metrics, publish_profile
 
 MODEL = "smollm2-135m"
 GAMMA = 4
@@ -228,6 +231,7 @@ def test_spec_counters_reject_inconsistent_input(verified: list[int], accepted: 
     assert value(m, "sparkserve:spec_decode_num_drafts_total") == 0
 
 
+@settings(deadline=None)
 @given(
     st.lists(
         st.lists(
@@ -373,47 +377,35 @@ def test_counters_after_n_known_requests_match_usage() -> None:
 # ---- server/metrics_glue.py: the engine step listener, with a fake core ----------------------------
 
 
-@dataclass
-class FakeScheduler:
-    num_running: int = 2
-    num_waiting: int = 1
-    kv_cache_usage: float = 0.25
+def step_stats(**kw) -> StepStats:
+    defaults = dict(num_batched_tokens=20, num_preemptions=1, verified_per_request=[3, 1],
+                    accepted_per_request=[2, 0], num_decode_requests=3, num_drafting=1)
+    return StepStats(**{**defaults, **kw})
 
 
-@dataclass
-class FakeStep:
-    num_batched_tokens: int = 20
-    num_preemptions: int = 1
-    verified_per_request: list[int] = field(default_factory=lambda: [3, 1])
-    accepted_per_request: list[int] = field(default_factory=lambda: [2, 0])
-    num_decode_requests: int = 3
-    num_drafting: int = 1
+def profile(seconds: float) -> ThroughputProfile:
+    return ThroughputProfile((16, 64), (1, 4), ((seconds, seconds), (seconds, seconds)), {})
 
 
-@dataclass
-class FakeProfile:
-    batch_tokens: tuple[int, ...]
-    num_requests: tuple[int, ...]
-    step_time_s: tuple[tuple[float, ...], ...]
-
-
-class FakeOnlineProfile:
-    """Like scheduler.profile.online.OnlineProfile: ``current`` is a property."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    @property
-    def current(self) -> FakeProfile:
-        return FakeProfile((16, 64), (1, 4), ((self.seconds, self.seconds), (self.seconds, self.seconds)))
+def controller_stats(seconds: float | None) -> ControllerStats:
+    return ControllerStats("dspark", None, None, None, None, None if seconds is None else profile(seconds), 0)
 
 
 @dataclass
 class FakeCore:
-    scheduler: FakeScheduler = field(default_factory=FakeScheduler)
-    last_step: FakeStep = field(default_factory=FakeStep)
-    verify_hook: object | None = None
-    drafter: object | None = None
+    """A core whose ``stats()`` is built from plain fields (no torch)."""
+
+    num_running: int = 2
+    num_waiting: int = 1
+    kv_cache_usage: float = 0.25
+    last_step: StepStats = field(default_factory=step_stats)
+    gamma: int = 0
+    profile_seconds: float | None = None
+
+    def stats(self) -> EngineStats:
+        controller = controller_stats(self.profile_seconds) if self.gamma else None
+        return EngineStats(self.num_running, self.num_waiting, self.kv_cache_usage, self.last_step, self.gamma,
+                           controller)
 
 
 def test_step_listener_records_each_step_once() -> None:
@@ -428,15 +420,15 @@ def test_step_listener_records_each_step_once() -> None:
     assert value(m, "sparkserve:spec_decode_num_accepted_tokens_per_pos_total", position="1") == 1
     assert value(m, "sparkserve:num_requests_running") == 2
     assert value(m, "sparkserve:kv_cache_usage_perc") == 0.25
-    core.last_step = FakeStep(num_preemptions=0, verified_per_request=[], accepted_per_request=[])
-    core.scheduler.num_running = 0
+    core.last_step = step_stats(num_preemptions=0, verified_per_request=[], accepted_per_request=[])
+    core.num_running = 0
     listener(core, [])
     assert value(m, "sparkserve:iteration_tokens_total_count") == 2
     assert value(m, "sparkserve:num_requests_running") == 0
     assert listener.num_steps == 3
     assert value(m, "sparkserve:spec_decode_num_drafter_runs_total") == 0  # no drafter loaded
-    core.drafter = object()
-    core.last_step = FakeStep()
+    core.gamma = GAMMA
+    core.last_step = step_stats()
     listener(core, [])
     assert value(m, "sparkserve:spec_decode_num_drafter_runs_total") == 1
     assert value(m, "sparkserve:spec_decode_num_drafter_skips_total") == 2
@@ -444,23 +436,19 @@ def test_step_listener_records_each_step_once() -> None:
 
 def test_step_listener_never_raises() -> None:
     m = ServerMetrics(MODEL, GAMMA)
-    bad = FakeCore(last_step=FakeStep(verified_per_request=[1], accepted_per_request=[2]))  # a > l
+    bad = FakeCore(last_step=step_stats(verified_per_request=[1], accepted_per_request=[2]))  # a > l
     EngineMetricsListener(m)(bad, [])  # logged, not raised: it runs inside the engine loop
     assert value(m, "sparkserve:spec_decode_num_drafts_total") == 0
 
 
 def test_profile_published_at_start_and_refreshed() -> None:
-    online = FakeOnlineProfile(0.02)
-    core = FakeCore(
-        verify_hook=SimpleNamespace(profile=online),
-        drafter=SimpleNamespace(config=SimpleNamespace(block_size=GAMMA)),
-    )
+    core = FakeCore(gamma=GAMMA, profile_seconds=0.02)
     engine = SimpleNamespace(core=core, step_listeners=[], model_name=MODEL, max_model_len=512)
     metrics = build_metrics(engine, 256, profile_every=3)
     assert metrics.num_speculative_tokens == GAMMA and len(engine.step_listeners) == 1
     sps = ("sparkserve:profile_steps_per_second", {"batch_tokens": "64", "num_requests": "4"})
     assert metrics.registry.get_sample_value(sps[0], {"model_name": MODEL, **sps[1]}) == pytest.approx(50)
-    online.seconds = 0.04  # the online profile drifted
+    core.profile_seconds = 0.04  # the online profile drifted
     for _ in range(2):
         engine.step_listeners[0](core, [])
     assert metrics.registry.get_sample_value(sps[0], {"model_name": MODEL, **sps[1]}) == pytest.approx(50)
@@ -470,6 +458,6 @@ def test_profile_published_at_start_and_refreshed() -> None:
 
 def test_no_drafter_no_profile() -> None:
     core = FakeCore()
-    assert num_speculative_tokens(core) == 0
-    assert not publish_profile(ServerMetrics(MODEL), core)
-    assert not publish_profile(ServerMetrics(MODEL), FakeCore(verify_hook=SimpleNamespace(profile=None)))
+    assert core.stats().num_speculative_tokens == 0
+    assert not publish_profile(ServerMetrics(MODEL), core.stats())
+    assert not publish_profile(ServerMetrics(MODEL), FakeCore(gamma=GAMMA).stats())

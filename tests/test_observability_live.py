@@ -102,8 +102,8 @@ def make_random_drafter(folder: Path) -> None:
 
     from engine.gguf_loader import gguf_model_config, open_gguf
     from engine.loader import default_model_path
-    from engine.spec.dspark import DSparkDrafter
-    from engine.spec.dspark_loader import random_drafter_config, save_drafter
+    from engine.spec_decode.dspark import DSparkDrafter
+    from engine.spec_decode.dspark_loader import random_drafter_config, save_drafter
 
     target = gguf_model_config(open_gguf(default_model_path()))
     config = random_drafter_config(

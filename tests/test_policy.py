@@ -446,7 +446,7 @@ def test_hook_drafting_gate_by_policy_and_estimates() -> None:
     """The hook's estimate of a request's next drafts: unknown (draft) before any drafts exist;
     its own latest confidences blended with the running mean once blocks have been seen; the mean
     alone when its own are stale."""
-    from scheduler.policy.hook import ESTIMATE_SHRINKAGE, STALE_DRAFT_TOKENS, VerifyPolicyHook
+    from scheduler.policy.controller import ESTIMATE_SHRINKAGE, STALE_DRAFT_TOKENS, SpeculationController
     from scheduler.request import Request
     from scheduler.sampling_params import SamplingParams
     from scheduler.scheduler import VerifyContext
@@ -461,12 +461,12 @@ def test_hook_drafting_gate_by_policy_and_estimates() -> None:
     weak = (0.01,) * 4
     reqs = [request("fresh-weak", weak, 1), request("stale-weak", weak, STALE_DRAFT_TOKENS + 1),
             request("never", (), 0)]
-    hook = VerifyPolicyHook(parse_policy("dspark"), WithDrafter(0.2))
+    hook = SpeculationController(parse_policy("dspark"), WithDrafter(0.2))
     # no block seen this step (ages > 0): no mean yet; own confidences alone, else unknown
     assert hook.select_drafting(reqs, ctx) == [False, True, True] and hook.last_num_drafting == 2
-    assert VerifyPolicyHook(parse_policy("fixed:3"), WithDrafter(0.2)).select_drafting(reqs, ctx) == [True] * 3
-    assert VerifyPolicyHook(parse_policy("none")).select_drafting(reqs, ctx) == [False] * 3
-    off = VerifyPolicyHook(parse_policy("dspark"), WithDrafter(0.2), gate_drafting=False)
+    assert SpeculationController(parse_policy("fixed:3"), WithDrafter(0.2)).select_drafting(reqs, ctx) == [True] * 3
+    assert SpeculationController(parse_policy("none")).select_drafting(reqs, ctx) == [False] * 3
+    off = SpeculationController(parse_policy("dspark"), WithDrafter(0.2), gate_drafting=False)
     assert off.select_drafting(reqs, ctx) == [True] * 3
     # a strong block drafted after the previous step (age 0) seeds the running mean: the stale and the
     # never-drafted requests now take the mean (strong: they draft), the fresh weak one the blend (0.48
@@ -488,7 +488,7 @@ def test_hook_drafting_gate_by_policy_and_estimates() -> None:
     assert hook.last_num_drafting == 1
     # dspark-async: a budget K learned when the policy last ran is dropped in a step where it did not run
     # (nobody held drafts), so it is never applied to a batch of a different size
-    async_hook = VerifyPolicyHook(parse_policy("dspark-async"), WithDrafter(0.2))
+    async_hook = SpeculationController(parse_policy("dspark-async"), WithDrafter(0.2))
     async_hook._budget_k = 5
     async_hook.select_drafting(reqs, ctx)
     assert async_hook._budget_k is None

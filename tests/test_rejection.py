@@ -1,15 +1,22 @@
-"""Tests for engine/spec/rejection.py: exact cases and distributional losslessness (with negative controls)."""
+"""The verify component (engine/spec_decode/verifier.py + rejection.py) on a flattened ragged batch:
+exact cases, keyed-coupling identities, and distributional losslessness with negative controls."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import Tensor
 
-from engine.spec import rejection
-from engine.spec.rejection import rejection_sample
+from engine.sampling import draw as draw_module
+from engine.sampling.keyed_random import Draw, keyed_gumbel, request_key
+from engine.sampling.metadata import SamplingMetadata
+from engine.spec_decode import rejection
+from engine.spec_decode.rejection import DraftProbs, RaggedDrafts
+from engine.spec_decode.verifier import Verifier, VerifyInput, emitted_tokens
+from scheduler.sampling_params import SamplingParams
 
 torch.set_num_threads(1)
 
@@ -30,125 +37,117 @@ def chi2_stat(samples: Tensor, expected: Tensor) -> float:
     return float(((counts[support] - exp) ** 2 / exp).sum())
 
 
+GREEDY = SamplingParams(temperature=0.0)
+SAMPLED = SamplingParams(temperature=1.0)
+
+
+def verify_flat(probs: Tensor, drafts: Tensor, lengths: list[int], params: list[SamplingParams],
+                q: DraftProbs | None, keys: list[int], first_positions: list[int], attempt: int = 0):
+    """Verify R requests from flat tensors: ``probs`` ``[sum(1 + l_r), V]`` target distributions
+    (logits = log p), ``drafts`` ``[sum l_r]``, ``q`` their distributions."""
+    n = len(params)
+    meta = SamplingMetadata.build(params, keys, [[] for _ in params], probs.shape[-1], attempts=[attempt] * n)
+    inp = VerifyInput(tuple(f"r{i}" for i in range(n)), probs.log(), RaggedDrafts(drafts, tuple(lengths)), q, meta,
+                      torch.tensor(first_positions), [[] for _ in params])
+    out = Verifier().verify(inp)
+    accepted = out.num_accepted.tolist()
+    return SimpleNamespace(token_ids=emitted_tokens(out.token_ids.tolist(), accepted), num_accepted=accepted)
+
+
+def verify(probs_rows: list[Tensor], drafts: list[list[int]], params: list[SamplingParams], q: list[Tensor | None] | None = None,
+           keys: list[int] | None = None, first_positions: list[int] | None = None, attempt: int = 0):
+    """Verify R requests: ``probs_rows[r]`` ``[1 + l_r, V]`` target distributions, ``drafts[r]`` the l_r
+    drafts, ``q[r]`` ``[l_r, V]`` their q (None = one-hot)."""
+    n = len(params)
+    keys = keys if keys is not None else [request_key(p.seed, f"r{i}") for i, p in enumerate(params)]
+    flat = torch.tensor([t for d in drafts for t in d], dtype=torch.int64)
+    probs = None
+    if q is not None and any(x is not None for x in q):
+        vocab = probs_rows[0].shape[-1]
+        rows = [x if x is not None else torch.zeros(len(d), vocab) for x, d in zip(q, drafts, strict=True)]
+        one_hot = torch.tensor([x is None for x, d in zip(q, drafts, strict=True) for _ in d])
+        probs = DraftProbs(torch.cat(rows), one_hot)
+    return verify_flat(torch.cat(probs_rows), flat, [len(d) for d in drafts], params, probs, keys,
+                       first_positions or [10] * n, attempt)
+
+
 def one_hot(ids: list[int], vocab: int) -> Tensor:
-    return torch.nn.functional.one_hot(torch.tensor(ids), vocab).float()
-
-
-def emitted(out: rejection.RejectionOutput, row: int) -> list[int]:
-    return out.output_token_ids[row, : int(out.num_emitted[row])].tolist()
+    return torch.nn.functional.one_hot(torch.tensor(ids), vocab).float().clamp_min(1e-30)
 
 
 # ---------------------------------------------------------------- exact cases
 
 
-def test_greedy_rows_accept_matching_prefix() -> None:
-    argmax = torch.tensor([[4, 5, 6, 7], [4, 5, 6, 7], [4, 5, 6, 7], [4, 5, 6, 7]])
-    drafts = torch.tensor([[4, 5, 1], [4, 5, 6], [4, 5, 6], [9, 5, 6]])
-    num_draft = torch.tensor([3, 3, 1, 0])
-    out = rejection_sample(drafts, num_draft, None, None, argmax, torch.ones(4, dtype=torch.bool), [None] * 4)
-    assert emitted(out, 0) == [4, 5, 6]  # 2 accepted + recovered argmax
-    assert emitted(out, 1) == [4, 5, 6, 7]  # all accepted + bonus
-    assert emitted(out, 2) == [4, 5]  # l_r = 1: padded drafts ignored, bonus at position 1
-    assert emitted(out, 3) == [4]  # plain decode
-    assert out.num_accepted.tolist() == [2, 3, 1, 0]
-    assert out.output_token_ids[3].tolist() == [4, 0, 0, 0]  # padding after the emitted tokens
+def test_greedy_rows_accept_matching_prefix_ragged() -> None:
+    vocab = 10
+    target = one_hot([4, 5, 6, 7], vocab)  # argmax chain 4 5 6 7
+    drafts = [[4, 5, 1], [4, 5, 6], [4], [], [9, 5, 6]]
+    rows = [target[: len(d) + 1] for d in drafts]
+    out = verify(rows, drafts, [GREEDY] * 5)
+    assert out.token_ids == [[4, 5, 6], [4, 5, 6, 7], [4, 5], [4], [4]]
+    assert out.num_accepted == [2, 3, 1, 0, 0]
 
 
 def test_random_rows_exact_cases() -> None:
-    vocab, gamma = 8, 3
-    drafts = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3]])
-    num_draft = torch.tensor([3, 3, 2, 3, 3])
-    q = torch.full((5, gamma, vocab), 1.0 / vocab)
-    target = torch.full((5, gamma + 1, vocab), 1.0 / vocab)
-    # row 0: p(x_i) = 1 everywhere -> all accepted, bonus from p_3 (one-hot 7)
-    target[0] = one_hot([1, 2, 3, 7], vocab)
-    # row 1: p_1(x_1) = 0 -> rejected at 1; residual max(p_1 - q_1, 0) is one-hot 6
-    target[1] = one_hot([1, 6, 3, 7], vocab)
-    # row 2: l_r = 2 < gamma; all accepted -> bonus from p_2 (not p_3)
-    target[2] = one_hot([1, 2, 5, 7], vocab)
-    # row 3: q(x_0) = 0 but p(x_0) > 0 -> always accepted (ratio uses max(q, 1e-8)); p_1(x_1) = 0 rejects
-    q[3, 0] = torch.tensor([0.0, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
-    target[3, 0] = torch.tensor([0.0, 1e-3, 0.5, 0.499, 0.0, 0.0, 0.0, 0.0])
-    target[3, 1] = one_hot([4], vocab)
-    # row 4: p_0 = q_0 with x_0 outside both supports -> rejected, residual mass 0 -> fall back to p_0
-    q[4, 0] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.5])
-    target[4, 0] = q[4, 0]
-    argmax = torch.zeros(5, gamma + 1, dtype=torch.int64)
-    for seed in range(20):
-        gens = [torch.Generator().manual_seed(seed) for _ in range(5)]
-        out = rejection_sample(drafts, num_draft, q, target, argmax, torch.zeros(5, dtype=torch.bool), gens)
-        assert emitted(out, 0) == [1, 2, 3, 7]
-        assert emitted(out, 1) == [1, 6]
-        assert emitted(out, 2) == [1, 2, 5]
-        assert emitted(out, 3) == [1, 4]
-        assert out.num_accepted[4] == 0 and int(out.output_token_ids[4, 0]) in (6, 7)
+    vocab = 8
+    uniform = torch.full((3, vocab), 1.0 / vocab)
+    for attempt in range(20):
+        # row 0: p(x_i) = 1 everywhere -> all accepted, bonus from p_3 (one-hot 7)
+        # row 1: p_1(x_1) = 0 -> rejected at 1; residual max(p_1 - q_1, 0) is one-hot 6
+        # row 2: l_r = 2; all accepted -> bonus from p_2 (not p_3)
+        out = verify([one_hot([1, 2, 3, 7], vocab), one_hot([1, 6, 3, 7], vocab), one_hot([1, 2, 5], vocab)],
+                     [[1, 2, 3], [1, 2, 3], [1, 2]], [SAMPLED] * 3, [uniform, uniform, uniform[:2]], attempt=attempt)
+        assert out.token_ids[0] == [1, 2, 3, 7]
+        assert out.token_ids[1] == [1, 6]
+        assert out.token_ids[2] == [1, 2, 5]
+    # q(x_0) = 0 but p(x_0) > 0 -> always accepted (p / max(q, 1e-8)); p_1(x_1) = 0 rejects
+    q = torch.zeros(2, vocab)
+    q[0, 2:4] = 0.5
+    q[1] = 1.0 / vocab
+    p0 = torch.tensor([1e-30, 1e-3, 0.5, 0.499, 1e-30, 1e-30, 1e-30, 1e-30])
+    out = verify([torch.stack([p0, one_hot([4], vocab)[0]])], [[1]], [SAMPLED], [q[:1]])
+    assert out.num_accepted == [1] and out.token_ids == [[1, 4]]
 
 
-def test_deterministic_drafts_without_draft_probs() -> None:
-    """draft_probs=None: q is one-hot at the draft, so acceptance probability is p(x) and the residual
-    is p with x removed; the first emitted token must still follow p_0."""
+def test_deterministic_drafts_one_hot_q() -> None:
+    """One-hot q (no stored q): acceptance probability is p(x) and the residual is p without x; the
+    first emitted token follows p_0."""
     n, vocab = 20_000, 5
-    torch.manual_seed(11)
     p0 = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25])
-    drafts = torch.full((n, 1), 2)
-    target = p0.expand(n, 2, vocab).clone()
-    out = rejection_sample(
-        drafts,
-        torch.ones(n, dtype=torch.int64),
-        None,
-        target,
-        torch.zeros(n, 2, dtype=torch.int64),
-        torch.zeros(n, dtype=torch.bool),
-        [None] * n,
-    )
-    assert chi2_stat(out.output_token_ids[:, 0], p0) < chi2_critical(vocab - 1)
-    assert abs(float(out.num_accepted.float().mean()) - 0.3) < 0.02
+    out = verify([p0.expand(2, vocab)] * n, [[2]] * n, [SAMPLED] * n, [None] * n)
+    first = torch.tensor([t[0] for t in out.token_ids])
+    assert chi2_stat(first, p0) < chi2_critical(vocab - 1)
+    assert abs(sum(out.num_accepted) / n - 0.3) < 0.02
 
 
-def test_num_draft_zero_is_plain_sampling() -> None:
+def test_no_drafts_is_plain_sampling() -> None:
     n, vocab = 20_000, 6
-    torch.manual_seed(12)
-    p0 = torch.softmax(torch.randn(vocab), dim=-1)
-    target = p0.expand(n, 1, vocab).clone()
-    out = rejection_sample(
-        torch.zeros(n, 0, dtype=torch.int64),
-        torch.zeros(n, dtype=torch.int64),
-        None,
-        target,
-        torch.zeros(n, 1, dtype=torch.int64),
-        torch.zeros(n, dtype=torch.bool),
-        [None] * n,
-    )
-    assert out.output_token_ids.shape == (n, 1) and bool((out.num_emitted == 1).all())
-    assert chi2_stat(out.output_token_ids[:, 0], p0) < chi2_critical(vocab - 1)
+    p0 = torch.softmax(torch.randn(vocab, generator=torch.Generator().manual_seed(12)), dim=-1)
+    for params in (SAMPLED, SamplingParams(temperature=1.0, seed=3)):
+        keys = [request_key(None, f"k{i}") for i in range(n)]  # distinct streams (a seed fixes one key)
+        out = verify([p0[None]] * n, [[]] * n, [params] * n, keys=keys)
+        assert all(len(t) == 1 for t in out.token_ids)
+        assert chi2_stat(torch.tensor([t[0] for t in out.token_ids]), p0) < chi2_critical(vocab - 1)
 
 
-def test_seeded_row_independent_of_batch() -> None:
-    vocab, gamma = 50, 4
-    g = torch.Generator().manual_seed(0)
-    target = torch.softmax(torch.randn(3, gamma + 1, vocab, generator=g), dim=-1)
-    q = torch.softmax(torch.randn(3, gamma, vocab, generator=g), dim=-1)
-    drafts = torch.randint(0, vocab, (3, gamma), generator=g)
-    args = dict(
-        target_argmax=torch.zeros(3, gamma + 1, dtype=torch.int64), is_greedy=torch.zeros(3, dtype=torch.bool)
-    )
-    results = []
-    for _ in range(2):
-        gens = [None, torch.Generator().manual_seed(42), None]
-        torch.manual_seed(len(results))  # unseeded rows differ between the two calls
-        out = rejection_sample(drafts, torch.full((3,), gamma), q, target, generators=gens, **args)
-        alone = rejection_sample(
-            drafts[1:2],
-            torch.full((1,), gamma),
-            q[1:2],
-            target[1:2],
-            target_argmax=args["target_argmax"][1:2],
-            is_greedy=args["is_greedy"][1:2],
-            generators=[torch.Generator().manual_seed(42)],
-        )
-        assert emitted(out, 1) == emitted(alone, 0)
-        results.append(emitted(out, 1))
-    assert results[0] == results[1]
+def test_seeded_rows_emit_the_same_tokens_at_any_verify_length_and_batch() -> None:
+    """Coupling: a seeded row's emitted tokens equal its no-speculation samples (l = 0 at every
+    position), whatever drafts it verifies and whatever else is in the batch."""
+    vocab = 30
+    gen = torch.Generator().manual_seed(0)
+    seeded = SamplingParams(temperature=1.0, seed=42)
+    key = request_key(42, "")
+    p = torch.softmax(torch.randn(8, vocab, generator=gen), dim=-1)  # one p per position (context-free world)
+    plain = [verify([p[k: k + 1]], [[]], [seeded], keys=[key], first_positions=[100 + k]).token_ids[0][0]
+             for k in range(8)]
+    for length in range(1, 8):
+        for drafts in ([plain[:length]], [torch.randint(0, vocab, (length,), generator=gen).tolist()]):
+            others = torch.softmax(torch.randn(3, vocab, generator=gen), dim=-1)
+            out = verify([others[:2], p[: length + 1], others[2:]], [[5], drafts[0], []], [SAMPLED, seeded, SAMPLED],
+                         [None, None, None], keys=[1, key, 2], first_positions=[7, 100, 3])
+            emitted = out.token_ids[1]
+            assert emitted == plain[: len(emitted)]
+    assert len(set(plain)) > 3
 
 
 # ---------------------------------------------------------------- losslessness on a Markov "world"
@@ -164,60 +163,61 @@ def world() -> tuple[Tensor, Tensor]:
     return P, Q
 
 
-def verify_round(
-    anchor: Tensor, is_greedy: Tensor, P: Tensor, Q: Tensor, Q_verify: Tensor
-) -> rejection.RejectionOutput:
-    """Drafts GAMMA tokens from Q (random rows; greedy rows draft argmax Q), verifies a random l_r of them
-    against P. ``Q_verify`` is the table the verifier is told the drafts came from."""
+def verify_round(anchor: Tensor, kinds: list[str], P: Tensor, Q: Tensor, Q_verify: Tensor, keys: list[int],
+                 first_positions: Tensor, attempt: int, gen: torch.Generator) -> list[list[int]]:
+    """Drafts GAMMA tokens from Q (free rows: multinomial; greedy rows: argmax; coupled rows: Gumbel-max
+    keyed like the target), verifies a random l_r of them against P. ``Q_verify`` is the table the
+    verifier is told the free drafts came from."""
     n = anchor.numel()
     prev, drafts, q_rows = anchor, [], []
-    for _ in range(GAMMA):
+    key_t = torch.tensor(keys)
+    coupled = torch.tensor([k == "coupled" for k in kinds])
+    greedy = torch.tensor([k == "greedy" for k in kinds])
+    for j in range(GAMMA):
         q_k = Q[prev]  # [n, V]
-        x = torch.where(is_greedy, q_k.argmax(-1), torch.multinomial(q_k, 1).squeeze(1))
+        noise = keyed_gumbel(key_t, first_positions + j, int(Draw.TOKEN), VOCAB)
+        x = torch.multinomial(q_k, 1, generator=gen).squeeze(1)
+        x = torch.where(coupled, (q_k.log() + noise).argmax(-1), x)
+        x = torch.where(greedy, q_k.argmax(-1), x)
         drafts.append(x)
         q_rows.append(Q_verify[prev])
         prev = x
     draft_ids = torch.stack(drafts, dim=1)  # [n, GAMMA]
-    contexts = torch.cat([anchor[:, None], draft_ids], dim=1)  # [n, GAMMA + 1]: token before each position
-    target = P[contexts]  # [n, GAMMA + 1, V]
-    num_draft = torch.randint(0, GAMMA + 1, (n,))
-    return rejection_sample(
-        draft_ids, num_draft, torch.stack(q_rows, dim=1), target, target.argmax(-1), is_greedy, [None] * n
-    )
+    contexts = torch.cat([anchor[:, None], draft_ids], dim=1)  # token before each position
+    lengths = torch.randint(0, GAMMA + 1, (n,), generator=gen)
+    params = {"free": SAMPLED, "greedy": GREEDY, "coupled": SamplingParams(temperature=1.0, seed=1)}
+    rows = torch.arange(GAMMA + 1)[None, :] <= lengths[:, None]  # [n, GAMMA + 1] verified rows
+    verified = torch.arange(GAMMA)[None, :] < lengths[:, None]  # [n, GAMMA] verified drafts
+    q = DraftProbs(torch.stack(q_rows, dim=1)[verified], torch.zeros(int(verified.sum()), dtype=torch.bool))
+    out = verify_flat(P[contexts[rows]], draft_ids[verified], lengths.tolist(), [params[k] for k in kinds], q, keys,
+                      first_positions.tolist(), attempt)
+    return out.token_ids
 
 
-def first_two_tokens(P: Tensor, Q: Tensor, Q_verify: Tensor, is_greedy: Tensor) -> tuple[Tensor, Tensor]:
-    anchor = torch.zeros(is_greedy.numel(), dtype=torch.int64)
-    out1 = verify_round(anchor, is_greedy, P, Q, Q_verify)
-    last = out1.output_token_ids.gather(1, out1.num_accepted[:, None]).squeeze(1)
-    out2 = verify_round(last, is_greedy, P, Q, Q_verify)
-    first = out1.output_token_ids[:, 0]
-    second = torch.where(out1.num_emitted >= 2, out1.output_token_ids[:, 1], out2.output_token_ids[:, 0])
-    return first, second
-
-
-def lossless_stats(Q_verify_is_wrong: bool = False) -> tuple[float, float, float, float]:
+def lossless_stats(Q_verify_is_wrong: bool = False, kind: str = "free") -> tuple[float, float, float, float]:
     """Chi-square of first tokens and of (first, second) pairs vs the target, with their bounds."""
-    torch.manual_seed(7)
+    gen = torch.Generator().manual_seed(7)
     P, Q = world()
-    Q_verify = torch.softmax(torch.randn(VOCAB, VOCAB), dim=-1) if Q_verify_is_wrong else Q
-    is_greedy = torch.arange(N_RANDOM + N_GREEDY) >= N_RANDOM  # greedy rows mixed into the batch
-    first, second = first_two_tokens(P, Q, Q_verify, is_greedy)
-    # greedy rows: exactly the greedy target chain
-    g1 = int(P[0].argmax())
-    assert bool((first[is_greedy] == g1).all()) and bool((second[is_greedy] == P[g1].argmax()).all())
-    first, second = first[~is_greedy], second[~is_greedy]
+    Q_verify = torch.softmax(torch.randn(VOCAB, VOCAB, generator=gen), dim=-1) if Q_verify_is_wrong else Q
+    kinds = [kind] * N_RANDOM + ["greedy"] * N_GREEDY  # greedy rows mixed into the batch
+    keys = [request_key(None, f"w{i}") for i in range(len(kinds))]
+    n = len(kinds)
+    out1 = verify_round(torch.zeros(n, dtype=torch.int64), kinds, P, Q, Q_verify, keys, torch.ones(n, dtype=torch.int64), 1, gen)
+    last = torch.tensor([t[-1] for t in out1])
+    out2 = verify_round(last, kinds, P, Q, Q_verify, keys, 1 + torch.tensor([len(t) for t in out1]), 2, gen)
+    first = torch.tensor([t[0] for t in out1])
+    second = torch.tensor([t1[1] if len(t1) >= 2 else t2[0] for t1, t2 in zip(out1, out2, strict=True)])
+    g1 = int(P[0].argmax())  # greedy rows: exactly the greedy target chain
+    assert bool((first[N_RANDOM:] == g1).all()) and bool((second[N_RANDOM:] == P[g1].argmax()).all())
+    first, second = first[:N_RANDOM], second[:N_RANDOM]
     joint = (P[0][:, None] * P).flatten()  # P(t1 | 0) * P(t2 | t1)
-    return (
-        chi2_stat(first, P[0]),
-        chi2_critical(VOCAB - 1),
-        chi2_stat(first * VOCAB + second, joint),
-        chi2_critical(VOCAB * VOCAB - 1),
-    )
+    return (chi2_stat(first, P[0]), chi2_critical(VOCAB - 1), chi2_stat(first * VOCAB + second, joint),
+            chi2_critical(VOCAB * VOCAB - 1))
 
 
-def test_lossless_first_and_joint_distribution() -> None:
-    stat1, bound1, stat2, bound2 = lossless_stats()
+@pytest.mark.parametrize("kind", ["free", "coupled"])
+def test_lossless_first_and_joint_distribution(kind: str) -> None:
+    stat1, bound1, stat2, bound2 = lossless_stats(kind=kind)
     assert stat1 < bound1, (stat1, bound1)
     assert stat2 < bound2, (stat2, bound2)
 
@@ -228,6 +228,16 @@ def test_negative_control_wrong_q_fails() -> None:
 
 
 def test_negative_control_residual_p_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rejection, "_residual_distribution", lambda p, q: p)
+    monkeypatch.setattr(rejection, "_residual", lambda p, q, draft_ids, index: p.clone())
     stat1, bound1, stat2, bound2 = lossless_stats()
+    assert stat1 > bound1 or stat2 > bound2, (stat1, bound1, stat2, bound2)
+
+
+def test_negative_control_coupling_noise_reused_across_positions_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong coupling whose noise does not depend on the position (the target reuses one draw for
+    every token of a block) makes consecutive tokens dependent: the joint test catches it."""
+    real = draw_module.keyed_gumbel
+    monkeypatch.setattr(draw_module, "keyed_gumbel", lambda keys, positions, draws, vocab: real(
+        keys, torch.zeros_like(positions), draws, vocab))
+    stat1, bound1, stat2, bound2 = lossless_stats(kind="coupled")
     assert stat1 > bound1 or stat2 > bound2, (stat1, bound1, stat2, bound2)

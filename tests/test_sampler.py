@@ -1,7 +1,9 @@
-"""Tests for engine/sampler.py: exact filters, statistical sampling checks, seeds, penalties, logprobs."""
+"""Tests for engine/sampling/: exact filters, statistical sampling checks, keyed randomness, penalties,
+logprobs."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,13 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from engine.sampler import (
-    Sampler,
-    SamplingMetadata,
-    apply_penalties_and_bias,
-    processed_probs,
-    to_token_logprobs,
-)
+from engine.sampling import keyed_random
+from engine.sampling.draw import inverse_cdf, sample
+from engine.sampling.keyed_random import Draw, fmix32, keyed_gumbel, keyed_uniform, request_key
+from engine.sampling.logprobs import token_logprobs
+from engine.sampling.metadata import SamplingMetadata
+from engine.sampling.transforms import apply_penalties_and_bias, sampling_probs
 from scheduler.sampling_params import SamplingParams
 
 torch.set_num_threads(1)
@@ -49,15 +50,18 @@ def meta_for(
     params: list[SamplingParams],
     vocab: int = 6,
     outputs: list[list[int]] | None = None,
-    generators: list[torch.Generator | None] | None = None,
+    keys: list[int] | None = None,
+    attempts: list[int] | None = None,
 ) -> SamplingMetadata:
     return SamplingMetadata.build(
-        params,
-        generators if generators is not None else [None] * len(params),
-        outputs if outputs is not None else [[] for _ in params],
-        vocab,
-        "cpu",
+        params, keys if keys is not None else list(range(len(params))),
+        outputs if outputs is not None else [[] for _ in params], vocab, "cpu", attempts,
     )
+
+
+def draw(logits: Tensor, meta: SamplingMetadata, positions: Tensor | None = None) -> Tensor:
+    positions = torch.zeros(logits.shape[0], dtype=torch.int64) if positions is None else positions
+    return sample(apply_penalties_and_bias(logits, meta), meta, positions)
 
 
 def renorm(mask: list[int], base: Tensor = BASE) -> Tensor:
@@ -82,28 +86,31 @@ EXACT_CASES = [
 def test_processed_probs_exact_per_row() -> None:
     params = [p for p, _ in EXACT_CASES]
     expected = torch.stack([e for _, e in EXACT_CASES])
-    probs = processed_probs(LOGITS.expand(len(params), -1).clone(), meta_for(params))
+    probs = sampling_probs(LOGITS.expand(len(params), -1).clone(), meta_for(params))
     torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_greedy_is_argmax_in_mixed_batch() -> None:
     logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
     params = [SamplingParams(temperature=0.0) if r % 2 == 0 else SamplingParams(top_k=5) for r in range(8)]
-    out = Sampler()(logits, meta_for(params, vocab=50))
-    assert torch.equal(out.token_ids[0::2], logits[0::2].argmax(-1))
-    greedy_only = Sampler()(logits, meta_for([SamplingParams(temperature=0.0)] * 8, vocab=50))
-    assert torch.equal(greedy_only.token_ids, logits.argmax(-1))
-    assert out.logprobs is None
+    out = draw(logits, meta_for(params, vocab=50))
+    assert torch.equal(out[0::2], logits[0::2].argmax(-1))
+    greedy_only = draw(logits, meta_for([SamplingParams(temperature=0.0)] * 8, vocab=50))
+    assert torch.equal(greedy_only, logits.argmax(-1))
 
 
 @pytest.mark.parametrize("case", [1, 2, 3, 5, 6, 7])
-def test_sampling_matches_filtered_distribution(case: int) -> None:
-    """20k samples follow the exact filtered distribution; the bound rejects a wrong filter."""
+@pytest.mark.parametrize("seeded", [False, True])
+def test_sampling_matches_filtered_distribution(case: int, seeded: bool) -> None:
+    """20k samples follow the exact filtered distribution, by CDF inversion (unseeded) and by keyed
+    Gumbel-max (seeded); the bound rejects a wrong filter."""
     params, expected = EXACT_CASES[case]
+    if seeded:
+        params = dataclasses.replace(params, seed=case)
     n = 20_000
-    torch.manual_seed(1234 + case)
     assert (expected > 0).sum() < 6  # some filter is active
-    samples = Sampler()(LOGITS.expand(n, -1).clone(), meta_for([params] * n)).token_ids
+    keys = [request_key(None, f"r{i}", case) for i in range(n)]
+    samples = draw(LOGITS.expand(n, -1).clone(), meta_for([params] * n, keys=keys))
     bound = chi2_critical(int((expected > 0).sum()) - 1)
     assert chi2_stat(samples, expected) < bound
     # negative controls: the unfiltered distribution, and the filter keeping one token more
@@ -112,21 +119,54 @@ def test_sampling_matches_filtered_distribution(case: int) -> None:
     assert chi2_stat(samples, wider / wider.sum()) > bound
 
 
-def test_seeded_rows_independent_of_batch() -> None:
+def test_seeded_rows_independent_of_batch_and_position_keyed() -> None:
+    """A seeded row's token depends on (seed, position) only: the same alone or in any batch; other
+    positions give other tokens (really random); another seed gives other tokens."""
     seeded = SamplingParams(temperature=1.0, seed=7)
     other = SamplingParams(temperature=1.3, top_p=0.9)
     logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(3))
-    alone_gen = torch.Generator().manual_seed(7)
-    mixed_gen = torch.Generator().manual_seed(7)
+    key = request_key(7, "any-id")
     alone, mixed = [], []
-    for _ in range(30):
-        alone.append(Sampler()(logits.clone(), meta_for([seeded], 1000, generators=[alone_gen])).token_ids[0])
+    for pos in range(30):
+        p = torch.tensor([pos])
+        alone.append(int(draw(logits.clone(), meta_for([seeded], 1000, keys=[key]), p)[0]))
         batch = torch.cat([torch.randn(2, 1000), logits, torch.randn(1, 1000)])
-        gens = [torch.Generator().manual_seed(99), None, mixed_gen, None]
-        meta = meta_for([other, other, seeded, other], 1000, generators=gens)
-        mixed.append(Sampler()(batch, meta).token_ids[2])
-    assert torch.equal(torch.stack(alone), torch.stack(mixed))
-    assert len(set(torch.stack(alone).tolist())) > 5  # really random, not constant
+        meta = meta_for([other, other, seeded, other], 1000, keys=[1, 2, key, 3])
+        mixed.append(int(draw(batch, meta, torch.tensor([5, 9, pos, 2]))[2]))
+    assert alone == mixed
+    assert len(set(alone)) > 5  # really random, not constant
+    other_seed = [int(draw(logits.clone(), meta_for([seeded], 1000, keys=[request_key(8, "x")]),
+                           torch.tensor([pos]))[0]) for pos in range(30)]
+    assert other_seed != alone
+    assert request_key(7, "a") == request_key(7, "b") != request_key(None, "a") != request_key(None, "b")
+    with pytest.raises(ValueError, match="int64"):
+        request_key(2**63, "a")
+
+
+def test_keyed_hash_matches_python_reference_and_is_uniform() -> None:
+    """The tensor hash equals the pure-Python fmix32 reference on random states (no int64 overflow
+    surprises), and keyed uniforms / Gumbel noise have the right distribution."""
+    states = torch.randint(0, 2**32, (1000,), dtype=torch.int64, generator=torch.Generator().manual_seed(0))
+    expected = torch.tensor([fmix32(int(h)) for h in states])
+    assert torch.equal(keyed_random._fmix32(states), expected)
+    n = 50_000
+    keys = torch.full((n,), request_key(3, ""), dtype=torch.int64)
+    u = keyed_uniform(keys, torch.arange(n), int(Draw.ACCEPT))
+    assert bool(((u > 0) & (u < 1)).all())
+    counts = torch.histc(u, bins=20, min=0.0, max=1.0)
+    assert chi2_stat(torch.repeat_interleave(torch.arange(20), counts.long()), torch.full((20,), 0.05)) < chi2_critical(19)
+    # streams differ: another draw index or position gives unrelated numbers
+    assert not torch.equal(u, keyed_uniform(keys, torch.arange(n), int(Draw.RECOVER)))
+    g = keyed_gumbel(keys[:8], torch.arange(8), int(Draw.TOKEN), 4096)
+    assert abs(float(g.mean()) - 0.5772) < 0.02 and abs(float(g.var()) - math.pi**2 / 6) < 0.05
+    assert torch.equal(g[:, :100], keyed_gumbel(keys[:8], torch.arange(8), int(Draw.TOKEN), 100))  # vocab prefix
+
+
+def test_inverse_cdf_never_picks_zero_weight() -> None:
+    weights = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
+    u = torch.tensor([1e-7, 0.5, 0.9999999, 1.0])
+    chosen = inverse_cdf(weights, u)
+    assert chosen[:3].tolist() == [1, 3, 3] and bool((weights[0, chosen] > 0).all())  # u = 1: a positive one
 
 
 def test_penalties_and_logit_bias_exact() -> None:
@@ -143,42 +183,36 @@ def test_penalties_and_logit_bias_exact() -> None:
         meta_for([SamplingParams(logit_bias=((9, 1.0),))], vocab=5)
 
 
-def test_expand_for_verify_counts_include_earlier_drafts() -> None:
+def test_expand_counts_include_earlier_drafts() -> None:
     params = [SamplingParams(frequency_penalty=1.0), SamplingParams(temperature=0.5)]
     meta = meta_for(params, vocab=6, outputs=[[2], []])
-    drafts = torch.tensor([[5, 5, 2], [1, 0, 0]])
-    wide = meta.expand_for_verify(drafts)
-    assert wide.output_token_counts is not None and wide.temperature.shape == (8,)
-    counts = wide.output_token_counts.view(2, 4, 6)
-    assert counts[0].tolist() == [
+    wide = meta.expand((3, 1), torch.tensor([5, 5, 2, 1]))  # ragged: l = 3 and 1
+    assert wide.output_token_counts is not None and wide.temperature.shape == (6,)
+    counts = wide.output_token_counts
+    assert counts[:4].tolist() == [
         [0, 0, 1, 0, 0, 0],
         [0, 0, 1, 0, 0, 1],
         [0, 0, 1, 0, 0, 2],
         [0, 0, 2, 0, 0, 2],
     ]
-    assert counts[1, 3].tolist() == [2, 1, 0, 0, 0, 0]
-    assert wide.temperature.tolist() == [1.0] * 4 + [0.5] * 4
+    assert counts[5].tolist() == [0, 1, 0, 0, 0, 0]
+    assert wide.temperature.tolist() == [1.0] * 4 + [0.5] * 2
 
 
 def test_logprobs_are_log_softmax_of_adjusted_logits() -> None:
     logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(5))
-    params = [
-        SamplingParams(temperature=0.0, logprobs=2),
-        SamplingParams(temperature=0.8, logprobs=4, logit_bias=((7, 2.0),)),
-        SamplingParams(temperature=1.0),
-    ]
+    params = [SamplingParams(temperature=0.0, logprobs=2), SamplingParams(temperature=0.8, logprobs=4, logit_bias=((7, 2.0),))]
     meta = meta_for(params, vocab=20)
-    out = Sampler()(logits, meta)
-    reference = torch.log_softmax(apply_penalties_and_bias(logits, meta), dim=-1)
-    assert out.logprobs is not None and out.top_token_ids is not None and out.top_logprobs is not None
-    torch.testing.assert_close(out.logprobs, reference.gather(1, out.token_ids[:, None])[:, 0])
-    top_vals, top_ids = reference.topk(4, dim=-1)
-    assert torch.equal(out.top_token_ids, top_ids)
-    torch.testing.assert_close(out.top_logprobs, top_vals)
-    converted = to_token_logprobs(out, [p.logprobs for p in params])
-    assert converted[2] is None and converted[0] is not None and converted[1] is not None
-    assert converted[0].token_id == int(logits[0].argmax()) and len(converted[0].top) == 2
-    assert len(converted[1].top) == 4 and converted[1].top[0][0] == int(top_ids[1, 0])
+    adjusted = apply_penalties_and_bias(logits[:2], meta)
+    tokens = draw(logits[:2], meta).tolist()
+    reference = torch.log_softmax(adjusted, dim=-1)
+    for row, k in ((0, 2), (1, 4)):
+        (lp,) = token_logprobs(adjusted[row: row + 1], [tokens[row]], k)
+        assert lp.token_id == tokens[row] and lp.logprob == pytest.approx(float(reference[row, tokens[row]]), abs=1e-6)
+        top_vals, top_ids = reference[row].topk(k)
+        assert [t for t, _ in lp.top] == top_ids.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top_vals.tolist(), abs=1e-6)
+    assert tokens[0] == int(logits[0].argmax())
 
 
 @settings(max_examples=60, deadline=None)
@@ -195,7 +229,7 @@ def test_processed_probs_properties(
     vocab = len(logits)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     row = torch.tensor(logits)
-    probs = processed_probs(row[None].clone(), meta_for([params], vocab=vocab))[0]
+    probs = sampling_probs(row[None].clone(), meta_for([params], vocab=vocab))[0]
     assert abs(float(probs.sum()) - 1.0) < 1e-5
     kept = probs > 0
     assert float(row[kept].max()) == float(row.max())  # a most likely token always survives

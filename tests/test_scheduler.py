@@ -8,7 +8,7 @@ from scheduler.errors import RequestRejectedError
 from scheduler.outputs import DraftProposal, RunnerOutput
 from scheduler.request import RequestStatus
 from scheduler.scheduler import Scheduler
-from tests.scheduler_helpers import make_config, make_request, run_step, seq_of
+from tests.scheduler_helpers import TableMirror, make_config, make_request, run_step, seq_of, seq_tokens
 
 
 # ---- config and admission -------------------------------------------------------------------
@@ -58,8 +58,12 @@ def test_sampling_params_the_step_cannot_use_are_rejected() -> None:
         (dict(logit_bias=((10, 1.0),)), "logit_bias"), (dict(stop_token_ids=(99,)), "stop_token_ids"),
     ]
     for fields, param in bad:
+        try:
+            params = SamplingParams(**fields)
+        except ValueError:
+            continue  # SamplingParams refuses it itself
         with pytest.raises(RequestRejectedError) as info:
-            check_sampling_params(SamplingParams(**fields), 10)
+            check_sampling_params(params, 10)
         assert info.value.param == param, fields
 
 
@@ -90,19 +94,29 @@ def test_chunked_prefill_splits_a_long_prompt() -> None:
     request = make_request("a", prompt_len=10)
     sched.add_request(request)
     chunks = []
+    mirror = TableMirror()
     for _ in range(3):
-        out, outputs = run_step(sched)
+        tokens = None
+
+        def capture(out):
+            nonlocal tokens
+            mirror.apply(out)
+            tokens = seq_tokens(request, out.seqs[0])
+
+        out, outputs = run_step(sched, on_schedule=capture)
         seq = out.seqs[0]
-        chunks.append((seq.start_pos, seq.token_ids, seq.sample))
-        assert len(seq.block_table) == -(-seq.end_pos // 4)
+        chunks.append((seq.start_pos, tokens, seq.sample))
+        assert len(mirror.tables["a"]) == seq.num_blocks == -(-seq.end_pos // 4)
+        assert mirror.tables["a"] == list(sched.block_manager.block_table("a"))
     assert chunks == [
         (0, tuple(range(100, 104)), False),
         (4, tuple(range(104, 108)), False),
         (8, (108, 109), True),
     ]
     assert outputs[0].new_token_ids == (7,) and request.num_computed_tokens == 10
-    out, _ = run_step(sched)
-    assert out.seqs[0].token_ids == (7,) and out.seqs[0].start_pos == 10  # decode of the base token
+    out = sched.schedule()
+    assert seq_tokens(request, out.seqs[0]) == (7,) and out.seqs[0].start_pos == 10  # decode of the base token
+    assert out.seqs[0].new_block_ids == () and out.seqs[0].num_blocks == 3  # the diff: nothing new
 
 
 def test_decode_mixes_with_prefill_chunk_in_one_step() -> None:
@@ -185,7 +199,9 @@ def test_preempted_request_resumes_with_outputs_kept() -> None:
     seq = seq_of(out, "c")
     assert seq.resumed and seq.new_request is not None
     assert seq.new_request.output_token_ids == outputs_so_far and seq.new_request.num_prompt_tokens == 2
-    assert seq.start_pos == 0 and seq.token_ids == (100, 101) + outputs_so_far and seq.sample
+    assert seq.start_pos == 0 and seq.num_known_tokens == 2 + len(outputs_so_far) and seq.sample
+    assert seq.new_request.prompt_token_ids == (100, 101)
+    assert len(seq.new_block_ids) == seq.num_blocks  # a re-created request gets its whole table
 
 
 def test_youngest_request_preempts_itself_when_it_is_the_only_candidate() -> None:
@@ -241,5 +257,5 @@ def test_shuffled_blocks_are_not_contiguous() -> None:
     sched = Scheduler(make_config(block_size=1, num_kv_blocks=64, shuffle_blocks=True, seed=3))
     sched.add_request(make_request("a", prompt_len=32, max_tokens=4))
     out, _ = run_step(sched)
-    table = out.seqs[0].block_table
+    table = out.seqs[0].new_block_ids
     assert len(table) == 32 and list(table) != sorted(table)

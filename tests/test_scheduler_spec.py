@@ -10,7 +10,7 @@ from scheduler.outputs import DraftProposal, RunnerOutput, TokenLogprob
 from scheduler.request import Request, RequestStatus
 from scheduler.request_rules import check_stop, draft_cap, token_slice
 from scheduler.scheduler import Scheduler, VerifyContext
-from tests.scheduler_helpers import EOS, make_config, make_request, prefill_with_drafts, run_step
+from tests.scheduler_helpers import EOS, make_config, make_request, prefill_with_drafts, run_step, seq_tokens
 
 
 # ---- speculation bookkeeping ------------------------------------------------------------------
@@ -18,12 +18,14 @@ def test_verify_step_rewinds_rejected_drafts_and_trims_blocks() -> None:
     sched = Scheduler(make_config(block_size=2, num_lookahead_tokens=5))
     request = make_request("a", prompt_len=3)
     sched.add_request(request)
-    prefill_with_drafts(sched, "a", (11, 12, 13, 14, 15))
+    run_step(sched, sampled={"a": [10]}, drafts={"a": DraftProposal((11, 12, 13, 14, 15), (0.5,) * 5, draft_id=77)})
     assert request.spec_token_ids == [11, 12, 13, 14, 15] and request.spec_confidences == [0.5] * 5
+    assert request.spec_draft_id == 77
     out = sched.schedule()
     seq = out.seqs[0]
-    assert seq.token_ids == (10, 11, 12, 13, 14, 15) and seq.num_spec_tokens == 5 and seq.start_pos == 3
-    assert len(seq.block_table) == 5  # positions [0, 9)
+    assert seq_tokens(request, seq) == (10, 11, 12, 13, 14, 15) and seq.num_spec_tokens == 5 and seq.start_pos == 3
+    assert seq.spec_draft_id == 77  # the runner finds q under this id
+    assert seq.num_blocks == 5 and len(seq.new_block_ids) == 3  # positions [0, 9); 2 blocks were held
     runner = RunnerOutput(sampled_token_ids={"a": [11, 12, 40]})  # 2 accepted + recovered
     (result,) = sched.update_from_output(out, runner)
     assert result.new_token_ids == (11, 12, 40)
@@ -31,6 +33,9 @@ def test_verify_step_rewinds_rejected_drafts_and_trims_blocks() -> None:
     assert request.num_computed_tokens == request.num_tokens - 1 == 6
     assert len(sched.block_manager.block_table("a")) == 3  # exactly [0, num_computed_tokens)
     assert request.spec_token_ids == [] and request.spec_confidences == []  # no new drafts
+    assert request.spec_draft_id is None
+    nxt = sched.schedule().seqs[0]  # the runner is told to cut its table back to the 3 kept blocks
+    assert nxt.num_blocks - len(nxt.new_block_ids) == 3
 
 
 def test_stop_inside_accepted_block_drops_later_tokens() -> None:

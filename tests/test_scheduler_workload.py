@@ -19,7 +19,7 @@ from scheduler.errors import RequestRejectedError
 from scheduler.outputs import DraftProposal, RunnerOutput, SchedulerOutput, TokenLogprob
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import Scheduler
-from tests.scheduler_helpers import EOS, make_request
+from tests.scheduler_helpers import EOS, TableMirror, make_request
 
 _MAX_STEPS = 3000
 
@@ -56,7 +56,7 @@ def fake_runner(out: SchedulerOutput, rng: random.Random, gamma: int) -> RunnerO
     for seq in out.seqs:
         if not seq.sample:
             continue
-        drafts = list(seq.token_ids[len(seq.token_ids) - seq.num_spec_tokens :])
+        drafts = list(seq.spec_token_ids)
         accepted = drafts[: rng.randint(0, len(drafts))]
         bonus = EOS if rng.random() < 0.05 else rng.randint(3, 50)
         tokens = accepted + [bonus]
@@ -71,27 +71,27 @@ def fake_runner(out: SchedulerOutput, rng: random.Random, gamma: int) -> RunnerO
     return result
 
 
-def check_plan(sched: Scheduler, out: SchedulerOutput, oldest: str | None, was_waiting: set[str]) -> None:
+def check_plan(sched: Scheduler, out: SchedulerOutput, oldest: str | None, was_waiting: set[str],
+               mirror: TableMirror) -> None:
+    """Invariants of one plan; ``mirror`` (the runner's view, rebuilt from the diffs) must equal the
+    block manager's tables."""
     config, bm = sched.config, sched.block_manager
+    mirror.apply(out)
     assert out.num_batched_tokens == sum(s.num_new_tokens for s in out.seqs) <= config.max_num_batched_tokens
     assert len(out.seqs) <= config.max_num_seqs and sched.num_running <= config.max_num_seqs
     assert len({s.request_id for s in out.seqs}) == len(out.seqs)
     for seq in out.seqs:
         request = sched.get_request(seq.request_id)
         assert request is not None and request.status == RequestStatus.RUNNING
-        num_known = seq.num_new_tokens - seq.num_spec_tokens
+        num_known = seq.num_known_tokens
         assert seq.start_pos == request.num_computed_tokens and num_known >= 1
-        assert (
-            list(seq.token_ids[:num_known])
-            == request.all_token_ids[seq.start_pos : seq.start_pos + num_known]
-        )
-        assert list(seq.token_ids[num_known:]) == request.spec_token_ids[: seq.num_spec_tokens]
+        assert list(seq.spec_token_ids) == request.spec_token_ids[: seq.num_spec_tokens]
         assert seq.sample == (seq.start_pos + num_known == request.num_tokens)
         assert seq.num_spec_tokens == 0 or num_known == 1
         assert seq.num_spec_tokens <= config.num_lookahead_tokens
         assert request.num_output_tokens + seq.num_spec_tokens + 1 <= request.sampling_params.max_tokens
-        assert seq.block_table == bm.block_table(seq.request_id)
-        assert len(seq.block_table) == bm.blocks_needed(seq.end_pos)
+        assert tuple(mirror.tables[seq.request_id]) == bm.block_table(seq.request_id)
+        assert seq.num_blocks == bm.blocks_needed(seq.end_pos)
         assert seq.new_request is not None or seq.request_id not in was_waiting
     if out.preempted_request_ids:  # no admissions in a step that preempted
         assert not any(s.request_id in was_waiting for s in out.seqs)
@@ -145,6 +145,7 @@ def test_random_workloads_keep_every_invariant(
     sched = Scheduler(config)
     requests: dict[str, Request] = {}
     emitted: dict[str, list[int]] = {}
+    mirror = TableMirror()
     arrivals = sorted((arrival, i, p, m) for i, (p, m, arrival) in enumerate(workload))
     arrivals = [(step, rank, p, m) for rank, (step, _, p, m) in enumerate(arrivals)]  # ids in arrival order
     for step in range(_MAX_STEPS):
@@ -167,7 +168,7 @@ def test_random_workloads_keep_every_invariant(
         oldest = sched.running[0].request_id if sched.running else None
         was_waiting = {r.request_id for r in sched.waiting}
         out = sched.schedule()
-        check_plan(sched, out, oldest, was_waiting)
+        check_plan(sched, out, oldest, was_waiting, mirror)
         runner_output = fake_runner(out, rng, config.num_lookahead_tokens)
         if out.seqs and rng.random() < 0.03:
             sched.abort_request(rng.choice(out.seqs).request_id)  # while the step is in flight

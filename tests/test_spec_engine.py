@@ -7,7 +7,6 @@ accepted block; distributional losslessness with a negative control.
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -15,10 +14,11 @@ import torch
 
 from engine.config import EngineArgs
 from engine.core import EngineCore
-from engine.spec.draft_model import DraftModelDrafter
+from engine.spec_decode.draft_model import DraftModelDrafter
 from scheduler.profile import ThroughputProfile
 from scheduler.sampling_params import SamplingParams
 from tests.exactness import assert_same_or_near_tie, top2_gap_fn
+from tests.spec_stats import chi2, chi2_bound, exact_joint, sampled_joint
 from tests.tiny import OracleDrafter, random_dspark, tiny_target
 
 MAX_TOKENS = 20
@@ -161,79 +161,38 @@ def test_stop_inside_accepted_block(target, prompts, baseline) -> None:
     assert finishes[-1] == "stop"
 
 
-def _exact_joint(target, prompt: list[int], temperature: float) -> torch.Tensor:
-    """Exact distribution of the (2nd, 3rd) generated tokens: the first verify step's outputs."""
-    from engine.reference import reference_logits
-
-    def p(ctx: list[int]) -> torch.Tensor:
-        return torch.softmax(reference_logits(target.model, ctx) / temperature, -1)
-
-    p1 = p(prompt)
-    vocab = p1.numel()
-    joint = torch.zeros(vocab, vocab)
-    for x1 in range(vocab):
-        p2 = p(prompt + [x1])
-        for x2 in range(vocab):
-            joint[x2] += p1[x1] * p2[x2] * p(prompt + [x1, x2])
-    return joint
-
-
-def _sampled_joint(core, prompt, n: int, temperature: float, vocab: int) -> torch.Tensor:
-    params = [SamplingParams(temperature=temperature, max_tokens=4, ignore_eos=True, seed=1000 + s) for s in range(n)]
-    outs = core.generate_batch([prompt] * n, params)
-    counts = torch.zeros(vocab, vocab)
-    for o in outs:
-        counts[o[1], o[2]] += 1
-    return counts
-
-
-def _chi2(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> tuple[float, int]:
-    n = counts.sum()
-    expected = probs.flatten() * n
-    big = expected >= min_expected
-    obs_small, exp_small = counts.flatten()[~big].sum(), expected[~big].sum()
-    stat = float((((counts.flatten()[big] - expected[big]) ** 2) / expected[big]).sum())
-    if exp_small > 0:
-        stat += float((obs_small - exp_small) ** 2 / exp_small)
-    return stat, int(big.sum())
-
-
-def _chi2_bound(df: int, z: float = 4.26) -> float:
-    """Wilson-Hilferty upper quantile (z = 4.26 <-> p ~ 1e-5)."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
 def test_sampling_distribution_matches_target(target) -> None:
     vocab = 8
     small = tiny_target(vocab=vocab, seed=5, scale=0.25)
     prompt = [2, 5, 3]
     temperature = 1.0
-    exact = _exact_joint(small, prompt, temperature)
+    exact = exact_joint(small, prompt, temperature)
     n = 4000
     # DSpark drafter with a strong Markov head: its q differs a lot from softmax(U).
     good = _core(small, random_dspark(small, block_size=3, markov_rank=8, markov_scale=20.0, seed=7),
                  max_num_batched_tokens=2048, max_num_seqs=512, num_kv_blocks=4096)
-    stat, cells = _chi2(_sampled_joint(good, prompt, n, temperature, vocab), exact)
+    stat, cells = chi2(sampled_joint(good, prompt, n, temperature, vocab), exact)
     assert good.spec_stats.num_draft_tokens > 0
-    assert stat < _chi2_bound(cells), (stat, cells)
-    print(f"chi2 good {stat:.1f} over {cells} cells (bound {_chi2_bound(cells):.1f})")
+    assert stat < chi2_bound(cells), (stat, cells)
+    print(f"chi2 good {stat:.1f} over {cells} cells (bound {chi2_bound(cells):.1f})")
 
     # Negative control: verification with softmax(U) (no Markov correction) instead of the q sampled from.
     bad_drafter = random_dspark(small, block_size=3, markov_rank=8, markov_scale=20.0, seed=7)
     real_sample_block = bad_drafter.sample_block
 
-    def wrong_q(*args, **kwargs):
-        base = args[1].clone()  # U: [R, B, V] (serving builds Z in place in it)
-        out, z = real_sample_block(*args, **kwargs)
-        temps = args[3].clamp_min(1e-5)[:, None, None]
-        out.draft_probs = torch.softmax(base.float() / temps, -1)
-        return out, z
+    def wrong_q(h, base_logits, batch):
+        base = base_logits.clone()  # U: [R, B, V] (sample_block builds Z in place in it)
+        out = real_sample_block(h, base_logits, batch)
+        rows = torch.tensor(batch.free_rows)
+        temps = batch.sampling.temperature[rows].clamp_min(1e-5)[:, None, None]
+        out.draft_probs = torch.softmax(base[rows].float() / temps, -1)
+        return out
 
     bad_drafter.sample_block = wrong_q
     bad = _core(small, bad_drafter, max_num_batched_tokens=2048, max_num_seqs=512, num_kv_blocks=4096)
-    bad_stat, bad_cells = _chi2(_sampled_joint(bad, prompt, n, temperature, vocab), exact)
+    bad_stat, bad_cells = chi2(sampled_joint(bad, prompt, n, temperature, vocab), exact)
     print(f"chi2 wrong-q {bad_stat:.1f} over {bad_cells} cells")
-    assert bad_stat > _chi2_bound(bad_cells), (bad_stat, bad_cells)
+    assert bad_stat > chi2_bound(bad_cells), (bad_stat, bad_cells)
 
 
 def test_survival_check_counts_match_the_engine(target, prompts) -> None:

@@ -81,3 +81,22 @@ def test_http_with_drafter_same_text(smollm2, prompts, baseline) -> None:
                 assert smollm2.tokenizer.decode(spec_tokens) == text
                 assert_same_or_near_tie(spec_tokens, baseline[i], top2_gap_fn(smollm2.model, prompts[i], baseline[i]))
         assert engine.core.spec_stats.num_draft_tokens > 0
+        # the same seeded sampled request twice returns the same text (keyed randomness)
+        texts = [client.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": QUESTIONS[5]}], max_tokens=MAX_TOKENS,
+            temperature=1.0, seed=11).choices[0].message.content for _ in range(2)]
+        assert texts[0] == texts[1]
+
+
+def test_seeded_sampling_same_text_with_any_speculation(smollm2, prompts) -> None:
+    """fp32, keyed randomness: a seeded T = 0.8 request gives one text with speculation off, with the
+    shipped DSpark drafter at fixed:2 and fixed:7 alone, and among 8 concurrent requests."""
+    seeded = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=MAX_TOKENS, ignore_eos=True)
+    others = [SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, seed=None if i % 2 else i) for i in range(8)]
+    reference = EngineCore(_args(drafter="none"), loaded=smollm2).generate_batch([prompts[1]], seeded)[0]
+    for policy in ("fixed:2", "fixed:7"):
+        core = EngineCore(_args(verify_policy=policy), loaded=smollm2)
+        assert core.drafter is not None and core.generate_batch([prompts[1]], seeded)[0] == reference, policy
+    core = EngineCore(_args(verify_policy="fixed:7"), loaded=smollm2)
+    batch = core.generate_batch([prompts[1], *prompts[2:10]], [seeded, *others])
+    assert batch[0] == reference and core.spec_stats.num_accepted_tokens > 0

@@ -21,7 +21,7 @@ import torch
 from engine.attention import build_attention_metadata, new_kv_cache
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
-from engine.spec.dspark_loader import load_drafter
+from engine.spec_decode.dspark_loader import load_drafter
 from train.calibrate import fit_temperatures
 from train.data import GenSettings, Sample, generate_dataset, read_samples, split_holdout
 from train.drafters import ARDrafter, load_any_drafter

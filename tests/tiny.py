@@ -1,4 +1,4 @@
-"""Tiny random targets and random DSpark drafters for tests (oracle drafters: engine/spec/oracle.py)."""
+"""Tiny random targets and random DSpark drafters for tests (oracle drafters: tests/oracle.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from engine.loader import LoadedModel
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
-from engine.spec.dspark import DSparkDrafter
-from engine.spec.dspark_loader import random_drafter_config
-from engine.spec.oracle import LookupOracleDrafter, OracleDrafter  # noqa: F401 - re-exported for tests
+from engine.spec_decode.dspark import DSparkDrafter
+from engine.spec_decode.dspark_loader import random_drafter_config
+from tests.oracle import LookupOracleDrafter, OracleDrafter  # noqa: F401 - re-exported for tests
 
 EOS = 1
 

@@ -12,7 +12,6 @@ an autoregressive checkpoint is marked by ``"drafter_type": "autoregressive"`` i
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -21,8 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.attention import build_attention_metadata, paged_attention
-from engine.spec.dspark import GREEDY_TEMPERATURE, DraftOutput, DSparkDrafter, KVCache, _draw
-from engine.spec.dspark_loader import load_drafter, save_drafter
+from engine.spec_decode.draft_sampling import SlotSampler
+from engine.spec_decode.drafter import DraftBatch, DraftOutput
+from engine.spec_decode.dspark import DSparkDrafter
+from engine.spec_decode.dspark_loader import load_drafter, save_drafter
 
 AR_TYPE = "autoregressive"
 
@@ -30,36 +31,35 @@ AR_TYPE = "autoregressive"
 class ARDrafter(DSparkDrafter):
     """Autoregressive drafter with DSpark's context path (see module docstring)."""
 
+    @property
+    def name(self) -> str:
+        return "autoregressive"
+
     @torch.no_grad()
-    def propose(self, anchor_ids: Tensor, starts: list[int], block_tables: list[Sequence[int]],
-                block_size: int, kv_caches: list[KVCache], temperatures: Tensor,
-                generators: Sequence[torch.Generator | None]) -> DraftOutput:
-        """B sequential steps for R requests. anchor_ids: [R]; temperatures: [R]. Overwrites the cache
-        slots of positions start..start+B-1 like the block drafters."""
-        num_reqs, device = anchor_ids.shape[0], self.embed_weight.device
-        greedy = (temperatures < GREEDY_TEMPERATURE).tolist()
-        temps = torch.where(temperatures < GREEDY_TEMPERATURE, 1.0, temperatures.float()).to(device)
-        ids = anchor_ids[:, None]  # [R, 1]
-        toks, qs = [], []
+    def propose(self, batch: DraftBatch) -> DraftOutput:
+        """B sequential steps for R requests (``Drafter`` Protocol). Overwrites the cache slots of
+        positions start..start+B-1 like the block drafters."""
+        num_reqs, device = batch.num_rows, self.embed_weight.device
+        starts = batch.starts.to(device)  # [R]
+        sampler = SlotSampler(batch, self.config.block_size, device)
+        ids = batch.anchor_ids[:, None]  # [R, 1]
         scale = self.config.head_dim**-0.5
         for k in range(self.config.block_size):
             q_len = k + 1
-            positions = (torch.tensor(starts, device=device)[:, None] + torch.arange(q_len, device=device))
+            positions = starts[:, None] + torch.arange(q_len, device=device)
             meta = build_attention_metadata(
-                q_lens=[q_len] * num_reqs, start_positions=list(starts), kv_lens=[s + q_len for s in starts],
-                block_tables=[list(t) for t in block_tables], block_size=block_size,
-                causal=[True] * num_reqs, device=device)
+                q_lens=[q_len] * num_reqs, start_positions=starts, kv_lens=starts + q_len,
+                block_tables=[list(t) for t in batch.block_tables], block_size=batch.block_size,
+                causal=[True] * num_reqs, device=device, max_kv_len=batch.max_start + q_len)
             x = F.embedding(ids.flatten(), self.embed_weight).to(self.fc.weight.dtype)  # [R*q_len, d]
-            for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            for layer, (k_cache, v_cache) in zip(self.layers, batch.kv_caches, strict=True):
                 attend = partial(paged_attention, k_cache=k_cache, v_cache=v_cache, meta=meta, scale=scale)
                 x = layer(x, positions.flatten(), attend)
             h = self.norm(x).view(num_reqs, q_len, -1)[:, -1:]  # [R, 1, d]
-            tok, q = _draw(self.base_logits(h), greedy, temps, generators)  # [R, 1], [R, 1, V]
-            toks.append(tok[:, 0])
-            if q is not None:  # None when every request is greedy
-                qs.append(q[:, 0])
-            ids = torch.cat((ids, tok), dim=1)
-        return DraftOutput(torch.stack(toks, 1), torch.stack(qs, 1) if qs else None, None)
+            tok = sampler.draw(self.base_logits(h)[:, 0])  # [R]
+            ids = torch.cat((ids, tok[:, None]), dim=1)
+        tokens, probs, num_tokens = sampler.result()
+        return DraftOutput(tokens, probs, None, num_tokens)
 
 
 def is_autoregressive(path: str | Path) -> bool:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.spec.dspark import DSparkDrafter
+from engine.spec_decode.dspark import DSparkDrafter
 
 DECAY_GAMMA = 4.0
 

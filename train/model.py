@@ -1,6 +1,6 @@
 """Drafters for training: construction, initialisation from the target, and the dense training forward.
 
-Three kinds share one backbone (``engine.spec.dspark.DSparkLayer`` with KV injection of the projected
+Three kinds share one backbone (``engine.spec_decode.dspark.DSparkLayer`` with KV injection of the projected
 target features, DEEPSPEC_FORMAT.md section 2):
 - ``dspark``: block [anchor, mask x (B-1)], bidirectional inside the block, Markov head + confidence head;
 - ``dflash``: the same block, no Markov head (markov_rank 0), no confidence head;
@@ -22,8 +22,8 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.models.llama import LlamaForCausalLM
-from engine.spec.dspark import DSparkDrafter
-from engine.spec.dspark_loader import DSparkConfig, random_drafter_config
+from engine.spec_decode.dspark import DSparkDrafter
+from engine.spec_decode.dspark_loader import DSparkConfig, random_drafter_config
 from train.drafters import ARDrafter
 
 KINDS = ("dspark", "dflash", "ar")

@@ -18,8 +18,12 @@ from torch import Tensor
 
 from engine.attention import build_attention_metadata, new_kv_cache
 from engine.models.llama import LlamaForCausalLM
-from engine.spec.dspark import DSparkDrafter
-from engine.spec.rejection import rejection_sample
+from engine.sampling.metadata import SamplingMetadata
+from engine.spec_decode.drafter import DraftBatch
+from engine.spec_decode.dspark import DSparkDrafter
+from engine.spec_decode.rejection import DraftProbs, RaggedDrafts
+from engine.spec_decode.verifier import Verifier, VerifyInput, emitted_tokens
+from scheduler.sampling_params import SamplingParams
 from train.generate import sample_next
 
 PAGE = 16
@@ -98,26 +102,33 @@ def run_spec_decode(target: LlamaForCausalLM, drafter: DSparkDrafter, prompts: l
     starts = list(lens)
     active = [r for r in range(len(prompts)) if firsts[r] not in stop_ids and max_new_tokens > 1]
     conf_rows: list[Tensor] = []
+    params = SamplingParams(temperature=temperature)
+    verifier = Verifier()
     while active:
         anchors = torch.tensor([res.outputs[r][-1] for r in active], device=device)
         act_starts = [starts[r] for r in active]
         act_tables = [tables[r] for r in active]
-        temps = torch.full((len(active),), float(temperature), device=device)
-        draft = drafter.propose(anchors, act_starts, act_tables, PAGE, dcaches, temps, [None] * len(active))
+        sampling = SamplingMetadata.build([params] * len(active), [seed * 100003 + r for r in active],
+                                          [res.outputs[r] for r in active], cfg.vocab_size, device,
+                                          attempts=[len(res.outputs[r]) for r in active])
+        draft = drafter.propose(DraftBatch(anchors, torch.tensor(act_starts, device=device), max(act_starts),
+                                           act_tables, PAGE, dcaches, sampling, (False,) * len(active)))
         verify_ids = torch.cat((anchors[:, None], draft.token_ids), 1)  # [R, B+1]
         meta = build_attention_metadata([b + 1] * len(active), act_starts, [s + b + 1 for s in act_starts],
                                         act_tables, PAGE, device=device)
         v_pos = torch.tensor(act_starts, device=device)[:, None] + torch.arange(b + 1, device=device)
         hidden, aux = target(verify_ids.flatten(), v_pos.flatten(), caches, meta, aux_layer_ids=layer_ids)
-        logits = target.compute_logits(hidden).view(len(active), b + 1, -1)  # [R, B+1, V]
-        is_greedy = torch.full((len(active),), greedy, device=device)
-        probs = None if greedy else torch.softmax(logits / temperature, -1)
-        out = rejection_sample(draft.token_ids, torch.full((len(active),), b, device=device),
-                               None if greedy else draft.draft_probs, probs, logits.argmax(-1), is_greedy,
-                               [None] * len(active))
+        logits = target.compute_logits(hidden)  # [R * (B+1), V]
+        q = None if draft.draft_probs is None else draft.draft_probs.flatten(0, 1)  # [R * B, V']
+        one_hot = torch.zeros(len(active) * b, dtype=torch.bool, device=device)
+        out = verifier.verify(VerifyInput(
+            tuple(str(r) for r in active), logits, RaggedDrafts(draft.token_ids.flatten(), (b,) * len(active)),
+            DraftProbs(q, one_hot), sampling, torch.tensor(act_starts, device=device) + 1,
+            [res.outputs[r] for r in active]))
         if draft.confidences is not None:
             conf_rows.append(_raw_conf_logits(drafter, draft.confidences, greedy))
-        emitted, accepted = out.output_token_ids.tolist(), out.num_accepted.tolist()
+        accepted = out.num_accepted.tolist()
+        emitted = emitted_tokens(out.token_ids.tolist(), accepted)
         ctx_rows, ctx_pos, ctx_slots, still = [], [], [], []
         for i, r in enumerate(active):
             a = accepted[i]

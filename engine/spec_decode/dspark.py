@@ -17,7 +17,6 @@ positions.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -25,30 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.attention import build_attention_metadata, new_kv_cache, paged_attention, store_kv
-from engine.spec.dspark_loader import DSparkConfig
+from engine.spec_decode.draft_sampling import SlotSampler
+from engine.spec_decode.drafter import DraftBatch, DraftOutput, KVCache
+from engine.spec_decode.dspark_loader import DSparkConfig
 
-__all__ = ["DSparkConfig", "DSparkDrafter", "DraftOutput", "apply_rope", "rms_norm"]
+__all__ = ["DSparkConfig", "DSparkDrafter", "apply_rope", "rms_norm"]
 
-GREEDY_TEMPERATURE = 1e-5  # below this a request is greedy (section 2 step 8)
 AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q [T,H,hd], k [T,Hkv,hd], v) -> [T,H,hd]
-KVCache = tuple[Tensor, Tensor]  # ([Hkv, num_blocks, block_size, hd], same) per drafter layer
-
-
-@dataclass
-class DraftOutput:
-    """One block of drafts per request.
-
-    Attributes:
-        token_ids: [R, B] int64 drafted tokens x_k (slot k = position start+k+1).
-        draft_probs: [R, B, V] fp32 q_k = softmax(Z_k / T), the distributions the drafts were sampled
-            from (use these in verification); None when every request is greedy (q = one-hot of the
-            draft, which greedy verification never reads). A greedy row's entries are meaningless.
-        confidences: [R, B] fp32 c_k, conditional acceptance estimates; None without a confidence head.
-    """
-
-    token_ids: Tensor
-    draft_probs: Tensor | None
-    confidences: Tensor | None
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -158,28 +140,6 @@ class ConfidenceHead(nn.Module):
         self.proj = nn.Linear(in_features, 1)
 
 
-def _draw(logits: Tensor, greedy: list[bool], temps: Tensor,
-          generators: Sequence[torch.Generator | None]) -> tuple[Tensor, Tensor | None]:
-    """Sample one token per row and slot. logits: [R, n, V] fp32; temps: [R] (1.0 for greedy rows).
-
-    Returns tokens [R, n] int64 and q [R, n, V] fp32 = softmax(logits / T) for sampled rows; q is None
-    when every row is greedy, and a greedy row's q is meaningless (its draft is argmax Z, q = one-hot:
-    greedy verification never reads q), which saves a [R, n, V] softmax on the hot path.
-    """
-    tokens = logits.argmax(-1)  # [R, n]
-    if all(greedy):
-        return tokens, None
-    probs = torch.softmax(logits / temps[:, None, None], dim=-1)  # [R, n, V]
-    shared = [i for i, g in enumerate(greedy) if not g and generators[i] is None]
-    if shared:  # requests on the global RNG: one call
-        rows = torch.tensor(shared, device=logits.device)
-        tokens[rows] = torch.multinomial(probs[rows].flatten(0, 1), 1).view(len(shared), -1)
-    for i, gen in enumerate(generators):
-        if not greedy[i] and gen is not None:
-            tokens[i] = torch.multinomial(probs[i], 1, generator=gen).squeeze(-1)
-    return tokens, probs
-
-
 class DSparkDrafter(nn.Module):
     """DSpark drafter (Markov + confidence heads) or DFlash drafter (markov_rank 0, no confidence head).
 
@@ -221,6 +181,28 @@ class DSparkDrafter(nn.Module):
             if isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
+    needs_token_history = False
+
+    @property
+    def name(self) -> str:
+        """``dspark`` with a Markov head, ``dflash`` without."""
+        return "dspark" if self.markov_head is not None else "dflash"
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        """gamma = the checkpoint's ``block_size``."""
+        return int(self.config.block_size)
+
+    @property
+    def target_layer_ids(self) -> tuple[int, ...]:
+        return tuple(self.config.target_layer_ids)
+
+    def context_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one block of the context cache (keys and values, every drafter layer)."""
+        cfg = self.config
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * int(cfg.num_hidden_layers) * block_size * int(cfg.num_key_value_heads) * int(cfg.head_dim) * itemsize
+
     def make_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> list[KVCache]:
         """One (K, V) paged pool per layer (``engine.attention.new_kv_cache`` layout), zero-filled."""
         cfg, device = self.config, self.fc.weight.device
@@ -242,11 +224,12 @@ class DSparkDrafter(nn.Module):
             store_kv(k, v, k_cache, v_cache, slot_mapping)
 
     @torch.no_grad()
-    def block_hidden_states(self, anchor_ids: Tensor, starts: list[int], block_tables: list[Sequence[int]],
-                            block_size: int, kv_caches: list[KVCache]) -> Tensor:
+    def block_hidden_states(self, anchor_ids: Tensor, starts: Tensor | list[int], block_tables: list[Sequence[int]],
+                            block_size: int, kv_caches: list[KVCache], max_start: int | None = None) -> Tensor:
         """Backbone over the block [anchor, mask x (B-1)] of each request -> h = norm(x): [R, B, d].
 
-        anchor_ids: [R] int64; starts[r] = anchor position = number of context rows of request r.
+        anchor_ids: [R] int64; starts[r] = anchor position = number of context rows of request r ([R]
+        int64 tensor or list); max_start: a host bound of the starts (no host sync when given).
         """
         num_reqs, B, d = anchor_ids.shape[0], self.config.block_size, self.config.hidden_size
         device = self.embed_weight.device
@@ -254,11 +237,12 @@ class DSparkDrafter(nn.Module):
         ids[:, 0] = anchor_ids
         x = F.embedding(ids.flatten(), self.embed_weight).to(self.fc.weight.dtype)  # [R*B, d]
         offsets = torch.arange(B, device=device)
-        positions = (torch.tensor(starts, device=device)[:, None] + offsets).flatten()  # [R*B]
+        starts_t = torch.as_tensor(starts, dtype=torch.int64, device=device)  # [R]
+        positions = (starts_t[:, None] + offsets).flatten()  # [R*B]
         meta = build_attention_metadata(
-            q_lens=[B] * num_reqs, start_positions=list(starts), kv_lens=[s + B for s in starts],
+            q_lens=[B] * num_reqs, start_positions=starts_t, kv_lens=starts_t + B,
             block_tables=[list(t) for t in block_tables], block_size=block_size,
-            causal=[False] * num_reqs, device=device,
+            causal=[False] * num_reqs, device=device, max_kv_len=None if max_start is None else max_start + B,
         )
         scale = self.config.head_dim**-0.5
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
@@ -286,36 +270,26 @@ class DSparkDrafter(nn.Module):
         return F.linear(self.markov_head.markov_w1(prev), w2).float()
 
     @torch.no_grad()
-    def sample_block(self, h: Tensor, base_logits: Tensor, anchor_ids: Tensor, temperatures: Tensor,
-                     generators: Sequence[torch.Generator | None],
-                     return_logits: bool = True) -> tuple[DraftOutput, Tensor]:
-        """Markov head + sampling + confidence head (section 2 steps 8-9).
+    def sample_block(self, h: Tensor, base_logits: Tensor, batch: DraftBatch) -> DraftOutput:
+        """Markov head + sampling + confidence head (section 2 steps 8-9), slot by slot.
 
-        h: [R, B, d]; base_logits: U [R, B, V] fp32; anchor_ids: [R]; temperatures: [R] fp32.
-        Returns the drafts and the step logits Z [R, B, V] fp32 (Z = U for DFlash). With
-        ``return_logits=False`` (serving) Z is built in place in ``base_logits`` (no [R, B, V] copy).
+        h: [R, B, d]; base_logits: U [R, B, V'] fp32, turned into the step logits Z = U + B(prev) in
+        place (no [R, B, V'] copy); rows sample as ``batch`` says (greedy / coupled / free,
+        ``engine/spec_decode/draft_sampling.py``). q = softmax of the processed Z (temperature, top-k,
+        top-p, min-p) is what the free rows' drafts were sampled from.
         """
-        greedy = (temperatures < GREEDY_TEMPERATURE).tolist()
-        temps = torch.where(temperatures < GREEDY_TEMPERATURE, 1.0, temperatures.float())  # [R]
-        temps = temps.to(base_logits.device)
-        if self.markov_head is None:  # DFlash: slots independent
-            tokens, probs = _draw(base_logits, greedy, temps, generators)
-            return DraftOutput(tokens, probs, self._confidence(h, None, greedy)), base_logits
-        prev = anchor_ids
-        prevs, toks = [], []
-        steps = base_logits.clone() if return_logits else base_logits  # Z, written in place: [R, B, V]
-        qs = None if all(greedy) else torch.empty_like(base_logits)
+        sampler = SlotSampler(batch, self.config.block_size, base_logits.device)
+        prev = batch.anchor_ids
+        prevs = []
         for k in range(self.config.block_size):
-            z = steps[:, k]
-            z += self._markov_bias(prev)  # [R, V']
-            tok, q = _draw(z[:, None], greedy, temps, generators)
+            z = base_logits[:, k]
+            if self.markov_head is not None:
+                z += self._markov_bias(prev)  # [R, V']
             prevs.append(prev)
-            toks.append(tok[:, 0])
-            if qs is not None:
-                qs[:, k] = q[:, 0]
-            prev = tok[:, 0]
-        conf = self._confidence(h, torch.stack(prevs, 1), greedy)
-        return DraftOutput(torch.stack(toks, 1), qs, conf), steps
+            prev = sampler.draw(z)
+        tokens, probs, num_tokens = sampler.result()
+        markov_prev = torch.stack(prevs, 1) if self.markov_head is not None else None
+        return DraftOutput(tokens, probs, self._confidence(h, markov_prev, batch.sampling.greedy), num_tokens)
 
     def _confidence(self, h: Tensor, prev: Tensor | None, greedy: Sequence[bool] | None = None) -> Tensor | None:
         """c_k = sigmoid((w . [h_k ; W1[prev_k]] + b) / T_k) in fp32; h: [R, B, d], prev: [R, B].
@@ -343,17 +317,12 @@ class DSparkDrafter(nn.Module):
         return table[rows]
 
     @torch.no_grad()
-    def propose(self, anchor_ids: Tensor, starts: list[int], block_tables: list[Sequence[int]],
-                block_size: int, kv_caches: list[KVCache], temperatures: Tensor,
-                generators: Sequence[torch.Generator | None]) -> DraftOutput:
-        """One batched drafter forward for R requests (section 2 steps 2-9).
+    def propose(self, batch: DraftBatch) -> DraftOutput:
+        """One batched drafter forward for R requests (section 2 steps 2-9; ``Drafter`` Protocol).
 
-        anchor_ids: [R] int64 last committed tokens; starts: their positions (= context rows cached);
-        block_tables: per request, covering ``start + B`` positions; temperatures: [R] fp32
-        (< 1e-5 = greedy); generators: per request RNG on the drafter's device (None = global RNG).
-        Overwrites the cache slots of positions start..start+B-1 (no context rows there yet).
+        The block tables cover ``start + B`` positions; the cache slots of positions start..start+B-1
+        are overwritten (no context rows exist there yet).
         """
-        h = self.block_hidden_states(anchor_ids, starts, block_tables, block_size, kv_caches)
-        out, _ = self.sample_block(h, self.base_logits(h), anchor_ids, temperatures, generators,
-                                   return_logits=False)
-        return out
+        h = self.block_hidden_states(batch.anchor_ids, batch.starts, batch.block_tables, batch.block_size,
+                                     batch.kv_caches, batch.max_start)
+        return self.sample_block(h, self.base_logits(h), batch)

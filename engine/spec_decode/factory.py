@@ -1,4 +1,4 @@
-"""Building the drafter and the verification policy hook from ``EngineArgs``."""
+"""Building the drafter and the speculation controller from ``EngineArgs``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 
 from engine.config import EngineArgs
 from engine.loader import LoadedModel
-from scheduler.policy.hook import VerifyPolicyHook
+from engine.spec_decode.drafter import Drafter
+from scheduler.policy.controller import SpeculationController
 from scheduler.policy.spec import parse_policy
 from scheduler.profile.grid import ThroughputProfile
 from scheduler.profile.online import OnlineProfile
@@ -27,7 +28,15 @@ def shipped_drafter_path() -> Path | None:
     return SHIPPED_DRAFTER if (SHIPPED_DRAFTER / "config.json").exists() else None
 
 
-def load_default_or_given_drafter(args: EngineArgs, loaded: LoadedModel, dtype: torch.dtype):
+def effective_draft_vocab(args: EngineArgs) -> int | None:
+    """The draft vocabulary a DSpark / DFlash drafter serves with: ``--draft-vocab-size``, else the
+    shipped drafter's default for the embedded model, else the full vocabulary (None)."""
+    if args.draft_vocab_size is not None:
+        return args.draft_vocab_size
+    return SHIPPED_DRAFT_VOCAB if args.drafter is None and args.model is None else None
+
+
+def load_default_or_given_drafter(args: EngineArgs, loaded: LoadedModel, dtype: torch.dtype) -> Drafter | None:
     """The drafter to serve with, or None.
 
     ``--drafter none`` disables speculation; no ``--drafter`` means the shipped drafter for the
@@ -49,15 +58,13 @@ def load_default_or_given_drafter(args: EngineArgs, loaded: LoadedModel, dtype: 
         if not path.exists():
             raise FileNotFoundError(f"drafter checkpoint {path} does not exist")
     if args.drafter_kind == "draft-model":
-        from engine.spec.draft_model import DraftModelDrafter
+        from engine.spec_decode.draft_model import DraftModelDrafter
 
         return DraftModelDrafter.load(path, args.num_draft_tokens, dtype, target_vocab=loaded.config.vocab_size)
-    from engine.spec.dspark_loader import load_drafter
+    from engine.spec_decode.dspark_loader import load_drafter
 
     drafter = load_drafter(path, loaded.model.embed_tokens.weight, loaded.model.lm_head_weight, dtype=dtype)
-    vocab = args.draft_vocab_size
-    if vocab is None and args.drafter is None:
-        vocab = SHIPPED_DRAFT_VOCAB
+    vocab = effective_draft_vocab(args)
     if vocab is not None:
         if not 1 <= vocab <= drafter.config.vocab_size:
             raise ValueError(f"draft_vocab_size must be in [1, {drafter.config.vocab_size}], got {vocab}")
@@ -69,17 +76,12 @@ def load_default_or_given_drafter(args: EngineArgs, loaded: LoadedModel, dtype: 
     return drafter
 
 
-def drafter_bytes_per_block(drafter, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes the drafter's paged context cache adds to one KV block (keys and values, all layers)."""
-    cfg = drafter.config
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * int(cfg.num_hidden_layers) * block_size * int(cfg.num_key_value_heads) * int(cfg.head_dim) * itemsize
+def make_controller(args: EngineArgs, drafter: Drafter | None,
+                    profile: ThroughputProfile | None = None) -> SpeculationController | None:
+    """The speculation controller for ``--verify-policy`` (default ``dspark`` with a drafter).
 
-
-def make_verify_lengths(args: EngineArgs, drafter, profile: ThroughputProfile | None = None):
-    """The scheduler hook for ``--verify-policy`` (default ``dspark`` with a drafter, else none).
-
-    Returns None without a drafter (the scheduler then never sees drafts).
+    Returns None without a drafter (the scheduler then never sees drafts). Raises ValueError when the
+    policy needs a throughput profile and none is given.
     """
     if drafter is None:
         return None
@@ -87,4 +89,5 @@ def make_verify_lengths(args: EngineArgs, drafter, profile: ThroughputProfile | 
     online = OnlineProfile(profile) if profile is not None else None
     if spec.needs_profile and online is None:
         raise ValueError(f"verify policy {spec} needs a throughput profile (--profile PATH or start-up profiling)")
-    return VerifyPolicyHook(spec, online, gate_drafting=args.draft_gate)
+    return SpeculationController(spec, online, gate_drafting=args.draft_gate,
+                                 num_lookahead_tokens=drafter.num_speculative_tokens)

@@ -1,50 +1,33 @@
-"""Oracle drafters: propose the target's own continuation with injected errors.
+"""Oracle drafters (tests and benchmarks only): propose the target's own continuation with injected errors.
 
-Not used when serving. Tests use them to make every accept length 0..gamma happen (bonus path, partial
-accepts with KV rollback, stops inside a block, preemption mid-speculation); benchmarks use them to
-measure the verify path at controlled acceptance rates.
+Tests use them to make every accept length 0..gamma happen (bonus path, partial accepts with KV
+rollback, stops inside a block, preemption mid-speculation); benchmarks use them to measure the verify
+path at controlled acceptance rates. Their drafts are deterministic: q is one-hot at the proposal
+(returned as dense one-hot rows for freely sampled requests).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from engine.loader import LoadedModel
-from engine.reference import reference_logits
-from engine.spec.dspark import DraftOutput
+from engine.spec_decode.drafter import DraftBatch, DraftOutput, TokenDrafter
+from tests.reference import reference_logits
 
 
-@dataclass(frozen=True)
-class _OracleConfig:
-    block_size: int
-    target_layer_ids: tuple[int, ...] = (0,)
-    num_hidden_layers: int = 0
-    num_key_value_heads: int = 1
-    head_dim: int = 1
-    markov_rank: int = 0
-
-
-class OracleDrafter:
+class OracleDrafter(TokenDrafter):
     """Proposes the target's own greedy continuation with one error injected at a random position
-    (drawn from its own seeded RNG; position ``gamma`` = no error), so every accept length
-    0..gamma happens. q is one-hot at the proposal. Test only."""
+    (drawn from its own seeded RNG; position ``gamma`` = no error), so every accept length 0..gamma
+    happens. Implements the ``Drafter`` Protocol; q is one-hot at the proposal."""
 
-    needs_token_history = True
+    name = "oracle"
 
     def __init__(self, target: LoadedModel, block_size: int = 4, seed: int = 0, error_rate: float = 1.0) -> None:
-        self.config = _OracleConfig(block_size)
+        self.num_speculative_tokens = block_size
         self.model = target.model
         self.vocab = target.config.vocab_size
         self.rng = torch.Generator().manual_seed(seed)
         self.error_rate = error_rate
-
-    def make_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> list:
-        return []
-
-    def add_context(self, features, positions, slot_mapping, kv_caches) -> None:
-        return None
 
     def _continuation(self, history: list[int], n: int) -> list[int]:
         tokens = list(history)
@@ -52,11 +35,13 @@ class OracleDrafter:
             tokens.append(int(torch.argmax(reference_logits(self.model, tokens))))
         return tokens[len(history):]
 
-    def propose(self, anchor_ids, starts, block_tables, block_size, kv_caches, temperatures, generators,
-                token_histories) -> DraftOutput:
-        gamma = self.config.block_size
+    def propose(self, batch: DraftBatch) -> DraftOutput:
+        """Greedy continuation of each history with the injected error. Its q is one-hot at the draft
+        for every row (free rows get that one-hot q, so rejection sampling divides by q(x) = 1)."""
+        assert batch.token_histories is not None
+        gamma = self.num_speculative_tokens
         rows = []
-        for history in token_histories:
+        for history in batch.token_histories:
             cont = self._continuation(history, gamma)
             if float(torch.rand((), generator=self.rng)) < self.error_rate:
                 pos = int(torch.randint(0, gamma + 1, (), generator=self.rng))
@@ -64,9 +49,9 @@ class OracleDrafter:
                     cont[pos] = (cont[pos] + 1) % self.vocab
             rows.append(cont)
         tokens = torch.tensor(rows, dtype=torch.int64)  # [R, gamma]
-        q = torch.nn.functional.one_hot(tokens, self.vocab).float()  # [R, gamma, V]
-        conf = torch.full(tokens.shape, 0.9)
-        return DraftOutput(tokens, q, conf)
+        free = batch.free_rows
+        q = torch.nn.functional.one_hot(tokens[free], self.vocab).float() if free else None  # [F, gamma, V]
+        return DraftOutput(tokens, q, torch.full(tokens.shape, 0.9))
 
 
 class LookupOracleDrafter(OracleDrafter):
@@ -76,7 +61,7 @@ class LookupOracleDrafter(OracleDrafter):
 
     def __init__(self, references: dict[tuple[int, ...], list[int]], vocab: int, block_size: int = 4,
                  seed: int = 0, error_rate: float = 1.0) -> None:
-        self.config = _OracleConfig(block_size)
+        self.num_speculative_tokens = block_size
         self.references = references
         self.vocab = vocab
         self.rng = torch.Generator().manual_seed(seed)

@@ -1,0 +1,280 @@
+"""The persistent batch: per-request state the runner keeps between steps (after vLLM v1's InputBatch).
+
+Each request owns a row: its tokens (prompt, outputs, and this step's drafts past them) in a
+``[max_num_seqs, max_model_len]`` buffer, its block table in a ``[max_num_seqs, max_blocks]`` tensor,
+its progress (known / computed tokens) and its sampling state. A step's ``SchedulerOutput`` is applied as
+a diff (``apply``): a new request once, then new block ids; the runner appends the tokens it emits itself
+(``record``). From the rows, ``prepare`` builds the step's flat inputs with tensor ops (input ids,
+positions, slot mapping, attention metadata) instead of Python lists.
+
+Invariants (checked, ``BatchStateError`` otherwise): a scheduled request's ``start_pos`` equals the
+row's computed tokens, and a sampling request's known tokens equal the row's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine.attention import AttentionMetadata, build_attention_metadata
+from engine.sampling.keyed_random import request_key
+from engine.sampling.metadata import SamplingMetadata, dense_logit_bias
+from scheduler.outputs import ScheduledSeq, SchedulerOutput
+from scheduler.sampling_params import SamplingParams
+
+
+class BatchStateError(RuntimeError):
+    """The scheduler's view of a request and the runner's disagree."""
+
+
+@dataclass
+class RowState:
+    """Host-side state of one request row.
+
+    Attributes:
+        row: index into the batch tensors.
+        params: sampling parameters; key: random-stream key (``keyed_random.request_key``).
+        prompt_len / num_tokens / num_computed: prompt length, known tokens, tokens whose KV is cached.
+        output_token_ids: generated tokens (penalties, masks, drafter histories).
+        block_ids: the block table (host mirror of the tensor row).
+    """
+
+    row: int
+    params: SamplingParams
+    key: int
+    prompt_len: int
+    num_tokens: int
+    num_computed: int
+    output_token_ids: list[int]
+    block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """Flat inputs of one step (T tokens over S scheduled sequences).
+
+    Attributes:
+        input_ids / positions / slot_mapping: ``[T]`` int64.
+        attention: paged attention metadata.
+        sample_index: indices into ``seqs`` of the sequences that sample this step.
+        logits_rows: ``[N]`` int64 rows of the flat batch whose logits are needed: the last ``1 + l_r``
+            rows of every sampling sequence, in order.
+    """
+
+    input_ids: Tensor
+    positions: Tensor
+    slot_mapping: Tensor
+    attention: AttentionMetadata
+    sample_index: tuple[int, ...]
+    logits_rows: Tensor
+
+
+class InputBatch:
+    """Rows of per-request state (module docstring).
+
+    Args:
+        max_num_seqs: most requests held at once.
+        max_model_len: most tokens per request (+ drafts).
+        block_size: tokens per KV block.
+        vocab_size: V (sampling metadata).
+        device: where step tensors go.
+        engine_seed: mixed into unseeded requests' random keys.
+    """
+
+    def __init__(self, max_num_seqs: int, max_model_len: int, block_size: int, vocab_size: int,
+                 device: torch.device, engine_seed: int = 0) -> None:
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.device = device
+        self.engine_seed = engine_seed
+        self.max_len = max_model_len
+        self.token_ids = torch.zeros(max_num_seqs, max_model_len, dtype=torch.int64)  # [rows, L]
+        self.block_table = torch.zeros(max_num_seqs, -(-max_model_len // block_size) + 1, dtype=torch.int64)
+        self.requests: dict[str, RowState] = {}
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+        self.sampling = SamplingRows(max_num_seqs, vocab_size)
+        self.step = 0  # schedules applied so far (keys unseeded rows' random streams)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.requests
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    # ---------------------------------------------------------------- diffs
+    def remove(self, request_id: str) -> None:
+        """Free a request's row (finished, aborted or preempted); no-op when absent."""
+        state = self.requests.pop(request_id, None)
+        if state is not None:
+            self._free_rows.append(state.row)
+
+    def apply(self, out: SchedulerOutput) -> None:
+        """Apply one schedule: drop finished / preempted rows, (re)create new ones, grow block tables.
+
+        Raises:
+            BatchStateError: a request is unknown, its position disagrees, or the batch is full.
+        """
+        self.step += 1
+        for rid in (*out.finished_request_ids, *out.preempted_request_ids):
+            self.remove(rid)
+        for seq in out.seqs:
+            if seq.new_request is not None:
+                self._add(seq)
+            state = self.requests.get(seq.request_id)
+            if state is None:
+                raise BatchStateError(f"request {seq.request_id!r} is scheduled but the runner has no state for it")
+            if seq.start_pos != state.num_computed:
+                raise BatchStateError(f"request {seq.request_id!r}: scheduled at position {seq.start_pos}, the runner "
+                                      f"has {state.num_computed} computed tokens")
+            if seq.sample and seq.start_pos + seq.num_known_tokens != state.num_tokens:
+                raise BatchStateError(f"request {seq.request_id!r}: the scheduler knows "
+                                      f"{seq.start_pos + seq.num_known_tokens} tokens, the runner {state.num_tokens}")
+            self._set_blocks(state, seq)
+
+    def _add(self, seq: ScheduledSeq) -> None:
+        new = seq.new_request
+        assert new is not None
+        self.remove(seq.request_id)
+        if not self._free_rows:
+            raise BatchStateError("the persistent batch is full (more requests than max_num_seqs)")
+        tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
+        row = self._free_rows.pop()
+        self.token_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+        key = request_key(new.sampling_params.seed, seq.request_id, self.engine_seed)
+        self.requests[seq.request_id] = RowState(row, new.sampling_params, key, len(new.prompt_token_ids),
+                                                 len(tokens), 0, list(new.output_token_ids), [])
+        self.sampling.set_row(row, new.sampling_params, key, new.output_token_ids)
+
+    def _set_blocks(self, state: RowState, seq: ScheduledSeq) -> None:
+        kept = seq.num_blocks - len(seq.new_block_ids)
+        if kept < 0 or kept > len(state.block_ids):
+            raise BatchStateError(f"request {seq.request_id!r}: keeps {kept} of {len(state.block_ids)} blocks")
+        del state.block_ids[kept:]
+        if seq.new_block_ids:
+            state.block_ids.extend(seq.new_block_ids)
+            self.block_table[state.row, kept: seq.num_blocks] = torch.tensor(seq.new_block_ids, dtype=torch.int64)
+
+    def record(self, seq: ScheduledSeq, emitted: Sequence[int], num_accepted: int) -> None:
+        """After the step: ``emitted`` tokens appended (none for a non-final chunk); computed tokens
+        advance by the known tokens and the accepted drafts."""
+        state = self.requests[seq.request_id]
+        state.num_computed = seq.start_pos + seq.num_known_tokens + num_accepted
+        if emitted:
+            start = state.num_tokens
+            self.token_ids[state.row, start: start + len(emitted)] = torch.tensor(list(emitted), dtype=torch.int64)
+            state.num_tokens += len(emitted)
+            state.output_token_ids.extend(emitted)
+            self.sampling.record(state.row, state.params, emitted)
+
+    # ---------------------------------------------------------------- step inputs
+    def prepare(self, seqs: Sequence[ScheduledSeq]) -> StepInputs:
+        """Flat inputs of a step; the drafts of each sequence are written into its token row first."""
+        states = [self.requests[s.request_id] for s in seqs]
+        for seq, state in zip(seqs, states, strict=True):
+            if seq.spec_token_ids:
+                start = state.num_tokens
+                self.token_ids[state.row, start: start + seq.num_spec_tokens] = torch.tensor(seq.spec_token_ids)
+        q_lens = [s.num_new_tokens for s in seqs]
+        starts = [s.start_pos for s in seqs]
+        rows = torch.tensor([st.row for st in states], dtype=torch.int64)
+        counts = torch.tensor(q_lens, dtype=torch.int64)
+        owner = torch.repeat_interleave(torch.arange(len(seqs)), counts)  # [T] sequence of each token
+        first = torch.cumsum(counts, 0) - counts
+        positions = torch.tensor(starts, dtype=torch.int64)[owner] + torch.arange(int(counts.sum())) - first[owner]
+        input_ids = self.token_ids.view(-1)[rows[owner] * self.max_len + positions]
+        tables = self.block_table.index_select(0, rows)  # [S, max_blocks]
+        meta = build_attention_metadata(q_lens, starts, [s.end_pos for s in seqs], tables, self.block_size,
+                                        device=self.device, token_positions=(owner, positions))
+        sample_index = tuple(i for i, s in enumerate(seqs) if s.sample)
+        ends = (first + counts).tolist()
+        logits_rows = [ends[i] - 1 - seqs[i].num_spec_tokens + k for i in sample_index
+                       for k in range(1 + seqs[i].num_spec_tokens)]
+        return StepInputs(input_ids.to(self.device), positions.to(self.device), meta.slot_mapping, meta,
+                          sample_index, torch.tensor(logits_rows, dtype=torch.int64, device=self.device))
+
+    def sampling_metadata(self, request_ids: Sequence[str]) -> SamplingMetadata:
+        """Sampling metadata of the given requests (one row each), gathered from the row tensors."""
+        return self.sampling.gather([self.requests[rid] for rid in request_ids], self.device, self.step)
+
+    def history(self, request_id: str) -> list[int]:
+        """Prompt + outputs of a request (drafter token histories)."""
+        state = self.requests[request_id]
+        return self.token_ids[state.row, : state.num_tokens].tolist()
+
+
+class SamplingRows:
+    """Sampling parameters of every row as tensors (set once per request, gathered per step).
+
+    Dense ``[rows, V]`` penalty counts and logit biases are allocated the first time a request needs them
+    and kept up to date incrementally (``record``); host flags say which features a step's rows use.
+    """
+
+    def __init__(self, num_rows: int, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.temperature = torch.zeros(num_rows, dtype=torch.float32)
+        self.top_p = torch.ones(num_rows, dtype=torch.float32)
+        self.top_k = torch.full((num_rows,), vocab_size, dtype=torch.int64)
+        self.min_p = torch.zeros(num_rows, dtype=torch.float32)
+        self.presence = torch.zeros(num_rows, dtype=torch.float32)
+        self.frequency = torch.zeros(num_rows, dtype=torch.float32)
+        self.keys = torch.zeros(num_rows, dtype=torch.int64)
+        self.counts: Tensor | None = None  # [rows, V] int32
+        self.bias: Tensor | None = None  # [rows, V] fp32
+
+    def set_row(self, row: int, params: SamplingParams, key: int, output_token_ids: Sequence[int]) -> None:
+        """(Re)initialise a row for a request (its outputs so far feed the penalty counts)."""
+        self.temperature[row] = 0.0 if params.greedy else params.temperature
+        self.top_p[row] = params.top_p
+        self.top_k[row] = min(params.top_k or self.vocab_size, self.vocab_size)
+        self.min_p[row] = params.min_p
+        self.presence[row] = params.presence_penalty
+        self.frequency[row] = params.frequency_penalty
+        self.keys[row] = key
+        if params.needs_penalties and self.counts is None:
+            self.counts = torch.zeros(self.temperature.numel(), self.vocab_size, dtype=torch.int32)
+        if self.counts is not None:
+            self.counts[row].zero_()
+        if params.needs_penalties and output_token_ids:
+            assert self.counts is not None
+            self.counts[row].index_put_((torch.tensor(list(output_token_ids)),),
+                                        torch.ones(len(output_token_ids), dtype=torch.int32), accumulate=True)
+        if params.logit_bias and self.bias is None:
+            self.bias = torch.zeros(self.temperature.numel(), self.vocab_size, dtype=torch.float32)
+        if self.bias is not None:  # a row's previous occupant may have had a bias: always overwrite
+            self.bias[row] = dense_logit_bias([params], self.vocab_size, "cpu")[0]
+
+    def record(self, row: int, params: SamplingParams, emitted: Sequence[int]) -> None:
+        """A row emitted tokens: count them for penalties."""
+        if params.needs_penalties and self.counts is not None:
+            self.counts[row].index_put_((torch.tensor(list(emitted)),), torch.ones(len(emitted), dtype=torch.int32),
+                                        accumulate=True)
+
+    def gather(self, states: Sequence[RowState], device: torch.device, step: int) -> SamplingMetadata:
+        """``SamplingMetadata`` of the given rows; optional tensors only when a row uses them. Unseeded
+        rows draw from streams of this ``step`` (fresh numbers every step), seeded rows from attempt 0."""
+        params = [st.params for st in states]
+        index = torch.tensor([st.row for st in states], dtype=torch.int64)
+
+        def pick(t: Tensor | None, used: bool) -> Tensor | None:
+            return t.index_select(0, index).to(device) if used and t is not None else None
+
+        penalties = any(p.needs_penalties for p in params)
+        seeded = tuple(p.seed is not None for p in params)
+        return SamplingMetadata(
+            temperature=pick(self.temperature, True),
+            top_p=pick(self.top_p, any(p.top_p < 1.0 for p in params)),
+            top_k=pick(self.top_k, any(p.top_k is not None and p.top_k < self.vocab_size for p in params)),
+            min_p=pick(self.min_p, any(p.min_p > 0 for p in params)),
+            presence_penalty=pick(self.presence, penalties),
+            frequency_penalty=pick(self.frequency, penalties),
+            output_token_counts=pick(self.counts, penalties),
+            logit_bias=pick(self.bias, any(p.logit_bias for p in params)),
+            keys=pick(self.keys, True),
+            attempts=torch.tensor([0 if sd else step for sd in seeded], dtype=torch.int64, device=device),
+            greedy=tuple(p.greedy for p in params),
+            seeded=seeded,
+            num_logprobs=tuple(p.logprobs for p in params),
+        )
