@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import sys
 import time
@@ -109,10 +110,12 @@ class Client:
             async with http.stream("POST", path, json=body) as r:
                 text = (await r.aread()).decode()
             ok = r.status_code == 200 and text.rstrip().endswith("data: [DONE]") and '"error"' not in text
+            detail = f"{json.dumps(body)[:200]} -> ...{text[-300:]}"  # the end tells how it ended
         else:
             r = await http.post(path, json=body)
             ok = r.status_code == 200 and all(c["finish_reason"] for c in r.json()["choices"])
-        self._count(r.status_code, "ok" if ok else "bad_answer", detail=None if ok else r.text[:200])
+            detail = f"{json.dumps(body)[:200]} -> {r.text[:300]}"
+        self._count(r.status_code, "ok" if ok else "bad_answer", detail=None if ok else detail)
 
     async def _disconnect(self, http: httpx.AsyncClient) -> None:
         path, body = self._body()
