@@ -4,6 +4,13 @@ The loop runs ``EngineCore.step()`` in a single worker thread (the model forward
 so HTTP handlers stay responsive) and applies new requests and aborts *between* steps, so the
 scheduler is only ever touched by one thread at a time. Each request owns an ``asyncio.Queue`` of
 ``RequestOutput`` deltas.
+
+Aborts free a request's KV blocks before the next step, and the step listeners (metrics) run right
+after aborts are applied, so the running / waiting / KV gauges drop at once even when no step
+follows. A step that raises fails its requests, not the loop (``engine.step_faults``); only an
+engine that cannot step any more (``EngineBrokenError``) or a bug in the loop itself ends it, and
+then every in-flight request gets ``EngineDeadError`` and ``is_healthy`` turns false (the CLI then
+exits the process non-zero).
 """
 
 from __future__ import annotations
@@ -42,14 +49,16 @@ class AsyncEngine:
     Args:
         core: the synchronous engine core.
         max_waiting_requests: bound on queued (not yet running) requests.
+        max_waiting_tokens: bound on the prompt tokens of queued requests (None = no bound).
     """
 
-    def __init__(self, core: EngineCore, max_waiting_requests: int = 512) -> None:
+    def __init__(self, core: EngineCore, max_waiting_requests: int = 512, max_waiting_tokens: int | None = None) -> None:
         self.core = core
         self.tokenizer = core.tokenizer
         self.model_name = core.model_name
         self.max_model_len = core.max_model_len
         self.max_waiting_requests = max_waiting_requests
+        self.max_waiting_tokens = max_waiting_tokens
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self._tracked: dict[str, _Tracked] = {}
         self._pending_adds: list = []
@@ -59,10 +68,12 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self._admitting = True
         self.step_listeners: list = []  # callables(core, outputs) run on the loop after each step
+        self._waiting_tokens = 0  # tokens in the scheduler's waiting queue, counted between steps
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> AsyncEngine:
-        return cls(EngineCore(args), max_waiting_requests=args.max_waiting_requests)
+        return cls(EngineCore(args), max_waiting_requests=args.max_waiting_requests,
+                   max_waiting_tokens=args.max_waiting_tokens)
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -109,6 +120,27 @@ class AsyncEngine:
     def num_in_flight(self) -> int:
         return len(self._tracked)
 
+    @property
+    def num_waiting_tokens(self) -> int:
+        """Prompt tokens (outputs of preempted requests included) of the queued requests, as of the
+        last step (the step thread changes the queue while it runs) plus the requests added since."""
+        return self._waiting_tokens + sum(r.num_tokens for r in self._pending_adds)
+
+    def _count_waiting_tokens(self) -> None:
+        """Between steps only (the step thread is idle)."""
+        self._waiting_tokens = sum(r.num_tokens for r in self.core.scheduler.waiting)
+
+    def _check_queue_room(self, num_tokens: int) -> None:
+        """QueueFullError (429) when the waiting queue is full by requests or by tokens."""
+        if self.num_waiting >= self.max_waiting_requests:
+            raise QueueFullError(f"too many waiting requests ({self.num_waiting})", retry_after_s=1.0)
+        limit = self.max_waiting_tokens
+        if limit is not None and self.num_waiting and self.num_waiting_tokens + num_tokens > limit:
+            raise QueueFullError(
+                f"too many waiting prompt tokens ({self.num_waiting_tokens} + {num_tokens} > {limit})",
+                retry_after_s=1.0,
+            )
+
     # ------------------------------------------------------------ requests
     async def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -129,8 +161,7 @@ class AsyncEngine:
             raise ValueError(f"duplicate request id {request_id!r}")
         request = self.core.make_request(request_id, prompt_token_ids, params)
         self.core.validate(request)
-        if self.num_waiting >= self.max_waiting_requests:
-            raise QueueFullError(f"too many waiting requests ({self.num_waiting})", retry_after_s=1.0)
+        self._check_queue_room(request.num_tokens)
         tracked = _Tracked(asyncio.Queue(), request.num_prompt_tokens, request.arrival_time)
         self._tracked[request_id] = tracked
         self._pending_adds.append(request)
@@ -155,9 +186,16 @@ class AsyncEngine:
                 await self.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
-        """Abort a request (idempotent); its KV blocks are freed before the next step."""
-        if self._tracked.pop(request_id, None) is None:
+        """Abort a request (idempotent); its KV blocks are freed before the next step. Its stream ends
+        with a final ``finish_reason="abort"`` output (for a consumer still reading it, e.g. when the
+        server aborts requests at the end of a drain)."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
             return
+        tracked.queue.put_nowait(
+            RequestOutput(request_id, (), None, "abort", None, tracked.num_prompt_tokens,
+                          tracked.num_output_tokens, tracked.arrival_time)
+        )
         self._pending_aborts.append(request_id)
         if self._wakeup is not None:
             self._wakeup.set()
@@ -194,13 +232,26 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ loop
     def _apply_pending(self) -> None:
+        """Hand new requests and aborts to the core; after aborts, run the step listeners so the
+        gauges show the freed requests and blocks at once (no step may follow)."""
         adds, self._pending_adds = self._pending_adds, []
         for request in adds:
             if request.request_id in self._tracked:
-                self.core.add_request(request)
+                try:
+                    self.core.add_request(request)
+                except Exception as exc:  # noqa: BLE001 - one request's failure must not end the loop
+                    logger.error("adding request %s failed: %r", request.request_id, exc)
+                    self._fail(request.request_id)
         aborts, self._pending_aborts = self._pending_aborts, []
         for request_id in aborts:
             self.core.abort_request(request_id)
+        self._count_waiting_tokens()
+        if aborts:
+            for listener in self.step_listeners:
+                listener(self.core, [])
+
+    def _fail(self, request_id: str) -> None:
+        self._dispatch([EngineCoreOutput(request_id, (), finish_reason="error")])
 
     async def _run_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -214,6 +265,7 @@ class AsyncEngine:
                         await self._wakeup.wait()
                     continue
                 outputs = await loop.run_in_executor(self._executor, self.core.step)
+                self._count_waiting_tokens()
                 self._dispatch(outputs)
                 for listener in self.step_listeners:
                     listener(self.core, outputs)

@@ -20,6 +20,11 @@ class EngineArgs:
         max_num_batched_tokens: token budget of one step (prefill chunks + decode + verify tokens).
         max_model_len: context length cap (default: the model's, capped at 8192).
         max_waiting_requests: bounded waiting queue; past it new requests get 429.
+        max_waiting_tokens: bound on the prompt tokens in the waiting queue (429 past it; a request
+            arriving at an empty queue is always queued); None = no bound.
+        long_prefill_token_threshold / max_num_partial_prefills / max_long_partial_prefills:
+            chunked-prefill fairness (``scheduler.config.SchedulerConfig``): a long prefill takes at
+            most its share of each step while decode rows and short prompts keep flowing.
         num_threads: torch intra-op threads (None = torch default).
         seed: global seed for requests without their own.
         drafter: path of a drafter checkpoint, "none" for no speculation, None = the default
@@ -53,6 +58,10 @@ class EngineArgs:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None
     max_waiting_requests: int = 512
+    max_waiting_tokens: int | None = 131072
+    long_prefill_token_threshold: int | None = None
+    max_num_partial_prefills: int = 4
+    max_long_partial_prefills: int = 1
     num_threads: int | None = None
     seed: int = 0
     drafter: str | None = None
@@ -77,6 +86,8 @@ class EngineArgs:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.max_waiting_requests < 0:
             raise ValueError("max_waiting_requests must be >= 0")
+        if self.max_waiting_tokens is not None and self.max_waiting_tokens < 1:
+            raise ValueError("max_waiting_tokens must be >= 1")
         if self.drafter_kind not in ("dspark", "dflash", "draft-model"):
             raise ValueError(f"unknown drafter_kind {self.drafter_kind!r}")
         if self.speculative_method not in ("dspark", "suffix", "hybrid"):

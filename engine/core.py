@@ -20,13 +20,15 @@ from engine.sampling.mask import LogitsMask
 from engine.spec_decode.drafter import Drafter
 from engine.spec_decode.factory import effective_draft_vocab, load_default_or_given_drafter, make_controller
 from engine.spec_decode.speculator import Speculator
+from engine.step_faults import StepFaultHandler
 from scheduler.config import SchedulerConfig
+from scheduler.errors import RequestRejectedError
 from scheduler.outputs import EngineCoreOutput
 from scheduler.policy.controller import StepObservation
 from scheduler.policy.spec import parse_policy
 from scheduler.profile import ThroughputProfile
 from scheduler.request import Request
-from scheduler.request_rules import check_admissible
+from scheduler.request_rules import check_admissible, check_sampling_params
 from scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -79,6 +81,9 @@ class EngineCore:
                 num_lookahead_tokens=gamma,
                 shuffle_blocks=args.shuffle_blocks,
                 seed=args.seed,
+                long_prefill_token_threshold=args.long_prefill_token_threshold,
+                max_num_partial_prefills=args.max_num_partial_prefills,
+                max_long_partial_prefills=args.max_long_partial_prefills,
             ),
         )
         speculator = None
@@ -101,6 +106,7 @@ class EngineCore:
             self.scheduler.select_drafting = self.controller.select_drafting
             self.scheduler.request_finished = self.controller.forget
             self.scheduler.drafts_verified = self.controller.drafts_verified
+        self.faults = StepFaultHandler(self.scheduler)
         self.last_step = StepStats()
         self.spec_stats = SpecStats(gamma)
         logger.info(
@@ -136,8 +142,12 @@ class EngineCore:
 
     def validate(self, request: Request) -> None:
         """Raise RequestRejectedError for a request that can never fit (checked before queueing, with
-        the scheduler's own admission rule)."""
+        the scheduler's own admission rule) or whose parameters or token ids a step could not use."""
         check_admissible(request, self.scheduler.config)
+        vocab_size = self.loaded.config.vocab_size
+        check_sampling_params(request.sampling_params, vocab_size)
+        if any(not 0 <= t < vocab_size for t in request.prompt_token_ids):
+            raise RequestRejectedError(f"prompt token ids must be in [0, {vocab_size})", "prompt", "invalid_token_id")
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -149,15 +159,26 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
-        """One engine step: schedule -> execute -> update. Returns per-request deltas."""
+        """One engine step: schedule -> execute -> update. Returns per-request deltas.
+
+        An exception anywhere in the step fails (or retries) the requests of the step, not the
+        engine (``engine.step_faults``); it raises only ``EngineBrokenError`` (steps keep failing).
+        """
         start = time.perf_counter()
-        plan = self.scheduler.schedule()
-        scheduled = time.perf_counter()
+        plan = None
+        num_delivered: dict[str, int] = {}
+        try:
+            plan = self.scheduler.schedule()
+            scheduled = time.perf_counter()
+            num_delivered = self._num_outputs(plan)
+            runner_output = self.runner.execute(plan)
+            executed = time.perf_counter()
+            outputs = self.scheduler.update_from_output(plan, runner_output)
+        except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, never the engine
+            return self.faults.recover(exc, plan, num_delivered)
+        self.faults.on_success(plan)
         if plan.is_empty:
-            return self.scheduler.update_from_output(plan, self.runner.execute(plan))
-        runner_output = self.runner.execute(plan)
-        executed = time.perf_counter()
-        outputs = self.scheduler.update_from_output(plan, runner_output)
+            return outputs
         end = time.perf_counter()
         self.last_step = StepStats(
             num_batched_tokens=plan.num_batched_tokens,
@@ -169,8 +190,16 @@ class EngineCore:
             execute_s=executed - scheduled,
             update_s=end - executed,
         )
-        self._observe(plan, outputs)
+        try:
+            self._observe(plan, outputs)
+        except Exception:  # noqa: BLE001 - statistics must not lose the step's tokens
+            logger.exception("recording step statistics failed")
         return outputs
+
+    def _num_outputs(self, plan) -> dict[str, int]:
+        """Output tokens of each planned request before the step (what a rollback keeps)."""
+        requests = (self.scheduler.get_request(s.request_id) for s in plan.seqs)
+        return {r.request_id: r.num_output_tokens for r in requests if r is not None}
 
     def _observe(self, plan, outputs: list[EngineCoreOutput]) -> None:
         """Feed the controller (online profile) and the speculation counters."""

@@ -4,6 +4,10 @@
 optional ``chat_template.jinja`` / ``generation_config.json``) or a GGUF file, from whose
 ``tokenizer.ggml.*`` metadata it builds a byte-level BPE with the ``tokenizers`` library.
 Chat templates render in a sandboxed jinja2 environment with the Hugging Face conventions.
+
+:meth:`Tokenizer.encode_chat` tokenizes a rendered chat so that only the template's own markup yields
+special tokens: ``<|im_end|>`` typed inside a message is text, so a user cannot close its own turn and
+forge a system turn (see :func:`engine.chat_template.encode_chat_markup_only`).
 """
 
 from __future__ import annotations
@@ -12,15 +16,14 @@ import json
 import os
 import pathlib
 from collections.abc import Sequence
-from datetime import datetime
 from functools import cached_property
 from typing import Any
 
 import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
+
+from engine.chat_template import chat_environment, encode_chat_markup_only, flatten_content
 
 # Special tokens that end a generation turn in common chat formats (ChatML, Llama 3, Gemma, Phi).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
@@ -62,6 +65,47 @@ class Tokenizer:
         ``add_special_tokens`` adds what the tokenizer's post-processor adds (e.g. BOS)."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` with special-token strings encoded as plain text (never as specials)."""
+        return self._text_backend.encode(text, add_special_tokens=False).ids
+
+    @cached_property
+    def _text_backend(self) -> BackendTokenizer:
+        # A copy with encode_special_tokens set: the flag is per tokenizer object, and flipping it on
+        # the shared backend would race with encodes on other threads.
+        backend = BackendTokenizer.from_str(self.backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
+
+    @cached_property
+    def special_tokens(self) -> dict[str, int]:
+        """Special (control) token strings -> ids, e.g. ``{"<|im_end|>": 2}``."""
+        added = self.backend.get_added_tokens_decoder()
+        return {tok.content: i for i, tok in added.items() if tok.special}
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    **kwargs: Any) -> list[int]:
+        """Render ``messages`` with the chat template and tokenize the result so that only the
+        template's markup yields special tokens (message contents are text, special strings included).
+
+        Raises ValueError as :meth:`apply_chat_template` does, and when a content holds special-token
+        text that the template transforms so it cannot be told apart from markup.
+        """
+        messages = [flatten_content(m) for m in messages]
+        return encode_chat_markup_only(
+            lambda ms: self.apply_chat_template(ms, add_generation_prompt, **kwargs),
+            lambda text: self.backend.encode(text, add_special_tokens=False).ids,
+            self.encode_text, self.special_tokens, messages,
+        )
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes one token stands for (the longest vocabulary string's
+        UTF-8 length; byte-level strings over-count, which keeps it an upper bound). A text longer than
+        ``max_model_len * max_token_bytes`` bytes cannot fit the context, whatever its tokenization."""
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        return max((len(token.encode("utf-8")) for token in vocab), default=1)
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (special tokens dropped unless ``skip_special_tokens`` is False)."""
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -92,7 +136,7 @@ class Tokenizer:
     def _template(self) -> jinja2.Template:
         if self.chat_template is None:
             raise ValueError("this model has no chat template; send a plain completion prompt instead")
-        return _chat_environment().from_string(self.chat_template)
+        return chat_environment().from_string(self.chat_template)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
@@ -104,41 +148,12 @@ class Tokenizer:
         """
         try:
             return self._template.render(
-                messages=[_flatten_content(m) for m in messages],
+                messages=[flatten_content(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
             )
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template error: {exc}") from exc
-
-
-def _flatten_content(message: dict[str, Any]) -> dict[str, Any]:
-    content = message.get("content")
-    if not isinstance(content, list):
-        return message
-    texts = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") != "text":
-            raise ValueError(f"unsupported content part {part!r}: only text parts are accepted")
-        texts.append(part["text"])
-    return {**message, "content": "".join(texts)}
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _chat_environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:

@@ -22,6 +22,16 @@ class SchedulerConfig:
         shuffle_blocks: hand out physical blocks in a random order, so tests catch code that
             silently assumes contiguous KV (i.e. that paging is not real).
         seed: seed of that random order.
+        long_prefill_token_threshold: a prompt with more tokens than this left to prefill is *long*;
+            every prefill chunk is first capped at this many tokens, and only budget left after
+            decode rows and admissions tops a chunk up (vLLM's ``--long-prefill-token-threshold``).
+            None = a quarter of ``max_num_batched_tokens``.
+        max_num_partial_prefills: most requests mid-prefill at once (vLLM's
+            ``--max-num-partial-prefills``); a waiting request whose first chunk would not finish its
+            prompt is admitted only below this.
+        max_long_partial_prefills: most *long* prompts mid-prefill at once (vLLM's
+            ``--max-long-partial-prefills``); a waiting long prompt past it is skipped so shorter ones
+            behind it are admitted (it keeps its place: the oldest long prompt goes next).
     """
 
     max_num_seqs: int
@@ -32,6 +42,9 @@ class SchedulerConfig:
     num_lookahead_tokens: int = 0
     shuffle_blocks: bool = False
     seed: int = 0
+    long_prefill_token_threshold: int | None = None
+    max_num_partial_prefills: int = 4
+    max_long_partial_prefills: int = 1
 
     def __post_init__(self) -> None:
         for name in (
@@ -40,6 +53,8 @@ class SchedulerConfig:
             "max_model_len",
             "block_size",
             "num_kv_blocks",
+            "max_num_partial_prefills",
+            "max_long_partial_prefills",
         ):
             value = getattr(self, name)
             if value < 1:
@@ -51,6 +66,17 @@ class SchedulerConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                 f"({self.max_num_seqs}) so every running request gets at least one token per step"
             )
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 1:
+            raise ValueError(f"long_prefill_token_threshold must be >= 1, got {self.long_prefill_token_threshold}")
+        if self.max_long_partial_prefills > self.max_num_partial_prefills:
+            raise ValueError("max_long_partial_prefills must be <= max_num_partial_prefills")
+
+    @property
+    def prefill_chunk_cap(self) -> int:
+        """Tokens a prefill chunk gets before leftovers are shared out (the long-prefill threshold)."""
+        if self.long_prefill_token_threshold is not None:
+            return self.long_prefill_token_threshold
+        return max(1, self.max_num_batched_tokens // 4)
 
     @property
     def kv_capacity_tokens(self) -> int:

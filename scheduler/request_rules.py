@@ -5,9 +5,16 @@ Kept apart from ``Scheduler`` so each rule is unit-testable on a bare ``Request`
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
 from scheduler.config import SchedulerConfig
 from scheduler.errors import RequestRejectedError
 from scheduler.request import Request, RequestStatus
+from scheduler.sampling_params import SamplingParams
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def max_kv_positions(num_prompt_tokens: int, max_tokens: int) -> int:
@@ -20,7 +27,8 @@ def check_admissible(request: Request, config: SchedulerConfig) -> None:
     """Raise ``RequestRejectedError`` for a request that could never be served.
 
     Such a request would otherwise wait forever (or be preempted forever): a prompt that is empty,
-    ``prompt + max_tokens > max_model_len``, or more KV blocks at full length than the cache has.
+    ``prompt + max_tokens > max_model_len``, or more KV blocks at full length than the cache has
+    (``param`` names the prompt when the prompt alone needs more blocks than exist).
     """
     num_prompt, max_tokens = request.num_prompt_tokens, request.sampling_params.max_tokens
     if request.num_computed_tokens or request.output_token_ids:
@@ -37,12 +45,43 @@ def check_admissible(request: Request, config: SchedulerConfig) -> None:
         )
     num_blocks = -(-max_kv_positions(num_prompt, max_tokens) // config.block_size)
     if num_blocks > config.num_kv_blocks:
+        prompt_blocks = -(-num_prompt // config.block_size)
         raise RequestRejectedError(
-            f"the request needs {num_blocks} KV blocks at full length but the cache holds "
-            f"{config.num_kv_blocks}",
-            "max_tokens",
+            f"the request needs {num_blocks} KV blocks at full length ({prompt_blocks} for the prompt) "
+            f"but the cache holds {config.num_kv_blocks} blocks of {config.block_size} tokens",
+            "prompt" if prompt_blocks > config.num_kv_blocks else "max_tokens",
             "kv_cache_too_small",
         )
+
+
+def check_sampling_params(params: SamplingParams, vocab_size: int) -> None:
+    """Raise ``RequestRejectedError`` for parameters the engine step could not use.
+
+    The server validates every field before it builds ``SamplingParams``; this is the engine's own
+    guard for any other caller, so no value that would raise inside a step reaches one: seeds
+    outside int64, non-finite floats, a non-positive ``target_tpot_ms``, token ids outside the
+    model's vocabulary.
+    """
+    if params.seed is not None and not INT64_MIN <= params.seed <= INT64_MAX:
+        raise RequestRejectedError(f"seed must be an int64, got {params.seed}", "seed", "invalid_seed")
+    floats = [
+        ("temperature", params.temperature), ("top_p", params.top_p), ("min_p", params.min_p),
+        ("presence_penalty", params.presence_penalty), ("frequency_penalty", params.frequency_penalty),
+        *(("logit_bias", bias) for _, bias in params.logit_bias),
+    ]
+    for name, value in floats:
+        if not math.isfinite(value):
+            raise RequestRejectedError(f"{name} must be finite, got {value}", name, "invalid_value")
+    target = params.target_tpot_ms
+    if target is not None and not (math.isfinite(target) and target > 0 and target / 1000.0 > 0):
+        raise RequestRejectedError(f"target_tpot_ms must be finite and > 0, got {target}", "target_tpot_ms",
+                                   "invalid_value")
+    if params.top_k is not None and params.top_k > INT64_MAX:
+        raise RequestRejectedError(f"top_k must be an int64, got {params.top_k}", "top_k", "invalid_value")
+    ids = {"stop_token_ids": params.stop_token_ids, "logit_bias": [t for t, _ in params.logit_bias]}
+    for name, token_ids in ids.items():
+        if any(not 0 <= t < vocab_size for t in token_ids):
+            raise RequestRejectedError(f"{name} must be token ids in [0, {vocab_size})", name, "invalid_token_id")
 
 
 def check_stop(request: Request, token: int, max_model_len: int) -> RequestStatus | None:
@@ -110,3 +149,40 @@ def draft_cap(request: Request, num_lookahead_tokens: int, max_model_len: int) -
     max_tokens_left = request.sampling_params.max_tokens - request.num_output_tokens
     model_room = max_model_len - request.num_tokens
     return max(0, min(num_lookahead_tokens, max_tokens_left - 1, model_room - 1))
+
+
+class PrefillSlots(NamedTuple):
+    """Partial-prefill slots taken in the step being planned: requests that will still be mid-prefill
+    after it (``partial``) and, of those, the ones with more than the long-prefill threshold to go."""
+
+    partial: int
+    long: int
+
+    def plus(self, num_left_after: int, threshold: int) -> PrefillSlots:
+        """The slots after admitting a request that has ``num_left_after`` tokens left after its chunk."""
+        return PrefillSlots(self.partial + (num_left_after > 0), self.long + (num_left_after > threshold))
+
+
+def prefill_slots_in_use(running: Sequence[Request], planned: Mapping[str, int], threshold: int) -> PrefillSlots:
+    """Slots taken by running requests, given the chunk each got this step (``planned``, tokens)."""
+    partial = long = 0
+    for request in running:
+        num_known = request.num_tokens - request.num_computed_tokens
+        left = num_known - planned.get(request.request_id, 0)
+        if num_known > 1 and left > 0:
+            partial += 1
+            long += left > threshold
+    return PrefillSlots(partial, long)
+
+
+def held_by_prefill_limits(num_left: int, num_new: int, slots: PrefillSlots, config: SchedulerConfig) -> bool:
+    """Whether a waiting request with ``num_left`` tokens to prefill, offered a ``num_new`` chunk, must
+    wait for a partial-prefill slot: only when the chunk leaves it mid-prefill, and then while
+    ``max_num_partial_prefills`` are taken, or, for a long prompt (more than the threshold left),
+    while ``max_long_partial_prefills`` long ones are (vLLM's partial-prefill limits)."""
+    if num_new >= num_left:
+        return False
+    is_long = num_left > config.prefill_chunk_cap
+    return slots.partial >= config.max_num_partial_prefills or (
+        is_long and slots.long >= config.max_long_partial_prefills
+    )

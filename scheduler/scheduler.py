@@ -4,23 +4,34 @@ A request's progress is one number: ``num_computed_tokens`` (positions whose KV 
 ``num_tokens`` (prompt + generated) plus the drafts being verified. Each step, under one token budget
 (``max_num_batched_tokens``) and at most ``max_num_seqs`` running requests:
 
-1. Running requests, in FCFS order of arrival, get their *known* tokens
-   ``all_token_ids[num_computed_tokens:num_tokens]``: one base token (the last generated token) for a
-   decode request, the next prefill chunk for a request still prefilling.
+1. Running decode requests, in admission order, get their base token (the last generated token);
+   then running requests still prefilling get their next chunk, FCFS, each capped at
+   ``prefill_chunk_cap`` tokens (the long-prefill threshold).
 2. Decode requests with drafts get ``l_r`` drafts to verify, chosen by the verification policy
    ``verify_lengths(requests, budget_left)`` and then clipped (see ``_schedule_drafts``).
 3. With a drafting gate (``select_drafting``), decode requests whose next drafts are not worth
    their drafter cost are marked ``draft=False`` (the runner skips their drafter forward).
 4. If nobody was preempted, waiting requests (preempted ones first, then new ones, FCFS) are admitted
-   with a prefill chunk from what is left of the budget; the last chunk of a prompt samples.
+   with a capped prefill chunk from what is left of the budget; the last chunk of a prompt samples.
+   A long prompt (more than the threshold left to prefill) waits while ``max_long_partial_prefills``
+   long prompts are mid-prefill, and shorter requests behind it are admitted meanwhile; any request
+   whose chunk would leave it mid-prefill waits while ``max_num_partial_prefills`` are.
+5. Budget still left tops up the step's prefill chunks, FCFS (work-conserving: a lone long prompt
+   still gets the whole budget).
+
+So a long prefill takes at most its share of a step while decode rows and short prompts keep
+flowing (vLLM's partial-prefill limits), yet uses everything nobody else needs.
 
 KV blocks cover ``[0, start_pos + num_new_tokens)`` before a request's tokens are scheduled. When a
-running request's known tokens do not fit, the most recently arrived running request is preempted
+running request's known tokens do not fit, the most recently admitted running request is preempted
 (recompute: blocks freed, ``num_computed_tokens = 0``, outputs kept, drafts dropped, front of the
 waiting queue); the request itself is preempted only when it is the youngest. So the oldest request is
 never preempted for a younger one and always progresses. Drafts never preempt anyone: they are clipped
 to the free blocks. After a step every running request holds exactly the blocks covering
 ``[0, num_computed_tokens)``: the slots of rejected drafts are trimmed.
+
+Fault isolation (``rollback_request``, used by ``engine.step_faults``): a request rolled back after a
+failed step runs in steps of its own until it has proven itself (``scheduler.isolation``).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from dataclasses import dataclass, field
 from scheduler.block_manager import BlockManager
 from scheduler.config import SchedulerConfig
 from scheduler.errors import RequestRejectedError
+from scheduler.isolation import Isolation
 from scheduler.outputs import (
     EngineCoreOutput,
     NewRequestData,
@@ -41,7 +53,14 @@ from scheduler.outputs import (
     SchedulerOutput,
 )
 from scheduler.request import Request, RequestStatus
-from scheduler.request_rules import append_with_stop_checks, check_admissible, draft_cap, may_draft
+from scheduler.request_rules import (
+    append_with_stop_checks,
+    check_admissible,
+    draft_cap,
+    held_by_prefill_limits,
+    may_draft,
+    prefill_slots_in_use,
+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +124,9 @@ class Scheduler:
         self._needs_request_data: set[str] = set()  # runner must (re)create per-request state
         self._runner_blocks: dict[str, int] = {}  # block-table entries the runner holds (after trims)
         self._finished_ids: set[str] = set()  # reported in the next SchedulerOutput
+        self._last_reported: frozenset[str] = frozenset()  # finished ids of the last SchedulerOutput
+        self._isolated = Isolation()  # rolled-back requests running in solo steps
+        self.solo_request_id: str | None = None  # the request of the step being planned, if solo
         self.drafts_verified: Callable[[Request, tuple[float, ...], int, int], None] | None = None
         """Called after every verify step with drafts: ``(request, stated confidences of the verified
         drafts, l_r, accepted drafts)`` (online calibration of confidences)."""
@@ -129,6 +151,11 @@ class Scheduler:
     def running_requests(self) -> tuple[Request, ...]:
         """Running requests in arrival order (for the verification policy and metrics)."""
         return tuple(self.running)
+
+    @property
+    def isolated_request_ids(self) -> tuple[str, ...]:
+        """Requests running in steps of their own after a failed step (oldest failure first)."""
+        return self._isolated.request_ids
 
     def get_request(self, request_id: str) -> Request | None:
         """An unfinished request (finished ones are forgotten once their output is returned)."""
@@ -166,19 +193,65 @@ class Scheduler:
         if request is not None:
             self._finish(request, status)
 
+    def rollback_request(self, request_id: str, num_output_tokens: int) -> bool:
+        """Undo a failed step for one request and isolate it (see the module docstring).
+
+        Its blocks are freed and its outputs cut back to the first ``num_output_tokens`` (what was
+        delivered before the step); ``num_computed_tokens = 0``, drafts dropped, first in the waiting
+        queue. Its id is reported in the next ``finished_request_ids``, so the runner drops all its
+        state, and the request is sent as new (``new_request`` data) when it runs again. Returns
+        False for an unknown (finished) id.
+        """
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.block_manager.free(request_id)
+        del request.output_token_ids[num_output_tokens:]
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.stop_reason = None
+        request.clear_drafts()
+        request.num_preemptions += 1
+        self._needs_request_data.add(request_id)
+        self._finished_ids.add(request_id)
+        self._isolated.add(request_id)
+        self.waiting.appendleft(request)
+        return True
+
+    def resync_runner(self, lost: frozenset[str] = frozenset()) -> None:
+        """After a failed step, make the next ``finished_request_ids`` drop every runner state that may
+        be stale: ``lost`` (the failed plan's finished ids), the last reported ones (when the plan itself
+        was lost) and every request that will be sent as new anyway (rolled back or preempted; its row
+        may survive a failure that came before the runner saw the preemption). Only ids of finished
+        requests or of requests that will be re-sent are reported, so no live runner state is dropped.
+        """
+        candidates = set(lost) | set(self._last_reported) | self._needs_request_data
+        self._finished_ids |= {rid for rid in candidates if rid not in self._requests or rid in self._needs_request_data}
+
     # ---- one step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         """Plan one engine step (rules in the module docstring)."""
         plan = _StepPlan(budget=self.config.max_num_batched_tokens)
-        self._schedule_running(plan)
+        solo = self._solo_turn()
+        alone = solo is not None and self._schedule_solo(solo, plan)
+        self.solo_request_id = solo.request_id if alone and solo is not None else None
+        if not alone:
+            self._schedule_running(plan)
         self._schedule_drafts(plan)
         self._select_drafting(plan)
-        if not plan.preempted:  # blocks are short: admitting now would only thrash
-            self._schedule_waiting(plan)
+        if not alone and not plan.preempted:  # blocks are short: admitting now would only thrash
+            for _ in range(2):  # again once a top-up finished a prefill and freed its slot
+                self._schedule_waiting(plan)
+                self._top_up_prefills(plan)
         seqs = [self._make_seq(r, 1, plan.num_spec.get(r.request_id, 0), r.request_id not in plan.no_draft)
                 for r in plan.decode]
         seqs += [self._make_seq(r, n, 0) for r, n in plan.chunks + plan.admitted]
         finished, self._finished_ids = frozenset(self._finished_ids), set()
+        self._last_reported = finished
         return SchedulerOutput(
             seqs=tuple(seqs),
             finished_request_ids=finished,
@@ -199,38 +272,51 @@ class Scheduler:
             request.num_computed_tokens += seq.num_new_tokens
             if seq.sample:
                 outputs.append(self._apply_sampled(request, seq, runner_output))
+                self._isolated.on_sampled(seq.request_id)
         return outputs
 
     # ---- schedule() parts --------------------------------------------------------------------
     def _schedule_running(self, plan: _StepPlan) -> None:
-        """Known tokens of running requests, FCFS; preempts the youngest when blocks run out.
+        """Decode base tokens of running requests, then their prefill chunks (module docstring, 1).
 
-        FCFS admission admits a younger request only in a step where the older ones' prompts fit
-        completely, so at most one running request is mid-prefill and it is the youngest: the decode
-        base tokens (one each, and the budget is >= ``max_num_seqs``) are always scheduled.
+        Decode rows come first so prefill chunks can never starve them of budget (the budget is
+        >= ``max_num_seqs``, one token each). Both passes go in admission order and grow blocks by
+        preempting the youngest running request; a victim already given its decode token is taken
+        out of the plan again. Isolated requests are left out (they run in solo steps).
         """
-        index = 0
-        while index < len(self.running) and plan.budget > 0:
-            request = self.running[index]
-            num_known = request.num_tokens - request.num_computed_tokens
-            num_new = min(num_known, plan.budget)
-            if not self._allocate_or_preempt(request, request.num_computed_tokens + num_new, plan):
-                return  # it was the youngest and preempted itself
-            plan.budget -= num_new
-            if num_known == 1:
-                plan.decode.append(request)
-            else:
-                plan.chunks.append((request, num_new))
-            index += 1
+        for decode in (True, False):
+            index = 0
+            while index < len(self.running):
+                request = self.running[index]
+                index += 1
+                num_known = request.num_tokens - request.num_computed_tokens
+                if (num_known == 1) != decode or request.request_id in self._isolated:
+                    continue
+                num_new = min(num_known, plan.budget, self.config.prefill_chunk_cap)
+                if num_new == 0:
+                    continue
+                if not self._allocate_or_preempt(request, request.num_computed_tokens + num_new, plan):
+                    break  # it was the youngest and preempted itself: nobody younger is left
+                index = min(index, len(self.running))
+                plan.budget -= num_new
+                if decode:
+                    plan.decode.append(request)
+                else:
+                    plan.chunks.append((request, num_new))
 
     def _allocate_or_preempt(self, request: Request, num_tokens_total: int, plan: _StepPlan) -> bool:
         """Grow ``request``'s blocks, preempting the youngest running request until they fit.
 
-        The victims come from the tail of ``running`` (arrival order), which holds only requests not
-        yet scheduled this step or ``request`` itself. Returns False if ``request`` was the victim.
+        The victims come from the tail of ``running`` (admission order): requests younger than
+        ``request``, or ``request`` itself. A victim already scheduled for its decode token is
+        removed from the plan (its token returned to the budget). Returns False if ``request`` was
+        the victim.
         """
         while not self.block_manager.allocate(request.request_id, num_tokens_total):
             victim = self.running.pop()
+            if any(r is victim for r in plan.decode):
+                plan.decode = [r for r in plan.decode if r is not victim]
+                plan.budget += 1
             self._preempt(victim, plan)
             if victim is request:
                 return False
@@ -291,20 +377,82 @@ class Scheduler:
         plan.no_draft = {r.request_id for r, keep in zip(plan.decode, flags, strict=True) if not keep}
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
-        """Admit waiting requests FCFS with a prefill chunk. The head of the queue is never
-        skipped: a younger request may not overtake one that does not fit (no starvation)."""
-        while self.waiting and plan.budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, plan.budget)
+        """Admit waiting requests FCFS with a capped prefill chunk (module docstring, 4).
+
+        The head of the queue is skipped only for the partial-prefill limits (a long prompt while
+        the long slots are taken, or a prompt that would stay mid-prefill while the partial slots
+        are): it keeps its place and goes first once a slot frees. A request that does not fit the
+        free blocks stops admission (no younger request overtakes it: no starvation); so does an
+        isolated request waiting for its solo step.
+        """
+        config = self.config
+        cap = config.prefill_chunk_cap
+        if any(self._requests[rid].status != RequestStatus.RUNNING for rid in self._isolated.request_ids):
+            return  # an isolated request waits for a slot and blocks: admit nobody before it
+        planned = {r.request_id: n for r, n in (*plan.chunks, *plan.admitted)}
+        slots = prefill_slots_in_use(self.running, planned, cap)
+        for request in list(self.waiting):
+            if plan.budget <= 0 or len(self.running) >= config.max_num_seqs:
+                return
+            num_left = request.num_tokens - request.num_computed_tokens
+            num_new = min(num_left, plan.budget, cap)
+            if held_by_prefill_limits(num_left, num_new, slots, config):
+                continue
             if not self.block_manager.allocate(request.request_id, request.num_computed_tokens + num_new):
                 return
-            self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-            self.running.append(request)  # admission order is arrival order (FCFS)
+            self.waiting.remove(request)
+            self._admit(request)
             plan.admitted.append((request, num_new))
             plan.budget -= num_new
+            slots = slots.plus(num_left - num_new, cap)
+
+    def _admit(self, request: Request) -> None:
+        request.status = RequestStatus.RUNNING
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+        self.running.append(request)  # admission order
+
+    def _top_up_prefills(self, plan: _StepPlan) -> None:
+        """Give budget nobody else used to this step's prefill chunks, FCFS (module docstring, 5).
+        Never preempts: a chunk grows only as far as the free blocks allow."""
+        for chunks in (plan.chunks, plan.admitted):
+            for i, (request, num_new) in enumerate(chunks):
+                if plan.budget <= 0:
+                    return
+                start = request.num_computed_tokens
+                extra = min(request.num_tokens - start - num_new, plan.budget)
+                room = self.block_manager.max_coverable_tokens(request.request_id) - start - num_new
+                extra = min(extra, room)
+                if extra > 0 and self.block_manager.allocate(request.request_id, start + num_new + extra):
+                    chunks[i] = (request, num_new + extra)
+                    plan.budget -= extra
+
+    def _solo_turn(self) -> Request | None:
+        """The isolated request to run alone this step, or None for a normal step."""
+        isolated = self._isolated
+        has_normal = bool(isolated) and any(r.request_id not in isolated for r in (*self.running, *self.waiting))
+        request_id = isolated.next_solo(has_normal)
+        return None if request_id is None else self._requests[request_id]
+
+    def _schedule_solo(self, request: Request, plan: _StepPlan) -> bool:
+        """Schedule ``request`` alone (uncapped chunk, no preemption); False if it does not fit now."""
+        num_known = request.num_tokens - request.num_computed_tokens
+        num_new = min(num_known, plan.budget)
+        waiting = request.status != RequestStatus.RUNNING
+        if waiting and len(self.running) >= self.config.max_num_seqs:
+            return False
+        if not self.block_manager.allocate(request.request_id, request.num_computed_tokens + num_new):
+            return False
+        plan.budget -= num_new
+        if waiting:
+            self.waiting.remove(request)
+            self._admit(request)
+            plan.admitted.append((request, num_new))
+        elif num_known == 1:
+            plan.decode.append(request)
+        else:
+            plan.chunks.append((request, num_new))
+        return True
 
     def _preempt(self, request: Request, plan: _StepPlan) -> None:
         """Recompute preemption of a request just taken off ``running``: drop its KV, keep its
@@ -406,6 +554,7 @@ class Scheduler:
         request.clear_drafts()
         del self._requests[request.request_id]
         self._needs_request_data.discard(request.request_id)
+        self._isolated.discard(request.request_id)
         self._runner_blocks.pop(request.request_id, None)
         self._finished_ids.add(request.request_id)
         if self.request_finished is not None:

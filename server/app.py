@@ -10,17 +10,25 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol, cast
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.engine_client import EngineClient
 from server.errors import ApiError, RejectionCallback, install_error_handlers
+from server.http_guard import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    RequestLimitsMiddleware,
+    duplicate_authorization_error,
+    num_authorization_headers,
+)
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.serving import RequestMetrics, ServerState
 from server.serving_chat import create_chat_completion
@@ -39,8 +47,9 @@ class ApiKeyMiddleware:
     """Requires ``Authorization: Bearer <api_key>`` on ``/v1`` routes (401 otherwise).
 
     A pure ASGI middleware (not ``BaseHTTPMiddleware``) so streaming and disconnects pass through
-    untouched, and so auth is checked before the body is parsed. ``on_rejected("unauthorized")`` is
-    called for each 401 (metrics).
+    untouched, and so auth is checked before the body is read. The key is compared in constant time
+    (``secrets.compare_digest``); a request with several ``Authorization`` headers is a 400 (which one
+    would count is ambiguous). ``on_rejected("unauthorized")`` is called for each 401 (metrics).
     """
 
     def __init__(self, app: ASGIApp, api_key: str, on_rejected: RejectionCallback | None = None) -> None:
@@ -50,6 +59,11 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            if num_authorization_headers(scope) > 1:
+                if self._on_rejected is not None:
+                    self._on_rejected("invalid_request")
+                await duplicate_authorization_error().to_response()(scope, receive, send)
+                return
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self._expected):
                 error = ApiError(
@@ -106,18 +120,34 @@ def _request_metrics(metrics: object) -> RequestMetrics | None:
 
 
 async def drain(state: ServerState, timeout_s: float) -> bool:
-    """Graceful shutdown: stop admitting (503, readiness false), then wait up to ``timeout_s``
-    for in-flight requests to finish. Returns True if everything finished in time."""
+    """Graceful shutdown: stop admitting (503, readiness false), wait for in-flight requests to
+    finish, and end the ones still running before ``timeout_s`` is up.
+
+    In-flight requests get ``timeout_s - grace`` seconds to finish (grace = 20% of the timeout, at
+    most 2 s); the rest are then aborted in the engine and end cleanly within the grace: a stream
+    sends its last chunk with ``finish_reason: "abort"`` (and its usage chunk when asked), then
+    ``data: [DONE]``; a non-streaming request answers with what it has, ``finish_reason: "abort"``.
+    Returns True if every request finished before the abort.
+    """
     state.draining = True
     state.engine.stop_admitting()
-    deadline = time.monotonic() + timeout_s
+    grace = min(2.0, 0.2 * timeout_s)
+    wait = timeout_s - grace
+    deadline = time.monotonic() + wait
     try:
-        await asyncio.wait_for(state.engine.drain(timeout_s), timeout_s)
+        await asyncio.wait_for(state.engine.drain(wait), wait)
     except Exception as exc:
         logger.warning("engine drain did not complete: %r", exc)
     while state.num_inflight > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    return state.num_inflight == 0
+    if state.num_inflight == 0:
+        return True
+    logger.warning("drain timeout: aborting %d in-flight requests", state.num_inflight)
+    await state.abort_all()
+    deadline = time.monotonic() + grace
+    while state.num_inflight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return False
 
 
 def build_app(
@@ -127,10 +157,14 @@ def build_app(
     served_model_name: str | None = None,
     default_max_tokens: int = 1024,
     max_choices: int = 16,
+    max_total_tokens: int = 65536,
     metrics: MetricsRenderer | None = None,
     ready_timeout_s: float = 10.0,
     ready_cache_s: float = 5.0,
     manage_engine: bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
     """Build the OpenAI-compatible app around ``engine``.
 
@@ -140,11 +174,16 @@ def build_app(
         served_model_name: model name for ``/v1/models`` and requests (default: ``engine.model_name``).
         default_max_tokens: ``max_tokens`` when omitted, capped by the context room left.
         max_choices: most choices per request (``n`` times the number of prompts).
+        max_total_tokens: most tokens one request may ask for in all (``n`` x ``max_tokens``, summed
+            over prompts).
         metrics: optional Prometheus hook served at ``GET /metrics``; if it also has the
             :class:`server.serving.RequestMetrics` methods (``ServerMetrics`` does), requests and
             rejections are recorded into it.
         ready_timeout_s / ready_cache_s: readiness generation time limit and cache lifetime (s).
         manage_engine: start the engine on app start-up and shut it down on app shutdown.
+        max_body_bytes / body_timeout_s: request body limit (413 past it) and the seconds the whole
+            body may take to arrive (408 after); see :mod:`server.http_guard`.
+        cors_origins: origins allowed by CORS; empty (the default) = no CORS headers at all.
 
     The :class:`ServerState` is at ``app.state.server`` (the CLI drains through it).
     """
@@ -154,6 +193,7 @@ def build_app(
         served_model_name or engine.model_name,
         default_max_tokens,
         max_choices,
+        max_total_tokens=max_total_tokens,
         metrics=request_metrics,
     )
     on_rejected = request_metrics.on_request_rejected if request_metrics is not None else None
@@ -173,8 +213,15 @@ def build_app(
     app = FastAPI(title="sparkserve", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app, on_rejected)
+    # The last middleware added runs first: CORS (when configured: preflights carry no key), the API
+    # key (headers only, so an unauthenticated body is never read), then the body limits.
+    app.add_middleware(RequestLimitsMiddleware, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s,
+                       on_rejected=on_rejected)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key, on_rejected=on_rejected)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:

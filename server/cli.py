@@ -8,8 +8,19 @@ Engine flags map 1:1 onto :class:`engine.config.EngineArgs`. The engine (and tor
 only when a command runs; ``serve`` and ``profile`` do not import the training code at all.
 
 Graceful shutdown: the first SIGTERM / SIGINT stops admission (new requests get 503, readiness
-turns false), waits up to ``--drain-timeout`` seconds for in-flight requests, then lets uvicorn
-shut down (closing connections, then the engine). A second signal exits at once.
+turns false) and waits for in-flight requests; those still running near the end of
+``--drain-timeout`` are aborted and end cleanly (last chunk with ``finish_reason: "abort"``, then
+``[DONE]``) within it; then uvicorn shuts down (closing connections, then the engine). A second
+signal exits at once.
+
+Engine death: if the engine loop dies (``/health`` turns 503), the process shuts down and exits
+with status 1, so a supervisor (Kubernetes, systemd, compose ``restart:``) starts a fresh one.
+
+HTTP hardening (``server.http_guard``): request bodies above ``--max-body-bytes`` get 413, bodies
+slower than ``--body-read-timeout`` 408, a connection that does not complete its request headers
+within ``--timeout-keep-alive`` seconds is closed, and ``--limit-concurrency`` caps open
+connections + tasks (503 past it). The API key may come from ``SPARKSERVE_API_KEY`` instead of the
+command line (where ``ps`` shows it).
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -29,12 +41,18 @@ from fastapi import FastAPI
 
 from engine.config import EngineArgs
 from server.app import build_app, drain
+from server.http_guard import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, HeaderTimeoutH11Protocol
 
 logger = logging.getLogger("sparkserve")
 
 
+ENGINE_DEAD_EXIT_CODE = 1
+_WATCHDOG_PERIOD_S = 0.5
+
+
 class DrainingServer(uvicorn.Server):
-    """uvicorn server whose first exit signal drains in-flight requests before shutting down."""
+    """uvicorn server whose first exit signal drains in-flight requests before shutting down, and
+    which shuts down (``exit_code`` 1) when the engine dies."""
 
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
         super().__init__(config)
@@ -42,11 +60,27 @@ class DrainingServer(uvicorn.Server):
         self._drain_timeout_s = drain_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._draining = False
+        self.exit_code = 0
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
+        self._watchdog = asyncio.ensure_future(self._watch_engine())
+        try:
+            await super().serve(sockets)
+        finally:
+            self._watchdog.cancel()
+
+    async def _watch_engine(self) -> None:
+        """Shut down with exit code 1 once the engine reports itself dead (after start-up)."""
+        engine = self._app.state.server.engine
+        while not self.should_exit:
+            await asyncio.sleep(_WATCHDOG_PERIOD_S)
+            if self.started and not engine.is_healthy and not self._draining:
+                logger.critical("the engine died: shutting down (exit status %d)", ENGINE_DEAD_EXIT_CODE)
+                self.exit_code = ENGINE_DEAD_EXIT_CODE
+                self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self._loop is None or not self.started:
@@ -62,21 +96,40 @@ class DrainingServer(uvicorn.Server):
     async def _drain(self) -> None:
         finished = await drain(self._app.state.server, self._drain_timeout_s)
         if not finished:
-            logger.warning("drain timeout: closing the remaining requests")
+            logger.warning("drain timeout: the remaining requests were aborted")
         self.should_exit = True
 
 
-def serve(app: FastAPI, *, host: str, port: int, drain_timeout_s: float, log_level: str = "info") -> None:
-    """Run ``app`` with uvicorn until a signal, draining gracefully (see module docstring)."""
+def serve(
+    app: FastAPI,
+    *,
+    host: str,
+    port: int,
+    drain_timeout_s: float,
+    log_level: str = "info",
+    timeout_keep_alive_s: int = 5,
+    limit_concurrency: int | None = None,
+) -> None:
+    """Run ``app`` with uvicorn until a signal, draining gracefully (see module docstring).
+
+    Raises:
+        SystemExit: status 1 when the engine died while serving.
+    """
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level.lower(),
         lifespan="on",
-        timeout_graceful_shutdown=max(1, int(drain_timeout_s)),
+        http=HeaderTimeoutH11Protocol,
+        timeout_keep_alive=timeout_keep_alive_s,
+        limit_concurrency=limit_concurrency,
+        timeout_graceful_shutdown=2,  # the drain already ended every request
     )
-    DrainingServer(config, app, drain_timeout_s).run()
+    server = DrainingServer(config, app, drain_timeout_s)
+    server.run()
+    if server.exit_code:
+        sys.exit(server.exit_code)
 
 
 ENGINE_COMMANDS = ("serve", "profile")
@@ -105,6 +158,15 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
         "--max-model-len", type=int, default=None, help="context length cap (default: model's, <= 8192)"
     )
     s.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests, help="beyond it: 429")
+    s.add_argument("--max-waiting-tokens", type=int, default=d.max_waiting_tokens,
+                   help="prompt tokens in the waiting queue beyond which new requests get 429")
+    s.add_argument("--long-prefill-token-threshold", type=int, default=d.long_prefill_token_threshold,
+                   help="prompts with more tokens left are long; prefill chunks are capped at this "
+                        "(default: max-num-batched-tokens / 4)")
+    s.add_argument("--max-num-partial-prefills", type=int, default=d.max_num_partial_prefills,
+                   help="most requests mid-prefill at once")
+    s.add_argument("--max-long-partial-prefills", type=int, default=d.max_long_partial_prefills,
+                   help="most long prompts mid-prefill at once (shorter ones pass them meanwhile)")
     s.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
     s.add_argument("--seed", type=int, default=d.seed, help="global seed for requests without one")
     s.add_argument("--drafter", default=None, help="drafter checkpoint, or 'none' to disable speculation")
@@ -153,12 +215,25 @@ def build_parser(include_train: bool = True) -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     _add_engine_args(s)
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    s.add_argument("--api-key", default=os.environ.get("SPARKSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $SPARKSERVE_API_KEY)")
     s.add_argument("--profile", default=None, help="throughput profile file to reuse")
     s.add_argument("--default-max-tokens", type=int, default=1024, help="max_tokens when a request omits it")
     s.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM"
     )
+    s.add_argument("--max-total-tokens", type=int, default=65536,
+                   help="most tokens one request may ask for (n x max_tokens, summed over prompts)")
+    s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest request body (413 past it)")
+    s.add_argument("--body-read-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                   help="seconds for a request body to arrive (408 after)")
+    s.add_argument("--timeout-keep-alive", type=int, default=5,
+                   help="seconds for request headers to arrive and for idle keep-alive connections")
+    s.add_argument("--limit-concurrency", type=int, default=None,
+                   help="most open connections + tasks (503 past it; default: no limit)")
+    s.add_argument("--cors-allow-origin", action="append", default=[],
+                   help="allow CORS from this origin (repeatable; default: no CORS headers)")
     s.add_argument(
         "--metrics-profile-every",
         type=int,
@@ -188,6 +263,10 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         max_num_batched_tokens=ns.max_num_batched_tokens,
         max_model_len=ns.max_model_len,
         max_waiting_requests=ns.max_waiting_requests,
+        max_waiting_tokens=ns.max_waiting_tokens,
+        long_prefill_token_threshold=ns.long_prefill_token_threshold,
+        max_num_partial_prefills=ns.max_num_partial_prefills,
+        max_long_partial_prefills=ns.max_long_partial_prefills,
         num_threads=ns.num_threads,
         seed=ns.seed,
         drafter=ns.drafter,
@@ -216,9 +295,14 @@ def run_serve(ns: argparse.Namespace, engine_args: EngineArgs) -> None:
         api_key=ns.api_key,
         served_model_name=ns.served_model_name,
         default_max_tokens=ns.default_max_tokens,
+        max_total_tokens=ns.max_total_tokens,
         metrics=metrics,
+        max_body_bytes=ns.max_body_bytes,
+        body_timeout_s=ns.body_read_timeout,
+        cors_origins=ns.cors_allow_origin,
     )
-    serve(app, host=ns.host, port=ns.port, drain_timeout_s=ns.drain_timeout, log_level=ns.log_level)
+    serve(app, host=ns.host, port=ns.port, drain_timeout_s=ns.drain_timeout, log_level=ns.log_level,
+          timeout_keep_alive_s=ns.timeout_keep_alive, limit_concurrency=ns.limit_concurrency)
 
 
 def run_profile(ns: argparse.Namespace, engine_args: EngineArgs) -> Path:
@@ -272,8 +356,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error("--repeats must be >= 1")
         run_profile(ns, engine_args)
         return
-    if ns.default_max_tokens < 1 or ns.drain_timeout < 0 or ns.metrics_profile_every < 1:
-        parser.error("--default-max-tokens and --metrics-profile-every must be >= 1, --drain-timeout >= 0")
+    if min(ns.default_max_tokens, ns.metrics_profile_every, ns.max_total_tokens, ns.max_body_bytes,
+           ns.timeout_keep_alive) < 1 or ns.drain_timeout < 0 or ns.body_read_timeout <= 0:
+        parser.error("--default-max-tokens, --metrics-profile-every, --max-total-tokens, --max-body-bytes and "
+                     "--timeout-keep-alive must be >= 1, --drain-timeout >= 0, --body-read-timeout > 0")
     run_serve(ns, engine_args)
 
 

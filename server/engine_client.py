@@ -20,8 +20,13 @@ class Tokenizer(Protocol):
     eos_token_id: int | None
     stop_token_ids: tuple[int, ...]
     vocab_size: int
+    max_token_bytes: int  # upper bound on the UTF-8 bytes one token stands for
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Rendered + tokenized chat in which only the template's markup yields special tokens."""
+        ...
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
@@ -55,7 +60,8 @@ class EngineClient(Protocol):
     ``add_request`` raises ``RequestRejectedError`` / ``QueueFullError`` / ``EngineDeadError``
     before returning, so the server can answer 400 / 429 / 503 before any SSE byte; the returned
     iterator ends after the output carrying ``finish_reason`` and raises ``EngineDeadError`` if
-    the engine loop dies.
+    the engine loop dies. ``abort`` ends a request's iterator with a ``finish_reason="abort"``
+    output (for a consumer still reading it).
     """
 
     model_name: str

@@ -27,6 +27,8 @@ _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_server_error",
     503: "service_unavailable_error",
@@ -135,8 +137,9 @@ def _validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
 
 def rejection_reason(status: int, code: str | int | None = None) -> str | None:
     """The ``request_rejected_total`` reason of an error answered before admission, else None:
-    400 -> invalid_request, 401 -> unauthorized, 429 -> queue_full, 503 ``draining`` -> draining."""
-    if status == 400:
+    400 / 408 / 413 -> invalid_request, 401 -> unauthorized, 429 -> queue_full, 503 ``draining`` ->
+    draining."""
+    if status in (400, 408, 413):
         return "invalid_request"
     if status == 401:
         return "unauthorized"
@@ -203,3 +206,10 @@ def install_error_handlers(app: FastAPI, on_rejected: RejectionCallback | None =
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)
+
+
+async def _on_unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    """A bug surfaced as an OpenAI-shaped 500 instead of Starlette's plain-text one (the traceback is
+    still logged by Starlette's error middleware; the client gets the exception type only)."""
+    return ApiError(500, f"Internal server error ({type(exc).__name__}).", code="internal_error").to_response()

@@ -9,18 +9,43 @@ parts) are declared so that their use fails with a 400 naming the parameter.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer
 
+# Request limits (each violation is a 400 whose message states the limit).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_MESSAGES = 2048
 MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 512
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_TOP_LOGPROBS = 20
 LOGIT_BIAS_LIMIT = 100.0
+TARGET_TPOT_MS_RANGE = (0.1, 60_000.0)
+_TOKEN_ID_KEY = re.compile(r"\s*[0-9]{1,10}\s*")  # ASCII digits only: "²".isdigit() but int("²") fails
+
+
+def _encodable(text: str) -> str:
+    """Reject strings that are not valid Unicode text (JSON escapes of lone UTF-16 surrogates such as
+    ``"\\ud800"`` decode to them; the tokenizer and the JSON encoder would fail on them later)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"strings must be valid Unicode text: {exc.reason} at position {exc.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+"""A request string: any Unicode text without lone surrogates."""
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: Infinity / NaN (which Python's JSON parser accepts) are a 400 for every
+    # float field, so no non-finite number reaches the engine.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -29,15 +54,15 @@ class StreamOptions(_Request):
 
 class TextContentPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     """One message; ``content`` is a string or a list of text parts (other part types -> 400)."""
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextContentPart]
-    name: str | None = None
+    content: Text | list[TextContentPart]
+    name: Text | None = None
 
     def text(self) -> str:
         """The content as one string (text parts joined by newlines, as vLLM does)."""
@@ -55,7 +80,7 @@ def _reject_unless_empty(value: Any, what: str) -> Any:
 class SamplingRequestFields(_Request):
     """Fields shared by chat and completions requests."""
 
-    model: str
+    model: Text
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
@@ -63,16 +88,20 @@ class SamplingRequestFields(_Request):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, description="extension; -1 or 0 = disabled")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="extension")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="int64; choice i uses seed + i")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="extension")
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS, description="extension"
+    )
     max_tokens: int | None = Field(None, ge=1)
     ignore_eos: bool = Field(False, description="extension")
-    logit_bias: dict[str, float] | None = None
-    target_tpot_ms: float | None = Field(None, gt=0.0, description="extension")
-    user: str | None = None
+    logit_bias: dict[Text, float] | None = None
+    target_tpot_ms: float | None = Field(
+        None, ge=TARGET_TPOT_MS_RANGE[0], le=TARGET_TPOT_MS_RANGE[1], description="extension, milliseconds"
+    )
+    user: Text | None = None
 
     @field_validator("stop")
     @classmethod
@@ -82,17 +111,25 @@ class SamplingRequestFields(_Request):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters long")
         return value
 
     @field_validator("logit_bias")
     @classmethod
     def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and len(value) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries are allowed, got {len(value)}")
         for key, bias in (value or {}).items():
-            if not key.strip().isdigit():
-                raise ValueError(f"keys must be token ids given as strings, got {key!r}")
+            if _TOKEN_ID_KEY.fullmatch(key) is None:
+                raise ValueError(f"keys must be token ids (decimal integers) given as strings, got {key[:32]!r}")
             if not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
                 raise ValueError(f"bias values must be in [-100, 100], got {bias}")
         return value
+
+    def logit_bias_ids(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as sorted (token id, bias) pairs (keys were checked to be decimal integers)."""
+        return tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items()))
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -103,7 +140,7 @@ class SamplingRequestFields(_Request):
 class ChatCompletionRequest(SamplingRequestFields):
     """``POST /v1/chat/completions`` body."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -113,7 +150,7 @@ class ChatCompletionRequest(SamplingRequestFields):
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
-    metadata: dict[str, str] | None = None
+    metadata: dict[Text, Text] | None = None
     store: bool | None = None
 
     @field_validator("tools", "functions", "tool_choice", "function_call")
@@ -141,10 +178,10 @@ class CompletionRequest(SamplingRequestFields):
     (as OpenAI numbers them).
     """
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = Field(None, ge=1)
 
     @field_validator("echo")

@@ -10,7 +10,26 @@ from __future__ import annotations
 from scheduler.sampling_params import SamplingParams
 from server.engine_client import Tokenizer
 from server.errors import bad_request
-from server.protocol import SamplingRequestFields
+from server.protocol import INT64_MAX, INT64_MIN, SamplingRequestFields
+
+
+def check_text_fits(texts: list[str], tokenizer: Tokenizer, max_model_len: int, param: str) -> None:
+    """400 for a text that cannot fit the context whatever its tokenization, before tokenizing it.
+
+    A token stands for at most ``tokenizer.max_token_bytes`` UTF-8 bytes, so a text of more than
+    ``max_model_len * max_token_bytes`` bytes has more than ``max_model_len`` tokens. This keeps a
+    16 MiB message from being tokenized (seconds of CPU) only to be refused.
+    """
+    limit = max_model_len * tokenizer.max_token_bytes
+    for text in texts:
+        size = len(text) if len(text) > limit else len(text.encode("utf-8"))  # chars <= bytes
+        if size > limit:
+            raise bad_request(
+                f"This model's maximum context length is {max_model_len} tokens. However, your input "
+                f"has at least {size} bytes of text, more than {max_model_len} tokens can hold.",
+                param=param,
+                code="context_length_exceeded",
+            )
 
 
 def resolve_max_tokens(
@@ -59,15 +78,17 @@ def build_sampling_params(
         raise bad_request(f"stop_token_ids must be < vocab size {vocab_size}.", param="stop_token_ids")
     if not req.ignore_eos:
         stop_ids += [t for t in tokenizer.stop_token_ids if t != tokenizer.eos_token_id and t not in stop_ids]
-    bias = tuple(sorted((int(k), v) for k, v in (req.logit_bias or {}).items()))
+    bias = req.logit_bias_ids()
     if any(token_id >= vocab_size for token_id, _ in bias):
         raise bad_request(f"logit_bias keys must be token ids < {vocab_size}.", param="logit_bias")
+    # top_k >= the vocabulary keeps every token: the same as no filter (and no huge int reaches a tensor).
+    top_k = req.top_k if req.top_k is not None and 0 < req.top_k < vocab_size else None
     try:
         return SamplingParams(
             n=1,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k if req.top_k not in (None, 0, -1) else None,
+            top_k=top_k,
             min_p=req.min_p or 0.0,
             seed=req.seed,
             presence_penalty=req.presence_penalty or 0.0,
@@ -89,4 +110,28 @@ def check_num_choices(max_choices: int, num_prompts: int, n: int) -> None:
     if num_prompts * n > max_choices:
         raise bad_request(
             f"n * number of prompts must be <= {max_choices}, got {n} * {num_prompts}.", param="n"
+        )
+
+
+def check_seed(seed: int | None, n: int) -> None:
+    """400 unless every choice's seed ``seed + i`` (``i < n``) is an int64.
+
+    The protocol already bounds ``seed`` to int64; this also bounds ``seed + n - 1`` (choices are
+    seeded ``seed, seed + 1, ...``; no wrap-around is defined, so the top of the range is refused).
+    """
+    if seed is not None and not INT64_MIN <= seed <= INT64_MAX - (n - 1):
+        raise bad_request(
+            f"seed must be in [{INT64_MIN}, {INT64_MAX} - (n - 1)] (choice i uses seed + i, an int64); "
+            f"got seed {seed} with n = {n}.",
+            param="seed",
+        )
+
+
+def check_total_tokens(limit: int, max_tokens: list[int], n: int) -> None:
+    """400 when the request may generate more than ``limit`` tokens in all (n x max_tokens, summed
+    over prompts)."""
+    total = n * sum(max_tokens)
+    if total > limit:
+        raise bad_request(
+            f"n x max_tokens (summed over prompts) must be <= {limit} tokens, got {total}.", param="max_tokens"
         )

@@ -71,8 +71,9 @@ class ServerState:
         default_max_tokens: ``max_tokens`` when a request omits it, further capped by what is
             left of the context (``max_model_len - prompt_len``).
         max_choices: most choices (``n`` times the number of prompts) in one request.
+        max_total_tokens: most tokens one request may ask for (``n`` x ``max_tokens`` over prompts).
         draining: set on graceful shutdown; new requests then get 503 and readiness is false.
-        num_inflight: generations submitted and not yet closed.
+        generations: generations submitted and not yet closed.
         metrics: request metrics to feed (None = no metrics).
     """
 
@@ -80,9 +81,26 @@ class ServerState:
     served_model_name: str
     default_max_tokens: int = 1024
     max_choices: int = 16
+    max_total_tokens: int = 65536
     draining: bool = False
-    num_inflight: int = 0
+    generations: set[Generation] = field(default_factory=set)
     metrics: RequestMetrics | None = None
+
+    @property
+    def num_inflight(self) -> int:
+        """Generations submitted and not yet closed."""
+        return len(self.generations)
+
+    async def abort_all(self) -> None:
+        """Abort every in-flight engine request; each generation then ends with finish_reason
+        "abort" (its streams still send their last chunk and ``[DONE]``)."""
+        for generation in list(self.generations):
+            await generation.abort_engine_requests()
+
+    def default_max_tokens_for(self, num_choices: int) -> int:
+        """``max_tokens`` for a request that omits it: ``default_max_tokens``, lowered so that all
+        ``num_choices`` choices stay within ``max_total_tokens`` (the context cap comes later)."""
+        return max(1, min(self.default_max_tokens, self.max_total_tokens // num_choices))
 
     def check_can_serve(self, model: str) -> None:
         """404 for an unknown model, 503 while draining (checked before any work)."""
@@ -166,7 +184,7 @@ class _Choice:
         return ChoiceUpdate(self.index, delta.text, token_ids, logprobs)
 
 
-@dataclass
+@dataclass(eq=False)
 class Generation:
     """The engine requests behind one HTTP request (see module docstring)."""
 
@@ -221,7 +239,7 @@ class Generation:
             await self.close()
             raise engine_error_to_api_error(exc) or internal_error(exc) from exc
         self._submitted = True
-        self.state.num_inflight += 1
+        self.state.generations.add(self)
 
     async def updates(self) -> AsyncIterator[ChoiceUpdate]:
         """Decoded updates of all choices, interleaved as the engine produces them.
@@ -269,11 +287,19 @@ class Generation:
             return
         self._closed = True
         if self._submitted:
-            self.state.num_inflight -= 1
+            self.state.generations.discard(self)
             self._record_unfinished("abort")  # closed before the end: client gone or server stopping
         pending = [c.request_id for c in self.choices if c.outputs is not None and not c.finished]
         for choice in self.choices:
             choice.finished = True
+        if pending:
+            await _shielded_abort(self.state.engine, pending)
+
+    async def abort_engine_requests(self) -> None:
+        """Abort the unfinished engine requests but keep consuming: each engine stream then ends
+        with a final ``finish_reason="abort"`` output, which :meth:`updates` delivers (graceful
+        drain past its timeout)."""
+        pending = [c.request_id for c in self.choices if c.outputs is not None and not c.finished]
         if pending:
             await _shielded_abort(self.state.engine, pending)
 

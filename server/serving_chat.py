@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from scheduler.outputs import TokenLogprob
 from server.engine_client import Tokenizer
@@ -25,7 +26,14 @@ from server.protocol import (
     DeltaMessage,
     TopLogprob,
 )
-from server.sampling import build_sampling_params, check_num_choices, resolve_max_tokens
+from server.sampling import (
+    build_sampling_params,
+    check_num_choices,
+    check_seed,
+    check_text_fits,
+    check_total_tokens,
+    resolve_max_tokens,
+)
 from server.serving import ChoiceUpdate, Generation, ServerState, collect
 from server.sse import EventSourceResponse, stream_events
 
@@ -52,16 +60,22 @@ def chat_logprobs(tokenizer: Tokenizer, entries: Sequence[TokenLogprob], top_k: 
     return ChatLogprobs(content=content)
 
 
-def build_chat_prompt(req: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
-    """Render the chat template (``developer`` is sent as ``system``) and tokenize it."""
+def build_chat_prompt(req: ChatCompletionRequest, tokenizer: Tokenizer, max_model_len: int) -> list[int]:
+    """Render the chat template (``developer`` is sent as ``system``) and tokenize it; special tokens
+    come only from the template's markup (``tokenizer.encode_chat``: message contents are text).
+
+    Raises:
+        ApiError: 400 when the contents cannot fit the context (checked before tokenizing) or the
+            template rejects the messages.
+    """
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
     ]
+    check_text_fits(["".join(m["content"] for m in messages)], tokenizer, max_model_len, "messages")
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return tokenizer.encode_chat(messages, add_generation_prompt=True)
     except Exception as exc:  # jinja2 errors such as raise_exception("roles must alternate")
         raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from exc
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 async def create_chat_completion(
@@ -75,11 +89,15 @@ async def create_chat_completion(
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
     check_num_choices(state.max_choices, 1, req.n)
+    check_seed(req.seed, req.n)
     engine = state.engine
-    prompt = build_chat_prompt(req, engine.tokenizer)
+    # Off the event loop: a long prompt takes a while to render and tokenize.
+    prompt = await run_in_threadpool(build_chat_prompt, req, engine.tokenizer, engine.max_model_len)
     max_tokens = resolve_max_tokens(
-        req.requested_max_tokens(), len(prompt), engine.max_model_len, state.default_max_tokens, "messages"
+        req.requested_max_tokens(), len(prompt), engine.max_model_len, state.default_max_tokens_for(req.n),
+        "messages",
     )
+    check_total_tokens(state.max_total_tokens, [max_tokens], req.n)
     top_k = req.top_logprobs or 0
     params = build_sampling_params(
         req, engine.tokenizer, max_tokens=max_tokens, logprobs=top_k if req.logprobs else None

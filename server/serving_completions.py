@@ -14,12 +14,20 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from scheduler.outputs import TokenLogprob
 from server.engine_client import Tokenizer
 from server.errors import bad_request
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from server.sampling import build_sampling_params, check_num_choices, resolve_max_tokens
+from server.sampling import (
+    build_sampling_params,
+    check_num_choices,
+    check_seed,
+    check_text_fits,
+    check_total_tokens,
+    resolve_max_tokens,
+)
 from server.serving import ChoiceUpdate, Generation, ServerState, collect
 from server.serving_chat import token_text
 from server.sse import EventSourceResponse, stream_events
@@ -27,8 +35,12 @@ from server.sse import EventSourceResponse, stream_events
 _MIN_LOGPROB = -9999.0
 
 
-def completion_prompts(req: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
-    """The request's prompts as token-id lists (ids are checked against the vocabulary)."""
+def completion_prompts(req: CompletionRequest, tokenizer: Tokenizer, max_model_len: int) -> list[list[int]]:
+    """The request's prompts as token-id lists (ids are checked against the vocabulary).
+
+    A text prompt is the client's whole model input, so special-token strings in it are special
+    tokens (as in vLLM); chat contents, in contrast, never yield special tokens.
+    """
     prompt = req.prompt
     if isinstance(prompt, str):
         raw: list[str | list[int]] = [prompt]
@@ -38,6 +50,7 @@ def completion_prompts(req: CompletionRequest, tokenizer: Tokenizer) -> list[lis
         raw = list(prompt)  # type: ignore[arg-type]
     if not raw:
         raise bad_request("prompt must not be an empty list.", param="prompt")
+    check_text_fits([p for p in raw if isinstance(p, str)], tokenizer, max_model_len, "prompt")
     prompts = [tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else p for p in raw]
     vocab_size = tokenizer.vocab_size
     if any(not 0 <= t < vocab_size for p in prompts for t in p):
@@ -70,19 +83,20 @@ async def create_completion(req: CompletionRequest, raw_request: Request, state:
         raise bad_request("best_of other than n is not supported.", param="best_of")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
+    check_seed(req.seed, req.n)
     engine = state.engine
-    prompts = completion_prompts(req, engine.tokenizer)
+    prompts = await run_in_threadpool(completion_prompts, req, engine.tokenizer, engine.max_model_len)
     check_num_choices(state.max_choices, len(prompts), req.n)
-    params = [
-        build_sampling_params(
-            req,
-            engine.tokenizer,
-            max_tokens=resolve_max_tokens(
-                req.requested_max_tokens(), len(p), engine.max_model_len, state.default_max_tokens, "prompt"
-            ),
-            logprobs=req.logprobs,
+    max_tokens = [
+        resolve_max_tokens(
+            req.requested_max_tokens(), len(p), engine.max_model_len,
+            state.default_max_tokens_for(req.n * len(prompts)), "prompt",
         )
         for p in prompts
+    ]
+    check_total_tokens(state.max_total_tokens, max_tokens, req.n)
+    params = [
+        build_sampling_params(req, engine.tokenizer, max_tokens=m, logprobs=req.logprobs) for m in max_tokens
     ]
     generation = Generation.create(
         state, f"cmpl-{uuid.uuid4().hex}", prompts, params, req.n, arrival_time=arrival

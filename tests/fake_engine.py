@@ -5,6 +5,7 @@ special tokens, so multi-byte UTF-8 characters really are split across tokens an
 span tokens. :class:`FakeEngine` replies deterministically: the text between ``[[`` and ``]]`` in
 the prompt (else :data:`DEFAULT_REPLY`), then EOS. Directives in the prompt change its behaviour:
 ``{delay=S}`` seconds between outputs, ``{spec=K}`` tokens per output (like speculative decoding),
+``{error=N}`` the request fails (finish_reason "error", as after a failed engine step) after N outputs,
 ``{die=N}`` the engine loop dies after N outputs.
 
 Run as a module it serves the fake through ``server.cli.serve`` (graceful-shutdown tests).
@@ -19,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from engine.chat_template import encode_chat_markup_only
 from engine.protocol import EngineDeadError, QueueFullError, RequestOutput
 from scheduler.errors import RequestRejectedError
 from scheduler.outputs import TokenLogprob
@@ -38,21 +40,34 @@ class FakeTokenizer:
     eos_token_id = EOS
     stop_token_ids = (EOS, IM_END)
     all_special_ids = tuple(_SPECIALS)
+    special_tokens = {v: k for k, v in _SPECIALS.items()}
     vocab_size = 262
+    max_token_bytes = max(len(m) for m in _MERGES.values())
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids: list[int] = []
-        by_text = {v: k for k, v in _SPECIALS.items()}
         for piece in _SPECIAL_RE.split(text):
-            if piece in by_text:
-                ids.append(by_text[piece])
-                continue
-            data, i = piece.encode(), 0
-            while i < len(data):
-                merge = next((t for t, b in _MERGES.items() if data.startswith(b, i)), None)
-                ids.append(data[i] if merge is None else merge)
-                i += 1 if merge is None else len(_MERGES[merge])
+            if piece in self.special_tokens:
+                ids.append(self.special_tokens[piece])
+            else:
+                ids += self.encode_text(piece)
         return ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Bytes and merges only: special-token strings are text."""
+        ids: list[int] = []
+        data, i = text.encode(), 0
+        while i < len(data):
+            merge = next((t for t, b in _MERGES.items() if data.startswith(b, i)), None)
+            ids.append(data[i] if merge is None else merge)
+            i += 1 if merge is None else len(_MERGES[merge])
+        return ids
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        return encode_chat_markup_only(
+            lambda ms: self.apply_chat_template(ms, add_generation_prompt),
+            self.encode, self.encode_text, self.special_tokens, messages,
+        )
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         out = bytearray()
@@ -80,6 +95,7 @@ class FakeEngine:
     max_waiting_requests: int = 4
     tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
     params: dict[str, SamplingParams] = field(default_factory=dict)
+    prompts: dict[str, list[int]] = field(default_factory=dict)
     aborted: list[str] = field(default_factory=list)
     ready_checks: int = 0
     dead: bool = False
@@ -142,6 +158,7 @@ class FakeEngine:
         if len(self._active) >= self.max_num_seqs + self.max_waiting_requests:
             raise QueueFullError("waiting queue full", retry_after_s=1.5)
         self.params[request_id] = params
+        self.prompts[request_id] = list(prompt_token_ids)
         self._active[request_id] = False
         return self._generate(request_id, prompt_token_ids, params, time.monotonic())
 
@@ -157,6 +174,7 @@ class FakeEngine:
         reply, directives = self._script(prompt)
         delay, per_step = directives.get("delay", 0.0), int(directives.get("spec", 1))
         die_after = int(directives.get("die", 0))
+        error_after = int(directives.get("error", 0))
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else {EOS})
         produced: list[int] = []
         steps = 0
@@ -169,6 +187,10 @@ class FakeEngine:
                 raise EngineDeadError("engine loop died")
             if request_id not in self._active:
                 yield RequestOutput(request_id, (), None, "abort", None, len(prompt), len(produced), **times)
+                return
+            if error_after and steps >= error_after:
+                self._active.pop(request_id, None)
+                yield RequestOutput(request_id, (), None, "error", None, len(prompt), len(produced), **times)
                 return
             new, finish, stop_reason = self._step(reply + [EOS], produced, per_step, params, stops)
             produced += new
@@ -213,8 +235,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--drain-timeout", type=float, default=5.0)
+    parser.add_argument("--max-num-seqs", type=int, default=4)
     args = parser.parse_args()
-    engine = FakeEngine()
+    engine = FakeEngine(max_num_seqs=args.max_num_seqs)
     app = build_app(engine, metrics=ServerMetrics(engine.model_name))
     serve(app, host="127.0.0.1", port=args.port, drain_timeout_s=args.drain_timeout, log_level="warning")
 

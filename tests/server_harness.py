@@ -40,11 +40,17 @@ class RunningServer:
 
 
 @contextmanager
-def run_server(engine: FakeEngine | None = None, **app_kwargs: Any) -> Iterator[RunningServer]:
-    """Serve ``build_app(engine, **app_kwargs)`` on 127.0.0.1 until the block exits."""
+def run_server(
+    engine: FakeEngine | None = None, uvicorn_options: dict[str, Any] | None = None, **app_kwargs: Any
+) -> Iterator[RunningServer]:
+    """Serve ``build_app(engine, **app_kwargs)`` on 127.0.0.1 until the block exits
+    (``uvicorn_options``: extra ``uvicorn.Config`` arguments)."""
     engine = engine or FakeEngine()
     port = free_port()
-    config = uvicorn.Config(build_app(engine, **app_kwargs), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(
+        build_app(engine, **app_kwargs), host="127.0.0.1", port=port, log_level="warning",
+        **(uvicorn_options or {}),
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -68,3 +74,11 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def http_status(url: str) -> int | None:
+    """``GET url``'s status code, None when nothing answers."""
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return None

@@ -131,3 +131,63 @@ def test_streamed_text_equals_reference_cut(text: str, stop: str, step: int) -> 
         assert stop in tok.decode(ids[:counted]) and stop not in tok.decode(ids[: counted - 1])
     else:
         assert counted == len(ids)
+
+
+_UNICODE = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)) | st.sampled_from(list("é☕🎉👨‍👩‍👧 中文\n")),
+    max_size=24,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=_UNICODE, chunks=st.lists(st.integers(1, 6), min_size=1, max_size=8))
+def test_real_tokenizer_incremental_is_the_full_decode_for_any_text(
+    smollm2_tokenizer: object, text: str, chunks: list[int]
+) -> None:
+    """Property (real byte-level BPE): for any text and any chunking of its tokens (speculative steps
+    emit several at once), the deltas join to the full decode, and no delta ends inside a character
+    unless the full decode itself holds a replacement character there."""
+    tok = smollm2_tokenizer
+    ids = tok.encode(text)
+    decoder = StopStringDecoder(tok, tok.encode("<|im_start|>assistant\n"))
+    deltas, start, i = [], 0, 0
+    while start < len(ids):
+        size = chunks[i % len(chunks)]
+        deltas.append(decoder.process(ids[start : start + size], final=start + size >= len(ids)).text)
+        start, i = start + size, i + 1
+    full = tok.decode(ids)
+    assert "".join(deltas) == full
+    if "\ufffd" not in full:
+        assert not any("\ufffd" in d for d in deltas)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet=st.sampled_from(list("abc é☕🎉\n")), max_size=30),
+    stops=st.lists(st.text(alphabet=st.sampled_from(list("abc é☕")), min_size=1, max_size=5), min_size=1,
+                   max_size=3),
+    chunks=st.lists(st.integers(1, 5), min_size=1, max_size=6),
+)
+def test_stop_matcher_never_emits_or_retracts_text(text: str, stops: list[str], chunks: list[int]) -> None:
+    """Property (several stop strings, variable chunking): what has been sent is at every moment a
+    prefix of the final answer (nothing is ever taken back), the final answer is the text cut at the
+    first stop string to be completed (the leftmost of those complete at that character; every
+    character of this alphabet is one token or one multi-byte character), and no stop string appears
+    in what was sent."""
+    tok = FakeTokenizer()
+    ids = tok.encode(text)
+    decoder = StopStringDecoder(tok, (), stop=stops)
+    expected, positions = text, []
+    for end in range(1, len(text) + 1):
+        positions = [p for p in (text[:end].find(s) for s in stops) if p >= 0]
+        if positions:
+            expected = text[: min(positions)]
+            break
+    sent, start, i = "", 0, 0
+    while start < len(ids) and decoder.stopped_by is None:
+        size = chunks[i % len(chunks)]
+        sent += decoder.process(ids[start : start + size], final=start + size >= len(ids)).text
+        start, i = start + size, i + 1
+        assert expected.startswith(sent)
+    assert sent == expected and not any(s in sent for s in stops)
+    assert (decoder.stopped_by is not None) == bool(positions)

@@ -39,8 +39,32 @@ def test_reject_request_needing_more_blocks_than_exist() -> None:
     sched.add_request(make_request("fits", prompt_len=4, max_tokens=5))  # 4 + 5 - 1 = 8 positions
     with pytest.raises(RequestRejectedError) as info:
         sched.add_request(make_request("big", prompt_len=4, max_tokens=6))
-    assert info.value.code == "kv_cache_too_small"
+    assert info.value.code == "kv_cache_too_small" and info.value.param == "max_tokens"
     assert isinstance(info.value, ValueError)
+    with pytest.raises(RequestRejectedError) as info:  # the prompt alone is larger than the cache
+        sched.add_request(make_request("huge", prompt_len=9, max_tokens=1))
+    assert info.value.code == "kv_cache_too_small" and info.value.param == "prompt"
+
+
+def test_sampling_params_the_step_cannot_use_are_rejected() -> None:
+    from scheduler.request_rules import check_sampling_params
+    from scheduler.sampling_params import SamplingParams
+
+    check_sampling_params(SamplingParams(seed=2**63 - 1, logit_bias=((5, 1.0),), target_tpot_ms=0.5), 10)
+    bad = [
+        (dict(seed=2**63), "seed"), (dict(seed=-(2**63) - 1), "seed"),
+        (dict(target_tpot_ms=5e-324), "target_tpot_ms"), (dict(target_tpot_ms=float("inf")), "target_tpot_ms"),
+        (dict(temperature=float("inf")), "temperature"), (dict(logit_bias=((1, float("nan")),)), "logit_bias"),
+        (dict(logit_bias=((10, 1.0),)), "logit_bias"), (dict(stop_token_ids=(99,)), "stop_token_ids"),
+    ]
+    for fields, param in bad:
+        try:
+            params = SamplingParams(**fields)
+        except ValueError:
+            continue  # SamplingParams refuses it itself
+        with pytest.raises(RequestRejectedError) as info:
+            check_sampling_params(params, 10)
+        assert info.value.param == param, fields
 
 
 def test_reject_empty_prompt_and_duplicate_id() -> None:
@@ -106,7 +130,7 @@ def test_decode_mixes_with_prefill_chunk_in_one_step() -> None:
 
 
 def test_running_prefill_continues_before_new_admissions() -> None:
-    sched = Scheduler(make_config(max_num_batched_tokens=8))
+    sched = Scheduler(make_config(max_num_batched_tokens=8, long_prefill_token_threshold=8))  # no cap
     sched.add_request(make_request("a", prompt_len=11))
     run_step(sched)
     sched.add_request(make_request("b", prompt_len=3))

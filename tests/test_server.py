@@ -31,7 +31,7 @@ from tests.fake_engine import (
     FakeTokenizer,
     QueueFullError,
 )
-from tests.server_harness import RunningServer, free_port, run_server, wait_for
+from tests.server_harness import RunningServer, free_port, http_status, run_server, wait_for
 
 MODEL = "fake-model"
 TOK = FakeTokenizer()
@@ -381,7 +381,7 @@ def test_sigterm_drains_then_exits() -> None:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        assert wait_for(lambda: _get_status(url + "/health") == 200, timeout_s=30)
+        assert wait_for(lambda: http_status(url + "/health") == 200, timeout_s=30)
         reply = "w" * 40
         result: dict[str, str] = {}
 
@@ -393,7 +393,7 @@ def test_sigterm_drains_then_exits() -> None:
         thread.start()
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
-        assert wait_for(lambda: _get_status(url + "/ready") == 503)
+        assert wait_for(lambda: http_status(url + "/ready") == 503)
         r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
         thread.join(timeout=20)
@@ -404,13 +404,6 @@ def test_sigterm_drains_then_exits() -> None:
         assert proc.wait(timeout=15) == 0
     finally:
         proc.kill()
-
-
-def _get_status(url: str) -> int | None:
-    try:
-        return httpx.get(url, timeout=2).status_code
-    except httpx.HTTPError:
-        return None
 
 
 # ---- request metrics (ServerMetrics fed by the serving layer) ----------------------------------------
