@@ -18,6 +18,7 @@ Cache layout (``engine.attention.new_kv_cache``): head-major ``[Hkv, num_blocks,
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -29,7 +30,26 @@ from kernels.common import FLOAT_DTYPES, check_kernel_device, check_tensor, inte
 from kernels.kv_store import store_kv
 
 LOG2E = 1.4426950408889634
-DEFAULT_BLOCK_N = 64  # keys per inner iteration
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Launch parameters of the attention kernel (tuned by ``kernels/bench.py`` on the GPU).
+
+    Attributes:
+        block_n: keys per inner iteration (power of two >= 16).
+        num_warps / num_stages: Triton launch options (None = Triton's defaults).
+    """
+
+    block_n: int = 64
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def launch_options(self) -> dict[str, int]:
+        return {k: v for k, v in (("num_warps", self.num_warps), ("num_stages", self.num_stages)) if v is not None}
+
+
+DEFAULT_CONFIG = AttentionConfig()
 
 
 def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: RaggedAttentionMetadata,
@@ -67,6 +87,7 @@ def _paged_attention_kernel(
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
     QUERIES_PER_KV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One (tile, KV head, split): online softmax over the split's chunk of the tile's keys."""
     tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -105,7 +126,7 @@ def _paged_attention_kernel(
         v = tl.load(v_cache_ptr + c_off[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         visible = k_ok[None, :] & ((k_pos[None, :] <= q_pos[:, None]) | (causal == 0))
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -115,7 +136,7 @@ def _paged_attention_kernel(
         p = p.to(v.dtype)
         if UPCAST:
             p, v = p.to(tl.float32), v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
     has_keys = l_i > 0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -157,7 +178,7 @@ def _combine_splits_kernel(
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: RaggedAttentionMetadata, scale: float,
-                    out: Tensor | None = None, block_n: int = DEFAULT_BLOCK_N) -> Tensor:
+                    out: Tensor | None = None, config: AttentionConfig = DEFAULT_CONFIG) -> Tensor:
     """Attention of every query row over its sequence's paged context (module docstring).
 
     Args:
@@ -166,7 +187,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: RaggedAtt
         meta: from ``build_ragged_metadata`` with ``num_queries_per_kv == H / Hkv``.
         scale: softmax scale (usually hd ** -0.5).
         out: optional ``[T, H, hd]`` output buffer (q's dtype).
-        block_n: keys per inner iteration (>= 16, power of two).
+        config: launch parameters.
     Returns:
         ``[T, H, hd]`` in q's dtype.
     Raises:
@@ -176,12 +197,12 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: RaggedAtt
     out = torch.empty_like(q) if out is None else out
     upcast = interpreting() and q.dtype == torch.bfloat16  # the interpreter's dot mishandles bf16
     for group in meta.groups:
-        _launch(q, k_cache, v_cache, meta, group, scale, out, block_n, upcast)
+        _launch(q, k_cache, v_cache, meta, group, scale, out, config, upcast)
     return out
 
 
 def _launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: RaggedAttentionMetadata, group: TileGroup,
-            scale: float, out: Tensor, block_n: int, upcast: bool) -> None:
+            scale: float, out: Tensor, config: AttentionConfig, upcast: bool) -> None:
     """One tile group: the attention kernel, then (split-KV) the combine kernel."""
     num_tokens, num_heads, head_dim = q.shape
     splits = group.num_splits
@@ -195,8 +216,9 @@ def _launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: RaggedAttentionMe
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         out.stride(0), out.stride(1), partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0),
         lse.stride(1),
-        QUERIES_PER_KV=meta.num_queries_per_kv, BLOCK_Q=group.block_q, BLOCK_M=group.block_m, BLOCK_N=block_n,
-        HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[2], SPLIT=splits > 1, UPCAST=upcast,
+        QUERIES_PER_KV=meta.num_queries_per_kv, BLOCK_Q=group.block_q, BLOCK_M=group.block_m,
+        BLOCK_N=config.block_n, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[2], SPLIT=splits > 1, UPCAST=upcast,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **config.launch_options(),
     )
     if splits > 1:
         _combine_splits_kernel[(group.num_tiles, num_heads)](

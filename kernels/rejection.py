@@ -58,7 +58,8 @@ class FlatVerifyInput:
         target_choice: ``[N]`` int64 the target's own token at every row (read for agreement rows).
         target_probs: ``[N, V]`` fp32 target distributions p (read for rejection rows only; other
             rows may hold anything).
-        draft_probs: ``[D, V']`` fp32 q rows (V' <= V), or None when every draft is one-hot.
+        draft_probs: ``[D, V']`` fp32 q rows (V' <= V), or None when every draft is one-hot (then
+            ``draft_one_hot`` must be all True, as ``DraftProbs`` has it).
         draft_one_hot: ``[D]`` bool, True where the draft was deterministic (q one-hot at the draft).
         keys / first_positions / attempts: ``[R]`` int64 each request's random key, the sequence
             position of the token chosen at its first row, and its verify attempt (``draw_index``).
