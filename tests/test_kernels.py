@@ -336,6 +336,23 @@ def test_kernel_verifier_equals_torch_verifier() -> None:
         assert verify_flat_kernel(*args) == test_rejection.verify_flat(*args)
 
 
+# ---------------------------------------------------------------- compiled for sm_90 without a GPU
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
+                    reason="Triton's NVIDIA backend (with ptxas) is not installed")
+def test_kernels_compile_for_sm90() -> None:
+    """What the interpreter cannot check: the compiler's types and lowering (kernels/compile_check.py;
+    a subprocess, since kernels in this process were decorated for the interpreter)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--quick"], cwd=Path(__file__).parents[1],
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok ") == 4
+
+
 # ---------------------------------------------------------------- the GPU check's driver (CPU-safe parts)
 
 
