@@ -112,18 +112,22 @@ def attention_cell(pool: Pool, batch: int, context: int, q_len: int, copy_bw: fl
 
 
 def _sdpa_baseline(pool: Pool, tables: Tensor, q: Tensor, batch: int, context: int, q_len: int) -> tuple[float, float]:
-    """(SDPA on pre-gathered contiguous K/V, the gather itself) in ms: the torch path's two costs."""
+    """(SDPA on pre-gathered K/V, the gather itself) in ms: the torch path's two costs. K/V are gathered
+    and repeated to the query heads ([B, H, L, hd], contiguous), so SDPA may take its fused masked kernel
+    (memory-efficient attention) rather than the math fallback a GQA + mask call can get."""
     flat = tables.flatten().long()
+    group = NUM_HEADS // NUM_KV_HEADS
 
-    def gather(cache: Tensor) -> Tensor:  # [Hkv, B*nb, bs, hd] -> [B, Hkv, L, hd]
-        return cache.index_select(1, flat).view(NUM_KV_HEADS, batch, -1, HEAD_DIM)[:, :, :context].transpose(0, 1)
+    def gather(cache: Tensor) -> Tensor:  # [Hkv, B*nb, bs, hd] -> [B, H, L, hd]
+        kv = cache.index_select(1, flat).view(NUM_KV_HEADS, batch, -1, HEAD_DIM)[:, :, :context].transpose(0, 1)
+        return kv.repeat_interleave(group, dim=1).contiguous()
 
-    keys, values = gather(pool.k_cache).contiguous(), gather(pool.v_cache).contiguous()
+    keys, values = gather(pool.k_cache), gather(pool.v_cache)
     qs = q.view(batch, q_len, NUM_HEADS, HEAD_DIM).transpose(1, 2)  # [B, H, q_len, hd]
     pos = torch.arange(context, device=q.device)
     mask = pos[None, :] <= (context - q_len + torch.arange(q_len, device=q.device))[:, None]  # [q_len, L]
-    sdpa = time_ms(lambda: F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True))
-    gathered = time_ms(lambda: (gather(pool.k_cache).contiguous(), gather(pool.v_cache).contiguous()))
+    sdpa = time_ms(lambda: F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask))
+    gathered = time_ms(lambda: (gather(pool.k_cache), gather(pool.v_cache)))
     return sdpa, gathered
 
 
