@@ -1,0 +1,79 @@
+"""The verify component's rules with the kernels: target choices, then ONE verification launch.
+
+``engine/spec_decode/verifier.py`` verifies each group of requests (agreement / rejection) with torch
+ops; ``verify_rows`` computes the same inputs (the target's greedy argmax, the fused Gumbel-max coupled
+choice for coupled rows, ``softmax(process_logits)`` for unseeded sampled rows, each request's key,
+first position and attempt) and verifies every request in one ``rejection_sample`` launch. It is what
+``Verifier.verify`` calls on CUDA after the penalties, bias and logits mask (``adjusted``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from engine.sampling.metadata import SamplingMetadata
+from engine.sampling.transforms import process_logits
+from engine.spec_decode.rejection import DraftProbs, RaggedDrafts, VerifyResult
+from kernels.coupling import coupled_choice
+from kernels.rejection import FlatVerifyInput, rejection_sample
+
+
+def verify_rows(drafts: RaggedDrafts, adjusted: Tensor, rows_meta: SamplingMetadata, first_positions: Tensor,
+                draft_probs: DraftProbs | None, coupled: Sequence[bool]) -> VerifyResult:
+    """Verify R requests (the ``Verifier`` rules, one kernel launch).
+
+    Args:
+        drafts: the drafts (``[D]`` flat, l_r per request).
+        adjusted: ``[N, V]`` fp32 adjusted logits of every verify row (penalties, bias, mask applied).
+        rows_meta: the N rows' sampling metadata (``SamplingMetadata.expand``).
+        first_positions: ``[R]`` int64 position of the token chosen at each request's first row.
+        draft_probs: q of the drafts, None when all are one-hot.
+        coupled: per request, verified by Gumbel-max coupling (``Verifier.coupled``).
+    Returns:
+        ``VerifyResult`` on ``adjusted``'s device.
+    """
+    device = adjusted.device
+    cu = torch.zeros(drafts.num_requests + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(drafts.num_draft_tokens, dtype=torch.int32), 0)
+    row_of = [int(c) + r for r, c in enumerate(cu[:-1].tolist())]  # first row of each request
+    greedy = [rows_meta.greedy[row] for row in row_of]
+    agree = [g or c for g, c in zip(greedy, coupled, strict=True)]
+    positions = _row_positions(drafts, first_positions)  # [N]
+
+    def rows_where(flags: list[bool]) -> list[int]:
+        return [row_of[r] + k for r, f in enumerate(flags) if f for k in range(1 + drafts.num_draft_tokens[r])]
+
+    choice = adjusted.argmax(dim=-1)  # [N] greedy rows' choice
+    coupled_rows = rows_where([c and not g for c, g in zip(coupled, greedy, strict=True)])
+    if coupled_rows:
+        index = torch.tensor(coupled_rows, device=device)
+        sub = rows_meta.select(coupled_rows)
+        choice[index] = coupled_choice(process_logits(adjusted[index], sub), sub.keys, positions[index])
+    sampled_rows = rows_where([not a for a in agree])
+    probs = None
+    if sampled_rows:
+        index = torch.tensor(sampled_rows, device=device)
+        probs = torch.empty_like(adjusted)  # agreement rows are never read
+        probs[index] = torch.softmax(process_logits(adjusted[index], rows_meta.select(sampled_rows)), dim=-1)
+    firsts = torch.tensor(row_of, dtype=torch.int64, device=device)
+    return rejection_sample(FlatVerifyInput(
+        draft_token_ids=drafts.token_ids, cu_num_draft_tokens=cu.to(device),
+        max_num_draft_tokens=max(drafts.num_draft_tokens, default=0),
+        agreement=torch.tensor(agree, dtype=torch.bool, device=device), target_choice=choice, target_probs=probs,
+        draft_probs=None if draft_probs is None else draft_probs.probs,
+        draft_one_hot=torch.ones(drafts.token_ids.shape, dtype=torch.bool, device=device) if draft_probs is None
+        else draft_probs.one_hot,
+        keys=rows_meta.keys[firsts], first_positions=first_positions, attempts=rows_meta.attempts[firsts],
+    ))
+
+
+def _row_positions(drafts: RaggedDrafts, first_positions: Tensor) -> Tensor:
+    """``[N]`` int64 sequence position of the token chosen at every verify row (on the device, no sync)."""
+    device = first_positions.device
+    sizes = torch.tensor([1 + n for n in drafts.num_draft_tokens], dtype=torch.int64, device=device)
+    owner = torch.repeat_interleave(torch.arange(drafts.num_requests, device=device), sizes)  # [N]
+    first = torch.cumsum(sizes, 0) - sizes
+    return first_positions[owner] + torch.arange(owner.numel(), device=device) - first[owner]
