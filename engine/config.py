@@ -46,6 +46,7 @@ class EngineArgs:
         suffix_global: the suffix drafter also matches recent outputs of other requests (opt-in: one
             tenant's text could raise another's acceptance).
         online_calibration: correct draft confidences online from verification outcomes.
+        enable_prefix_caching: reuse the KV (and the drafter's context) of cached full blocks.
     """
 
     model: str | None = None
@@ -76,6 +77,7 @@ class EngineArgs:
     speculative_method: str = "dspark"
     suffix_global: bool = False
     online_calibration: bool = True
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):

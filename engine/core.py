@@ -84,6 +84,8 @@ class EngineCore:
                 long_prefill_token_threshold=args.long_prefill_token_threshold,
                 max_num_partial_prefills=args.max_num_partial_prefills,
                 max_long_partial_prefills=args.max_long_partial_prefills,
+                enable_prefix_caching=args.enable_prefix_caching,
+                cache_extra_key=f"{drafter.name}@{effective_draft_vocab(args)}" if drafter is not None else "",
             ),
         )
         speculator = None
@@ -134,6 +136,8 @@ class EngineCore:
             last_step=self.last_step,
             num_speculative_tokens=self.spec_stats.gamma,
             controller=self.controller.stats() if self.controller is not None else None,
+            prefix_cache_queries=scheduler.prefix_cache_queries,
+            prefix_cache_hits=scheduler.prefix_cache_hits,
         )
 
     def make_request(self, request_id: str, prompt_token_ids: list[int], params) -> Request:

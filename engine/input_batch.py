@@ -146,8 +146,9 @@ class InputBatch:
         row = self._free_rows.pop()
         writes.tokens(row, 0, tokens)
         key = request_key(new.sampling_params.seed, seq.request_id, self.engine_seed)
+        # a prefix-cache hit starts the request at its hit length (the cached blocks hold that KV)
         self.requests[seq.request_id] = RowState(row, new.sampling_params, key, len(new.prompt_token_ids),
-                                                 len(tokens), 0, list(new.output_token_ids), [])
+                                                 len(tokens), seq.start_pos, list(new.output_token_ids), [])
         self.sampling.set_row(row, new.sampling_params, key, new.output_token_ids)
 
     def _set_blocks(self, state: RowState, seq: ScheduledSeq, writes: _Writes) -> None:

@@ -41,6 +41,9 @@ class RequestOutput:
         num_output_tokens: generated tokens so far (cumulative).
         arrival_time: ``time.monotonic()`` when the engine accepted the request.
         first_scheduled_time: ``time.monotonic()`` when it first ran (None if unknown).
+        num_cached_tokens: prompt tokens served from the prefix cache.
+        num_draft_tokens / num_accepted_tokens: drafts verified / accepted in this delta's steps.
+        drafter: the drafter family of those drafts ("" without drafts).
     """
 
     request_id: str
@@ -52,6 +55,10 @@ class RequestOutput:
     num_output_tokens: int
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
+    num_cached_tokens: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    drafter: str = ""
 
 
 @dataclass
@@ -132,6 +139,8 @@ class EngineStats:
         last_step: the latest non-empty step (the same object until another step runs).
         num_speculative_tokens: gamma of the drafter, 0 without one.
         controller: the speculation controller's snapshot, None without a drafter.
+        prefix_cache_queries / prefix_cache_hits: prompt tokens looked up in / found in the prefix
+            cache since start-up (cumulative).
     """
 
     num_running: int
@@ -140,3 +149,5 @@ class EngineStats:
     last_step: StepStats
     num_speculative_tokens: int = 0
     controller: ControllerStats | None = None
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0

@@ -32,6 +32,10 @@ class SchedulerConfig:
         max_long_partial_prefills: most *long* prompts mid-prefill at once (vLLM's
             ``--max-long-partial-prefills``); a waiting long prompt past it is skipped so shorter ones
             behind it are admitted (it keeps its place: the oldest long prompt goes next).
+        enable_prefix_caching: share the KV of full blocks whose tokens were computed before
+            (``scheduler.block_manager``); a new request skips the prefill of its cached prefix.
+        cache_extra_key: mixed into every block key (the drafter in use: its context cache is cached
+            with the target's blocks).
     """
 
     max_num_seqs: int
@@ -45,6 +49,8 @@ class SchedulerConfig:
     long_prefill_token_threshold: int | None = None
     max_num_partial_prefills: int = 4
     max_long_partial_prefills: int = 1
+    enable_prefix_caching: bool = False
+    cache_extra_key: str = ""
 
     def __post_init__(self) -> None:
         for name in (

@@ -166,6 +166,8 @@ class EngineCoreOutput:
         num_prompt_tokens: prompt length (for usage).
         num_draft_tokens: drafts verified this step; num_accepted_tokens: drafts accepted.
         first_scheduled_time: ``time.monotonic()`` when the request first ran (queue-time metric).
+        num_cached_tokens: prompt tokens found in the prefix cache at admission.
+        drafter: the drafter family of the drafts verified this step ("" without drafts).
     """
 
     request_id: str
@@ -177,6 +179,8 @@ class EngineCoreOutput:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     first_scheduled_time: float | None = None
+    num_cached_tokens: int = 0
+    drafter: str = ""
 
     @property
     def finished(self) -> bool:

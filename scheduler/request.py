@@ -67,6 +67,8 @@ class Request:
         num_preemptions: how many times the request was preempted (recompute).
         stop_reason: the stop token id that finished it (None for EOS or a length finish).
         first_scheduled_time: ``time.monotonic()`` when it first ran (queue time = this - arrival).
+        block_keys: prefix-cache keys of its full blocks so far (``scheduler.block_manager.block_keys``).
+        num_cached_tokens: prompt tokens its first admission found in the prefix cache (usage).
     """
 
     request_id: str
@@ -87,6 +89,8 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
+    block_keys: list = field(default_factory=list)
+    num_cached_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from scheduler.block_manager import BlockManager
+from scheduler.block_manager import BlockManager, block_keys
 from scheduler.config import SchedulerConfig
 from scheduler.errors import RequestRejectedError
 from scheduler.isolation import Isolation
@@ -115,8 +115,11 @@ class Scheduler:
         self.verify_lengths: VerifyLengthsFn = verify_lengths or verify_all_drafts
         self.select_drafting: DraftSelectFn | None = select_drafting
         self.block_manager = BlockManager(
-            config.num_kv_blocks, config.block_size, shuffle=config.shuffle_blocks, seed=config.seed
+            config.num_kv_blocks, config.block_size, shuffle=config.shuffle_blocks, seed=config.seed,
+            enable_caching=config.enable_prefix_caching,
         )
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache (admissions)
+        self.prefix_cache_hits = 0  # of them, tokens found cached
         self.waiting: deque[Request] = deque()  # FCFS; preempted requests return to the front
         self.running: list[Request] = []  # in arrival order
         self.num_preemptions_total = 0
@@ -211,6 +214,7 @@ class Scheduler:
             self.waiting.remove(request)
         self.block_manager.free(request_id)
         del request.output_token_ids[num_output_tokens:]
+        del request.block_keys[request.num_tokens // self.config.block_size:]  # keys of cut tokens
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.stop_reason = None
@@ -273,6 +277,8 @@ class Scheduler:
             if seq.sample:
                 outputs.append(self._apply_sampled(request, seq, runner_output))
                 self._isolated.on_sampled(seq.request_id)
+            if request.status == RequestStatus.RUNNING:
+                self._cache_computed_blocks(request)
         return outputs
 
     # ---- schedule() parts --------------------------------------------------------------------
@@ -394,17 +400,62 @@ class Scheduler:
         for request in list(self.waiting):
             if plan.budget <= 0 or len(self.running) >= config.max_num_seqs:
                 return
+            self._take_cached_prefix(request)
             num_left = request.num_tokens - request.num_computed_tokens
             num_new = min(num_left, plan.budget, cap)
             if held_by_prefill_limits(num_left, num_new, slots, config):
+                self._return_cached_prefix(request)
                 continue
             if not self.block_manager.allocate(request.request_id, request.num_computed_tokens + num_new):
+                self._return_cached_prefix(request)
                 return
             self.waiting.remove(request)
             self._admit(request)
             plan.admitted.append((request, num_new))
             plan.budget -= num_new
             slots = slots.plus(num_left - num_new, cap)
+
+    def _take_cached_prefix(self, request: Request) -> None:
+        """A waiting request holding no KV starts with the cached blocks of its longest cached prefix
+        (at least its last token is recomputed, so the step has logits to sample from)."""
+        bm = self.block_manager
+        if not bm.enable_caching or request.num_computed_tokens or bm.num_blocks_of(request.request_id):
+            return
+        request.block_keys = block_keys(request.all_token_ids, bm.block_size, self.config.cache_extra_key,
+                                        request.block_keys)
+        hits = bm.cached_prefix(request.block_keys, (request.num_tokens - 1) // bm.block_size)
+        first = request.first_scheduled_time is None
+        if first:
+            self.prefix_cache_queries += request.num_prompt_tokens
+        if hits:
+            bm.allocate_prefix(request.request_id, hits)
+            request.num_computed_tokens = len(hits) * bm.block_size
+            if first:
+                request.num_cached_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
+                self.prefix_cache_hits += request.num_cached_tokens
+
+    def _return_cached_prefix(self, request: Request) -> None:
+        """Undo ``_take_cached_prefix`` for a request that stays waiting."""
+        if request.num_computed_tokens:
+            if request.first_scheduled_time is None:
+                self.prefix_cache_hits -= request.num_cached_tokens
+                self.prefix_cache_queries -= request.num_prompt_tokens
+                request.num_cached_tokens = 0
+            self.block_manager.free(request.request_id)
+            request.num_computed_tokens = 0
+        elif self.block_manager.enable_caching and request.first_scheduled_time is None:
+            self.prefix_cache_queries -= request.num_prompt_tokens
+
+    def _cache_computed_blocks(self, request: Request) -> None:
+        """Register the request's full blocks whose tokens are all computed (shared from now on)."""
+        bm = self.block_manager
+        if not bm.enable_caching:
+            return
+        num_full = request.num_computed_tokens // bm.block_size
+        if num_full > len(request.block_keys):
+            request.block_keys = block_keys(request.all_token_ids[: num_full * bm.block_size], bm.block_size,
+                                            self.config.cache_extra_key, request.block_keys)
+        bm.cache_blocks(request.request_id, request.block_keys[:num_full])
 
     def _admit(self, request: Request) -> None:
         request.status = RequestStatus.RUNNING
@@ -442,7 +493,7 @@ class Scheduler:
         if waiting and len(self.running) >= self.config.max_num_seqs:
             return False
         if not self.block_manager.allocate(request.request_id, request.num_computed_tokens + num_new):
-            return False
+            return False  # (a solo step recomputes from scratch: no prefix hit for a suspect request)
         plan.budget -= num_new
         if waiting:
             self.waiting.remove(request)
@@ -525,6 +576,8 @@ class Scheduler:
             num_draft_tokens=num_drafts,
             num_accepted_tokens=min(num_accepted, num_kept),
             first_scheduled_time=request.first_scheduled_time,
+            num_cached_tokens=request.num_cached_tokens,
+            drafter=request.spec_drafter if seq.num_spec_tokens else "",
         )
         if status is not None:
             request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
@@ -549,6 +602,8 @@ class Scheduler:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
+        if status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED):
+            self._cache_computed_blocks(request)  # a finished answer stays cached for the next turn
         request.status = status
         self.block_manager.free(request.request_id)
         request.clear_drafts()

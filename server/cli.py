@@ -188,6 +188,10 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
                    help="suffix drafts also match recent outputs of other requests (off: tenants share it)")
     s.add_argument("--no-online-calibration", dest="online_calibration", action="store_false",
                    help="rank drafts by the drafter's own confidences (default: corrected online from outcomes)")
+    s.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True,
+                   help="reuse the KV of full blocks computed before (default)")
+    s.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="recompute every prompt")
     s.add_argument("--unseeded-coupling", action="store_true",
                    help="verify unseeded sampled requests by Gumbel-max coupling like seeded ones (default: "
                         "rejection sampling, which accepts more drafts; see docs/benchmarks.md)")
@@ -280,6 +284,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         speculative_method=getattr(ns, "speculative_method", "dspark"),
         suffix_global=getattr(ns, "suffix_global", False),
         online_calibration=getattr(ns, "online_calibration", True),
+        enable_prefix_caching=getattr(ns, "enable_prefix_caching", True),
     )
 
 

@@ -92,6 +92,21 @@ class ServerMetrics:
             "kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full)."
         )
         self.num_preemptions = self._counter("num_preemptions", "Recompute preemptions.")
+        self.prefix_cache_queries = self._counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache (as vLLM)."
+        )
+        self.prefix_cache_hits = self._counter("prefix_cache_hits", "Of them, prompt tokens found cached.")
+        calib_labels = ("model_name", "drafter", "temperature", "position")
+        self._calibration = {
+            name: Counter(f"sparkserve:spec_decode_{name}", doc, calib_labels, registry=self.registry)
+            for name, doc in (
+                ("calibration_verified", "Drafts reached (all earlier drafts accepted), by drafter / class / position."),
+                ("calibration_stated", "Sum of the drafter's stated conditional confidences of those drafts."),
+                ("calibration_corrected", "Sum of the online-corrected confidences of those drafts."),
+                ("calibration_accepted", "Of those drafts, the accepted ones (realised survival)."),
+            )
+        }
+        self._totals: dict[tuple, float] = {}
         self.iteration_tokens = self._histogram(
             "iteration_tokens_total", "Tokens per engine step (B).", per_step
         )
@@ -240,6 +255,23 @@ class ServerMetrics:
             self.iteration_tokens.observe(num_batched_tokens)
         if verified_tokens_per_request or accepted_tokens_per_request:
             self._observe_spec(verified_tokens_per_request, accepted_tokens_per_request)
+
+    def on_totals(self, prefix_cache_queries: int, prefix_cache_hits: int, calibration: Sequence = ()) -> None:
+        """Advance the counters that the engine keeps as cumulative totals (prefix cache, online
+        calibration rows ``scheduler.policy.calibration.CalibrationRow``) by what is new since the last call."""
+        self._advance(self.prefix_cache_queries, ("q",), prefix_cache_queries)
+        self._advance(self.prefix_cache_hits, ("h",), prefix_cache_hits)
+        for row in calibration:
+            labels = (self.model_name, row.drafter or "unknown", "greedy" if row.greedy else "sampled", str(row.position))
+            for name, total in (("calibration_verified", row.verified), ("calibration_stated", row.stated),
+                                ("calibration_corrected", row.corrected), ("calibration_accepted", row.accepted)):
+                self._advance(self._calibration[name].labels(*labels), (name, *labels), total)
+
+    def _advance(self, counter: Counter, key: tuple, total: float) -> None:
+        delta = total - self._totals.get(key, 0)
+        if delta > 0:
+            counter.inc(delta)
+            self._totals[key] = total
 
     def _observe_spec(self, verified: Sequence[int], accepted: Sequence[int]) -> None:
         gamma = self.num_speculative_tokens

@@ -76,6 +76,8 @@ class EngineMetricsListener:
             )
         else:
             self.metrics.on_step(num_running=stats.num_running, num_waiting=stats.num_waiting, kv_cache_usage=usage)
+        self.metrics.on_totals(stats.prefix_cache_queries, stats.prefix_cache_hits,
+                               stats.controller.calibration if stats.controller is not None else ())
         self.num_steps += 1
         if self.num_steps % self.profile_every == 0:
             publish_profile(self.metrics, stats)

@@ -209,10 +209,36 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PromptTokensDetails(_Response):
+    """OpenAI ``usage.prompt_tokens_details``: prompt tokens served from the prefix cache."""
+
+    cached_tokens: int = 0
+
+
+class DrafterUsage(_Response):
+    """Speculation of one drafter family within a response."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+
+class SpeculationUsage(_Response):
+    """Vendor extension ``usage.speculation``: verify steps with drafts (``drafts``), drafts verified
+    (``draft_tokens``) and accepted (``accepted_tokens``), in all and by drafter family."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    by_drafter: dict[str, DrafterUsage] = Field(default_factory=dict)
+
+
 class UsageInfo(_Response):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+    speculation: SpeculationUsage | None = None
 
 
 class TopLogprob(_Response):

@@ -31,7 +31,7 @@ from scheduler.sampling_params import SamplingParams
 from server.detokenizer import StopStringDecoder
 from server.engine_client import EngineClient, RequestOutput
 from server.errors import ApiError, engine_error_to_api_error, internal_error
-from server.protocol import UsageInfo
+from server.protocol import DrafterUsage, PromptTokensDetails, SpeculationUsage, UsageInfo
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,8 @@ class _Choice:
     first_scheduled_time: float | None = None
     token_event_times: list[float] = field(default_factory=list)
     recorded: bool = False
+    num_cached_tokens: int = 0
+    speculation: dict[str, list[int]] = field(default_factory=dict)  # drafter -> [drafts, tokens, accepted]
 
     def observe_times(self, out: RequestOutput) -> None:
         """Take the engine's arrival / first-scheduled stamps (engines without them leave None)."""
@@ -162,6 +164,16 @@ class _Choice:
             self.queued_time = arrival if arrival else None  # 0.0 = "not set"
         if self.first_scheduled_time is None:
             self.first_scheduled_time = getattr(out, "first_scheduled_time", None)
+
+    def observe_usage(self, out: RequestOutput) -> None:
+        """Take the prefix-cache hit and this delta's speculation counts (engines without them: 0)."""
+        self.num_cached_tokens = max(self.num_cached_tokens, getattr(out, "num_cached_tokens", 0))
+        drafts = getattr(out, "num_draft_tokens", 0)
+        if drafts:
+            row = self.speculation.setdefault(getattr(out, "drafter", "") or "unknown", [0, 0, 0])
+            row[0] += 1
+            row[1] += drafts
+            row[2] += getattr(out, "num_accepted_tokens", 0)
 
     def apply(self, out: RequestOutput) -> ChoiceUpdate:
         if out.finish_reason == "error":
@@ -254,6 +266,7 @@ class Generation:
                 if choice.finished:
                     continue
                 choice.observe_times(out)
+                choice.observe_usage(out)
                 update = choice.apply(out)
                 self._record_update(choice, update)
                 if update.finish_reason is not None and out.finish_reason is None:
@@ -275,11 +288,30 @@ class Generation:
         """Prompt tokens count each distinct prompt once; completion tokens sum over choices."""
         prompt_tokens = sum(len(p) for p in self.prompts)
         completion_tokens = sum(c.num_output_tokens for c in self.choices)
+        cached: dict[int, int] = {}  # per distinct prompt, its cache hit (choices of one prompt share it)
+        for c in self.choices:
+            cached[c.prompt_index] = max(cached.get(c.prompt_index, 0), c.num_cached_tokens)
         return UsageInfo(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())),
+            speculation=self._speculation_usage(),
         )
+
+    def _speculation_usage(self) -> SpeculationUsage | None:
+        """Per-response speculation counts summed over choices (None when nothing was verified)."""
+        by: dict[str, list[int]] = {}
+        for c in self.choices:
+            for name, row in c.speculation.items():
+                total = by.setdefault(name, [0, 0, 0])
+                for i in range(3):
+                    total[i] += row[i]
+        if not by:
+            return None
+        drafters = {name: DrafterUsage(drafts=r[0], draft_tokens=r[1], accepted_tokens=r[2]) for name, r in by.items()}
+        return SpeculationUsage(drafts=sum(r[0] for r in by.values()), draft_tokens=sum(r[1] for r in by.values()),
+                                accepted_tokens=sum(r[2] for r in by.values()), by_drafter=drafters)
 
     async def close(self) -> None:
         """Abort unfinished engine requests (idempotent); frees their KV blocks."""

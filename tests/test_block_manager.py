@@ -156,3 +156,72 @@ def test_random_operations_keep_accounting_exact(
         bm.free(rid)
     assert bm.num_free_blocks == num_blocks
     bm.check_integrity()
+
+
+# ---- prefix caching -----------------------------------------------------------------------------
+def test_block_keys_chain_and_verify_hits() -> None:
+    from scheduler.block_manager import block_keys
+
+    keys = block_keys([1, 2, 3, 4, 5, 6, 7], 3, extra="d")
+    assert len(keys) == 2 and keys[1].parent_hash == keys[0].hash and keys[1].token_ids == (4, 5, 6)
+    assert block_keys([1, 2, 3, 4, 5, 6, 7, 8, 9], 3, "d", existing=keys)[:2] == keys
+    assert block_keys([9, 2, 3, 4, 5, 6], 3, "d")[1].hash != keys[1].hash  # the parent is in the hash
+    assert block_keys([1, 2, 3], 3, "other")[0].hash != keys[0].hash  # so is the extra key (drafter)
+
+
+def test_cached_blocks_are_shared_evicted_last_and_accounted() -> None:
+    from scheduler.block_manager import BlockKey, block_keys
+
+    bm = BlockManager(num_blocks=4, block_size=2, enable_caching=True)
+    keys = block_keys([1, 2, 3, 4, 5], 2)
+    assert bm.allocate("a", 5) and bm.cached_prefix(keys, 2) == []
+    bm.cache_blocks("a", keys)  # its two full blocks
+    assert bm.num_cached_blocks == 2
+    shared = bm.cached_prefix(keys, 2)
+    assert shared == list(bm.block_table("a")[:2])
+    bm.allocate_prefix("b", shared)
+    assert bm.allocate("b", 5) and bm.num_used_blocks == 4  # 2 shared + 1 each
+    bm.check_integrity()
+    bm.free("a")
+    assert bm.num_used_blocks == 3  # the shared ones are still b's
+    bm.free("b")
+    assert bm.num_free_blocks == 4 and bm.num_cached_blocks == 2 and bm.usage == 0  # evictable: free, cached
+    bm.check_integrity()
+    assert bm.cached_prefix(keys, 1) == shared[:1]
+    assert bm.allocate("c", 4)  # 2 uncached free blocks first: the cache survives
+    assert bm.num_cached_blocks == 2 and bm.cached_prefix(keys, 2) == shared
+    assert bm.allocate("c", 6)  # now the least recently used cached block is evicted
+    assert bm.num_evictions == 1 and bm.num_cached_blocks == 1
+    bm.check_integrity()
+    # a colliding hash with other tokens is a miss
+    fake = BlockKey(keys[0].hash, (9, 9), None)
+    assert bm.cached_prefix(keys, 1) == shared[:1] and bm.cached_prefix([fake], 1) == []
+    bm.free("c")
+    bm.check_integrity()
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["admit", "grow", "cache", "free"]), st.integers(0, 3), st.integers(1, 12)),
+                    max_size=40), num_blocks=st.integers(1, 10), block_size=st.integers(1, 3))
+def test_random_operations_with_caching_keep_accounting_exact(ops, num_blocks: int, block_size: int) -> None:
+    from scheduler.block_manager import block_keys
+
+    bm = BlockManager(num_blocks, block_size, shuffle=True, seed=3, enable_caching=True)
+    texts = {f"r{i}": [1 + (j * (i % 2 + 1)) % 5 for j in range(12)] for i in range(4)}  # overlapping prefixes
+    for op, who, num_tokens in ops:
+        rid = f"r{who}"
+        keys = block_keys(texts[rid][:num_tokens], block_size)
+        if op == "admit" and not bm.block_table(rid):
+            bm.allocate_prefix(rid, bm.cached_prefix(keys, len(keys)))
+        elif op == "grow":
+            bm.allocate(rid, num_tokens)
+        elif op == "cache":
+            held = min(len(bm.block_table(rid)), len(keys))
+            bm.cache_blocks(rid, keys[:held])
+        else:
+            bm.free(rid)
+        bm.check_integrity()
+    for rid in texts:
+        bm.free(rid)
+    assert bm.num_free_blocks == num_blocks and bm.usage == 0
+    bm.check_integrity()
