@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scheduler.policy.calibration import CalibrationRow
 from server.metrics import ServerMetrics
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -302,6 +303,7 @@ def exported_names() -> set[str]:
     """Every sample name ServerMetrics exposes (with all optional series populated)."""
     m = ServerMetrics("m", num_speculative_tokens=4)
     m.set_profile([16], [1], [[0.01]])
+    m.on_totals(1, 1, [CalibrationRow("dspark", True, 0, 1, 0.5, 0.5, 1)])  # per-drafter series appear with data
     body, _ = m.render()
     return {
         line.split("{")[0].split(" ")[0] for line in body.decode().splitlines() if not line.startswith("#")
@@ -356,6 +358,8 @@ class FakeFeed:
                 verified_tokens_per_request=[4, 2, 0],
                 accepted_tokens_per_request=[3, 1, 0],
             )
+            n = int(self.t) + 1
+            m.on_totals(100 * n, 40 * n, [CalibrationRow("dspark", True, 0, 10 * n, 7.0 * n, 6.0 * n, 5 * n)])
             m.on_prompt_tokens(12)
             m.on_generation_tokens(6)
             m.on_request_rejected("queue_full")
