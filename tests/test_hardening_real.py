@@ -187,7 +187,8 @@ def test_4_disconnect_storm_frees_everything_at_once(real: Real) -> None:
     start = time.monotonic()
     assert wait_for(real.idle, timeout_s=10), (real.gauge("num_requests_running"), real.gauge("kv_cache_usage_perc"))
     assert time.monotonic() - start < 5
-    assert wait_for(lambda: real.gauge("request_success_total", finished_reason="abort") == aborted + 12)
+    # (the handlers record their aborts as they unwind: give a loaded CI machine time)
+    assert wait_for(lambda: real.gauge("request_success_total", finished_reason="abort") == aborted + 12, timeout_s=30)
 
 
 # ---- 5. KV exhaustion ----------------------------------------------------------------------------------
