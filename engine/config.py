@@ -13,7 +13,8 @@ class EngineArgs:
         model: local HF folder or GGUF file; ``None`` = the embedded SmolLM2-135M-Instruct.
         served_model_name: name reported by ``/v1/models`` (default: derived from ``model``).
         dtype: "float32" | "bfloat16" (weights, activations and KV cache).
-        kv_cache_memory_gb: memory for the paged KV cache (GiB), used when ``num_kv_blocks`` is None.
+        kv_cache_memory_gb: memory for the paged KV cache (GiB), used when ``num_kv_blocks`` is None;
+            None = 1 GiB on the CPU, ``gpu_memory_utilization`` on CUDA.
         num_kv_blocks: explicit number of KV blocks (overrides ``kv_cache_memory_gb``).
         block_size: tokens per KV block.
         max_num_seqs: most requests running at once.
@@ -47,12 +48,17 @@ class EngineArgs:
             tenant's text could raise another's acceptance).
         online_calibration: correct draft confidences online from verification outcomes.
         enable_prefix_caching: reuse the KV (and the drafter's context) of cached full blocks.
+        device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+        gpu_memory_utilization: on CUDA, the fraction of device memory the engine may use; the KV
+            cache gets what is left after the weights and a profiling forward (vLLM's flag). Used when
+            neither ``num_kv_blocks`` nor an explicit ``kv_cache_memory_gb`` is given.
+        attention_backend: "auto" (Triton kernels on CUDA, torch on the CPU), "torch" or "triton".
     """
 
     model: str | None = None
     served_model_name: str | None = None
     dtype: str = "bfloat16"
-    kv_cache_memory_gb: float = 1.0
+    kv_cache_memory_gb: float | None = None
     num_kv_blocks: int | None = None
     block_size: int = 16
     max_num_seqs: int = 64
@@ -78,6 +84,9 @@ class EngineArgs:
     suffix_global: bool = False
     online_calibration: bool = True
     enable_prefix_caching: bool = True
+    device: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -92,7 +101,25 @@ class EngineArgs:
             raise ValueError("max_waiting_tokens must be >= 1")
         if self.drafter_kind not in ("dspark", "dflash", "draft-model"):
             raise ValueError(f"unknown drafter_kind {self.drafter_kind!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
         if self.speculative_method not in ("dspark", "suffix", "hybrid"):
             raise ValueError(f"unknown speculative_method {self.speculative_method!r}: dspark, suffix or hybrid")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
+
+
+def resolve_device(spec: str) -> str:
+    """``EngineArgs.device`` -> a torch device string. Raises ValueError for CUDA without CUDA."""
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__}); "
+                         "use --device cpu")
+    return spec

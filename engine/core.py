@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from engine.config import EngineArgs
+from engine.config import EngineArgs, resolve_device
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.profiler import load_or_measure_profile, profile_key
@@ -55,7 +55,12 @@ class EngineCore:
         dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
-        self.loaded = loaded if loaded is not None else load_model(args.model, dtype=dtype)
+        if loaded is None:
+            self.device = torch.device(resolve_device(args.device))
+            loaded = load_model(args.model, dtype=dtype, device=self.device)
+        else:  # a shared, already loaded model decides the device
+            self.device = loaded.model.embed_tokens.weight.device
+        self.loaded = loaded
         config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.model_name = args.served_model_name or self.loaded.name
@@ -68,7 +73,7 @@ class EngineCore:
             per_block = kv_cache_bytes_per_block(config, args.block_size, dtype)
             if drafter is not None:
                 per_block += drafter.context_bytes_per_block(args.block_size, dtype)
-            num_blocks = max(1, int(args.kv_cache_memory_gb * (1 << 30)) // per_block)
+            num_blocks = max(1, self._kv_cache_bytes(dtype) // per_block)
         self.num_blocks = num_blocks
         gamma = drafter.num_speculative_tokens if drafter is not None else 0
         self.scheduler = Scheduler(
@@ -91,7 +96,8 @@ class EngineCore:
         speculator = None
         if drafter is not None:
             speculator = Speculator(drafter, num_blocks, args.block_size, dtype, args.max_num_seqs)
-        self.runner = ModelRunner(self.loaded.model, config, num_blocks, args.block_size, dtype, speculator=speculator,
+        self.runner = ModelRunner(self.loaded.model, config, num_blocks, args.block_size, dtype, device=self.device,
+                                  speculator=speculator, attention_backend=args.attention_backend,
                                   max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
                                   engine_seed=args.seed, mask=logits_mask, unseeded_coupling=args.unseeded_coupling)
         self.controller = None
@@ -116,6 +122,26 @@ class EngineCore:
             self.model_name, args.dtype, num_blocks, args.block_size, self.max_model_len,
         )
 
+    def _kv_cache_bytes(self, dtype: torch.dtype) -> int:
+        """The KV cache's memory: ``kv_cache_memory_gb`` if given; else 1 GiB on the CPU and on CUDA
+        ``gpu_memory_utilization`` of the device minus what is in use (weights) and the peak of a
+        profiling forward at the largest step (vLLM's rule)."""
+        args = self.args
+        if args.kv_cache_memory_gb is not None:
+            return int(args.kv_cache_memory_gb * (1 << 30))
+        if self.device.type != "cuda":
+            return 1 << 30
+        from engine.profiler import activation_peak_bytes
+
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak = activation_peak_bytes(self.loaded.model, args.max_num_batched_tokens, dtype, self.device)
+        budget = int(total * args.gpu_memory_utilization) - (total - free) - peak
+        if budget <= 0:
+            raise ValueError(f"no memory left for the KV cache at --gpu-memory-utilization "
+                             f"{args.gpu_memory_utilization} ({(total - free) / 2**30:.1f} GiB in use, "
+                             f"{peak / 2**30:.1f} GiB activation peak)")
+        return budget
+
     def profile_key(self) -> dict[str, str | int]:
         """What a cached throughput profile of this engine is valid for (model, dtype, device,
         drafter and its draft vocabulary, step budgets, threads)."""
@@ -123,8 +149,9 @@ class EngineCore:
         drafter = f"{args.drafter or 'default'}@{effective_draft_vocab(args)}"
         if args.speculative_method != "dspark":
             drafter = f"{args.speculative_method}{'+global' if args.suffix_global else ''}:{drafter}"
+        device = "cpu" if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
         return profile_key(self.model_name, args.dtype, drafter, args.max_num_batched_tokens, args.max_num_seqs,
-                           torch.get_num_threads())
+                           torch.get_num_threads(), device)
 
     def stats(self) -> EngineStats:
         """A typed snapshot for metrics (no tensors; read on the event loop after a step)."""

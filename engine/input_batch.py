@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine.attention import AttentionMetadata, build_attention_metadata
+from engine.attention import AttentionMetadata, build_attention_metadata, with_kernel_metadata
 from engine.sampling.keyed_random import request_key
 from engine.sampling.metadata import SamplingMetadata, dense_logit_bias
 from scheduler.outputs import ScheduledSeq, SchedulerOutput
@@ -82,14 +82,17 @@ class InputBatch:
         vocab_size: V (sampling metadata).
         device: where step tensors go.
         engine_seed: mixed into unseeded requests' random keys.
+        kernel_heads: ``(Hkv, H / Hkv)`` of the target when its attention runs the Triton kernels (then
+            each step's metadata carries theirs too), else None.
     """
 
     def __init__(self, max_num_seqs: int, max_model_len: int, block_size: int, vocab_size: int,
-                 device: torch.device, engine_seed: int = 0) -> None:
+                 device: torch.device, engine_seed: int = 0, kernel_heads: tuple[int, int] | None = None) -> None:
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.device = device
         self.engine_seed = engine_seed
+        self.kernel_heads = kernel_heads
         self.max_len = max_model_len
         self.token_ids = torch.zeros(max_num_seqs, max_model_len, dtype=torch.int64)  # [rows, L]
         self.block_table = torch.zeros(max_num_seqs, -(-max_model_len // block_size) + 1, dtype=torch.int64)
@@ -199,6 +202,9 @@ class InputBatch:
         tables = self.block_table.index_select(0, rows)  # [S, max_blocks]
         meta = build_attention_metadata(q_lens, starts, [s.end_pos for s in seqs], tables, self.block_size,
                                         device=self.device, token_positions=(owner, positions))
+        if self.kernel_heads is not None:
+            meta = with_kernel_metadata(meta, q_lens, starts, [s.end_pos for s in seqs], tables.to(self.device),
+                                        *self.kernel_heads)
         sample_index = tuple(i for i, s in enumerate(seqs) if s.sample)
         ends = (first + counts).tolist()
         logits_rows = [ends[i] - 1 - seqs[i].num_spec_tokens + k for i in sample_index

@@ -50,6 +50,7 @@ class ModelRunner:
         engine_seed: mixed into unseeded requests' random streams.
         mask: the logits-mask hook (grammars), or None.
         unseeded_coupling: verify unseeded sampled requests by Gumbel coupling (``Verifier``).
+        attention_backend: "auto" (Triton kernels on CUDA), "torch" or "triton" (CUDA only).
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class ModelRunner:
         engine_seed: int = 0,
         mask: LogitsMask | None = None,
         unseeded_coupling: bool = False,
+        attention_backend: str = "auto",
     ) -> None:
         self.model = model
         self.speculator = speculator
@@ -78,7 +80,12 @@ class ModelRunner:
         ]
         gamma = speculator.gamma if speculator is not None else 0
         max_len = (max_model_len or config.max_position_embeddings) + gamma + 1
-        self.batch = InputBatch(max_num_seqs, max_len, block_size, config.vocab_size, self.device, engine_seed)
+        use_kernels = attention_backend == "triton" or (attention_backend == "auto" and self.device.type == "cuda")
+        if use_kernels and self.device.type != "cuda":
+            raise ValueError("attention_backend triton needs a CUDA device (the CPU serves with the torch path)")
+        heads = (config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads)
+        self.batch = InputBatch(max_num_seqs, max_len, block_size, config.vocab_size, self.device, engine_seed,
+                                kernel_heads=heads if use_kernels else None)
         self.drafts = DraftStore()
         self.verifier = Verifier(mask, unseeded_coupling)
         self.mask = mask

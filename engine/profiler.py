@@ -100,11 +100,37 @@ def _synthetic_draft(runner: ModelRunner, starts: list[int], tables: list[tuple[
                  (False,) * num_requests, histories)
 
 
+def activation_peak_bytes(model, num_tokens: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Peak CUDA memory of one prefill forward over ``num_tokens`` tokens beyond what is allocated now
+    (a temporary KV cache for them included): the activation reserve of the KV-cache sizing."""
+    from engine.attention import new_kv_cache
+
+    cfg = model.config
+    block_size = 16
+    num_blocks = -(-num_tokens // block_size)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        caches = [new_kv_cache(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+                  for _ in range(cfg.num_hidden_layers)]
+        meta = build_attention_metadata([num_tokens], [0], [num_tokens], [list(range(num_blocks))], block_size,
+                                        device=device)
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+        hidden, _ = model(ids, torch.arange(num_tokens, device=device), caches, meta)
+        model.compute_logits(hidden[-256:])
+        del caches, hidden
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    torch.cuda.empty_cache()
+    return peak
+
+
 def profile_key(model_name: str, dtype: str, drafter: str, max_num_batched_tokens: int, max_num_seqs: int,
-                num_threads: int) -> dict[str, str | int]:
+                num_threads: int, device: str = "cpu") -> dict[str, str | int]:
     """What a cached profile is valid for."""
     return {
-        "model": model_name, "dtype": dtype, "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "model": model_name, "dtype": dtype, "device": device,
         "drafter": drafter, "max_num_batched_tokens": max_num_batched_tokens, "max_num_seqs": max_num_seqs,
         "num_threads": num_threads, "torch": torch.__version__, "draft_time": 2 if drafter != "none" else 0,
     }

@@ -6,7 +6,7 @@ run cut off by the device's time limit still returns the earlier phases.
                 32-256 x context 2k/4k/8k vs that bandwidth, verify blocks vs SDPA on gathered K/V,
                 the sampling kernels vs torch
   3. serving    the engine in process at concurrency 1/16/64/256 without speculation, with dspark and
-                fixed:7 (needs ``EngineArgs(device=...)``; reports "not wired" until it exists), plus the
+                fixed:7 (through ``EngineArgs(device="cuda")``), plus the
                 step-time staircase SPS(B, R)
   4. exactness  fp32 with TF32 off: the attention kernel at serving shapes vs the torch reference, and
                 greedy engine outputs vs the CPU fp32 reference loop by the near-tie rule

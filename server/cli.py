@@ -144,7 +144,8 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--served-model-name", default=None, help="model name clients use (default: from --model)")
     s.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"))
     s.add_argument(
-        "--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb, help="paged KV cache size, GiB"
+        "--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb,
+        help="paged KV cache size, GiB (default: 1 on the CPU, --gpu-memory-utilization on CUDA)"
     )
     s.add_argument(
         "--num-kv-blocks", type=int, default=None, help="explicit KV block count (overrides memory)"
@@ -188,6 +189,11 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
                    help="suffix drafts also match recent outputs of other requests (off: tenants share it)")
     s.add_argument("--no-online-calibration", dest="online_calibration", action="store_false",
                    help="rank drafts by the drafter's own confidences (default: corrected online from outcomes)")
+    s.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default: %(default)s: CUDA when available)")
+    s.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                   help="on CUDA, the share of device memory for weights, activations and KV cache (default: %(default)s)")
+    s.add_argument("--attention-backend", default=d.attention_backend, choices=("auto", "torch", "triton"),
+                   help="Triton kernels on CUDA, torch on the CPU (default: %(default)s)")
     s.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True,
                    help="reuse the KV of full blocks computed before (default)")
     s.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
@@ -285,6 +291,9 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         suffix_global=getattr(ns, "suffix_global", False),
         online_calibration=getattr(ns, "online_calibration", True),
         enable_prefix_caching=getattr(ns, "enable_prefix_caching", True),
+        device=getattr(ns, "device", "auto"),
+        gpu_memory_utilization=getattr(ns, "gpu_memory_utilization", 0.9),
+        attention_backend=getattr(ns, "attention_backend", "auto"),
     )
 
 

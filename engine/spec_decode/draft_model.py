@@ -38,9 +38,10 @@ class DraftModelDrafter(TokenDrafter):
         self.kv_block_size = block_size
 
     @classmethod
-    def load(cls, path: str | Path, num_draft_tokens: int, dtype: torch.dtype, target_vocab: int) -> DraftModelDrafter:
-        """Load a HF folder or GGUF draft model; its vocabulary must match the target's."""
-        loaded = load_model(path, dtype=dtype)
+    def load(cls, path: str | Path, num_draft_tokens: int, dtype: torch.dtype, target_vocab: int,
+             device: torch.device | str = "cpu") -> DraftModelDrafter:
+        """Load a HF folder or GGUF draft model on ``device``; its vocabulary must match the target's."""
+        loaded = load_model(path, dtype=dtype, device=device)
         if loaded.config.vocab_size != target_vocab:
             raise ValueError(f"draft model vocabulary {loaded.config.vocab_size} != target's {target_vocab}")
         return cls(loaded.model, num_draft_tokens)

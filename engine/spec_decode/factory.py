@@ -85,10 +85,12 @@ def _load_checkpoint_drafter(args: EngineArgs, loaded: LoadedModel, dtype: torch
     if args.drafter_kind == "draft-model":
         from engine.spec_decode.draft_model import DraftModelDrafter
 
-        return DraftModelDrafter.load(path, args.num_draft_tokens, dtype, target_vocab=loaded.config.vocab_size)
+        return DraftModelDrafter.load(path, args.num_draft_tokens, dtype, target_vocab=loaded.config.vocab_size,
+                                      device=loaded.model.embed_tokens.weight.device)
     from engine.spec_decode.dspark_loader import load_drafter
 
-    drafter = load_drafter(path, loaded.model.embed_tokens.weight, loaded.model.lm_head_weight, dtype=dtype)
+    drafter = load_drafter(path, loaded.model.embed_tokens.weight, loaded.model.lm_head_weight, dtype=dtype,
+                           device=loaded.model.embed_tokens.weight.device)
     vocab = effective_draft_vocab(args)
     if vocab is not None:
         if not 1 <= vocab <= drafter.config.vocab_size:
