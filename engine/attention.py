@@ -7,7 +7,11 @@ each sequence's cached context through its block table.
 Two groups keep the torch path fast on the CPU:
 - *short* sequences (decode, verify blocks, drafter blocks: ``q_len <= SHORT_QUERY_MAX``) are padded
   to ``[S, q_max]`` queries and ``[S, kv_max]`` keys and run as ONE batched SDPA call per layer;
-- *long* sequences (prefill chunks) run one SDPA call each.
+- *long* sequences (prefill chunks) run one SDPA call each, with no dense mask (linear memory in the
+  context): a chunk after cached context attends to the context (every key visible) and to its own fresh
+  keys (causal) as two flash-attention calls whose outputs are merged by their log-sum-exp
+  (the split-softmax identity of flash-decoding; Dao et al. 2023, "Flash-Decoding for long-context
+  inference"), so the CPU's flash kernel keeps its causal block skipping and never reads a mask.
 
 Mask rule: query i of a sequence (absolute position ``start + i``) sees key j iff
 ``j <= start + i`` (causal), or, for a non-causal (bidirectional) block of a drafter, iff
@@ -32,7 +36,25 @@ class PrefillSeq:
     q_end: int
     start_pos: int  # absolute position of the first query token
     slots: torch.Tensor  # [kv_len] flat cache slots of the whole context (incl. new tokens)
-    mask: torch.Tensor | None  # [q_len, kv_len] bool, None = plain causal over fresh keys
+    kv_len: int  # keys visible to the sequence (context + fresh)
+    causal: bool  # False: a bidirectional drafter block (every one of the kv_len keys visible)
+
+    @property
+    def q_len(self) -> int:
+        return self.q_end - self.q_start
+
+    @property
+    def fresh_only(self) -> bool:
+        """Causal over this step's keys only (a first prefill chunk): plain causal SDPA on ``k`` / ``v``."""
+        return self.causal and self.start_pos == 0 and self.kv_len == self.q_len
+
+    def dense_mask(self) -> torch.Tensor:
+        """``[q_len, kv_len]`` bool (True = may attend): only for the fallback off the CPU flash kernel."""
+        pos = torch.arange(self.kv_len, device=self.slots.device)
+        if not self.causal:
+            return torch.ones(self.q_len, self.kv_len, dtype=torch.bool, device=self.slots.device)
+        q_pos = torch.arange(self.start_pos, self.start_pos + self.q_len, device=self.slots.device)
+        return pos[None, :] <= q_pos[:, None]
 
 
 @dataclass
@@ -136,16 +158,8 @@ def build_attention_metadata(
     for i in long:
         pos = torch.arange(kv_lens[i])
         seq_slots = tables[i, pos // block_size] * block_size + pos % block_size
-        mask = None
-        if start_positions[i] != 0 or not causal[i] or kv_lens[i] != q_lens[i]:
-            q_pos = torch.arange(start_positions[i], start_positions[i] + q_lens[i])
-            mask = pos[None, :] < kv_lens[i]
-            if causal[i]:
-                mask = mask & (pos[None, :] <= q_pos[:, None])
-            mask = mask.expand(q_lens[i], kv_lens[i]).contiguous().to(device)
-        meta.prefills.append(
-            PrefillSeq(offsets[i], offsets[i] + q_lens[i], start_positions[i], seq_slots.to(device), mask)
-        )
+        meta.prefills.append(PrefillSeq(offsets[i], offsets[i] + q_lens[i], start_positions[i],
+                                        seq_slots.to(device), kv_lens[i], causal[i]))
     return meta
 
 
@@ -294,16 +308,63 @@ def paged_attention(
     if meta.short_q_index is not None:
         _short_group_attention(q, k_cache, v_cache, meta, scale, out)
     for seq in meta.prefills:
-        qs = q[seq.q_start:seq.q_end].transpose(0, 1)  # [H, q_len, hd]
-        if seq.mask is None:
-            ks = k[seq.q_start:seq.q_end].transpose(0, 1)  # [Hkv, q_len, hd]
-            vs = v[seq.q_start:seq.q_end].transpose(0, 1)
-        else:
-            ks = k_cache.view(num_kv_heads, -1, head_dim).index_select(1, seq.slots).to(q.dtype)  # [Hkv, L, hd]
-            vs = v_cache.view(num_kv_heads, -1, head_dim).index_select(1, seq.slots).to(q.dtype)
-        o = F.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=seq.mask,
-            is_causal=seq.mask is None, scale=scale, enable_gqa=gqa,
-        )
-        out[seq.q_start:seq.q_end] = o.transpose(0, 1)
+        out[seq.q_start:seq.q_end] = _long_attention(q, k, v, k_cache, v_cache, seq, scale)
     return out
+
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _gather_heads(cache: torch.Tensor, slots: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """Cache rows at ``slots`` as ``[1, H, L, hd]`` (KV heads repeated for GQA)."""
+    num_kv_heads, _, _, head_dim = cache.shape
+    rows = cache.view(num_kv_heads, -1, head_dim).index_select(1, slots).to(dtype)  # [Hkv, L, hd]
+    return _repeat_heads(rows, num_heads)
+
+
+def _repeat_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[Hkv, L, hd]`` -> ``[1, H, L, hd]``, each KV head shared by ``H / Hkv`` consecutive query heads."""
+    num_kv_heads, length, head_dim = x.shape
+    group = num_heads // num_kv_heads
+    return x[:, None].expand(num_kv_heads, group, length, head_dim).reshape(1, num_heads, length, head_dim)
+
+
+def _long_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, seq: PrefillSeq, scale: float) -> torch.Tensor:
+    """Attention of one long sequence's queries; returns ``[q_len, H, hd]``.
+
+    Memory is linear in ``kv_len`` (the gathered context; no ``[q_len, kv_len]`` mask): a causal chunk after
+    ``start_pos`` cached keys is split into (a) every query against the context ``[0, start_pos)`` and (b)
+    causal attention over the chunk's own keys, merged exactly by log-sum-exp:
+    ``o = o_a * exp(lse_a - lse) + o_b * exp(lse_b - lse)``, ``lse = logaddexp(lse_a, lse_b)``.
+    """
+    num_heads = q.shape[1]
+    gqa = num_heads != k.shape[1]
+    qs = q[seq.q_start:seq.q_end].transpose(0, 1)  # [H, q_len, hd]
+    if seq.fresh_only:
+        ks = k[seq.q_start:seq.q_end].transpose(0, 1)  # [Hkv, q_len, hd]
+        vs = v[seq.q_start:seq.q_end].transpose(0, 1)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        return o.transpose(0, 1)
+    if not seq.causal:  # every key visible: no mask at all
+        ks = _gather_heads(k_cache, seq.slots, num_heads, q.dtype)[0]
+        vs = _gather_heads(v_cache, seq.slots, num_heads, q.dtype)[0]
+        return F.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1)
+    split = (_CPU_FLASH is not None and q.device.type == "cpu" and seq.kv_len == seq.start_pos + seq.q_len
+             and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    if not split:  # e.g. the torch backend on CUDA: dense mask (fine there; the Triton kernel is the default)
+        ks = _gather_heads(k_cache, seq.slots, num_heads, q.dtype)[0]
+        vs = _gather_heads(v_cache, seq.slots, num_heads, q.dtype)[0]
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seq.dense_mask(), scale=scale)
+        return o.transpose(0, 1)
+    q4 = qs.unsqueeze(0)  # [1, H, q_len, hd]
+    k_new = _repeat_heads(k[seq.q_start:seq.q_end].transpose(0, 1), num_heads)
+    v_new = _repeat_heads(v[seq.q_start:seq.q_end].transpose(0, 1), num_heads)
+    o_b, lse_b = _CPU_FLASH(q4, k_new, v_new, 0.0, True, scale=scale)[:2]
+    context = seq.slots[:seq.start_pos]
+    k_ctx = _gather_heads(k_cache, context, num_heads, q.dtype)
+    v_ctx = _gather_heads(v_cache, context, num_heads, q.dtype)
+    o_a, lse_a = _CPU_FLASH(q4, k_ctx, v_ctx, 0.0, False, scale=scale)[:2]
+    lse = torch.logaddexp(lse_a, lse_b)  # [1, H, q_len] fp32
+    o = o_a.float() * torch.exp(lse_a - lse).unsqueeze(-1) + o_b.float() * torch.exp(lse_b - lse).unsqueeze(-1)
+    return o[0].to(q.dtype).transpose(0, 1)
