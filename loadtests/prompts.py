@@ -25,12 +25,14 @@ def shared_data_dir() -> Path:
 
 
 def load_prompts(name: str) -> list[str]:
-    """First-turn prompts of an evaluation set.
+    """First-turn prompts of an evaluation set; ``spec_bench:CATEGORY`` keeps one Spec-Bench category
+    (translation, summarization, qa, math_reasoning, rag, and the MT-bench ones).
 
     Raises:
         KeyError: unknown set name.
         FileNotFoundError: the shared data file is missing (with the path looked at).
     """
+    name, _, category = name.partition(":")
     if name not in _FILES:
         raise KeyError(f"unknown prompt set {name!r}; choose from {sorted(_FILES)}")
     filename, key = _FILES[name]
@@ -44,6 +46,9 @@ def load_prompts(name: str) -> list[str]:
     with opener(path, "rt", encoding="utf-8") as f:
         for line in f:
             if line.strip():
-                value = json.loads(line)[key]
+                row = json.loads(line)
+                if category and row.get("category") != category:
+                    continue
+                value = row[key]
                 prompts.append(value[0] if isinstance(value, list) else value)
     return prompts
