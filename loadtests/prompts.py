@@ -31,8 +31,23 @@ def load_prompts(name: str) -> list[str]:
     Raises:
         KeyError: unknown set name.
         FileNotFoundError: the shared data file is missing (with the path looked at).
+        ValueError: the category matches no record.
     """
     name, _, category = name.partition(":")
+    return [turns[0] for turns in load_conversations(name, category or None)]
+
+
+def load_conversations(name: str, category: str | None = None) -> list[list[str]]:
+    """User turns of each record of an evaluation set (MT-bench, Vicuna and Spec-Bench records have
+    two turns for MT-bench questions, one otherwise; GSM8K and HumanEval one), optionally only
+    records whose ``category`` field is ``category`` (Spec-Bench: writing, roleplay, reasoning, math,
+    coding, extraction, stem, humanities, translation, summarization, qa, math_reasoning, rag).
+
+    Raises:
+        KeyError: unknown set name.
+        FileNotFoundError: the shared data file is missing (with the path looked at).
+        ValueError: ``category`` matches no record (the error lists the categories present).
+    """
     if name not in _FILES:
         raise KeyError(f"unknown prompt set {name!r}; choose from {sorted(_FILES)}")
     filename, key = _FILES[name]
@@ -42,13 +57,17 @@ def load_prompts(name: str) -> list[str]:
             f"prompt file {path} not found: set SPARKSERVE_DATA to the shared data folder"
         )
     opener = gzip.open if filename.endswith(".gz") else open
-    prompts = []
+    conversations: list[list[str]] = []
+    categories: set[str] = set()
     with opener(path, "rt", encoding="utf-8") as f:
         for line in f:
             if line.strip():
-                row = json.loads(line)
-                if category and row.get("category") != category:
+                record = json.loads(line)
+                categories.add(str(record.get("category", "")))
+                if category is not None and record.get("category") != category:
                     continue
-                value = row[key]
-                prompts.append(value[0] if isinstance(value, list) else value)
-    return prompts
+                value = record[key]
+                conversations.append(list(value) if isinstance(value, list) else [value])
+    if category is not None and not conversations:
+        raise ValueError(f"no {name} record has category {category!r}; categories: {sorted(categories)}")
+    return conversations

@@ -2,6 +2,8 @@
 
     sparkserve serve [flags]              serve the OpenAI API (and /metrics)
     sparkserve profile --out PATH [flags] measure the throughput profile SPS(B, R) and save it
+    sparkserve bench [flags]              serving benchmark against OpenAI-compatible servers
+                                          (loadtests.bench; needs httpx, tqdm, matplotlib)
     sparkserve gen-data | train-drafter | calibrate-drafter | eval-drafter   (from train.cli)
 
 Engine flags map 1:1 onto :class:`engine.config.EngineArgs`. The engine (and torch) is imported
@@ -133,6 +135,7 @@ def serve(
 
 
 ENGINE_COMMANDS = ("serve", "profile")
+NO_TRAIN_COMMANDS = (*ENGINE_COMMANDS, "bench")  # commands whose parser skips the training code
 
 
 def _add_engine_args(s: argparse.ArgumentParser) -> None:
@@ -255,6 +258,10 @@ def build_parser(include_train: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where to write the profile (JSON); also cached")
     p.add_argument("--remeasure", action="store_true", help="ignore a cached profile and measure again")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per grid cell (median)")
+    b = sub.add_parser("bench", help="benchmark OpenAI-compatible servers (TTFT, TPOT, ITL, throughput, goodput)")
+    from loadtests.bench.cli import add_arguments as add_bench_arguments  # argparse only: no torch
+
+    add_bench_arguments(b)
     if include_train:
         _add_train_subcommands(sub)
     return parser
@@ -355,8 +362,16 @@ def run_profile(ns: argparse.Namespace, engine_args: EngineArgs) -> Path:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``sparkserve`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(include_train=not (args and args[0] in ENGINE_COMMANDS))
+    parser = build_parser(include_train=not (args and args[0] in NO_TRAIN_COMMANDS))
     ns = parser.parse_args(args)
+    if ns.command == "bench":
+        from loadtests.bench.cli import run as run_bench
+
+        try:
+            run_bench(ns)
+        except ValueError as exc:
+            parser.error(str(exc))
+        return
     if ns.command not in ENGINE_COMMANDS:
         ns.func(ns)  # a training subcommand
         return

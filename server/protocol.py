@@ -50,6 +50,9 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        False, description="extension (as vLLM): with include_usage, every chunk carries the usage so far"
+    )
 
 
 class TextContentPart(_Request):

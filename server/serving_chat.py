@@ -148,9 +148,12 @@ async def _chat_chunks(
     """SSE data payloads: a role chunk per choice, content deltas, then an optional usage chunk."""
     tokenizer = generation.state.engine.tokenizer
 
+    continuous = include_usage and bool(req.stream_options and req.stream_options.continuous_usage_stats)
+
     def chunk(choices: list[ChatChunkChoice]) -> str:
         return ChatCompletionChunk(
-            id=generation.response_id, model=req.model, choices=choices
+            id=generation.response_id, model=req.model, choices=choices,
+            usage=generation.usage() if continuous else None,
         ).model_dump_json()
 
     for choice in generation.choices:

@@ -147,6 +147,7 @@ async def _completion_chunks(
     tokenizer = generation.state.engine.tokenizer
     offsets = [0] * len(generation.choices)
     top_k = req.logprobs or 0
+    continuous = include_usage and bool(req.stream_options and req.stream_options.continuous_usage_stats)
     async for update in generation.updates():
         if not (update.text or update.finish_reason or (req.logprobs is not None and update.token_ids)):
             continue
@@ -162,7 +163,8 @@ async def _completion_chunks(
             stop_reason=update.stop_reason,
         )
         yield CompletionResponse(
-            id=generation.response_id, model=req.model, choices=[choice]
+            id=generation.response_id, model=req.model, choices=[choice],
+            usage=generation.usage() if continuous else None,
         ).model_dump_json()
     if include_usage:
         yield CompletionResponse(

@@ -1,0 +1,5 @@
+"""``python -m loadtests.bench`` = ``sparkserve bench``."""
+
+from loadtests.bench.cli import main
+
+main()
