@@ -365,8 +365,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser(include_train=not (args and args[0] in NO_TRAIN_COMMANDS))
     ns = parser.parse_args(args)
     if ns.command == "bench":
-        from loadtests.bench.cli import run as run_bench
-
+        try:
+            from loadtests.bench.cli import run as run_bench
+            from loadtests.bench.client import httpx  # noqa: F401 - the one hard dependency of the bench
+        except ImportError as exc:
+            parser.error(f"sparkserve bench needs the bench extras (pip install 'sparkserve[bench]'): {exc}")
         try:
             run_bench(ns)
         except ValueError as exc:

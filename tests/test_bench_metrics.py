@@ -113,6 +113,8 @@ def test_pool_hands_out_fresh_prompts_until_exhausted() -> None:
     assert len(spec) == 3
     with pytest.raises(ValueError):
         PromptPool("specbench", max_tokens=8, category="no-such-category")
+    mixed = PromptPool("mtbench+gsm8k", max_tokens=8).take(200)
+    assert len({c.turns[0] for c in mixed}) == 200 and not any(c.reused for c in mixed)
     rnd = PromptPool("random", max_tokens=8, random_input_len=50, random_output_len=20, random_range_ratio=0.5)
     convs = rnd.take(20)
     assert all(25 <= len(c.turns[0].split()) <= 75 and 10 <= c.max_tokens <= 30 for c in convs)

@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="/v1/chat/completions or /v1/completions (default: %(default)s)")
     d = p.add_argument_group("workload")
     d.add_argument("--dataset", default="mtbench",
-                   choices=("mtbench", "specbench", "gsm8k", "humaneval", "vicuna", "random"))
+                   help="mtbench | specbench | gsm8k | humaneval | vicuna | random, or sets joined by '+' "
+                        "(records interleaved, e.g. mtbench+gsm8k)")
     d.add_argument("--category", default=None, help="Spec-Bench / MT-bench category (e.g. translation, math_reasoning)")
     d.add_argument("--multi-turn", action="store_true",
                    help="send every turn of multi-turn records (turn 2 carries turn 1's answer); chat only")
@@ -159,9 +160,10 @@ def run(ns: argparse.Namespace) -> dict:
         want = ns.ignore_eos != "off"
         for t in targets:
             run_sync(probe_target(t, ns.endpoint, want))
-        use_ie = want and all(t.ignore_eos for t in targets)
+        # one setting for all: only when every server accepted ignore_eos and ran past the end of the answer
+        use_ie = want and all(t.ignore_eos and t.probe.get("ignore_eos_honoured") for t in targets)
         if ns.ignore_eos == "on" and not use_ie:
-            raise RuntimeError(f"--ignore-eos on, but a server rejects it: {[(t.name, t.probe) for t in targets]}")
+            raise RuntimeError(f"--ignore-eos on, but a server rejects or ignores it: {[(t.name, t.probe) for t in targets]}")
         for t in targets:
             t.ignore_eos = use_ie
         pool = PromptPool(ns.dataset, max_tokens=ns.max_tokens, seed=ns.seed, multi_turn=ns.multi_turn,

@@ -287,9 +287,9 @@ class LaunchedServer:
 
 
 def launch_servers(specs: list[tuple[str, str]], ready_timeout_s: float = 900.0,
-                   python: str = sys.executable) -> list[LaunchedServer]:
+                   python: str = sys.executable, ports: list[int] | None = None) -> list[LaunchedServer]:
     """Start ``python -m server.cli serve --host 127.0.0.1 --port P FLAGS`` for every (name, FLAGS)
-    at once, each on a free port, and wait until every /ready answers 200 (the first start with the
+    at once, each on a free port (or ``ports[i]``), and wait until every /ready answers 200 (the first start with the
     load-aware policy measures the throughput profile: minutes). All of them stay up together, so the
     bench can alternate between them.
 
@@ -299,8 +299,8 @@ def launch_servers(specs: list[tuple[str, str]], ready_timeout_s: float = 900.0,
     """
     servers: list[LaunchedServer] = []
     try:
-        for name, flags in specs:
-            port = free_port()
+        for i, (name, flags) in enumerate(specs):
+            port = ports[i] if ports else free_port()
             log = tempfile.NamedTemporaryFile(prefix=f"sparkserve-bench-{name}-", suffix=".log", delete=False)
             cmd = [python, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                    "--drain-timeout", "5", *shlex.split(flags)]

@@ -9,6 +9,7 @@ pool starts over and marks the repeats (``reused``).
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -57,11 +58,11 @@ class PromptPool:
     """Conversations from one set, shuffled once with ``seed``, each handed out once.
 
     Args:
-        dataset: a key of ``DATASETS``.
+        dataset: a key of ``DATASETS``, or several joined by "+" (records interleaved).
         max_tokens: output cap per turn (the random set draws it around ``random_output_len``).
         multi_turn: keep every user turn of a record (MT-bench and Spec-Bench's MT-bench part have
             two); otherwise only the first.
-        category: Spec-Bench (or MT-bench) category filter.
+        category: Spec-Bench (or MT-bench) category filter (single sets only).
         random_input_len / random_output_len / random_range_ratio: the random set's prompt and
             output lengths in tokens, each drawn uniformly in [len * (1 - r), len * (1 + r)].
 
@@ -72,20 +73,26 @@ class PromptPool:
     def __init__(self, dataset: str, *, max_tokens: int, seed: int = 0, multi_turn: bool = False,
                  category: str | None = None, random_input_len: int = 256, random_output_len: int = 128,
                  random_range_ratio: float = 0.0) -> None:
-        if dataset not in DATASETS:
-            raise KeyError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
+        names = dataset.split("+")
+        for name in names:
+            if name not in DATASETS or (name == "random" and len(names) > 1):
+                raise KeyError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)} or join sets by '+'")
         if not 0.0 <= random_range_ratio < 1.0:
             raise ValueError("random_range_ratio must be in [0, 1)")
-        self.dataset = DATASETS[dataset]
+        self.dataset = "+".join(DATASETS[n] for n in names)
         self.max_tokens = max_tokens
         self._rng = random.Random(seed)
         self._random = (random_input_len, random_output_len, random_range_ratio)
         self._records: list[list[str]] = []
         if self.dataset != "random":
-            self._records = load_conversations(self.dataset, category)
-            if not multi_turn:
-                self._records = [r[:1] for r in self._records]
-            self._rng.shuffle(self._records)
+            per_set = []
+            for name in self.dataset.split("+"):
+                records = load_conversations(name, category if len(names) == 1 else None)
+                records = records if multi_turn else [r[:1] for r in records]
+                self._rng.shuffle(records)
+                per_set.append(records)
+            # interleave the sets (a b a b ...), the longer ones' tail last
+            self._records = [r for row in itertools.zip_longest(*per_set) for r in row if r is not None]
         self._next = 0
         self.handed_out = 0
         self.reused = 0
