@@ -40,7 +40,7 @@ def servers():
     if not (shared_data_dir() / "prompts").is_dir():
         pytest.skip("shared prompt data not found (SPARKSERVE_DATA)")
     launched = launch_servers([("plain", f"--drafter none {_COMMON}"), ("spec", f"--verify-policy fixed:3 {_COMMON}")],
-                              ready_timeout_s=300)
+                              ready_timeout_s=300, parallel=True)
     try:
         yield {s.name: s for s in launched}
     finally:

@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start `sparkserve serve FLAGS` on a free port for the run (repeatable; '' = defaults)")
     g.add_argument("--launch-args", default="", help="flags added to every --launch server")
     g.add_argument("--launch-timeout", type=float, default=900.0, help="seconds for a launched server to be ready")
+    g.add_argument("--launch-parallel", action="store_true",
+                   help="start the --launch servers at once (default: one after the other, so a start-up that "
+                        "measures the throughput profile has the machine to itself)")
     g.add_argument("--model", default=None, help="model id (default: each server's first /v1/models entry)")
     g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key (default: $OPENAI_API_KEY)")
     g.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
@@ -151,7 +154,7 @@ def run(ns: argparse.Namespace) -> dict:
     targets = [Target("server", normalize_url(ns.base_url))] if ns.base_url else []
     targets += [Target(n, normalize_url(u)) for n, u in _parse_named(ns.target, "--target")]
     launch_specs = [(n, f"{flags} {ns.launch_args}".strip()) for n, flags in _parse_named(ns.launch, "--launch")]
-    launched = launch_servers(launch_specs, ns.launch_timeout) if launch_specs else []
+    launched = launch_servers(launch_specs, ns.launch_timeout, parallel=ns.launch_parallel) if launch_specs else []
     try:
         for s in launched:
             targets.append(Target(s.name, s.url, launch_flags=s.flags))

@@ -287,11 +287,13 @@ class LaunchedServer:
 
 
 def launch_servers(specs: list[tuple[str, str]], ready_timeout_s: float = 900.0,
-                   python: str = sys.executable, ports: list[int] | None = None) -> list[LaunchedServer]:
-    """Start ``python -m server.cli serve --host 127.0.0.1 --port P FLAGS`` for every (name, FLAGS)
-    at once, each on a free port (or ``ports[i]``), and wait until every /ready answers 200 (the first start with the
-    load-aware policy measures the throughput profile: minutes). All of them stay up together, so the
-    bench can alternate between them.
+                   python: str = sys.executable, ports: list[int] | None = None,
+                   parallel: bool = False) -> list[LaunchedServer]:
+    """Start ``python -m server.cli serve --host 127.0.0.1 --port P FLAGS`` for every (name, FLAGS),
+    each on a free port (or ``ports[i]``), and wait until every /ready answers 200. One after the
+    other by default (a server's start-up, which may measure its throughput profile, then has the
+    machine to itself); ``parallel`` starts them all at once (faster, e.g. in tests). All stay up
+    together, so the bench can alternate between them.
 
     Raises:
         RuntimeError: a server exited or did not become ready in time (all are stopped, the error
@@ -307,25 +309,32 @@ def launch_servers(specs: list[tuple[str, str]], ready_timeout_s: float = 900.0,
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
             log.close()
             servers.append(LaunchedServer(name, flags, port, proc, log.name))
-        deadline = time.monotonic() + ready_timeout_s
-        pending = list(servers)
-        while pending:
-            for s in list(pending):
-                if s.proc.poll() is not None:
-                    raise RuntimeError(f"server {s.name} ({s.flags!r}) exited with {s.proc.returncode}:\n{s.log_tail()}")
-                try:
-                    if httpx.get(f"http://127.0.0.1:{s.port}/ready", timeout=2).status_code == 200:
-                        pending.remove(s)
-                except httpx.HTTPError:
-                    pass
-            if pending and time.monotonic() > deadline:
-                raise RuntimeError(f"server {pending[0].name} not ready after {ready_timeout_s} s:\n{pending[0].log_tail()}")
-            if pending:
-                time.sleep(0.5)
+            if not parallel:
+                _wait_ready([servers[-1]], ready_timeout_s)
+        if parallel:
+            _wait_ready(servers, ready_timeout_s)
     except BaseException:
         stop_servers(servers)
         raise
     return servers
+
+
+def _wait_ready(servers: list[LaunchedServer], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(servers)
+    while pending:
+        for s in list(pending):
+            if s.proc.poll() is not None:
+                raise RuntimeError(f"server {s.name} ({s.flags!r}) exited with {s.proc.returncode}:\n{s.log_tail()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{s.port}/ready", timeout=2).status_code == 200:
+                    pending.remove(s)
+            except httpx.HTTPError:
+                pass
+        if pending and time.monotonic() > deadline:
+            raise RuntimeError(f"server {pending[0].name} not ready after {timeout_s} s:\n{pending[0].log_tail()}")
+        if pending:
+            time.sleep(0.5)
 
 
 def _child_env() -> dict[str, str]:
