@@ -95,6 +95,25 @@ def test_chat_streaming_with_usage_and_utf8(srv: RunningServer) -> None:
     )
 
 
+def test_continuous_usage_stats(srv: RunningServer) -> None:
+    """stream_options.continuous_usage_stats (vLLM's extension): every chunk carries the usage so far,
+    cumulative, ending at the final usage; without it only the last chunk does."""
+    with srv.http() as http:
+        for path, body in (
+            ("/v1/chat/completions", {"messages": chat("hi {spec=2}")}),
+            ("/v1/completions", {"prompt": "hi {spec=2}"}),
+        ):
+            options = {"include_usage": True, "continuous_usage_stats": True}
+            r = http.post(path, json={"model": MODEL, "stream": True, "stream_options": options, **body})
+            chunks = [json.loads(d) for d in sse_data(r.text)[:-1]]
+            counts = [c["usage"]["completion_tokens"] for c in chunks]
+            assert counts == sorted(counts) and counts[-1] == len(TOK.encode(DEFAULT_REPLY)) + 1
+            assert len(set(counts)) > 2  # the count grows during the stream
+            r = http.post(path, json={"model": MODEL, "stream": True, "stream_options": {"include_usage": True}, **body})
+            chunks = [json.loads(d) for d in sse_data(r.text)[:-1]]
+            assert all(c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"]["completion_tokens"] == counts[-1]
+
+
 def test_sse_framing_and_done(srv: RunningServer) -> None:
     with srv.http() as http:
         for path, body in (
@@ -500,4 +519,8 @@ def test_cli_subcommands() -> None:
     assert set(build_parser(include_train=False)._subparsers._group_actions[0].choices) == {
         "serve",
         "profile",
+        "bench",
     }  # type: ignore[union-attr]
+    bench = parser.parse_args(["bench", "--target", "a=http://h:1", "--launch", "b=--drafter none",
+                               "--max-concurrency", "1", "4", "--goodput", "ttft:500", "tpot:50"])
+    assert bench.command == "bench" and bench.max_concurrency == [1, 4] and bench.launch == ["b=--drafter none"]
