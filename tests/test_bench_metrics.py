@@ -1,14 +1,25 @@
-"""``sparkserve bench`` metric definitions on synthetic timestamps (no server)."""
+"""``sparkserve bench`` metric definitions on synthetic timestamps, and its client against a mocked
+llama-server-style stream (no server process)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import random
 
+import httpx
 import numpy as np
 import pytest
 
-from loadtests.bench.client import Target, metrics_delta, parse_prometheus, request_body
+from loadtests.bench.client import (
+    Target,
+    metrics_delta,
+    parse_prometheus,
+    probe_target,
+    request_body,
+    stream_request,
+)
 from loadtests.bench.metrics import (
     RequestRecord,
     aggregate,
@@ -150,3 +161,39 @@ def test_metrics_delta_reads_server_metric_names() -> None:
     assert d["spec_acceptance_per_position"] == pytest.approx([0.7, 0.5, 1 / 6])
     assert d["spec_verify_budget_mean"] == pytest.approx(12)
     assert metrics_delta(None, before) is None
+
+
+def _llama_style_app(request: httpx.Request) -> httpx.Response:
+    """A stand-in for llama.cpp's llama-server: usage on the chunk with finish_reason (no final
+    choices-less chunk), no per-chunk usage, and a 400 for a field it does not know (here
+    continuous_usage_stats, to exercise the probe's fallback)."""
+    if request.url.path.endswith("/models"):
+        return httpx.Response(200, json={"object": "list", "data": [{"id": "smollm2", "object": "model"}]})
+    body = json.loads(request.content)
+    if "continuous_usage_stats" in body.get("stream_options", {}):
+        return httpx.Response(400, json={"error": {"message": "unknown field", "type": "invalid_request_error"}})
+    n = body["max_tokens"] if body.get("ignore_eos") else 2
+    pieces = [f" w{i}" for i in range(n)]
+    events = [{"choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in pieces]
+    events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
+                   "usage": {"completion_tokens": n, "prompt_tokens": 9, "total_tokens": n + 9},
+                   "timings": {"predicted_n": n}})
+    text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+
+def test_llama_server_style_stream_and_probe() -> None:
+    async def go():
+        transport = httpx.MockTransport(_llama_style_app)
+        target = Target("llama", "http://peer/v1")
+        await probe_target(target, "chat", True, client=httpx.AsyncClient(transport=transport))
+        async with httpx.AsyncClient(transport=transport) as client:
+            body = request_body(target, "chat", [{"role": "user", "content": "hi"}], 5, 0.0)
+            record = await stream_request(client, target, "chat", body, 10)
+        return target, record
+
+    target, record = asyncio.run(go())
+    assert target.model == "smollm2"
+    assert target.ignore_eos and target.probe["ignore_eos_honoured"] and not target.continuous_usage
+    assert record.ok and record.output_tokens == 5 and record.prompt_tokens == 9  # usage from the finish chunk
+    assert len(record.chunk_times_s) == 5 and not record.tokens_exact and record.chunk_tokens == [1.0] * 5

@@ -147,7 +147,7 @@ _PROBE_PROMPT = "Answer with one word: is the sky blue?"
 
 
 async def probe_target(target: Target, endpoint: str, want_ignore_eos: bool, timeout_s: float = 120.0,
-                       probe_tokens: int = 16) -> None:
+                       probe_tokens: int = 16, client: httpx.AsyncClient | None = None) -> None:
     """Fill ``target.model`` (from /v1/models unless set), and find out once whether the server
     accepts ``ignore_eos`` and ``continuous_usage_stats`` (HTTP 200 rather than 400), whether it
     honours ``ignore_eos`` (``probe_tokens`` generated for a one-word answer) and whether it
@@ -156,7 +156,7 @@ async def probe_target(target: Target, endpoint: str, want_ignore_eos: bool, tim
     Raises:
         RuntimeError: the server does not answer /v1/models or no variant of the request succeeds.
     """
-    async with httpx.AsyncClient(timeout=timeout_s) as client:
+    async with client or httpx.AsyncClient(timeout=timeout_s) as client:
         if not target.model:
             try:
                 resp = await client.get(target.url + "/models", headers=target.headers())
