@@ -91,7 +91,8 @@ def _parse_named(items: list[str], what: str) -> list[tuple[str, str]]:
 
 
 def machine_info() -> dict[str, Any]:
-    """Platform, CPU model, core count, Python, and the git commit of this checkout."""
+    """Platform, CPU model, core count, load average, Python, and the git commit of this checkout
+    (client side, without torch: :func:`loadtests.bench_step_breakdown.machine` imports the engine)."""
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -108,6 +109,7 @@ def machine_info() -> dict[str, Any]:
         commit = ""
     return {"platform": platform.platform(), "cpu_model": cpu, "cpu_count": os.cpu_count(),
             "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "python": sys.version.split()[0], "git_commit": commit, "hostname": platform.node(),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
