@@ -125,6 +125,9 @@ def test_pool_hands_out_fresh_prompts_until_exhausted() -> None:
     with pytest.raises(ValueError):
         PromptPool("specbench", max_tokens=8, category="no-such-category")
     mixed = PromptPool("mtbench+gsm8k", max_tokens=8).take(200)
+    by_category = PromptPool("specbench:summarization+specbench:rag", max_tokens=8).take(160)
+    assert sum(c.turns[0].startswith("Summarize:") for c in by_category) == 80  # 80 per category, interleaved
+    assert by_category[0].turns[0].startswith("Summarize:") and not by_category[1].turns[0].startswith("Summarize:")
     assert len({c.turns[0] for c in mixed}) == 200 and not any(c.reused for c in mixed)
     rnd = PromptPool("random", max_tokens=8, random_input_len=50, random_output_len=20, random_range_ratio=0.5)
     convs = rnd.take(20)

@@ -58,7 +58,8 @@ class PromptPool:
     """Conversations from one set, shuffled once with ``seed``, each handed out once.
 
     Args:
-        dataset: a key of ``DATASETS``, or several joined by "+" (records interleaved).
+        dataset: a key of ``DATASETS``, or several joined by "+" (records interleaved); a set may carry
+            its own category as ``specbench:CATEGORY`` (e.g. ``specbench:summarization+specbench:rag``).
         max_tokens: output cap per turn (the random set draws it around ``random_output_len``).
         multi_turn: keep every user turn of a record (MT-bench and Spec-Bench's MT-bench part have
             two); otherwise only the first.
@@ -73,21 +74,26 @@ class PromptPool:
     def __init__(self, dataset: str, *, max_tokens: int, seed: int = 0, multi_turn: bool = False,
                  category: str | None = None, random_input_len: int = 256, random_output_len: int = 128,
                  random_range_ratio: float = 0.0) -> None:
-        names = dataset.split("+")
+        names, categories = [], []
+        for part in dataset.split("+"):
+            name, _, own = part.partition(":")
+            names.append(name)
+            categories.append(own or (category if "+" not in dataset else None))
         for name in names:
             if name not in DATASETS or (name == "random" and len(names) > 1):
                 raise KeyError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)} or join sets by '+'")
         if not 0.0 <= random_range_ratio < 1.0:
             raise ValueError("random_range_ratio must be in [0, 1)")
         self.dataset = "+".join(DATASETS[n] for n in names)
+        self.categories = categories
         self.max_tokens = max_tokens
         self._rng = random.Random(seed)
         self._random = (random_input_len, random_output_len, random_range_ratio)
         self._records: list[list[str]] = []
         if self.dataset != "random":
             per_set = []
-            for name in self.dataset.split("+"):
-                records = load_conversations(name, category if len(names) == 1 else None)
+            for name, own in zip(self.dataset.split("+"), categories, strict=True):
+                records = load_conversations(name, own)
                 records = records if multi_turn else [r[:1] for r in records]
                 self._rng.shuffle(records)
                 per_set.append(records)
