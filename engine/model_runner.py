@@ -20,7 +20,7 @@ from engine.attention import new_kv_cache
 from engine.input_batch import InputBatch
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
-from engine.sampling.mask import LogitsMask
+from engine.sampling.mask import LogitsMask, RequestLogitsMask
 from engine.spec_decode.draft_store import DraftStore
 from engine.spec_decode.drafter import DraftOutput
 from engine.spec_decode.rejection import DraftProbs, RaggedDrafts
@@ -105,6 +105,10 @@ class ModelRunner:
                 self.mask.release(rid)
             if self.speculator is not None:
                 self.speculator.drafter.release(rid)
+        if isinstance(self.mask, RequestLogitsMask):
+            for seq in out.seqs:
+                if seq.new_request is not None:
+                    self.mask.add_request(seq.request_id, seq.new_request.sampling_params)
         self.batch.apply(out)
         result = RunnerOutput()
         if not out.seqs:

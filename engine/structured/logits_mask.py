@@ -1,0 +1,116 @@
+"""The engine's grammar mask: one llguidance matcher per constrained request, behind the logits-mask hook.
+
+The hook (``engine/sampling/mask.py``) asks for the tokens allowed after a request's outputs followed by
+a draft prefix, for the target's p at every verified position and for the drafter's q slot by slot. The
+matcher's committed state follows the request's outputs only (accepted tokens: the runner records them
+before drafting); a draft prefix is consumed, the mask computed, and the prefix rolled back, so the
+state never advances over a draft that verification may reject. Outputs that shrink (a step rolled back)
+roll the matcher back too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from threading import Lock
+
+import llguidance as llg
+import numpy as np
+import torch
+from torch import Tensor
+
+from engine.structured.grammar import GrammarCompiler
+from scheduler.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _State:
+    """A request's matcher and the output tokens it has consumed (committed)."""
+
+    matcher: llg.LLMatcher
+    consumed: list[int] = field(default_factory=list)
+    broken: bool = False
+
+
+class GrammarLogitsMask:
+    """``LogitsMask`` for requests whose ``SamplingParams.grammar`` is set.
+
+    Args:
+        compiler: returns the tokenizer's ``GrammarCompiler`` (called on the first constrained request:
+            building the grammar tokenizer takes ~0.3 s).
+        vocab_size: the model's V (masks are ``[V]``; ids past the tokenizer's vocabulary are never allowed).
+    """
+
+    def __init__(self, compiler: Callable[[], GrammarCompiler], vocab_size: int) -> None:
+        self._compiler_fn = compiler
+        self._compiler: GrammarCompiler | None = None
+        self.vocab_size = vocab_size
+        self._grammars: dict[str, str] = {}
+        self._states: dict[str, _State] = {}
+        self._lock = Lock()
+
+    def add_request(self, request_id: str, params: SamplingParams) -> None:
+        """Register a (re)created request; unconstrained ones are ignored."""
+        if params.grammar is None:
+            return
+        with self._lock:
+            self._grammars[request_id] = params.grammar
+            self._states.pop(request_id, None)
+
+    def constrained(self, request_id: str) -> bool:
+        return request_id in self._grammars
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            self._grammars.pop(request_id, None)
+            self._states.pop(request_id, None)
+
+    def allowed(self, request_id: str, output_token_ids: Sequence[int], prefix: Sequence[int]) -> Tensor:
+        """``[V]`` bool: tokens the grammar allows after ``output_token_ids + prefix``. A prefix the
+        grammar rejects (a row past a forbidden draft, never emitted) or a broken matcher allows all."""
+        state = self._state(request_id)
+        self._sync(state, output_token_ids)
+        if state.broken:
+            return torch.ones(self.vocab_size, dtype=torch.bool)
+        matcher = state.matcher
+        n = matcher.try_consume_tokens(list(prefix)) if prefix else 0
+        if n < len(prefix):
+            matcher.rollback(n)
+            return torch.ones(self.vocab_size, dtype=torch.bool)
+        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        if n:
+            matcher.rollback(n)
+        allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
+        width = min(self.vocab_size, bits.shape[0])
+        allowed[:width] = torch.from_numpy(bits[:width].astype(np.bool_))
+        return allowed
+
+    def _state(self, request_id: str) -> _State:
+        state = self._states.get(request_id)
+        if state is None:
+            if self._compiler is None:
+                self._compiler = self._compiler_fn()
+            state = self._states[request_id] = _State(self._compiler.matcher(self._grammars[request_id]))
+        return state
+
+    def _sync(self, state: _State, outputs: Sequence[int]) -> None:
+        """Commit the outputs the matcher has not consumed; roll back ones that are gone."""
+        consumed = state.consumed
+        keep = 0
+        limit = min(len(consumed), len(outputs))
+        while keep < limit and consumed[keep] == outputs[keep]:
+            keep += 1
+        if keep < len(consumed):
+            state.matcher.rollback(len(consumed) - keep)
+            del consumed[keep:]
+        new = list(outputs[keep:])
+        if new and not state.broken:
+            if state.matcher.consume_tokens(new):
+                consumed.extend(new)
+            else:
+                state.broken = True
+                logger.warning("grammar matcher rejected an output token (%s); request unconstrained from here",
+                               state.matcher.get_error())
