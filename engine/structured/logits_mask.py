@@ -33,6 +33,7 @@ class _State:
     matcher: llg.LLMatcher
     consumed: list[int] = field(default_factory=list)
     broken: bool = False
+    cache: dict[tuple[int, ...], Tensor] = field(default_factory=dict)  # draft prefix -> mask, for ``consumed``
 
 
 class GrammarLogitsMask:
@@ -70,12 +71,19 @@ class GrammarLogitsMask:
 
     def allowed(self, request_id: str, output_token_ids: Sequence[int], prefix: Sequence[int]) -> Tensor:
         """``[V]`` bool: tokens the grammar allows after ``output_token_ids + prefix``. A prefix the
-        grammar rejects (a row past a forbidden draft, never emitted) or a broken matcher allows all."""
+        grammar rejects (a row past a forbidden draft, never emitted) or a broken matcher allows all.
+        The tensor is cached until the outputs change: callers must not modify it."""
         state = self._state(request_id)
         self._sync(state, output_token_ids)
         if state.broken:
             return torch.ones(self.vocab_size, dtype=torch.bool)
-        matcher = state.matcher
+        key = tuple(prefix)
+        hit = state.cache.get(key)
+        if hit is None:
+            hit = state.cache[key] = self._compute(state.matcher, key)
+        return hit
+
+    def _compute(self, matcher: llg.LLMatcher, prefix: tuple[int, ...]) -> Tensor:
         n = matcher.try_consume_tokens(list(prefix)) if prefix else 0
         if n < len(prefix):
             matcher.rollback(n)
@@ -100,17 +108,22 @@ class GrammarLogitsMask:
         """Commit the outputs the matcher has not consumed; roll back ones that are gone."""
         consumed = state.consumed
         keep = 0
+        if len(outputs) >= len(consumed) and (not consumed or outputs[len(consumed) - 1] == consumed[-1]):
+            keep = len(consumed)  # the usual case: outputs only grew (tokens are never rewritten in place)
         limit = min(len(consumed), len(outputs))
         while keep < limit and consumed[keep] == outputs[keep]:
             keep += 1
+        if keep < len(consumed) or keep < len(outputs):
+            state.cache.clear()
         if keep < len(consumed):
             state.matcher.rollback(len(consumed) - keep)
             del consumed[keep:]
         new = list(outputs[keep:])
-        if new and not state.broken:
-            if state.matcher.consume_tokens(new):
-                consumed.extend(new)
-            else:
+        if new and not state.broken and not state.matcher.is_stopped():
+            n = state.matcher.try_consume_tokens(new)
+            consumed.extend(new[:n])
+            # tokens after a stop (EOS) of the same step are recorded by the runner, dropped by the scheduler
+            if n < len(new) and not state.matcher.is_stopped():
                 state.broken = True
-                logger.warning("grammar matcher rejected an output token (%s); request unconstrained from here",
-                               state.matcher.get_error())
+                logger.warning("grammar matcher rejected output tokens %s after %d (%s); request unconstrained "
+                               "from here", new, len(consumed), state.matcher.get_error())
