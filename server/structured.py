@@ -44,6 +44,8 @@ def grammar_spec(req: ChatCompletionRequest) -> GrammarSpec | None:
     Raises:
         ApiError: 400 for two constraints at once or a named tool that is not in ``tools``.
     """
+    if req.tool_choice not in (None, "none") and not req.tools:
+        raise bad_request("tool_choice is only allowed when tools are specified", param="tool_choice")
     specs: list[tuple[str, GrammarSpec]] = []
     fmt = req.response_format
     if fmt is not None and fmt.type == "json_object":
