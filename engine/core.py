@@ -17,11 +17,11 @@ from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.profiler import load_or_measure_profile, profile_key
 from engine.protocol import EngineStats, SpecStats, StepStats
 from engine.sampling.mask import LogitsMask
-from engine.structured.logits_mask import GrammarLogitsMask
 from engine.spec_decode.drafter import Drafter
 from engine.spec_decode.factory import effective_draft_vocab, load_default_or_given_drafter, make_controller
 from engine.spec_decode.speculator import Speculator
 from engine.step_faults import StepFaultHandler
+from engine.structured.logits_mask import GrammarLogitsMask
 from scheduler.config import SchedulerConfig
 from scheduler.errors import RequestRejectedError
 from scheduler.outputs import EngineCoreOutput

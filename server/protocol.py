@@ -14,7 +14,15 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 # Request limits (each violation is a 400 whose message states the limit).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
