@@ -74,10 +74,13 @@ class Tokenizer:
 
     @cached_property
     def grammar_compiler(self) -> GrammarCompiler:
-        """The grammar compiler (structured outputs) for this vocabulary, built once (~0.3 s)."""
+        """The grammar compiler (structured outputs) for this vocabulary, built once (~0.3 s, imports xgrammar)."""
         from engine.structured.grammar import GrammarCompiler
 
-        return GrammarCompiler(self.backend.to_str(), self.vocab_size, self.stop_token_ids)
+        vocab = [""] * self.vocab_size
+        for token, i in self.backend.get_vocab(with_added_tokens=True).items():
+            vocab[i] = token
+        return GrammarCompiler(vocab, self.stop_token_ids)
 
     @cached_property
     def _text_backend(self) -> BackendTokenizer:

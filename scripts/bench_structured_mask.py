@@ -25,6 +25,11 @@ SCHEMAS = {
                  "required": ["id", "tags"]},
         "status": {"enum": ["active", "inactive", "banned"]}}, "required": ["user", "status"]},
         {"user": {"id": 123456, "tags": ["alpha", "beta", "gamma delta"]}, "status": "inactive"}),
+    "bounded": ({"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                                  "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                                  "city": {"type": "string", "maxLength": 24}},
+                 "required": ["name", "age", "city"], "additionalProperties": False},
+                {"name": "Ada Lovelace", "age": 36, "city": "London"}),
 }
 
 

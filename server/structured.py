@@ -17,11 +17,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engine.structured.grammar import GrammarError, GrammarSpec, json_schema_lark
+from engine.structured.grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, GrammarError, GrammarSpec
 from server.errors import bad_request
-from server.protocol import ChatCompletionRequest, ChatMessage, ToolDefinition
+from server.protocol import ChatCompletionRequest, ChatMessage
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 HERMES_TOOL_PROMPT = (
     "You are a function calling AI model. You are provided with function signatures within <tools></tools> "
     "XML tags. You may call one or more functions to assist with the user query. Don't make assumptions "
@@ -30,7 +29,6 @@ HERMES_TOOL_PROMPT = (
     "<tool_call></tool_call> XML tags as follows:\n<tool_call>\n{{\"name\": <function-name>, "
     "\"arguments\": <args-dict>}}\n</tool_call>"
 )
-MAX_PARALLEL_CALLS = 8
 
 
 def uses_tools(req: ChatCompletionRequest) -> bool:
@@ -92,7 +90,7 @@ def compile_grammar(compiler: Any, spec: GrammarSpec, param: str) -> str:
 
 
 def _tool_grammar(req: ChatCompletionRequest) -> GrammarSpec | None:
-    """``required``: one or more calls of any tool; named: one call of that tool (lark + JSON schema)."""
+    """``required``: one or more calls of any tool; named: one call of that tool."""
     choice = req.tool_choice
     if not req.tools or choice in (None, "none", "auto"):
         return None
@@ -101,18 +99,10 @@ def _tool_grammar(req: ChatCompletionRequest) -> GrammarSpec | None:
         tools = [t for t in req.tools if t.function.name == choice.function.name]
         if not tools:
             raise bad_request(f"tool_choice names {choice.function.name!r}, which is not in tools", param="tool_choice")
-    rules = [f"call_{i}: {json.dumps(TOOL_CALL_OPEN)} {json_schema_lark(_call_schema(t))} {json.dumps(TOOL_CALL_CLOSE)}"
-             for i, t in enumerate(tools)]
-    call = "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))
     parallel = choice == "required" and req.parallel_tool_calls is not False
-    start = f"start: call (\"\\n\" call){{0,{MAX_PARALLEL_CALLS - 1}}}" if parallel else "start: call"
-    return GrammarSpec("lark", "\n".join([start, call, *rules]))
-
-
-def _call_schema(tool: ToolDefinition) -> dict[str, Any]:
-    params = tool.function.parameters or {"type": "object"}
-    return {"type": "object", "properties": {"name": {"const": tool.function.name}, "arguments": params},
-            "required": ["name", "arguments"], "additionalProperties": False}
+    source = {"tools": [{"name": t.function.name, "parameters": t.function.parameters} for t in tools],
+              "parallel": parallel}
+    return GrammarSpec("tool_calls", json.dumps(source, sort_keys=True))
 
 
 def chat_messages(req: ChatCompletionRequest, template: str | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -18,7 +18,7 @@ from engine.structured.logits_mask import GrammarLogitsMask
 from scheduler.profile import ThroughputProfile
 from scheduler.sampling_params import SamplingParams
 from server.protocol import ChatCompletionRequest
-from server.structured import chat_messages
+from server.structured import chat_messages, grammar_spec
 from server.tool_parsers import HermesStreamParser, parse_tool_calls
 from tests.exactness import assert_same_or_near_tie, top2_gap_fn
 from tests.server_harness import run_server
@@ -228,6 +228,19 @@ def test_api_bad_schema_is_400_before_any_sse_byte(server) -> None:
     named = {**body, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}
     named.pop("response_format")
     assert httpx.post(f"{server.url}/v1/chat/completions", json=named).status_code == 400
+
+
+def test_required_tool_grammar_takes_parallel_calls_in_schema_order(smollm2) -> None:
+    tok = smollm2.tokenizer
+    req = ChatCompletionRequest(model="smol", messages=[{"role": "user", "content": "x"}], tools=[WEATHER, TIME],
+                                tool_choice="required")
+    key = tok.grammar_compiler.compile(grammar_spec(req))
+    calls = [{"name": "get_time", "arguments": {"zone": "CET"}}, {"name": "get_weather", "arguments": {"city": "P", "unit": "celsius"}}]
+    text = "\n".join(f"<tool_call>{json.dumps(c, separators=(',', ':'))}</tool_call>" for c in calls)
+    ids = tok.encode_text(text) + [tok.eos_token_id]
+    assert tok.grammar_compiler.matcher(key).consume(ids) == len(ids)
+    wrong = tok.encode_text('<tool_call>{"name":"get_time","arguments":{"zone":"CET","extra":1}}</tool_call>')
+    assert tok.grammar_compiler.matcher(key).consume(wrong) < len(wrong)
 
 
 def test_tool_message_round_trip_renders_through_template(smollm2) -> None:

@@ -1,4 +1,4 @@
-"""The engine's grammar mask: one llguidance matcher per constrained request, behind the logits-mask hook.
+"""The engine's grammar mask: one grammar matcher per constrained request, behind the logits-mask hook.
 
 The hook (``engine/sampling/mask.py``) asks for the tokens allowed after a request's outputs followed by
 a draft prefix, for the target's p at every verified position and for the drafter's q slot by slot. The
@@ -15,12 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from threading import Lock
 
-import llguidance as llg
 import numpy as np
 import torch
 from torch import Tensor
 
-from engine.structured.grammar import GrammarCompiler
+from engine.structured.grammar import GrammarCompiler, GrammarError, GrammarMatcher
 from scheduler.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -30,7 +29,7 @@ logger = logging.getLogger(__name__)
 class _State:
     """A request's matcher and the output tokens it has consumed (committed)."""
 
-    matcher: llg.LLMatcher
+    matcher: GrammarMatcher | None
     consumed: list[int] = field(default_factory=list)
     broken: bool = False
     cache: dict[tuple[int, ...], Tensor] = field(default_factory=dict)  # draft prefix -> mask, for ``consumed``
@@ -80,20 +79,23 @@ class GrammarLogitsMask:
         key = tuple(prefix)
         hit = state.cache.get(key)
         if hit is None:
+            assert state.matcher is not None
             hit = state.cache[key] = self._compute(state.matcher, key)
         return hit
 
-    def _compute(self, matcher: llg.LLMatcher, prefix: tuple[int, ...]) -> Tensor:
-        n = matcher.try_consume_tokens(list(prefix)) if prefix else 0
-        if n < len(prefix):
+    def _compute(self, matcher: GrammarMatcher, prefix: tuple[int, ...]) -> Tensor:
+        if matcher.is_stopped():  # after EOS within this step: the scheduler finishes the request
+            return torch.ones(self.vocab_size, dtype=torch.bool)
+        n = matcher.consume(prefix)
+        if n < len(prefix) or matcher.is_stopped():  # a row past a forbidden draft or EOS: never emitted
             matcher.rollback(n)
             return torch.ones(self.vocab_size, dtype=torch.bool)
-        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        if n:
-            matcher.rollback(n)
-        allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
-        width = min(self.vocab_size, bits.shape[0])
-        allowed[:width] = torch.from_numpy(bits[:width].astype(np.bool_))
+        bits = matcher.allowed()  # [V_tok] bool
+        matcher.rollback(n)
+        if bits.shape[0] >= self.vocab_size:
+            return torch.from_numpy(bits[: self.vocab_size])
+        allowed = torch.zeros(self.vocab_size, dtype=torch.bool)  # ids past the tokenizer's vocabulary: never
+        allowed[: bits.shape[0]] = torch.from_numpy(bits)
         return allowed
 
     def _state(self, request_id: str) -> _State:
@@ -101,7 +103,12 @@ class GrammarLogitsMask:
         if state is None:
             if self._compiler is None:
                 self._compiler = self._compiler_fn()
-            state = self._states[request_id] = _State(self._compiler.matcher(self._grammars[request_id]))
+            try:
+                state = _State(self._compiler.matcher(self._grammars[request_id]))
+            except GrammarError as exc:  # not a key GrammarCompiler.compile returned
+                logger.warning("grammar of %s does not compile (%s); request unconstrained", request_id, exc)
+                state = _State(None, broken=True)
+            self._states[request_id] = state
         return state
 
     def _sync(self, state: _State, outputs: Sequence[int]) -> None:
@@ -115,15 +122,17 @@ class GrammarLogitsMask:
             keep += 1
         if keep < len(consumed) or keep < len(outputs):
             state.cache.clear()
+        if state.matcher is None:
+            return
         if keep < len(consumed):
             state.matcher.rollback(len(consumed) - keep)
             del consumed[keep:]
         new = list(outputs[keep:])
         if new and not state.broken and not state.matcher.is_stopped():
-            n = state.matcher.try_consume_tokens(new)
+            n = state.matcher.consume(new)
             consumed.extend(new[:n])
             # tokens after a stop (EOS) of the same step are recorded by the runner, dropped by the scheduler
             if n < len(new) and not state.matcher.is_stopped():
                 state.broken = True
-                logger.warning("grammar matcher rejected output tokens %s after %d (%s); request unconstrained "
-                               "from here", new, len(consumed), state.matcher.get_error())
+                logger.warning("grammar matcher rejected output tokens %s after %d; request unconstrained from here",
+                               new, len(consumed))
