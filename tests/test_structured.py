@@ -156,6 +156,22 @@ def test_bad_grammar_is_a_grammar_error_and_cached(smollm2) -> None:
         assert first.value is second.value and str(first.value)
 
 
+def test_compilation_time_limit(smollm2, monkeypatch) -> None:
+    import threading
+
+    from engine.structured import grammar as grammar_module
+
+    release = threading.Event()
+    monkeypatch.setattr(grammar_module, "_build", lambda compiler, spec: release.wait())
+    compiler = smollm2.tokenizer.grammar_compiler
+    monkeypatch.setattr(compiler, "timeout_s", 0.01)
+    try:
+        with pytest.raises(GrammarError, match="exceeded the 0.01 s limit"):
+            compiler.compile(GrammarSpec("regex", "[a-z]{3} never compiled"))
+    finally:
+        release.set()
+
+
 # ---------------------------------------------------------------- the OpenAI API
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},

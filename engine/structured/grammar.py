@@ -39,6 +39,10 @@ class GrammarError(ValueError):
     """The grammar engine cannot compile a spec (its message is the engine's), or compiling took too long."""
 
 
+class GrammarTimeoutError(GrammarError):
+    """Compilation exceeded the time limit (not cached)."""
+
+
 @dataclass(frozen=True)
 class GrammarSpec:
     """What to constrain a request's output to.
@@ -182,6 +186,8 @@ class GrammarCompiler:
                 self._cache.move_to_end(spec)
         if hit is None:
             hit = self._compile_uncached(spec)
+            if isinstance(hit, GrammarTimeoutError):
+                raise hit  # not cached: the next request may find the machine less busy
             with self._lock:
                 self._cache[spec] = hit
                 while len(self._cache) > self.cache_size:
@@ -199,7 +205,7 @@ class GrammarCompiler:
         try:
             return future.result(timeout=self.timeout_s)
         except FutureTimeout:
-            return GrammarError(f"grammar compilation exceeded the {self.timeout_s:g} s limit")
+            return GrammarTimeoutError(f"grammar compilation exceeded the {self.timeout_s:g} s limit")
         except GrammarError as exc:
             return exc
         except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar reports bad schemas as RuntimeError
