@@ -218,7 +218,16 @@ class SamplingRequestFields(_Request):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-class ChatCompletionRequest(SamplingRequestFields):
+class GuidedDecodingFields(_Request):
+    """vLLM-style structured-output extensions (chat and completions)."""
+
+    guided_json: dict[str, Any] | None = Field(None, description="extension (vLLM)")
+    guided_regex: Text | None = Field(None, description="extension (vLLM)")
+    guided_choice: list[Text] | None = Field(None, description="extension (vLLM)")
+    structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM)")
+
+
+class ChatCompletionRequest(SamplingRequestFields, GuidedDecodingFields):
     """``POST /v1/chat/completions`` body."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
@@ -233,10 +242,6 @@ class ChatCompletionRequest(SamplingRequestFields):
     function_call: Any = None
     metadata: dict[Text, Text] | None = None
     store: bool | None = None
-    guided_json: dict[str, Any] | None = Field(None, description="extension (vLLM)")
-    guided_regex: Text | None = Field(None, description="extension (vLLM)")
-    guided_choice: list[Text] | None = Field(None, description="extension (vLLM)")
-    structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM)")
 
     @field_validator("functions", "function_call")
     @classmethod
@@ -255,7 +260,7 @@ class ChatCompletionRequest(SamplingRequestFields):
         return self.max_completion_tokens or self.max_tokens
 
 
-class CompletionRequest(SamplingRequestFields):
+class CompletionRequest(SamplingRequestFields, GuidedDecodingFields):
     """``POST /v1/completions`` body.
 
     ``prompt`` is a string, a list of strings, a list of token ids or a list of token-id lists;

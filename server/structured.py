@@ -19,7 +19,7 @@ from typing import Any
 
 from engine.structured.grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, GrammarError, GrammarSpec
 from server.errors import bad_request
-from server.protocol import ChatCompletionRequest, ChatMessage
+from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 HERMES_TOOL_PROMPT = (
     "You are a function calling AI model. You are provided with function signatures within <tools></tools> "
@@ -36,12 +36,15 @@ def uses_tools(req: ChatCompletionRequest) -> bool:
     return bool(req.tools) and req.tool_choice != "none"
 
 
-def grammar_spec(req: ChatCompletionRequest) -> GrammarSpec | None:
+def grammar_spec(req: ChatCompletionRequest | CompletionRequest) -> GrammarSpec | None:
     """The one grammar constraining ``req``'s output, or None.
 
     Raises:
         ApiError: 400 for two constraints at once or a named tool that is not in ``tools``.
     """
+    if not isinstance(req, ChatCompletionRequest):
+        guided = _guided_specs(req)
+        return guided[0][1] if guided else None
     if req.tool_choice not in (None, "none") and not req.tools:
         raise bad_request("tool_choice is only allowed when tools are specified", param="tool_choice")
     specs: list[tuple[str, GrammarSpec]] = []
@@ -50,6 +53,19 @@ def grammar_spec(req: ChatCompletionRequest) -> GrammarSpec | None:
         specs.append(("response_format", GrammarSpec("json_object")))
     if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
         specs.append(("response_format", GrammarSpec("json_schema", json.dumps(fmt.json_schema.schema_))))
+    specs += _guided_specs(req)
+    tool_spec = _tool_grammar(req)
+    if tool_spec is not None:
+        specs.append(("tool_choice", tool_spec))
+    if len(specs) > 1:
+        raise bad_request(f"at most one output constraint per request, got {', '.join(p for p, _ in specs)}",
+                          param=specs[1][0])
+    return specs[0][1] if specs else None
+
+
+def _guided_specs(req: ChatCompletionRequest | CompletionRequest) -> list[tuple[str, GrammarSpec]]:
+    """(field, spec) of each vLLM-style extra given; 400 for two of them."""
+    specs: list[tuple[str, GrammarSpec]] = []
     if req.guided_json is not None:
         specs.append(("guided_json", GrammarSpec("json_schema", json.dumps(req.guided_json))))
     if req.guided_regex is not None:
@@ -64,21 +80,18 @@ def grammar_spec(req: ChatCompletionRequest) -> GrammarSpec | None:
         kind, value = given[0]
         source = value if kind == "regex" else json.dumps(value)
         specs.append(("structured_outputs", GrammarSpec("json_schema" if kind == "json" else kind, source)))
-    tool_spec = _tool_grammar(req)
-    if tool_spec is not None:
-        specs.append(("tool_choice", tool_spec))
     if len(specs) > 1:
         raise bad_request(f"at most one output constraint per request, got {', '.join(p for p, _ in specs)}",
                           param=specs[1][0])
-    return specs[0][1] if specs else None
+    return specs
 
 
-def grammar_param(req: ChatCompletionRequest) -> str:
+def grammar_param(req: ChatCompletionRequest | CompletionRequest) -> str:
     """The request field a grammar error is reported under."""
     for name in ("guided_json", "guided_regex", "guided_choice", "structured_outputs"):
         if getattr(req, name) is not None:
             return name
-    return "response_format" if req.response_format is not None else "tools"
+    return "response_format" if getattr(req, "response_format", None) is not None else "tools"
 
 
 def compile_grammar(compiler: Any, spec: GrammarSpec, param: str) -> str:

@@ -210,6 +210,9 @@ def test_api_json_schema_streamed_and_not(server) -> None:
     choice = client.chat.completions.create(**{k: v for k, v in kw.items() if k != "response_format"},
                                             extra_body={"guided_choice": ["yes", "no"]})
     assert choice.choices[0].message.content in ("yes", "no")
+    regex = client.completions.create(model="smol", prompt="The year is", max_tokens=8, temperature=0.0,
+                                      extra_body={"guided_regex": "[0-9]{4}"})
+    assert regex.choices[0].text.isdigit() and len(regex.choices[0].text) == 4
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
