@@ -21,6 +21,7 @@ from engine.spec_decode.drafter import Drafter
 from engine.spec_decode.factory import effective_draft_vocab, load_default_or_given_drafter, make_controller
 from engine.spec_decode.speculator import Speculator
 from engine.step_faults import StepFaultHandler
+from engine.structured.logits_mask import GrammarLogitsMask
 from scheduler.config import SchedulerConfig
 from scheduler.errors import RequestRejectedError
 from scheduler.outputs import EngineCoreOutput
@@ -93,6 +94,8 @@ class EngineCore:
                 cache_extra_key=f"{drafter.name}@{effective_draft_vocab(args)}" if drafter is not None else "",
             ),
         )
+        if logits_mask is None:  # structured outputs: SamplingParams.grammar
+            logits_mask = GrammarLogitsMask(lambda: self.tokenizer.grammar_compiler, config.vocab_size)
         speculator = None
         if drafter is not None:
             speculator = Speculator(drafter, num_blocks, args.block_size, dtype, args.max_num_seqs)

@@ -20,7 +20,7 @@ from engine.attention import new_kv_cache
 from engine.input_batch import InputBatch
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
-from engine.sampling.mask import LogitsMask
+from engine.sampling.mask import LogitsMask, RequestLogitsMask
 from engine.spec_decode.draft_store import DraftStore
 from engine.spec_decode.drafter import DraftOutput
 from engine.spec_decode.rejection import DraftProbs, RaggedDrafts
@@ -105,6 +105,10 @@ class ModelRunner:
                 self.mask.release(rid)
             if self.speculator is not None:
                 self.speculator.drafter.release(rid)
+        if isinstance(self.mask, RequestLogitsMask):
+            for seq in out.seqs:
+                if seq.new_request is not None:
+                    self.mask.add_request(seq.request_id, seq.new_request.sampling_params)
         self.batch.apply(out)
         result = RunnerOutput()
         if not out.seqs:
@@ -211,6 +215,7 @@ class ModelRunner:
         for row, rid in enumerate(rids):
             tokens = host.draft_tokens[row]
             n = out.num_tokens[row] if out.num_tokens is not None else len(tokens)
+            n = self._allowed_draft_length(rid, tokens[:n])
             if n == 0:
                 self.drafts.drop(rid)
                 continue
@@ -219,6 +224,21 @@ class ModelRunner:
             conf = tuple(host.confidences[row][:n]) if host.confidences is not None else ()
             name = out.drafters[row] if out.drafters is not None else spec.drafter.name
             result.drafts[rid] = DraftProposal(tuple(tokens[:n]), conf, draft_id, name)
+
+
+    def _allowed_draft_length(self, request_id: str, tokens: Sequence[int]) -> int:
+        """Drafts up to the first one the logits mask forbids: a forbidden draft is never verified,
+        whatever the drafter (masks are cached, so the verifier's next calls on the same prefixes are
+        free). Lossless for one-hot drafts: verifying a token with p = 0 rejects it with probability 1
+        and recovers from p itself; sampled drafters mask q before drawing, so they never get here."""
+        mask = self.mask
+        if mask is None or not mask.constrained(request_id):
+            return len(tokens)
+        outputs = self.batch.requests[request_id].output_token_ids
+        for k, token in enumerate(tokens):
+            if not bool(mask.allowed(request_id, outputs, tokens[:k])[token]):
+                return k
+        return len(tokens)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ class SamplingParams:
         logit_bias: (token id, bias) pairs added to the logits before sampling.
         target_tpot_ms: optional per-request time-per-output-token goal (vendor extension) used by
             the load-aware verification policy; ``None`` = no goal.
+        grammar: a validated llguidance grammar (``engine.structured.grammar.GrammarCompiler.compile``)
+            the output must follow (structured outputs, tool calls); ``None`` = unconstrained.
     """
 
     n: int = 1
@@ -50,6 +52,7 @@ class SamplingParams:
     logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = field(default=())
     target_tpot_ms: float | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if self.n < 1:

@@ -145,6 +145,10 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
         "--model", default=None, help="HF folder or GGUF file (default: embedded SmolLM2-135M-Instruct)"
     )
     s.add_argument("--served-model-name", default=None, help="model name clients use (default: from --model)")
+    s.add_argument("--chat-template", default=None,
+                   help="jinja chat template file replacing the model's (tools: a template that renders `tools`)")
+    s.add_argument("--tool-call-parser", default="hermes", choices=("hermes",),
+                   help="how tool calls are prompted and parsed (<tool_call>{json}</tool_call>)")
     s.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"))
     s.add_argument(
         "--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb,
@@ -304,12 +308,21 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     )
 
 
+def set_chat_template(tokenizer: object, path: str) -> None:
+    """Replace the tokenizer's chat template with the jinja file at ``path`` (``--chat-template``)."""
+    with open(path, encoding="utf-8") as f:
+        tokenizer.chat_template = f.read()  # type: ignore[attr-defined]
+    tokenizer.__dict__.pop("_template", None)  # the compiled template is cached
+
+
 def run_serve(ns: argparse.Namespace, engine_args: EngineArgs) -> None:
     """``sparkserve serve``: build the engine and its metrics, then serve until a signal."""
     from engine.async_engine import AsyncEngine  # imports torch: only when actually serving
     from server.metrics_glue import build_metrics
 
     engine = AsyncEngine.from_args(engine_args)
+    if getattr(ns, "chat_template", None):
+        set_chat_template(engine.tokenizer, ns.chat_template)
     metrics = build_metrics(engine, engine_args.max_num_batched_tokens, ns.metrics_profile_every)
     app = build_app(
         engine,

@@ -24,7 +24,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 
-    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    **kwargs: object) -> list[int]:
         """Rendered + tokenized chat in which only the template's markup yields special tokens."""
         ...
 

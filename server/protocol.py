@@ -2,9 +2,10 @@
 
 Requests forbid unknown fields, as OpenAI does ("Unrecognized request argument supplied"), so a
 misspelt parameter is a 400 instead of being silently ignored. Vendor extensions (vLLM-style) are
-``top_k``, ``min_p``, ``stop_token_ids``, ``ignore_eos`` and ``target_tpot_ms``. Features that
-are not supported yet (tools, function calling, structured output, echo, suffix, non-text content
-parts) are declared so that their use fails with a 400 naming the parameter.
+``top_k``, ``min_p``, ``stop_token_ids``, ``ignore_eos``, ``target_tpot_ms`` and the structured-output
+extras ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``structured_outputs``. Features that
+are not supported (legacy ``functions`` / ``function_call``, echo, suffix, non-text content parts) are
+declared so that their use fails with a 400 naming the parameter.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 # Request limits (each violation is a 400 whose message states the limit).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -60,18 +69,90 @@ class TextContentPart(_Request):
     text: Text
 
 
-class ChatMessage(_Request):
-    """One message; ``content`` is a string or a list of text parts (other part types -> 400)."""
+class FunctionCallIn(_Request):
+    name: Text
+    arguments: Text
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextContentPart]
+
+class ToolCallIn(_Request):
+    """A tool call of an earlier assistant message (sent back by the client)."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class ChatMessage(_Request):
+    """One message; ``content`` is a string or a list of text parts (other part types -> 400).
+    An assistant message may carry ``tool_calls`` (content then may be null); a ``tool`` message answers
+    one call (``tool_call_id``)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: Text | None = None
+
+    @model_validator(mode="after")
+    def _check_role_fields(self) -> ChatMessage:
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only for an assistant message with tool_calls)")
+        return self
 
     def text(self) -> str:
         """The content as one string (text parts joined by newlines, as vLLM does)."""
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
+
+
+class FunctionDefinition(_Request):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: Text
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Request):
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """``{"type": "text" | "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM-style ``structured_outputs``: exactly one of ``json``, ``regex``, ``choice``."""
+
+    json_: dict[str, Any] | None = Field(None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
 
 
 def _reject_unless_empty(value: Any, what: str) -> Any:
@@ -140,32 +221,41 @@ class SamplingRequestFields(_Request):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-class ChatCompletionRequest(SamplingRequestFields):
+class GuidedDecodingFields(_Request):
+    """vLLM-style structured-output extensions (chat and completions)."""
+
+    guided_json: dict[str, Any] | None = Field(None, description="extension (vLLM)")
+    guided_regex: Text | None = Field(None, description="extension (vLLM)")
+    guided_choice: list[Text] | None = Field(None, description="extension (vLLM)")
+    structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM)")
+
+
+class ChatCompletionRequest(SamplingRequestFields, GuidedDecodingFields):
     """``POST /v1/chat/completions`` body."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
     metadata: dict[Text, Text] | None = None
     store: bool | None = None
 
-    @field_validator("tools", "functions", "tool_choice", "function_call")
+    @field_validator("functions", "function_call")
     @classmethod
-    def _check_tools(cls, value: Any) -> Any:
-        return _reject_unless_empty(value, "tools and function calls")
+    def _check_functions(cls, value: Any) -> Any:
+        return _reject_unless_empty(value, "legacy functions / function_call (use tools)")
 
     @field_validator("response_format")
     @classmethod
-    def _check_response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "text":
-            raise ValueError(f"only {{'type': 'text'}} is supported, got type {value.get('type')!r}")
+    def _check_response_format(cls, value: ResponseFormat | None) -> ResponseFormat | None:
+        if value is not None and value.type == "json_schema" and value.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
         return value
 
     def requested_max_tokens(self) -> int | None:
@@ -173,7 +263,7 @@ class ChatCompletionRequest(SamplingRequestFields):
         return self.max_completion_tokens or self.max_tokens
 
 
-class CompletionRequest(SamplingRequestFields):
+class CompletionRequest(SamplingRequestFields, GuidedDecodingFields):
     """``POST /v1/completions`` body.
 
     ``prompt`` is a string, a list of strings, a list of token ids or a list of token-id lists;
@@ -265,9 +355,48 @@ class CompletionLogprobs(_Response):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="plain")
+    def _drop_none(self) -> dict[str, Any]:
+        return {k: v for k, v in (("name", self.name), ("arguments", self.arguments)) if v is not None}
+
+
+class DeltaToolCall(_Response):
+    """A streamed tool-call fragment: the first carries ``id``, ``type`` and the function name, later
+    ones argument fragments, all under the call's ``index``."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+    @model_serializer(mode="plain")
+    def _drop_none(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index}
+        out.update({k: v for k, v in (("id", self.id), ("type", self.type)) if v is not None})
+        if self.function is not None:
+            out["function"] = self.function.model_dump()
+        return out
+
+
 class ChatResponseMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str = ""
+    content: str | None = ""
+    tool_calls: list[ToolCall] | None = None
 
 
 class DeltaMessage(_Response):
@@ -275,10 +404,14 @@ class DeltaMessage(_Response):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="plain")
     def _drop_none(self) -> dict[str, Any]:
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        out: dict[str, Any] = {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        if self.tool_calls is not None:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return out
 
 
 def _now() -> int:

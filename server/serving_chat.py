@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -36,6 +38,8 @@ from server.sampling import (
 )
 from server.serving import ChoiceUpdate, Generation, ServerState, collect
 from server.sse import EventSourceResponse, stream_events
+from server.structured import chat_messages, compile_grammar, grammar_param, grammar_spec, uses_tools
+from server.tool_parsers import HermesStreamParser, parse_tool_calls
 
 _MIN_LOGPROB = -9999.0  # OpenAI reports impossible tokens with this instead of -inf
 
@@ -68,12 +72,10 @@ def build_chat_prompt(req: ChatCompletionRequest, tokenizer: Tokenizer, max_mode
         ApiError: 400 when the contents cannot fit the context (checked before tokenizing) or the
             template rejects the messages.
     """
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
-    ]
-    check_text_fits(["".join(m["content"] for m in messages)], tokenizer, max_model_len, "messages")
+    messages, extra = chat_messages(req, getattr(tokenizer, "chat_template", None))
+    check_text_fits(["".join(m["content"] for m in messages) + json.dumps(extra)], tokenizer, max_model_len, "messages")
     try:
-        return tokenizer.encode_chat(messages, add_generation_prompt=True)
+        return tokenizer.encode_chat(messages, add_generation_prompt=True, **extra)
     except Exception as exc:  # jinja2 errors such as raise_exception("roles must alternate")
         raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from exc
 
@@ -102,6 +104,11 @@ async def create_chat_completion(
     params = build_sampling_params(
         req, engine.tokenizer, max_tokens=max_tokens, logprobs=top_k if req.logprobs else None
     )
+    spec = grammar_spec(req)
+    if spec is not None:  # compiled (or a 400) before the request reaches the engine
+        compiler = engine.tokenizer.grammar_compiler
+        grammar = await run_in_threadpool(compile_grammar, compiler, spec, grammar_param(req))
+        params = dataclasses.replace(params, grammar=grammar)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = Generation.create(state, response_id, [prompt], [params], req.n, arrival_time=arrival)
     await generation.submit()
@@ -127,16 +134,19 @@ def _chat_response(
         logprobs[update.index].extend(update.logprobs or ())
         if update.finish_reason is not None:
             finish[update.index] = (update.finish_reason, update.stop_reason)
-    choices = [
-        ChatChoice(
-            index=i,
-            message=ChatResponseMessage(content=texts[i]),
-            logprobs=chat_logprobs(tokenizer, logprobs[i], top_k) if req.logprobs else None,
-            finish_reason=finish[i][0],
-            stop_reason=finish[i][1],
-        )
-        for i in range(len(generation.choices))
-    ]
+    choices = []
+    for i in range(len(generation.choices)):
+        message = ChatResponseMessage(content=texts[i])
+        reason = finish[i][0]
+        if uses_tools(req):
+            content, calls = parse_tool_calls(texts[i])
+            if calls:
+                message = ChatResponseMessage(content=content, tool_calls=calls)
+                reason = "tool_calls" if reason == "stop" else reason
+        choices.append(ChatChoice(
+            index=i, message=message, logprobs=chat_logprobs(tokenizer, logprobs[i], top_k) if req.logprobs else None,
+            finish_reason=reason, stop_reason=finish[i][1],
+        ))
     return ChatCompletionResponse(
         id=generation.response_id, model=req.model, choices=choices, usage=generation.usage()
     )
@@ -158,18 +168,27 @@ async def _chat_chunks(
 
     for choice in generation.choices:
         yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))])
+    parsers = {c.index: HermesStreamParser() for c in generation.choices} if uses_tools(req) else {}
     async for update in generation.updates():
         if not (update.text or update.finish_reason or (req.logprobs and update.token_ids)):
             continue
         logprobs = chat_logprobs(tokenizer, update.logprobs or (), top_k) if req.logprobs else None
+        delta, reason = DeltaMessage(content=update.text) if update.text else DeltaMessage(), update.finish_reason
+        parser = parsers.get(update.index)
+        if parser is not None:
+            parsed = parser.feed(update.text)
+            if update.finish_reason is not None:
+                rest = parser.finish()
+                parsed.content += rest.content
+                reason = "tool_calls" if parser.num_calls and reason == "stop" else reason
+            delta = DeltaMessage(content=parsed.content or None, tool_calls=parsed.tool_calls or None)
+            if delta.content is None and delta.tool_calls is None and reason is None and logprobs is None:
+                continue
         yield chunk(
             [
                 ChatChunkChoice(
-                    index=update.index,
-                    delta=DeltaMessage(content=update.text) if update.text else DeltaMessage(),
-                    logprobs=logprobs,
-                    finish_reason=update.finish_reason,
-                    stop_reason=update.stop_reason,
+                    index=update.index, delta=delta, logprobs=logprobs,
+                    finish_reason=reason, stop_reason=update.stop_reason,
                 )
             ]
         )

@@ -7,6 +7,7 @@ server-side ranking).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -31,6 +32,7 @@ from server.sampling import (
 from server.serving import ChoiceUpdate, Generation, ServerState, collect
 from server.serving_chat import token_text
 from server.sse import EventSourceResponse, stream_events
+from server.structured import compile_grammar, grammar_param, grammar_spec
 
 _MIN_LOGPROB = -9999.0
 
@@ -98,6 +100,10 @@ async def create_completion(req: CompletionRequest, raw_request: Request, state:
     params = [
         build_sampling_params(req, engine.tokenizer, max_tokens=m, logprobs=req.logprobs) for m in max_tokens
     ]
+    spec = grammar_spec(req)
+    if spec is not None:  # compiled (or a 400) before the request reaches the engine
+        grammar = await run_in_threadpool(compile_grammar, engine.tokenizer.grammar_compiler, spec, grammar_param(req))
+        params = [dataclasses.replace(p, grammar=grammar) for p in params]
     generation = Generation.create(
         state, f"cmpl-{uuid.uuid4().hex}", prompts, params, req.n, arrival_time=arrival
     )

@@ -251,7 +251,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": chat("x"), "tool_choice": "auto"}, 400, "tool_choice"),
     (
         "/v1/chat/completions",
-        {"messages": chat("x"), "response_format": {"type": "json_object"}},
+        {"messages": chat("x"), "response_format": {"type": "xml"}},
         400,
         "response_format",
     ),

@@ -15,6 +15,8 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
+from scheduler.sampling_params import SamplingParams
+
 
 @runtime_checkable
 class LogitsMask(Protocol):
@@ -30,4 +32,13 @@ class LogitsMask(Protocol):
 
     def release(self, request_id: str) -> None:
         """The request finished, was aborted or preempted: drop any state kept for it."""
+        ...
+
+
+@runtime_checkable
+class RequestLogitsMask(LogitsMask, Protocol):
+    """A mask that learns its requests from their sampling parameters (e.g. ``SamplingParams.grammar``)."""
+
+    def add_request(self, request_id: str, params: SamplingParams) -> None:
+        """The runner (re)created ``request_id``'s state (new, or resumed after preemption)."""
         ...
