@@ -62,9 +62,10 @@ def load_model(path: str | os.PathLike[str] | None, dtype: torch.dtype = torch.f
         dtype: parameter dtype (GGUF tensors are dequantised to float32 first, then cast).
         device: where the parameters live.
         max_positions: RoPE table length (default: the model's max_position_embeddings).
-        quantization: "none" (dense), "auto" (GGUF Q4_0 / Q4_1 / Q8_0 kept quantised, HF checkpoints
-            dense), "int8" / "int4" (decoder-layer linears quantised at load). Quantised weights
-            exist only on the CPU: on other devices "auto" serves dense, int8 / int4 raise ValueError.
+        quantization: "none" (dense), "auto" (GGUF Q4_0 / Q4_1 / Q8_0 kept quantised for a bfloat16
+            model, HF checkpoints and float32 models dense: the int4 kernel is scalar in fp32), "int8" /
+            "int4" (decoder-layer linears quantised at load, any dtype). Quantised weights exist only
+            on the CPU: on other devices "auto" serves dense, int8 / int4 raise ValueError.
         gemv_max_tokens: calls of at most this many rows use the quantised kernel (engine/quant.py).
     """
     if quantization not in QUANTIZATION_MODES:
@@ -72,6 +73,8 @@ def load_model(path: str | os.PathLike[str] | None, dtype: torch.dtype = torch.f
     if torch.device(device).type != "cpu":
         if quantization in ("int8", "int4"):
             raise ValueError(f"--quantization {quantization} needs the CPU (weight-only CPU kernels)")
+        quantization = "none"
+    if quantization == "auto" and dtype != torch.bfloat16:
         quantization = "none"
     path = pathlib.Path(path) if path is not None else default_model_path()
     if path.is_file() and path.suffix == ".gguf":

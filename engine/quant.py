@@ -19,14 +19,20 @@ accumulates ``x @ w`` in fp32 and rounds the output to the activation dtype. So:
   rounded to the serving dtype first (bf16 drops 3 mantissa bits of d: that rounding is part of the
   canonical model);
 * Q8_0 (``w = d * q``, q int8) is expressed *exactly* as the sum of two int4 planes with
-  ``q + 128 = 16 h + l``: ``w = (h - 8) * 16 d + ((l - 8) * d + 8 d)``; both fp32 products are exact,
-  so the canonical value is ``d * q`` (computed exactly in fp32). Here it is the tied token embedding /
-  LM head (49152 x 576, the largest matmul); its small-M path runs the two planes in fp32 (fp32 logits).
+  ``q + 128 = 16 h + l``: ``w = (h - 8) * 16 d + ((l - 8) * d + 8 d)``; with d rounded to the serving
+  dtype both fp32 products are exact, so the canonical value is ``d * q`` exactly. Here Q8_0 is the tied
+  token embedding / LM head (49152 x 576, the largest matmul): at M <= 4 it runs as the two int4 planes
+  (two GEMVs, their bf16 outputs summed: 2.5-3x faster than the bf16 GEMM, bench_results/step_quant.json),
+  above that the dense bf16 GEMM. (``_weight_int8pack_mm``'s per-channel scales cannot express the
+  per-32 block scales; the fp32 int4 kernel has no vectorised path, ~30x slower than bf16.)
 
 In float32 the dense copy holds exactly the canonical values, so the GEMV and GEMM paths differ only by
 fp32 summation order, as the GEMV / GEMM paths of a dense model do. In bfloat16 the dense copy holds the
 canonical values rounded to bf16 (relative error <= 2^-9 per weight): the paths then differ by that
 rounding, which the bf16 near-tie rule absorbs (tests/test_quant.py checks batch invariance under it).
+
+The kernels pay only with bf16 activations (the fp32 int4 path is scalar), so ``auto`` keeps GGUF blocks
+only for a bf16 model on the CPU; explicit int8 / int4 work in fp32 too (tests use that: identical weights).
 
 Memory: both copies together are ~1.25x the bf16 model (SmolLM2-135M: +60 MB of codes on 270 MB).
 """
@@ -52,13 +58,11 @@ class BlockQuant:
         codes: per plane, uint8 [N, K] codes in 0..15.
         scales: per plane, float32 [N, K / 32] group scales.
         zeros: per plane, float32 [N, K / 32] group zeros (kernel convention ``(q - 8) * scale + zero``).
-        fp32: run the small-M path with fp32 activations, scales and output (Q8_0 planes: exact).
     """
 
     codes: tuple[torch.Tensor, ...]
     scales: tuple[torch.Tensor, ...]
     zeros: tuple[torch.Tensor, ...]
-    fp32: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -67,17 +71,17 @@ class BlockQuant:
     def rows(self, start: int, stop: int) -> BlockQuant:
         """Rows ``start:stop`` of every plane."""
         return BlockQuant(tuple(c[start:stop] for c in self.codes), tuple(s[start:stop] for s in self.scales),
-                          tuple(z[start:stop] for z in self.zeros), self.fp32)
+                          tuple(z[start:stop] for z in self.zeros))
 
     def permute_rows(self, index: torch.Tensor) -> BlockQuant:
         """Rows reordered by ``index`` [N] (llama.cpp's Q/K permutation undone)."""
         return BlockQuant(tuple(c[index] for c in self.codes), tuple(s[index] for s in self.scales),
-                          tuple(z[index] for z in self.zeros), self.fp32)
+                          tuple(z[index] for z in self.zeros))
 
     def canonical(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight values the int4 kernel computes with, float32 [N, K] (scale / zero rounded to
-        ``dtype``, or float32 for ``fp32`` planes; each plane's fma rounded to fp32, planes summed)."""
-        sdtype = torch.float32 if self.fp32 else dtype
+        ``dtype``; each plane's fma rounded to fp32, planes summed)."""
+        sdtype = dtype
         total = None
         for codes, scales, zeros in zip(self.codes, self.scales, self.zeros, strict=True):
             n, k = codes.shape
@@ -89,8 +93,8 @@ class BlockQuant:
         return total
 
     def pack(self, dtype: torch.dtype, max_tokens: int) -> Int4Weight:
-        """Packed int4 planes for ``_weight_int4pack_mm_for_cpu`` in ``dtype`` (fp32 planes stay fp32)."""
-        sdtype = torch.float32 if self.fp32 else dtype
+        """Packed int4 planes for ``_weight_int4pack_mm_for_cpu`` with activations in ``dtype``."""
+        sdtype = dtype
         planes = []
         for codes, scales, zeros in zip(self.codes, self.scales, self.zeros, strict=True):
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
@@ -109,7 +113,7 @@ class Int4Weight:
         self.max_tokens = max_tokens
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [M, K] -> [M, N] in x's dtype (fp32 planes: float32)."""
+        """x: [M, K] -> [M, N] in x's dtype."""
         a = x.to(self.dtype)
         out = None
         for packed, sz in self.planes:
@@ -142,14 +146,13 @@ QuantWeight = Int4Weight | Int8Weight
 
 
 def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 quant: QuantWeight | None, keep_precision: bool = False) -> torch.Tensor:
+                 quant: QuantWeight | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; through the quantised kernel when ``quant`` is set and x has at
-    most ``quant.max_tokens`` rows (both compute with the same canonical weight values). x: [M, K].
-    ``keep_precision``: return the kernel's fp32 output as is (fp32 planes, the LM head's logits)."""
+    most ``quant.max_tokens`` rows (both compute with the same canonical weight values). x: [M, K]."""
     if quant is None or x.shape[0] > quant.max_tokens or x.device.type != "cpu":
         return F.linear(x, weight, bias)
     out = quant(x)
-    if out.dtype != x.dtype and not keep_precision:
+    if out.dtype != x.dtype:
         out = out.to(x.dtype)
     return out if bias is None else out + bias
 
@@ -184,7 +187,7 @@ def gguf_block_quant(raw: np.ndarray, qtype_name: str, shape: tuple[int, int]) -
         hi, lo = (q >> 4).astype(np.uint8), (q & 0x0F).astype(np.uint8)
         d_t = torch.from_numpy(d)
         return BlockQuant((torch.from_numpy(hi), torch.from_numpy(lo)), (16.0 * d_t, d_t),
-                          (torch.zeros_like(d_t), 8.0 * d_t), fp32=True)
+                          (torch.zeros_like(d_t), 8.0 * d_t))
     return None
 
 

@@ -205,7 +205,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: [N, d] -> [N, V] float32 logits."""
-        return quant_linear(hidden, self.lm_head_weight, None, self.lm_head_quant, keep_precision=True).float()
+        return quant_linear(hidden, self.lm_head_weight, None, self.lm_head_quant).float()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | BlockQuant]], quantization: str = "none",
@@ -289,10 +289,10 @@ class LlamaForCausalLM(nn.Module):
             if sum(p.shape[0] for _, p in pieces) != self.get_parameter(param_name).shape[0]:
                 continue  # part of a fused parameter is dense (mixed GGUF types): serve it dense
             first = pieces[0][1]
-            if len({(len(p.codes), p.fp32) for _, p in pieces}) != 1:
+            if len({len(p.codes) for _, p in pieces}) != 1:
                 continue
             merged = BlockQuant(*(tuple(torch.cat([getattr(p, f)[i] for _, p in pieces]) for i in range(len(first.codes)))
-                                  for f in ("codes", "scales", "zeros")), fp32=first.fp32)
+                                  for f in ("codes", "scales", "zeros")))
             quant = merged.pack(self.norm.dtype, max_tokens)
             if param_name in ("embed_tokens.weight", "lm_head"):
                 if (param_name == "lm_head") == (self.lm_head is not None):  # the LM head (tied: the embedding)
