@@ -56,14 +56,16 @@ def compile_layers(model: torch.nn.Module) -> list[_EagerFallback]:
     return wrappers
 
 
-def warm_up(step_fn: Callable[[int, int], float], token_counts: Sequence[int] = WARMUP_TOKEN_COUNTS,
+def warm_up(step_fn: Callable[[int, int], float], token_counts: Sequence[int] | None = None,
             progress: bool = True) -> float:
-    """Run ``step_fn(T, 1)`` (engine.profiler.make_step_fn) once per token count so compilation
-    happens at start-up, with a progress bar on stderr. Returns the seconds spent."""
+    """Run ``step_fn(T, 1)`` (engine.profiler.make_step_fn) once per token count (default
+    ``WARMUP_TOKEN_COUNTS``) so compilation happens at start-up, with a progress bar on stderr.
+    Returns the seconds spent."""
     import time
 
     from tqdm import tqdm
 
+    token_counts = WARMUP_TOKEN_COUNTS if token_counts is None else token_counts
     start = time.perf_counter()
     for num_tokens in tqdm(token_counts, desc="compiling step", unit="shape", disable=not progress, file=sys.stderr):
         step_fn(num_tokens, 1)

@@ -109,7 +109,7 @@ class ModelRunner:
         from engine.compile_step import warm_up
         from engine.profiler import make_step_fn
 
-        seconds = warm_up(make_step_fn(self, self.kv_caches[0].shape[1]), progress=progress)
+        seconds = warm_up(make_step_fn(self, self.kv_caches[0][0].shape[1]), progress=progress)
         failed = sum(w.failed for w in self._compiled_layers)
         logger.info("compiled step warmed up in %.1f s%s", seconds,
                     f" ({failed} bodies fell back to eager)" if failed else "")

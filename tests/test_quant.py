@@ -204,16 +204,17 @@ def test_real_quantised_default_path(smollm2_q) -> None:
 
 # --------------------------------------------------------------------------- compile
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_layers_match_eager(dtype) -> None:
-    """``--compile`` (engine/compile_step.py) vs eager on a tiny model: fp32 within 1e-5 (inductor may
-    reassociate fp32 sums), bf16 within 4 bf16 ulps (rtol 2^-5, atol 0.05) of the hidden states (inductor
-    skips the per-op bf16 roundings of eager); same greedy tokens."""
+def test_compiled_step_matches_eager(dtype, monkeypatch) -> None:
+    """``--compile`` (engine/compile_step.py, through EngineCore and its warm-up) vs eager on a tiny
+    model: fp32 within 1e-5 (inductor may reassociate fp32 sums), bf16 within 4 bf16 ulps (rtol 2^-5,
+    atol 0.05) of the hidden states (inductor skips eager's per-op bf16 roundings); same greedy tokens."""
+    import engine.compile_step
     from engine.attention import build_attention_metadata, new_kv_cache
-    from engine.compile_step import compile_layers
 
+    monkeypatch.setattr(engine.compile_step, "WARMUP_TOKEN_COUNTS", (5,))  # the shape compared below
     loaded = tiny_target(layers=1)
-    model = loaded.model.to(dtype)
-    cfg = loaded.config
+    loaded.model.to(dtype)
+    model, cfg = loaded.model, loaded.config
     ids = torch.tensor([3, 5, 7, 11, 13], dtype=torch.int64)
 
     def run():
@@ -224,13 +225,15 @@ def test_compiled_layers_match_eager(dtype) -> None:
             return hidden.float(), model.compute_logits(hidden)
 
     eager_hidden, eager_logits = run()
-    wrappers = compile_layers(model)
+    name = "float32" if dtype == torch.float32 else "bfloat16"
+    core = EngineCore(EngineArgs(dtype=name, drafter="none", block_size=4, num_kv_blocks=64, compile=True),
+                      loaded=loaded)
+    assert core.runner.compiled and core.profile_key()["compile"] == 1
     compiled_hidden, compiled_logits = run()
-    assert not any(w.failed for w in wrappers)
+    assert not any(w.failed for w in core.runner._compiled_layers)
     if dtype == torch.float32:
         torch.testing.assert_close(compiled_hidden, eager_hidden, rtol=1e-5, atol=1e-5)
     else:
-        # inductor keeps fused intermediates in fp32 where eager rounds each op to bf16: 4 bf16 ulps
         torch.testing.assert_close(compiled_hidden, eager_hidden, rtol=2**-5, atol=0.05)
     assert torch.equal(compiled_logits.argmax(-1), eager_logits.argmax(-1))
 
