@@ -100,6 +100,55 @@ def test_load_time_int8_int4_and_dispatch() -> None:
             torch.testing.assert_close(quant_linear(x, canonical, None, quant), x @ canonical.t(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_hf_checkpoint_quantised_at_load(mode, tmp_path) -> None:
+    """``--quantization int8|int4`` on a safetensors folder: every decoder linear gets a quantised copy,
+    the 1-row (GEMV) forward equals the dense forward on the canonical weights (fp32, 1e-5), and the
+    model stays close to the unquantised one (quantisation error, not a wrong mapping)."""
+    from engine.attention import build_attention_metadata, new_kv_cache
+    from engine.loader import load_model
+    from tests.test_models import CASES, make_hf_model, write_tiny_tokenizer
+
+    make_hf_model(*CASES["qwen2-bias"]).save_pretrained(tmp_path)
+    write_tiny_tokenizer(tmp_path)
+    dense = load_model(tmp_path).model
+    quant = load_model(tmp_path, quantization=mode).model
+    assert quant.quantization == mode and all(len(layer.quant) == 4 for layer in quant.layers)
+    cfg = quant.config
+
+    def last_logits(model, ids):
+        n = len(ids)
+        caches = [new_kv_cache(2, 16, cfg.num_key_value_heads, cfg.head_dim, torch.float32) for _ in model.layers]
+        with torch.inference_mode():
+            for t in range(n):  # one token per forward: every linear is a 1-row call
+                meta = build_attention_metadata([1], [t], [t + 1], [[0, 1]], 16)
+                hidden, _ = model(torch.tensor([ids[t]]), torch.tensor([t]), caches, meta)
+            return model.compute_logits(hidden)[0]
+
+    ids = [5, 17, 33, 2, 60, 41]
+    gemv = last_logits(quant, ids)
+    saved = [layer.quant for layer in quant.layers]
+    for layer in quant.layers:
+        layer.quant = {}  # the dense path on the same (canonical) weights
+    torch.testing.assert_close(gemv, last_logits(quant, ids), rtol=1e-5, atol=1e-5)
+    for layer, q in zip(quant.layers, saved, strict=True):
+        layer.quant = q
+    reference = last_logits(dense, ids)
+    assert (gemv - reference).abs().max() < (0.05 if mode == "int8" else 0.5) * reference.abs().max()
+
+
+def test_quantization_flags() -> None:
+    from server.cli import build_parser, engine_args_from
+
+    args = engine_args_from(build_parser().parse_args(["serve", "--quantization", "int4", "--compile",
+                                                       "--quant-gemv-max-tokens", "2"]))
+    assert (args.quantization, args.compile, args.quant_gemv_max_tokens) == ("int4", True, 2)
+    defaults = engine_args_from(build_parser().parse_args(["serve"]))
+    assert (defaults.quantization, defaults.compile) == ("auto", False)
+    with pytest.raises(ValueError):
+        EngineArgs(quantization="fp8")
+
+
 # --------------------------------------------------------------------------- tiny engine, fp32
 def _tiny_quantised(mode: str):
     loaded = tiny_target(layers=2)
@@ -183,7 +232,7 @@ def test_real_quantised_default_path(smollm2_q) -> None:
                                      max_num_batched_tokens=kw.pop("max_num_batched_tokens", 256), **kw),
                           loaded=smollm2_q)
 
-    assert core().quantization_key() == "gguf@4"
+    assert core().quantization_key() == "gguf@4" and core().profile_key()["quantization"] == "gguf@4"
     solo_core = core()
     solo = [solo_core.generate_batch([p], params, request_prefix=f"solo{i}")[0] for i, p in enumerate(prompts)]
     assert "Paris" in tok.decode(solo[0])
