@@ -81,13 +81,14 @@ class BlockQuant:
     def canonical(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight values the int4 kernel computes with, float32 [N, K] (scale / zero rounded to
         ``dtype``; each plane's fma rounded to fp32, planes summed)."""
-        sdtype = dtype
+        # With bf16 / fp16 scales, (q - 8) * scale (4 x <= 11 significant bits) is exact in fp32, so fp32
+        # multiply-then-add rounds once, like the fma; fp32 scales need fp64 for that.
+        work = torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
         total = None
         for codes, scales, zeros in zip(self.codes, self.scales, self.zeros, strict=True):
-            n, k = codes.shape
-            s = scales.to(sdtype).double().repeat_interleave(GROUP, dim=1)
-            z = zeros.to(sdtype).double().repeat_interleave(GROUP, dim=1)
-            plane = ((codes.double() - 8.0) * s + z).float()  # exact in fp64, one rounding to fp32 (= fma)
+            s = scales.to(dtype).to(work).repeat_interleave(GROUP, dim=1)
+            z = zeros.to(dtype).to(work).repeat_interleave(GROUP, dim=1)
+            plane = ((codes.to(work) - 8.0) * s + z).float()  # one rounding to fp32 (= the kernel's fma)
             total = plane if total is None else total + plane
         assert total is not None
         return total
