@@ -69,6 +69,7 @@ class BlockQuant:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(N, K) of the weight."""
         return tuple(self.codes[0].shape)  # type: ignore[return-value]
 
     def rows(self, start: int, stop: int) -> BlockQuant:
@@ -127,6 +128,7 @@ class Int4Weight:
         return out
 
     def nbytes(self) -> int:
+        """Bytes of the packed codes and the scales / zeros."""
         return sum(p.numel() * p.element_size() + s.numel() * s.element_size() for p, s in self.planes)
 
 
@@ -143,6 +145,7 @@ class Int8Weight:
         return torch._weight_int8pack_mm(x, self.codes, self.scales.to(x.dtype))
 
     def nbytes(self) -> int:
+        """Bytes of the int8 codes and the scales."""
         return self.codes.numel() + self.scales.numel() * self.scales.element_size()
 
 
