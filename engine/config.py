@@ -53,6 +53,13 @@ class EngineArgs:
             cache gets what is left after the weights and a profiling forward (vLLM's flag). Used when
             neither ``num_kv_blocks`` nor an explicit ``kv_cache_memory_gb`` is given.
         attention_backend: "auto" (Triton kernels on CUDA, torch on the CPU), "torch" or "triton".
+        quantization: weight-only quantisation (engine/quant.py): "auto" keeps a GGUF file's Q4_0 /
+            Q4_1 / Q8_0 blocks quantised (HF checkpoints stay dense), "none" dequantises everything,
+            "int8" / "int4" quantise the decoder-layer linears at load. CPU only ("auto" is dense elsewhere).
+        quant_gemv_max_tokens: a linear over at most this many rows runs the quantised kernel, larger
+            ones the dense GEMM on the same canonical weights (crossover: loadtests/bench_step.py).
+        compile: torch.compile the decoder layers' bodies (attention stays eager); off by default
+            because it measured no faster on this CPU (docs/benchmarks.md); eager fallback on failure.
     """
 
     model: str | None = None
@@ -87,6 +94,9 @@ class EngineArgs:
     device: str = "auto"
     gpu_memory_utilization: float = 0.9
     attention_backend: str = "auto"
+    quantization: str = "auto"
+    quant_gemv_max_tokens: int = 4
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -109,6 +119,10 @@ class EngineArgs:
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
         if self.speculative_method not in ("dspark", "suffix", "hybrid"):
             raise ValueError(f"unknown speculative_method {self.speculative_method!r}: dspark, suffix or hybrid")
+        if self.quantization not in ("auto", "none", "int8", "int4"):
+            raise ValueError(f"quantization must be auto, none, int8 or int4, got {self.quantization!r}")
+        if self.quant_gemv_max_tokens < 0:
+            raise ValueError("quant_gemv_max_tokens must be >= 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
 

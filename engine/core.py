@@ -58,7 +58,8 @@ class EngineCore:
             torch.set_num_threads(args.num_threads)
         if loaded is None:
             self.device = torch.device(resolve_device(args.device))
-            loaded = load_model(args.model, dtype=dtype, device=self.device)
+            loaded = load_model(args.model, dtype=dtype, device=self.device, quantization=args.quantization,
+                                gemv_max_tokens=args.quant_gemv_max_tokens)
         else:  # a shared, already loaded model decides the device
             self.device = loaded.model.embed_tokens.weight.device
         self.loaded = loaded
@@ -102,7 +103,9 @@ class EngineCore:
         self.runner = ModelRunner(self.loaded.model, config, num_blocks, args.block_size, dtype, device=self.device,
                                   speculator=speculator, attention_backend=args.attention_backend,
                                   max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
-                                  engine_seed=args.seed, mask=logits_mask, unseeded_coupling=args.unseeded_coupling)
+                                  engine_seed=args.seed, mask=logits_mask, unseeded_coupling=args.unseeded_coupling,
+                                  compile=args.compile)
+        self.runner.warm_up_compile()
         self.controller = None
         if drafter is not None:
             policy = parse_policy(args.verify_policy or "dspark")
@@ -154,7 +157,14 @@ class EngineCore:
             drafter = f"{args.speculative_method}{'+global' if args.suffix_global else ''}:{drafter}"
         device = "cpu" if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
         return profile_key(self.model_name, args.dtype, drafter, args.max_num_batched_tokens, args.max_num_seqs,
-                           torch.get_num_threads(), device)
+                           torch.get_num_threads(), device, quantization=self.quantization_key(),
+                           compiled=self.runner.compiled)
+
+    def quantization_key(self) -> str:
+        """What the loaded weights run on: ``none`` or the kept kinds (``gguf``, ``int8``, ``int4``) with
+        the GEMV row cap, e.g. ``gguf@4`` (engine/quant.py)."""
+        kind = getattr(self.loaded.model, "quantization", "none")
+        return kind if kind == "none" else f"{kind}@{self.args.quant_gemv_max_tokens}"
 
     def stats(self) -> EngineStats:
         """A typed snapshot for metrics (no tensors; read on the event loop after a step)."""

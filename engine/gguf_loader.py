@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
 from engine.models.config import ModelConfig
+from engine.quant import BlockQuant, gguf_block_quant
 
 SUPPORTED_TYPES = frozenset(getattr(GGMLQuantizationType, n) for n in (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
@@ -141,14 +143,30 @@ def dequantize_tensor(tensor: Any) -> np.ndarray:
     return array if array.flags.writeable else array.copy()  # F32 comes back as a read-only memmap view
 
 
-def iter_gguf_weights(reader: GGUFReader, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (Hugging Face name, float32 array) for every model tensor, Q/K rows unpermuted (llama)."""
+def iter_gguf_weights(reader: GGUFReader, config: ModelConfig,
+                      keep_quantized: bool = False) -> Iterator[tuple[str, np.ndarray | BlockQuant]]:
+    """Yield (Hugging Face name, float32 array) for every model tensor, Q/K rows unpermuted (llama).
+
+    ``keep_quantized``: Q4_0 / Q4_1 / Q8_0 tensors come as ``engine.quant.BlockQuant`` (their codes,
+    scales and zeros, rows unpermuted the same way) instead of dequantised arrays.
+    """
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
         if name is None:
             continue
+        unpermute = config.architecture == "llama" and tensor.name.endswith((".attn_q.weight", ".attn_k.weight"))
+        heads = config.num_attention_heads if ".attn_q." in tensor.name else config.num_key_value_heads
+        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+        block = None
+        if keep_quantized and len(shape) == 2:
+            block = gguf_block_quant(np.asarray(tensor.data), tensor.tensor_type.name, shape)  # type: ignore[arg-type]
+        if block is not None:
+            if unpermute:
+                order = unpermute_qk(np.arange(shape[0]), heads)
+                block = block.permute_rows(torch.from_numpy(np.ascontiguousarray(order)))
+            yield name, block
+            continue
         array = dequantize_tensor(tensor)
-        if config.architecture == "llama" and tensor.name.endswith((".attn_q.weight", ".attn_k.weight")):
-            heads = config.num_attention_heads if ".attn_q." in tensor.name else config.num_key_value_heads
+        if unpermute:
             array = unpermute_qk(array, heads)
         yield name, array

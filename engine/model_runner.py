@@ -11,6 +11,7 @@ The scheduler decides *what* runs and who drafts; the runner only executes a ``S
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ from engine.spec_decode.rejection import DraftProbs, RaggedDrafts
 from engine.spec_decode.speculator import Speculator
 from engine.spec_decode.verifier import Verifier, VerifyInput, VerifyOutput, emitted_tokens
 from scheduler.outputs import DraftProposal, RunnerOutput, ScheduledSeq, SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -51,6 +54,8 @@ class ModelRunner:
         mask: the logits-mask hook (grammars), or None.
         unseeded_coupling: verify unseeded sampled requests by Gumbel coupling (``Verifier``).
         attention_backend: "auto" (Triton kernels on CUDA), "torch" or "triton" (CUDA only).
+        compile: torch.compile the decoder layers' bodies (engine/compile_step.py; call
+            :meth:`warm_up_compile` before serving).
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class ModelRunner:
         mask: LogitsMask | None = None,
         unseeded_coupling: bool = False,
         attention_backend: str = "auto",
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.speculator = speculator
@@ -89,6 +95,24 @@ class ModelRunner:
         self.drafts = DraftStore()
         self.verifier = Verifier(mask, unseeded_coupling)
         self.mask = mask
+        self.compiled = False
+        if compile:
+            from engine.compile_step import compile_layers
+
+            self._compiled_layers = compile_layers(model)
+            self.compiled = True
+
+    def warm_up_compile(self, progress: bool = True) -> None:
+        """Compile the step's shapes now (no-op without ``compile``); logs the time, warns on fallback."""
+        if not self.compiled:
+            return
+        from engine.compile_step import warm_up
+        from engine.profiler import make_step_fn
+
+        seconds = warm_up(make_step_fn(self, self.kv_caches[0][0].shape[1]), progress=progress)
+        failed = sum(w.failed for w in self._compiled_layers)
+        logger.info("compiled step warmed up in %.1f s%s", seconds,
+                    f" ({failed} bodies fell back to eager)" if failed else "")
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()

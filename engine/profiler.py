@@ -127,10 +127,12 @@ def activation_peak_bytes(model, num_tokens: int, dtype: torch.dtype, device: to
 
 
 def profile_key(model_name: str, dtype: str, drafter: str, max_num_batched_tokens: int, max_num_seqs: int,
-                num_threads: int, device: str = "cpu") -> dict[str, str | int]:
-    """What a cached profile is valid for."""
+                num_threads: int, device: str = "cpu", quantization: str = "none",
+                compiled: bool = False) -> dict[str, str | int]:
+    """What a cached profile is valid for (quantisation: ``EngineCore.quantization_key``)."""
     return {
-        "model": model_name, "dtype": dtype, "device": device,
+        "model": model_name, "dtype": dtype, "device": device, "quantization": quantization,
+        "compile": int(compiled),
         "drafter": drafter, "max_num_batched_tokens": max_num_batched_tokens, "max_num_seqs": max_num_seqs,
         "num_threads": num_threads, "torch": torch.__version__, "draft_time": 2 if drafter != "none" else 0,
     }

@@ -201,6 +201,16 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
                    help="on CUDA, the share of device memory for weights, activations and KV cache (default: %(default)s)")
     s.add_argument("--attention-backend", default=d.attention_backend, choices=("auto", "torch", "triton"),
                    help="Triton kernels on CUDA, torch on the CPU (default: %(default)s)")
+    s.add_argument("--quantization", default=d.quantization, choices=("auto", "none", "int8", "int4"),
+                   help="weight-only quantisation on the CPU: auto keeps a GGUF file's Q4_0/Q4_1/Q8_0 blocks "
+                        "(HF checkpoints dense), none dequantises, int8/int4 quantise the linears at load "
+                        "(default: %(default)s)")
+    s.add_argument("--quant-gemv-max-tokens", type=int, default=d.quant_gemv_max_tokens,
+                   help="linears over at most this many rows use the quantised kernel, larger ones the dense "
+                        "GEMM on the same weights (default: %(default)s)")
+    s.add_argument("--compile", dest="compile", action="store_true", default=d.compile,
+                   help="torch.compile the decoder layers (attention eager; warmed at start-up)")
+    s.add_argument("--no-compile", dest="compile", action="store_false", help="eager step (default)")
     s.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True,
                    help="reuse the KV of full blocks computed before (default)")
     s.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
@@ -305,6 +315,9 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         device=getattr(ns, "device", "auto"),
         gpu_memory_utilization=getattr(ns, "gpu_memory_utilization", 0.9),
         attention_backend=getattr(ns, "attention_backend", "auto"),
+        quantization=getattr(ns, "quantization", "auto"),
+        quant_gemv_max_tokens=getattr(ns, "quant_gemv_max_tokens", 4),
+        compile=getattr(ns, "compile", False),
     )
 
 

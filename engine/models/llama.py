@@ -22,6 +22,14 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.models.config import ModelConfig
+from engine.quant import (
+    DEFAULT_GEMV_MAX_TOKENS,
+    BlockQuant,
+    QuantWeight,
+    quant_linear,
+    quantize_int4,
+    quantize_int8,
+)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -82,6 +90,8 @@ class DecoderLayer(nn.Module):
         self.k_norm = param(hd) if config.qk_norm else None
         self.gate_up_proj = param(2 * config.intermediate_size, d)  # rows: gate | up
         self.down_proj = param(d, config.intermediate_size)
+        # weight-only quantised copies of the linears (engine/quant.py), by parameter name; empty = dense
+        self.quant: dict[str, QuantWeight] = {}
 
     def forward(
         self,
@@ -92,9 +102,17 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, d]
         """One layer over the flat batch; stores this step's keys / values into ``kv_cache``."""
+        q, k, v = self._pre(x, cos, sin)
+        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, hd]
+        return self._post(x, attn)
+
+    def pre_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Norm, q/k/v projection, q/k norm and RoPE. x: [T, d] -> q [T, H, hd], k and v [T, Hkv, hd]."""
         num_tokens = x.shape[0]
         h = rms_norm(x, self.input_layernorm, self.eps)
-        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)  # [T, (H + 2 Hkv) hd]
+        quant = self.quant
+        qkv = quant_linear(h, self.qkv_proj, self.qkv_bias, quant.get("qkv_proj"))  # [T, (H + 2 Hkv) hd]
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -102,12 +120,22 @@ class DecoderLayer(nn.Module):
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm, self.eps)
             k = rms_norm(k, self.k_norm, self.eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, hd]
-        x = x + F.linear(attn.reshape(num_tokens, self.q_size), self.o_proj, self.o_bias)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def post_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual, norm, SwiGLU MLP, residual. x: [T, d], attn: [T, H, hd] -> [T, d]."""
+        quant = self.quant
+        x = x + quant_linear(attn.reshape(x.shape[0], self.q_size), self.o_proj, self.o_bias, quant.get("o_proj"))
         h = rms_norm(x, self.post_attention_layernorm, self.eps)
-        gate, up = F.linear(h, self.gate_up_proj).chunk(2, dim=-1)  # [T, I] each
-        return x + F.linear(F.silu(gate) * up, self.down_proj)
+        gate, up = quant_linear(h, self.gate_up_proj, None, quant.get("gate_up_proj")).chunk(2, dim=-1)  # [T, I] each
+        return x + quant_linear(F.silu(gate) * up, self.down_proj, None, quant.get("down_proj"))
+
+    def _pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.pre_attention(x, cos, sin)  # replaced per instance by engine.compile_step
+
+    def _post(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        return self.post_attention(x, attn)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -136,6 +164,8 @@ class LlamaForCausalLM(nn.Module):
         # cos/sin are rounded to the model dtype once, as transformers does per call.
         self.register_buffer("rope_cos", freqs.cos().to(dtype), persistent=False)  # [P, hd/2]
         self.register_buffer("rope_sin", freqs.sin().to(dtype), persistent=False)  # [P, hd/2]
+        self.lm_head_quant: QuantWeight | None = None  # quantised LM head for small M (engine/quant.py)
+        self.quantization = "none"  # what load_weights kept quantised: none | gguf | int8 | int4
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -175,14 +205,25 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: [N, d] -> [N, V] float32 logits."""
-        return F.linear(hidden, self.lm_head_weight).float()
+        return quant_linear(hidden, self.lm_head_weight, None, self.lm_head_quant).float()
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | BlockQuant]], quantization: str = "none",
+                     gemv_max_tokens: int = DEFAULT_GEMV_MAX_TOKENS) -> None:
         """Copy Hugging Face-named tensors (``model.layers.3.self_attn.q_proj.weight`` ...) into the
         fused parameters, casting to the model dtype. Raises ValueError on an unknown name or when a
-        parameter is left unfilled."""
+        parameter is left unfilled.
+
+        Quantisation (engine/quant.py): a ``BlockQuant`` value (GGUF Q4_0 / Q4_1 / Q8_0 blocks) fills
+        its parameter with the canonical dequantised values and, when every row of the (fused) parameter
+        came quantised, keeps the packed int4 copy for calls of at most ``gemv_max_tokens`` rows.
+        ``quantization`` "int8" / "int4" then quantises the dense decoder-layer linears
+        (:meth:`quantize_`); "none" / "auto" keep dense tensors dense.
+        """
+        if quantization not in ("none", "auto", "int8", "int4"):
+            raise ValueError(f"quantization must be none, auto, int8 or int4, got {quantization!r}")
         filled: set[str] = set()
+        staged: dict[str, list[tuple[int, BlockQuant]]] = {}
         for name, tensor in weights:
             target = self._resolve(name)
             if target is None:
@@ -190,9 +231,15 @@ class LlamaForCausalLM(nn.Module):
             param_name, rows = target
             param = self._param(param_name, name)
             dest = param if rows is None else param[rows[0]:rows[1]]
-            if dest.shape != tensor.shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit {param_name} {tuple(dest.shape)}")
-            dest.copy_(tensor)
+            if isinstance(tensor, BlockQuant):
+                if dest.shape != tensor.shape:
+                    raise ValueError(f"{name}: shape {tensor.shape} does not fit {param_name} {tuple(dest.shape)}")
+                dest.copy_(tensor.canonical(param.dtype))
+                staged.setdefault(param_name, []).append((0 if rows is None else rows[0], tensor))
+            else:
+                if dest.shape != tensor.shape:
+                    raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit {param_name} {tuple(dest.shape)}")
+                dest.copy_(tensor)
             filled.add(param_name if rows is None else f"{param_name}[{rows[0]}]")
         expected = {n for n, _ in self.named_parameters()}
         for i, layer in enumerate(self.layers):
@@ -205,6 +252,54 @@ class LlamaForCausalLM(nn.Module):
         missing = expected - filled
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:5]}")
+        self._attach_quant(staged, gemv_max_tokens)
+        if staged:
+            self.quantization = "gguf"
+        if quantization in ("int8", "int4"):
+            self.quantize_(quantization, gemv_max_tokens)
+
+    @torch.no_grad()
+    def quantize_(self, mode: str, gemv_max_tokens: int = DEFAULT_GEMV_MAX_TOKENS) -> None:
+        """Quantise every dense decoder-layer linear in place (engine/quant.py): "int8" (per output
+        channel) or "int4" (group 32). Each parameter is overwritten with the canonical dequantised
+        values the kernel computes with; the embedding and LM head stay dense. Linears that already
+        have a quantised copy (GGUF blocks) are left alone."""
+        if mode not in ("int8", "int4"):
+            raise ValueError(f"quantize_ mode must be int8 or int4, got {mode!r}")
+        dtype = self.norm.dtype
+        for layer in self.layers:
+            for leaf in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                if leaf in layer.quant:
+                    continue
+                param = getattr(layer, leaf)
+                if mode == "int4":
+                    block = quantize_int4(param, dtype)
+                    param.copy_(block.canonical(dtype))
+                    layer.quant[leaf] = block.pack(dtype, gemv_max_tokens)
+                else:
+                    q8, canonical = quantize_int8(param, dtype, gemv_max_tokens)
+                    param.copy_(canonical)
+                    layer.quant[leaf] = q8
+        self.quantization = mode if self.quantization == "none" else f"{self.quantization}+{mode}"
+
+    def _attach_quant(self, staged: dict[str, list[tuple[int, BlockQuant]]], max_tokens: int) -> None:
+        """Pack the staged blocks of every parameter whose rows all came quantised (same plane layout)."""
+        for param_name, pieces in staged.items():
+            pieces.sort(key=lambda p: p[0])
+            if sum(p.shape[0] for _, p in pieces) != self.get_parameter(param_name).shape[0]:
+                continue  # part of a fused parameter is dense (mixed GGUF types): serve it dense
+            first = pieces[0][1]
+            if len({len(p.codes) for _, p in pieces}) != 1:
+                continue
+            merged = BlockQuant(*(tuple(torch.cat([getattr(p, f)[i] for _, p in pieces]) for i in range(len(first.codes)))
+                                  for f in ("codes", "scales", "zeros")))
+            quant = merged.pack(self.norm.dtype, max_tokens)
+            if param_name in ("embed_tokens.weight", "lm_head"):
+                if (param_name == "lm_head") == (self.lm_head is not None):  # the LM head (tied: the embedding)
+                    self.lm_head_quant = quant
+                continue
+            layer_name, leaf = param_name.rsplit(".", 1)
+            self.get_submodule(layer_name).quant[leaf] = quant
 
     def _param(self, param_name: str, tensor_name: str) -> torch.Tensor:
         try:
