@@ -172,7 +172,7 @@ def test_4_disconnect_storm_frees_everything_at_once(real: Real) -> None:
     """12 clients (8 run, 4 queue; streaming and not) leave mid-way: within a step nothing runs,
     nothing waits, every KV block is free, and the gauges say so without any later request."""
     aborted = real.gauge("request_success_total", finished_reason="abort")
-    body = chat_body("Count from one to one hundred.", max_tokens=400, temperature=0.7)
+    body = chat_body("Count from one to one hundred.", max_tokens=400, temperature=0.7, ignore_eos=True)  # none ends early
     with real.http() as http, ExitStack() as streams:
         for i in range(10):  # the response head comes once the request is admitted
             streams.enter_context(http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}))
