@@ -4,7 +4,8 @@ Through ``EngineCore`` (no HTTP), ``fixed:K`` verification (every draft position
 drafter, not the policy), all prompts of a set decoding at once, stop tokens honoured. For each set x
 ``--speculative-method`` x temperature: tau (tokens per verify step, bonus included), acceptance by position,
 and realised / predicted accepted drafts, where the prediction is the prefix survival ``prod_{i<=k} c_i`` of
-the confidences the policy is given (after online calibration).
+the drafter's stated confidences; ``online_calibration`` gives the online calibration's own account
+(accepted over stated and over corrected conditional confidences, cumulative over the run).
 
     python -m loadtests.bench_tau --num-prompts 12 --max-tokens 128 --out bench_results/tau_by_set.json
 
@@ -61,6 +62,12 @@ def run_set(core: EngineCore, prompts: list[list[int]], temperature: float, max_
                 real[k] += out.num_accepted_tokens > k
                 count[k] += 1
     stats = core.spec_stats
+    rows = core.controller.stats().calibration if core.controller is not None else ()
+    online = {}
+    if rows:  # the online calibration's own account (conditional per-position survival, cumulative)
+        accepted = sum(r.accepted for r in rows)
+        online = {"realised_over_stated": round(accepted / max(sum(r.stated for r in rows), 1e-9), 3),
+                  "realised_over_corrected": round(accepted / max(sum(r.corrected for r in rows), 1e-9), 3)}
     return {
         "tau": round(stats.accepted_length, 3), "verify_steps": stats.num_drafts,
         "draft_tokens": stats.num_draft_tokens, "accepted_tokens": stats.num_accepted_tokens,
@@ -69,6 +76,7 @@ def run_set(core: EngineCore, prompts: list[list[int]], temperature: float, max_
                               "tau": round(1 + r[2] / max(r[0], 1), 3)} for name, r in by_drafter.items()},
         "acceptance_by_position": [round(real[k] / count[k], 3) if count[k] else None for k in range(gamma)],
         "realised_over_predicted": round(sum(real) / max(sum(pred), 1e-9), 3),
+        "online_calibration": online,
     }
 
 
