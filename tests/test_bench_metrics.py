@@ -31,6 +31,7 @@ from loadtests.bench.metrics import (
 )
 from loadtests.bench.runner import arrival_offsets
 from loadtests.bench.workload import PromptPool
+from loadtests.prompts import shared_data_dir
 from server.metrics import ServerMetrics
 
 
@@ -112,6 +113,7 @@ def test_arrivals() -> None:
         arrival_offsets(3, 0.0, 1.0, random.Random(0))
 
 
+@pytest.mark.skipif(not (shared_data_dir() / "prompts").is_dir(), reason="shared prompt data not found (SPARKSERVE_DATA)")
 def test_pool_hands_out_fresh_prompts_until_exhausted() -> None:
     pool = PromptPool("mtbench", max_tokens=8, seed=0, multi_turn=True)
     first = pool.take(50)
