@@ -27,6 +27,7 @@ from engine.core import EngineCore
 from engine.loader import load_model
 from loadtests.bench_step_breakdown import machine
 from loadtests.prompts import load_prompts
+from loadtests.survival_check import record_survival
 from scheduler.sampling_params import SamplingParams
 from train.data import chat_prompt_ids
 
@@ -54,13 +55,7 @@ def run_set(core: EngineCore, prompts: list[list[int]], temperature: float, max_
                 row[0] += 1
                 row[1] += out.num_draft_tokens
                 row[2] += out.num_accepted_tokens
-            c = conf.get(out.request_id) or []
-            survival = 1.0
-            for k in range(min(out.num_draft_tokens, len(c))):
-                survival *= c[k]
-                pred[k] += survival
-                real[k] += out.num_accepted_tokens > k
-                count[k] += 1
+            record_survival(conf.get(out.request_id) or [], out, pred, real, count)
     stats = core.spec_stats
     rows = core.controller.stats().calibration if core.controller is not None else ()
     online = {}

@@ -26,6 +26,17 @@ from scheduler.sampling_params import SamplingParams
 from train.data import chat_prompt_ids
 
 
+def record_survival(confidences: list[float], out, pred: list[float], real: list[int], count: list[int]) -> None:
+    """Add one verify step's prediction (prefix survival ``prod_{i<=k} c_i`` per verified position k) and
+    outcome (draft k accepted) to the per-position sums ``pred`` / ``real`` / ``count`` (in place)."""
+    survival = 1.0
+    for k in range(min(out.num_draft_tokens, len(confidences))):
+        survival *= confidences[k]
+        pred[k] += survival
+        real[k] += out.num_accepted_tokens > k
+        count[k] += 1
+
+
 def run(core: EngineCore, prompts: list[list[int]], temperature: float, max_tokens: int) -> dict:
     """Decode all prompts at once; returns predicted / realised accepted drafts overall and by position."""
     for i, p in enumerate(prompts):
@@ -36,13 +47,7 @@ def run(core: EngineCore, prompts: list[list[int]], temperature: float, max_toke
     while core.has_unfinished_requests():
         conf = {r.request_id: list(r.spec_confidences) for r in core.scheduler.running_requests}
         for out in core.step():
-            c = conf.get(out.request_id) or []
-            survival = 1.0
-            for k in range(min(out.num_draft_tokens, len(c))):
-                survival *= c[k]
-                pred[k] += survival
-                real[k] += out.num_accepted_tokens > k
-                count[k] += 1
+            record_survival(conf.get(out.request_id) or [], out, pred, real, count)
     return {"verified": sum(count), "predicted_accepted": round(sum(pred), 1), "realised_accepted": sum(real),
             "ratio": round(sum(real) / max(sum(pred), 1e-9), 3),
             "by_position": [{"k": k, "n": count[k], "predicted": round(pred[k] / count[k], 3),
