@@ -302,9 +302,7 @@ def paged_attention(
         return store_and_attend(q, k, v, k_cache, v_cache, meta.kernel, scale)
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
     out = q.new_empty(num_tokens, num_heads, head_dim)
-    gqa = num_heads != num_kv_heads
     if meta.short_q_index is not None:
         _short_group_attention(q, k_cache, v_cache, meta, scale, out)
     for seq in meta.prefills:

@@ -95,9 +95,20 @@ def test_chunked_prefill_equals_one_shot() -> None:
 def test_attention_workspace_is_linear_in_context() -> None:
     """A 1,024-query chunk after 3,072 cached keys (2 heads, head dim 8): no allocation near q_len x kv_len.
 
-    A dense bool mask alone would take 4 MiB, fp32 scores 32 MiB; the bound is 16 x H x kv_len x hd bytes
-    (1 MiB: the gathered context in the serving dtype, with room).
+    A dense bool mask alone would take 4 MiB, fp32 scores 32 MiB. What is allowed: the gathered context
+    (H x kv_len x hd in the serving dtype, 128 KiB here) and the flash kernel's per-thread tile workspace,
+    which does not grow with the context (~0.5 MiB per thread; the test runs one thread). Bound: 2 MiB.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        largest = _largest_allocation()
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < largest <= 2 * 2**20, largest
+
+
+def _largest_allocation() -> int:
     num_heads, num_kv_heads, head_dim, block_size = 2, 1, 8, 16
     start, q_len = 3072, 1024
     kv_len = start + q_len
@@ -110,5 +121,4 @@ def test_attention_workspace_is_linear_in_context() -> None:
         meta = build_attention_metadata([q_len], [start], [kv_len], [table], block_size)
         out = paged_attention(q, k, k.clone(), k_cache, v_cache, meta, head_dim ** -0.5)
     assert out.shape == (q_len, num_heads, head_dim) and torch.isfinite(out.float()).all()
-    largest = max(e.cpu_memory_usage for e in prof.events())
-    assert 0 < largest <= 16 * num_heads * kv_len * head_dim, largest
+    return max(e.cpu_memory_usage for e in prof.events())

@@ -18,7 +18,7 @@ PASSAGE = ("The quick brown fox jumps over the lazy dog. The dog sleeps under th
            "runs across the green field toward the river.")
 TASKS = [f"Repeat the following text exactly, word for word:\n{PASSAGE}",
          f"Copy this sentence twice: {PASSAGE.split('. ')[0]}.",
-         f"Here is a list: apple, banana, cherry, apple, banana, cherry. Continue the list for two more rounds."]
+         "Here is a list: apple, banana, cherry, apple, banana, cherry. Continue the list for two more rounds."]
 MAX_TOKENS = 40
 PROFILE = Path(__file__).parent / "data" / "profile_small.json"
 
