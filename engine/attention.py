@@ -48,11 +48,9 @@ class PrefillSeq:
         """Causal over this step's keys only (a first prefill chunk): plain causal SDPA on ``k`` / ``v``."""
         return self.causal and self.start_pos == 0 and self.kv_len == self.q_len
 
-    def dense_mask(self) -> torch.Tensor:
+    def causal_mask(self) -> torch.Tensor:
         """``[q_len, kv_len]`` bool (True = may attend): only for the fallback off the CPU flash kernel."""
         pos = torch.arange(self.kv_len, device=self.slots.device)
-        if not self.causal:
-            return torch.ones(self.q_len, self.kv_len, dtype=torch.bool, device=self.slots.device)
         q_pos = torch.arange(self.start_pos, self.start_pos + self.q_len, device=self.slots.device)
         return pos[None, :] <= q_pos[:, None]
 
@@ -344,17 +342,13 @@ def _long_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         vs = v[seq.q_start:seq.q_end].transpose(0, 1)
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
         return o.transpose(0, 1)
-    if not seq.causal:  # every key visible: no mask at all
+    split = (seq.causal and _CPU_FLASH is not None and q.device.type == "cpu"
+             and seq.kv_len == seq.start_pos + seq.q_len and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    if not split:  # a bidirectional drafter block (every key visible: no mask), or causal off the CPU kernel
         ks = _gather_heads(k_cache, seq.slots, num_heads, q.dtype)[0]
         vs = _gather_heads(v_cache, seq.slots, num_heads, q.dtype)[0]
-        return F.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1)
-    split = (_CPU_FLASH is not None and q.device.type == "cpu" and seq.kv_len == seq.start_pos + seq.q_len
-             and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
-    if not split:  # e.g. the torch backend on CUDA: dense mask (fine there; the Triton kernel is the default)
-        ks = _gather_heads(k_cache, seq.slots, num_heads, q.dtype)[0]
-        vs = _gather_heads(v_cache, seq.slots, num_heads, q.dtype)[0]
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seq.dense_mask(), scale=scale)
-        return o.transpose(0, 1)
+        mask = seq.causal_mask() if seq.causal else None
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale).transpose(0, 1)
     q4 = qs.unsqueeze(0)  # [1, H, q_len, hd]
     k_new = _repeat_heads(k[seq.q_start:seq.q_end].transpose(0, 1), num_heads)
     v_new = _repeat_heads(v[seq.q_start:seq.q_end].transpose(0, 1), num_heads)

@@ -200,11 +200,11 @@ class InputBatch:
         positions = torch.tensor(starts, dtype=torch.int64)[owner] + torch.arange(int(counts.sum())) - first[owner]
         input_ids = self.token_ids.view(-1)[rows[owner] * self.max_len + positions]
         tables = self.block_table.index_select(0, rows)  # [S, max_blocks]
-        meta = build_attention_metadata(q_lens, starts, [s.end_pos for s in seqs], tables, self.block_size,
+        kv_lens = [s.end_pos for s in seqs]
+        meta = build_attention_metadata(q_lens, starts, kv_lens, tables, self.block_size,
                                         device=self.device, token_positions=(owner, positions))
         if self.kernel_heads is not None:
-            meta = with_kernel_metadata(meta, q_lens, starts, [s.end_pos for s in seqs], tables.to(self.device),
-                                        *self.kernel_heads)
+            meta = with_kernel_metadata(meta, q_lens, starts, kv_lens, tables.to(self.device), *self.kernel_heads)
         sample_index = tuple(i for i, s in enumerate(seqs) if s.sample)
         ends = (first + counts).tolist()
         logits_rows = [ends[i] - 1 - seqs[i].num_spec_tokens + k for i in sample_index

@@ -231,14 +231,12 @@ class LlamaForCausalLM(nn.Module):
             param_name, rows = target
             param = self._param(param_name, name)
             dest = param if rows is None else param[rows[0]:rows[1]]
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit {param_name} {tuple(dest.shape)}")
             if isinstance(tensor, BlockQuant):
-                if dest.shape != tensor.shape:
-                    raise ValueError(f"{name}: shape {tensor.shape} does not fit {param_name} {tuple(dest.shape)}")
                 dest.copy_(tensor.canonical(param.dtype))
                 staged.setdefault(param_name, []).append((0 if rows is None else rows[0], tensor))
             else:
-                if dest.shape != tensor.shape:
-                    raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit {param_name} {tuple(dest.shape)}")
                 dest.copy_(tensor)
             filled.add(param_name if rows is None else f"{param_name}[{rows[0]}]")
         expected = {n for n, _ in self.named_parameters()}
