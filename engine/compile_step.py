@@ -46,7 +46,7 @@ class _EagerFallback:
 def compile_layers(model: torch.nn.Module) -> list[_EagerFallback]:
     """Replace every decoder layer's ``_pre`` / ``_post`` by compiled versions with eager fallback.
     Returns the wrappers (``failed`` tells whether one fell back). The model's numerics are unchanged
-    up to inductor's fp32 reassociation (tests/test_quant.py: fp32 within 1e-5, bf16 within 2 ulps)."""
+    up to inductor's fp32 reassociation (tests/engine/test_quant.py: fp32 within 1e-5, bf16 within 2 ulps)."""
     wrappers = []
     for i, layer in enumerate(model.layers):
         for side, fn in (("_pre", layer.pre_attention), ("_post", layer.post_attention)):

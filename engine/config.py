@@ -24,7 +24,7 @@ class EngineArgs:
         max_waiting_tokens: bound on the prompt tokens in the waiting queue (429 past it; a request
             arriving at an empty queue is always queued); None = no bound.
         long_prefill_token_threshold / max_num_partial_prefills / max_long_partial_prefills:
-            chunked-prefill fairness (``scheduler.config.SchedulerConfig``): a long prefill takes at
+            chunked-prefill fairness (``sparkserve.scheduler.config.SchedulerConfig``): a long prefill takes at
             most its share of each step while decode rows and short prompts keep flowing.
         num_threads: torch intra-op threads (None = torch default).
         seed: global seed for requests without their own.
@@ -38,7 +38,7 @@ class EngineArgs:
         verify_policy: "none" | "fixed:K" | "dspark" | "dspark-async" (None = dspark when drafting).
         profile_path: throughput profile file to reuse (None = measure / cache at start-up).
         draft_gate: with dspark / dspark-async, skip the drafter forward for requests whose next
-            drafts are not worth its cost at the current load (``scheduler.policy.dspark.plan_drafting``).
+            drafts are not worth its cost at the current load (``sparkserve.scheduler.policy.dspark.plan_drafting``).
         shuffle_blocks: hand out physical KV blocks in a random order (tests that paging is real).
         unseeded_coupling: verify unseeded sampled requests by Gumbel-max coupling (as seeded ones
             always are) instead of rejection sampling (``engine/spec_decode/verifier.py``).

@@ -11,26 +11,30 @@ import time
 
 import torch
 
-from engine.config import EngineArgs, resolve_device
-from engine.loader import LoadedModel, load_model
-from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
-from engine.profiler import load_or_measure_profile, profile_key
-from engine.protocol import EngineStats, SpecStats, StepStats
-from engine.sampling.mask import LogitsMask
-from engine.spec_decode.drafter import Drafter
-from engine.spec_decode.factory import effective_draft_vocab, load_default_or_given_drafter, make_controller
-from engine.spec_decode.speculator import Speculator
-from engine.step_faults import StepFaultHandler
-from engine.structured.logits_mask import GrammarLogitsMask
-from scheduler.config import SchedulerConfig
-from scheduler.errors import RequestRejectedError
-from scheduler.outputs import EngineCoreOutput
-from scheduler.policy.controller import StepObservation
-from scheduler.policy.spec import parse_policy
-from scheduler.profile import ThroughputProfile
-from scheduler.request import Request
-from scheduler.request_rules import check_admissible, check_sampling_params
-from scheduler.scheduler import Scheduler
+from sparkserve.engine.config import EngineArgs, resolve_device
+from sparkserve.engine.loader import LoadedModel, load_model
+from sparkserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from sparkserve.engine.profiler import load_or_measure_profile, profile_key
+from sparkserve.engine.protocol import EngineStats, SpecStats, StepStats
+from sparkserve.engine.sampling.mask import LogitsMask
+from sparkserve.engine.spec_decode.drafter import Drafter
+from sparkserve.engine.spec_decode.factory import (
+    effective_draft_vocab,
+    load_default_or_given_drafter,
+    make_controller,
+)
+from sparkserve.engine.spec_decode.speculator import Speculator
+from sparkserve.engine.step_faults import StepFaultHandler
+from sparkserve.engine.structured.logits_mask import GrammarLogitsMask
+from sparkserve.scheduler.config import SchedulerConfig
+from sparkserve.scheduler.errors import RequestRejectedError
+from sparkserve.scheduler.outputs import EngineCoreOutput
+from sparkserve.scheduler.policy.controller import StepObservation
+from sparkserve.scheduler.policy.spec import parse_policy
+from sparkserve.scheduler.profile import ThroughputProfile
+from sparkserve.scheduler.request import Request
+from sparkserve.scheduler.request_rules import check_admissible, check_sampling_params
+from sparkserve.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +141,7 @@ class EngineCore:
             return int(args.kv_cache_memory_gb * (1 << 30))
         if self.device.type != "cuda":
             return 1 << 30
-        from engine.profiler import activation_peak_bytes
+        from sparkserve.engine.profiler import activation_peak_bytes
 
         free, total = torch.cuda.mem_get_info(self.device)
         peak = activation_peak_bytes(self.loaded.model, args.max_num_batched_tokens, dtype, self.device)
@@ -206,7 +210,7 @@ class EngineCore:
         """One engine step: schedule -> execute -> update. Returns per-request deltas.
 
         An exception anywhere in the step fails (or retries) the requests of the step, not the
-        engine (``engine.step_faults``); it raises only ``EngineBrokenError`` (steps keep failing).
+        engine (``sparkserve.engine.step_faults``); it raises only ``EngineBrokenError`` (steps keep failing).
         """
         start = time.perf_counter()
         plan = None

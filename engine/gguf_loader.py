@@ -18,10 +18,10 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
-from engine.models.config import ModelConfig
+from sparkserve.engine.models.config import ModelConfig
 
 if TYPE_CHECKING:  # torch stays out of the tokenizer's import path (engine.tokenizer reads GGUF metadata)
-    from engine.quant import BlockQuant
+    from sparkserve.engine.quant import BlockQuant
 
 SUPPORTED_TYPES = frozenset(getattr(GGMLQuantizationType, n) for n in (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
@@ -148,13 +148,13 @@ def iter_gguf_weights(reader: GGUFReader, config: ModelConfig,
                       keep_quantized: bool = False) -> Iterator[tuple[str, np.ndarray | BlockQuant]]:
     """Yield (Hugging Face name, float32 array) for every model tensor, Q/K rows unpermuted (llama).
 
-    ``keep_quantized``: Q4_0 / Q4_1 / Q8_0 tensors come as ``engine.quant.BlockQuant`` (their codes,
+    ``keep_quantized``: Q4_0 / Q4_1 / Q8_0 tensors come as ``sparkserve.engine.quant.BlockQuant`` (their codes,
     scales and zeros, rows unpermuted the same way) instead of dequantised arrays.
     """
     if keep_quantized:
         import torch
 
-        from engine.quant import gguf_block_quant
+        from sparkserve.engine.quant import gguf_block_quant
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
         if name is None:

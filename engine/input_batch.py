@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine.attention import AttentionMetadata, build_attention_metadata, with_kernel_metadata
-from engine.sampling.keyed_random import request_key
-from engine.sampling.metadata import SamplingMetadata, dense_logit_bias
-from scheduler.outputs import ScheduledSeq, SchedulerOutput
-from scheduler.sampling_params import SamplingParams
+from sparkserve.engine.attention import AttentionMetadata, build_attention_metadata, with_kernel_metadata
+from sparkserve.engine.sampling.keyed_random import request_key
+from sparkserve.engine.sampling.metadata import SamplingMetadata, dense_logit_bias
+from sparkserve.scheduler.outputs import ScheduledSeq, SchedulerOutput
+from sparkserve.scheduler.sampling_params import SamplingParams
 
 
 class BatchStateError(RuntimeError):

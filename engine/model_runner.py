@@ -17,17 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import new_kv_cache
-from engine.input_batch import InputBatch
-from engine.models.config import ModelConfig
-from engine.models.llama import LlamaForCausalLM
-from engine.sampling.mask import LogitsMask, RequestLogitsMask
-from engine.spec_decode.draft_store import DraftStore
-from engine.spec_decode.drafter import DraftOutput
-from engine.spec_decode.rejection import DraftProbs, RaggedDrafts
-from engine.spec_decode.speculator import Speculator
-from engine.spec_decode.verifier import Verifier, VerifyInput, VerifyOutput, emitted_tokens
-from scheduler.outputs import DraftProposal, RunnerOutput, ScheduledSeq, SchedulerOutput
+from sparkserve.engine.attention import new_kv_cache
+from sparkserve.engine.input_batch import InputBatch
+from sparkserve.engine.models.config import ModelConfig
+from sparkserve.engine.models.llama import LlamaForCausalLM
+from sparkserve.engine.sampling.mask import LogitsMask, RequestLogitsMask
+from sparkserve.engine.spec_decode.draft_store import DraftStore
+from sparkserve.engine.spec_decode.drafter import DraftOutput
+from sparkserve.engine.spec_decode.rejection import DraftProbs, RaggedDrafts
+from sparkserve.engine.spec_decode.speculator import Speculator
+from sparkserve.engine.spec_decode.verifier import Verifier, VerifyInput, VerifyOutput, emitted_tokens
+from sparkserve.scheduler.outputs import DraftProposal, RunnerOutput, ScheduledSeq, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class ModelRunner:
         self.mask = mask
         self.compiled = False
         if compile:
-            from engine.compile_step import compile_layers
+            from sparkserve.engine.compile_step import compile_layers
 
             self._compiled_layers = compile_layers(model)
             self.compiled = True
@@ -106,8 +106,8 @@ class ModelRunner:
         """Compile the step's shapes now (no-op without ``compile``); logs the time, warns on fallback."""
         if not self.compiled:
             return
-        from engine.compile_step import warm_up
-        from engine.profiler import make_step_fn
+        from sparkserve.engine.compile_step import warm_up
+        from sparkserve.engine.profiler import make_step_fn
 
         seconds = warm_up(make_step_fn(self, self.kv_caches[0][0].shape[1]), progress=progress)
         failed = sum(w.failed for w in self._compiled_layers)

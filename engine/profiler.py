@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import build_attention_metadata
-from engine.model_runner import ModelRunner
-from engine.sampling.metadata import SamplingMetadata
-from scheduler.profile import ThroughputProfile, default_grid, measure_profile, profile_cache_path
-from scheduler.sampling_params import SamplingParams
+from sparkserve.engine.attention import build_attention_metadata
+from sparkserve.engine.model_runner import ModelRunner
+from sparkserve.engine.sampling.metadata import SamplingMetadata
+from sparkserve.scheduler.profile import ThroughputProfile, default_grid, measure_profile, profile_cache_path
+from sparkserve.scheduler.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _synthetic_draft(runner: ModelRunner, starts: list[int], tables: list[tuple[
 def activation_peak_bytes(model, num_tokens: int, dtype: torch.dtype, device: torch.device) -> int:
     """Peak CUDA memory of one prefill forward over ``num_tokens`` tokens beyond what is allocated now
     (a temporary KV cache for them included): the activation reserve of the KV-cache sizing."""
-    from engine.attention import new_kv_cache
+    from sparkserve.engine.attention import new_kv_cache
 
     cfg = model.config
     block_size = 16

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler.outputs import TokenLogprob
-from scheduler.policy.controller import ControllerStats
+from sparkserve.scheduler.outputs import TokenLogprob
+from sparkserve.scheduler.policy.controller import ControllerStats
 
 
 class EngineDeadError(RuntimeError):

@@ -9,7 +9,7 @@ A quantised weight keeps two copies of *one canonical set of weight values*:
   prefill), where the bf16 GEMM (oneDNN) beats the int4 kernel (measured: loadtests/bench_step.py).
 
 **The canonical values** are what the int4 kernel computes with. The kernel (ATen
-``native/cpu/int4mm_kernel.cpp``; checked bit for bit in tests/test_quant.py) converts each packed code
+``native/cpu/int4mm_kernel.cpp``; checked bit for bit in tests/engine/test_quant.py) converts each packed code
 ``q`` in 0..15 and its group's ``scales_and_zeros[k // 32, n] = (scale, zero)`` (stored in the activation
 dtype) to fp32 and forms ``w = (q - 8) * scale + zero`` in fp32 (one fused multiply-add), then
 accumulates ``x @ w`` in fp32 and rounds the output to the activation dtype. So:
@@ -29,7 +29,7 @@ accumulates ``x @ w`` in fp32 and rounds the output to the activation dtype. So:
 In float32 the dense copy holds exactly the canonical values, so the GEMV and GEMM paths differ only by
 fp32 summation order, as the GEMV / GEMM paths of a dense model do. In bfloat16 the dense copy holds the
 canonical values rounded to bf16 (relative error <= 2^-9 per weight): the paths then differ by that
-rounding, which the bf16 near-tie rule absorbs (tests/test_quant.py checks batch invariance under it;
+rounding, which the bf16 near-tie rule absorbs (tests/engine/test_quant.py checks batch invariance under it;
 measured: 9 of 16 greedy continuations batched equal their solo text token for token, the rest part at
 near-ties, against 16 of 16 for the dense bf16 model: docs/benchmarks.md). ``gemv_max_tokens = 0`` keeps
 the blocks but runs every call dense (today's numerics on the canonical weights).

@@ -29,10 +29,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from engine.protocol import EngineDeadError
-from scheduler.outputs import EngineCoreOutput, SchedulerOutput
-from scheduler.request import RequestStatus
-from scheduler.scheduler import Scheduler
+from sparkserve.engine.protocol import EngineDeadError
+from sparkserve.scheduler.outputs import EngineCoreOutput, SchedulerOutput
+from sparkserve.scheduler.request import RequestStatus
+from sparkserve.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Chat templates render in a sandboxed jinja2 environment with the Hugging Face co
 
 :meth:`Tokenizer.encode_chat` tokenizes a rendered chat so that only the template's own markup yields
 special tokens: ``<|im_end|>`` typed inside a message is text, so a user cannot close its own turn and
-forge a system turn (see :func:`engine.chat_template.encode_chat_markup_only`).
+forge a system turn (see :func:`sparkserve.engine.chat_template.encode_chat_markup_only`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import jinja2
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from engine.chat_template import chat_environment, encode_chat_markup_only, flatten_content
+from sparkserve.engine.chat_template import chat_environment, encode_chat_markup_only, flatten_content
 
 if TYPE_CHECKING:
-    from engine.structured.grammar import GrammarCompiler
+    from sparkserve.engine.structured.grammar import GrammarCompiler
 
 # Special tokens that end a generation turn in common chat formats (ChatML, Llama 3, Gemma, Phi).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
@@ -75,7 +75,7 @@ class Tokenizer:
     @cached_property
     def grammar_compiler(self) -> GrammarCompiler:
         """The grammar compiler (structured outputs) for this vocabulary, built once (~0.3 s, imports xgrammar)."""
-        from engine.structured.grammar import GrammarCompiler
+        from sparkserve.engine.structured.grammar import GrammarCompiler
 
         vocab = [""] * self.vocab_size
         for token, i in self.backend.get_vocab(with_added_tokens=True).items():
@@ -228,7 +228,7 @@ def _gguf_pre_tokenizer(pre: str) -> tuple[normalizers.Normalizer | None, pre_to
 
 
 def _load_gguf_tokenizer(path: pathlib.Path) -> Tokenizer:
-    from engine.gguf_loader import open_gguf
+    from sparkserve.engine.gguf_loader import open_gguf
 
     return gguf_tokenizer(open_gguf(path))
 
@@ -236,7 +236,7 @@ def _load_gguf_tokenizer(path: pathlib.Path) -> Tokenizer:
 def gguf_tokenizer(reader: Any) -> Tokenizer:
     """Build the tokenizer from an open ``gguf.GGUFReader``'s ``tokenizer.*`` metadata: byte-level BPE
     over ``tokenizer.ggml.tokens`` / ``merges``, control tokens (token_type 3) as special tokens."""
-    from engine.gguf_loader import gguf_field
+    from sparkserve.engine.gguf_loader import gguf_field
 
     kind = gguf_field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":

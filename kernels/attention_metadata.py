@@ -1,6 +1,6 @@
 """Metadata of the Triton paged-attention kernel over one flattened ragged batch.
 
-Built from the same host data as ``engine.attention.build_attention_metadata`` (query lengths, start
+Built from the same host data as ``sparkserve.engine.attention.build_attention_metadata`` (query lengths, start
 positions, context lengths, block tables, causal flags) and shared by every layer of one forward.
 
 Work decomposition (``kernels/paged_attention.py``): a *tile* is up to ``block_q`` consecutive query
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.common import cdiv, next_power_of_2
+from sparkserve.kernels.common import cdiv, next_power_of_2
 
 SHORT_ROWS_MAX = 64  # a sequence with q_len * G rows up to this is one tile of the short group
 LONG_BLOCK_M = 64  # rows per tile of the long (prefill) group
@@ -57,7 +57,7 @@ class TileGroup:
 class RaggedAttentionMetadata:
     """One forward's attention inputs (all tensors on the kernels' device).
 
-    Mask rule (as ``engine.attention``): query i of sequence s (absolute position ``start_pos[s] + i``)
+    Mask rule (as ``sparkserve.engine.attention``): query i of sequence s (absolute position ``start_pos[s] + i``)
     sees key j iff ``j < kv_lens[s]`` and (``j <= start_pos[s] + i`` or not ``causal[s]``).
 
     Attributes:
@@ -151,7 +151,7 @@ def _as_table(block_tables: Tensor | Sequence[Sequence[int]]) -> Tensor:
 
 
 def _slot_mapping(counts: Tensor, cu: Tensor, starts: Tensor, tables: Tensor, block_size: int) -> Tensor:
-    """``[T]`` int64 slot of every new token (``engine.attention``'s rule), on the tables' device."""
+    """``[T]`` int64 slot of every new token (``sparkserve.engine.attention``'s rule), on the tables' device."""
     device = tables.device
     owner = torch.repeat_interleave(torch.arange(counts.numel()), counts).to(device)  # [T]
     row = torch.arange(int(cu[-1]), device=device) - cu[:-1].to(device).long()[owner]

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.attention_metadata import build_ragged_metadata
-from kernels.paged_attention import AttentionConfig, paged_attention
+from sparkserve.kernels.attention_metadata import build_ragged_metadata
+from sparkserve.kernels.paged_attention import AttentionConfig, paged_attention
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 DECODE_BATCHES, CONTEXTS, VERIFY_Q_LEN = (32, 64, 128, 256), (2048, 4096, 8192), 8
@@ -144,11 +144,11 @@ def tune(pool: Pool, copy_bw: float, cells: Sequence[tuple[int, int]], configs: 
 
 def sampling_cells(num_requests: int = 256, num_drafts: int = 7, vocab: int = 49152) -> dict[str, float]:
     """Milliseconds of the rejection and coupled-choice kernels vs their torch references at serving size."""
-    from engine.sampling.draw import coupled_choice as torch_coupled
-    from engine.sampling.keyed_random import keyed_uniform
-    from engine.spec_decode.rejection import DraftProbs, RaggedDrafts, verify_by_rejection
-    from kernels.coupling import coupled_choice
-    from kernels.rejection import FlatVerifyInput, rejection_sample
+    from sparkserve.engine.sampling.draw import coupled_choice as torch_coupled
+    from sparkserve.engine.sampling.keyed_random import keyed_uniform
+    from sparkserve.engine.spec_decode.rejection import DraftProbs, RaggedDrafts, verify_by_rejection
+    from sparkserve.kernels.coupling import coupled_choice
+    from sparkserve.kernels.rejection import FlatVerifyInput, rejection_sample
 
     dev = default_device()
     rows, drafts_n = num_requests * (1 + num_drafts), num_requests * num_drafts
@@ -213,7 +213,7 @@ def kernel_exactness(q_lens: Sequence[int] = (1, 1, 8, 8, 256, 8), starts: Seque
     """fp32 attention kernel on the GPU (TF32 irrelevant: IEEE dots) vs the torch reference on the CPU at
     SmolLM2 shapes, a mixed batch (decode at 2k / 4k, verify blocks, a prefill chunk after 512 cached
     tokens, a bidirectional drafter block)."""
-    from kernels.paged_attention import paged_attention_reference
+    from sparkserve.kernels.paged_attention import paged_attention_reference
 
     gen = torch.Generator().manual_seed(0)
     causal = [True] * (len(q_lens) - 1) + [False]

@@ -4,8 +4,8 @@ The interpreter (the CPU tests) runs kernels as Python and misses what only the 
 of loop-carried values, layouts, lowering). This compiles representative variants for sm_90 (H100 /
 H200) on any machine with Triton's NVIDIA backend (ptxas ships in the wheel).
 
-    TRITON_INTERPRET=0 python -m kernels.compile_check          # every variant (~3-5 minutes)
-    TRITON_INTERPRET=0 python -m kernels.compile_check --quick  # four representative ones (CPU test)
+    TRITON_INTERPRET=0 python -m sparkserve.kernels.compile_check          # every variant (~3-5 minutes)
+    TRITON_INTERPRET=0 python -m sparkserve.kernels.compile_check --quick  # four representative ones (CPU test)
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _ints(*names: str) -> dict:
 
 
 def attention_variant(dtype: torch.dtype, group: int, block_m: int, head_dim: int, split: bool) -> Variant:
-    from kernels import paged_attention as pa
+    from sparkserve.kernels import paged_attention as pa
 
     partial = torch.float32 if split else dtype
     args = dict(q_ptr=dtype, k_cache_ptr=dtype, v_cache_ptr=dtype, out_ptr=dtype, o_partial_ptr=partial,
@@ -72,7 +72,7 @@ def attention_variant(dtype: torch.dtype, group: int, block_m: int, head_dim: in
 
 
 def rejection_variant(has_q: bool) -> Variant:
-    from kernels import rejection as rj
+    from sparkserve.kernels import rejection as rj
 
     args = dict(tokens_ptr=torch.int64, num_accepted_ptr=torch.int64, draft_ids_ptr=torch.int64, cu_ptr=torch.int32,
                 agree_ptr=torch.int32, choice_ptr=torch.int64, p_ptr=torch.float32, q_ptr=torch.float32,
@@ -84,8 +84,8 @@ def rejection_variant(has_q: bool) -> Variant:
 
 def variants() -> Iterator[Variant]:
     """Every served specialisation (dtypes, head dims, tile shapes, split or not) and the other kernels."""
-    from kernels import coupling, kv_store
-    from kernels import paged_attention as pa
+    from sparkserve.kernels import coupling, kv_store
+    from sparkserve.kernels import paged_attention as pa
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for group, block_m in ((3, 16), (3, 64), (1, 64), (4, 32)):

@@ -1,8 +1,8 @@
-"""Keyed counter-based randomness inside Triton kernels, bit-identical to ``engine.sampling.keyed_random``.
+"""Keyed counter-based randomness inside Triton kernels, bit-identical to ``sparkserve.engine.sampling.keyed_random``.
 
 The torch code works on non-negative int64 tensors masked to 32 bits; here the same arithmetic runs on
 ``uint32`` (wrapping multiplication is the masked product, shifts are logical), so every hash and every
-uniform equals the torch one bit for bit (``tests/test_kernels.py`` checks random keys / positions /
+uniform equals the torch one bit for bit (``tests/kernels/test_kernels.py`` checks random keys / positions /
 draws). Gumbel noise ``-log(-log(u))`` then differs from torch's only by the device's ``log`` rounding
 (an ulp or so).
 
@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from engine.sampling import keyed_random as _kr
-from kernels.common import check_kernel_device, check_tensor
+from sparkserve.engine.sampling import keyed_random as _kr
+from sparkserve.kernels.common import check_kernel_device, check_tensor
 
 # the constants of engine/sampling/keyed_random.py, as constexprs a kernel can read
 C1: tl.constexpr = tl.constexpr(_kr._C1)

@@ -2,7 +2,7 @@
 
 Every new token of a step (prefill chunk, decode token, verify block, drafter context row) has one flat
 cache slot ``block_id * block_size + offset`` (``slot_mapping``); its K and V rows ``[Hkv, hd]`` go to
-``cache[h, block_id, offset, :]`` for every KV head h. Reference: ``engine.attention.store_kv``.
+``cache[h, block_id, offset, :]`` for every KV head h. Reference: ``sparkserve.engine.attention.store_kv``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from engine.attention import store_kv as store_kv_reference
-from kernels.common import FLOAT_DTYPES, check_kernel_device, check_same_device, check_tensor, next_power_of_2
+from sparkserve.engine.attention import store_kv as store_kv_reference
+from sparkserve.kernels.common import (
+    FLOAT_DTYPES,
+    check_kernel_device,
+    check_same_device,
+    check_tensor,
+    next_power_of_2,
+)
 
 __all__ = ["store_kv", "store_kv_reference"]
 

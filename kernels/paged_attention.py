@@ -12,7 +12,7 @@ each cover a chunk of the keys and write a normalised partial output with its lo
 kernel combines them. Scores are computed in base 2 (``exp2``, scale pre-multiplied by log2 e) and
 accumulated in fp32 whatever the input dtype (fp32 dots use IEEE precision: no TF32).
 
-Cache layout (``engine.attention.new_kv_cache``): head-major ``[Hkv, num_blocks, block_size, hd]``.
+Cache layout (``sparkserve.engine.attention.new_kv_cache``): head-major ``[Hkv, num_blocks, block_size, hd]``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.attention_metadata import RaggedAttentionMetadata, TileGroup
-from kernels.common import FLOAT_DTYPES, check_kernel_device, check_tensor, interpreting, next_power_of_2
-from kernels.kv_store import store_kv
+from sparkserve.kernels.attention_metadata import RaggedAttentionMetadata, TileGroup
+from sparkserve.kernels.common import (
+    FLOAT_DTYPES,
+    check_kernel_device,
+    check_tensor,
+    interpreting,
+    next_power_of_2,
+)
+from sparkserve.kernels.kv_store import store_kv
 
 LOG2E = 1.4426950408889634
 
@@ -249,7 +255,7 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: RaggedAttentionMet
 
 def store_and_attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                      meta: RaggedAttentionMetadata, scale: float) -> Tensor:
-    """Drop-in for ``engine.attention.paged_attention``: store this step's K/V ``[T, Hkv, hd]`` through
+    """Drop-in for ``sparkserve.engine.attention.paged_attention``: store this step's K/V ``[T, Hkv, hd]`` through
     ``meta.slot_mapping``, then attend. Returns ``[T, H, hd]``."""
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     return paged_attention(q, k_cache, v_cache, meta, scale)

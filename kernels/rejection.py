@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from engine.sampling.keyed_random import _NUM_DRAW_KINDS, Draw, keyed_uniform
-from engine.spec_decode.rejection import (
+from sparkserve.engine.sampling.keyed_random import _NUM_DRAW_KINDS, Draw, keyed_uniform
+from sparkserve.engine.spec_decode.rejection import (
     Q_FLOOR,
     RESIDUAL_MIN_MASS,
     DraftProbs,
@@ -35,9 +35,9 @@ from engine.spec_decode.rejection import (
     verify_by_agreement,
     verify_by_rejection,
 )
-from kernels.common import check_kernel_device, check_tensor, interpreting, next_power_of_2
-from kernels.keyed_hash import DRAW_ACCEPT, DRAW_RECOVER, DRAW_TOKEN, NUM_DRAW_KINDS
-from kernels.keyed_hash import keyed_uniform as keyed_uniform_jit
+from sparkserve.kernels.common import check_kernel_device, check_tensor, interpreting, next_power_of_2
+from sparkserve.kernels.keyed_hash import DRAW_ACCEPT, DRAW_RECOVER, DRAW_TOKEN, NUM_DRAW_KINDS
+from sparkserve.kernels.keyed_hash import keyed_uniform as keyed_uniform_jit
 
 DEFAULT_BLOCK_V = 1024
 Q_FLOOR_C: tl.constexpr = tl.constexpr(Q_FLOOR)  # the torch rule's constants, readable in a kernel

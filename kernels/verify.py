@@ -14,11 +14,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from engine.sampling.metadata import SamplingMetadata
-from engine.sampling.transforms import process_logits
-from engine.spec_decode.rejection import DraftProbs, RaggedDrafts, VerifyResult
-from kernels.coupling import coupled_choice
-from kernels.rejection import FlatVerifyInput, rejection_sample
+from sparkserve.engine.sampling.metadata import SamplingMetadata
+from sparkserve.engine.sampling.transforms import process_logits
+from sparkserve.engine.spec_decode.rejection import DraftProbs, RaggedDrafts, VerifyResult
+from sparkserve.kernels.coupling import coupled_choice
+from sparkserve.kernels.rejection import FlatVerifyInput, rejection_sample
 
 
 def verify_rows(drafts: RaggedDrafts, adjusted: Tensor, rows_meta: SamplingMetadata, first_positions: Tensor,

@@ -9,7 +9,7 @@ acceptance is measured at every position), one engine per setting:
 Rejection sampling accepts with probability sum_v min(p, q)(v), the most any coupling can; Gumbel-max
 coupling agrees less often but makes a seeded request's text independent of verify lengths.
 
-    python -m loadtests.bench_coupling --num-prompts 20 --max-tokens 128 --out bench_results/coupling_T1.json
+    python -m sparkserve.loadtests.bench_coupling --num-prompts 20 --max-tokens 128 --out bench_results/coupling_T1.json
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineArgs
-from engine.core import EngineCore
-from engine.loader import load_model
-from loadtests.bench_step_breakdown import machine
-from loadtests.prompts import load_prompts
-from scheduler.sampling_params import SamplingParams
-from train.data import chat_prompt_ids
+from sparkserve.engine.config import EngineArgs
+from sparkserve.engine.core import EngineCore
+from sparkserve.engine.loader import load_model
+from sparkserve.loadtests.bench_step_breakdown import machine
+from sparkserve.loadtests.prompts import load_prompts
+from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.train.data import chat_prompt_ids
 
 SETTINGS = {"rejection": (False, False), "coupled-seeded": (True, False), "coupled-unseeded": (False, True)}
 

@@ -2,7 +2,7 @@
 by position for each drafter kind on MT-bench prompts with the SmolLM2 target, through the real engine
 (fixed:7 verification, greedy), plus the drafter's own cost per step relative to a target decode step.
 
-    python -m loadtests.bench_drafters --out bench_results/drafters.json
+    python -m sparkserve.loadtests.bench_drafters --out bench_results/drafters.json
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineArgs
-from engine.core import EngineCore
-from engine.loader import load_model
-from engine.profiler import make_step_fn
-from engine.spec_decode.dspark import DSparkDrafter
-from engine.spec_decode.dspark_loader import random_drafter_config
-from engine.spec_decode.factory import SHIPPED_DRAFT_VOCAB, shipped_drafter_path
-from loadtests.prompts import load_prompts
-from scheduler.sampling_params import SamplingParams
-from tests.oracle import LookupOracleDrafter
+from sparkserve.engine.config import EngineArgs
+from sparkserve.engine.core import EngineCore
+from sparkserve.engine.loader import load_model
+from sparkserve.engine.profiler import make_step_fn
+from sparkserve.engine.spec_decode.dspark import DSparkDrafter
+from sparkserve.engine.spec_decode.dspark_loader import random_drafter_config
+from sparkserve.engine.spec_decode.factory import SHIPPED_DRAFT_VOCAB, shipped_drafter_path
+from sparkserve.loadtests.prompts import load_prompts
+from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.testing.oracle import LookupOracleDrafter
 
 
 def _random(loaded, markov_rank: int) -> DSparkDrafter:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     base = _run(loaded, None, prompts, params, "none")
     refs = {tuple(p): o for p, o in zip(prompts, base["outputs"], strict=True)}
     results = []
-    from engine.spec_decode.dspark_loader import load_drafter
+    from sparkserve.engine.spec_decode.dspark_loader import load_drafter
 
     shipped = load_drafter(shipped_drafter_path(), loaded.model.embed_tokens.weight, loaded.model.lm_head_weight,
                            dtype=loaded.model.embed_tokens.weight.dtype)

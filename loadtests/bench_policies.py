@@ -7,7 +7,7 @@ server; the others serve the shipped DSpark drafter with ``--verify-policy``), t
 request count and ``max_tokens`` (``ignore_eos``), under a time limit per cell. Writes JSON with the
 configuration and a PNG with both curves.
 
-    python -m loadtests.bench_policies --out bench_results/policies.json
+    python -m sparkserve.loadtests.bench_policies --out bench_results/policies.json
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.bench_serving import launch_server, run_level
-from loadtests.prompts import load_prompts
+from sparkserve.loadtests.bench_serving import launch_server, run_level
+from sparkserve.loadtests.prompts import load_prompts
 
 POLICIES = ["none", "fixed:1", "fixed:3", "fixed:7", "dspark", "dspark-async"]
 NO_GATE = "/no-gate"  # suffix: the same policy with the drafting gate off (``--no-draft-gate``)

@@ -1,10 +1,10 @@
-"""Deprecated serving benchmark: a thin wrapper over ``sparkserve bench`` (:mod:`loadtests.bench`).
+"""Deprecated serving benchmark: a thin wrapper over ``sparkserve bench`` (:mod:`sparkserve.loadtests.bench`).
 
 ``main`` maps the old flags onto ``sparkserve bench`` (``--url`` -> ``--base-url``, ``--launch
 --server-args FLAGS`` -> ``--launch server="FLAGS"``, ``--concurrency`` -> ``--max-concurrency``,
 ``--num-requests`` -> ``--num-prompts``, ``--out`` -> ``--result-json``); new work should call
 ``sparkserve bench`` directly. ``launch_server`` and ``run_level`` remain for
-:mod:`loadtests.bench_policies`.
+:mod:`sparkserve.loadtests.bench_policies`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import math
 import shlex
 import subprocess
 
-from loadtests.bench.cli import add_arguments, run
-from loadtests.bench.client import Target, launch_servers, normalize_url
-from loadtests.bench.metrics import aggregate
-from loadtests.bench.runner import Level, RunSettings
-from loadtests.bench.runner import run_level as _run_level
-from loadtests.bench.workload import Conversation
+from sparkserve.loadtests.bench.cli import add_arguments, run
+from sparkserve.loadtests.bench.client import Target, launch_servers, normalize_url
+from sparkserve.loadtests.bench.metrics import aggregate
+from sparkserve.loadtests.bench.runner import Level, RunSettings
+from sparkserve.loadtests.bench.runner import run_level as _run_level
+from sparkserve.loadtests.bench.workload import Conversation
 
 
 def launch_server(port: int, server_args: list[str], timeout_s: float = 900.0) -> subprocess.Popen:
@@ -30,7 +30,7 @@ def launch_server(port: int, server_args: list[str], timeout_s: float = 900.0) -
 async def run_level(url: str, model: str, prompts: list[str], concurrency: int, args) -> dict:
     """``args.num_requests`` chat requests (prompts cycled) at ``concurrency`` after
     ``min(concurrency, args.warmup)`` warm-up requests; the old result keys (seconds) plus
-    ``metrics``, the full :func:`loadtests.bench.metrics.aggregate` result (ms)."""
+    ``metrics``, the full :func:`sparkserve.loadtests.bench.metrics.aggregate` result (ms)."""
     target = Target("server", normalize_url(url), model=model, api_key=args.api_key, ignore_eos=args.ignore_eos)
     settings = RunSettings("chat", args.temperature, args.request_timeout)
     convs = [Conversation([prompts[i % len(prompts)]], args.max_tokens) for i in range(args.num_requests)]

@@ -6,7 +6,7 @@ The timers wrap public seams that every version of the engine has (``Scheduler.s
 ``Scheduler.update_from_output``), so the same script measures an older checkout for a before / after
 comparison (run it with that checkout first on ``PYTHONPATH``)::
 
-    python -m loadtests.bench_step_breakdown --batch 1 16 64 --out bench_results/step_breakdown.json
+    python -m sparkserve.loadtests.bench_step_breakdown --batch 1 16 64 --out bench_results/step_breakdown.json
     PYTHONPATH=/path/to/old/checkout python loadtests/bench_step_breakdown.py --label before ...
 
 Only steady decode steps count (every scheduled request decoding, none prefilling). Times are medians
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineArgs
-from engine.core import EngineCore
-from scheduler.sampling_params import SamplingParams
+from sparkserve.engine.config import EngineArgs
+from sparkserve.engine.core import EngineCore
+from sparkserve.scheduler.sampling_params import SamplingParams
 
 PROMPTS = ["Explain how a bicycle works.", "Write a short story about a dragon.", "What is photosynthesis?",
            "List ten animals and describe each briefly.", "How do computers store numbers?",

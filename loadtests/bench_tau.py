@@ -7,7 +7,7 @@ and realised / predicted accepted drafts, where the prediction is the prefix sur
 the drafter's stated confidences; ``online_calibration`` gives the online calibration's own account
 (accepted over stated and over corrected conditional confidences, cumulative over the run).
 
-    python -m loadtests.bench_tau --num-prompts 12 --max-tokens 128 --out bench_results/tau_by_set.json
+    python -m sparkserve.loadtests.bench_tau --num-prompts 12 --max-tokens 128 --out bench_results/tau_by_set.json
 
 Sets: mt_bench, humaneval, gsm8k and ``spec_bench:CATEGORY`` (translation, summarization, qa,
 math_reasoning, rag). tau does not depend on machine speed, so a loaded machine gives the same figures.
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineArgs
-from engine.core import EngineCore
-from engine.loader import load_model
-from loadtests.bench_step_breakdown import machine
-from loadtests.prompts import load_prompts
-from loadtests.survival_check import record_survival
-from scheduler.sampling_params import SamplingParams
-from train.data import chat_prompt_ids
+from sparkserve.engine.config import EngineArgs
+from sparkserve.engine.core import EngineCore
+from sparkserve.engine.loader import load_model
+from sparkserve.loadtests.bench_step_breakdown import machine
+from sparkserve.loadtests.prompts import load_prompts
+from sparkserve.loadtests.survival_check import record_survival
+from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.train.data import chat_prompt_ids
 
 DEFAULT_SETS = ["mt_bench", "humaneval", "gsm8k", "spec_bench:translation", "spec_bench:summarization",
                 "spec_bench:qa", "spec_bench:math_reasoning", "spec_bench:rag"]

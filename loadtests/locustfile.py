@@ -38,11 +38,11 @@ import time
 from locust import HttpUser, LoadTestShape, between, task
 
 try:
-    from loadtests.prompts import load_prompts
+    from sparkserve.loadtests.prompts import load_prompts
 
     _PROMPTS = load_prompts("mt_bench")
 except (FileNotFoundError, KeyError):  # no shared data here: synthetic prompts still exercise the server
-    from loadtests.bench.workload import random_prompt
+    from sparkserve.loadtests.bench.workload import random_prompt
 
     _rng = random.Random(0)
     _PROMPTS = [random_prompt(_rng, 64) for _ in range(64)]

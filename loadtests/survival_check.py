@@ -6,7 +6,7 @@ survival ``prod_{i<=k} c_i`` from the drafter's confidences (what Algorithm 1 su
 whether draft k was accepted. Runs 16 MT-bench / GSM8K prompts at once through ``EngineCore`` (no HTTP)
 for each policy and temperature, with the cached start-up profile (or ``--profile``).
 
-    python -m loadtests.survival_check --policies dspark fixed:7 --temperatures 0 1
+    python -m sparkserve.loadtests.survival_check --policies dspark fixed:7 --temperatures 0 1
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import os
 
 import torch
 
-from engine.config import EngineArgs
-from engine.core import EngineCore
-from engine.loader import load_model
-from loadtests.prompts import load_prompts
-from scheduler.sampling_params import SamplingParams
-from train.data import chat_prompt_ids
+from sparkserve.engine.config import EngineArgs
+from sparkserve.engine.core import EngineCore
+from sparkserve.engine.loader import load_model
+from sparkserve.loadtests.prompts import load_prompts
+from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.train.data import chat_prompt_ids
 
 
 def record_survival(confidences: list[float], out, pred: list[float], real: list[int], count: list[int]) -> None:

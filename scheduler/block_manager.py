@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scheduler.errors import BlockAccountingError
+from sparkserve.scheduler.errors import BlockAccountingError
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ class SchedulerConfig:
             ``--max-long-partial-prefills``); a waiting long prompt past it is skipped so shorter ones
             behind it are admitted (it keeps its place: the oldest long prompt goes next).
         enable_prefix_caching: share the KV of full blocks whose tokens were computed before
-            (``scheduler.block_manager``); a new request skips the prefill of its cached prefix.
+            (``sparkserve.scheduler.block_manager``); a new request skips the prefill of its cached prefix.
         cache_extra_key: mixed into every block key (the drafter in use: its context cache is cached
             with the target's blocks).
     """

@@ -1,6 +1,6 @@
 """Fault isolation: requests rolled back after a failed engine step run in steps of their own.
 
-``engine.step_faults`` rolls back every request of a failed step (``Scheduler.rollback_request``) and
+``sparkserve.engine.step_faults`` rolls back every request of a failed step (``Scheduler.rollback_request``) and
 isolates it here. The scheduler then alternates *solo* steps (one isolated request alone, oldest
 failure first) with normal steps (isolated requests left out; solo steps only while there is no
 normal work), until each isolated request has sampled ``ISOLATION_SAMPLES`` times alone. So a request

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler.sampling_params import SamplingParams
+from sparkserve.scheduler.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from scheduler.sampling_params import SamplingParams
+from sparkserve.scheduler.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):
@@ -67,7 +67,7 @@ class Request:
         num_preemptions: how many times the request was preempted (recompute).
         stop_reason: the stop token id that finished it (None for EOS or a length finish).
         first_scheduled_time: ``time.monotonic()`` when it first ran (queue time = this - arrival).
-        block_keys: prefix-cache keys of its full blocks so far (``scheduler.block_manager.block_keys``).
+        block_keys: prefix-cache keys of its full blocks so far (``sparkserve.scheduler.block_manager.block_keys``).
         num_cached_tokens: prompt tokens its first admission found in the prefix cache (usage).
     """
 

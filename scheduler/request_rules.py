@@ -9,10 +9,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from scheduler.config import SchedulerConfig
-from scheduler.errors import RequestRejectedError
-from scheduler.request import Request, RequestStatus
-from scheduler.sampling_params import SamplingParams
+from sparkserve.scheduler.config import SchedulerConfig
+from sparkserve.scheduler.errors import RequestRejectedError
+from sparkserve.scheduler.request import Request, RequestStatus
+from sparkserve.scheduler.sampling_params import SamplingParams
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 

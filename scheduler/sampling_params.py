@@ -33,7 +33,7 @@ class SamplingParams:
         logit_bias: (token id, bias) pairs added to the logits before sampling.
         target_tpot_ms: optional per-request time-per-output-token goal (vendor extension) used by
             the load-aware verification policy; ``None`` = no goal.
-        grammar: a validated llguidance grammar (``engine.structured.grammar.GrammarCompiler.compile``)
+        grammar: a validated llguidance grammar (``sparkserve.engine.structured.grammar.GrammarCompiler.compile``)
             the output must follow (structured outputs, tool calls); ``None`` = unconstrained.
     """
 

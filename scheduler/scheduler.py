@@ -30,8 +30,8 @@ never preempted for a younger one and always progresses. Drafts never preempt an
 to the free blocks. After a step every running request holds exactly the blocks covering
 ``[0, num_computed_tokens)``: the slots of rejected drafts are trimmed.
 
-Fault isolation (``rollback_request``, used by ``engine.step_faults``): a request rolled back after a
-failed step runs in steps of its own until it has proven itself (``scheduler.isolation``).
+Fault isolation (``rollback_request``, used by ``sparkserve.engine.step_faults``): a request rolled back after a
+failed step runs in steps of its own until it has proven itself (``sparkserve.scheduler.isolation``).
 """
 
 from __future__ import annotations
@@ -41,19 +41,19 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from scheduler.block_manager import BlockManager, block_keys
-from scheduler.config import SchedulerConfig
-from scheduler.errors import RequestRejectedError
-from scheduler.isolation import Isolation
-from scheduler.outputs import (
+from sparkserve.scheduler.block_manager import BlockManager, block_keys
+from sparkserve.scheduler.config import SchedulerConfig
+from sparkserve.scheduler.errors import RequestRejectedError
+from sparkserve.scheduler.isolation import Isolation
+from sparkserve.scheduler.outputs import (
     EngineCoreOutput,
     NewRequestData,
     RunnerOutput,
     ScheduledSeq,
     SchedulerOutput,
 )
-from scheduler.request import Request, RequestStatus
-from scheduler.request_rules import (
+from sparkserve.scheduler.request import Request, RequestStatus
+from sparkserve.scheduler.request_rules import (
     append_with_stop_checks,
     check_admissible,
     draft_cap,

@@ -12,12 +12,12 @@ import time
 
 import torch
 
-from engine.config import EngineArgs
-from engine.core import EngineCore
-from engine.loader import default_model_path, load_model
-from engine.structured.grammar import GrammarSpec
-from scheduler.profile import ThroughputProfile
-from scheduler.sampling_params import SamplingParams
+from sparkserve.engine.config import EngineArgs
+from sparkserve.engine.core import EngineCore
+from sparkserve.engine.loader import default_model_path, load_model
+from sparkserve.engine.structured.grammar import GrammarSpec
+from sparkserve.scheduler.profile import ThroughputProfile
+from sparkserve.scheduler.sampling_params import SamplingParams
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 150},

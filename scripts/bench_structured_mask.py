@@ -14,8 +14,8 @@ import json
 import platform
 import time
 
-from engine.loader import default_model_path
-from engine.tokenizer import load_tokenizer
+from sparkserve.engine.loader import default_model_path
+from sparkserve.engine.tokenizer import load_tokenizer
 
 SCHEMAS = {
     "flat": ({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},

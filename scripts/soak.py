@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 import httpx
 import psutil
 
-from scripts.results import emit
-from tests.server_harness import run_server, wait_for
+from sparkserve.testing.results import emit
+from sparkserve.testing.server_harness import run_server, wait_for
 
 QUESTIONS = [
     "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
@@ -199,9 +199,9 @@ def _prefault_kv_caches(engine: object) -> None:
 
 
 def soak(ns: argparse.Namespace) -> SoakResult:
-    from engine.async_engine import AsyncEngine
-    from engine.config import EngineArgs
-    from server.metrics_glue import build_metrics
+    from sparkserve.engine.async_engine import AsyncEngine
+    from sparkserve.engine.config import EngineArgs
+    from sparkserve.server.metrics_glue import build_metrics
 
     args = EngineArgs(drafter=None if ns.drafter == "default" else ns.drafter, max_num_seqs=ns.concurrency,
                       verify_policy=None if ns.drafter == "none" else ns.verify_policy)

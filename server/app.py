@@ -1,6 +1,6 @@
 """The FastAPI application: OpenAI routes, health / readiness probes, auth, graceful drain.
 
-``build_app(engine)`` wires an engine (``engine.async_engine.AsyncEngine`` or a test fake) into an
+``build_app(engine)`` wires an engine (``sparkserve.engine.async_engine.AsyncEngine`` or a test fake) into an
 ASGI app; the lifespan starts and shuts down the engine. The server never imports torch.
 """
 
@@ -20,19 +20,19 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.engine_client import EngineClient
-from server.errors import ApiError, RejectionCallback, install_error_handlers
-from server.http_guard import (
+from sparkserve.server.engine_client import EngineClient
+from sparkserve.server.errors import ApiError, RejectionCallback, install_error_handlers
+from sparkserve.server.http_guard import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     RequestLimitsMiddleware,
     duplicate_authorization_error,
     num_authorization_headers,
 )
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from server.serving import RequestMetrics, ServerState
-from server.serving_chat import create_chat_completion
-from server.serving_completions import create_completion
+from sparkserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from sparkserve.server.serving import RequestMetrics, ServerState
+from sparkserve.server.serving_chat import create_chat_completion
+from sparkserve.server.serving_completions import create_completion
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class ReadinessProbe:
 
 
 def _request_metrics(metrics: object) -> RequestMetrics | None:
-    """``metrics`` if it takes request events (see :class:`server.serving.RequestMetrics`), else None."""
+    """``metrics`` if it takes request events (see :class:`sparkserve.server.serving.RequestMetrics`), else None."""
     names = ("on_prompt_tokens", "on_generation_tokens", "on_request_rejected", "on_request_finished")
     if metrics is not None and all(callable(getattr(metrics, n, None)) for n in names):
         return cast(RequestMetrics, metrics)
@@ -169,7 +169,7 @@ def build_app(
     """Build the OpenAI-compatible app around ``engine``.
 
     Args:
-        engine: the engine (see :class:`server.engine_client.EngineClient`).
+        engine: the engine (see :class:`sparkserve.server.engine_client.EngineClient`).
         api_key: if set, ``/v1`` routes require ``Authorization: Bearer <api_key>``.
         served_model_name: model name for ``/v1/models`` and requests (default: ``engine.model_name``).
         default_max_tokens: ``max_tokens`` when omitted, capped by the context room left.
@@ -177,12 +177,12 @@ def build_app(
         max_total_tokens: most tokens one request may ask for in all (``n`` x ``max_tokens``, summed
             over prompts).
         metrics: optional Prometheus hook served at ``GET /metrics``; if it also has the
-            :class:`server.serving.RequestMetrics` methods (``ServerMetrics`` does), requests and
+            :class:`sparkserve.server.serving.RequestMetrics` methods (``ServerMetrics`` does), requests and
             rejections are recorded into it.
         ready_timeout_s / ready_cache_s: readiness generation time limit and cache lifetime (s).
         manage_engine: start the engine on app start-up and shut it down on app shutdown.
         max_body_bytes / body_timeout_s: request body limit (413 past it) and the seconds the whole
-            body may take to arrive (408 after); see :mod:`server.http_guard`.
+            body may take to arrive (408 after); see :mod:`sparkserve.server.http_guard`.
         cors_origins: origins allowed by CORS; empty (the default) = no CORS headers at all.
 
     The :class:`ServerState` is at ``app.state.server`` (the CLI drains through it).

@@ -4,9 +4,9 @@
     sparkserve profile --out PATH [flags] measure the throughput profile SPS(B, R) and save it
     sparkserve bench [flags]              serving benchmark against OpenAI-compatible servers
                                           (loadtests.bench; needs httpx, tqdm, matplotlib)
-    sparkserve gen-data | train-drafter | calibrate-drafter | eval-drafter   (from train.cli)
+    sparkserve gen-data | train-drafter | calibrate-drafter | eval-drafter   (from sparkserve.train.cli)
 
-Engine flags map 1:1 onto :class:`engine.config.EngineArgs`. The engine (and torch) is imported
+Engine flags map 1:1 onto :class:`sparkserve.engine.config.EngineArgs`. The engine (and torch) is imported
 only when a command runs; ``serve`` and ``profile`` do not import the training code at all.
 
 Graceful shutdown: the first SIGTERM / SIGINT stops admission (new requests get 503, readiness
@@ -18,7 +18,7 @@ signal exits at once.
 Engine death: if the engine loop dies (``/health`` turns 503), the process shuts down and exits
 with status 1, so a supervisor (Kubernetes, systemd, compose ``restart:``) starts a fresh one.
 
-HTTP hardening (``server.http_guard``): request bodies above ``--max-body-bytes`` get 413, bodies
+HTTP hardening (``sparkserve.server.http_guard``): request bodies above ``--max-body-bytes`` get 413, bodies
 slower than ``--body-read-timeout`` 408, a connection that does not complete its request headers
 within ``--timeout-keep-alive`` seconds is closed, and ``--limit-concurrency`` caps open
 connections + tasks (503 past it). The API key may come from ``SPARKSERVE_API_KEY`` instead of the
@@ -41,9 +41,13 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from engine.config import EngineArgs
-from server.app import build_app, drain
-from server.http_guard import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, HeaderTimeoutH11Protocol
+from sparkserve.engine.config import EngineArgs
+from sparkserve.server.app import build_app, drain
+from sparkserve.server.http_guard import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    HeaderTimeoutH11Protocol,
+)
 
 logger = logging.getLogger("sparkserve")
 
@@ -222,9 +226,9 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
 
 
 def _add_train_subcommands(sub: argparse._SubParsersAction) -> None:
-    """``train.cli.add_subcommands(sub)`` when the training package provides it (imports torch)."""
+    """``sparkserve.train.cli.add_subcommands(sub)`` when the training package provides it (imports torch)."""
     try:
-        from train import cli as train_cli
+        from sparkserve.train import cli as train_cli
     except ImportError as exc:
         logger.debug("training subcommands unavailable: %r", exc)
         return
@@ -235,7 +239,7 @@ def _add_train_subcommands(sub: argparse._SubParsersAction) -> None:
 
 def build_parser(include_train: bool = True) -> argparse.ArgumentParser:
     """The ``sparkserve`` argument parser: ``serve``, ``profile`` and (``include_train``) the
-    training subcommands of :mod:`train.cli`."""
+    training subcommands of :mod:`sparkserve.train.cli`."""
     parser = argparse.ArgumentParser(prog="sparkserve", description="OpenAI-compatible LLM inference server")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model over the OpenAI API")
@@ -273,7 +277,7 @@ def build_parser(include_train: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--remeasure", action="store_true", help="ignore a cached profile and measure again")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per grid cell (median)")
     b = sub.add_parser("bench", help="benchmark OpenAI-compatible servers (TTFT, TPOT, ITL, throughput, goodput)")
-    from loadtests.bench.cli import add_arguments as add_bench_arguments  # argparse only: no torch
+    from sparkserve.loadtests.bench.cli import add_arguments as add_bench_arguments  # argparse only: no torch
 
     add_bench_arguments(b)
     if include_train:
@@ -330,8 +334,8 @@ def set_chat_template(tokenizer: object, path: str) -> None:
 
 def run_serve(ns: argparse.Namespace, engine_args: EngineArgs) -> None:
     """``sparkserve serve``: build the engine and its metrics, then serve until a signal."""
-    from engine.async_engine import AsyncEngine  # imports torch: only when actually serving
-    from server.metrics_glue import build_metrics
+    from sparkserve.engine.async_engine import AsyncEngine  # imports torch: only when actually serving
+    from sparkserve.server.metrics_glue import build_metrics
 
     engine = AsyncEngine.from_args(engine_args)
     if getattr(ns, "chat_template", None):
@@ -360,9 +364,9 @@ def run_profile(ns: argparse.Namespace, engine_args: EngineArgs) -> Path:
     """
     import dataclasses
 
-    from engine.core import EngineCore
-    from engine.profiler import load_or_measure_profile
-    from scheduler.profile.measure import profile_cache_path
+    from sparkserve.engine.core import EngineCore
+    from sparkserve.engine.profiler import load_or_measure_profile
+    from sparkserve.scheduler.profile.measure import profile_cache_path
 
     # The verify policy "none" keeps EngineCore from profiling at construction: we do it below.
     core = EngineCore(dataclasses.replace(engine_args, verify_policy="none", profile_path=None))
@@ -392,8 +396,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ns = parser.parse_args(args)
     if ns.command == "bench":
         try:
-            from loadtests.bench.cli import run as run_bench
-            from loadtests.bench.client import httpx  # noqa: F401 - the one hard dependency of the bench
+            from sparkserve.loadtests.bench.cli import run as run_bench
+            from sparkserve.loadtests.bench.client import httpx  # noqa: F401 - the one hard dependency of the bench
         except ImportError as exc:
             parser.error(f"sparkserve bench needs the bench extras (pip install 'sparkserve[bench]'): {exc}")
         try:

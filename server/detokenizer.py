@@ -28,7 +28,7 @@ _PROMPT_CONTEXT_TOKENS = 5
 
 
 class DecodingTokenizer(Protocol):
-    """The part of ``engine.tokenizer.Tokenizer`` the detokenizer needs."""
+    """The part of ``sparkserve.engine.tokenizer.Tokenizer`` the detokenizer needs."""
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 

@@ -1,7 +1,7 @@
 """What the server needs from the engine, as typing Protocols.
 
-The server codes against these shapes instead of importing ``engine.async_engine`` (which pulls
-in torch); ``engine.async_engine.AsyncEngine`` and ``tests.fake_engine.FakeEngine`` both satisfy
+The server codes against these shapes instead of importing ``sparkserve.engine.async_engine`` (which pulls
+in torch); ``sparkserve.engine.async_engine.AsyncEngine`` and ``sparkserve.testing.fake_engine.FakeEngine`` both satisfy
 them structurally.
 """
 
@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from scheduler.outputs import TokenLogprob
-from scheduler.sampling_params import SamplingParams
+from sparkserve.scheduler.outputs import TokenLogprob
+from sparkserve.scheduler.sampling_params import SamplingParams
 
 
 class Tokenizer(Protocol):
-    """The part of ``engine.tokenizer.Tokenizer`` the server uses."""
+    """The part of ``sparkserve.engine.tokenizer.Tokenizer`` the server uses."""
 
     eos_token_id: int | None
     stop_token_ids: tuple[int, ...]
@@ -37,7 +37,7 @@ class Tokenizer(Protocol):
 
 
 class RequestOutput(Protocol):
-    """One output delta of a request (see ``engine.async_engine.RequestOutput``)."""
+    """One output delta of a request (see ``sparkserve.engine.async_engine.RequestOutput``)."""
 
     @property
     def request_id(self) -> str: ...

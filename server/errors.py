@@ -5,7 +5,7 @@ exception handlers installed by :func:`install_error_handlers` turn it (and Fast
 validation / HTTP errors) into the JSON body OpenAI clients expect.
 
 Engine exceptions are recognised by class name across the MRO (:func:`engine_error_to_api_error`)
-so that the server never imports ``engine.async_engine`` (which pulls in torch).
+so that the server never imports ``sparkserve.engine.async_engine`` (which pulls in torch).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.protocol import EngineDeadError, EngineDrainingError, QueueFullError
-from scheduler.errors import RequestRejectedError
+from sparkserve.engine.protocol import EngineDeadError, EngineDrainingError, QueueFullError
+from sparkserve.scheduler.errors import RequestRejectedError
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",

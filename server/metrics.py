@@ -258,7 +258,7 @@ class ServerMetrics:
 
     def on_totals(self, prefix_cache_queries: int, prefix_cache_hits: int, calibration: Sequence = ()) -> None:
         """Advance the counters that the engine keeps as cumulative totals (prefix cache, online
-        calibration rows ``scheduler.policy.calibration.CalibrationRow``) by what is new since the last call."""
+        calibration rows ``sparkserve.scheduler.policy.calibration.CalibrationRow``) by what is new since the last call."""
         self._advance(self.prefix_cache_queries, ("q",), prefix_cache_queries)
         self._advance(self.prefix_cache_hits, ("h",), prefix_cache_hits)
         for row in calibration:
@@ -297,7 +297,7 @@ class ServerMetrics:
     ) -> None:
         """Publish the throughput profile the verification policy uses, replacing the previous one.
 
-        Takes the fields of ``scheduler.profile.ThroughputProfile``: the B grid, the R grid and
+        Takes the fields of ``sparkserve.scheduler.profile.ThroughputProfile``: the B grid, the R grid and
         ``step_time_s[i][k]``, seconds per step at ``batch_tokens[i]`` tokens and ``num_requests[k]``
         decode requests; exported as steps per second SPS(B, R) = 1 / step time.
         """

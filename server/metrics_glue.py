@@ -1,7 +1,7 @@
-"""Feeding :class:`server.metrics.ServerMetrics` from the engine: step listener and profile publisher.
+"""Feeding :class:`sparkserve.server.metrics.ServerMetrics` from the engine: step listener and profile publisher.
 
 ``AsyncEngine.step_listeners`` run on the event loop after every engine step with ``(core, outputs)``;
-:class:`EngineMetricsListener` reads the core's typed snapshot ``core.stats()`` (``engine.protocol.
+:class:`EngineMetricsListener` reads the core's typed snapshot ``core.stats()`` (``sparkserve.engine.protocol.
 EngineStats``: scheduler gauges, the latest step, the speculation controller's stats) and records it,
 republishing the throughput profile the verification policy uses every ``profile_every`` steps (the
 online profile drifts as measured step times come in). Tests drive it with a fake core whose
@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from engine.protocol import EngineStats
-from server.metrics import ServerMetrics
+from sparkserve.engine.protocol import EngineStats
+from sparkserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ forgotten limit cannot tie up a sequence slot for the whole context.
 
 from __future__ import annotations
 
-from scheduler.sampling_params import SamplingParams
-from server.engine_client import Tokenizer
-from server.errors import bad_request
-from server.protocol import INT64_MAX, INT64_MIN, SamplingRequestFields
+from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.server.engine_client import Tokenizer
+from sparkserve.server.errors import bad_request
+from sparkserve.server.protocol import INT64_MAX, INT64_MIN, SamplingRequestFields
 
 
 def check_text_fits(texts: list[str], tokenizer: Tokenizer, max_model_len: int, param: str) -> None:

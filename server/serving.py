@@ -26,12 +26,12 @@ from typing import Protocol
 import anyio
 from fastapi import Request
 
-from scheduler.outputs import TokenLogprob
-from scheduler.sampling_params import SamplingParams
-from server.detokenizer import StopStringDecoder
-from server.engine_client import EngineClient, RequestOutput
-from server.errors import ApiError, engine_error_to_api_error, internal_error
-from server.protocol import DrafterUsage, PromptTokensDetails, SpeculationUsage, UsageInfo
+from sparkserve.scheduler.outputs import TokenLogprob
+from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.server.detokenizer import StopStringDecoder
+from sparkserve.server.engine_client import EngineClient, RequestOutput
+from sparkserve.server.errors import ApiError, engine_error_to_api_error, internal_error
+from sparkserve.server.protocol import DrafterUsage, PromptTokensDetails, SpeculationUsage, UsageInfo
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ _background_tasks: set[asyncio.Task[object]] = set()
 
 
 class RequestMetrics(Protocol):
-    """The request-level part of :class:`server.metrics.ServerMetrics` the server feeds."""
+    """The request-level part of :class:`sparkserve.server.metrics.ServerMetrics` the server feeds."""
 
     def on_prompt_tokens(self, n: int) -> None: ...
 

@@ -13,10 +13,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from scheduler.outputs import TokenLogprob
-from server.engine_client import Tokenizer
-from server.errors import bad_request
-from server.protocol import (
+from sparkserve.scheduler.outputs import TokenLogprob
+from sparkserve.server.engine_client import Tokenizer
+from sparkserve.server.errors import bad_request
+from sparkserve.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -28,7 +28,7 @@ from server.protocol import (
     DeltaMessage,
     TopLogprob,
 )
-from server.sampling import (
+from sparkserve.server.sampling import (
     build_sampling_params,
     check_num_choices,
     check_seed,
@@ -36,10 +36,16 @@ from server.sampling import (
     check_total_tokens,
     resolve_max_tokens,
 )
-from server.serving import ChoiceUpdate, Generation, ServerState, collect
-from server.sse import EventSourceResponse, stream_events
-from server.structured import chat_messages, compile_grammar, grammar_param, grammar_spec, uses_tools
-from server.tool_parsers import HermesStreamParser, parse_tool_calls
+from sparkserve.server.serving import ChoiceUpdate, Generation, ServerState, collect
+from sparkserve.server.sse import EventSourceResponse, stream_events
+from sparkserve.server.structured import (
+    chat_messages,
+    compile_grammar,
+    grammar_param,
+    grammar_spec,
+    uses_tools,
+)
+from sparkserve.server.tool_parsers import HermesStreamParser, parse_tool_calls
 
 _MIN_LOGPROB = -9999.0  # OpenAI reports impossible tokens with this instead of -inf
 

@@ -17,11 +17,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from scheduler.outputs import TokenLogprob
-from server.engine_client import Tokenizer
-from server.errors import bad_request
-from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from server.sampling import (
+from sparkserve.scheduler.outputs import TokenLogprob
+from sparkserve.server.engine_client import Tokenizer
+from sparkserve.server.errors import bad_request
+from sparkserve.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
+from sparkserve.server.sampling import (
     build_sampling_params,
     check_num_choices,
     check_seed,
@@ -29,10 +34,10 @@ from server.sampling import (
     check_total_tokens,
     resolve_max_tokens,
 )
-from server.serving import ChoiceUpdate, Generation, ServerState, collect
-from server.serving_chat import token_text
-from server.sse import EventSourceResponse, stream_events
-from server.structured import compile_grammar, grammar_param, grammar_spec
+from sparkserve.server.serving import ChoiceUpdate, Generation, ServerState, collect
+from sparkserve.server.serving_chat import token_text
+from sparkserve.server.sse import EventSourceResponse, stream_events
+from sparkserve.server.structured import compile_grammar, grammar_param, grammar_spec
 
 _MIN_LOGPROB = -9999.0
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse as _EventSourceResponse
 
-from server.errors import ApiError, internal_error
+from sparkserve.server.errors import ApiError, internal_error
 
 logger = logging.getLogger(__name__)
 

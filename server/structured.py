@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engine.structured.grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, GrammarError, GrammarSpec
-from server.errors import bad_request
-from server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from sparkserve.engine.structured.grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, GrammarError, GrammarSpec
+from sparkserve.server.errors import bad_request
+from sparkserve.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 HERMES_TOOL_PROMPT = (
     "You are a function calling AI model. You are provided with function signatures within <tools></tools> "

@@ -17,7 +17,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from server.protocol import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
+from sparkserve.server.protocol import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _NAME = re.compile(r'^\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from engine.loader import LoadedModel, default_model_path, load_model
+from sparkserve.engine.loader import LoadedModel, default_model_path, load_model
+
+# The checkout's root holds folders named like other distributions' packages (kernels/, server/ ...).
+# `python -m pytest` puts the working directory on sys.path, where `import kernels` (transformers does
+# it) would find ours instead of Hugging Face's; the product is imported as `sparkserve.*` only.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +29,10 @@ def smollm2() -> LoadedModel:
             raise  # CI installs the model (scripts/setup.sh): a missing file is a failure there
         pytest.skip(str(exc))
     return load_model(path, dtype=torch.float32)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tiers are markers, not file names: a test that uses the real model gets ``real_model``."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_model)

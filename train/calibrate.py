@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from train.metrics import cumulative_survival, ece
+from sparkserve.train.metrics import cumulative_survival, ece
 
 GRID = [round(float(t), 4) for t in torch.logspace(-1.0, 1.0, 81)]  # 0.1 .. 10
 
@@ -48,7 +48,7 @@ def write_temperatures(drafter_dir: str | Path, temperatures: list[float],
                        greedy_temperatures: list[float] | None = None) -> None:
     """Store ``confidence_temperatures`` (and ``confidence_temperatures_greedy`` when given) in config.json,
     validated through DSparkConfig. Raises ValueError on a wrong length or a non-positive value."""
-    from engine.spec_decode.dspark_loader import DSparkConfig
+    from sparkserve.engine.spec_decode.dspark_loader import DSparkConfig
 
     path = Path(drafter_dir) / "config.json"
     raw = json.loads(path.read_text())

@@ -2,10 +2,10 @@
 prompts, through the engine: the suffix drafter with the identity map proposes, ``fixed:K`` verifies every
 draft at T = 0, and every reached position k (all drafts before it accepted) gives one observation
 (raw c_k, accepted). Per position, observations are binned by raw confidence and fitted by isotonic
-regression (``scheduler.policy.calibration.pool_adjacent_violators``); the knots are the bins' mean raw
+regression (``sparkserve.scheduler.policy.calibration.pool_adjacent_violators``); the knots are the bins' mean raw
 confidences. The result is the shipped ``engine/spec_decode/weights/suffix_calibration.json``::
 
-    python -m train.calibrate_suffix --num-prompts 96 --offset 6000 --max-tokens 160
+    python -m sparkserve.train.calibrate_suffix --num-prompts 96 --offset 6000 --max-tokens 160
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import json
 
 import torch
 
-from engine.config import EngineArgs
-from engine.core import EngineCore
-from engine.loader import load_model
-from engine.spec_decode.suffix import DEFAULT_CALIBRATION, SuffixCalibration, SuffixDrafter
-from scheduler.policy.calibration import pool_adjacent_violators
-from scheduler.sampling_params import SamplingParams
-from train.data import DEFAULT_PROMPTS, chat_prompt_ids, select_prompts
+from sparkserve.engine.config import EngineArgs
+from sparkserve.engine.core import EngineCore
+from sparkserve.engine.loader import load_model
+from sparkserve.engine.spec_decode.suffix import DEFAULT_CALIBRATION, SuffixCalibration, SuffixDrafter
+from sparkserve.scheduler.policy.calibration import pool_adjacent_violators
+from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.train.data import DEFAULT_PROMPTS, chat_prompt_ids, select_prompts
 
 NUM_BINS = 10
 

@@ -1,5 +1,5 @@
 """CLI glue: ``add_subcommands(subparsers)`` registers gen-data, train-drafter, calibrate-drafter and
-eval-drafter on the project's ``sparkserve`` parser; ``python -m train.cli ...`` runs them standalone."""
+eval-drafter on the project's ``sparkserve`` parser; ``python -m sparkserve.train.cli ...`` runs them standalone."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from train.data import MAX_PROMPT_TOKENS
+from sparkserve.train.data import MAX_PROMPT_TOKENS
 
 LAYERS = "1,8,15,22,28"
 
@@ -19,7 +19,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _load_target(args: argparse.Namespace):
-    from engine.loader import load_model
+    from sparkserve.engine.loader import load_model
 
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
@@ -27,7 +27,7 @@ def _load_target(args: argparse.Namespace):
 
 
 def cmd_gen_data(args: argparse.Namespace) -> None:
-    from train.data import GenSettings, generate_dataset
+    from sparkserve.train.data import GenSettings, generate_dataset
 
     loaded = _load_target(args)
     s = GenSettings(num_prompts=args.num_prompts, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
@@ -38,8 +38,8 @@ def cmd_gen_data(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from train.data import read_samples, split_holdout
-    from train.trainer import TrainConfig, train
+    from sparkserve.train.data import read_samples, split_holdout
+    from sparkserve.train.trainer import TrainConfig, train
 
     loaded = _load_target(args)
     train_set, _ = split_holdout(read_samples(args.data, args.max_len), args.holdout, args.seed)
@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from train.evaluate import calibrate_on_holdout
+    from sparkserve.train.evaluate import calibrate_on_holdout
 
     loaded = _load_target(args)
     print(json.dumps(calibrate_on_holdout(loaded, args.drafter, args.data, args.num_prompts, args.max_new_tokens,
@@ -61,7 +61,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from train.evaluate import evaluate
+    from sparkserve.train.evaluate import evaluate
 
     loaded = _load_target(args)
     drafters = dict(item.split("=", 1) for item in args.drafter)
@@ -85,7 +85,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_subcommands(subparsers) -> None:
     """Register the four training subcommands on an ``argparse`` subparsers object."""
-    from train.data import DEFAULT_PROMPTS
+    from sparkserve.train.data import DEFAULT_PROMPTS
 
     p = subparsers.add_parser("gen-data", help="regenerate target responses to training prompts")
     _common(p)
@@ -155,7 +155,7 @@ def add_subcommands(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.cli")
+    parser = argparse.ArgumentParser(prog="python -m sparkserve.train.cli")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     args.func(args)

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from train.generate import generate_paged
+from sparkserve.train.generate import generate_paged
 
 if TYPE_CHECKING:  # engine.loader needs the gguf package, which the GPU machine lacks
-    from engine.loader import LoadedModel
+    from sparkserve.engine.loader import LoadedModel
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "train" / "train_prompts.jsonl"
 KINDS = ("chat", "code", "math")
@@ -87,9 +87,9 @@ def chat_prompt_ids(tokenizer, text: str) -> list[int]:
 
 def _engine_generate(loaded: LoadedModel, prompts: list[list[int]], s: GenSettings, seeds: list[int]) -> list[list[int]]:
     """The project's batched engine (CPU runner)."""
-    from engine.config import EngineArgs
-    from engine.core import EngineCore
-    from scheduler.sampling_params import SamplingParams
+    from sparkserve.engine.config import EngineArgs
+    from sparkserve.engine.core import EngineCore
+    from sparkserve.scheduler.sampling_params import SamplingParams
 
     dtype = "bfloat16" if loaded.model.embed_tokens.weight.dtype == torch.bfloat16 else "float32"
     core = EngineCore(EngineArgs(dtype=dtype, max_num_seqs=len(prompts), max_num_batched_tokens=4096,

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.attention import build_attention_metadata, paged_attention
-from engine.spec_decode.draft_sampling import SlotSampler
-from engine.spec_decode.drafter import DraftBatch, DraftOutput
-from engine.spec_decode.dspark import DSparkDrafter
-from engine.spec_decode.dspark_loader import load_drafter, save_drafter
+from sparkserve.engine.attention import build_attention_metadata, paged_attention
+from sparkserve.engine.spec_decode.draft_sampling import SlotSampler
+from sparkserve.engine.spec_decode.drafter import DraftBatch, DraftOutput
+from sparkserve.engine.spec_decode.dspark import DSparkDrafter
+from sparkserve.engine.spec_decode.dspark_loader import load_drafter, save_drafter
 
 AR_TYPE = "autoregressive"
 

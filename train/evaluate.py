@@ -3,9 +3,9 @@
 Prompts: the first turn of MT-bench, HumanEval and GSM8K test (../shared/data/prompts) as one user message
 with the model's template; ``num_prompts`` per set chosen by ``random.Random(seed).shuffle``; prompt
 wrappers as DeepSpec's evaluator (math: "Please reason step by step..."; HumanEval: solution request
-around the prompt in a python fence). Speculation runs through ``train.spec_eval.run_spec_decode`` (the
+around the prompt in a python fence). Speculation runs through ``sparkserve.train.spec_eval.run_spec_decode`` (the
 serving rejection rule over the target's paged forward) until the engine exposes speculation counters;
-greedy outputs there are identical to non-speculative decoding (tests/test_train.py).
+greedy outputs there are identical to non-speculative decoding (tests/train/test_train.py).
 """
 
 from __future__ import annotations
@@ -19,14 +19,25 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from train.calibrate import fit_temperatures, write_temperatures
-from train.data import MAX_PROMPT_TOKENS, chat_prompt_ids, read_samples, select_prompts, split_holdout
-from train.drafters import load_any_drafter
-from train.metrics import calibration_report, reliability_bins, repetition_share, survival_by_position
-from train.spec_eval import SpecResult, run_spec_decode
+from sparkserve.train.calibrate import fit_temperatures, write_temperatures
+from sparkserve.train.data import (
+    MAX_PROMPT_TOKENS,
+    chat_prompt_ids,
+    read_samples,
+    select_prompts,
+    split_holdout,
+)
+from sparkserve.train.drafters import load_any_drafter
+from sparkserve.train.metrics import (
+    calibration_report,
+    reliability_bins,
+    repetition_share,
+    survival_by_position,
+)
+from sparkserve.train.spec_eval import SpecResult, run_spec_decode
 
 if TYPE_CHECKING:  # engine.loader needs the gguf package, which the GPU machine lacks
-    from engine.loader import LoadedModel
+    from sparkserve.engine.loader import LoadedModel
 
 DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -73,9 +84,9 @@ def engine_run(loaded: LoadedModel, path: str, prompts: list[list[int]], max_new
     """tau and prefix survival through the real engine (serving's scheduler, runner, drafter and
     rejection sampler) from ``EngineCore.spec_stats``: tau = 1 + accepted / verify rounds; survival at k
     = drafts accepted at position k / rounds that verified position k (DeepSpec accept_rate@k)."""
-    from engine.config import EngineArgs
-    from engine.core import EngineCore
-    from scheduler.sampling_params import SamplingParams
+    from sparkserve.engine.config import EngineArgs
+    from sparkserve.engine.core import EngineCore
+    from sparkserve.scheduler.sampling_params import SamplingParams
 
     kind = "dspark" if _load(loaded, path).confidence_head is not None else "dflash"
     try:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from engine.attention import build_attention_metadata, new_kv_cache
-from engine.models.llama import LlamaForCausalLM
+from sparkserve.engine.attention import build_attention_metadata, new_kv_cache
+from sparkserve.engine.models.llama import LlamaForCausalLM
 
 PAGE = 16
 

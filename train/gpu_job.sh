@@ -26,7 +26,7 @@ fi
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda available:", torch.cuda.is_available())'
 export WORK="${WORK:-/tmp/sparkserve_gpu_job}"
 set +e
-"$PY" -m train.pipeline 2>&1 | tee "$OUT/job.log"
+"$PY" -m sparkserve.train.pipeline 2>&1 | tee "$OUT/job.log"
 status=${PIPESTATUS[0]}
 set -e
 # brought back (at most 8 files): summary.json, report.json, 2 plots, job.log and the DSpark drafter as

@@ -5,14 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
-GGUF="${SPARKSERVE_MODEL_PATH:-$("$PY" -c 'from engine.loader import default_model_path; print(default_model_path())')}"
+GGUF="${SPARKSERVE_MODEL_PATH:-$("$PY" -c 'from sparkserve.engine.loader import default_model_path; print(default_model_path())')}"
 rm -rf data/gpu_a data/gpu_b && mkdir -p data/gpu_a data/gpu_b/site data/gpu_b/prompts
 split -b 48m -d "$GGUF" data/gpu_a/gguf.part.
 mv data/gpu_a/gguf.part.01 data/gpu_b/gguf.part.01
 (cd "$(dirname "$GGUF")" && sha256sum "$(basename "$GGUF")") | awk '{print $1"  smollm2.gguf"}' > data/gpu_b/gguf.sha256
 "$PY" - <<'PYEOF'
 import json
-from train.data import DEFAULT_PROMPTS, select_prompts
+from sparkserve.train.data import DEFAULT_PROMPTS, select_prompts
 rows = select_prompts(DEFAULT_PROMPTS, 6000, 0)
 with open("data/gpu_b/train_prompts_subset.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.spec_decode.dspark import DSparkDrafter
+from sparkserve.engine.spec_decode.dspark import DSparkDrafter
 
 DECAY_GAMMA = 4.0
 

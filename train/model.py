@@ -1,6 +1,6 @@
 """Drafters for training: construction, initialisation from the target, and the dense training forward.
 
-Three kinds share one backbone (``engine.spec_decode.dspark.DSparkLayer`` with KV injection of the projected
+Three kinds share one backbone (``sparkserve.engine.spec_decode.dspark.DSparkLayer`` with KV injection of the projected
 target features, DEEPSPEC_FORMAT.md section 2):
 - ``dspark``: block [anchor, mask x (B-1)], bidirectional inside the block, Markov head + confidence head;
 - ``dflash``: the same block, no Markov head (markov_rank 0), no confidence head;
@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.models.llama import LlamaForCausalLM
-from engine.spec_decode.dspark import DSparkDrafter
-from engine.spec_decode.dspark_loader import DSparkConfig, random_drafter_config
-from train.drafters import ARDrafter
+from sparkserve.engine.models.llama import LlamaForCausalLM
+from sparkserve.engine.spec_decode.dspark import DSparkDrafter
+from sparkserve.engine.spec_decode.dspark_loader import DSparkConfig, random_drafter_config
+from sparkserve.train.drafters import ARDrafter
 
 KINDS = ("dspark", "dflash", "ar")
 # Backends for the masked training attention: cuDNN is left out on purpose. On H100 / H200 with torch

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from engine.loader import load_model
-from train.data import DEFAULT_PROMPTS, GenSettings, generate_dataset, read_samples, split_holdout
-from train.evaluate import calibrate_on_holdout, evaluate
-from train.trainer import TrainConfig, train
+from sparkserve.engine.loader import load_model
+from sparkserve.train.data import DEFAULT_PROMPTS, GenSettings, generate_dataset, read_samples, split_holdout
+from sparkserve.train.evaluate import calibrate_on_holdout, evaluate
+from sparkserve.train.trainer import TrainConfig, train
 
 
 def env(name: str, default: str) -> str:

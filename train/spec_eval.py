@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from engine.attention import build_attention_metadata, new_kv_cache
-from engine.models.llama import LlamaForCausalLM
-from engine.sampling.metadata import SamplingMetadata
-from engine.spec_decode.drafter import DraftBatch
-from engine.spec_decode.dspark import DSparkDrafter
-from engine.spec_decode.rejection import DraftProbs, RaggedDrafts
-from engine.spec_decode.verifier import Verifier, VerifyInput, emitted_tokens
-from scheduler.sampling_params import SamplingParams
-from train.generate import sample_next
+from sparkserve.engine.attention import build_attention_metadata, new_kv_cache
+from sparkserve.engine.models.llama import LlamaForCausalLM
+from sparkserve.engine.sampling.metadata import SamplingMetadata
+from sparkserve.engine.spec_decode.drafter import DraftBatch
+from sparkserve.engine.spec_decode.dspark import DSparkDrafter
+from sparkserve.engine.spec_decode.rejection import DraftProbs, RaggedDrafts
+from sparkserve.engine.spec_decode.verifier import Verifier, VerifyInput, emitted_tokens
+from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.train.generate import sample_next
 
 PAGE = 16
 

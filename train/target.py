@@ -4,8 +4,8 @@ features and the target's next-token distribution as top-k + rest mass.
 Why dense: training needs one causal forward per packed batch of N sequences, with no KV cache; a
 right-padded ``[N, S]`` batch with ``is_causal`` SDPA is exact for every real row (padding sits after
 the real tokens, so causal attention never looks at it) and is a single flash-attention call per layer
-on a GPU. It reads the weights of :class:`engine.models.llama.LlamaForCausalLM` (fused ``qkv_proj`` /
-``gate_up_proj``) and is tested against the model's own paged forward (tests/test_train.py).
+on a GPU. It reads the weights of :class:`sparkserve.engine.models.llama.LlamaForCausalLM` (fused ``qkv_proj`` /
+``gate_up_proj``) and is tested against the model's own paged forward (tests/train/test_train.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.models.llama import LlamaForCausalLM, apply_rope, rms_norm
+from sparkserve.engine.models.llama import LlamaForCausalLM, apply_rope, rms_norm
 
 
 class TargetOutputs(NamedTuple):

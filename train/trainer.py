@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.models.llama import LlamaForCausalLM
-from train.data import Sample
-from train.drafters import export_drafter
-from train.losses import LossWeights, dspark_loss
-from train.model import block_hidden_states, build_drafter, make_config, trainable_parameters
-from train.target import target_outputs
+from sparkserve.engine.models.llama import LlamaForCausalLM
+from sparkserve.train.data import Sample
+from sparkserve.train.drafters import export_drafter
+from sparkserve.train.losses import LossWeights, dspark_loss
+from sparkserve.train.model import block_hidden_states, build_drafter, make_config, trainable_parameters
+from sparkserve.train.target import target_outputs
 
 
 @dataclass(frozen=True)

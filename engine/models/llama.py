@@ -2,7 +2,7 @@
 
 The model runs a *flat ragged batch*: every scheduled sequence's new tokens are concatenated into
 ``[T]`` ids with their absolute positions; attention goes through the paged KV cache via
-``engine.attention.paged_attention``, so prefill, chunked prefill, decode and verify blocks all take
+``sparkserve.engine.attention.paged_attention``, so prefill, chunked prefill, decode and verify blocks all take
 the same path.
 
 Numerics follow transformers: RMSNorm in fp32 (weight applied after the cast back), RoPE with the
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention
-from engine.models.config import ModelConfig
-from engine.quant import (
+from sparkserve.engine.attention import AttentionMetadata, paged_attention
+from sparkserve.engine.models.config import ModelConfig
+from sparkserve.engine.quant import (
     DEFAULT_GEMV_MAX_TOKENS,
     BlockQuant,
     QuantWeight,

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from engine.sampling.keyed_random import Draw, keyed_gumbel, keyed_uniform
-from engine.sampling.metadata import SamplingMetadata
-from engine.sampling.transforms import process_logits
+from sparkserve.engine.sampling.keyed_random import Draw, keyed_gumbel, keyed_uniform
+from sparkserve.engine.sampling.metadata import SamplingMetadata
+from sparkserve.engine.sampling.transforms import process_logits
 
 _NUM_DRAW_KINDS = 8
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from scheduler.outputs import TokenLogprob
+from sparkserve.scheduler.outputs import TokenLogprob
 
 
 def compute_logprobs(adjusted_logits: Tensor, token_ids: Tensor, num_top: int) -> tuple[Tensor, Tensor, Tensor]:

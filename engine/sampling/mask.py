@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-from scheduler.sampling_params import SamplingParams
+from sparkserve.scheduler.sampling_params import SamplingParams
 
 
 @runtime_checkable

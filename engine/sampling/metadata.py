@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from scheduler.sampling_params import SamplingParams
+from sparkserve.scheduler.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

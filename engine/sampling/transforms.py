@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from engine.sampling.metadata import SamplingMetadata
+from sparkserve.engine.sampling.metadata import SamplingMetadata
 
 
 def apply_penalties_and_bias(logits: Tensor, meta: SamplingMetadata) -> Tensor:

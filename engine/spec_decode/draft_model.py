@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import build_attention_metadata, new_kv_cache
-from engine.loader import load_model
-from engine.models.llama import LlamaForCausalLM
-from engine.spec_decode.draft_sampling import SlotSampler
-from engine.spec_decode.drafter import DraftBatch, DraftOutput, TokenDrafter
+from sparkserve.engine.attention import build_attention_metadata, new_kv_cache
+from sparkserve.engine.loader import load_model
+from sparkserve.engine.models.llama import LlamaForCausalLM
+from sparkserve.engine.spec_decode.draft_sampling import SlotSampler
+from sparkserve.engine.spec_decode.drafter import DraftBatch, DraftOutput, TokenDrafter
 
 
 class DraftModelDrafter(TokenDrafter):

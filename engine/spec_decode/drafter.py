@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from engine.sampling.metadata import SamplingMetadata
+from sparkserve.engine.sampling.metadata import SamplingMetadata
 
 KVCache = tuple[Tensor, Tensor]  # ([Hkv, num_blocks, block_size, hd], same) per drafter layer
 DraftMaskFn = Callable[[int, Sequence[int]], "Tensor | None"]

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.attention import build_attention_metadata, new_kv_cache, paged_attention, store_kv
-from engine.spec_decode.draft_sampling import SlotSampler
-from engine.spec_decode.drafter import DraftBatch, DraftOutput, KVCache
-from engine.spec_decode.dspark_loader import DSparkConfig
+from sparkserve.engine.attention import build_attention_metadata, new_kv_cache, paged_attention, store_kv
+from sparkserve.engine.spec_decode.draft_sampling import SlotSampler
+from sparkserve.engine.spec_decode.drafter import DraftBatch, DraftOutput, KVCache
+from sparkserve.engine.spec_decode.dspark_loader import DSparkConfig
 
 __all__ = ["DSparkConfig", "DSparkDrafter", "apply_rope", "rms_norm"]
 
@@ -207,7 +207,7 @@ class DSparkDrafter(nn.Module):
         return 2 * int(cfg.num_hidden_layers) * block_size * int(cfg.num_key_value_heads) * int(cfg.head_dim) * itemsize
 
     def make_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> list[KVCache]:
-        """One (K, V) paged pool per layer (``engine.attention.new_kv_cache`` layout), zero-filled."""
+        """One (K, V) paged pool per layer (``sparkserve.engine.attention.new_kv_cache`` layout), zero-filled."""
         cfg, device = self.config, self.fc.weight.device
         return [new_kv_cache(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
                 for _ in self.layers]

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 if TYPE_CHECKING:
-    from engine.spec_decode.dspark import DSparkDrafter
+    from sparkserve.engine.spec_decode.dspark import DSparkDrafter
 
 SHARED_TENSORS = ("embed_tokens.weight", "lm_head.weight")
 
@@ -233,7 +233,7 @@ def load_drafter(
     ``embed_tokens.weight`` / ``lm_head.weight`` are taken from the checkpoint when present (frozen
     copies of the target's, DEEPSPEC_FORMAT.md 1.1), else from the given target weights.
     """
-    from engine.spec_decode.dspark import DSparkDrafter
+    from sparkserve.engine.spec_decode.dspark import DSparkDrafter
 
     folder = Path(path)
     config = DSparkConfig.from_json(folder / "config.json")

@@ -7,17 +7,17 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineArgs
-from engine.loader import LoadedModel
-from engine.spec_decode.drafter import Drafter
-from engine.spec_decode.dspark import DSparkDrafter
-from engine.spec_decode.hybrid import HybridDrafter
-from engine.spec_decode.suffix import load_suffix_drafter
-from scheduler.policy.calibration import OnlineCalibration
-from scheduler.policy.controller import SpeculationController
-from scheduler.policy.spec import parse_policy
-from scheduler.profile.grid import ThroughputProfile
-from scheduler.profile.online import OnlineProfile
+from sparkserve.engine.config import EngineArgs
+from sparkserve.engine.loader import LoadedModel
+from sparkserve.engine.spec_decode.drafter import Drafter
+from sparkserve.engine.spec_decode.dspark import DSparkDrafter
+from sparkserve.engine.spec_decode.hybrid import HybridDrafter
+from sparkserve.engine.spec_decode.suffix import load_suffix_drafter
+from sparkserve.scheduler.policy.calibration import OnlineCalibration
+from sparkserve.scheduler.policy.controller import SpeculationController
+from sparkserve.scheduler.policy.spec import parse_policy
+from sparkserve.scheduler.profile.grid import ThroughputProfile
+from sparkserve.scheduler.profile.online import OnlineProfile
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +83,11 @@ def _load_checkpoint_drafter(args: EngineArgs, loaded: LoadedModel, dtype: torch
         if not path.exists():
             raise FileNotFoundError(f"drafter checkpoint {path} does not exist")
     if args.drafter_kind == "draft-model":
-        from engine.spec_decode.draft_model import DraftModelDrafter
+        from sparkserve.engine.spec_decode.draft_model import DraftModelDrafter
 
         return DraftModelDrafter.load(path, args.num_draft_tokens, dtype, target_vocab=loaded.config.vocab_size,
                                       device=loaded.model.embed_tokens.weight.device)
-    from engine.spec_decode.dspark_loader import load_drafter
+    from sparkserve.engine.spec_decode.dspark_loader import load_drafter
 
     drafter = load_drafter(path, loaded.model.embed_tokens.weight, loaded.model.lm_head_weight, dtype=dtype,
                            device=loaded.model.embed_tokens.weight.device)

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from engine.spec_decode.drafter import DraftBatch, DraftOutput, KVCache
-from engine.spec_decode.dspark import DSparkDrafter
-from engine.spec_decode.suffix import SuffixDrafter
+from sparkserve.engine.spec_decode.drafter import DraftBatch, DraftOutput, KVCache
+from sparkserve.engine.spec_decode.dspark import DSparkDrafter
+from sparkserve.engine.spec_decode.suffix import SuffixDrafter
 
 ESTIMATE_RATE = 0.2
 """EWMA rate of the per-request and global DSpark expected-length estimates."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine.sampling.draw import inverse_cdf
+from sparkserve.engine.sampling.draw import inverse_cdf
 
 Q_FLOOR = 1e-8  # DeepSpec: p / max(q, 1e-8)
 RESIDUAL_MIN_MASS = 1e-8  # DeepSpec: fall back to p_a below this residual mass

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from engine.sampling.metadata import SamplingMetadata
-from engine.spec_decode.drafter import DraftBatch, Drafter, DraftMaskFn, DraftOutput
+from sparkserve.engine.sampling.metadata import SamplingMetadata
+from sparkserve.engine.spec_decode.drafter import DraftBatch, Drafter, DraftMaskFn, DraftOutput
 
 
 class Speculator:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from engine.spec_decode.drafter import DraftBatch, DraftOutput, TokenDrafter
+from sparkserve.engine.spec_decode.drafter import DraftBatch, DraftOutput, TokenDrafter
 
 NGRAM_SIZES = (8, 4, 2)
 """Indexed n-gram lengths, longest first (a match of 3 is found through its 2-gram)."""

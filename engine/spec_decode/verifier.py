@@ -20,20 +20,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine.sampling.draw import coupled_choice, stream_draws
-from engine.sampling.keyed_random import Draw, keyed_uniform
-from engine.sampling.logprobs import token_logprobs
-from engine.sampling.mask import LogitsMask
-from engine.sampling.metadata import SamplingMetadata
-from engine.sampling.transforms import apply_penalties_and_bias, process_logits
-from engine.spec_decode.rejection import (
+from sparkserve.engine.sampling.draw import coupled_choice, stream_draws
+from sparkserve.engine.sampling.keyed_random import Draw, keyed_uniform
+from sparkserve.engine.sampling.logprobs import token_logprobs
+from sparkserve.engine.sampling.mask import LogitsMask
+from sparkserve.engine.sampling.metadata import SamplingMetadata
+from sparkserve.engine.sampling.transforms import apply_penalties_and_bias, process_logits
+from sparkserve.engine.spec_decode.rejection import (
     DraftProbs,
     RaggedDrafts,
     VerifyResult,
     verify_by_agreement,
     verify_by_rejection,
 )
-from scheduler.outputs import TokenLogprob
+from sparkserve.scheduler.outputs import TokenLogprob
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from threading import Lock
 import torch
 from torch import Tensor
 
-from engine.structured.grammar import GrammarCompiler, GrammarError, GrammarMatcher
-from scheduler.sampling_params import SamplingParams
+from sparkserve.engine.structured.grammar import GrammarCompiler, GrammarError, GrammarMatcher
+from sparkserve.scheduler.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""``python -m loadtests.bench`` = ``sparkserve bench``."""
+"""``python -m sparkserve.loadtests.bench`` = ``sparkserve bench``."""
 
-from loadtests.bench.cli import main
+from sparkserve.loadtests.bench.cli import main
 
 main()

@@ -6,7 +6,7 @@
 
 One target measures it; several (``--target NAME=URL``, ``--launch NAME=FLAGS``) are compared in
 alternation within one run, with a table of ratios to the first. Metrics and their definitions:
-:mod:`loadtests.bench.metrics` and docs/benchmarks.md. Writes ``--result-json`` (full configuration,
+:mod:`sparkserve.loadtests.bench.metrics` and docs/benchmarks.md. Writes ``--result-json`` (full configuration,
 machine, probe results, per-level metrics, /metrics deltas) and PNG plots next to it.
 """
 
@@ -92,7 +92,7 @@ def _parse_named(items: list[str], what: str) -> list[tuple[str, str]]:
 
 def machine_info() -> dict[str, Any]:
     """Platform, CPU model, core count, load average, Python, and the git commit of this checkout
-    (client side, without torch: :func:`loadtests.bench_step_breakdown.machine` imports the engine)."""
+    (client side, without torch: :func:`sparkserve.loadtests.bench_step_breakdown.machine` imports the engine)."""
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -116,7 +116,7 @@ def machine_info() -> dict[str, Any]:
 
 def validate(ns: argparse.Namespace) -> None:
     """Check flag combinations (ValueError with the reason)."""
-    from loadtests.bench.metrics import parse_slos
+    from sparkserve.loadtests.bench.metrics import parse_slos
 
     if not (ns.base_url or ns.target or ns.launch):
         raise ValueError("give --base-url, --target NAME=URL or --launch NAME=FLAGS")
@@ -141,7 +141,7 @@ def run(ns: argparse.Namespace) -> dict:
     Raises:
         ValueError: bad flags; RuntimeError: a target failed its probe or a launch failed.
     """
-    from loadtests.bench.client import (
+    from sparkserve.loadtests.bench.client import (
         Target,
         launch_servers,
         normalize_url,
@@ -149,8 +149,8 @@ def run(ns: argparse.Namespace) -> dict:
         run_sync,
         stop_servers,
     )
-    from loadtests.bench.runner import Level, RunSettings, run_comparison
-    from loadtests.bench.workload import PromptPool
+    from sparkserve.loadtests.bench.runner import Level, RunSettings, run_comparison
+    from sparkserve.loadtests.bench.workload import PromptPool
 
     validate(ns)
     targets = [Target("server", normalize_url(ns.base_url))] if ns.base_url else []
@@ -191,7 +191,7 @@ def run(ns: argparse.Namespace) -> dict:
     out.write_text(json.dumps(doc, indent=2, default=_json_default))
     print(format_report(doc))
     if not ns.no_plots:
-        from loadtests.bench.plots import plot_all
+        from sparkserve.loadtests.bench.plots import plot_all
 
         for path in plot_all(doc, result, out.with_suffix("")):
             print(f"wrote {path}")
@@ -312,7 +312,7 @@ def format_report(doc: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m loadtests.bench`` (same flags as ``sparkserve bench``)."""
+    """``python -m sparkserve.loadtests.bench`` (same flags as ``sparkserve bench``)."""
     p = argparse.ArgumentParser(prog="sparkserve bench", description=__doc__.splitlines()[0])
     add_arguments(p)
     ns = p.parse_args(argv)

@@ -22,9 +22,15 @@ from dataclasses import dataclass
 
 import httpx
 
-from loadtests.bench.client import Target, metrics_delta, request_body, scrape_metrics, stream_request
-from loadtests.bench.metrics import RequestRecord, aggregate
-from loadtests.bench.workload import Conversation, PromptPool
+from sparkserve.loadtests.bench.client import (
+    Target,
+    metrics_delta,
+    request_body,
+    scrape_metrics,
+    stream_request,
+)
+from sparkserve.loadtests.bench.metrics import RequestRecord, aggregate
+from sparkserve.loadtests.bench.workload import Conversation, PromptPool
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import itertools
 import random
 from dataclasses import dataclass
 
-from loadtests.prompts import load_conversations
+from sparkserve.loadtests.prompts import load_conversations
 
 DATASETS = {
     "mtbench": "mt_bench", "mt_bench": "mt_bench",

@@ -7,7 +7,7 @@
 - ``spec``: ``parse_policy``, ``verify_none``, ``verify_fixed`` and ``plan_verify`` (dispatch).
 """
 
-from scheduler.policy.common import (
+from sparkserve.scheduler.policy.common import (
     SLO_MAX_WEIGHT,
     TokenBudgetSplit,
     VerifyPlan,
@@ -16,7 +16,7 @@ from scheduler.policy.common import (
     split_token_budget,
     survival,
 )
-from scheduler.policy.dspark import (
+from sparkserve.scheduler.policy.dspark import (
     Slot,
     plan_budget_k,
     plan_drafting,
@@ -24,7 +24,7 @@ from scheduler.policy.dspark import (
     verify_dspark,
     verify_dspark_async,
 )
-from scheduler.policy.spec import (
+from sparkserve.scheduler.policy.spec import (
     POLICY_KINDS,
     PolicySpec,
     parse_policy,

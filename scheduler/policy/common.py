@@ -61,7 +61,7 @@ class VerifyRequest:
         confidences: c_j, calibrated conditional survival per draft position (fp32 values); may be
             empty (no drafter, or one without a confidence head).
         max_verify: cap on l_r, already including the drafted length, the remaining output budget
-            and the room to max_model_len (``scheduler.request_rules.draft_cap``).
+            and the room to max_model_len (``sparkserve.scheduler.request_rules.draft_cap``).
         target_tpot_s: optional per-request time-per-output-token goal (seconds).
         decode_time_s: seconds since the request's first output token, measured before this step.
         num_decode_tokens: output tokens after the first one, before this step.

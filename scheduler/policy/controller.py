@@ -6,8 +6,8 @@ scheduler every finished request (``forget``, aborts included). The controller o
 the online throughput profile, per-request timings (TPOT goals), the drafting gate's running mean of
 confidences and the budget K of ``dspark-async``; metrics read it through ``stats()``.
 
-Token-budget rule (stated once, tested in tests/test_policy.py::test_split_token_budget_rule and
-tests/test_scheduler_spec.py::test_verify_lengths_policy_and_clipping): every running request's base
+Token-budget rule (stated once, tested in tests/scheduler/policy/test_policy.py::test_split_token_budget_rule and
+tests/scheduler/test_scheduler_spec.py::test_verify_lengths_policy_and_clipping): every running request's base
 token and every running prefill chunk are scheduled first; the policy then shares what is left of
 ``max_num_batched_tokens`` among verify slots, with B in the objective counting every token of the
 step (``num_scheduled_tokens`` already includes the prefill chunks); new waiting requests are admitted
@@ -25,14 +25,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from scheduler.policy.calibration import CalibrationRow, OnlineCalibration
-from scheduler.policy.common import VerifyPlan, VerifyRequest
-from scheduler.policy.dspark import plan_budget_k, plan_drafting
-from scheduler.policy.spec import PolicySpec, plan_verify
-from scheduler.profile.grid import StepTimeModel, ThroughputProfile, drafting_step_time
-from scheduler.request import Request
-from scheduler.request_rules import may_draft
-from scheduler.scheduler import VerifyContext
+from sparkserve.scheduler.policy.calibration import CalibrationRow, OnlineCalibration
+from sparkserve.scheduler.policy.common import VerifyPlan, VerifyRequest
+from sparkserve.scheduler.policy.dspark import plan_budget_k, plan_drafting
+from sparkserve.scheduler.policy.spec import PolicySpec, plan_verify
+from sparkserve.scheduler.profile.grid import StepTimeModel, ThroughputProfile, drafting_step_time
+from sparkserve.scheduler.request import Request
+from sparkserve.scheduler.request_rules import may_draft
+from sparkserve.scheduler.scheduler import VerifyContext
 
 STALE_DRAFT_TOKENS = 32
 """A request's latest confidences inform the estimate of its next drafts for this many tokens."""

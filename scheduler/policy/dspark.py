@@ -18,7 +18,7 @@ is independent of d_{r,j} given the past (a stopping time). Slots are visited by
 another request or to r's own prefix; the decision on (r, j) is taken before anything that depends
 on d_{r,j} is looked at. Stopping at the first slot that does not improve Theta keeps this. A full
 search (the best l over all slots) would let a_{r,j+1} decide whether d_{r,j} is verified and bias
-the output (paper Appendix A: (0.85, 0.15) instead of (0.7, 0.3); tests/test_policy_lossless.py).
+the output (paper Appendix A: (0.85, 0.15) instead of (0.7, 0.3); tests/scheduler/policy/test_policy_lossless.py).
 
 **Drafting gate.** Verification only chooses among drafts that exist, and the drafter forward costs a
 share of every step (profile ``draft_time(R)``; 0.28x a target step at R = 64 on the CPU here). So
@@ -45,8 +45,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from scheduler.policy.common import VerifyPlan, VerifyRequest
-from scheduler.profile.grid import StepTimeModel, drafting_step_time
+from sparkserve.scheduler.policy.common import VerifyPlan, VerifyRequest
+from sparkserve.scheduler.profile.grid import StepTimeModel, drafting_step_time
 
 
 class Slot(NamedTuple):

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scheduler.policy.common import VerifyPlan, VerifyRequest, survival
-from scheduler.policy.dspark import verify_dspark, verify_dspark_async
-from scheduler.profile.grid import StepTimeModel
+from sparkserve.scheduler.policy.common import VerifyPlan, VerifyRequest, survival
+from sparkserve.scheduler.policy.dspark import verify_dspark, verify_dspark_async
+from sparkserve.scheduler.profile.grid import StepTimeModel
 
 POLICY_KINDS = ("none", "fixed", "dspark", "dspark-async")
 

@@ -5,7 +5,7 @@
 - ``online``: ``OnlineProfile`` (drift correction from live step timings).
 """
 
-from scheduler.profile.grid import (
+from sparkserve.scheduler.profile.grid import (
     PROFILE_FORMAT_VERSION,
     ProfileKey,
     StepTimeModel,
@@ -14,8 +14,8 @@ from scheduler.profile.grid import (
     isotonic_non_decreasing,
     smooth_monotone,
 )
-from scheduler.profile.measure import default_grid, measure_profile, profile_cache_path
-from scheduler.profile.online import OnlineProfile
+from sparkserve.scheduler.profile.measure import default_grid, measure_profile, profile_cache_path
+from sparkserve.scheduler.profile.online import OnlineProfile
 
 __all__ = [
     "PROFILE_FORMAT_VERSION",

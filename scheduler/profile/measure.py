@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from scheduler.profile.grid import ProfileKey, ThroughputProfile
+from sparkserve.scheduler.profile.grid import ProfileKey, ThroughputProfile
 
 
 def default_grid(max_num_batched_tokens: int, max_num_seqs: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 
-from scheduler.profile.grid import ThroughputProfile, smooth_monotone
+from sparkserve.scheduler.profile.grid import ThroughputProfile, smooth_monotone
 
 
 class OnlineProfile:
