@@ -476,8 +476,9 @@ def test_gpu_check_stages_the_carried_model(tmp_path: Path, monkeypatch: pytest.
         (tmp_path / "data" / folder / "prompts").mkdir(parents=True)
         (tmp_path / "data" / folder / f"gguf.part.0{folder == 'gpu_b':d}").write_bytes(part)
     (tmp_path / "data" / "gpu_b" / "gguf.sha256").write_text(hashlib.sha256(model).hexdigest() + "  smollm2.gguf\n")
-    for var in ("SPARKSERVE_MODEL_PATH", "SPARKSERVE_DATA"):
-        monkeypatch.delenv(var, raising=False)
+    for var in ("SPARKSERVE_MODEL_PATH", "SPARKSERVE_DATA"):  # set first, so monkeypatch restores them after
+        monkeypatch.setenv(var, "")                             # stage_carried_files writes them
+        monkeypatch.delenv(var)
     staged = gpu_check.stage_carried_files(tmp_path, tmp_path)
     assert Path(staged["model"]).read_bytes() == model and os.environ["SPARKSERVE_MODEL_PATH"] == staged["model"]
     assert staged["data"] == str(tmp_path / "data" / "gpu_b")
