@@ -1,0 +1,139 @@
+"""sparkserve behind the real ``vllm-router`` (PyPI, pinned in the ``test`` extra).
+
+Fast part: the router-added request fields and the worker endpoints the router calls, on a fake engine.
+Router part: fake-engine replicas (process start in about a second) for load spreading and a replica
+killed mid-run; two real SmolLM2-135M replicas (``--drafter none``, one thread each) for streaming with
+the OpenAI SDK, prefix affinity under ``cache_aware`` and both replicas' metrics.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+
+from sparkserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from sparkserve.server.replicas import ReplicaSet
+from sparkserve.server.router_fields import UNSUPPORTED_VALUES
+from sparkserve.testing.fake_engine import FakeEngine
+from sparkserve.testing.router_harness import replica_set, requests_served
+from sparkserve.testing.server_harness import run_server
+
+# What vllm-router 0.1.17 adds to a forwarded chat / completions body (recorded on the wire).
+ROUTER_CHAT_FIELDS = {
+    "stream": False, "logprobs": False, "no_stop_trim": False, "ignore_eos": False, "continue_final_message": False,
+    "skip_special_tokens": True, "separate_reasoning": True, "stream_reasoning": True,
+    "return_hidden_states": False, "include_reasoning": True,
+}
+ROUTER_COMPLETION_FIELDS = {
+    "stream": False, "echo": False, "no_stop_trim": False, "ignore_eos": False, "skip_special_tokens": True,
+    "return_hidden_states": False,
+}
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def test_router_added_fields_are_accepted() -> None:
+    chat = ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, **ROUTER_CHAT_FIELDS})
+    assert chat.no_stop_trim is False and chat.skip_special_tokens is True
+    completion = CompletionRequest.model_validate({"model": "m", "prompt": "hi", **ROUTER_COMPLETION_FIELDS})
+    assert completion.return_hidden_states is False
+
+
+@pytest.mark.parametrize("field", sorted(UNSUPPORTED_VALUES))
+def test_router_field_values_not_honoured_are_a_400(field: str) -> None:
+    with run_server() as server, server.http() as http:
+        body = {"model": server.engine.model_name, "messages": MESSAGES, field: UNSUPPORTED_VALUES[field]}
+        response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == field
+
+
+def test_unknown_fields_stay_forbidden() -> None:
+    with run_server() as server, server.http() as http:
+        body = {"model": server.engine.model_name, "messages": MESSAGES, "no_stop_trimm": False}
+        assert http.post("/v1/chat/completions", json=body).status_code == 400
+
+
+def test_worker_endpoints_the_router_reads() -> None:
+    engine = FakeEngine()
+    with run_server(engine) as server, server.http() as http:
+        assert http.get("/get_load").json() == {"load": 0}
+        chat = http.post("/v1/chat/completions/render",
+                         json={"model": engine.model_name, "messages": MESSAGES, **ROUTER_CHAT_FIELDS}).json()
+        assert chat["token_ids"] == engine.tokenizer.encode_chat(MESSAGES, add_generation_prompt=True)
+        assert chat["model"] == engine.model_name
+        completion = http.post("/v1/completions/render", json={"model": engine.model_name, "prompt": "hi"}).json()
+        assert completion["token_ids"] == engine.tokenizer.encode("hi")
+        assert http.post("/v1/chat/completions/render", json={"model": "other", "messages": MESSAGES}).status_code == 404
+        # While a request runs, the engine holds it: the load counts it.
+        slow = {"model": engine.model_name, "messages": [{"role": "user", "content": "{delay=0.2}"}], "max_tokens": 8}
+        thread = threading.Thread(target=http.post, args=("/v1/chat/completions",), kwargs={"json": slow})
+        thread.start()
+        assert wait_until(lambda: http.get("/get_load").json()["load"] == 1)
+        thread.join()
+
+
+def wait_until(predicate, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def client(running: ReplicaSet) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{running.config.router_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def fake_chat(running: ReplicaSet, content: str) -> str:
+    reply = client(running).chat.completions.create(
+        model=FakeEngine().model_name, messages=[{"role": "user", "content": content}], max_tokens=64
+    )
+    return reply.choices[0].message.content or ""
+
+
+def test_power_of_two_spreads_load(tmp_path: Path) -> None:
+    with replica_set(2, "power_of_two", tmp_path, fake=True) as running:
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda i: fake_chat(running, f"[[r{i}]]{{delay=0.05}}"), range(16)))
+        assert replies == [f"r{i}" for i in range(16)]
+        served = [requests_served(url) for url in running.config.replica_urls]
+    assert sum(served) == 16 and min(served) > 0, served
+
+
+def test_killed_replica_loses_only_its_in_flight_requests(tmp_path: Path) -> None:
+    """Clients keep sending while replica 1 is SIGKILLed: every request either gets its own reply or
+    fails with a 5xx from the router (no hang, no wrong reply), at most the ones in flight (one per
+    client) fail, and afterwards the router sends everything to replica 0."""
+    num_clients, per_client = 6, 8
+    outcomes: list[str] = []
+    with replica_set(2, "round_robin", tmp_path, fake=True) as running:
+
+        def send(i: int) -> None:
+            for j in range(per_client):
+                try:
+                    reply = fake_chat(running, f"[[c{i}-{j}]]{{delay=0.05}}")
+                    outcomes.append("ok" if reply == f"c{i}-{j}" else f"wrong reply {reply!r}")
+                except openai.APIStatusError as exc:
+                    outcomes.append(f"status {exc.status_code}")
+
+        with ThreadPoolExecutor(num_clients) as pool:
+            futures = [pool.submit(send, i) for i in range(num_clients)]
+            assert wait_until(lambda: len(outcomes) >= 2 * num_clients)
+            served_by_victim = requests_served(running.config.replica_urls[1])
+            running.replicas[1].send_signal(signal.SIGKILL)
+            for future in futures:
+                future.result(timeout=120)
+        failures = [o for o in outcomes if o != "ok"]
+        assert served_by_victim > 0
+        assert len(outcomes) == num_clients * per_client
+        assert all(o.startswith("status 5") for o in failures) and len(failures) <= num_clients, failures
+        before = requests_served(running.config.replica_urls[0])
+        assert all(fake_chat(running, f"[[after{k}]]") == f"after{k}" for k in range(6))
+        assert requests_served(running.config.replica_urls[0]) == before + 6
