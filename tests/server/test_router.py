@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -137,3 +138,70 @@ def test_killed_replica_loses_only_its_in_flight_requests(tmp_path: Path) -> Non
         before = requests_served(running.config.replica_urls[0])
         assert all(fake_chat(running, f"[[after{k}]]") == f"after{k}" for k in range(6))
         assert requests_served(running.config.replica_urls[0]) == before + 6
+
+
+@pytest.fixture(scope="module")
+def smol_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaSet]:
+    """Two real SmolLM2-135M replicas (``--drafter none``, one thread each) behind ``cache_aware``."""
+    serve_args = ("--drafter", "none", "--max-model-len", "1024", "--num-kv-blocks", "128")
+    with replica_set(2, "cache_aware", tmp_path_factory.mktemp("smol"), fake=False, serve_args=serve_args) as running:
+        yield running
+
+
+def smol_model(running: ReplicaSet) -> str:
+    return client(running).models.list().data[0].id
+
+
+@pytest.mark.live_server
+def test_streams_through_the_router_as_from_a_replica(smol_replicas: ReplicaSet) -> None:
+    """Greedy output streamed through the router equals a replica's own non-streamed output for the same
+    prompt. The reference runs on the other replica, where the prompt is not cached either: a prefix-cache
+    hit computes the prompt's KV in other chunks, which may flip a near-tie in greedy decoding."""
+    model, urls = smol_model(smol_replicas), smol_replicas.config.replica_urls
+    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+    before = [requests_served(url) for url in urls]
+    stream = client(smol_replicas).chat.completions.create(
+        model=model, messages=messages, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    other = urls[1 - serving_replica(urls, before)]
+    direct = openai.OpenAI(base_url=f"{other}/v1", api_key="unused", max_retries=0, timeout=60)
+    expected = direct.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == expected.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.choices[0].finish_reason
+
+
+def serving_replica(urls: list[str], before: list[int]) -> int:
+    """Index of the one replica whose served-request count rose by one since ``before``."""
+    deltas = [requests_served(url) - b for url, b in zip(urls, before, strict=True)]
+    assert sorted(deltas) == [0] * (len(urls) - 1) + [1], deltas
+    return deltas.index(1)
+
+
+@pytest.mark.live_server
+def test_cache_aware_keeps_a_conversation_on_its_replica(smol_replicas: ReplicaSet) -> None:
+    """Every turn of a conversation lands on the replica that served its first turn, and the later
+    turns reuse the KV of the earlier ones (``cached_tokens`` > 0, growing). Both replicas' metrics are
+    scraped after each request: together they account for every request the router forwarded."""
+    model, urls = smol_model(smol_replicas), smol_replicas.config.replica_urls
+    conversations = [
+        [{"role": "system", "content": "You answer questions about " + topic + ". " * 12}]
+        for topic in ("the geography of mountains and rivers", "baking bread, cakes and pastries")
+    ]
+    cached: list[list[int]] = [[], []]
+    replicas: list[set[int]] = [set(), set()]
+    for turn in range(3):
+        for k, messages in enumerate(conversations):
+            before = [requests_served(url) for url in urls]
+            messages.append({"role": "user", "content": f"Question {turn}: tell me one fact."})
+            reply = client(smol_replicas).chat.completions.create(
+                model=model, messages=messages, max_tokens=8, temperature=0
+            )
+            replicas[k].add(serving_replica(urls, before))
+            messages.append({"role": "assistant", "content": reply.choices[0].message.content or ""})
+            details = reply.usage.prompt_tokens_details
+            cached[k].append(details.cached_tokens if details is not None else 0)
+    assert all(len(r) == 1 for r in replicas), replicas
+    assert all(c[1] > 0 and c[2] > c[1] for c in cached), cached
