@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -202,6 +203,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="each replica's --num-threads and OMP_NUM_THREADS (default: not set)")
     parser.add_argument("--router-arg", action="append", default=[], metavar="ARG",
                         help="extra vllm-router argument (repeatable; e.g. --router-arg=--prometheus-port=29001)")
+    parser.add_argument("--replica-command", default=None,
+                        help="command serving one replica, before its flags (default: this Python running "
+                             "`sparkserve serve`; e.g. 'numactl --interleave=all sparkserve serve')")
     parser.add_argument("--log-dir", default=None, help="write each process's output to DIR/<name>.log")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to become healthy")
     parser.add_argument("serve_args", nargs=argparse.REMAINDER,
@@ -218,6 +222,7 @@ def run(ns: argparse.Namespace) -> int:
         num_replicas=ns.num_replicas, serve_args=tuple(serve_args), policy=ns.router_policy, host=ns.host,
         port=ns.port, replica_base_port=ns.replica_base_port, threads_per_replica=ns.threads_per_replica,
         router_args=tuple(ns.router_arg), startup_timeout_s=ns.startup_timeout,
+        **({"replica_command": tuple(shlex.split(ns.replica_command))} if ns.replica_command else {}),
     )
     stop = {"signal": None}
 

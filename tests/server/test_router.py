@@ -9,6 +9,8 @@ the OpenAI SDK, prefix affinity under ``cache_aware`` and both replicas' metrics
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,14 +18,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
+import psutil
 import pytest
 
 from sparkserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from sparkserve.server.replicas import ReplicaSet
 from sparkserve.server.router_fields import UNSUPPORTED_VALUES
 from sparkserve.testing.fake_engine import FakeEngine
-from sparkserve.testing.router_harness import replica_set, requests_served
-from sparkserve.testing.server_harness import run_server
+from sparkserve.testing.router_harness import (
+    FAKE_REPLICA_COMMAND,
+    replica_set,
+    requests_served,
+    require_router,
+)
+from sparkserve.testing.server_harness import free_port, run_server
 
 # What vllm-router 0.1.17 adds to a forwarded chat / completions body (recorded on the wire).
 ROUTER_CHAT_FIELDS = {
@@ -205,3 +213,43 @@ def test_cache_aware_keeps_a_conversation_on_its_replica(smol_replicas: ReplicaS
             cached[k].append(details.cached_tokens if details is not None else 0)
     assert all(len(r) == 1 for r in replicas), replicas
     assert all(c[1] > 0 and c[2] > c[1] for c in cached), cached
+
+
+def start_launcher(log_dir: Path) -> subprocess.Popen[str]:
+    """``sparkserve replicas`` with two fake replicas; it prints "router on ..." once all are up."""
+    argv = [sys.executable, "-m", "sparkserve", "replicas", "--num-replicas", "2", "--port", str(free_port()),
+            "--replica-base-port", str(free_port()), "--replica-command", " ".join(FAKE_REPLICA_COMMAND),
+            f"--router-arg=--prometheus-port={free_port()}", "--log-dir", str(log_dir)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_replicas_command_leaves_no_orphan(tmp_path: Path, sig: signal.Signals) -> None:
+    """``sparkserve replicas`` stops the router and every replica on SIGTERM / Ctrl-C and exits 0."""
+    require_router()
+    launcher = start_launcher(tmp_path)
+    try:
+        assert "router on" in (launcher.stdout.readline() if launcher.stdout else "")
+        children = psutil.Process(launcher.pid).children(recursive=True)
+        assert len(children) >= 3  # two replicas and the router
+        launcher.send_signal(sig)
+        assert launcher.wait(timeout=60) == 0
+        assert wait_until(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children))
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def test_replicas_command_stops_all_when_a_replica_dies(tmp_path: Path) -> None:
+    require_router()
+    launcher = start_launcher(tmp_path)
+    try:
+        assert "router on" in (launcher.stdout.readline() if launcher.stdout else "")
+        children = psutil.Process(launcher.pid).children(recursive=True)
+        replica = next(c for c in children if "fake_engine" in " ".join(c.cmdline()))
+        replica.kill()
+        assert launcher.wait(timeout=60) == 1
+        assert wait_until(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children))
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
