@@ -29,8 +29,6 @@ from collections.abc import Sequence
 from dataclasses import astuple, dataclass, field
 from typing import Protocol
 
-import msgpack
-
 from sparkserve.scheduler.block_manager import BlockKey
 
 MEDIUM = "CPU"
@@ -92,7 +90,10 @@ class KVEventRecorder:
 
 def encode_event_batch(events: Sequence[KVCacheEvent], ts: float | None = None,
                        data_parallel_rank: int | None = None) -> bytes:
-    """msgpack bytes of one ``EventBatch`` (module docstring); ``ts`` in seconds since the epoch."""
+    """msgpack bytes of one ``EventBatch`` (module docstring); ``ts`` in seconds since the epoch.
+
+    Needs ``msgpack`` (installed with pyzmq's users such as the ``test`` extra; not a core dependency)."""
+    import msgpack
     batch: list[object] = [time.time() if ts is None else ts,
                            [[type(e).__name__, *astuple(e)] for e in events]]
     if data_parallel_rank is not None:
