@@ -161,6 +161,7 @@ def smol_model(running: ReplicaSet) -> str:
 
 
 @pytest.mark.live_server
+@pytest.mark.real_model
 def test_streams_through_the_router_as_from_a_replica(smol_replicas: ReplicaSet) -> None:
     """Greedy output streamed through the router equals a replica's own non-streamed output for the same
     prompt. The reference runs on the other replica, where the prompt is not cached either: a prefix-cache
@@ -189,6 +190,7 @@ def serving_replica(urls: list[str], before: list[int]) -> int:
 
 
 @pytest.mark.live_server
+@pytest.mark.real_model
 def test_cache_aware_keeps_a_conversation_on_its_replica(smol_replicas: ReplicaSet) -> None:
     """Every turn of a conversation lands on the replica that served its first turn, and the later
     turns reuse the KV of the earlier ones (``cached_tokens`` > 0, growing). Both replicas' metrics are
