@@ -107,6 +107,7 @@ def fake_chat(running: ReplicaSet, content: str) -> str:
     return reply.choices[0].message.content or ""
 
 
+@pytest.mark.live_server
 def test_power_of_two_spreads_load(tmp_path: Path) -> None:
     with replica_set(2, "power_of_two", tmp_path, fake=True) as running:
         with ThreadPoolExecutor(8) as pool:
@@ -116,6 +117,7 @@ def test_power_of_two_spreads_load(tmp_path: Path) -> None:
     assert sum(served) == 16 and min(served) > 0, served
 
 
+@pytest.mark.live_server
 def test_killed_replica_loses_only_its_in_flight_requests(tmp_path: Path) -> None:
     """Clients keep sending while replica 1 is SIGKILLed: every request either gets its own reply or
     fails with a 5xx from the router (no hang, no wrong reply), at most the ones in flight (one per
@@ -225,6 +227,7 @@ def start_launcher(log_dir: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
 
 
+@pytest.mark.live_server
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_replicas_command_leaves_no_orphan(tmp_path: Path, sig: signal.Signals) -> None:
     """``sparkserve replicas`` stops the router and every replica on SIGTERM / Ctrl-C and exits 0."""
@@ -242,6 +245,7 @@ def test_replicas_command_leaves_no_orphan(tmp_path: Path, sig: signal.Signals) 
             launcher.kill()
 
 
+@pytest.mark.live_server
 def test_replicas_command_stops_all_when_a_replica_dies(tmp_path: Path) -> None:
     require_router()
     launcher = start_launcher(tmp_path)
