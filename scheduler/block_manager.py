@@ -21,8 +21,12 @@ import random
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sparkserve.scheduler.errors import BlockAccountingError
+
+if TYPE_CHECKING:
+    from sparkserve.scheduler.kv_events import KVCacheEventListener
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class BlockManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int, shuffle: bool = False, seed: int = 0,
-                 enable_caching: bool = False) -> None:
+                 enable_caching: bool = False, listener: KVCacheEventListener | None = None) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
         self._num_blocks = num_blocks
@@ -72,6 +76,7 @@ class BlockManager:
         self._tables: dict[str, list[int]] = {}
         self._rng: random.Random | None = random.Random(seed) if shuffle else None
         self.num_evictions = 0
+        self.listener = listener  # told of blocks cached / evicted (sparkserve.scheduler.kv_events)
 
     @property
     def block_size(self) -> int:
@@ -177,12 +182,21 @@ class BlockManager:
         if not self.enable_caching:
             return
         table = self._tables.get(request_id, [])
+        stored: list[BlockKey] = []  # the current run of newly cached consecutive blocks
         for block, key in zip(table, keys, strict=False):
-            if block in self._key_of:
-                continue
-            if key.hash not in self._by_hash:
+            if block not in self._key_of and key.hash not in self._by_hash:
                 self._by_hash[key.hash] = block
                 self._key_of[block] = key
+                stored.append(key)
+            elif stored:
+                self._report_stored(stored)
+                stored = []
+        if stored:
+            self._report_stored(stored)
+
+    def _report_stored(self, keys: list[BlockKey]) -> None:
+        if self.listener is not None:
+            self.listener.on_blocks_stored(keys, self._block_size)
 
     def trim(self, request_id: str, num_tokens_total: int) -> None:
         """Release the blocks beyond those covering ``num_tokens_total`` positions."""
@@ -219,6 +233,8 @@ class BlockManager:
         key = self._key_of.pop(block)
         del self._by_hash[key.hash]
         self.num_evictions += 1
+        if self.listener is not None:
+            self.listener.on_blocks_removed([key.hash])
         return block
 
     def _pop_free(self) -> int:

@@ -30,6 +30,7 @@ from sparkserve.server.http_guard import (
     num_authorization_headers,
 )
 from sparkserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from sparkserve.server.router_compat import install_router_routes
 from sparkserve.server.serving import RequestMetrics, ServerState
 from sparkserve.server.serving_chat import create_chat_completion
 from sparkserve.server.serving_completions import create_completion
@@ -248,6 +249,8 @@ def build_app(
         ok = await probe.check()
         status = "ready" if ok else ("draining" if state.draining else "not ready")
         return JSONResponse({"status": status}, status_code=200 if ok else 503)
+
+    install_router_routes(app, state)  # /get_load, .../render: what vllm-router calls on a worker
 
     if metrics is not None:
 

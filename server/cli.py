@@ -2,6 +2,7 @@
 
     sparkserve serve [flags]              serve the OpenAI API (and /metrics)
     sparkserve profile --out PATH [flags] measure the throughput profile SPS(B, R) and save it
+    sparkserve replicas [flags] -- [serve flags]  N replicas behind vllm-router (sparkserve.server.replicas)
     sparkserve bench [flags]              serving benchmark against OpenAI-compatible servers
                                           (loadtests.bench; needs httpx, tqdm, matplotlib)
     sparkserve gen-data | train-drafter | calibrate-drafter | eval-drafter   (from sparkserve.train.cli)
@@ -139,7 +140,7 @@ def serve(
 
 
 ENGINE_COMMANDS = ("serve", "profile")
-NO_TRAIN_COMMANDS = (*ENGINE_COMMANDS, "bench")  # commands whose parser skips the training code
+NO_TRAIN_COMMANDS = (*ENGINE_COMMANDS, "bench", "replicas")  # commands whose parser skips the training code
 
 
 def _add_engine_args(s: argparse.ArgumentParser) -> None:
@@ -280,6 +281,9 @@ def build_parser(include_train: bool = True) -> argparse.ArgumentParser:
     from sparkserve.loadtests.bench.cli import add_arguments as add_bench_arguments  # argparse only: no torch
 
     add_bench_arguments(b)
+    from sparkserve.server.replicas import add_arguments as add_replicas_arguments  # argparse only: no torch
+
+    add_replicas_arguments(sub.add_parser("replicas", help="N local `serve` replicas behind vllm-router"))
     if include_train:
         _add_train_subcommands(sub)
     return parser
@@ -405,6 +409,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         except ValueError as exc:
             parser.error(str(exc))
         return
+    if ns.command == "replicas":
+        from sparkserve.server.replicas import run as run_replicas
+
+        sys.exit(run_replicas(ns))
     if ns.command not in ENGINE_COMMANDS:
         ns.func(ns)  # a training subcommand
         return

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from sparkserve.server.router_fields import RouterChatFields, RouterCompletionFields
+
 # Request limits (each violation is a 400 whose message states the limit).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_MESSAGES = 2048
@@ -230,7 +232,7 @@ class GuidedDecodingFields(_Request):
     structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM)")
 
 
-class ChatCompletionRequest(SamplingRequestFields, GuidedDecodingFields):
+class ChatCompletionRequest(SamplingRequestFields, GuidedDecodingFields, RouterChatFields):
     """``POST /v1/chat/completions`` body."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
@@ -263,7 +265,7 @@ class ChatCompletionRequest(SamplingRequestFields, GuidedDecodingFields):
         return self.max_completion_tokens or self.max_tokens
 
 
-class CompletionRequest(SamplingRequestFields, GuidedDecodingFields):
+class CompletionRequest(SamplingRequestFields, GuidedDecodingFields, RouterCompletionFields):
     """``POST /v1/completions`` body.
 
     ``prompt`` is a string, a list of strings, a list of token ids or a list of token-id lists;

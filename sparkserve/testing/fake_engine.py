@@ -234,12 +234,13 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--drain-timeout", type=float, default=5.0)
     parser.add_argument("--max-num-seqs", type=int, default=4)
     args = parser.parse_args()
     engine = FakeEngine(max_num_seqs=args.max_num_seqs)
     app = build_app(engine, metrics=ServerMetrics(engine.model_name))
-    serve(app, host="127.0.0.1", port=args.port, drain_timeout_s=args.drain_timeout, log_level="warning")
+    serve(app, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -518,6 +518,7 @@ def test_cli_subcommands() -> None:
         "serve",
         "profile",
         "bench",
+        "replicas",
     }  # type: ignore[union-attr]
     bench = parser.parse_args(["bench", "--target", "a=http://h:1", "--launch", "b=--drafter none",
                                "--max-concurrency", "1", "4", "--goodput", "ttft:500", "tpot:50"])

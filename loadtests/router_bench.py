@@ -1,0 +1,140 @@
+"""Router policies against one replica at the same total CPU, on multi-turn traffic.
+
+    python -m sparkserve.loadtests.router_bench --num-prompts 8 --request-rate 0.5 --max-tokens 32 \\
+        --rounds 2 --out bench_results/router_policies.json
+
+Starts two ``sparkserve serve`` replicas (``--threads-per-replica 1``) with one ``vllm-router`` per policy
+in front of the same pair, and one replica with two threads (the same total CPU, no router). Each
+(round, target) runs ``sparkserve bench --multi-turn`` (MT-bench, Poisson arrivals at ``--request-rate``)
+against one target, with a fresh seed (fresh conversations, so no run reuses another's prefixes);
+targets alternate in order and reversed order over rounds, because the machine may be shared. The
+prefix-hit rate is the change of ``prefix_cache_hits / prefix_cache_queries`` summed over the replicas
+behind the target, read from their ``/metrics`` around the run (warm-up included).
+
+Writes ``--out``: the machine, the command, and per run TTFT p50 / p99 (ms), output tokens/s and the
+prefix-hit rate; per target the medians over rounds and the TTFT p50 ratio to ``round_robin``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from sparkserve.loadtests.bench.cli import machine_info
+from sparkserve.server.replicas import ReplicaSetConfig, http_ok, launch, router_argv
+from sparkserve.testing.server_harness import free_port
+
+POLICIES = ("round_robin", "power_of_two", "cache_aware")
+SERVE_ARGS = ("--drafter", "none")
+
+
+def prefix_counters(urls: list[str]) -> tuple[float, float]:
+    """(queries, hits) of the prefix cache summed over ``urls``' ``/metrics``."""
+    queries = hits = 0.0
+    for url in urls:
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+            total = sum(s.value for s in family.samples if s.name.endswith("_total"))
+            if family.name == "sparkserve:prefix_cache_queries":
+                queries += total
+            elif family.name == "sparkserve:prefix_cache_hits":
+                hits += total
+    return queries, hits
+
+
+def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not http_ok(f"{url}/health"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not healthy after {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD flags of this CPU that matter for the kernels (from /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+
+
+def bench_once(name: str, url: str, seed: int, ns: argparse.Namespace, out: Path) -> dict:
+    """One ``sparkserve bench`` run against ``url``; returns its pooled metrics."""
+    argv = [sys.executable, "-m", "sparkserve", "bench", "--target", f"{name}={url}", "--dataset", "mtbench",
+            "--multi-turn", "--num-prompts", str(ns.num_prompts), "--request-rate", str(ns.request_rate),
+            "--max-tokens", str(ns.max_tokens), "--seed", str(seed), "--warmup", "1", "--no-plots",
+            "--no-progress", "--no-scrape", "--result-json", str(out)]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())["levels"][0]["metrics"]
+
+
+def summary(metrics: dict, queries: float, hits: float) -> dict:
+    return {"ttft_p50_ms": metrics["ttft_ms"]["median"], "ttft_p99_ms": metrics["ttft_ms"]["p99"],
+            "output_tok_s": metrics["output_throughput"], "prefix_hit_rate": hits / queries if queries else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-prompts", type=int, default=8, help="conversations per run")
+    parser.add_argument("--request-rate", type=float, default=0.5, help="conversations started per second (Poisson)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default="bench_results/router_policies.json")
+    ns = parser.parse_args()
+    pair = ReplicaSetConfig(num_replicas=2, serve_args=SERVE_ARGS, policy=POLICIES[0], port=free_port(),
+                            replica_base_port=free_port(), threads_per_replica=1,
+                            router_args=("--prometheus-port", str(free_port())))
+    single = ReplicaSetConfig(num_replicas=1, serve_args=SERVE_ARGS, policy=POLICIES[0], port=free_port(),
+                              replica_base_port=free_port(), threads_per_replica=2,
+                              router_args=("--prometheus-port", str(free_port())))
+    runs = []
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        stack.enter_context(launch(pair, Path(tmp)))
+        stack.enter_context(launch(single, Path(tmp)))
+        targets = {"single_2_threads": (single.replica_urls[0], single.replica_urls)}
+        for policy in POLICIES:  # one more router per policy in front of the same pair
+            config = ReplicaSetConfig(num_replicas=2, policy=policy, port=free_port(),
+                                      replica_base_port=pair.replica_base_port,
+                                      router_args=("--prometheus-port", str(free_port())))
+            router = subprocess.Popen(router_argv(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stack.callback(lambda p=router: (p.terminate(), p.wait()))
+            targets[policy] = (config.router_url, pair.replica_urls)
+        for url, _ in targets.values():  # the policy routers: up once they see healthy workers
+            wait_healthy(url)
+        seed = 100
+        for round_index in range(ns.rounds):
+            order = list(targets) if round_index % 2 == 0 else list(targets)[::-1]
+            for name in order:
+                url, replica_urls = targets[name]
+                q0, h0 = prefix_counters(replica_urls)
+                metrics = bench_once(name, url, seed, ns, Path(tmp) / "bench.json")
+                q1, h1 = prefix_counters(replica_urls)
+                runs.append({"target": name, "round": round_index, "seed": seed, **summary(metrics, q1 - q0, h1 - h0)})
+                print(json.dumps(runs[-1]), flush=True)
+                seed += 1
+    medians = {name: {k: statistics.median(r[k] for r in runs if r["target"] == name)
+                      for k in ("ttft_p50_ms", "ttft_p99_ms", "output_tok_s", "prefix_hit_rate")}
+               for name in dict.fromkeys(r["target"] for r in runs)}
+    for values in medians.values():
+        values["ttft_p50_speedup_vs_round_robin"] = medians["round_robin"]["ttft_p50_ms"] / values["ttft_p50_ms"]
+    result = {"machine": {**machine_info(), "cpu_flags": cpu_flags()}, "command": " ".join(sys.argv), "router": "vllm-router 0.1.17",
+              "shared_machine_note": "2 cores shared with other jobs: timings are noisy; rounds alternate order",
+              "runs": runs, "medians": medians}
+    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(ns.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(medians, indent=2))
+
+
+if __name__ == "__main__":
+    main()

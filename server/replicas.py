@@ -1,0 +1,249 @@
+"""``sparkserve replicas``: N local ``sparkserve serve`` replicas behind ``vllm-router`` on one machine.
+
+    sparkserve replicas --num-replicas 2 --router-policy cache_aware --port 8000 \\
+        --threads-per-replica 1 -- --drafter none
+
+Everything after ``--`` goes to each ``sparkserve serve`` unchanged (the launcher sets ``--host``,
+``--port`` and, with ``--threads-per-replica``, ``--num-threads``; replica i listens on
+``--replica-base-port + i``). The router (PyPI ``vllm-router``, pinned in the ``test`` extra) starts once
+every replica answers ``/health`` and listens on ``--port``.
+
+Processes: each child runs in its own session, so a terminal's Ctrl-C reaches only the launcher, which
+then stops them all: SIGTERM to the router, then to the replicas (each drains, see
+:mod:`sparkserve.server.cli`), SIGKILL to any still alive after ``--stop-timeout`` seconds. SIGTERM to
+the launcher does the same; if a child exits on its own, the launcher stops the rest and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+logger = logging.getLogger("sparkserve.replicas")
+
+ROUTER_POLICIES = ("cache_aware", "power_of_two", "round_robin", "random", "consistent_hash", "kv_aware")
+
+
+def router_binary() -> str:
+    """Path of the ``vllm-router`` launcher: next to this interpreter, else on ``PATH``.
+
+    Raises:
+        FileNotFoundError: when it is not installed (``pip install 'vllm-router==0.1.17'``).
+    """
+    beside = Path(sys.executable).parent / "vllm-router"
+    found = str(beside) if beside.exists() else shutil.which("vllm-router")
+    if found is None:
+        raise FileNotFoundError("vllm-router is not installed: pip install 'vllm-router==0.1.17'")
+    return found
+
+
+@dataclass(frozen=True)
+class ReplicaSetConfig:
+    """What to start.
+
+    Attributes:
+        num_replicas: replicas to start (>= 1).
+        serve_args: extra ``sparkserve serve`` arguments for every replica.
+        policy: the router's ``--policy``.
+        host: address the router and the replicas bind.
+        port: the router's port.
+        replica_base_port: replica i listens on ``replica_base_port + i``.
+        threads_per_replica: each replica's ``--num-threads`` (None: not set).
+        router_args: extra ``vllm-router`` arguments.
+        replica_command: the command that serves one replica (default: this interpreter running
+            ``python -m sparkserve serve``; tests pass the fake-engine server).
+        startup_timeout_s: seconds for every replica to answer ``/health``, and then the router.
+    """
+
+    num_replicas: int
+    serve_args: tuple[str, ...] = ()
+    policy: str = "cache_aware"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replica_base_port: int = 8100
+    threads_per_replica: int | None = None
+    router_args: tuple[str, ...] = ()
+    replica_command: tuple[str, ...] = (sys.executable, "-m", "sparkserve", "serve")
+    startup_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        if self.policy not in ROUTER_POLICIES:
+            raise ValueError(f"policy must be one of {ROUTER_POLICIES}, got {self.policy!r}")
+        if self.threads_per_replica is not None and self.threads_per_replica < 1:
+            raise ValueError("threads_per_replica must be >= 1")
+
+    @property
+    def replica_urls(self) -> list[str]:
+        return [f"http://{self.host}:{self.replica_base_port + i}" for i in range(self.num_replicas)]
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass
+class ReplicaSet:
+    """Running processes: ``replicas[i]`` serves ``config.replica_urls[i]``; ``router`` fronts them."""
+
+    config: ReplicaSetConfig
+    replicas: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    router: subprocess.Popen[bytes] | None = None
+
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        return ([self.router] if self.router is not None else []) + self.replicas
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM the router, then the replicas; SIGKILL whatever is alive after ``timeout_s``."""
+        for proc in self.processes():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.processes():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    """True when ``GET url`` answers 2xx."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return 200 <= response.status < 300
+    except OSError:
+        return False
+
+
+def _wait_healthy(urls: Sequence[str], procs: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(zip(urls, procs, strict=True))
+    while pending:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not healthy after {timeout_s:.0f} s: {[u for u, _ in pending]}")
+        for url, proc in list(pending):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{url}: the process exited with status {proc.returncode} during start-up")
+            if http_ok(f"{url}/health"):
+                pending.remove((url, proc))
+        time.sleep(0.2)
+
+
+def replica_argv(config: ReplicaSetConfig, index: int) -> list[str]:
+    argv = [*config.replica_command, *config.serve_args, "--host", config.host,
+            "--port", str(config.replica_base_port + index)]
+    if config.threads_per_replica is not None:
+        argv += ["--num-threads", str(config.threads_per_replica)]
+    return argv
+
+
+def router_argv(config: ReplicaSetConfig) -> list[str]:
+    return [router_binary(), "--worker-urls", *config.replica_urls, "--policy", config.policy,
+            "--host", config.host, "--port", str(config.port), *config.router_args]
+
+
+@contextmanager
+def launch(config: ReplicaSetConfig, log_dir: Path | None = None) -> Iterator[ReplicaSet]:
+    """Start the replicas, wait for their ``/health``, start the router, wait for its ``/health``;
+    stop everything on exit (also on an exception, e.g. a start-up timeout).
+
+    Each child's stdout and stderr go to ``log_dir/<name>.log`` (None: inherited). With
+    ``threads_per_replica`` set, ``OMP_NUM_THREADS`` is set to it as well.
+    """
+    env = dict(os.environ)
+    if config.threads_per_replica is not None:
+        env["OMP_NUM_THREADS"] = str(config.threads_per_replica)
+    running = ReplicaSet(config)
+
+    def spawn(argv: list[str], name: str) -> subprocess.Popen[bytes]:
+        out = None if log_dir is None else open(log_dir / f"{name}.log", "ab")  # noqa: SIM115
+        try:
+            return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                    start_new_session=True)
+        finally:
+            if out is not None:
+                out.close()
+
+    try:
+        for i in range(config.num_replicas):
+            running.replicas.append(spawn(replica_argv(config, i), f"replica{i}"))
+        _wait_healthy(config.replica_urls, running.replicas, config.startup_timeout_s)
+        running.router = spawn(router_argv(config), "router")
+        _wait_healthy([config.router_url], [running.router], config.startup_timeout_s)
+        yield running
+    finally:
+        running.stop()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``sparkserve replicas`` flags (argparse only: no torch)."""
+    parser.add_argument("--num-replicas", type=int, default=2, help="replicas to start (default: %(default)s)")
+    parser.add_argument("--router-policy", default="cache_aware", choices=ROUTER_POLICIES,
+                        help="vllm-router --policy (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="address of the router and the replicas")
+    parser.add_argument("--port", type=int, default=8000, help="the router's port (default: %(default)s)")
+    parser.add_argument("--replica-base-port", type=int, default=8100,
+                        help="replica i listens on this port + i (default: %(default)s)")
+    parser.add_argument("--threads-per-replica", type=int, default=None,
+                        help="each replica's --num-threads and OMP_NUM_THREADS (default: not set)")
+    parser.add_argument("--router-arg", action="append", default=[], metavar="ARG",
+                        help="extra vllm-router argument (repeatable; e.g. --router-arg=--prometheus-port=29001)")
+    parser.add_argument("--replica-command", default=None,
+                        help="command serving one replica, before its flags (default: this Python running "
+                             "`sparkserve serve`; e.g. 'numactl --interleave=all sparkserve serve')")
+    parser.add_argument("--log-dir", default=None, help="write each process's output to DIR/<name>.log")
+    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to become healthy")
+    parser.add_argument("serve_args", nargs=argparse.REMAINDER,
+                        help="after --: arguments for every `sparkserve serve` (e.g. -- --drafter none)")
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Start the replica set and wait until a signal or a child's exit; returns the exit status
+    (0 after SIGINT / SIGTERM, 1 when a child exited on its own)."""
+    serve_args = list(ns.serve_args)
+    if serve_args[:1] == ["--"]:
+        serve_args = serve_args[1:]
+    config = ReplicaSetConfig(
+        num_replicas=ns.num_replicas, serve_args=tuple(serve_args), policy=ns.router_policy, host=ns.host,
+        port=ns.port, replica_base_port=ns.replica_base_port, threads_per_replica=ns.threads_per_replica,
+        router_args=tuple(ns.router_arg), startup_timeout_s=ns.startup_timeout,
+        **({"replica_command": tuple(shlex.split(ns.replica_command))} if ns.replica_command else {}),
+    )
+    stop = {"signal": None}
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        stop["signal"] = sig
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    log_dir = Path(ns.log_dir) if ns.log_dir else None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with launch(config, log_dir) as running:
+            print(f"router on {config.router_url} ({config.policy}) -> {' '.join(config.replica_urls)}",
+                  flush=True)
+            while stop["signal"] is None:
+                exited = [p for p in running.processes() if p.poll() is not None]
+                if exited:
+                    logger.error("a child exited (status %s): stopping the others", exited[0].returncode)
+                    return 1
+                time.sleep(0.2)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
