@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparkserve.engine.attention import AttentionMetadata, build_attention_metadata, with_kernel_metadata
+from sparkserve.engine.attention import AttentionMetadata, build_step_metadata
 from sparkserve.engine.sampling.keyed_random import request_key
 from sparkserve.engine.sampling.metadata import SamplingMetadata, dense_logit_bias
 from sparkserve.scheduler.outputs import ScheduledSeq, SchedulerOutput
@@ -201,10 +201,8 @@ class InputBatch:
         input_ids = self.token_ids.view(-1)[rows[owner] * self.max_len + positions]
         tables = self.block_table.index_select(0, rows)  # [S, max_blocks]
         kv_lens = [s.end_pos for s in seqs]
-        meta = build_attention_metadata(q_lens, starts, kv_lens, tables, self.block_size,
-                                        device=self.device, token_positions=(owner, positions))
-        if self.kernel_heads is not None:
-            meta = with_kernel_metadata(meta, q_lens, starts, kv_lens, tables.to(self.device), *self.kernel_heads)
+        meta = build_step_metadata(q_lens, starts, kv_lens, tables, self.block_size, self.device, self.kernel_heads,
+                                   token_positions=(owner, positions))
         sample_index = tuple(i for i, s in enumerate(seqs) if s.sample)
         ends = (first + counts).tolist()
         logits_rows = [ends[i] - 1 - seqs[i].num_spec_tokens + k for i in sample_index

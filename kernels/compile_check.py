@@ -101,7 +101,7 @@ def variants() -> Iterator[Variant]:
     yield Variant("store_kv", kv_store._store_kv_kernel, dict(
         k_ptr=torch.bfloat16, v_ptr=torch.bfloat16, k_cache_ptr=torch.bfloat16, v_cache_ptr=torch.bfloat16,
         slot_mapping_ptr=torch.int64, BLOCK_SIZE=16, HEAD_DIM=64, HEADS_PAD=4,
-        **_ints("num_kv_heads", "stride_kt", "stride_kh", "stride_ch", "stride_cb", "stride_cs")))
+        **_ints("num_kv_heads", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ch", "stride_cb", "stride_cs")))
     yield rejection_variant(True)
     yield rejection_variant(False)
     yield Variant("coupled_choice", coupling._coupled_choice_kernel, dict(

@@ -147,8 +147,9 @@ class Verifier:
                    probs: DraftProbs | None, coupled: list[bool]) -> VerifyResult:
         """Unseeded sampled rows: rejection sampling with keyed uniforms."""
         target_probs = torch.softmax(process_logits(adjusted, meta), dim=-1)  # [N, V]
-        first_rows = torch.tensor(_row_offsets(drafts.num_draft_tokens), device=adjusted.device)
-        first_meta = meta.select(first_rows.tolist())  # one row per request
+        first_list = _row_offsets(drafts.num_draft_tokens)  # host: no read-back
+        first_rows = torch.tensor(first_list, device=adjusted.device)
+        first_meta = meta.select(first_list)  # one row per request
         keys, first_pos = first_meta.keys, positions[first_rows]
         request, position, _ = drafts.index()
         u_accept = keyed_uniform(keys[request], first_pos[request] + position,
@@ -202,7 +203,8 @@ def _subset(inp: VerifyInput, rows_meta: SamplingMetadata, adjusted: Tensor, gro
     draft_t = torch.tensor(draft_idx, dtype=torch.int64, device=device)
     drafts = RaggedDrafts(inp.drafts.token_ids[draft_t], tuple(counts[r] for r in group))
     sizes = torch.tensor([1 + counts[r] for r in group], device=device)  # rows per request
-    owner = torch.repeat_interleave(torch.arange(len(group), device=device), sizes)  # [n] request of each row
+    owner = torch.repeat_interleave(torch.arange(len(group), device=device), sizes,
+                                    output_size=len(rows))  # [n] request of each row (host size: no sync)
     first = torch.cumsum(sizes, 0) - sizes
     positions = inp.first_positions[torch.tensor(group, device=device)][owner] + torch.arange(len(rows), device=device) - first[owner]
     probs = None

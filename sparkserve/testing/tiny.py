@@ -16,11 +16,12 @@ from sparkserve.testing.oracle import LookupOracleDrafter, OracleDrafter  # noqa
 EOS = 1
 
 
-def tiny_target(vocab: int = 61, seed: int = 0, scale: float = 0.35, layers: int = 3) -> LoadedModel:
-    """A random fp32 Llama with well-separated logits (weights ~ N(0, scale^2))."""
+def tiny_target(vocab: int = 61, seed: int = 0, scale: float = 0.35, layers: int = 3, head_dim: int = 8) -> LoadedModel:
+    """A random fp32 Llama with well-separated logits (weights ~ N(0, scale^2)); ``head_dim`` 16 fits the
+    Triton kernels (a power of two >= 16)."""
     config = ModelConfig(
         architecture="llama", vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, rms_norm_eps=1e-6, rope_theta=10000.0,
         rope_scaling=None, max_position_embeddings=512, tie_word_embeddings=False, attention_bias=False,
         qk_norm=False, bos_token_id=None, eos_token_id=EOS,
     )
