@@ -13,7 +13,9 @@ run cut off by the device's time limit still returns the earlier phases.
 
 Runs on torch 2.11 / triton 3.6 without fastapi, pydantic, uvicorn, sse-starlette or openai (gguf and
 the model are carried: ``stage_carried_files``, scripts/gpu_check.sh). ``--dry-run`` exercises the driver on any machine: it writes every
-phase's plan without running it (tests/kernels/test_kernels.py runs it).
+phase's plan without running it, except the probe, which runs on the CPU (tests/kernels/test_kernels.py
+and tests/kernels/test_gpu_check_dry.py run it). Set-up (staging the carried files, ``git``) is guarded: its
+error is recorded in summary.json and the phases still run; summary.json is written before the first one.
 
 Usage: python scripts/gpu_check.py --out DIR [--dry-run] [--skip serving ...] [--budget-serving 240]
 """
@@ -56,7 +58,7 @@ def _import_sparkserve_from_checkout() -> None:
 
 _import_sparkserve_from_checkout()
 
-PHASES = ("tests", "kernels", "serving", "exactness")
+PHASES = ("probe", "tests", "kernels", "serving", "exactness")
 CONCURRENCIES, POLICIES = (1, 16, 64, 256), ("none", "dspark", "fixed:7")
 
 
@@ -65,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="results folder (one JSON per phase + summary.json)")
     parser.add_argument("--dry-run", action="store_true", help="write each phase's plan, run nothing")
     parser.add_argument("--skip", nargs="*", default=[], choices=PHASES, help="phases to skip")
-    for phase, seconds in zip(PHASES, (120, 120, 200, 90), strict=True):  # < the device's 600 s per command
+    for phase, seconds in zip(PHASES, (30, 120, 120, 200, 90), strict=True):  # < the device's 600 s per command
         parser.add_argument(f"--budget-{phase}", type=float, default=seconds, help=f"seconds for phase {phase}")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per request in the serving phase")
     parser.add_argument("--policies", nargs="*", default=list(POLICIES))
@@ -95,9 +97,26 @@ def environment() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(device=props.name, sms=props.multi_processor_count, memory_gib=props.total_memory / 2**30)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
-    info["commit"] = commit.stdout.strip() or None
+    info["commit"] = git_commit()
     return info
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, or None (no ``git`` on the device image, or no repository there)."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() or None
+
+
+def guarded(fn: Callable[[], dict]) -> dict:
+    """``fn()``, or ``{"error": ...}`` when it raises: set-up must never stop the first phase."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - recorded in the JSON instead
+        return {"error": repr(exc)}
 
 
 def stage_carried_files(root: Path = ROOT, tmp: Path = Path("/tmp")) -> dict:
@@ -136,6 +155,93 @@ class Deadline:
 
     def left(self) -> float:
         return self.end - time.monotonic()
+
+
+# ---------------------------------------------------------------- phase 0: probe (runs in --dry-run too)
+
+
+def phase_probe(args: argparse.Namespace, deadline: Deadline) -> dict:
+    """What a first GPU run needs, checked in seconds: a C compiler (Triton builds its launcher with it), the
+    card's shared memory per block, a trivial Triton kernel, and an engine smoke on a seeded tiny model
+    (no speculation and fixed:3 with an oracle drafter; an ``error`` finish fails it). ``--dry-run`` runs
+    it on the CPU (the kernels in Triton's interpreter are not launched there)."""
+    import shutil
+
+    import torch
+
+    cuda = torch.cuda.is_available() and not args.dry_run
+    result: dict = {"status": "ok", "c_compiler": shutil.which("cc") or shutil.which("gcc")}
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        result["shared_memory_per_block_optin"] = getattr(props, "shared_memory_per_block_optin", None)
+        result["trivial_kernel"] = guarded(trivial_kernel)
+    result["engine_smoke"] = engine_smoke("cuda" if cuda else "cpu")
+    if result["engine_smoke"].get("status") != "ok" or "error" in result.get("trivial_kernel", {}):
+        result["status"] = "failed"
+    return result
+
+
+def trivial_kernel() -> dict:
+    """Compile and run a one-line Triton kernel on the GPU (the launcher build included)."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_one(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
+    x = torch.zeros(100, device="cuda")
+    start = time.perf_counter()
+    add_one[(1,)](x, 100, BLOCK=128)
+    torch.cuda.synchronize()
+    return {"ok": bool((x == 1).all()), "seconds": time.perf_counter() - start}
+
+
+def engine_smoke(device: str, max_tokens: int = 8) -> dict:
+    """Greedy generation on a seeded tiny model (head dim 16: the kernels' smallest) with no speculation and
+    with fixed:3 from an oracle drafter; the finish reasons of every request."""
+    from sparkserve.engine.config import EngineArgs
+    from sparkserve.engine.core import EngineCore
+    from sparkserve.scheduler.sampling_params import SamplingParams
+    from sparkserve.testing.oracle import OracleDrafter
+    from sparkserve.testing.tiny import tiny_target
+
+    result: dict = {"status": "ok", "device": device}
+    prompts = [[(5 * i + 3) % 61 for i in range(n)] for n in (40, 7, 3)]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for policy in ("none", "fixed:3"):
+        try:
+            target = tiny_target(seed=4, head_dim=16)
+            target.model.to(device)
+            drafter = OracleDrafter(target, block_size=3, seed=1, error_rate=0.5) if policy != "none" else None
+            args = EngineArgs(dtype="float32", device=device, num_kv_blocks=64, block_size=16, max_num_seqs=4,
+                              max_num_batched_tokens=32, drafter=None if drafter else "none",
+                              verify_policy=None if policy == "none" else policy)
+            core = EngineCore(args, loaded=target, drafter=drafter)
+            result[policy] = smoke_outcome(core, prompts, params)
+        except Exception as exc:  # noqa: BLE001 - recorded per policy
+            result[policy] = {"error": repr(exc), "traceback": traceback.format_exc()[-2000:]}
+        if "error" in result[policy] or result[policy]["finish_errors"]:
+            result["status"] = "failed"
+    return result
+
+
+def smoke_outcome(core, prompts: list[list[int]], params) -> dict:
+    """Run ``prompts`` to the end; their tokens and how many finished with ``error``."""
+    ids = [f"smoke-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts, strict=True):
+        core.add_request(core.make_request(rid, prompt, params))
+    tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+    reasons: dict[str, str] = {}
+    while core.has_unfinished_requests():
+        for out in core.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+            if out.finished:
+                reasons[out.request_id] = str(out.finish_reason)
+    return {"tokens": [tokens[r] for r in ids], "finish_reasons": [reasons.get(r) for r in ids],
+            "finish_errors": sum("error" in str(reasons.get(r)) for r in ids)}
 
 
 # ---------------------------------------------------------------- phase 1: tests
@@ -195,6 +301,21 @@ def model_path() -> str | None:
     return os.environ.get("SPARKSERVE_MODEL_PATH") or None
 
 
+KV_CACHE_GB = 8.0  # per engine; engines are built one at a time and freed (``free_core``) before the next
+
+
+def free_core(core) -> None:
+    """Drop an engine and return its KV cache to the device before the next one is built."""
+    import gc
+
+    import torch
+
+    del core
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def make_core(policy: str, dtype: str = "bfloat16", max_num_seqs: int = 256):
     """An engine on CUDA: no drafter for policy "none", else the shipped DSpark drafter (named explicitly:
     with ``--model PATH`` the engine picks no default drafter) with its default draft vocabulary."""
@@ -209,7 +330,7 @@ def make_core(policy: str, dtype: str = "bfloat16", max_num_seqs: int = 256):
             raise FileNotFoundError("the shipped DSpark drafter is not in engine/spec_decode/weights")
         drafter = str(path)
     args = EngineArgs(model=model_path(), device="cuda", dtype=dtype, max_num_seqs=max_num_seqs,
-                      max_num_batched_tokens=4096, kv_cache_memory_gb=16.0, drafter=drafter,
+                      max_num_batched_tokens=4096, kv_cache_memory_gb=KV_CACHE_GB, drafter=drafter,
                       draft_vocab_size=None if policy == "none" else SHIPPED_DRAFT_VOCAB,
                       verify_policy=None if policy == "none" else policy)
     return EngineCore(args)
@@ -221,7 +342,7 @@ def serve_level(core, prompts: list[list[int]], concurrency: int, max_tokens: in
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
-    first, done, counts = {}, {}, {}
+    first, done, counts, reasons = {}, {}, {}, {}
     for i in range(concurrency):
         rid = f"c{concurrency}-{i}"
         core.add_request(core.make_request(rid, prompts[i % len(prompts)], params))
@@ -234,9 +355,12 @@ def serve_level(core, prompts: list[list[int]], concurrency: int, max_tokens: in
             first.setdefault(out.request_id, now)
             if out.finished:
                 done[out.request_id] = now
+                reasons[out.request_id] = str(out.finish_reason)
     wall = time.perf_counter() - start
+    errors = sum("error" in r for r in reasons.values())
     decode_rates = [(counts[r] - 1) / (done[r] - first[r]) for r in counts if done[r] > first[r]]
-    return {"concurrency": concurrency, "wall_s": wall, "output_tokens": sum(counts.values()),
+    return {"concurrency": concurrency, "finish_errors": errors, "status": "ok" if errors == 0 else "failed",
+            "finish_reasons": sorted(set(reasons.values())), "wall_s": wall, "output_tokens": sum(counts.values()),
             "output_tok_s": sum(counts.values()) / wall,
             "per_user_tok_s": sum(decode_rates) / max(len(decode_rates), 1),
             "mean_ttft_s": sum(first[r] - start for r in counts) / len(counts)}
@@ -271,22 +395,33 @@ def phase_serving(args: argparse.Namespace, deadline: Deadline) -> dict:
     if reason is not None:
         return {"status": reason}
     prompts = serving_prompts()
-    result = {"status": "ok", "cells": [], "staircase": {}}
+    result = {"status": "ok", "cells": [], "staircase": {}, "errors": {}}
     for policy in args.policies:
         if deadline.left() < 30:
             result["status"] = "partial (budget)"
             break
-        core = make_core(policy)
-        serve_level(core, prompts[:4], 4, 8)  # warm-up
-        for c in args.concurrency:
-            if deadline.left() < 15:
-                result["status"] = "partial (budget)"
-                break
-            result["cells"].append({"policy": policy, **serve_level(core, prompts, c, args.max_tokens)})
-        result["staircase"][policy] = staircase(core)
-        del core
+        try:
+            serve_policy(policy, prompts, args, deadline, result)
+        except Exception as exc:  # noqa: BLE001 - one policy's error keeps the cells already measured
+            result["errors"][policy] = {"error": repr(exc), "traceback": traceback.format_exc()[-2000:]}
         torch.cuda.empty_cache()
+    if result["errors"] or any(c["status"] != "ok" for c in result["cells"]):
+        result["status"] = "failed"
     return result
+
+
+def serve_policy(policy: str, prompts: list[list[int]], args: argparse.Namespace, deadline: Deadline,
+                 result: dict) -> None:
+    """One policy's cells (appended as each ends) and its staircase."""
+    core = make_core(policy)
+    serve_level(core, prompts[:4], 4, 8)  # warm-up
+    for c in args.concurrency:
+        if deadline.left() < 15:
+            result["status"] = "partial (budget)"
+            break
+        result["cells"].append({"policy": policy, **serve_level(core, prompts, c, args.max_tokens)})
+    result["staircase"][policy] = staircase(core)
+    free_core(core)
 
 
 def serving_prompts(limit: int = 256) -> list[list[int]]:
@@ -351,9 +486,10 @@ def engine_exactness(deadline: Deadline, num_prompts: int = 8, max_tokens: int =
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace, Deadline], dict]] = {
-    "tests": phase_tests, "kernels": phase_kernels, "serving": phase_serving, "exactness": phase_exactness,
+    "probe": phase_probe, "tests": phase_tests, "kernels": phase_kernels, "serving": phase_serving, "exactness": phase_exactness,
 }
 PLANS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "probe": lambda a: {"checks": ["c_compiler", "shared_memory", "trivial_kernel"], "smoke": ["none", "fixed:3"]},
     "tests": lambda a: {"command": "python -m pytest -q tests/kernels/test_kernels.py"},
     "kernels": lambda a: {"decode_batches": [32, 64, 128, 256], "contexts": [2048, 4096, 8192], "verify_q_len": 8},
     "serving": lambda a: {"policies": a.policies, "concurrency": a.concurrency, "max_tokens": a.max_tokens},
@@ -367,6 +503,11 @@ def run_phase(name: str, args: argparse.Namespace, cuda: bool) -> dict:
     start = time.perf_counter()
     if name in args.skip:
         result["status"] = "skipped (--skip)"
+    elif name == "probe" and (cuda or args.dry_run):  # the probe runs on the CPU in a dry run
+        try:
+            result.update(RUNNERS[name](args, Deadline(args.budget_probe)))
+        except Exception as exc:  # noqa: BLE001
+            result.update(status="error", error=repr(exc), traceback=traceback.format_exc()[-4000:])
     elif args.dry_run:
         result["status"] = "dry-run"
     elif not cuda:
@@ -387,8 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    summary = {"environment": environment(), "staged": stage_carried_files(), "phases": {}}
-    for index, name in enumerate(PHASES, start=1):
+    summary = {"environment": guarded(environment), "staged": guarded(stage_carried_files), "phases": {}}
+    write_json(out / "summary.json", summary)
+    for index, name in enumerate(PHASES):
         print(f"[gpu_check] phase {index} {name} ...", flush=True)
         result = run_phase(name, args, torch.cuda.is_available())
         write_json(out / f"phase{index}_{name}.json", result)
