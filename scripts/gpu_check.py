@@ -229,19 +229,11 @@ def engine_smoke(device: str, max_tokens: int = 8) -> dict:
 
 
 def smoke_outcome(core, prompts: list[list[int]], params) -> dict:
-    """Run ``prompts`` to the end; their tokens and how many finished with ``error``."""
-    ids = [f"smoke-{i}" for i in range(len(prompts))]
-    for rid, prompt in zip(ids, prompts, strict=True):
-        core.add_request(core.make_request(rid, prompt, params))
-    tokens: dict[str, list[int]] = {rid: [] for rid in ids}
-    reasons: dict[str, str] = {}
-    while core.has_unfinished_requests():
-        for out in core.step():
-            tokens[out.request_id].extend(out.new_token_ids)
-            if out.finished:
-                reasons[out.request_id] = str(out.finish_reason)
-    return {"tokens": [tokens[r] for r in ids], "finish_reasons": [reasons.get(r) for r in ids],
-            "finish_errors": sum("error" in str(reasons.get(r)) for r in ids)}
+    """Run ``prompts`` to the end; their tokens, finish reasons and how many finished with ``error``."""
+    from sparkserve.testing.engine_run import run_to_end
+
+    run = run_to_end(core, prompts, params, prefix="smoke")
+    return {"tokens": run.tokens, "finish_reasons": run.finish_reasons, "finish_errors": run.num_errors}
 
 
 # ---------------------------------------------------------------- phase 1: tests

@@ -21,6 +21,7 @@ from sparkserve.engine.core import EngineCore  # noqa: E402
 from sparkserve.kernels.kv_store import store_kv, store_kv_reference  # noqa: E402
 from sparkserve.scheduler.profile import ThroughputProfile  # noqa: E402
 from sparkserve.scheduler.sampling_params import SamplingParams  # noqa: E402
+from sparkserve.testing.engine_run import run_to_end  # noqa: E402
 from sparkserve.testing.tiny import random_dspark, tiny_target  # noqa: E402
 
 PROFILE = Path(__file__).resolve().parents[1] / "data" / "profile_small.json"
@@ -53,17 +54,8 @@ def _generate(backend: str, policy: str) -> tuple[list[list[int]], list[str], in
     assert (core.runner.batch.kernel_heads is not None) == (backend == "triton")
     params = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
     prompts = [[(7 * i + 3) % 61 for i in range(80)], [5, 9, 11, 2, 40, 33]]
-    ids = [f"r{i}" for i in range(len(prompts))]
-    for rid, prompt in zip(ids, prompts, strict=True):
-        core.add_request(core.make_request(rid, prompt, params))
-    tokens: dict[str, list[int]] = {rid: [] for rid in ids}
-    reasons: dict[str, str] = {}
-    while core.has_unfinished_requests():
-        for out in core.step():
-            tokens[out.request_id].extend(out.new_token_ids)
-            if out.finish_reason is not None:
-                reasons[out.request_id] = str(out.finish_reason)
-    return [tokens[rid] for rid in ids], [reasons[rid] for rid in ids], sum(core.spec_stats.verified_per_pos)
+    run = run_to_end(core, prompts, params)
+    return run.tokens, [str(r) for r in run.finish_reasons], sum(core.spec_stats.verified_per_pos)
 
 
 @pytest.mark.parametrize("policy", ["fixed:3", "dspark"])
