@@ -66,3 +66,21 @@ def test_engine_steps_through_the_triton_kernels_equal_the_torch_path(policy: st
     torch_tokens, _, _ = _generate("torch", policy)
     assert all("error" not in r for r in reasons) and verified > 0, (reasons, verified)
     assert triton_tokens == torch_tokens and all(len(t) == 7 for t in triton_tokens)
+
+
+def test_profile_step_times_the_served_kernels_between_synchronisations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPS(B, R) is measured on the attention path that serves (here the Triton kernels), with the device
+    synchronised before the clock starts and before it stops (a no-op on the CPU, counted here)."""
+    from sparkserve.engine import profiler
+    from sparkserve.kernels import paged_attention as kernels
+
+    target = tiny_target(seed=5, layers=3, head_dim=16)
+    args = EngineArgs(dtype="float32", num_kv_blocks=64, block_size=8, max_num_seqs=4, max_num_batched_tokens=48,
+                      drafter="none", attention_backend="triton")
+    core = EngineCore(args, loaded=target)
+    events: list[str] = []
+    launch = kernels.store_and_attend
+    monkeypatch.setattr(profiler, "synchronize", lambda device: events.append("sync"))
+    monkeypatch.setattr(kernels, "store_and_attend", lambda *a, **k: events.append("kernel") or launch(*a, **k))
+    seconds = profiler.make_step_fn(core.runner, core.num_blocks, context_len=20)(6, 2)
+    assert seconds > 0 and events == ["sync"] + ["kernel"] * 3 + ["sync"]
