@@ -95,7 +95,7 @@ class ModelRunner:
         self.batch = InputBatch(max_num_seqs, max_len, block_size, config.vocab_size, self.device, engine_seed,
                                 kernel_heads=heads if use_kernels else None)
         self.drafts = DraftStore()
-        self.verifier = Verifier(mask, unseeded_coupling)
+        self.verifier = Verifier(mask, unseeded_coupling, use_kernels=use_kernels)
         self.mask = mask
         self.compiled = False
         if compile:

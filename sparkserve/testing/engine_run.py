@@ -21,11 +21,13 @@ class RunResult:
         return sum("error" in str(r) for r in self.finish_reasons)
 
 
-def run_to_end(core, prompts: list[list[int]], params: SamplingParams, prefix: str = "run") -> RunResult:  # noqa: ANN001
-    """Add every prompt at once, step until none is unfinished."""
+def run_to_end(core, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],  # noqa: ANN001
+               prefix: str = "run") -> RunResult:
+    """Add every prompt at once (``params``: one for all or one per prompt), step until none is unfinished."""
     ids = [f"{prefix}-{i}" for i in range(len(prompts))]
-    for rid, prompt in zip(ids, prompts, strict=True):
-        core.add_request(core.make_request(rid, prompt, params))
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+    for rid, prompt, p in zip(ids, prompts, per_prompt, strict=True):
+        core.add_request(core.make_request(rid, prompt, p))
     tokens: dict[str, list[int]] = {rid: [] for rid in ids}
     reasons: dict[str, str] = {}
     while core.has_unfinished_requests():

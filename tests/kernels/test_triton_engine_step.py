@@ -51,9 +51,13 @@ def _generate(backend: str, policy: str) -> tuple[list[list[int]], list[str], in
     args = EngineArgs(dtype="float32", num_kv_blocks=96, block_size=8, max_num_seqs=4, max_num_batched_tokens=48,
                       verify_policy=policy, attention_backend=backend, seed=0)
     core = EngineCore(args, loaded=target, drafter=drafter, profile=ThroughputProfile.load(PROFILE))
-    assert (core.runner.batch.kernel_heads is not None) == (backend == "triton")
-    params = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+    assert (core.runner.batch.kernel_heads is not None) == core.runner.verifier.use_kernels == (backend == "triton")
+    greedy = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+    params = [greedy, SamplingParams(temperature=0.8, seed=3, max_tokens=7, ignore_eos=True)]
     prompts = [[(7 * i + 3) % 61 for i in range(80)], [5, 9, 11, 2, 40, 33]]
+    if policy.startswith("fixed"):  # unseeded draws follow the drafts, which dspark picks from step timings
+        params.append(SamplingParams(temperature=1.0, max_tokens=7, ignore_eos=True))
+        prompts.append([8, 1, 30, 22])
     run = run_to_end(core, prompts, params)
     return run.tokens, [str(r) for r in run.finish_reasons], sum(core.spec_stats.verified_per_pos)
 
@@ -61,7 +65,8 @@ def _generate(backend: str, policy: str) -> tuple[list[list[int]], list[str], in
 @pytest.mark.parametrize("policy", ["fixed:3", "dspark"])
 def test_engine_steps_through_the_triton_kernels_equal_the_torch_path(policy: str) -> None:
     """An 80-token prompt runs as a 48-token chunk then 32 after cached context (the kernels' long tile
-    group), beside a 6-token prompt; decode and verify blocks follow, drafted by DSpark each step."""
+    group), beside short prompts (greedy, seeded and, under fixed:3, unseeded sampling); decode and verify
+    blocks follow, drafted by DSpark, verified by the verification kernels in one launch (``use_kernels``)."""
     triton_tokens, reasons, verified = _generate("triton", policy)
     torch_tokens, _, _ = _generate("torch", policy)
     assert all("error" not in r for r in reasons) and verified > 0, (reasons, verified)
