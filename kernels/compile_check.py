@@ -65,7 +65,7 @@ def attention_variant(dtype: torch.dtype, group: int, block_m: int, head_dim: in
                 BLOCK_SIZE=16, SPLIT=split, UPCAST=False, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
     args.update(dict.fromkeys(("cu_seqlens_q_ptr", "kv_lens_ptr", "start_pos_ptr", "causal_ptr", "block_tables_ptr",
                                "tile_seq_ptr", "tile_q_start_ptr"), torch.int32))
-    args.update(_ints("num_splits", "stride_qt", "stride_qh", "stride_ch", "stride_cb", "stride_cs", "stride_bt",
+    args.update(_ints("num_splits", "scratch_rows", "stride_qt", "stride_qh", "stride_ch", "stride_cb", "stride_cs", "stride_bt",
                       "stride_ot", "stride_oh", "stride_ps", "stride_pt", "stride_ph", "stride_ls", "stride_lt"))
     return Variant(f"attention {dtype} G={group} M={block_m} hd={head_dim} split={split}", pa._paged_attention_kernel,
                    args)
@@ -96,7 +96,7 @@ def variants() -> Iterator[Variant]:
         yield Variant(f"combine hd={head_dim}", pa._combine_splits_kernel, dict(
             out_ptr=torch.bfloat16, o_partial_ptr=torch.float32, lse_ptr=torch.float32, cu_seqlens_q_ptr=torch.int32,
             tile_seq_ptr=torch.int32, tile_q_start_ptr=torch.int32, BLOCK_Q=5, SPLITS_PAD=4, HEAD_DIM=head_dim,
-            **_ints("num_splits", "stride_ot", "stride_oh", "stride_ps", "stride_pt", "stride_ph", "stride_ls",
+            **_ints("num_splits", "scratch_rows", "stride_ot", "stride_oh", "stride_ps", "stride_pt", "stride_ph", "stride_ls",
                     "stride_lt")))
     yield Variant("store_kv", kv_store._store_kv_kernel, dict(
         k_ptr=torch.bfloat16, v_ptr=torch.bfloat16, k_cache_ptr=torch.bfloat16, v_cache_ptr=torch.bfloat16,

@@ -35,7 +35,11 @@ from sparkserve.engine.sampling.metadata import SamplingMetadata  # noqa: E402
 from sparkserve.engine.sampling.transforms import apply_penalties_and_bias  # noqa: E402
 from sparkserve.engine.spec_decode.rejection import RaggedDrafts  # noqa: E402
 from sparkserve.engine.spec_decode.verifier import Verifier, emitted_tokens  # noqa: E402
-from sparkserve.kernels.attention_metadata import build_ragged_metadata, split_heuristic  # noqa: E402
+from sparkserve.kernels.attention_metadata import (  # noqa: E402
+    build_ragged_metadata,
+    split_heuristic,
+    split_scratch_bytes,
+)
 from sparkserve.kernels.common import cdiv  # noqa: E402
 from sparkserve.kernels.coupling import coupled_choice, coupled_choice_reference  # noqa: E402
 from sparkserve.kernels.keyed_hash import keyed_uniform_kernel  # noqa: E402
@@ -133,6 +137,25 @@ def test_paged_attention_mixed_batch(dtype: torch.dtype, head_dim: int, group: i
         short, long = meta.groups  # split-KV is for the short group (the long one never splits in serving)
         meta = dataclasses.replace(meta, groups=(dataclasses.replace(short, num_splits=3), long))
         assert_close(paged_attention(q, k_cache, v_cache, meta, head_dim**-0.5, config=SMALL), ref, dtype)
+
+
+def test_split_scratch_is_sized_by_the_short_group_not_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 200-token prefill beside a decode and a verify block: the split-KV scratch has the short group's
+    rows (2 tiles x its longest query, 3), not the step's 204 tokens; the output still equals the reference."""
+    from sparkserve.kernels import paged_attention as pa
+
+    q, k_cache, v_cache, meta, _ = make_batch([Seq(1, 40), Seq(3, 30), Seq(200, 5)], 1, 2, 16, torch.float32,
+                                              num_splits=1)
+    short, long = meta.groups
+    meta = dataclasses.replace(meta, groups=(dataclasses.replace(short, num_splits=4), long))
+    shapes = []
+    empty = torch.empty
+    monkeypatch.setattr(pa.torch, "empty", lambda *a, **k: shapes.append(tuple(a[0])) or empty(*a, **k))
+    out = paged_attention(q, k_cache, v_cache, meta, 0.25, config=SMALL)
+    monkeypatch.undo()
+    assert (4, 6, 2, 16) in shapes and (4, 6, 2) in shapes and not any(204 in s for s in shapes if len(s) > 2)
+    assert split_scratch_bytes(6, 2, 16, splits=4) == 4 * 4 * 6 * 2 * 17
+    assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.25), torch.float32)
 
 
 def test_verify_blocks_one_to_eight_and_block_boundaries() -> None:
