@@ -389,7 +389,22 @@ def test_kernels_compile_for_sm90() -> None:
     proc = subprocess.run([sys.executable, "-m", "sparkserve.kernels.compile_check", "--quick"], cwd=Path(__file__).resolve().parents[2],
                           env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok ") == 4
+    assert proc.stdout.count("ok ") == 4 and proc.stdout.count("shared=") == 4 and "num_stages=" in proc.stdout
+
+
+def test_compile_check_fails_a_variant_over_the_sm90_shared_memory(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from sparkserve.kernels import compile_check
+
+    sizes = iter([compile_check.SM90_SHARED_MEMORY_PER_BLOCK, compile_check.SM90_SHARED_MEMORY_PER_BLOCK + 1])
+    monkeypatch.setattr(compile_check, "quick_variants", lambda: iter(list(compile_check.variants())[:2]))
+    monkeypatch.setattr(compile_check, "compile_variant",
+                        lambda variant: compile_check.Resources(0.1, next(sizes), 4, 3))
+    assert compile_check.main(["--quick"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ok ") and lines[1].startswith("FAIL") and "232448" in lines[1]
+    names = [v.name for v in compile_check.variants()]
+    assert "attention torch.float32 G=2 M=64 hd=128 split=True" in names  # the Qwen3-0.6B shape, fp32
 
 
 # ---------------------------------------------------------------- the GPU check's driver (CPU-safe parts)
