@@ -171,14 +171,16 @@ def build_attention_metadata(
 def build_step_metadata(
     q_lens: list[int], start_positions: list[int], kv_lens: list[int], block_tables: torch.Tensor, block_size: int,
     device: torch.device | str, kernel_heads: tuple[int, int] | None = None,
-    token_positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+    token_positions: tuple[torch.Tensor, torch.Tensor] | None = None, num_sms: int | None = None,
 ) -> AttentionMetadata:
     """The metadata of the attention path that serves the step, and only that one.
 
     ``kernel_heads`` ``(Hkv, H / Hkv)``: the Triton kernels serve (``attention_backend`` triton); the step
     then carries their ``RaggedAttentionMetadata`` (``meta.kernel``) and its slot mapping, and the torch
     path's padded groups and dense mask are not built. Otherwise ``build_attention_metadata``.
-    Host lists in, so no device value is read back (``max_kv_len`` is ``max(kv_lens)``).
+    Host lists in, so no device value is read back (``max_kv_len`` is ``max(kv_lens)``). ``num_sms``: the
+    GPU's multiprocessors for the split-KV heuristic when ``device`` is the host (the runner builds on the
+    host and stages the result to the GPU in one copy, ``engine/staging.py``).
     """
     if kernel_heads is None:
         return build_attention_metadata(q_lens, start_positions, kv_lens, block_tables, block_size, device=device,
@@ -186,7 +188,7 @@ def build_step_metadata(
     from sparkserve.kernels.attention_metadata import build_ragged_metadata
 
     kernel = build_ragged_metadata(q_lens, start_positions, kv_lens, block_tables.to(torch.int32), block_size,
-                                   *kernel_heads, device=device, max_kv_len=max(kv_lens, default=0))
+                                   *kernel_heads, device=device, max_kv_len=max(kv_lens, default=0), num_sms=num_sms)
     return AttentionMetadata(slot_mapping=kernel.slot_mapping, short_q_index=None, short_q_valid=None,
                              short_block_tables=None, short_mask=None, prefills=[], num_tokens=kernel.num_tokens,
                              block_size=block_size, kernel=kernel)

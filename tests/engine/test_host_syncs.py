@@ -76,3 +76,27 @@ def test_the_guard_fails_on_an_injected_device_mix() -> None:
         device_t.index_select(0, torch.tensor([0, 1]))  # a host index meeting a device tensor
     with DeviceGuard():
         assert (device_t * torch.tensor(2.0)).device.type == "meta"  # 0-dim host scalars are fine
+
+
+def test_step_metadata_reaches_the_device_in_one_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``engine/staging.py``: every step's inputs and attention metadata travel in one host-to-device copy."""
+    core, counter = _meta_engine(True, monkeypatch)
+    per_step = _run_steps(core, counter)
+    assert core.runner.batch.staging.copies == len(per_step)
+
+
+def test_staging_packs_mixed_dtypes_and_structures_exactly() -> None:
+    from sparkserve.engine.attention import build_attention_metadata
+    from sparkserve.engine.staging import HostStaging
+
+    meta = build_attention_metadata([3, 20, 1], [0, 4, 9], [3, 24, 10], [[0, 1], [2, 3, 4, 5, 6, 7], [8, 9, 10]], 4)
+    extra = (torch.arange(5, dtype=torch.int32), torch.tensor([True, False, True]), torch.randn(3, 2))
+    staging = HostStaging(torch.device("cpu"), capacity=64, pack_on_cpu=True)  # grows past 64 bytes
+    for _ in range(3):  # buffers reused across steps
+        staged_meta, staged_extra = staging.to_device((meta, extra))
+        for name in ("slot_mapping", "short_q_index", "short_q_valid", "short_block_tables", "short_mask"):
+            assert torch.equal(getattr(staged_meta, name), getattr(meta, name))
+            assert getattr(staged_meta, name).data_ptr() != getattr(meta, name).data_ptr()
+        assert torch.equal(staged_meta.prefills[0].slots, meta.prefills[0].slots)
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(staged_extra, extra, strict=True))
+    assert staging.copies == 3
