@@ -64,3 +64,15 @@ def test_probe_reports_error_finishes_and_serving_keeps_measured_cells(tmp_path:
     result = gpu_check.phase_serving(args, gpu_check.Deadline(100))
     assert calls == ["none", "dspark", "fixed:7"] and len(result["cells"]) == 3
     assert result["status"] == "failed" and "drafter broke" in result["errors"]["dspark"]["error"]
+
+
+@pytest.mark.parametrize("window", ["1", "2", "3"])
+def test_each_device_window_fits_its_limit_and_runs_dry(window: str, tmp_path: Path) -> None:
+    gpu_check = _load()
+    args = gpu_check.parse_args(["--out", str(tmp_path), "--window", window])
+    ran = [p for p in gpu_check.PHASES if p not in args.skip]
+    assert sum(getattr(args, f"budget_{p}") for p in ran) <= (120 if window == "1" else 150)
+    if window != "1":  # window 1's probe (the tiny-engine smoke) is run by the test above
+        assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--window", window]) == 0
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert {p for p, r in summary["phases"].items() if r["status"] == "dry-run"} == set(ran)
