@@ -25,6 +25,14 @@ def tiny_target(vocab: int = 61, seed: int = 0, scale: float = 0.35, layers: int
         rope_scaling=None, max_position_embeddings=512, tie_word_embeddings=False, attention_bias=False,
         qk_norm=False, bos_token_id=None, eos_token_id=EOS,
     )
+    model = random_llama(config, seed, scale)
+    tokenizer = types.SimpleNamespace(eos_token_id=EOS, stop_token_ids=(EOS,), bos_token_id=None)
+    return LoadedModel(model, config, tokenizer, "tiny")
+
+
+def random_llama(config: ModelConfig, seed: int = 0, scale: float = 0.35) -> LlamaForCausalLM:
+    """An fp32 Llama of ``config`` on the CPU with seeded weights ~ N(0, scale^2) and unit norms (the same
+    numbers on every machine: the GPU windows compare a device's greedy tokens with the CPU's)."""
     model = LlamaForCausalLM(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -36,8 +44,7 @@ def tiny_target(vocab: int = 61, seed: int = 0, scale: float = 0.35, layers: int
         model.embed_tokens.weight.copy_(torch.randn(model.embed_tokens.weight.shape, generator=gen) * scale)
         if model.lm_head is not None:
             model.lm_head.copy_(torch.randn(model.lm_head.shape, generator=gen) * scale)
-    tokenizer = types.SimpleNamespace(eos_token_id=EOS, stop_token_ids=(EOS,), bos_token_id=None)
-    return LoadedModel(model, config, tokenizer, "tiny")
+    return model
 
 
 def random_dspark(target: LoadedModel, block_size: int = 4, markov_rank: int = 16, confidence: bool = True,

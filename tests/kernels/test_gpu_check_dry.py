@@ -72,7 +72,30 @@ def test_each_device_window_fits_its_limit_and_runs_dry(window: str, tmp_path: P
     args = gpu_check.parse_args(["--out", str(tmp_path), "--window", window])
     ran = [p for p in gpu_check.PHASES if p not in args.skip]
     assert sum(getattr(args, f"budget_{p}") for p in ran) <= (120 if window == "1" else 150)
-    if window != "1":  # window 1's probe (the tiny-engine smoke) is run by the test above
+    if window != "1":  # window 1's CPU forms (probe, exactness) run in the tests above
         assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--window", window]) == 0
         summary = json.loads((tmp_path / "summary.json").read_text())
         assert {p for p, r in summary["phases"].items() if r["status"] == "dry-run"} == set(ran)
+
+
+def test_seeded_exactness_runs_dry_on_tiny_shapes_and_catches_a_wrong_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Window 1's exactness at tiny shapes on the CPU: the engine equals the reference; an engine whose
+    model differs (an injected weight change) is caught."""
+    gpu_check = _load()
+    result = gpu_check.seeded_exactness("cpu", gpu_check.DRY_SHAPES, num_prompts=2, max_tokens=6)
+    assert result["status"] == "ok", result
+    assert all(v in ("identical", "near-tie") for name in gpu_check.DRY_SHAPES for policy in ("none", "fixed:3")
+               for v in result[name][policy]["verdicts"])
+    import copy
+
+    real_deepcopy = copy.deepcopy
+
+    def perturbed(obj, memo=None):  # noqa: ANN001, ANN202 - the engine's copy gets other embeddings
+        clone = real_deepcopy(obj, memo)
+        if memo is None and hasattr(clone, "embed_tokens"):
+            clone.embed_tokens.weight.data.mul_(-1.0)
+        return clone
+
+    monkeypatch.setattr(copy, "deepcopy", perturbed)
+    shapes = dict(list(gpu_check.DRY_SHAPES.items())[:1])
+    assert gpu_check.seeded_exactness("cpu", shapes, num_prompts=2, max_tokens=6)["status"] == "failed"
