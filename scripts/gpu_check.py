@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    summary = {"environment": guarded(environment), "staged": guarded(stage_carried_files), "phases": {}}
+    summary = {"environment": guarded(environment), "staged": guarded(lambda: stage_carried_files(ROOT)), "phases": {}}
     write_json(out / "summary.json", summary)
     for index, name in enumerate(PHASES):
         print(f"[gpu_check] phase {index} {name} ...", flush=True)
