@@ -129,48 +129,69 @@ def build_attention_metadata(
     """
     num_seqs = len(q_lens)
     causal = causal if causal is not None else [True] * num_seqs
+    # Tensor starts / kv lengths may live on the device (a drafter's anchors after verification): the
+    # host-only pieces (lengths, offsets, owners) are built on the CPU and moved; nothing is read back.
+    work = next((t.device for t in (start_positions, kv_lens) if isinstance(t, torch.Tensor)), torch.device("cpu"))
     tables = block_tables if isinstance(block_tables, torch.Tensor) else _pad_tables(block_tables)
     counts = torch.tensor(q_lens, dtype=torch.int64)
     q_offsets = torch.cumsum(counts, 0) - counts  # [S] first row of each sequence
-    starts_t = torch.as_tensor(start_positions, dtype=torch.int64)
-    kv_t = torch.as_tensor(kv_lens, dtype=torch.int64)
+    num_tokens = sum(q_lens)
+    starts_t = torch.as_tensor(start_positions, dtype=torch.int64).to(work)
+    kv_t = torch.as_tensor(kv_lens, dtype=torch.int64).to(work)
     if token_positions is None:
         owner = torch.repeat_interleave(torch.arange(num_seqs), counts)  # [T]
-        positions = starts_t[owner] + torch.arange(int(counts.sum())) - q_offsets[owner]
+        row = (torch.arange(num_tokens) - q_offsets[owner]).to(work)
+        owner = owner.to(work)
+        positions = starts_t[owner] + row
     else:
-        owner, positions = token_positions
-    slot_mapping = tables[owner, positions // block_size] * block_size + positions % block_size  # [T]
+        owner, positions = (t.to(work) for t in token_positions)
+    tables_w = tables.to(work)
+    slot_mapping = tables_w[owner, positions // block_size] * block_size + positions % block_size  # [T]
     short = [i for i in range(num_seqs) if q_lens[i] <= SHORT_QUERY_MAX]
     long = [i for i in range(num_seqs) if q_lens[i] > SHORT_QUERY_MAX]
     meta = AttentionMetadata(
         slot_mapping=slot_mapping.to(device), short_q_index=None, short_q_valid=None,
-        short_block_tables=None, short_mask=None, prefills=[], num_tokens=int(counts.sum()),
+        short_block_tables=None, short_mask=None, prefills=[], num_tokens=num_tokens,
         block_size=block_size,
     )
     if short:
-        _build_short_group(meta, short, q_lens, q_offsets, starts_t, kv_t, tables, causal, block_size, device,
+        _build_short_group(meta, short, q_lens, q_offsets, starts_t, kv_t, tables_w, causal, block_size, device,
                            max_kv_len)
     offsets = q_offsets.tolist()
     if long and (isinstance(start_positions, torch.Tensor) or isinstance(kv_lens, torch.Tensor)):
-        start_positions, kv_lens = starts_t.tolist(), kv_t.tolist()
+        start_positions, kv_lens = starts_t.tolist(), kv_t.tolist()  # prefill chunks only: host values exist
     for i in long:
         pos = torch.arange(kv_lens[i])
-        seq_slots = tables[i, pos // block_size] * block_size + pos % block_size
+        seq_slots = tables[i].cpu()[pos // block_size] * block_size + pos % block_size
         meta.prefills.append(PrefillSeq(offsets[i], offsets[i] + q_lens[i], start_positions[i],
                                         seq_slots.to(device), kv_lens[i], causal[i]))
     return meta
 
 
-def with_kernel_metadata(meta: AttentionMetadata, q_lens: list[int], start_positions: list[int],
-                         kv_lens: list[int], block_tables: torch.Tensor, num_kv_heads: int,
-                         num_queries_per_kv: int) -> AttentionMetadata:
-    """``meta`` plus the Triton kernels' metadata of the same step (``attention_backend`` triton)."""
+def build_step_metadata(
+    q_lens: list[int], start_positions: list[int], kv_lens: list[int], block_tables: torch.Tensor, block_size: int,
+    device: torch.device | str, kernel_heads: tuple[int, int] | None = None,
+    token_positions: tuple[torch.Tensor, torch.Tensor] | None = None, num_sms: int | None = None,
+) -> AttentionMetadata:
+    """The metadata of the attention path that serves the step, and only that one.
+
+    ``kernel_heads`` ``(Hkv, H / Hkv)``: the Triton kernels serve (``attention_backend`` triton); the step
+    then carries their ``RaggedAttentionMetadata`` (``meta.kernel``) and its slot mapping, and the torch
+    path's padded groups and dense mask are not built. Otherwise ``build_attention_metadata``.
+    Host lists in, so no device value is read back (``max_kv_len`` is ``max(kv_lens)``). ``num_sms``: the
+    GPU's multiprocessors for the split-KV heuristic when ``device`` is the host (the runner builds on the
+    host and stages the result to the GPU in one copy, ``engine/staging.py``).
+    """
+    if kernel_heads is None:
+        return build_attention_metadata(q_lens, start_positions, kv_lens, block_tables, block_size, device=device,
+                                        token_positions=token_positions, max_kv_len=max(kv_lens, default=0))
     from sparkserve.kernels.attention_metadata import build_ragged_metadata
 
-    meta.kernel = build_ragged_metadata(q_lens, start_positions, kv_lens, block_tables.to(torch.int32),
-                                        meta.block_size, num_kv_heads, num_queries_per_kv,
-                                        device=meta.slot_mapping.device)
-    return meta
+    kernel = build_ragged_metadata(q_lens, start_positions, kv_lens, block_tables.to(torch.int32), block_size,
+                                   *kernel_heads, device=device, max_kv_len=max(kv_lens, default=0), num_sms=num_sms)
+    return AttentionMetadata(slot_mapping=kernel.slot_mapping, short_q_index=None, short_q_valid=None,
+                             short_block_tables=None, short_mask=None, prefills=[], num_tokens=kernel.num_tokens,
+                             block_size=block_size, kernel=kernel)
 
 
 def _pad_tables(block_tables: list[list[int]] | list[tuple[int, ...]]) -> torch.Tensor:
@@ -187,26 +208,28 @@ def _build_short_group(
     """Padded ``[S, q_max]`` queries / ``[S, kv_max]`` keys of the short group (one batched attention
     per layer), built with tensor ops from the sequences' lengths and block tables (``max_kv_len``: a
     host bound of the keys, else read from ``kv_lens``)."""
+    work = kv_lens.device  # kv lengths / starts may be device tensors: the mask is built beside them
     index = torch.tensor(short, dtype=torch.int64)
     q_len_t = torch.tensor([q_lens[i] for i in short], dtype=torch.int64)  # [S]
-    kv_len_t = kv_lens.index_select(0, index)
-    start_t = start_positions.index_select(0, index)
-    causal_t = torch.tensor([causal[i] for i in short], dtype=torch.bool)
+    kv_len_t = kv_lens.index_select(0, index.to(work))
+    start_t = start_positions.index_select(0, index.to(work))
+    causal_t = torch.tensor([causal[i] for i in short], dtype=torch.bool).to(work)
     q_max = max(q_lens[i] for i in short)
     nb_max = max(1, -(-(max_kv_len if max_kv_len is not None else int(kv_len_t.max())) // block_size))
     cols = torch.arange(q_max)
-    valid = cols[None, :] < q_len_t[:, None]  # [S, q_max]
+    valid = cols[None, :] < q_len_t[:, None]  # [S, q_max] host
     index_t = torch.where(valid, q_offsets[index][:, None] + cols[None, :], torch.zeros_like(valid, dtype=torch.int64))
-    q_pos_t = start_t[:, None] + cols[None, :]
-    key_pos = torch.arange(nb_max * block_size)
-    mask = (key_pos[None, None, :] < kv_len_t[:, None, None]) & valid[:, :, None]
+    valid_w = valid.to(work)
+    q_pos_t = start_t[:, None] + cols.to(work)[None, :]
+    key_pos = torch.arange(nb_max * block_size, device=work)
+    mask = (key_pos[None, None, :] < kv_len_t[:, None, None]) & valid_w[:, :, None]
     mask &= (key_pos[None, None, :] <= q_pos_t[:, :, None]) | ~causal_t[:, None, None]
-    mask[:, :, 0] |= ~valid  # padded query rows attend to key 0: softmax never sees an all-masked row
-    block_tables = tables.index_select(0, index)[:, :nb_max]
+    mask[:, :, 0] |= ~valid_w  # padded query rows attend to key 0: softmax never sees an all-masked row
+    block_tables = tables.index_select(0, index.to(tables.device))[:, :nb_max]
     if block_tables.shape[1] < nb_max:
         block_tables = torch.nn.functional.pad(block_tables, (0, nb_max - block_tables.shape[1]))
-    used = torch.arange(nb_max)[None, :] * block_size < kv_len_t[:, None]
-    block_tables = torch.where(used, block_tables, torch.zeros_like(block_tables))
+    used = torch.arange(nb_max, device=work)[None, :] * block_size < kv_len_t[:, None]
+    block_tables = torch.where(used, block_tables.to(work), torch.zeros_like(block_tables, device=work))
     flat_valid = valid.flatten()
     src = torch.nonzero(flat_valid).flatten()
     meta.short_dst = index_t.flatten()[src].to(device)

@@ -145,6 +145,7 @@ class EngineCore:
 
         free, total = torch.cuda.mem_get_info(self.device)
         peak = activation_peak_bytes(self.loaded.model, args.max_num_batched_tokens, dtype, self.device)
+        peak += _split_scratch_reserve(self.loaded.config, args, self.drafter)
         budget = int(total * args.gpu_memory_utilization) - (total - free) - peak
         if budget <= 0:
             raise ValueError(f"no memory left for the KV cache at --gpu-memory-utilization "
@@ -280,3 +281,15 @@ class EngineCore:
             for out in self.step():
                 tokens[out.request_id].extend(out.new_token_ids)
         return [tokens[rid] for rid in ids]
+
+
+def _split_scratch_reserve(config, args: EngineArgs, drafter: Drafter | None) -> int:  # noqa: ANN001
+    """Bytes of the Triton attention's split-KV scratch at its largest, kept out of the KV cache (issue 26):
+    every running request in the short tile group with its most rows (``SHORT_ROWS_MAX / G`` queries, at
+    least ``1 + gamma``) at ``MAX_SPLITS`` (an upper bound: the heuristic splits only small groups)."""
+    from sparkserve.kernels.attention_metadata import SHORT_ROWS_MAX, split_scratch_bytes
+
+    group = config.num_attention_heads // config.num_key_value_heads
+    gamma = drafter.num_speculative_tokens if drafter is not None else 0
+    rows = args.max_num_seqs * max(1 + gamma, SHORT_ROWS_MAX // group)
+    return split_scratch_bytes(rows, config.num_attention_heads, config.head_dim)

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparkserve.engine.attention import AttentionMetadata, build_attention_metadata, with_kernel_metadata
+from sparkserve.engine.attention import AttentionMetadata, build_step_metadata
 from sparkserve.engine.sampling.keyed_random import request_key
 from sparkserve.engine.sampling.metadata import SamplingMetadata, dense_logit_bias
+from sparkserve.engine.staging import HostStaging
 from sparkserve.scheduler.outputs import ScheduledSeq, SchedulerOutput
 from sparkserve.scheduler.sampling_params import SamplingParams
 
@@ -99,6 +100,8 @@ class InputBatch:
         self.requests: dict[str, RowState] = {}
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.sampling = SamplingRows(max_num_seqs, vocab_size)
+        self.staging = HostStaging(device)  # the step's inputs: built on the host, one copy to the device
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
         self.step = 0  # schedules applied so far (keys unseeded rows' random streams)
 
     def __contains__(self, request_id: str) -> bool:
@@ -201,16 +204,16 @@ class InputBatch:
         input_ids = self.token_ids.view(-1)[rows[owner] * self.max_len + positions]
         tables = self.block_table.index_select(0, rows)  # [S, max_blocks]
         kv_lens = [s.end_pos for s in seqs]
-        meta = build_attention_metadata(q_lens, starts, kv_lens, tables, self.block_size,
-                                        device=self.device, token_positions=(owner, positions))
-        if self.kernel_heads is not None:
-            meta = with_kernel_metadata(meta, q_lens, starts, kv_lens, tables.to(self.device), *self.kernel_heads)
+        host = torch.device("cpu")
+        meta = build_step_metadata(q_lens, starts, kv_lens, tables, self.block_size, host, self.kernel_heads,
+                                   token_positions=(owner, positions), num_sms=self.num_sms)
         sample_index = tuple(i for i, s in enumerate(seqs) if s.sample)
         ends = (first + counts).tolist()
         logits_rows = [ends[i] - 1 - seqs[i].num_spec_tokens + k for i in sample_index
                        for k in range(1 + seqs[i].num_spec_tokens)]
-        return StepInputs(input_ids.to(self.device), positions.to(self.device), meta.slot_mapping, meta,
-                          sample_index, torch.tensor(logits_rows, dtype=torch.int64, device=self.device))
+        staged = self.staging.to_device((input_ids, positions, meta, torch.tensor(logits_rows, dtype=torch.int64)))
+        input_ids, positions, meta, logits_rows_t = staged
+        return StepInputs(input_ids, positions, meta.slot_mapping, meta, sample_index, logits_rows_t)
 
     def sampling_metadata(self, request_ids: Sequence[str]) -> SamplingMetadata:
         """Sampling metadata of the given requests (one row each), gathered from the row tensors."""

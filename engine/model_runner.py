@@ -27,6 +27,7 @@ from sparkserve.engine.spec_decode.drafter import DraftOutput
 from sparkserve.engine.spec_decode.rejection import DraftProbs, RaggedDrafts
 from sparkserve.engine.spec_decode.speculator import Speculator
 from sparkserve.engine.spec_decode.verifier import Verifier, VerifyInput, VerifyOutput, emitted_tokens
+from sparkserve.kernels.common import interpreting
 from sparkserve.scheduler.outputs import DraftProposal, RunnerOutput, ScheduledSeq, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -87,13 +88,14 @@ class ModelRunner:
         gamma = speculator.gamma if speculator is not None else 0
         max_len = (max_model_len or config.max_position_embeddings) + gamma + 1
         use_kernels = attention_backend == "triton" or (attention_backend == "auto" and self.device.type == "cuda")
-        if use_kernels and self.device.type != "cuda":
-            raise ValueError("attention_backend triton needs a CUDA device (the CPU serves with the torch path)")
+        if use_kernels and self.device.type != "cuda" and not interpreting():
+            raise ValueError("attention_backend triton needs a CUDA device (the CPU serves with the torch path; "
+                             "TRITON_INTERPRET=1 runs the kernels on the CPU for tests)")
         heads = (config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads)
         self.batch = InputBatch(max_num_seqs, max_len, block_size, config.vocab_size, self.device, engine_seed,
                                 kernel_heads=heads if use_kernels else None)
         self.drafts = DraftStore()
-        self.verifier = Verifier(mask, unseeded_coupling)
+        self.verifier = Verifier(mask, unseeded_coupling, use_kernels=use_kernels)
         self.mask = mask
         self.compiled = False
         if compile:

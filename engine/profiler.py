@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sparkserve.engine.attention import build_attention_metadata
+from sparkserve.engine.attention import build_attention_metadata, build_step_metadata
 from sparkserve.engine.model_runner import ModelRunner
 from sparkserve.engine.sampling.metadata import SamplingMetadata
 from sparkserve.scheduler.profile import ThroughputProfile, default_grid, measure_profile, profile_cache_path
@@ -37,8 +37,18 @@ def _synthetic_tables(
     return ctx, [tuple((i * per_seq + j) % num_blocks for j in range(per_seq)) for i in range(num_requests)]
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA launches return before the kernels end); no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -> Callable[[int, int], float]:
-    """``step_fn(B, R) -> seconds`` for ``measure_profile``; writes only to scratch KV slots."""
+    """``step_fn(B, R) -> seconds`` for ``measure_profile``; writes only to scratch KV slots.
+
+    Timed as served: the attention metadata of the path the runner serves with (the Triton kernels' alone
+    when they serve), and on CUDA synchronised before the clock starts and before it stops (otherwise the
+    time would be the launches', not the kernels')."""
     block_size = runner.block_size
 
     @torch.inference_mode()
@@ -46,9 +56,11 @@ def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -
         q_lens = [num_tokens // num_requests + (1 if i < num_tokens % num_requests else 0) for i in range(num_requests)]
         ctx, tables = _synthetic_tables(num_requests, context_len, max(q_lens) + 16, num_blocks, block_size)
         device = runner.device
+        synchronize(device)
         start = time.perf_counter()
-        meta = build_attention_metadata(q_lens, [ctx] * num_requests, [ctx + q for q in q_lens], tables, block_size,
-                                        device=device)
+        table_t = torch.tensor([list(t) for t in tables], dtype=torch.int64)
+        meta = build_step_metadata(q_lens, [ctx] * num_requests, [ctx + q for q in q_lens], table_t, block_size,
+                                   device, runner.batch.kernel_heads)
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
         positions = torch.cat([torch.arange(ctx, ctx + q) for q in q_lens]).to(device)
         spec = runner.speculator
@@ -61,6 +73,7 @@ def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -
         runner.model.compute_logits(hidden[: min(num_tokens, num_requests * (gamma + 1))])
         if spec is not None:
             _synthetic_draft(runner, [ctx + q for q in q_lens], tables, sampled=False)
+        synchronize(device)
         return time.perf_counter() - start
 
     return step
@@ -79,8 +92,10 @@ def make_draft_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) 
     def draft(num_requests: int, sampled: bool = False) -> float:
         ctx, tables = _synthetic_tables(num_requests, context_len, 1, num_blocks, block_size)
         starts = [ctx] * num_requests
+        synchronize(runner.device)
         start = time.perf_counter()
         _synthetic_draft(runner, starts, tables, sampled)
+        synchronize(runner.device)
         return time.perf_counter() - start
 
     return draft

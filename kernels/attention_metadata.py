@@ -40,6 +40,7 @@ class TileGroup:
         block_m: rows per tile (power of two >= 16), ``block_q * num_queries_per_kv <= block_m``.
         block_q: query tokens per tile.
         num_splits: KV chunks per tile (split-KV); 1 = no split, the kernel writes the output directly.
+        max_q_len: the longest query of the group's sequences (rows of split-KV scratch per tile).
     """
 
     tile_seq: Tensor
@@ -47,6 +48,7 @@ class TileGroup:
     block_m: int
     block_q: int
     num_splits: int
+    max_q_len: int
 
     @property
     def num_tiles(self) -> int:
@@ -168,19 +170,21 @@ def _tile_groups(q_lens: list[int], num_kv_heads: int, group: int, max_kv_len: i
     if short:
         block_m = max(MIN_BLOCK_M, next_power_of_2(max(q_lens[s] for s in short) * group))
         splits = num_splits if num_splits is not None else split_heuristic(len(short) * num_kv_heads, max_kv_len, num_sms)
-        groups.append(_group([(s, 0) for s in short], block_m, block_m // group, splits, device))
+        groups.append(_group([(s, 0) for s in short], block_m, block_m // group, splits, device,
+                             max(q_lens[s] for s in short)))
     if long:
         block_m = max(LONG_BLOCK_M, next_power_of_2(group))
         block_q = block_m // group
         tiles = [(s, i) for s in long for i in range(0, q_lens[s], block_q)]
-        groups.append(_group(tiles, block_m, block_q, 1, device))
+        groups.append(_group(tiles, block_m, block_q, 1, device, max(q_lens[s] for s in long)))
     return tuple(groups)
 
 
-def _group(tiles: list[tuple[int, int]], block_m: int, block_q: int, splits: int, device: torch.device) -> TileGroup:
+def _group(tiles: list[tuple[int, int]], block_m: int, block_q: int, splits: int, device: torch.device,
+           max_q_len: int) -> TileGroup:
     seq = torch.tensor([s for s, _ in tiles], dtype=torch.int32, device=device)
     start = torch.tensor([i for _, i in tiles], dtype=torch.int32, device=device)
-    return TileGroup(seq, start, block_m, block_q, max(1, splits))
+    return TileGroup(seq, start, block_m, block_q, max(1, splits), max_q_len)
 
 
 def split_heuristic(num_programs: int, max_kv_len: int, num_sms: int) -> int:
@@ -189,3 +193,11 @@ def split_heuristic(num_programs: int, max_kv_len: int, num_sms: int) -> int:
     by_length = cdiv(max(max_kv_len, 1), MIN_KEYS_PER_SPLIT)
     by_occupancy = cdiv(2 * num_sms, max(num_programs, 1))
     return max(1, min(MAX_SPLITS, by_length, by_occupancy))
+
+
+def split_scratch_bytes(num_rows: int, num_heads: int, head_dim: int, splits: int = MAX_SPLITS) -> int:
+    """Most bytes of split-KV scratch one launch allocates for ``num_rows`` short-group query rows (decode
+    tokens, verify blocks; at most ``max_num_seqs * (1 + gamma)`` in a step): fp32 partial outputs
+    ``[splits, rows, H, hd]`` and log-sum-exps ``[splits, rows, H]``; ``splits`` defaults to ``MAX_SPLITS``.
+    The KV cache sizing on CUDA reserves it (``EngineCore._kv_cache_bytes``)."""
+    return 4 * splits * num_rows * num_heads * (head_dim + 1)

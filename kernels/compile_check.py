@@ -1,8 +1,15 @@
 """Compile the kernels for a CUDA target without a GPU (Triton frontend + NVIDIA backend down to cubin).
 
 The interpreter (the CPU tests) runs kernels as Python and misses what only the compiler checks (types
-of loop-carried values, layouts, lowering). This compiles representative variants for sm_90 (H100 /
-H200) on any machine with Triton's NVIDIA backend (ptxas ships in the wheel).
+of loop-carried values, layouts, lowering). This compiles the served variants for sm_90 (H100 / H200) on
+any machine with Triton's NVIDIA backend (ptxas ships in the wheel) and prints each one's resources:
+shared memory per block, ``num_warps``, ``num_stages``. A variant over ``SM90_SHARED_MEMORY_PER_BLOCK``
+(the opt-in limit of sm_90, 232,448 B) fails. The figures come from the local Triton (3.7.1 here); the
+device image's Triton (3.6) may choose differently, so the GPU probe reads the card's own limit.
+
+Served attention variants: SmolLM2-135M (G = 9 / 3 = 3, hd 64) and Qwen3-0.6B (G = 16 / 8 = 2, hd 128),
+bf16 and fp32, tiles of 16 / 32 / 64 rows (the short group: decode, verify blocks, drafter blocks; 64 is
+also the long group's), with and without split-KV.
 
     TRITON_INTERPRET=0 python -m sparkserve.kernels.compile_check          # every variant (~3-5 minutes)
     TRITON_INTERPRET=0 python -m sparkserve.kernels.compile_check --quick  # four representative ones (CPU test)
@@ -30,8 +37,28 @@ class Variant:
     args: dict
 
 
-def compile_variant(variant: Variant, arch: int = 90) -> float:
-    """Compile one variant; returns seconds. Raises whatever Triton raises on a compile error."""
+SM90_SHARED_MEMORY_PER_BLOCK = 232_448  # bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 / H200
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one compiled variant needs per block (from Triton's kernel metadata)."""
+
+    seconds: float
+    shared_bytes: int
+    num_warps: int
+    num_stages: int
+
+    def fits(self, limit: int = SM90_SHARED_MEMORY_PER_BLOCK) -> bool:
+        return self.shared_bytes <= limit
+
+    def __str__(self) -> str:
+        return (f"shared={self.shared_bytes} B num_warps={self.num_warps} num_stages={self.num_stages} "
+                f"({self.seconds:.1f} s)")
+
+
+def compile_variant(variant: Variant, arch: int = 90) -> Resources:
+    """Compile one variant; returns its resources. Raises whatever Triton raises on a compile error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -47,8 +74,9 @@ def compile_variant(variant: Variant, arch: int = 90) -> float:
         else:
             signature[name] = "fp32" if isinstance(value, float) else "i32"
     start = time.perf_counter()
-    triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))
-    return time.perf_counter() - start
+    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))
+    meta = compiled.metadata
+    return Resources(time.perf_counter() - start, int(meta.shared), int(meta.num_warps), int(meta.num_stages))
 
 
 def _ints(*names: str) -> dict:
@@ -65,7 +93,7 @@ def attention_variant(dtype: torch.dtype, group: int, block_m: int, head_dim: in
                 BLOCK_SIZE=16, SPLIT=split, UPCAST=False, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
     args.update(dict.fromkeys(("cu_seqlens_q_ptr", "kv_lens_ptr", "start_pos_ptr", "causal_ptr", "block_tables_ptr",
                                "tile_seq_ptr", "tile_q_start_ptr"), torch.int32))
-    args.update(_ints("num_splits", "stride_qt", "stride_qh", "stride_ch", "stride_cb", "stride_cs", "stride_bt",
+    args.update(_ints("num_splits", "scratch_rows", "stride_qt", "stride_qh", "stride_ch", "stride_cb", "stride_cs", "stride_bt",
                       "stride_ot", "stride_oh", "stride_ps", "stride_pt", "stride_ph", "stride_ls", "stride_lt"))
     return Variant(f"attention {dtype} G={group} M={block_m} hd={head_dim} split={split}", pa._paged_attention_kernel,
                    args)
@@ -82,26 +110,29 @@ def rejection_variant(has_q: bool) -> Variant:
     return Variant(f"rejection has_q={has_q}", rj._rejection_kernel, args)
 
 
+SERVED_SHAPES = {"smollm2-135m": (3, 64), "qwen3-0.6b": (2, 128)}  # (G = H / Hkv, head dim)
+
+
 def variants() -> Iterator[Variant]:
     """Every served specialisation (dtypes, head dims, tile shapes, split or not) and the other kernels."""
     from sparkserve.kernels import coupling, kv_store
     from sparkserve.kernels import paged_attention as pa
 
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for group, block_m in ((3, 16), (3, 64), (1, 64), (4, 32)):
-            for head_dim in (64, 128):
+    for dtype in (torch.bfloat16, torch.float32):
+        for group, head_dim in SERVED_SHAPES.values():
+            for block_m in (16, 32, 64):
                 for split in (False, True):
                     yield attention_variant(dtype, group, block_m, head_dim, split)
     for head_dim in (64, 128):
         yield Variant(f"combine hd={head_dim}", pa._combine_splits_kernel, dict(
             out_ptr=torch.bfloat16, o_partial_ptr=torch.float32, lse_ptr=torch.float32, cu_seqlens_q_ptr=torch.int32,
             tile_seq_ptr=torch.int32, tile_q_start_ptr=torch.int32, BLOCK_Q=5, SPLITS_PAD=4, HEAD_DIM=head_dim,
-            **_ints("num_splits", "stride_ot", "stride_oh", "stride_ps", "stride_pt", "stride_ph", "stride_ls",
+            **_ints("num_splits", "scratch_rows", "stride_ot", "stride_oh", "stride_ps", "stride_pt", "stride_ph", "stride_ls",
                     "stride_lt")))
     yield Variant("store_kv", kv_store._store_kv_kernel, dict(
         k_ptr=torch.bfloat16, v_ptr=torch.bfloat16, k_cache_ptr=torch.bfloat16, v_cache_ptr=torch.bfloat16,
         slot_mapping_ptr=torch.int64, BLOCK_SIZE=16, HEAD_DIM=64, HEADS_PAD=4,
-        **_ints("num_kv_heads", "stride_kt", "stride_kh", "stride_ch", "stride_cb", "stride_cs")))
+        **_ints("num_kv_heads", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ch", "stride_cb", "stride_cs")))
     yield rejection_variant(True)
     yield rejection_variant(False)
     yield Variant("coupled_choice", coupling._coupled_choice_kernel, dict(
@@ -116,15 +147,23 @@ def quick_variants() -> Iterator[Variant]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Compile every variant (``--quick``: a few); exit status 1 when any fails."""
+    """Compile every variant (``--quick``: a few) and print its resources; exit status 1 when any fails to
+    compile or needs more shared memory per block than sm_90 has."""
     argv = sys.argv[1:] if argv is None else argv
     failed = 0
     for variant in quick_variants() if "--quick" in argv else variants():
         try:
-            print(f"ok   {variant.name} ({compile_variant(variant):.1f} s)", flush=True)
+            resources = compile_variant(variant)
         except Exception as exc:  # report every variant
             failed += 1
             print(f"FAIL {variant.name}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
+            continue
+        if not resources.fits():
+            failed += 1
+            print(f"FAIL {variant.name}: {resources} over the sm_90 limit of {SM90_SHARED_MEMORY_PER_BLOCK} B",
+                  flush=True)
+            continue
+        print(f"ok   {variant.name}: {resources}", flush=True)
     return 1 if failed else 0
 
 

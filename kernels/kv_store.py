@@ -27,7 +27,7 @@ __all__ = ["store_kv", "store_kv_reference"]
 @triton.jit
 def _store_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_kv_heads,
-    stride_kt, stride_kh, stride_ch, stride_cb, stride_cs,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_ch, stride_cb, stride_cs,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr,
 ):
     """One token: its ``[Hkv, hd]`` K and V rows into their slot of every head's cache."""
@@ -37,10 +37,10 @@ def _store_kv_kernel(
     heads = tl.arange(0, HEADS_PAD)
     dims = tl.arange(0, HEAD_DIM)
     ok = (heads < num_kv_heads)[:, None]
-    src = token.to(tl.int64) * stride_kt + heads[:, None] * stride_kh + dims[None, :]
+    row = token.to(tl.int64)
     dst = heads[:, None].to(tl.int64) * stride_ch + block * stride_cb + offset * stride_cs + dims[None, :]
-    k = tl.load(k_ptr + src, mask=ok)
-    v = tl.load(v_ptr + src, mask=ok)
+    k = tl.load(k_ptr + row * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=ok)
+    v = tl.load(v_ptr + row * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=ok)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=ok)
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
 
@@ -54,14 +54,17 @@ def store_kv(
 ) -> None:
     """Write ``k`` / ``v`` into their cache slots in place (cast to the cache dtype).
 
+    ``k`` and ``v`` may be strided views (the model's split of its fused QKV output: rows ``(H + 2 Hkv) hd``
+    apart) as long as each head's ``hd`` values are contiguous (last stride 1); each has its own strides.
+
     Slots must be distinct within one call (as the scheduler guarantees); a padded row (CUDA-graph
     buckets) should point at a scratch slot no sequence reads.
 
     Raises:
         ValueError: bad dtype / shape / contiguity / device.
     """
-    check_tensor("k", k, 3, FLOAT_DTYPES)
-    check_tensor("v", v, 3, (k.dtype,))
+    check_tensor("k", k, 3, FLOAT_DTYPES, contiguous=False)
+    check_tensor("v", v, 3, (k.dtype,), contiguous=False)
     check_tensor("k_cache", k_cache, 4, FLOAT_DTYPES)
     check_tensor("v_cache", v_cache, 4, (k_cache.dtype,))
     check_tensor("slot_mapping", slot_mapping, 1, (torch.int64,))
@@ -72,12 +75,14 @@ def store_kv(
         raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} or the two caches differ in shape")
     if k_cache.shape[0] != num_kv_heads or k_cache.shape[3] != head_dim or slot_mapping.numel() != num_tokens:
         raise ValueError(f"k {tuple(k.shape)}, cache {tuple(k_cache.shape)}, slot_mapping {slot_mapping.numel()} disagree")
+    if k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError(f"k / v need a unit stride over the head dim, got {k.stride()} / {v.stride()}")
     if head_dim & (head_dim - 1):
         raise ValueError(f"head dim {head_dim} must be a power of two")
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, num_kv_heads, k.stride(0), k.stride(1),
+        k, v, k_cache, v_cache, slot_mapping, num_kv_heads, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_SIZE=k_cache.shape[2], HEAD_DIM=head_dim, HEADS_PAD=next_power_of_2(num_kv_heads),
     )

@@ -89,7 +89,7 @@ def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta:
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, o_partial_ptr, lse_ptr,
     cu_seqlens_q_ptr, kv_lens_ptr, start_pos_ptr, causal_ptr, block_tables_ptr, tile_seq_ptr, tile_q_start_ptr,
-    scale_log2, num_splits, stride_qt, stride_qh, stride_ch, stride_cb, stride_cs, stride_bt, stride_ot, stride_oh,
+    scale_log2, num_splits, scratch_rows, stride_qt, stride_qh, stride_ch, stride_cb, stride_cs, stride_bt, stride_ot, stride_oh,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
     QUERIES_PER_KV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
@@ -147,11 +147,12 @@ def _paged_attention_kernel(
     has_keys = l_i > 0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     tok = q_begin + q_idx
-    if SPLIT:
-        p_off = split * stride_ps + tok[:, None] * stride_pt + head[:, None] * stride_ph + dims[None, :]
+    if SPLIT:  # scratch rows are the tile's (tile * BLOCK_Q + query within the tile), not the step's tokens
+        p_row = tile.to(tl.int64) * scratch_rows + rows // QUERIES_PER_KV
+        p_off = split.to(tl.int64) * stride_ps + p_row[:, None] * stride_pt + head[:, None] * stride_ph + dims[None, :]
         tl.store(o_partial_ptr + p_off, o, mask=row_ok[:, None])
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + split * stride_ls + tok * stride_lt + head, lse, mask=row_ok)
+        tl.store(lse_ptr + split.to(tl.int64) * stride_ls + p_row * stride_lt + head, lse, mask=row_ok)
     else:
         o_off = tok[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
         tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -159,7 +160,7 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _combine_splits_kernel(
-    out_ptr, o_partial_ptr, lse_ptr, cu_seqlens_q_ptr, tile_seq_ptr, tile_q_start_ptr, num_splits,
+    out_ptr, o_partial_ptr, lse_ptr, cu_seqlens_q_ptr, tile_seq_ptr, tile_q_start_ptr, num_splits, scratch_rows,
     stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
     BLOCK_Q: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
@@ -174,10 +175,11 @@ def _combine_splits_kernel(
     for i in range(0, BLOCK_Q):
         if q_tile + i < q_len:
             tok = q_begin + q_tile + i
-            lse = tl.load(lse_ptr + splits * stride_ls + tok * stride_lt + head, mask=splits < num_splits,
-                          other=float("-inf"))
+            p_row = tile.to(tl.int64) * scratch_rows + i  # the tile's scratch row
+            lse = tl.load(lse_ptr + splits.to(tl.int64) * stride_ls + p_row * stride_lt + head,
+                          mask=splits < num_splits, other=float("-inf"))
             weight = tl.exp2(lse - tl.max(lse, 0))  # [SPLITS_PAD]
-            o_off = splits[:, None] * stride_ps + tok * stride_pt + head * stride_ph + dims[None, :]
+            o_off = splits[:, None].to(tl.int64) * stride_ps + p_row * stride_pt + head * stride_ph + dims[None, :]
             o = tl.load(o_partial_ptr + o_off, mask=(splits < num_splits)[:, None], other=0.0)
             o = tl.sum(o * weight[:, None], 0) / tl.sum(weight, 0)
             tl.store(out_ptr + tok * stride_ot + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
@@ -210,15 +212,18 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: RaggedAtt
 def _launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: RaggedAttentionMetadata, group: TileGroup,
             scale: float, out: Tensor, config: AttentionConfig, upcast: bool) -> None:
     """One tile group: the attention kernel, then (split-KV) the combine kernel."""
-    num_tokens, num_heads, head_dim = q.shape
+    num_heads, head_dim = q.shape[1], q.shape[2]
     splits = group.num_splits
-    partial = torch.empty((splits, num_tokens, num_heads, head_dim), dtype=torch.float32, device=q.device) \
+    # split scratch: scratch_rows per tile (the group's longest query), not all T tokens of the step
+    scratch_rows = min(group.block_q, group.max_q_len)
+    rows = group.num_tiles * scratch_rows
+    partial = torch.empty((splits, rows, num_heads, head_dim), dtype=torch.float32, device=q.device) \
         if splits > 1 else out
-    lse = torch.empty((splits, num_tokens, num_heads), dtype=torch.float32, device=q.device) if splits > 1 else out
+    lse = torch.empty((splits, rows, num_heads), dtype=torch.float32, device=q.device) if splits > 1 else out
     grid = (group.num_tiles, k_cache.shape[0], splits)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, partial, lse, meta.cu_seqlens_q, meta.kv_lens, meta.start_pos, meta.causal,
-        meta.block_tables, group.tile_seq, group.tile_q_start, scale * LOG2E, splits,
+        meta.block_tables, group.tile_seq, group.tile_q_start, scale * LOG2E, splits, scratch_rows,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         out.stride(0), out.stride(1), partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0),
         lse.stride(1),
@@ -228,7 +233,7 @@ def _launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: RaggedAttentionMe
     )
     if splits > 1:
         _combine_splits_kernel[(group.num_tiles, num_heads)](
-            out, partial, lse, meta.cu_seqlens_q, group.tile_seq, group.tile_q_start, splits,
+            out, partial, lse, meta.cu_seqlens_q, group.tile_seq, group.tile_q_start, splits, scratch_rows,
             out.stride(0), out.stride(1), partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0),
             lse.stride(1), BLOCK_Q=group.block_q, SPLITS_PAD=next_power_of_2(splits), HEAD_DIM=head_dim,
         )

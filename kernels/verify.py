@@ -3,8 +3,9 @@
 ``engine/spec_decode/verifier.py`` verifies each group of requests (agreement / rejection) with torch
 ops; ``verify_rows`` computes the same inputs (the target's greedy argmax, the fused Gumbel-max coupled
 choice for coupled rows, ``softmax(process_logits)`` for unseeded sampled rows, each request's key,
-first position and attempt) and verifies every request in one ``rejection_sample`` launch. It is what
-``Verifier.verify`` calls on CUDA after the penalties, bias and logits mask (``adjusted``).
+first position and attempt) and verifies every request in one ``rejection_sample`` launch. ``Verifier.verify``
+calls it after the penalties, bias and logits mask (``adjusted``) when ``Verifier.use_kernels`` is set: the
+runner sets it when the Triton kernels serve attention (``attention_backend`` triton / auto on CUDA).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def _row_positions(drafts: RaggedDrafts, first_positions: Tensor) -> Tensor:
     """``[N]`` int64 sequence position of the token chosen at every verify row (on the device, no sync)."""
     device = first_positions.device
     sizes = torch.tensor([1 + n for n in drafts.num_draft_tokens], dtype=torch.int64, device=device)
-    owner = torch.repeat_interleave(torch.arange(drafts.num_requests, device=device), sizes)  # [N]
+    owner = torch.repeat_interleave(torch.arange(drafts.num_requests, device=device), sizes,
+                                    output_size=drafts.num_requests + sum(drafts.num_draft_tokens))  # [N], no sync
     first = torch.cumsum(sizes, 0) - sizes
     return first_positions[owner] + torch.arange(owner.numel(), device=device) - first[owner]

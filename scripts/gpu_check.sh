@@ -8,8 +8,13 @@
 #                        command: bash scripts/gpu_check.sh
 #   Dry run anywhere:    OUT=/tmp/gpu_check bash scripts/gpu_check.sh --dry-run
 # gpu_check.py reassembles the model and puts the carried gguf package on the path itself. Extra arguments
-# go to it (--skip PHASE..., --budget-PHASE SECONDS, --policies, --concurrency); the default budgets
-# (120 + 120 + 200 + 90 s) keep the whole command inside the device's 600 s.
+# go to it (--window 1|2|3, --skip PHASE..., --budget-PHASE SECONDS, --policies, --concurrency).
+# Device windows on one warm machine (issue 26), each its own call with timeout_s a little above its budget:
+#   window 1 (<= 120 s, nothing carried): probe (tiny-engine smoke), CUDA-only tests -x, exactness
+#     command: OUT=$OUT bash scripts/gpu_check.sh --window 1
+#   window 2 (<= 150 s): kernel microbenchmarks, serving c=1/16/64/256 (none, dspark, fixed:7), staircase
+#   window 3 (<= 150 s, the model carried in the two calls above): serving none vs dspark on real weights
+# Dry run of a window anywhere: OUT=/tmp/w1 PYTHON=.venv/bin/python bash scripts/gpu_check.sh --dry-run --window 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the results folder}"

@@ -137,12 +137,8 @@ class SamplingMetadata:
             num_draft_tokens: l_r per row (host list).
             draft_token_ids: ``[sum l_r]`` int64 flat drafts (None when no row has drafts).
         """
-        repeats = [1 + n for n in num_draft_tokens]
-        index = torch.repeat_interleave(
-            torch.arange(self.num_rows, device=self.keys.device),
-            torch.tensor(repeats, device=self.keys.device),
-        )
-        expanded = self.select(index.tolist())
+        index = [r for r, n in enumerate(num_draft_tokens) for _ in range(1 + n)]  # host: no device read-back
+        expanded = self.select(index)
         if self.output_token_counts is None or draft_token_ids is None or not draft_token_ids.numel():
             return expanded
         counts = expanded.output_token_counts.clone()  # [N, V]

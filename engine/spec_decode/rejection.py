@@ -56,7 +56,8 @@ class RaggedDrafts:
         """``(request [D], position j within its block [D], first target row of each request [R])``."""
         device = self.token_ids.device
         counts = torch.tensor(self.num_draft_tokens, dtype=torch.int64, device=device)
-        request = torch.repeat_interleave(torch.arange(self.num_requests, device=device), counts)  # [D]
+        request = torch.repeat_interleave(torch.arange(self.num_requests, device=device), counts,
+                                          output_size=self.token_ids.numel())  # [D] (host size: no sync)
         cu = torch.cumsum(counts, 0) - counts  # [R] first draft index
         position = torch.arange(self.token_ids.numel(), device=device) - cu[request]  # [D]
         first_row = cu + torch.arange(self.num_requests, device=device)  # [R] row of p_0
@@ -82,8 +83,9 @@ def _num_accepted(accept: Tensor, drafts: RaggedDrafts, request: Tensor, positio
     limit = torch.tensor(drafts.num_draft_tokens, dtype=torch.int64, device=accept.device)  # [R]
     if accept.numel() == 0:
         return limit
-    rejected = ~accept
-    return limit.scatter_reduce(0, request[rejected], position[rejected], reduce="amin")
+    # accepted drafts contribute their request's limit (a no-op under amin): no boolean indexing, no sync
+    first_rejection = torch.where(accept, limit[request], position)  # [D]
+    return limit.scatter_reduce(0, request, first_rejection, reduce="amin")
 
 
 def _assemble(drafts: RaggedDrafts, num_accepted: Tensor, final: Tensor, first_row: Tensor | None = None,

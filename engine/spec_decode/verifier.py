@@ -99,11 +99,16 @@ class Verifier:
         mask: the logits-mask hook, or None.
         unseeded_coupling: verify unseeded sampled requests by Gumbel-max coupling too (their drafter
             then couples as well) instead of rejection sampling.
+        use_kernels: verify every request in one Triton launch (``sparkserve.kernels.verify.verify_rows``:
+            the same rules and keyed draws, tested equal to the torch groups) instead of the torch groups;
+            the runner sets it when the Triton kernels serve its attention (CUDA, or the interpreter in tests).
     """
 
-    def __init__(self, mask: LogitsMask | None = None, unseeded_coupling: bool = False) -> None:
+    def __init__(self, mask: LogitsMask | None = None, unseeded_coupling: bool = False,
+                 use_kernels: bool = False) -> None:
         self.mask = mask
         self.unseeded_coupling = unseeded_coupling
+        self.use_kernels = use_kernels
 
     def coupled(self, sampling: SamplingMetadata) -> tuple[bool, ...]:
         """Per row: verified by coupling (seeded, or every sampled row with ``unseeded_coupling``)."""
@@ -117,8 +122,13 @@ class Verifier:
         if self.mask is not None:
             adjusted = self._apply_mask(adjusted, inp)
         coupled = self.coupled(meta)
-        agree = [g or c for g, c in zip(meta.greedy, coupled, strict=True)]
         row_of = _row_offsets(drafts.num_draft_tokens)
+        if self.use_kernels:  # one launch for all requests' drafts (imported here: CPU tests set up Triton first)
+            from sparkserve.kernels.verify import verify_rows
+
+            result = verify_rows(drafts, adjusted, rows_meta, inp.first_positions, inp.draft_probs, coupled)
+            return VerifyOutput(result.token_ids, result.num_accepted, adjusted, tuple(row_of), meta.num_logprobs)
+        agree = [g or c for g, c in zip(meta.greedy, coupled, strict=True)]
         width = 1 + max(drafts.num_draft_tokens, default=0)
         tokens = torch.zeros(drafts.num_requests, width, dtype=torch.int64, device=inp.logits.device)
         accepted = torch.zeros(drafts.num_requests, dtype=torch.int64, device=inp.logits.device)
@@ -147,8 +157,9 @@ class Verifier:
                    probs: DraftProbs | None, coupled: list[bool]) -> VerifyResult:
         """Unseeded sampled rows: rejection sampling with keyed uniforms."""
         target_probs = torch.softmax(process_logits(adjusted, meta), dim=-1)  # [N, V]
-        first_rows = torch.tensor(_row_offsets(drafts.num_draft_tokens), device=adjusted.device)
-        first_meta = meta.select(first_rows.tolist())  # one row per request
+        first_list = _row_offsets(drafts.num_draft_tokens)  # host: no read-back
+        first_rows = torch.tensor(first_list, device=adjusted.device)
+        first_meta = meta.select(first_list)  # one row per request
         keys, first_pos = first_meta.keys, positions[first_rows]
         request, position, _ = drafts.index()
         u_accept = keyed_uniform(keys[request], first_pos[request] + position,
@@ -202,7 +213,8 @@ def _subset(inp: VerifyInput, rows_meta: SamplingMetadata, adjusted: Tensor, gro
     draft_t = torch.tensor(draft_idx, dtype=torch.int64, device=device)
     drafts = RaggedDrafts(inp.drafts.token_ids[draft_t], tuple(counts[r] for r in group))
     sizes = torch.tensor([1 + counts[r] for r in group], device=device)  # rows per request
-    owner = torch.repeat_interleave(torch.arange(len(group), device=device), sizes)  # [n] request of each row
+    owner = torch.repeat_interleave(torch.arange(len(group), device=device), sizes,
+                                    output_size=len(rows))  # [n] request of each row (host size: no sync)
     first = torch.cumsum(sizes, 0) - sizes
     positions = inp.first_positions[torch.tensor(group, device=device)][owner] + torch.arange(len(rows), device=device) - first[owner]
     probs = None

@@ -16,14 +16,23 @@ from sparkserve.testing.oracle import LookupOracleDrafter, OracleDrafter  # noqa
 EOS = 1
 
 
-def tiny_target(vocab: int = 61, seed: int = 0, scale: float = 0.35, layers: int = 3) -> LoadedModel:
-    """A random fp32 Llama with well-separated logits (weights ~ N(0, scale^2))."""
+def tiny_target(vocab: int = 61, seed: int = 0, scale: float = 0.35, layers: int = 3, head_dim: int = 8) -> LoadedModel:
+    """A random fp32 Llama with well-separated logits (weights ~ N(0, scale^2)); ``head_dim`` 16 fits the
+    Triton kernels (a power of two >= 16)."""
     config = ModelConfig(
         architecture="llama", vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, rms_norm_eps=1e-6, rope_theta=10000.0,
         rope_scaling=None, max_position_embeddings=512, tie_word_embeddings=False, attention_bias=False,
         qk_norm=False, bos_token_id=None, eos_token_id=EOS,
     )
+    model = random_llama(config, seed, scale)
+    tokenizer = types.SimpleNamespace(eos_token_id=EOS, stop_token_ids=(EOS,), bos_token_id=None)
+    return LoadedModel(model, config, tokenizer, "tiny")
+
+
+def random_llama(config: ModelConfig, seed: int = 0, scale: float = 0.35) -> LlamaForCausalLM:
+    """An fp32 Llama of ``config`` on the CPU with seeded weights ~ N(0, scale^2) and unit norms (the same
+    numbers on every machine: the GPU windows compare a device's greedy tokens with the CPU's)."""
     model = LlamaForCausalLM(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -35,8 +44,7 @@ def tiny_target(vocab: int = 61, seed: int = 0, scale: float = 0.35, layers: int
         model.embed_tokens.weight.copy_(torch.randn(model.embed_tokens.weight.shape, generator=gen) * scale)
         if model.lm_head is not None:
             model.lm_head.copy_(torch.randn(model.lm_head.shape, generator=gen) * scale)
-    tokenizer = types.SimpleNamespace(eos_token_id=EOS, stop_token_ids=(EOS,), bos_token_id=None)
-    return LoadedModel(model, config, tokenizer, "tiny")
+    return model
 
 
 def random_dspark(target: LoadedModel, block_size: int = 4, markov_rank: int = 16, confidence: bool = True,

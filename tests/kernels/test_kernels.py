@@ -35,7 +35,11 @@ from sparkserve.engine.sampling.metadata import SamplingMetadata  # noqa: E402
 from sparkserve.engine.sampling.transforms import apply_penalties_and_bias  # noqa: E402
 from sparkserve.engine.spec_decode.rejection import RaggedDrafts  # noqa: E402
 from sparkserve.engine.spec_decode.verifier import Verifier, emitted_tokens  # noqa: E402
-from sparkserve.kernels.attention_metadata import build_ragged_metadata, split_heuristic  # noqa: E402
+from sparkserve.kernels.attention_metadata import (  # noqa: E402
+    build_ragged_metadata,
+    split_heuristic,
+    split_scratch_bytes,
+)
 from sparkserve.kernels.common import cdiv  # noqa: E402
 from sparkserve.kernels.coupling import coupled_choice, coupled_choice_reference  # noqa: E402
 from sparkserve.kernels.keyed_hash import keyed_uniform_kernel  # noqa: E402
@@ -133,6 +137,25 @@ def test_paged_attention_mixed_batch(dtype: torch.dtype, head_dim: int, group: i
         short, long = meta.groups  # split-KV is for the short group (the long one never splits in serving)
         meta = dataclasses.replace(meta, groups=(dataclasses.replace(short, num_splits=3), long))
         assert_close(paged_attention(q, k_cache, v_cache, meta, head_dim**-0.5, config=SMALL), ref, dtype)
+
+
+def test_split_scratch_is_sized_by_the_short_group_not_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 200-token prefill beside a decode and a verify block: the split-KV scratch has the short group's
+    rows (2 tiles x its longest query, 3), not the step's 204 tokens; the output still equals the reference."""
+    from sparkserve.kernels import paged_attention as pa
+
+    q, k_cache, v_cache, meta, _ = make_batch([Seq(1, 40), Seq(3, 30), Seq(200, 5)], 1, 2, 16, torch.float32,
+                                              num_splits=1)
+    short, long = meta.groups
+    meta = dataclasses.replace(meta, groups=(dataclasses.replace(short, num_splits=4), long))
+    shapes = []
+    empty = torch.empty
+    monkeypatch.setattr(pa.torch, "empty", lambda *a, **k: shapes.append(tuple(a[0])) or empty(*a, **k))
+    out = paged_attention(q, k_cache, v_cache, meta, 0.25, config=SMALL)
+    monkeypatch.undo()
+    assert (4, 6, 2, 16) in shapes and (4, 6, 2) in shapes and not any(204 in s for s in shapes if len(s) > 2)
+    assert split_scratch_bytes(6, 2, 16, splits=4) == 4 * 4 * 6 * 2 * 17
+    assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, 0.25), torch.float32)
 
 
 def test_verify_blocks_one_to_eight_and_block_boundaries() -> None:
@@ -366,7 +389,22 @@ def test_kernels_compile_for_sm90() -> None:
     proc = subprocess.run([sys.executable, "-m", "sparkserve.kernels.compile_check", "--quick"], cwd=Path(__file__).resolve().parents[2],
                           env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok ") == 4
+    assert proc.stdout.count("ok ") == 4 and proc.stdout.count("shared=") == 4 and "num_stages=" in proc.stdout
+
+
+def test_compile_check_fails_a_variant_over_the_sm90_shared_memory(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from sparkserve.kernels import compile_check
+
+    sizes = iter([compile_check.SM90_SHARED_MEMORY_PER_BLOCK, compile_check.SM90_SHARED_MEMORY_PER_BLOCK + 1])
+    monkeypatch.setattr(compile_check, "quick_variants", lambda: iter(list(compile_check.variants())[:2]))
+    monkeypatch.setattr(compile_check, "compile_variant",
+                        lambda variant: compile_check.Resources(0.1, next(sizes), 4, 3))
+    assert compile_check.main(["--quick"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ok ") and lines[1].startswith("FAIL") and "232448" in lines[1]
+    names = [v.name for v in compile_check.variants()]
+    assert "attention torch.float32 G=2 M=64 hd=128 split=True" in names  # the Qwen3-0.6B shape, fp32
 
 
 # ---------------------------------------------------------------- the GPU check's driver (CPU-safe parts)
@@ -383,8 +421,9 @@ def test_gpu_check_dry_run_writes_every_phase_in_order(tmp_path: Path) -> None:
     gpu_check = load_gpu_check()
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--skip", "serving", "--concurrency", "1", "16"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary["phases"]) == ["tests", "kernels", "serving", "exactness"]
-    assert [p["status"] for p in summary["phases"].values()] == ["dry-run", "dry-run", "skipped (--skip)", "dry-run"]
+    assert list(summary["phases"]) == ["probe", "tests", "kernels", "serving", "exactness"]
+    assert [p["status"] for p in summary["phases"].values()] == ["ok", "dry-run", "dry-run", "skipped (--skip)",
+                                                                 "ok"]  # probe and exactness run on the CPU
     assert summary["environment"]["torch"] == torch.__version__
     serving = json.loads((tmp_path / "phase3_serving.json").read_text())
     assert serving["plan"]["concurrency"] == [1, 16]
