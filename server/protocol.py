@@ -6,6 +6,12 @@ misspelt parameter is a 400 instead of being silently ignored. Vendor extensions
 extras ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``structured_outputs``. Features that
 are not supported (legacy ``functions`` / ``function_call``, echo, suffix, non-text content parts) are
 declared so that their use fails with a 400 naming the parameter.
+
+Fields that OpenAI's API defines but that mean nothing for a self-hosted model (``service_tier``,
+``store``, ``metadata``, ``prompt_cache_key``, ``safety_identifier``, ``reasoning_effort``, ``verbosity``,
+...: :data:`IGNORED_OPENAI_FIELDS`) are declared too, so the SDKs and agent frameworks that send them get
+an answer: the server logs a warning and changes nothing in the output (as vLLM does), or, in strict
+mode (``--strict-openai-fields``), refuses them with a 400.
 """
 
 from __future__ import annotations
@@ -161,7 +167,40 @@ def _reject_unless_empty(value: Any, what: str) -> Any:
     return value
 
 
-class SamplingRequestFields(_Request):
+IGNORED_OPENAI_FIELDS = (
+    "service_tier", "store", "metadata", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
+    "safety_identifier", "reasoning_effort", "verbosity", "prediction", "modalities", "moderation",
+)
+"""OpenAI request fields accepted and ignored (a warning each), or a 400 in strict mode."""
+
+
+class IgnoredOpenAIFields(_Request):
+    """Fields of OpenAI's request types with no effect on a self-hosted model (see module docstring).
+
+    Types are loose on purpose: whatever shape a newer SDK sends, it is ignored; a value that would
+    change the output here (``modalities`` with audio) is refused.
+    """
+
+    service_tier: Text | None = None
+    store: bool | None = None
+    metadata: dict[Text, Any] | None = None
+    prompt_cache_key: Text | None = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    safety_identifier: Text | None = None
+    reasoning_effort: Text | None = None
+    verbosity: Text | None = None
+    prediction: Any = None
+    modalities: list[Literal["text"]] | None = Field(None, description="only text output is served")
+    moderation: Any = None
+
+    def ignored_fields(self) -> list[str]:
+        """The ignored fields the client set to something other than null, in declaration order."""
+        return [name for name in IGNORED_OPENAI_FIELDS
+                if name in self.model_fields_set and getattr(self, name) is not None]
+
+
+class SamplingRequestFields(IgnoredOpenAIFields):
     """Fields shared by chat and completions requests."""
 
     model: Text
@@ -243,8 +282,6 @@ class ChatCompletionRequest(SamplingRequestFields, GuidedDecodingFields):
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
-    metadata: dict[Text, Text] | None = None
-    store: bool | None = None
 
     @field_validator("functions", "function_call")
     @classmethod

@@ -31,7 +31,13 @@ from sparkserve.scheduler.sampling_params import SamplingParams
 from sparkserve.server.detokenizer import StopStringDecoder
 from sparkserve.server.engine_client import EngineClient, RequestOutput
 from sparkserve.server.errors import ApiError, engine_error_to_api_error, internal_error
-from sparkserve.server.protocol import DrafterUsage, PromptTokensDetails, SpeculationUsage, UsageInfo
+from sparkserve.server.protocol import (
+    DrafterUsage,
+    IgnoredOpenAIFields,
+    PromptTokensDetails,
+    SpeculationUsage,
+    UsageInfo,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +81,8 @@ class ServerState:
         draining: set on graceful shutdown; new requests then get 503 and readiness is false.
         generations: generations submitted and not yet closed.
         metrics: request metrics to feed (None = no metrics).
+        strict_openai_fields: refuse (400) the OpenAI fields this server ignores
+            (:data:`sparkserve.server.protocol.IGNORED_OPENAI_FIELDS`) instead of logging a warning.
     """
 
     engine: EngineClient
@@ -85,6 +93,7 @@ class ServerState:
     draining: bool = False
     generations: set[Generation] = field(default_factory=set)
     metrics: RequestMetrics | None = None
+    strict_openai_fields: bool = False
 
     @property
     def num_inflight(self) -> int:
@@ -96,6 +105,20 @@ class ServerState:
         "abort" (its streams still send their last chunk and ``[DONE]``)."""
         for generation in list(self.generations):
             await generation.abort_engine_requests()
+
+    def check_ignored_fields(self, req: IgnoredOpenAIFields) -> None:
+        """Log the OpenAI fields ``req`` sets that have no effect here; in strict mode, a 400 for the first.
+
+        Raises:
+            ApiError: 400 (strict mode only) naming the field, as for an unknown field.
+        """
+        ignored = req.ignored_fields()
+        if not ignored:
+            return
+        if self.strict_openai_fields:
+            raise ApiError(400, f"Unrecognized request argument supplied: {ignored[0]} (this server runs with "
+                           "--strict-openai-fields)", param=ignored[0])
+        logger.warning("ignoring request fields with no effect on this server: %s", ", ".join(ignored))
 
     def default_max_tokens_for(self, num_choices: int) -> int:
         """``max_tokens`` for a request that omits it: ``default_max_tokens``, lowered so that all

@@ -86,6 +86,7 @@ async def create_completion(req: CompletionRequest, raw_request: Request, state:
     """Validate, submit and answer one completions request (streaming or not)."""
     arrival = time.monotonic()
     state.check_can_serve(req.model)
+    state.check_ignored_fields(req)
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of other than n is not supported.", param="best_of")
     if req.stream_options is not None and not req.stream:
