@@ -4,7 +4,7 @@ Requests forbid unknown fields, as OpenAI does ("Unrecognized request argument s
 misspelt parameter is a 400 instead of being silently ignored. Vendor extensions (vLLM-style) are
 ``top_k``, ``min_p``, ``stop_token_ids``, ``ignore_eos``, ``target_tpot_ms`` and the structured-output
 extras ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``structured_outputs``. Features that
-are not supported (legacy ``functions`` / ``function_call``, echo, suffix, non-text content parts) are
+are not supported (legacy ``functions`` / ``function_call``, suffix, non-text content parts) are
 declared so that their use fails with a 400 naming the parameter.
 
 Fields that OpenAI's API defines but that mean nothing for a self-hosted model (``service_tier``,
@@ -310,16 +310,13 @@ class CompletionRequest(SamplingRequestFields, GuidedDecodingFields):
 
     prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
+    echo: bool = Field(False, description="the prompt in front of the completion (with logprobs: the prompt's too)")
+    max_tokens: int | None = Field(None, ge=0, description="0 only with echo: score the prompt, generate nothing")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="extension (vLLM): each prompt token's logprob and top-k"
+    )
     suffix: Text | None = None
     best_of: int | None = Field(None, ge=1)
-
-    @field_validator("echo")
-    @classmethod
-    def _check_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported by this server")
-        return value
 
     @field_validator("suffix")
     @classmethod
@@ -386,10 +383,21 @@ class ChatLogprobs(_Response):
 
 
 class CompletionLogprobs(_Response):
+    """Legacy completions logprobs; with ``echo`` the prompt's first token has null entries."""
+
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+
+class PromptLogprob(_Response):
+    """vLLM's ``prompt_logprobs`` entry of one token (keyed by its id): ``rank`` 1 is the most likely
+    token; null for a prompt token outside the top-k."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
 
 
 class FunctionCall(_Response):
@@ -497,6 +505,7 @@ class CompletionChoice(_Response):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(_Response):

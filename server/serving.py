@@ -151,6 +151,8 @@ class ChoiceUpdate:
         logprobs: one entry per token in ``token_ids`` when requested.
         finish_reason: "stop" | "length" | "abort" on the choice's last update.
         stop_reason: the stop string or stop token id that ended the choice.
+        prompt_logprobs: on the choice's first update, when asked: one entry per prompt token after
+            the first.
     """
 
     index: int
@@ -159,6 +161,7 @@ class ChoiceUpdate:
     logprobs: tuple[TokenLogprob, ...] | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass
@@ -208,15 +211,16 @@ class _Choice:
         self.num_output_tokens += delta.num_tokens
         token_ids = tuple(out.new_token_ids[: delta.num_tokens])
         logprobs = None if out.new_logprobs is None else tuple(out.new_logprobs[: delta.num_tokens])
+        prompt = getattr(out, "prompt_logprobs", None)  # engines without prompt logprobs: None
         if delta.stop is not None:
             self.finished = True
-            return ChoiceUpdate(self.index, delta.text, token_ids, logprobs, "stop", delta.stop)
+            return ChoiceUpdate(self.index, delta.text, token_ids, logprobs, "stop", delta.stop, prompt)
         if final:
             self.finished = True
             return ChoiceUpdate(
-                self.index, delta.text, token_ids, logprobs, out.finish_reason, out.stop_reason
+                self.index, delta.text, token_ids, logprobs, out.finish_reason, out.stop_reason, prompt
             )
-        return ChoiceUpdate(self.index, delta.text, token_ids, logprobs)
+        return ChoiceUpdate(self.index, delta.text, token_ids, logprobs, prompt_logprobs=prompt)
 
 
 @dataclass(eq=False)
