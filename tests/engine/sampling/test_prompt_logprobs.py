@@ -10,26 +10,15 @@ import pytest
 import torch
 
 from sparkserve.engine.async_engine import AsyncEngine
-from sparkserve.engine.attention import build_attention_metadata, new_kv_cache
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.scheduler.profile import ThroughputProfile
 from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.testing.reference import reference_all_logits
 
 PROFILE = Path(__file__).resolve().parents[2] / "data" / "profile_small.json"
 TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is the "
         "capital of Germany. One, two, three, four, five, six, seven.")
-
-
-def _all_logprobs(model, token_ids: list[int]) -> torch.Tensor:
-    """``[L, V]`` log-softmax of one fresh causal forward over ``token_ids`` (no paging reuse, no chunks)."""
-    cfg, n, block_size = model.config, len(token_ids), 16
-    num_blocks = (n + block_size - 1) // block_size
-    caches = [new_kv_cache(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, model.embed_tokens.weight.dtype)
-              for _ in range(cfg.num_hidden_layers)]
-    meta = build_attention_metadata([n], [0], [n], [list(range(num_blocks))], block_size)
-    hidden, _ = model(torch.tensor(token_ids), torch.arange(n), caches, meta)
-    return torch.log_softmax(model.compute_logits(hidden).float(), dim=-1)
 
 
 async def _run(engine: AsyncEngine, prompt: list[int], params: SamplingParams) -> list:
@@ -49,7 +38,7 @@ def test_prompt_logprobs_equal_a_fresh_forward(smollm2, drafter: str | None) -> 
     prompt = smollm2.tokenizer.encode(TEXT + " " + TEXT)
     assert len(prompt) > 2 * args.max_num_batched_tokens  # several prefill chunks
     outs = asyncio.run(_run(engine, prompt, SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=2)))
-    expected = _all_logprobs(smollm2.model, prompt)  # [L, V]
+    expected = torch.log_softmax(reference_all_logits(smollm2.model, prompt), dim=-1)  # [L, V]
     firsts = [o for o in outs if o.prompt_logprobs is not None]
     assert len(firsts) == 2  # once per request, on its first output
     for first in firsts:
