@@ -30,9 +30,11 @@ from sparkserve.server.http_guard import (
     num_authorization_headers,
 )
 from sparkserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from sparkserve.server.protocol_responses import ResponsesRequest
 from sparkserve.server.serving import RequestMetrics, ServerState
 from sparkserve.server.serving_chat import create_chat_completion
 from sparkserve.server.serving_completions import create_completion
+from sparkserve.server.serving_responses import create_response
 from sparkserve.server.serving_tokenize import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -241,6 +243,10 @@ def build_app(
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, raw_request: Request) -> Response:
         return await create_completion(body, raw_request, state)
+
+    @app.post("/v1/responses", response_model=None)
+    async def responses(body: ResponsesRequest, raw_request: Request) -> Response:
+        return await create_response(body, raw_request, state)
 
     @app.post("/tokenize")
     async def tokenize_route(body: dict[str, Any] = Body(...)) -> TokenizeResponse:  # noqa: B008 (FastAPI)
