@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     ns = parser.parse_args()
     args = EngineArgs(dtype="float32", max_num_batched_tokens=max(1024, ns.prompt_len), enable_prefix_caching=False,
+                      num_kv_blocks=ns.prompt_len // 16 + 8, max_num_seqs=4,
                       drafter=ns.drafter)
     core = EngineCore(args, profile=ThroughputProfile.load(PROFILE))  # a stored profile: no start-up profiling
     prompt = [(17 * i + 5) % 20000 + 100 for i in range(ns.prompt_len)]

@@ -39,9 +39,11 @@ from sparkserve.server.serving_tokenize import (
     DetokenizeRequest,
     DetokenizeResponse,
     TokenizeResponse,
+    TokenizerInfoResponse,
     detokenize,
     parse_tokenize_request,
     tokenize,
+    tokenizer_info,
 )
 
 logger = logging.getLogger(__name__)
@@ -251,6 +253,10 @@ def build_app(
     @app.post("/tokenize")
     async def tokenize_route(body: dict[str, Any] = Body(...)) -> TokenizeResponse:  # noqa: B008 (FastAPI)
         return await tokenize(parse_tokenize_request(body), state)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route() -> TokenizerInfoResponse:
+        return tokenizer_info(state)
 
     @app.post("/detokenize")
     async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:

@@ -6,6 +6,11 @@ or chat ``messages`` (rendered with the chat template exactly as ``/v1/chat/comp
 tools included); the answer carries ``count``, ``tokens``, ``max_model_len`` and, when asked,
 ``token_strs``. ``/detokenize`` turns token ids back into text (special tokens kept, as vLLM does).
 ``model`` is optional (as in vLLM) and, when given, must be the served model.
+
+``GET /tokenizer_info`` (as vLLM's) gives the special tokens as text and the chat template: with
+``/tokenize`` and ``/detokenize`` it is all that lm-evaluation-harness's remote tokenizer
+(``local-completions``, ``tokenizer_backend=remote``, auto-detected) needs, so no tokenizer has to be
+fetched from a hub.
 """
 
 from __future__ import annotations
@@ -54,6 +59,16 @@ class TokenizeResponse(_Response):
     max_model_len: int
     tokens: list[int]
     token_strs: list[str] | None = None
+
+
+class TokenizerInfoResponse(_Response):
+    tokenizer_class: str = "sparkserve"
+    eos_token: str | None = None
+    bos_token: str | None = None
+    pad_token: str | None = None
+    chat_template: str | None = None
+    vocab_size: int
+    max_model_len: int
 
 
 class DetokenizeRequest(_Request):
@@ -121,3 +136,18 @@ async def detokenize(req: DetokenizeRequest, state: ServerState) -> DetokenizeRe
         raise bad_request(f"token ids must be in [0, {tokenizer.vocab_size}).", param="tokens")
     text = await run_in_threadpool(tokenizer.decode, req.tokens, False)
     return DetokenizeResponse(prompt=text)
+
+
+def tokenizer_info(state: ServerState) -> TokenizerInfoResponse:
+    """The special tokens (as text), the chat template and the sizes of the served tokenizer."""
+    engine = state.engine
+    tokenizer = engine.tokenizer
+
+    def text(token_id: int | None) -> str | None:
+        return None if token_id is None else token_text(tokenizer, token_id)
+
+    return TokenizerInfoResponse(
+        eos_token=text(tokenizer.eos_token_id), bos_token=text(getattr(tokenizer, "bos_token_id", None)),
+        chat_template=getattr(tokenizer, "chat_template", None), vocab_size=tokenizer.vocab_size,
+        max_model_len=engine.max_model_len,
+    )

@@ -164,3 +164,11 @@ def test_tokenize_bad_requests(srv: RunningServer, path: str, body: dict, status
         r = http.post(path, json=body)
     assert r.status_code == status and r.headers["content-type"] == "application/json", r.text
     assert (r.json()["error"]["param"] or "").split(".")[0] == param, r.json()
+
+
+def test_tokenizer_info(srv: RunningServer) -> None:
+    with srv.http() as http:
+        info = http.get("/tokenizer_info").json()
+        eos_ids = http.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"]
+    assert info["eos_token"] == "<|endoftext|>" and eos_ids == [TOK.eos_token_id]  # how lm-eval finds EOS
+    assert info["vocab_size"] == TOK.vocab_size and info["max_model_len"] == 2048
