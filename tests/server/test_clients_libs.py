@@ -7,8 +7,6 @@ on (the shipped drafter)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Literal
 
 import agents
@@ -18,14 +16,9 @@ import pytest
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
-from sparkserve.engine.async_engine import AsyncEngine
-from sparkserve.engine.config import EngineArgs
-from sparkserve.engine.core import EngineCore
-from sparkserve.scheduler.profile import ThroughputProfile
 from sparkserve.testing.fake_engine import FakeEngine
 from sparkserve.testing.server_harness import RunningServer, run_server
 
-PROFILE = Path(__file__).resolve().parents[1] / "data" / "profile_small.json"
 CALL = '[[<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>]]'
 
 
@@ -43,12 +36,9 @@ class GetWeather(BaseModel):
     city: Literal["Paris", "Berlin"]
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2) -> Iterator[RunningServer]:
-    args = EngineArgs(dtype="float32", num_kv_blocks=256, block_size=16, max_num_batched_tokens=512, max_num_seqs=4)
-    engine = AsyncEngine(EngineCore(args, loaded=smollm2, profile=ThroughputProfile.load(PROFILE)))
-    with run_server(engine, served_model_name="smol") as running:
-        yield running
+@pytest.fixture
+def smol(smol_server: RunningServer) -> RunningServer:
+    return smol_server
 
 
 def test_agents_sdk_tool_round_trip() -> None:
@@ -85,6 +75,12 @@ def test_instructor(smol: RunningServer, mode: instructor.Mode) -> None:
         model="smol", response_model=Weather, max_retries=0, max_tokens=48, temperature=0.0,
         messages=[{"role": "user", "content": "Weather in Paris?"}])
     assert isinstance(weather, Weather)
+
+
+def test_openai_sdk_responses_parse(smol: RunningServer) -> None:
+    response = smol.openai().responses.parse(model="smol", input="Weather in Paris as JSON.", text_format=Weather,
+                                             max_output_tokens=48, temperature=0.0)
+    assert isinstance(response.output_parsed, Weather) and response.status == "completed"
 
 
 def test_langchain_bind_tools_and_structured_output(smol: RunningServer) -> None:

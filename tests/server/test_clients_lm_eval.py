@@ -7,29 +7,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
 import httpx
 import pytest
 
-from sparkserve.engine.async_engine import AsyncEngine
-from sparkserve.engine.config import EngineArgs
-from sparkserve.engine.core import EngineCore
-from sparkserve.scheduler.profile import ThroughputProfile
-from sparkserve.testing.server_harness import RunningServer, run_server
+from sparkserve.testing.server_harness import RunningServer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TASKS = DATA / "lm_eval"
 
 
 @pytest.fixture(scope="module")
-def server(smollm2) -> Iterator[RunningServer]:
-    args = EngineArgs(dtype="float32", num_kv_blocks=128, block_size=16, max_num_batched_tokens=256, max_num_seqs=4)
-    engine = AsyncEngine(EngineCore(args, loaded=smollm2, profile=ThroughputProfile.load(DATA / "profile_small.json")))
-    with run_server(engine, served_model_name="smol") as running:
-        yield running
+def server(smol_server: RunningServer) -> RunningServer:
+    return smol_server
 
 
 @pytest.fixture(scope="module")

@@ -1,34 +1,23 @@
 """The client-facing features on the real SmolLM2-135M behind a live server, speculation on (the
-shipped drafter) and off: echo + logprobs scores equal a direct computation from one fresh forward,
+shipped drafter; tests/engine/sampling/test_prompt_logprobs.py covers the engine with it off): echo + logprobs scores equal a direct computation from one fresh forward,
 and a tool without parameters gives a parsed ``{}`` call instead of running away."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 
-from sparkserve.engine.async_engine import AsyncEngine
-from sparkserve.engine.config import EngineArgs
-from sparkserve.engine.core import EngineCore
-from sparkserve.scheduler.profile import ThroughputProfile
 from sparkserve.testing.reference import reference_prompt_logprobs
-from sparkserve.testing.server_harness import RunningServer, run_server
+from sparkserve.testing.server_harness import RunningServer
 
-PROFILE = Path(__file__).resolve().parents[1] / "data" / "profile_small.json"
 PROMPT = "Question: What is the capital of France?\nAnswer: Paris"
 
 
-@pytest.fixture(scope="module", params=[None, "none"], ids=["speculation", "no-drafter"])
-def server(request: pytest.FixtureRequest, smollm2) -> Iterator[RunningServer]:
-    args = EngineArgs(dtype="float32", num_kv_blocks=256, block_size=16, max_num_batched_tokens=256, max_num_seqs=8,
-                      drafter=request.param)
-    engine = AsyncEngine(EngineCore(args, loaded=smollm2, profile=ThroughputProfile.load(PROFILE)))
-    with run_server(engine, served_model_name="smol") as running:
-        yield running
+@pytest.fixture
+def server(smol_server: RunningServer) -> RunningServer:
+    return smol_server
 
 
 @pytest.mark.parametrize("max_tokens", [0, 1])  # lm-eval sends either with echo, depending on its version
