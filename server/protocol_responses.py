@@ -111,6 +111,12 @@ class ResponsesRequest(IgnoredOpenAIFields):
     top_logprobs: int | None = None
     stream_options: dict[str, Any] | None = None
 
+    def ignored_fields(self) -> list[str]:
+        """The OpenAI fields with no effect here, the Responses API's own included."""
+        own = [name for name in ("reasoning", "include", "max_tool_calls", "top_logprobs", "stream_options")
+               if name in self.model_fields_set and getattr(self, name) is not None]
+        return super().ignored_fields() + own
+
     @field_validator("previous_response_id")
     @classmethod
     def _stateless(cls, value: str | None) -> str | None:

@@ -120,3 +120,11 @@ def test_bad_requests(srv: RunningServer, body: dict, param: str, stream: bool) 
         r = http.post("/v1/responses", json={"model": MODEL, "stream": stream, **body})
     assert r.status_code == 400 and r.headers["content-type"] == "application/json", r.text
     assert (r.json()["error"]["param"] or "").split(".")[0] == param, r.json()
+
+
+def test_strict_mode_refuses_ignored_responses_fields() -> None:
+    with run_server(strict_openai_fields=True) as strict, strict.http() as http:
+        refused = http.post("/v1/responses", json={"model": MODEL, "input": "hi", "reasoning": {"effort": "low"}})
+        fine = http.post("/v1/responses", json={"model": MODEL, "input": "hi", "store": False})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "reasoning"
+    assert fine.status_code == 200 and fine.json()["store"] is False
