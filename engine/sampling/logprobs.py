@@ -69,7 +69,10 @@ class PromptLogprobs:
         """Start collecting for the newly added requests that ask for prompt logprobs."""
         for seq in seqs:
             new = seq.new_request
-            if new is not None and new.sampling_params.prompt_logprobs is not None and not new.output_token_ids:
+            # Only from position 0 (the scheduler bypasses the prefix cache for these requests): a later
+            # start could not score the prompt's beginning, and the request then gets no entries.
+            if (new is not None and new.sampling_params.prompt_logprobs is not None and not new.output_token_ids
+                    and seq.start_pos == 0):
                 self.active[seq.request_id] = (new.sampling_params.prompt_logprobs, len(new.prompt_token_ids), [])
 
     def drop(self, request_id: str) -> None:
