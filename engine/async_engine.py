@@ -308,7 +308,7 @@ class AsyncEngine:
                     out.request_id, out.new_token_ids, out.new_logprobs, out.finish_reason,
                     out.stop_reason, tracked.num_prompt_tokens, tracked.num_output_tokens,
                     tracked.arrival_time, out.first_scheduled_time, out.num_cached_tokens,
-                    out.num_draft_tokens, out.num_accepted_tokens, out.drafter,
+                    out.num_draft_tokens, out.num_accepted_tokens, out.drafter, out.prompt_logprobs,
                 )
             )
             if out.finish_reason is not None:

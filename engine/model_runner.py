@@ -21,6 +21,7 @@ from sparkserve.engine.attention import new_kv_cache
 from sparkserve.engine.input_batch import InputBatch
 from sparkserve.engine.models.config import ModelConfig
 from sparkserve.engine.models.llama import LlamaForCausalLM
+from sparkserve.engine.sampling.logprobs import PromptLogprobs
 from sparkserve.engine.sampling.mask import LogitsMask, RequestLogitsMask
 from sparkserve.engine.spec_decode.draft_store import DraftStore
 from sparkserve.engine.spec_decode.drafter import DraftOutput
@@ -95,6 +96,7 @@ class ModelRunner:
         self.batch = InputBatch(max_num_seqs, max_len, block_size, config.vocab_size, self.device, engine_seed,
                                 kernel_heads=heads if use_kernels else None)
         self.drafts = DraftStore()
+        self.prompt_logprobs = PromptLogprobs()
         self.verifier = Verifier(mask, unseeded_coupling, use_kernels=use_kernels)
         self.mask = mask
         self.compiled = False
@@ -127,6 +129,7 @@ class ModelRunner:
         """
         for rid in (*out.finished_request_ids, *out.preempted_request_ids):
             self.drafts.drop(rid)
+            self.prompt_logprobs.drop(rid)
             if self.mask is not None:
                 self.mask.release(rid)
             if self.speculator is not None:
@@ -136,6 +139,7 @@ class ModelRunner:
                 if seq.new_request is not None:
                     self.mask.add_request(seq.request_id, seq.new_request.sampling_params)
         self.batch.apply(out)
+        self.prompt_logprobs.observe(out.seqs)
         result = RunnerOutput()
         if not out.seqs:
             return result
@@ -144,6 +148,9 @@ class ModelRunner:
         hidden, aux = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention, aux_ids)
         if self.speculator is not None:
             self.speculator.add_context(aux, inputs.positions, inputs.slot_mapping)
+        if self.prompt_logprobs.active:  # only requests that ask for prompt logprobs pay for them
+            self.prompt_logprobs.compute(out.seqs, hidden, self.model.compute_logits, self.batch.token_ids,
+                                         [self.batch.requests[s.request_id].row for s in out.seqs], result)
         chunks = [seq for seq in out.seqs if not seq.sample]
         self.batch.record_all(chunks, [()] * len(chunks), [0] * len(chunks))
         sample_seqs = [out.seqs[i] for i in inputs.sample_index]

@@ -44,6 +44,7 @@ class RequestOutput:
         num_cached_tokens: prompt tokens served from the prefix cache.
         num_draft_tokens / num_accepted_tokens: drafts verified / accepted in this delta's steps.
         drafter: the drafter family of those drafts ("" without drafts).
+        prompt_logprobs: on the first output, when asked: one entry per prompt token after the first.
     """
 
     request_id: str
@@ -59,6 +60,7 @@ class RequestOutput:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     drafter: str = ""
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass

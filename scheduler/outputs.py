@@ -146,11 +146,14 @@ class RunnerOutput:
             bonus token (exactly one token without speculation).
         logprobs: per request, one entry per sampled token, when the request asked for logprobs.
         drafts: per request, drafts for the next step (empty without a drafter).
+        prompt_logprobs: per request that asked for them, on the step that samples its first token:
+            one entry per prompt token after the first (``sparkserve.engine.sampling.logprobs.PromptLogprobs``).
     """
 
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     drafts: dict[str, DraftProposal] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,8 @@ class EngineCoreOutput:
         first_scheduled_time: ``time.monotonic()`` when the request first ran (queue-time metric).
         num_cached_tokens: prompt tokens found in the prefix cache at admission.
         drafter: the drafter family of the drafts verified this step ("" without drafts).
+        prompt_logprobs: on the request's first output, when asked: one entry per prompt token after
+            the first.
     """
 
     request_id: str
@@ -181,6 +186,7 @@ class EngineCoreOutput:
     first_scheduled_time: float | None = None
     num_cached_tokens: int = 0
     drafter: str = ""
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def finished(self) -> bool:

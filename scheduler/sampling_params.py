@@ -30,6 +30,8 @@ class SamplingParams:
         stop_token_ids: extra token ids that end generation (EOS is added unless ``ignore_eos``).
         ignore_eos: keep generating past EOS (benchmarks).
         logprobs: ``None`` = no logprobs; ``k >= 0`` returns the chosen token's logprob plus the top-k.
+        prompt_logprobs: ``None`` = none; ``k >= 0`` returns, with the first output, each prompt token's
+            logprob (after the first token) plus the top-k; such a request bypasses the prefix cache.
         logit_bias: (token id, bias) pairs added to the logits before sampling.
         target_tpot_ms: optional per-request time-per-output-token goal (vendor extension) used by
             the load-aware verification policy; ``None`` = no goal.
@@ -50,6 +52,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = field(default=())
     target_tpot_ms: float | None = None
     grammar: str | None = None
@@ -69,6 +72,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
             raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.target_tpot_ms is not None and not (math.isfinite(self.target_tpot_ms) and self.target_tpot_ms > 0):

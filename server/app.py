@@ -13,9 +13,9 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -30,10 +30,22 @@ from sparkserve.server.http_guard import (
     num_authorization_headers,
 )
 from sparkserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from sparkserve.server.protocol_responses import ResponsesRequest
 from sparkserve.server.router_compat import install_router_routes
 from sparkserve.server.serving import RequestMetrics, ServerState
 from sparkserve.server.serving_chat import create_chat_completion
 from sparkserve.server.serving_completions import create_completion
+from sparkserve.server.serving_responses import create_response
+from sparkserve.server.serving_tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeResponse,
+    TokenizerInfoResponse,
+    detokenize,
+    parse_tokenize_request,
+    tokenize,
+    tokenizer_info,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +178,7 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     cors_origins: Sequence[str] = (),
+    strict_openai_fields: bool = False,
 ) -> FastAPI:
     """Build the OpenAI-compatible app around ``engine``.
 
@@ -185,6 +198,7 @@ def build_app(
         max_body_bytes / body_timeout_s: request body limit (413 past it) and the seconds the whole
             body may take to arrive (408 after); see :mod:`sparkserve.server.http_guard`.
         cors_origins: origins allowed by CORS; empty (the default) = no CORS headers at all.
+        strict_openai_fields: 400 for the OpenAI fields this server ignores (default: a log warning).
 
     The :class:`ServerState` is at ``app.state.server`` (the CLI drains through it).
     """
@@ -196,6 +210,7 @@ def build_app(
         max_choices,
         max_total_tokens=max_total_tokens,
         metrics=request_metrics,
+        strict_openai_fields=strict_openai_fields,
     )
     on_rejected = request_metrics.on_request_rejected if request_metrics is not None else None
     probe = ReadinessProbe(state, ready_timeout_s, ready_cache_s)
@@ -231,6 +246,22 @@ def build_app(
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, raw_request: Request) -> Response:
         return await create_completion(body, raw_request, state)
+
+    @app.post("/v1/responses", response_model=None)
+    async def responses(body: ResponsesRequest, raw_request: Request) -> Response:
+        return await create_response(body, raw_request, state)
+
+    @app.post("/tokenize")
+    async def tokenize_route(body: dict[str, Any] = Body(...)) -> TokenizeResponse:  # noqa: B008 (FastAPI)
+        return await tokenize(parse_tokenize_request(body), state)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route() -> TokenizerInfoResponse:
+        return tokenizer_info(state)
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
+        return await detokenize(body, state)
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -266,6 +266,9 @@ def build_parser(include_train: bool = True) -> argparse.ArgumentParser:
                    help="most open connections + tasks (503 past it; default: no limit)")
     s.add_argument("--cors-allow-origin", action="append", default=[],
                    help="allow CORS from this origin (repeatable; default: no CORS headers)")
+    s.add_argument("--strict-openai-fields", action="store_true",
+                   help="400 for OpenAI request fields this server ignores (service_tier, store, ...; "
+                        "default: accept them with a log warning)")
     s.add_argument(
         "--metrics-profile-every",
         type=int,
@@ -355,6 +358,7 @@ def run_serve(ns: argparse.Namespace, engine_args: EngineArgs) -> None:
         max_body_bytes=ns.max_body_bytes,
         body_timeout_s=ns.body_read_timeout,
         cors_origins=ns.cors_allow_origin,
+        strict_openai_fields=ns.strict_openai_fields,
     )
     serve(app, host=ns.host, port=ns.port, drain_timeout_s=ns.drain_timeout, log_level=ns.log_level,
           timeout_keep_alive_s=ns.timeout_keep_alive, limit_concurrency=ns.limit_concurrency)

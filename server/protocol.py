@@ -4,8 +4,14 @@ Requests forbid unknown fields, as OpenAI does ("Unrecognized request argument s
 misspelt parameter is a 400 instead of being silently ignored. Vendor extensions (vLLM-style) are
 ``top_k``, ``min_p``, ``stop_token_ids``, ``ignore_eos``, ``target_tpot_ms`` and the structured-output
 extras ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``structured_outputs``. Features that
-are not supported (legacy ``functions`` / ``function_call``, echo, suffix, non-text content parts) are
+are not supported (legacy ``functions`` / ``function_call``, suffix, non-text content parts) are
 declared so that their use fails with a 400 naming the parameter.
+
+Fields that OpenAI's API defines but that mean nothing for a self-hosted model (``service_tier``,
+``store``, ``metadata``, ``prompt_cache_key``, ``safety_identifier``, ``reasoning_effort``, ``verbosity``,
+...: :data:`IGNORED_OPENAI_FIELDS`) are declared too, so the SDKs and agent frameworks that send them get
+an answer: the server logs a warning and changes nothing in the output (as vLLM does), or, in strict
+mode (``--strict-openai-fields``), refuses them with a 400.
 """
 
 from __future__ import annotations
@@ -163,7 +169,40 @@ def _reject_unless_empty(value: Any, what: str) -> Any:
     return value
 
 
-class SamplingRequestFields(_Request):
+IGNORED_OPENAI_FIELDS = (
+    "service_tier", "store", "metadata", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
+    "safety_identifier", "reasoning_effort", "verbosity", "prediction", "modalities", "moderation",
+)
+"""OpenAI request fields accepted and ignored (a warning each), or a 400 in strict mode."""
+
+
+class IgnoredOpenAIFields(_Request):
+    """Fields of OpenAI's request types with no effect on a self-hosted model (see module docstring).
+
+    Types are loose on purpose: whatever shape a newer SDK sends, it is ignored; a value that would
+    change the output here (``modalities`` with audio) is refused.
+    """
+
+    service_tier: Text | None = None
+    store: bool | None = None
+    metadata: dict[Text, Any] | None = None
+    prompt_cache_key: Text | None = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    safety_identifier: Text | None = None
+    reasoning_effort: Text | None = None
+    verbosity: Text | None = None
+    prediction: Any = None
+    modalities: list[Literal["text"]] | None = Field(None, description="only text output is served")
+    moderation: Any = None
+
+    def ignored_fields(self) -> list[str]:
+        """The ignored fields the client set to something other than null, in declaration order."""
+        return [name for name in IGNORED_OPENAI_FIELDS
+                if name in self.model_fields_set and getattr(self, name) is not None]
+
+
+class SamplingRequestFields(IgnoredOpenAIFields):
     """Fields shared by chat and completions requests."""
 
     model: Text
@@ -245,8 +284,6 @@ class ChatCompletionRequest(SamplingRequestFields, GuidedDecodingFields, RouterC
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
-    metadata: dict[Text, Text] | None = None
-    store: bool | None = None
 
     @field_validator("functions", "function_call")
     @classmethod
@@ -275,16 +312,13 @@ class CompletionRequest(SamplingRequestFields, GuidedDecodingFields, RouterCompl
 
     prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
+    echo: bool = Field(False, description="the prompt in front of the completion (with logprobs: the prompt's too)")
+    max_tokens: int | None = Field(None, ge=0, description="0 only with echo: score the prompt, generate nothing")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="extension (vLLM): each prompt token's logprob and top-k"
+    )
     suffix: Text | None = None
     best_of: int | None = Field(None, ge=1)
-
-    @field_validator("echo")
-    @classmethod
-    def _check_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported by this server")
-        return value
 
     @field_validator("suffix")
     @classmethod
@@ -351,10 +385,21 @@ class ChatLogprobs(_Response):
 
 
 class CompletionLogprobs(_Response):
+    """Legacy completions logprobs; with ``echo`` the prompt's first token has null entries."""
+
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+
+class PromptLogprob(_Response):
+    """vLLM's ``prompt_logprobs`` entry of one token (keyed by its id): ``rank`` 1 is the most likely
+    token; null for a prompt token outside the top-k."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
 
 
 class FunctionCall(_Response):
@@ -462,6 +507,7 @@ class CompletionChoice(_Response):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(_Response):

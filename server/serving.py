@@ -31,7 +31,13 @@ from sparkserve.scheduler.sampling_params import SamplingParams
 from sparkserve.server.detokenizer import StopStringDecoder
 from sparkserve.server.engine_client import EngineClient, RequestOutput
 from sparkserve.server.errors import ApiError, engine_error_to_api_error, internal_error
-from sparkserve.server.protocol import DrafterUsage, PromptTokensDetails, SpeculationUsage, UsageInfo
+from sparkserve.server.protocol import (
+    DrafterUsage,
+    IgnoredOpenAIFields,
+    PromptTokensDetails,
+    SpeculationUsage,
+    UsageInfo,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +81,8 @@ class ServerState:
         draining: set on graceful shutdown; new requests then get 503 and readiness is false.
         generations: generations submitted and not yet closed.
         metrics: request metrics to feed (None = no metrics).
+        strict_openai_fields: refuse (400) the OpenAI fields this server ignores
+            (:data:`sparkserve.server.protocol.IGNORED_OPENAI_FIELDS`) instead of logging a warning.
     """
 
     engine: EngineClient
@@ -85,6 +93,7 @@ class ServerState:
     draining: bool = False
     generations: set[Generation] = field(default_factory=set)
     metrics: RequestMetrics | None = None
+    strict_openai_fields: bool = False
 
     @property
     def num_inflight(self) -> int:
@@ -96,6 +105,20 @@ class ServerState:
         "abort" (its streams still send their last chunk and ``[DONE]``)."""
         for generation in list(self.generations):
             await generation.abort_engine_requests()
+
+    def check_ignored_fields(self, req: IgnoredOpenAIFields) -> None:
+        """Log the OpenAI fields ``req`` sets that have no effect here; in strict mode, a 400 for the first.
+
+        Raises:
+            ApiError: 400 (strict mode only) naming the field, as for an unknown field.
+        """
+        ignored = req.ignored_fields()
+        if not ignored:
+            return
+        if self.strict_openai_fields:
+            raise ApiError(400, f"Unrecognized request argument supplied: {ignored[0]} (this server runs with "
+                           "--strict-openai-fields)", param=ignored[0])
+        logger.warning("ignoring request fields with no effect on this server: %s", ", ".join(ignored))
 
     def default_max_tokens_for(self, num_choices: int) -> int:
         """``max_tokens`` for a request that omits it: ``default_max_tokens``, lowered so that all
@@ -128,6 +151,8 @@ class ChoiceUpdate:
         logprobs: one entry per token in ``token_ids`` when requested.
         finish_reason: "stop" | "length" | "abort" on the choice's last update.
         stop_reason: the stop string or stop token id that ended the choice.
+        prompt_logprobs: on the choice's first update, when asked: one entry per prompt token after
+            the first.
     """
 
     index: int
@@ -136,6 +161,7 @@ class ChoiceUpdate:
     logprobs: tuple[TokenLogprob, ...] | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass
@@ -185,15 +211,16 @@ class _Choice:
         self.num_output_tokens += delta.num_tokens
         token_ids = tuple(out.new_token_ids[: delta.num_tokens])
         logprobs = None if out.new_logprobs is None else tuple(out.new_logprobs[: delta.num_tokens])
+        prompt = getattr(out, "prompt_logprobs", None)  # engines without prompt logprobs: None
         if delta.stop is not None:
             self.finished = True
-            return ChoiceUpdate(self.index, delta.text, token_ids, logprobs, "stop", delta.stop)
+            return ChoiceUpdate(self.index, delta.text, token_ids, logprobs, "stop", delta.stop, prompt)
         if final:
             self.finished = True
             return ChoiceUpdate(
-                self.index, delta.text, token_ids, logprobs, out.finish_reason, out.stop_reason
+                self.index, delta.text, token_ids, logprobs, out.finish_reason, out.stop_reason, prompt
             )
-        return ChoiceUpdate(self.index, delta.text, token_ids, logprobs)
+        return ChoiceUpdate(self.index, delta.text, token_ids, logprobs, prompt_logprobs=prompt)
 
 
 @dataclass(eq=False)

@@ -70,9 +70,12 @@ def chat_logprobs(tokenizer: Tokenizer, entries: Sequence[TokenLogprob], top_k: 
     return ChatLogprobs(content=content)
 
 
-def build_chat_prompt(req: ChatCompletionRequest, tokenizer: Tokenizer, max_model_len: int) -> list[int]:
+def build_chat_prompt(
+    req: ChatCompletionRequest, tokenizer: Tokenizer, max_model_len: int, add_generation_prompt: bool = True
+) -> list[int]:
     """Render the chat template (``developer`` is sent as ``system``) and tokenize it; special tokens
     come only from the template's markup (``tokenizer.encode_chat``: message contents are text).
+    ``add_generation_prompt`` ends the text with the assistant turn's header (``/tokenize`` may omit it).
 
     Raises:
         ApiError: 400 when the contents cannot fit the context (checked before tokenizing) or the
@@ -81,7 +84,7 @@ def build_chat_prompt(req: ChatCompletionRequest, tokenizer: Tokenizer, max_mode
     messages, extra = chat_messages(req, getattr(tokenizer, "chat_template", None))
     check_text_fits(["".join(m["content"] for m in messages) + json.dumps(extra)], tokenizer, max_model_len, "messages")
     try:
-        return tokenizer.encode_chat(messages, add_generation_prompt=True, **extra)
+        return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt, **extra)
     except Exception as exc:  # jinja2 errors such as raise_exception("roles must alternate")
         raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from exc
 
@@ -92,6 +95,7 @@ async def create_chat_completion(
     """Validate, submit and answer one chat completion request (streaming or not)."""
     arrival = time.monotonic()
     state.check_can_serve(req.model)
+    state.check_ignored_fields(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true.", param="top_logprobs")
     if req.stream_options is not None and not req.stream:

@@ -3,6 +3,16 @@
 Several prompts (a list of strings or of token-id lists) give one choice per prompt and per ``n``,
 numbered ``prompt_index * n + i``; ``best_of`` is accepted only when it equals ``n`` (no
 server-side ranking).
+
+``echo`` (as vLLM serves it, what evaluation harnesses send to score a text): the prompt text goes in
+front of each choice's text (the string as sent, or the decoded token ids); with ``logprobs: k`` the
+logprobs cover the prompt tokens too, the first with null entries, then the generated ones, with
+``text_offset`` counted from the start of the echoed text. ``max_tokens: 0`` with echo scores the prompt
+without generating: the engine samples one token from the prefill's last logits (no extra forward
+pass), which is dropped (``finish_reason: "length"``, no completion tokens). vLLM's ``prompt_logprobs: k``
+extension gives ``choices[i].prompt_logprobs``: null for the first token, then per token a map from
+token id to ``{logprob, rank, decoded_token}`` (the prompt token and the top k). Prompt logprobs come
+from the engine's prefill (``SamplingParams.prompt_logprobs``; such requests bypass the prefix cache).
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -19,12 +30,14 @@ from starlette.concurrency import run_in_threadpool
 
 from sparkserve.scheduler.outputs import TokenLogprob
 from sparkserve.server.engine_client import Tokenizer
-from sparkserve.server.errors import bad_request
+from sparkserve.server.errors import ApiError, bad_request
 from sparkserve.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprob,
+    UsageInfo,
 )
 from sparkserve.server.sampling import (
     build_sampling_params,
@@ -70,6 +83,13 @@ def completion_logprobs(
 ) -> CompletionLogprobs:
     """Legacy completions logprobs; ``text_offset`` is where the first token starts in the text."""
     out = CompletionLogprobs()
+    _append_logprobs(out, tokenizer, entries, top_k, text_offset)
+    return out
+
+
+def _append_logprobs(
+    out: CompletionLogprobs, tokenizer: Tokenizer, entries: Sequence[TokenLogprob], top_k: int, text_offset: int
+) -> None:
     for entry in entries:
         text = token_text(tokenizer, entry.token_id)
         out.tokens.append(text)
@@ -79,17 +99,102 @@ def completion_logprobs(
         )
         out.text_offset.append(text_offset)
         text_offset += len(text)
+
+
+def echo_logprobs(
+    tokenizer: Tokenizer, prompt: Sequence[int], entries: Sequence[TokenLogprob], top_k: int
+) -> CompletionLogprobs:
+    """Logprobs of an echoed prompt: the first token's entries are null, the others from ``entries``
+    (one per prompt token after the first, from the engine's prefill)."""
+    first = token_text(tokenizer, prompt[0])
+    out = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+    _append_logprobs(out, tokenizer, entries, top_k, len(first))
     return out
+
+
+def vllm_prompt_logprobs(
+    tokenizer: Tokenizer, entries: Sequence[TokenLogprob], top_k: int
+) -> list[dict[str, PromptLogprob] | None]:
+    """vLLM's ``prompt_logprobs``: null for the first prompt token, then per token its own entry and the
+    ``top_k`` best, keyed by token id (ranks from 1 for the top ones; null for a token outside them)."""
+    out: list[dict[str, PromptLogprob] | None] = [None]
+    for entry in entries:
+        row = {str(t): PromptLogprob(logprob=max(lp, _MIN_LOGPROB), rank=rank, decoded_token=token_text(tokenizer, t))
+               for rank, (t, lp) in enumerate(entry.top[:top_k], start=1)}
+        if str(entry.token_id) not in row:
+            row = {str(entry.token_id): PromptLogprob(logprob=max(entry.logprob, _MIN_LOGPROB),
+                                                     decoded_token=token_text(tokenizer, entry.token_id)), **row}
+        out.append(row)
+    return out
+
+
+@dataclass(frozen=True)
+class _Echo:
+    """What a request asks about its prompts. ``texts``: per prompt, the echoed text ("" without echo);
+    ``score_only``: ``max_tokens`` 0 (nothing generated is reported)."""
+
+    texts: list[str]
+    score_only: bool
+
+    @classmethod
+    def of(cls, req: CompletionRequest, prompts: list[list[int]], tokenizer: Tokenizer) -> _Echo:
+        if not req.echo:
+            return cls([""] * len(prompts), False)
+        raw = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        texts = [r if isinstance(r, str) else tokenizer.decode(p, skip_special_tokens=False)
+                 for r, p in zip(raw if len(raw) == len(prompts) else prompts, prompts, strict=True)]
+        return cls(texts, req.max_tokens == 0)
+
+
+def _prompt_entries(update: ChoiceUpdate) -> tuple[TokenLogprob, ...]:
+    if update.prompt_logprobs is None:
+        raise ApiError(500, "The engine returned no prompt logprobs for a request that asked for them.",
+                       code="engine_error")
+    return update.prompt_logprobs
+
+
+def _choice_delta(
+    generation: Generation, req: CompletionRequest, echo: _Echo, update: ChoiceUpdate, first: bool, offset: int
+) -> CompletionChoice:
+    """One choice's text, logprobs and prompt logprobs for ``update`` (the echo on its ``first``);
+    ``offset``: characters of this choice sent before."""
+    tokenizer = generation.state.engine.tokenizer
+    choice = generation.choices[update.index]
+    prefix = echo.texts[choice.prompt_index] if first else ""
+    generated = "" if echo.score_only else update.text
+    logprobs = prompt_lp = None
+    if req.logprobs is not None:
+        logprobs = CompletionLogprobs()
+        if first and req.echo:
+            logprobs = echo_logprobs(tokenizer, choice.prompt_token_ids, _prompt_entries(update), req.logprobs)
+            logprobs.text_offset[:] = [offset + o for o in logprobs.text_offset]
+        if not echo.score_only:
+            _append_logprobs(logprobs, tokenizer, update.logprobs or (), req.logprobs, offset + len(prefix))
+    if first and req.prompt_logprobs is not None:
+        prompt_lp = vllm_prompt_logprobs(tokenizer, _prompt_entries(update), req.prompt_logprobs)
+    finish = "length" if echo.score_only and update.finish_reason is not None else update.finish_reason
+    return CompletionChoice(index=update.index, text=prefix + generated, logprobs=logprobs, finish_reason=finish,
+                            stop_reason=None if echo.score_only else update.stop_reason, prompt_logprobs=prompt_lp)
+
+
+def _usage(generation: Generation, echo: _Echo) -> UsageInfo:
+    usage = generation.usage()
+    if echo.score_only:  # the one token sampled to end the request is not reported
+        usage = usage.model_copy(update={"completion_tokens": 0, "total_tokens": usage.prompt_tokens})
+    return usage
 
 
 async def create_completion(req: CompletionRequest, raw_request: Request, state: ServerState) -> Response:
     """Validate, submit and answer one completions request (streaming or not)."""
     arrival = time.monotonic()
     state.check_can_serve(req.model)
+    state.check_ignored_fields(req)
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of other than n is not supported.", param="best_of")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
+    if req.max_tokens == 0 and not req.echo:
+        raise bad_request("max_tokens 0 is only allowed with echo (scoring the prompt).", param="max_tokens")
     check_seed(req.seed, req.n)
     engine = state.engine
     prompts = await run_in_threadpool(completion_prompts, req, engine.tokenizer, engine.max_model_len)
@@ -102,8 +207,15 @@ async def create_completion(req: CompletionRequest, raw_request: Request, state:
         for p in prompts
     ]
     check_total_tokens(state.max_total_tokens, max_tokens, req.n)
+    echo = _Echo.of(req, prompts, engine.tokenizer)
+    # Prompt logprobs: the larger k of echo's logprobs and of prompt_logprobs (each slices its own).
+    asks = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
     params = [
-        build_sampling_params(req, engine.tokenizer, max_tokens=m, logprobs=req.logprobs) for m in max_tokens
+        dataclasses.replace(  # max_tokens 0 (score only): one token ends the request, then is dropped
+            build_sampling_params(req, engine.tokenizer, max_tokens=max(m, 1), logprobs=req.logprobs),
+            prompt_logprobs=max(asks) if asks else None,
+        )
+        for m in max_tokens
     ]
     spec = grammar_spec(req)
     if spec is not None:  # compiled (or a 400) before the request reaches the engine
@@ -115,69 +227,53 @@ async def create_completion(req: CompletionRequest, raw_request: Request, state:
     await generation.submit()
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = stream_events(_completion_chunks(generation, req, include_usage))
+        events = stream_events(_completion_chunks(generation, req, echo, include_usage))
         return EventSourceResponse(events, background=BackgroundTask(generation.close))
     updates = await collect(generation, raw_request)
     if updates is None:
         return Response(status_code=499)  # client closed the connection; nobody reads this
-    return JSONResponse(_completion_response(generation, req, updates).model_dump(mode="json"))
+    return JSONResponse(_completion_response(generation, req, echo, updates).model_dump(mode="json"))
 
 
 def _completion_response(
-    generation: Generation, req: CompletionRequest, updates: list[ChoiceUpdate]
+    generation: Generation, req: CompletionRequest, echo: _Echo, updates: list[ChoiceUpdate]
 ) -> CompletionResponse:
-    tokenizer = generation.state.engine.tokenizer
-    num_choices = len(generation.choices)
-    texts = ["" for _ in range(num_choices)]
-    entries: list[list[TokenLogprob]] = [[] for _ in range(num_choices)]
-    finish: list[tuple[str | None, int | str | None]] = [(None, None)] * num_choices
+    """The whole response: each choice's updates merged into one (the first carries the echo)."""
+    choices: dict[int, CompletionChoice] = {}
     for update in updates:
-        texts[update.index] += update.text
-        entries[update.index].extend(update.logprobs or ())
-        if update.finish_reason is not None:
-            finish[update.index] = (update.finish_reason, update.stop_reason)
-    top_k = req.logprobs or 0
-    choices = [
-        CompletionChoice(
-            index=i,
-            text=texts[i],
-            logprobs=None if req.logprobs is None else completion_logprobs(tokenizer, entries[i], top_k, 0),
-            finish_reason=finish[i][0],
-            stop_reason=finish[i][1],
-        )
-        for i in range(num_choices)
-    ]
-    return CompletionResponse(
-        id=generation.response_id, model=req.model, choices=choices, usage=generation.usage()
-    )
+        merged = choices.get(update.index)
+        delta = _choice_delta(generation, req, echo, update, merged is None, len(merged.text) if merged else 0)
+        if merged is None:
+            choices[update.index] = delta
+            continue
+        if merged.logprobs is not None and delta.logprobs is not None:
+            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                getattr(merged.logprobs, name).extend(getattr(delta.logprobs, name))
+        merged.text += delta.text
+        merged.finish_reason, merged.stop_reason = delta.finish_reason, delta.stop_reason
+    ordered = [choices.get(i, CompletionChoice(index=i, text="")) for i in range(len(generation.choices))]
+    return CompletionResponse(id=generation.response_id, model=req.model, choices=ordered, usage=_usage(generation, echo))
 
 
 async def _completion_chunks(
-    generation: Generation, req: CompletionRequest, include_usage: bool
+    generation: Generation, req: CompletionRequest, echo: _Echo, include_usage: bool
 ) -> AsyncIterator[str]:
-    tokenizer = generation.state.engine.tokenizer
     offsets = [0] * len(generation.choices)
-    top_k = req.logprobs or 0
+    started = [False] * len(generation.choices)
     continuous = include_usage and bool(req.stream_options and req.stream_options.continuous_usage_stats)
     async for update in generation.updates():
-        if not (update.text or update.finish_reason or (req.logprobs is not None and update.token_ids)):
+        first = not started[update.index]
+        has_tokens = req.logprobs is not None and update.token_ids and not echo.score_only
+        if not (update.text or update.finish_reason or has_tokens or (first and (req.echo or req.prompt_logprobs is not None))):
             continue
-        logprobs = None
-        if req.logprobs is not None:
-            logprobs = completion_logprobs(tokenizer, update.logprobs or (), top_k, offsets[update.index])
-        offsets[update.index] += len(update.text)
-        choice = CompletionChoice(
-            index=update.index,
-            text=update.text,
-            logprobs=logprobs,
-            finish_reason=update.finish_reason,
-            stop_reason=update.stop_reason,
-        )
+        started[update.index] = True
+        choice = _choice_delta(generation, req, echo, update, first, offsets[update.index])
+        offsets[update.index] += len(choice.text)
         yield CompletionResponse(
             id=generation.response_id, model=req.model, choices=[choice],
-            usage=generation.usage() if continuous else None,
+            usage=_usage(generation, echo) if continuous else None,
         ).model_dump_json()
     if include_usage:
         yield CompletionResponse(
-            id=generation.response_id, model=req.model, choices=[], usage=generation.usage()
+            id=generation.response_id, model=req.model, choices=[], usage=_usage(generation, echo)
         ).model_dump_json()

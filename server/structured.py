@@ -113,9 +113,25 @@ def _tool_grammar(req: ChatCompletionRequest) -> GrammarSpec | None:
         if not tools:
             raise bad_request(f"tool_choice names {choice.function.name!r}, which is not in tools", param="tool_choice")
     parallel = choice == "required" and req.parallel_tool_calls is not False
-    source = {"tools": [{"name": t.function.name, "parameters": t.function.parameters} for t in tools],
+    source = {"tools": [{"name": t.function.name, "parameters": tool_parameters(t.function.parameters)} for t in tools],
               "parallel": parallel}
     return GrammarSpec("tool_calls", json.dumps(source, sort_keys=True))
+
+
+NO_ARGUMENTS_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def tool_parameters(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """The arguments schema a tool call is constrained to.
+
+    A tool whose ``parameters`` is absent or declares no ``properties`` takes no arguments: its calls
+    are constrained to ``{}`` (an open ``{"type": "object"}`` lets a small model write nested keys until
+    ``max_tokens``, so no call is ever parsed; the same failure as vLLM #28806). A schema that opens
+    ``additionalProperties`` explicitly (a map) is kept as given.
+    """
+    schema = parameters or {}
+    opened = schema.get("additionalProperties") not in (None, False)
+    return schema if schema.get("properties") or opened else NO_ARGUMENTS_SCHEMA
 
 
 def chat_messages(req: ChatCompletionRequest, template: str | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:

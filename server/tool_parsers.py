@@ -2,7 +2,9 @@
 
 ``hermes``: calls are ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks (Hermes 2 Pro,
 Qwen 2.5 / 3, and the default tool prompt of ``server/structured.py``); text outside the blocks is
-content. A block that does not parse as a call is left in the content, as vLLM's parser does.
+content. A block that does not parse as a call is left in the content, as vLLM's parser does; a block
+with a name and no ``arguments`` (how models write a call of a tool without parameters) is a call with
+``{}`` arguments.
 
 Streaming holds back text that may be the start of ``<tool_call>``; inside a block it emits the call's
 header (``index``, ``id``, ``type``, function ``name``) as soon as the name is known, then argument
@@ -35,8 +37,10 @@ def _parse_block(body: str) -> tuple[str, str] | None:
         call = json.loads(body)
     except ValueError:
         return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or "arguments" not in call:
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return None
+    if "arguments" not in call:
+        return (call["name"], "{}") if len(call) == 1 else None
     args = call["arguments"]
     match = _NAME.match(body)
     if match is not None:  # keep the model's own argument text when it is exactly the arguments

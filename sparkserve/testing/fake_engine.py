@@ -6,7 +6,8 @@ span tokens. :class:`FakeEngine` replies deterministically: the text between ``[
 the prompt (else :data:`DEFAULT_REPLY`), then EOS. Directives in the prompt change its behaviour:
 ``{delay=S}`` seconds between outputs, ``{spec=K}`` tokens per output (like speculative decoding),
 ``{error=N}`` the request fails (finish_reason "error", as after a failed engine step) after N outputs,
-``{die=N}`` the engine loop dies after N outputs.
+``{die=N}`` the engine loop dies after N outputs. Prompt logprobs, when asked, are ``-1.0`` for every
+prompt token after the first (top: the token itself, then EOS at ``-3.0``), on the first output.
 
 Run as a module it serves the fake through ``sparkserve.server.cli.serve`` (graceful-shutdown tests).
 """
@@ -196,6 +197,10 @@ class FakeEngine:
             produced += new
             steps += 1
             logprobs = None
+            prompt_logprobs = None
+            if params.prompt_logprobs is not None and steps == 1:
+                prompt_logprobs = tuple(TokenLogprob(t, -1.0, ((t, -1.0), (EOS, -3.0))[: params.prompt_logprobs])
+                                        for t in prompt[1:])
             if params.logprobs is not None:
                 logprobs = tuple(
                     TokenLogprob(t, -0.5, ((t, -0.5), (EOS, -2.0))[: params.logprobs]) for t in new
@@ -203,7 +208,8 @@ class FakeEngine:
             if finish is not None:
                 self._active.pop(request_id, None)
             yield RequestOutput(
-                request_id, tuple(new), logprobs, finish, stop_reason, len(prompt), len(produced), **times
+                request_id, tuple(new), logprobs, finish, stop_reason, len(prompt), len(produced), **times,
+                prompt_logprobs=prompt_logprobs,
             )
             if finish is not None:
                 return

@@ -32,6 +32,21 @@ class ReferenceResult:
 @torch.inference_mode()
 def reference_logits(model: LlamaForCausalLM, token_ids: list[int]) -> torch.Tensor:
     """Next-token logits after ``token_ids`` from one fresh causal forward. Returns [V] fp32."""
+    return reference_all_logits(model, token_ids, last_only=True)[0]
+
+
+@torch.inference_mode()
+def reference_prompt_logprobs(model: LlamaForCausalLM, token_ids: list[int]) -> torch.Tensor:
+    """``[L - 1]`` natural-log probability of each token after the first, given the ones before it,
+    from one fresh causal forward (the oracle of prompt logprobs)."""
+    logprobs = torch.log_softmax(reference_all_logits(model, token_ids)[:-1], dim=-1)  # [L - 1, V]
+    return logprobs.gather(1, torch.tensor(token_ids[1:])[:, None]).squeeze(1)
+
+
+@torch.inference_mode()
+def reference_all_logits(model: LlamaForCausalLM, token_ids: list[int], last_only: bool = False) -> torch.Tensor:
+    """``[L, V]`` fp32 logits at every position of ``token_ids`` (``[1, V]``, the last, with ``last_only``)
+    from one fresh causal forward."""
     cfg = model.config
     n = len(token_ids)
     block_size = 16
@@ -42,7 +57,7 @@ def reference_logits(model: LlamaForCausalLM, token_ids: list[int]) -> torch.Ten
     meta = build_attention_metadata([n], [0], [n], [list(range(num_blocks))], block_size)
     ids = torch.tensor(token_ids, dtype=torch.int64)
     hidden, _ = model(ids, torch.arange(n), caches, meta)
-    return model.compute_logits(hidden[-1:])[0].float()
+    return model.compute_logits(hidden[-1:] if last_only else hidden).float()
 
 
 def greedy_reference(
