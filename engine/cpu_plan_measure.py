@@ -3,9 +3,10 @@
 The timed work is the model's own decoder-layer linears (``linear_shapes``: QKV, O, gate-up, down, each
 once per layer), on random weights of those shapes, for every row bucket, candidate dtype and registry
 path. Candidates are timed in alternation within a bucket (one call each per round, so a load change on a
-shared machine hits all of them alike) and a candidate more than ``prune_ratio`` times slower than the
-best of its bucket is not timed at larger buckets (the fp32 int4 kernel is scalar: ~30x slower; bf16
-without native bf16 grows ~5x slower than fp32 by 64 rows). Large buckets get one timed round.
+shared machine hits all of them alike) and each keeps its fastest round (interference only adds time).
+From ``SMALL_BUCKET`` rows on, a non-dense candidate more than ``prune_ratio`` times slower than the best
+of its bucket is not timed at larger buckets (the fp32 int4 kernel is scalar: ~30x slower); dense paths are always timed (the fallback
+every bucket needs). Buckets above ``SMALL_BUCKET`` rows get two timed rounds.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -59,7 +59,7 @@ def measure_timings(
     repeats: int = 3, prune_ratio: float = 4.0, progress: bool = False, seed: int = 0,
 ) -> dict[tuple[str, str, int], float]:
     """Seconds of one forward's decoder-layer linears per (dtype, path, rows) for each candidate
-    (dtype, path): the median over rounds of one layer's calls, times the layer count. Candidates whose
+    (dtype, path): the fastest round of one layer's calls, times the layer count. Candidates whose
     ``build`` raises RuntimeError are left out."""
     gen = torch.Generator().manual_seed(seed)
     weights = [torch.randn(n, k, generator=gen) * k ** -0.5 for n, k, _ in shapes]
@@ -81,18 +81,19 @@ def measure_timings(
         for m in buckets:
             xs = {d: [torch.randn(m, k, generator=gen).to(getattr(torch, d)) for _, k, _ in shapes] for d in dtypes}
             samples: dict[tuple[str, str], list[float]] = {c: [] for c in live}
-            for round_ in range(1 + (repeats if m <= SMALL_BUCKET else 1)):  # round 0 warms up
+            for round_ in range(1 + (repeats if m <= SMALL_BUCKET else 2)):  # round 0 warms up
                 for cand in live:
                     start = time.perf_counter()
                     for fn, x in zip(fns[cand], xs[cand[0]], strict=True):
                         fn(x)
                     if round_:
                         samples[cand].append(time.perf_counter() - start)
-            per_call = {c: statistics.median(s) for c, s in samples.items()}
+            per_call = {c: min(s) for c, s in samples.items()}  # min: a stall on a shared machine only adds
             for (dtype, path), t in per_call.items():
                 timings[(dtype, path, m)] = t * _calls_scale(shapes)
             fastest = min(per_call.values())
-            live = [c for c in live if per_call[c] <= prune_ratio * fastest]
+            if m >= SMALL_BUCKET:  # small buckets are cheap and decide the cap: never pruned on one noisy round
+                live = [c for c in live if c[1] == "dense" or per_call[c] <= prune_ratio * fastest]
             if bar is not None:
                 bar.update(1)
     if bar is not None:

@@ -249,6 +249,8 @@ def test_greedy_text_under_every_plan(dtype, tiny_folder, tmp_path, monkeypatch)
     planned = core(None, plan=True)
     assert planned.plan is not None and planned.plan.dtype == dtype
     assert planned.profile_key()["plan"] == planned.plan.summary()
+    caps = {q.max_tokens for layer in planned.loaded.model.layers for q in layer.quant.values()}
+    assert caps == {planned.plan.quant_max_rows} and planned.gemv_max_tokens == planned.plan.quant_max_rows
     for label, engine in (("cap1", core(1)), ("cap4", core(4)), ("cap16", core(16)), ("planned", planned)):
         assert all(layer.quant for layer in engine.loaded.model.layers)
         for i, out in enumerate(engine.generate_batch(prompts, params)):
