@@ -12,7 +12,8 @@ class EngineArgs:
     Attributes:
         model: local HF folder or GGUF file; ``None`` = the embedded SmolLM2-135M-Instruct.
         served_model_name: name reported by ``/v1/models`` (default: derived from ``model``).
-        dtype: "float32" | "bfloat16" (weights, activations and KV cache).
+        dtype: "float32" | "bfloat16" (weights, activations and KV cache) | "auto" (on the CPU the plan
+            picks the faster by measurement, engine/cpu_plan.py; elsewhere bfloat16).
         kv_cache_memory_gb: memory for the paged KV cache (GiB), used when ``num_kv_blocks`` is None;
             None = 1 GiB on the CPU, ``gpu_memory_utilization`` on CUDA.
         num_kv_blocks: explicit number of KV blocks (overrides ``kv_cache_memory_gb``).
@@ -57,7 +58,10 @@ class EngineArgs:
             Q4_1 / Q8_0 blocks quantised (HF checkpoints stay dense), "none" dequantises everything,
             "int8" / "int4" quantise the decoder-layer linears at load. CPU only ("auto" is dense elsewhere).
         quant_gemv_max_tokens: a linear over at most this many rows runs the quantised kernel, larger
-            ones the dense GEMM on the same canonical weights (crossover: loadtests/bench_step.py).
+            ones the dense GEMM on the same canonical weights; None = the CPU plan's measured crossover
+            (4 without a plan).
+        cpu_plan: on the CPU, time the linear paths and dtypes for the model's shapes at first start and
+            serve each row bucket with the fastest (engine/cpu_plan.py; cached per machine).
         compile: torch.compile the decoder layers' bodies (attention stays eager); off by default
             because it measured no faster on this CPU (docs/benchmarks.md); eager fallback on failure.
     """
@@ -95,12 +99,13 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     attention_backend: str = "auto"
     quantization: str = "auto"
-    quant_gemv_max_tokens: int = 4
+    quant_gemv_max_tokens: int | None = None
+    cpu_plan: bool = True
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in ("float32", "bfloat16", "auto"):
+            raise ValueError(f"dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -121,7 +126,7 @@ class EngineArgs:
             raise ValueError(f"unknown speculative_method {self.speculative_method!r}: dspark, suffix or hybrid")
         if self.quantization not in ("auto", "none", "int8", "int4"):
             raise ValueError(f"quantization must be auto, none, int8 or int4, got {self.quantization!r}")
-        if self.quant_gemv_max_tokens < 0:
+        if self.quant_gemv_max_tokens is not None and self.quant_gemv_max_tokens < 0:
             raise ValueError("quant_gemv_max_tokens must be >= 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")

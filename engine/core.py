@@ -12,10 +12,12 @@ import time
 import torch
 
 from sparkserve.engine.config import EngineArgs, resolve_device
+from sparkserve.engine.cpu_plan import CpuPlan
 from sparkserve.engine.loader import LoadedModel, load_model
 from sparkserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from sparkserve.engine.profiler import load_or_measure_profile, profile_key
 from sparkserve.engine.protocol import EngineStats, SpecStats, StepStats
+from sparkserve.engine.quant import DEFAULT_GEMV_MAX_TOKENS
 from sparkserve.engine.sampling.mask import LogitsMask
 from sparkserve.engine.spec_decode.drafter import Drafter
 from sparkserve.engine.spec_decode.factory import (
@@ -41,6 +43,15 @@ logger = logging.getLogger(__name__)
 _DEFAULT_MAX_MODEL_LEN = 8192
 
 
+def _dtype_name(args: EngineArgs, loaded: LoadedModel | None) -> str:
+    """The compute dtype without a plan: ``--dtype``, or for ``auto`` the loaded model's (bf16 if none)."""
+    if args.dtype != "auto":
+        return args.dtype
+    if loaded is not None and loaded.model.embed_tokens.weight.dtype == torch.float32:
+        return "float32"
+    return "bfloat16"
+
+
 class EngineCore:
     """Owns the scheduler and the model runner; one ``step()`` at a time.
 
@@ -57,13 +68,19 @@ class EngineCore:
         profile: ThroughputProfile | None = None, logits_mask: LogitsMask | None = None,
     ) -> None:
         self.args = args
-        dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
+        self.plan = None  # the CPU plan (engine/cpu_plan.py): measured at first start on the CPU
         if loaded is None:
             self.device = torch.device(resolve_device(args.device))
+            self.plan = self._cpu_plan()
+        self.dtype_name = self.plan.dtype if self.plan is not None else _dtype_name(args, loaded)
+        self.gemv_max_tokens = (args.quant_gemv_max_tokens if args.quant_gemv_max_tokens is not None
+                                else self.plan.quant_max_rows if self.plan is not None else DEFAULT_GEMV_MAX_TOKENS)
+        dtype = torch.bfloat16 if self.dtype_name == "bfloat16" else torch.float32
+        if loaded is None:
             loaded = load_model(args.model, dtype=dtype, device=self.device, quantization=args.quantization,
-                                gemv_max_tokens=args.quant_gemv_max_tokens)
+                                gemv_max_tokens=self.gemv_max_tokens)
         else:  # a shared, already loaded model decides the device
             self.device = loaded.model.embed_tokens.weight.device
         self.loaded = loaded
@@ -129,7 +146,7 @@ class EngineCore:
         self.spec_stats = SpecStats(gamma)
         logger.info(
             "engine ready: model=%s dtype=%s kv_blocks=%d (block_size=%d) max_model_len=%d",
-            self.model_name, args.dtype, num_blocks, args.block_size, self.max_model_len,
+            self.model_name, self.dtype_name, num_blocks, args.block_size, self.max_model_len,
         )
 
     def _kv_cache_bytes(self, dtype: torch.dtype) -> int:
@@ -153,6 +170,32 @@ class EngineCore:
                              f"{peak / 2**30:.1f} GiB activation peak)")
         return budget
 
+    def _cpu_plan(self) -> CpuPlan | None:
+        """The CPU plan (cached, else measured; logged as a table) on the CPU with ``--cpu-plan``; None
+        elsewhere. ``--dtype auto`` lets it choose the dtype; an explicit ``--quant-gemv-max-tokens``
+        overrides its row cap (the plan is still logged)."""
+        args = self.args
+        if self.device.type != "cpu" or not args.cpu_plan:
+            return None
+        from sparkserve.engine.cpu_plan import cpu_signature
+        from sparkserve.engine.cpu_plan_measure import (
+            available_memory_bytes,
+            load_or_measure_plan,
+            read_model_config,
+        )
+
+        config, gguf = read_model_config(args.model)
+        dtypes = ("float32", "bfloat16") if args.dtype == "auto" else (args.dtype,)
+        key = {"kind": "cpu_plan", "model": args.model or "default", "dtypes": ",".join(dtypes),
+               "quantization": args.quantization, "max_rows": args.max_num_batched_tokens,
+               "num_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": cpu_signature().key()}
+        # batch_invariant: issue 24's --batch-invariant restricts the plan to one invariant path
+        plan = load_or_measure_plan(config, key, dtypes, args.quantization, gguf, args.max_num_batched_tokens,
+                                    memory_budget_bytes=available_memory_bytes(), batch_invariant=False)
+        if args.dtype == "auto":
+            logger.info("compute dtype %s chosen by measurement (text differs between dtypes)", plan.dtype)
+        return plan
+
     def profile_key(self) -> dict[str, str | int]:
         """What a cached throughput profile of this engine is valid for (model, dtype, device,
         drafter and its draft vocabulary, step budgets, threads)."""
@@ -161,15 +204,15 @@ class EngineCore:
         if args.speculative_method != "dspark":
             drafter = f"{args.speculative_method}{'+global' if args.suffix_global else ''}:{drafter}"
         device = "cpu" if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
-        return profile_key(self.model_name, args.dtype, drafter, args.max_num_batched_tokens, args.max_num_seqs,
-                           torch.get_num_threads(), device, quantization=self.quantization_key(),
-                           compiled=self.runner.compiled)
+        return profile_key(self.model_name, self.dtype_name, drafter, args.max_num_batched_tokens,
+                           args.max_num_seqs, torch.get_num_threads(), device, quantization=self.quantization_key(),
+                           compiled=self.runner.compiled, plan=self.plan.summary() if self.plan is not None else "")
 
     def quantization_key(self) -> str:
         """What the loaded weights run on: ``none`` or the kept kinds (``gguf``, ``int8``, ``int4``) with
         the GEMV row cap, e.g. ``gguf@4`` (engine/quant.py)."""
         kind = getattr(self.loaded.model, "quantization", "none")
-        return kind if kind == "none" else f"{kind}@{self.args.quant_gemv_max_tokens}"
+        return kind if kind == "none" else f"{kind}@{self.gemv_max_tokens}"
 
     def stats(self) -> EngineStats:
         """A typed snapshot for metrics (no tensors; read on the event loop after a step)."""

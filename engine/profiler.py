@@ -143,13 +143,18 @@ def activation_peak_bytes(model, num_tokens: int, dtype: torch.dtype, device: to
 
 def profile_key(model_name: str, dtype: str, drafter: str, max_num_batched_tokens: int, max_num_seqs: int,
                 num_threads: int, device: str = "cpu", quantization: str = "none",
-                compiled: bool = False) -> dict[str, str | int]:
-    """What a cached profile is valid for (quantisation: ``EngineCore.quantization_key``)."""
+                compiled: bool = False, plan: str = "", machine: str | None = None) -> dict[str, str | int]:
+    """What a cached profile is valid for (quantisation: ``EngineCore.quantization_key``; ``plan``:
+    ``CpuPlan.summary()``; ``machine``: the CPU's model and instruction-set flags, default this machine's
+    ``cpu_signature()``, so a profile measured on another CPU kind is never reused)."""
+    from sparkserve.engine.cpu_plan import cpu_signature
+
     return {
         "model": model_name, "dtype": dtype, "device": device, "quantization": quantization,
         "compile": int(compiled),
         "drafter": drafter, "max_num_batched_tokens": max_num_batched_tokens, "max_num_seqs": max_num_seqs,
         "num_threads": num_threads, "torch": torch.__version__, "draft_time": 2 if drafter != "none" else 0,
+        "machine": machine if machine is not None else cpu_signature().key(), "plan": plan,
     }
 
 
@@ -159,11 +164,19 @@ def load_or_measure_profile(
 ) -> ThroughputProfile:
     """``--profile PATH`` if given; else the on-disk cache for ``key``; else measure and cache."""
     if path is not None:
-        return ThroughputProfile.load(path)
+        given = ThroughputProfile.load(path)
+        if not _same_key(given.key, key):
+            logger.warning("--profile %s was measured for another machine or settings (%s; this engine: %s)",
+                           path, dict(given.key), dict(key))
+        return given
     cache = profile_cache_path(key)
     if cache.exists():
-        logger.info("throughput profile from cache %s", cache)
-        return ThroughputProfile.load(cache)
+        cached = ThroughputProfile.load(cache)
+        if _same_key(cached.key, key):
+            logger.info("throughput profile from cache %s", cache)
+            return cached
+        logger.warning("throughput profile %s was measured for %s, not %s: measuring again", cache,
+                       dict(cached.key), dict(key))
     batch_grid, request_grid = default_grid(max_num_batched_tokens, max_num_seqs)
     logger.info("profiling SPS(B, R) over %d x %d cells (cached afterwards)", len(batch_grid), len(request_grid))
     draft_fn = make_draft_fn(runner, num_blocks) if runner.speculator is not None else None
@@ -172,3 +185,10 @@ def load_or_measure_profile(
     Path(cache).parent.mkdir(parents=True, exist_ok=True)
     profile.save(cache)
     return profile
+
+
+def _same_key(stored: object, key: dict) -> bool:
+    """Whether a stored profile's key is ``key`` (compared as JSON: tuples and lists alike)."""
+    import json
+
+    return json.loads(json.dumps(dict(stored), default=str)) == json.loads(json.dumps(dict(key), default=str))

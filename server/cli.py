@@ -154,7 +154,8 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
                    help="jinja chat template file replacing the model's (tools: a template that renders `tools`)")
     s.add_argument("--tool-call-parser", default="hermes", choices=("hermes",),
                    help="how tool calls are prompted and parsed (<tool_call>{json}</tool_call>)")
-    s.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"))
+    s.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "auto"),
+                   help="auto: the faster on this CPU, measured at first start (default: %(default)s)")
     s.add_argument(
         "--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb,
         help="paged KV cache size, GiB (default: 1 on the CPU, --gpu-memory-utilization on CUDA)"
@@ -212,7 +213,10 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     s.add_argument("--quant-gemv-max-tokens", type=int, default=d.quant_gemv_max_tokens,
                    help="linears over at most this many rows use the quantised kernel, larger ones the dense "
-                        "GEMM on the same weights (default: %(default)s)")
+                        "GEMM on the same weights (default: the CPU plan's measured crossover)")
+    s.add_argument("--cpu-plan", dest="cpu_plan", action="store_true", default=d.cpu_plan,
+                   help="time the linear paths for this model on this CPU at first start (cached; default)")
+    s.add_argument("--no-cpu-plan", dest="cpu_plan", action="store_false", help="fixed paths, no timing")
     s.add_argument("--compile", dest="compile", action="store_true", default=d.compile,
                    help="torch.compile the decoder layers (attention eager; warmed at start-up)")
     s.add_argument("--no-compile", dest="compile", action="store_false", help="eager step (default)")
@@ -327,7 +331,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         gpu_memory_utilization=getattr(ns, "gpu_memory_utilization", 0.9),
         attention_backend=getattr(ns, "attention_backend", "auto"),
         quantization=getattr(ns, "quantization", "auto"),
-        quant_gemv_max_tokens=getattr(ns, "quant_gemv_max_tokens", 4),
+        quant_gemv_max_tokens=getattr(ns, "quant_gemv_max_tokens", None),
+        cpu_plan=getattr(ns, "cpu_plan", True),
         compile=getattr(ns, "compile", False),
     )
 

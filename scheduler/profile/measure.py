@@ -18,27 +18,39 @@ from sparkserve.scheduler.profile.grid import ProfileKey, ThroughputProfile
 
 
 def default_grid(max_num_batched_tokens: int, max_num_seqs: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The (B, R) grid to profile.
+    """The (B, R) grid to profile: few cells, since step time is smooth in log B and in R and the
+    profile's monotone fit interpolates between them (the online profile corrects the rest while serving).
 
-    B: 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and their 1.5x midpoints) up to and including
-    ``max_num_batched_tokens``; R: powers of two up to and including ``max_num_seqs``, capped at
-    ``max_num_batched_tokens`` (every decode request needs one token). About 2 log2(B) x log2(R)
-    cells, of which only those with B >= R are measured.
+    B: powers of two up to and including ``max_num_batched_tokens``; R: 1, 2, 4, then powers of four
+    up to and including ``max_num_seqs``, capped at ``max_num_batched_tokens`` (every decode request
+    needs one token). For 1024 x 64: 11 x 5 points, 42 cells with B >= R (the earlier grid with 1.5x
+    midpoints and every power of two in R had 19 x 7, 108 cells).
     """
     if max_num_batched_tokens < 1 or max_num_seqs < 1:
         raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
     batch = {max_num_batched_tokens}
     power = 1
     while power < max_num_batched_tokens:
-        batch.update(b for b in (power, power + power // 2) if b < max_num_batched_tokens)
+        batch.add(power)
         power *= 2
     max_r = min(max_num_seqs, max_num_batched_tokens)
     requests = {max_r}
     power = 1
     while power < max_r:
         requests.add(power)
-        power *= 2
+        power *= 2 if power < 4 else 4
     return tuple(sorted(batch)), tuple(sorted(requests))
+
+
+def time_cell(fn: Callable[[], float], repeats: int, warmup: int, slow_cell_s: float) -> float:
+    """Seconds of one grid cell: ``warmup`` untimed calls then the median of ``repeats`` calls, except
+    that a cell whose first warm-up call took ``slow_cell_s`` or more is that one call (a large step:
+    its relative noise is small, and one call of it costs as much as many small cells)."""
+    for i in range(warmup):
+        first = float(fn())
+        if i == 0 and first >= slow_cell_s:
+            return first
+    return statistics.median(float(fn()) for _ in range(repeats))
 
 
 def measure_profile(
@@ -50,6 +62,7 @@ def measure_profile(
     progress: bool = False,
     key: ProfileKey | None = None,
     draft_fn: Callable[..., float] | None = None,
+    slow_cell_s: float = 0.25,
 ) -> ThroughputProfile:
     """Time ``step_fn(B, R)`` on every grid cell with B >= R and build a smoothed profile.
 
@@ -57,9 +70,10 @@ def measure_profile(
     part of a step that the scheduler can skip) is timed the same way on every R of the grid, as
     ``draft_time_s`` and ``draft_time_sampled_s``.
 
-    Each cell runs ``warmup`` untimed calls, then takes the median of ``repeats`` timed calls.
-    Cells with B < R (impossible steps) take the first measured value above them in their column,
-    and the grid is then made monotone (``smooth_monotone``). ``progress`` shows a tqdm bar.
+    Each cell is timed by :func:`time_cell` (``warmup`` untimed calls, the median of ``repeats``; a cell
+    whose first call takes ``slow_cell_s`` or more is that one call). Cells with B < R (impossible steps)
+    take the first measured value above them in their column, and the grid is then made monotone
+    (``smooth_monotone``). ``progress`` shows a tqdm bar over the cells and the drafter timings.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
@@ -71,12 +85,11 @@ def measure_profile(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(cells), desc="profiling SPS(B, R)", unit="cell")
+        total = len(cells) + (2 * len(request_grid) if draft_fn is not None else 0)
+        bar = tqdm(total=total, desc="profiling SPS(B, R)", unit="cell")
     measured: dict[tuple[int, int], float] = {}
     for b, r in cells:
-        for _ in range(warmup):
-            step_fn(b, r)
-        measured[(b, r)] = statistics.median(float(step_fn(b, r)) for _ in range(repeats))
+        measured[(b, r)] = time_cell(lambda b=b, r=r: step_fn(b, r), repeats, warmup, slow_cell_s)
         if bar is not None:
             bar.update(1)
     draft_times: dict[bool, list[float]] = {}
@@ -84,9 +97,10 @@ def measure_profile(
         for sampled in (False, True):
             draft_times[sampled] = []
             for r in request_grid:
-                for _ in range(warmup):
-                    draft_fn(r, sampled)
-                draft_times[sampled].append(statistics.median(float(draft_fn(r, sampled)) for _ in range(repeats)))
+                draft_times[sampled].append(
+                    time_cell(lambda r=r, s=sampled: draft_fn(r, s), repeats, warmup, slow_cell_s))
+                if bar is not None:
+                    bar.update(1)
     if bar is not None:
         bar.close()
     grid = [[measured.get((b, r)) for r in request_grid] for b in batch_grid]

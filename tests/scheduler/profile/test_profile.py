@@ -20,6 +20,7 @@ from sparkserve.scheduler.profile import (
     profile_cache_path,
     smooth_monotone,
 )
+from sparkserve.scheduler.profile.measure import time_cell
 
 PROFILE_PATH = Path(__file__).resolve().parents[2] / "data" / "profile_small.json"
 
@@ -241,12 +242,28 @@ def test_measure_profile_warmup_and_errors() -> None:
         measure_profile(lambda b, r: 0.1, (1,), (1,), repeats=0)
 
 
+def test_slow_cells_take_one_call() -> None:
+    """A cell whose warm-up call takes ``slow_cell_s`` or more is that one call; faster cells warm up and
+    take the median of ``repeats`` (the first-start budget: large-B cells cost one step)."""
+    calls: list[tuple[int, int]] = []
+
+    def step_fn(b: int, r: int) -> float:
+        calls.append((b, r))
+        return 0.1 * b
+
+    profile = measure_profile(step_fn, (1, 2, 4), (1,), repeats=3, warmup=1, slow_cell_s=0.2)
+    assert calls == [(1, 1)] * 4 + [(2, 1)] + [(4, 1)]
+    assert profile.step_time_s == ((0.1,), (0.2,), (0.4,))
+    assert time_cell(lambda: 0.5, repeats=3, warmup=0, slow_cell_s=0.2) == 0.5  # no warm-up: always timed
+
+
 def test_default_grid() -> None:
     batch, requests = default_grid(512, 64)
-    assert batch[:8] == (1, 2, 3, 4, 6, 8, 12, 16) and batch[-1] == 512
-    assert requests == (1, 2, 4, 8, 16, 32, 64)
+    assert batch == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    assert requests == (1, 2, 4, 16, 64)
     assert default_grid(1, 1) == ((1,), (1,))
-    assert default_grid(100, 256) == (default_grid(100, 100)[0], (1, 2, 4, 8, 16, 32, 64, 100))
+    assert default_grid(100, 256) == (default_grid(100, 100)[0], (1, 2, 4, 16, 64, 100))
+    assert sum(b >= r for b in default_grid(1024, 64)[0] for r in default_grid(1024, 64)[1]) == 42
     with pytest.raises(ValueError):
         default_grid(0, 4)
 
