@@ -37,6 +37,14 @@ the blocks but runs every call dense (today's numerics on the canonical weights)
 The kernels pay only with bf16 activations (the fp32 int4 path is scalar), so ``auto`` keeps GGUF blocks
 only for a bf16 model on the CPU; explicit int8 / int4 work in fp32 too (tests use that: identical weights).
 
+**The weight-stationary kernel** (kernels/int4_cpu.py, built by scripts/setup.sh): where its extension is
+built, an int4 weight is repacked for it instead of torch's kernel, and it serves calls of up to
+``KERNEL_MAX_TOKENS`` rows (or ``max_tokens`` if larger; ``max_tokens = 0`` still means always dense). It
+computes with the same canonical values (all planes of a weight summed per weight in fp32, then one fp32
+fma accumulator per output in increasing k), so a row's bits do not depend on how many rows share the call:
+decode, batched decode and verify blocks of up to 16 rows give each row the same bits. Unbuilt, or with
+``SPARKSERVE_INT4_KERNEL=0``, torch's kernel serves up to ``max_tokens`` rows as before.
+
 Memory: both copies together are ~1.25x the bf16 model (SmolLM2-135M: +60 MB of codes on 270 MB).
 """
 
@@ -48,9 +56,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sparkserve.kernels import int4_cpu
+
 GROUP = 32  # int4 group size = GGUF block size
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 DEFAULT_GEMV_MAX_TOKENS = 4  # int4 / int8 GEMV for <= this many rows (crossover measured: bench_step.py)
+KERNEL_MAX_TOKENS = 16  # rows the weight-stationary kernel serves (it beats dense there: loadtests/bench_int4.py)
 
 
 @dataclass(frozen=True)
@@ -86,19 +97,23 @@ class BlockQuant:
         """The weight values the int4 kernel computes with, float32 [N, K] (scale / zero rounded to
         ``dtype``; each plane's fma rounded to fp32, planes summed)."""
         # With bf16 / fp16 scales, (q - 8) * scale (4 x <= 11 significant bits) is exact in fp32, so fp32
-        # multiply-then-add rounds once, like the fma; fp32 scales need fp64 for that.
-        work = torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
+        # multiply-then-add rounds once, like the fma; fp32 scales need the exact fma emulation.
+        short = dtype in (torch.bfloat16, torch.float16)
         total = None
         for codes, scales, zeros in zip(self.codes, self.scales, self.zeros, strict=True):
-            s = scales.to(dtype).to(work).repeat_interleave(GROUP, dim=1)
-            z = zeros.to(dtype).to(work).repeat_interleave(GROUP, dim=1)
-            plane = ((codes.to(work) - 8.0) * s + z).float()  # one rounding to fp32 (= the kernel's fma)
+            s = scales.to(dtype).float().repeat_interleave(GROUP, dim=1)
+            z = zeros.to(dtype).float().repeat_interleave(GROUP, dim=1)
+            q = codes.float() - 8.0
+            plane = q * s + z if short else int4_cpu.fma32(q, s, z)  # one rounding to fp32 (= the kernel's fma)
             total = plane if total is None else total + plane
         assert total is not None
         return total
 
     def pack(self, dtype: torch.dtype, max_tokens: int) -> Int4Weight:
-        """Packed int4 planes for ``_weight_int4pack_mm_for_cpu`` with activations in ``dtype``."""
+        """The weight for the int4 kernels with activations in ``dtype``: repacked for the weight-stationary
+        kernel where its extension is loaded, else packed int4 planes for ``_weight_int4pack_mm_for_cpu``."""
+        if int4_cpu.load():
+            return Int4Weight((), dtype, max_tokens, int4_cpu.repack_int4(self.codes, self.scales, self.zeros, dtype))
         sdtype = dtype
         planes = []
         for codes, scales, zeros in zip(self.codes, self.scales, self.zeros, strict=True):
@@ -109,17 +124,27 @@ class BlockQuant:
 
 
 class Int4Weight:
-    """Packed int4 planes of one linear weight [N, K]; :meth:`__call__` is ``x @ w.T`` on them."""
+    """One int4 linear weight [N, K], either repacked for the weight-stationary kernel (``kernel``) or as
+    packed planes for torch's kernel; :meth:`__call__` is ``x @ w.T`` on them."""
 
     def __init__(self, planes: tuple[tuple[torch.Tensor, torch.Tensor], ...], dtype: torch.dtype,
-                 max_tokens: int) -> None:
+                 max_tokens: int, kernel: int4_cpu.PackedInt4 | None = None) -> None:
         self.planes = planes
         self.dtype = dtype
         self.max_tokens = max_tokens
+        self.kernel = kernel
+
+    def handles(self, rows: int) -> bool:
+        """Whether a call of ``rows`` rows runs here (else the dense GEMM): up to ``max_tokens`` rows,
+        or up to ``KERNEL_MAX_TOKENS`` with the weight-stationary kernel; ``max_tokens = 0``: never."""
+        cap = max(self.max_tokens, KERNEL_MAX_TOKENS) if self.kernel is not None and self.max_tokens else self.max_tokens
+        return rows <= cap
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [M, K] -> [M, N] in x's dtype."""
+        """x: [M, K] -> [M, N] in the weight's activation dtype."""
         a = x.to(self.dtype)
+        if self.kernel is not None:
+            return int4_cpu.int4_mm(a, self.kernel)
         out = None
         for packed, sz in self.planes:
             part = torch.ops.aten._weight_int4pack_mm_for_cpu(a, packed, GROUP, sz)
@@ -129,6 +154,8 @@ class Int4Weight:
 
     def nbytes(self) -> int:
         """Bytes of the packed codes and the scales / zeros."""
+        if self.kernel is not None:
+            return self.kernel.nbytes()
         return sum(p.numel() * p.element_size() + s.numel() * s.element_size() for p, s in self.planes)
 
 
@@ -139,6 +166,10 @@ class Int8Weight:
         self.codes = codes.contiguous()  # int8 [N, K]
         self.scales = scales  # [N], activation dtype
         self.max_tokens = max_tokens
+
+    def handles(self, rows: int) -> bool:
+        """Whether a call of ``rows`` rows runs here (else the dense GEMM)."""
+        return rows <= self.max_tokens
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]."""
@@ -154,9 +185,9 @@ QuantWeight = Int4Weight | Int8Weight
 
 def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  quant: QuantWeight | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; through the quantised kernel when ``quant`` is set and x has at
-    most ``quant.max_tokens`` rows (both compute with the same canonical weight values). x: [M, K]."""
-    if quant is None or x.shape[0] > quant.max_tokens or x.device.type != "cpu":
+    """``F.linear(x, weight, bias)``; through the quantised kernel when ``quant`` is set and handles x's
+    row count (both compute with the same canonical weight values). x: [M, K]."""
+    if quant is None or not quant.handles(x.shape[0]) or x.device.type != "cpu":
         return F.linear(x, weight, bias)
     out = quant(x)
     if out.dtype != x.dtype:
