@@ -89,9 +89,11 @@ def load() -> bool:
     """Load the built library (never compiles). False, with one warning, when it is absent or disabled."""
     if os.environ.get("SPARKSERVE_INT4_KERNEL", "1") == "0":
         return False
-    if hasattr(torch.ops.sparkserve_int4, "int4_mm"):
-        return True
-    path = library_path()
+    return hasattr(torch.ops.sparkserve_int4, "int4_mm") or load_library(library_path())
+
+
+def load_library(path: Path) -> bool:
+    """Load the compiled extension at ``path``; False, with a warning, when the file is absent."""
     if not path.exists():
         logger.warning("int4 CPU kernel not built (%s missing; run scripts/setup.sh or "
                        "`python -m sparkserve.kernels.int4_cpu`): using torch's int4 kernel", path)
