@@ -79,8 +79,10 @@ def build(verbose: bool = False) -> Path:
 
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    # -fopenmp: at::parallel_for's OpenMP region is compiled into the extension; libgomp.so.1 resolves to
+    # the copy torch already loaded (same soname), so the kernel runs on the engine's OpenMP team.
     cpp_load(name=EXTENSION, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
-             extra_cflags=["-O3", "-ffp-contract=off"], verbose=verbose)
+             extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=verbose)
     return library_path()
 
 
@@ -124,6 +126,11 @@ def selected_isa() -> str:
         if forced not in ISAS:
             raise ValueError(f"SPARKSERVE_INT4_ISA must be one of {sorted(ISAS)}, got {forced!r}")
         return forced
+    return _best_isa()
+
+
+@functools.cache
+def _best_isa() -> str:
     best = torch.ops.sparkserve_int4.best_isa()
     return next(name for name, bit in ISAS.items() if bit == best)
 
@@ -140,7 +147,7 @@ def repack_int4(codes: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...
     packed_codes, packed_s, packed_z = [], [], []
     for c, s, z in zip(codes, scales, zeros, strict=True):
         c = torch.nn.functional.pad(c.to(torch.uint8), (0, 0, 0, pad), value=8)  # [Np, K]
-        c = c.reshape(tiles, BLOCK_N, k // GROUP, 2, 16).permute(0, 2, 4, 1, 3)  # [NB, G, 16, 64, (lo, hi)]
+        c = c.reshape(tiles, BLOCK_N, k // GROUP, 16, 2).permute(0, 2, 3, 1, 4)  # [NB, G, 16, 64, (2j, 2j+1)]
         packed_codes.append(c[..., 0] | (c[..., 1] << 4))
         for src, dst in ((s, packed_s), (z, packed_z)):
             v = torch.nn.functional.pad(src.to(dtype).float(), (0, 0, 0, pad))  # [Np, G]
@@ -163,8 +170,7 @@ def int4_mm(x: torch.Tensor, weight: PackedInt4, out_dtype: torch.dtype | None =
         raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
     if not load():
         raise RuntimeError("the int4 CPU kernel is not available (see the warning logged by load())")
-    xf = x.to(torch.float32).contiguous()  # exact for bf16 inputs
-    return torch.ops.sparkserve_int4.int4_mm(xf, weight.codes, weight.scales, weight.zeros, weight.n, out_dtype,
+    return torch.ops.sparkserve_int4.int4_mm(x, weight.codes, weight.scales, weight.zeros, weight.n, out_dtype,
                                              ISAS[isa or selected_isa()])
 
 

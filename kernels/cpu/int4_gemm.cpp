@@ -2,15 +2,17 @@
 //
 // Weights (repacked once at load by kernels/int4_cpu.py: repack_int4) are tiles of BLOCK_N = 64 output
 // channels x one group of 32 inputs; each plane p has
-//   codes  uint8   [P, N / 64, K / 32, 16, 64]: byte (j, c) holds the code of input j (low nibble) and of
-//                  input j + 16 (high nibble) of channel c of the tile;
+//   codes  uint8   [P, N / 64, K / 32, 16, 64]: byte (j, c) holds the code of input 2 j (low nibble) and of
+//                  input 2 j + 1 (high nibble) of channel c of the tile;
 //   scales float32 [P, N / 64, K / 32, 64], zeros float32 [P, N / 64, K / 32, 64] (already rounded to the
 //                  serving dtype).
 // The weight value is engine/quant.py's canonical one: per plane fma(q - 8, scale, zero) rounded once to
 // fp32, planes summed in fp32 (Q8_0 is two planes).
 //
 // Per tile and group the 32 x 64 weights are dequantised once into an L1 buffer and applied to every row
-// (weight-stationary; the idea of ggml's repacked q4_0_8x8 layout). Each output element is ONE fp32
+// (weight-stationary; the idea of ggml's repacked q4_0_8x8 layout); with AVX-512 and at most kDirectRows
+// rows they are instead dequantised into registers and applied at once, the accumulators staying in
+// registers over the whole K loop (same arithmetic, fewer memory operations). Each output element is ONE fp32
 // accumulator updated by fma in increasing k (k = 0 .. K - 1), starting from +0, on every code path
 // (AVX-512, AVX2, portable). So a row's bits depend neither on M, nor on the other rows, nor on the
 // thread count, nor on the ISA: the paths agree bit for bit with each other and with the pure-torch
@@ -65,8 +67,8 @@ void dequant_portable(const Problem& pr, int64_t b, int64_t g, float* w /* [32, 
         const uint8_t byte = c[j * kBlockN + ch];
         const float lo = std::fma(static_cast<float>(byte & 15) - 8.0f, s[ch], z[ch]);
         const float hi = std::fma(static_cast<float>(byte >> 4) - 8.0f, s[ch], z[ch]);
-        float* w_lo = w + j * kBlockN + ch;
-        float* w_hi = w + (j + 16) * kBlockN + ch;
+        float* w_lo = w + 2 * j * kBlockN + ch;
+        float* w_hi = w + (2 * j + 1) * kBlockN + ch;
         *w_lo = p == 0 ? lo : *w_lo + lo;
         *w_hi = p == 0 ? hi : *w_hi + hi;
       }
@@ -102,8 +104,8 @@ __attribute__((target("avx2,fma"))) void dequant_avx2(const Problem& pr, int64_t
         const __m256 qhi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), eight));
         __m256 lo = _mm256_fmadd_ps(qlo, sv, zv);
         __m256 hi = _mm256_fmadd_ps(qhi, sv, zv);
-        float* w_lo = w + j * kBlockN + c8;
-        float* w_hi = w + (j + 16) * kBlockN + c8;
+        float* w_lo = w + 2 * j * kBlockN + c8;
+        float* w_hi = w + (2 * j + 1) * kBlockN + c8;
         if (p > 0) {
           lo = _mm256_add_ps(_mm256_load_ps(w_lo), lo);
           hi = _mm256_add_ps(_mm256_load_ps(w_hi), hi);
@@ -168,8 +170,8 @@ __attribute__((target("avx512f"))) void dequant_avx512(const Problem& pr, int64_
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j * kBlockN + c16)));
         __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, table), sv, zv);
         __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), sv, zv);
-        float* w_lo = w + j * kBlockN + c16;
-        float* w_hi = w + (j + 16) * kBlockN + c16;
+        float* w_lo = w + 2 * j * kBlockN + c16;
+        float* w_hi = w + (2 * j + 1) * kBlockN + c16;
         if (p > 0) {
           lo = _mm512_add_ps(_mm512_load_ps(w_lo), lo);
           hi = _mm512_add_ps(_mm512_load_ps(w_hi), hi);
@@ -227,6 +229,51 @@ __attribute__((target("avx512f"))) void accumulate_avx512(const Problem& pr, int
     default: break;
   }
 }
+constexpr int64_t kDirectRows = 4;
+
+// MR <= kDirectRows rows x one 64-channel tile over the whole K: weights dequantised into registers
+// (k = 2 j and 2 j + 1 of each byte row, in increasing k), accumulators kept in registers.
+template <int MR>
+__attribute__((target("avx512f"))) void direct_avx512(const Problem& pr, int64_t b, float* acc /* [M, 64] */) {
+  const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  __m512 a[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int i = 0; i < 4; ++i) a[r][i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < pr.groups; ++g) {
+    const float* xg = pr.x + g * kGroup;
+    for (int64_t j = 0; j < 16; ++j) {
+      for (int i = 0; i < 4; ++i) {
+        __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+        for (int64_t p = 0; p < pr.planes; ++p) {
+          const uint8_t* c = pr.tile_codes(p, b, g) + j * kBlockN + 16 * i;
+          const __m512 sv = _mm512_loadu_ps(pr.scales + pr.sz_offset(p, b, g) + 16 * i);
+          const __m512 zv = _mm512_loadu_ps(pr.zeros + pr.sz_offset(p, b, g) + 16 * i);
+          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+          const __m512 plo = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, table), sv, zv);
+          const __m512 phi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), sv, zv);
+          lo = p == 0 ? plo : _mm512_add_ps(lo, plo);
+          hi = p == 0 ? phi : _mm512_add_ps(hi, phi);
+        }
+        for (int r = 0; r < MR; ++r) {
+          a[r][i] = _mm512_fmadd_ps(_mm512_set1_ps(xg[r * pr.k + 2 * j]), lo, a[r][i]);
+          a[r][i] = _mm512_fmadd_ps(_mm512_set1_ps(xg[r * pr.k + 2 * j + 1]), hi, a[r][i]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + r * kBlockN + 16 * i, a[r][i]);
+}
+
+__attribute__((target("avx512f"))) bool try_direct_avx512(const Problem& pr, int64_t b, float* acc) {
+  switch (pr.m) {
+    case 1: direct_avx512<1>(pr, b, acc); return true;
+    case 2: direct_avx512<2>(pr, b, acc); return true;
+    case 3: direct_avx512<3>(pr, b, acc); return true;
+    case 4: direct_avx512<4>(pr, b, acc); return true;
+    default: return false;
+  }
+}
 #endif  // SPARKSERVE_X86
 
 bool isa_supported(int64_t isa) {
@@ -260,6 +307,12 @@ void run(const Problem& pr, int64_t isa, OutT* out) {
     alignas(64) float w[kGroup * kBlockN];
     std::vector<float> acc(static_cast<size_t>(pr.m * kBlockN));
     for (int64_t b = b0; b < b1; ++b) {
+#ifdef SPARKSERVE_X86
+      if (isa == kAvx512 && try_direct_avx512(pr, b, acc.data())) {
+        store_rows(pr, b, acc.data(), out);
+        continue;
+      }
+#endif
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t g = 0; g < pr.groups; ++g) {
 #ifdef SPARKSERVE_X86
@@ -282,9 +335,11 @@ void run(const Problem& pr, int64_t isa, OutT* out) {
   });
 }
 
-at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
+at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
                    int64_t n, at::ScalarType out_dtype, int64_t isa) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [M, K]");
+  TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
+              "x must be float32 or bfloat16 [M, K]");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();  // exact for bf16
   TORCH_CHECK(codes.dim() == 5 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(3) == 16 &&
                   codes.size(4) == kBlockN,
               "codes must be contiguous uint8 [P, N / 64, K / 32, 16, 64]");
