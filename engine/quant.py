@@ -38,9 +38,10 @@ The kernels pay only with bf16 activations (the fp32 int4 path is scalar), so ``
 only for a bf16 model on the CPU; explicit int8 / int4 work in fp32 too (tests use that: identical weights).
 
 **The weight-stationary kernel** (kernels/int4_cpu.py, built by scripts/setup.sh): where its extension is
-built, an int4 weight is repacked for it instead of torch's kernel, and it serves calls of up to
-``KERNEL_MAX_TOKENS`` rows (or ``max_tokens`` if larger; ``max_tokens = 0`` still means always dense). It
-computes with the same canonical values (all planes of a weight summed per weight in fp32, then one fp32
+built, the int4 weights :func:`kernel_mode` selects (default: the two-plane Q8_0 LM head; with
+``SPARKSERVE_INT4_KERNEL=all`` every one) are repacked for it instead of torch's kernel, and it serves
+calls of up to 8 rows (16 with ``all``; or ``max_tokens`` if larger; ``max_tokens = 0`` still means always
+dense). It computes with the same canonical values (all planes of a weight summed per weight in fp32, then one fp32
 fma accumulator per output in increasing k), so a row's bits do not depend on how many rows share the call:
 decode, batched decode and verify blocks of up to 16 rows give each row the same bits. Unbuilt, or with
 ``SPARKSERVE_INT4_KERNEL=0``, torch's kernel serves up to ``max_tokens`` rows as before.
@@ -50,6 +51,7 @@ Memory: both copies together are ~1.25x the bf16 model (SmolLM2-135M: +60 MB of 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +63,19 @@ from sparkserve.kernels import int4_cpu
 GROUP = 32  # int4 group size = GGUF block size
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 DEFAULT_GEMV_MAX_TOKENS = 4  # int4 / int8 GEMV for <= this many rows (crossover measured: bench_step.py)
-KERNEL_MAX_TOKENS = 16  # rows the weight-stationary kernel serves (it beats dense there: loadtests/bench_int4.py)
+KERNEL_MAX_TOKENS = 16  # rows the weight-stationary kernel serves with SPARKSERVE_INT4_KERNEL=all
+KERNEL_MAX_TOKENS_AUTO = 8  # ... by default (two-plane weights; dense bf16 is as fast from 8 rows: bench_int4.py)
+KERNEL_MODES = ("auto", "all", "0")  # SPARKSERVE_INT4_KERNEL: which int4 weights use the weight-stationary kernel
+
+
+def kernel_mode() -> str:
+    """``SPARKSERVE_INT4_KERNEL``: "auto" (default: weights of two or more int4 planes, i.e. the Q8_0 LM head,
+    where one fp32 fma per weight and row replaces torch's two GEMVs), "all" (every int4 weight, up to
+    16 rows: each row's bits independent of the batch; the faster choice on AVX2-only CPUs) or "0" (off)."""
+    mode = os.environ.get("SPARKSERVE_INT4_KERNEL", "auto")
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"SPARKSERVE_INT4_KERNEL must be one of {KERNEL_MODES}, got {mode!r}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -112,8 +126,11 @@ class BlockQuant:
     def pack(self, dtype: torch.dtype, max_tokens: int) -> Int4Weight:
         """The weight for the int4 kernels with activations in ``dtype``: repacked for the weight-stationary
         kernel where its extension is loaded, else packed int4 planes for ``_weight_int4pack_mm_for_cpu``."""
-        if int4_cpu.load():
-            return Int4Weight((), dtype, max_tokens, int4_cpu.repack_int4(self.codes, self.scales, self.zeros, dtype))
+        mode = kernel_mode()
+        if mode != "0" and (mode == "all" or len(self.codes) > 1) and int4_cpu.load():
+            cap = KERNEL_MAX_TOKENS if mode == "all" else KERNEL_MAX_TOKENS_AUTO
+            return Int4Weight((), dtype, max_tokens, int4_cpu.repack_int4(self.codes, self.scales, self.zeros, dtype),
+                              kernel_max_tokens=cap)
         sdtype = dtype
         planes = []
         for codes, scales, zeros in zip(self.codes, self.scales, self.zeros, strict=True):
@@ -128,16 +145,17 @@ class Int4Weight:
     packed planes for torch's kernel; :meth:`__call__` is ``x @ w.T`` on them."""
 
     def __init__(self, planes: tuple[tuple[torch.Tensor, torch.Tensor], ...], dtype: torch.dtype,
-                 max_tokens: int, kernel: int4_cpu.PackedInt4 | None = None) -> None:
+                 max_tokens: int, kernel: int4_cpu.PackedInt4 | None = None, kernel_max_tokens: int = 0) -> None:
         self.planes = planes
         self.dtype = dtype
         self.max_tokens = max_tokens
         self.kernel = kernel
+        self.kernel_max_tokens = kernel_max_tokens
 
     def handles(self, rows: int) -> bool:
         """Whether a call of ``rows`` rows runs here (else the dense GEMM): up to ``max_tokens`` rows,
-        or up to ``KERNEL_MAX_TOKENS`` with the weight-stationary kernel; ``max_tokens = 0``: never."""
-        cap = max(self.max_tokens, KERNEL_MAX_TOKENS) if self.kernel is not None and self.max_tokens else self.max_tokens
+        or up to ``kernel_max_tokens`` with the weight-stationary kernel; ``max_tokens = 0``: never."""
+        cap = max(self.max_tokens, self.kernel_max_tokens) if self.kernel is not None and self.max_tokens else self.max_tokens
         return rows <= cap
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ BLOCK_N = 64  # output channels per packed tile
 SOURCE = Path(__file__).parent / "cpu" / "int4_gemm.cpp"
 EXTENSION = "sparkserve_int4_cpu"
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+DIRECT_MAX_ROWS = 16  # AVX-512: register passes of 4 rows up to this many rows, else the L1 buffer (measured)
 
 
 class PackedInt4(NamedTuple):
@@ -109,7 +110,7 @@ def _register_fake() -> None:
     """Shape-only implementation, so torch.compile traces through the op."""
 
     @torch.library.register_fake("sparkserve_int4::int4_mm")
-    def _(x, codes, scales, zeros, n, out_dtype, isa):  # noqa: ANN001, ANN202
+    def _(x, codes, scales, zeros, n, out_dtype, isa, direct_max_rows):  # noqa: ANN001, ANN202
         return x.new_empty((x.shape[0], n), dtype=out_dtype)
 
 
@@ -157,9 +158,10 @@ def repack_int4(codes: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...
 
 
 def int4_mm(x: torch.Tensor, weight: PackedInt4, out_dtype: torch.dtype | None = None,
-            isa: str | None = None) -> torch.Tensor:
+            isa: str | None = None, direct_max_rows: int = DIRECT_MAX_ROWS) -> torch.Tensor:
     """x [M, K] (float32 / bfloat16, CPU) @ weight.T -> [M, N] in ``out_dtype`` (default x's dtype).
-    ``isa`` forces a code path (default :func:`selected_isa`). Raises ValueError on a bad input and
+    ``isa`` forces a code path (default :func:`selected_isa`); ``direct_max_rows`` (AVX-512): calls of
+    at most this many rows run the register passes, larger ones the L1-buffer path (same bits). Raises ValueError on a bad input and
     RuntimeError when the extension is not loaded or the CPU lacks the path."""
     if x.ndim != 2 or x.shape[1] != weight.k:
         raise ValueError(f"x must be [M, {weight.k}], got {tuple(x.shape)}")
@@ -171,7 +173,7 @@ def int4_mm(x: torch.Tensor, weight: PackedInt4, out_dtype: torch.dtype | None =
     if not load():
         raise RuntimeError("the int4 CPU kernel is not available (see the warning logged by load())")
     return torch.ops.sparkserve_int4.int4_mm(x, weight.codes, weight.scales, weight.zeros, weight.n, out_dtype,
-                                             ISAS[isa or selected_isa()])
+                                             ISAS[isa or selected_isa()], direct_max_rows)
 
 
 # --------------------------------------------------------------------------- pure-torch reference

@@ -7,8 +7,9 @@
    calls, and the minimum over samples (the least disturbed) is the figure compared (median kept too).
 2. Engine steps (``--engine``): median ``EngineCore.step`` wall time at c = 1 of a verify step of 1 + 7
    tokens (``--verify-policy fixed:7``, DSpark drafter) and of a decode step (``--drafter none``), and
-   the target forward inside each, with the int4 weights on this kernel and on torch's (4 engines in
-   one process, requests taking turns).
+   the target forward inside each, with every int4 weight on this kernel (``SPARKSERVE_INT4_KERNEL=all``),
+   the default (``auto``: the Q8_0 LM head on it) and all on torch's (``0``); 6 engines in one process,
+   requests taking turns.
 3. ``--emulate-avx2`` reruns part 1 in a child process with ``ATEN_CPU_CAPABILITY=avx2`` (torch's
    kernels) and ``SPARKSERVE_INT4_ISA=avx2`` (this kernel), as on an AVX2-only CI machine.
 
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -67,14 +69,23 @@ def _block(n: int, k: int, planes: int, gen: torch.Generator) -> BlockQuant:
                       tuple(torch.randn(n, k // 32, generator=gen) * 0.02 for _ in range(planes)))
 
 
-def _torch_int4(block: BlockQuant):
-    """engine/quant.py's packing for torch's kernel (the weight-stationary kernel switched off)."""
-    load = int4_cpu.load
-    int4_cpu.load = lambda: False
+@contextlib.contextmanager
+def kernel_mode(mode: str):
+    """``SPARKSERVE_INT4_KERNEL=mode`` while packing / loading (engine/quant.py: kernel_mode)."""
+    old = os.environ.get("SPARKSERVE_INT4_KERNEL")
+    os.environ["SPARKSERVE_INT4_KERNEL"] = mode
     try:
-        return block.pack(torch.bfloat16, 1 << 30)
+        yield
     finally:
-        int4_cpu.load = load
+        if old is None:
+            del os.environ["SPARKSERVE_INT4_KERNEL"]
+        else:
+            os.environ["SPARKSERVE_INT4_KERNEL"] = old
+
+
+def _pack(block: BlockQuant, mode: str):
+    with kernel_mode(mode):
+        return block.pack(torch.bfloat16, 1 << 30)
 
 
 def linear_sweep(ms: list[int], repeats: int) -> dict:
@@ -84,7 +95,7 @@ def linear_sweep(ms: list[int], repeats: int) -> dict:
     for name, (n, k, planes) in SHAPES.items():
         block = _block(n, k, planes, gen)
         w32 = block.canonical(torch.bfloat16)
-        weights = {"weight_stationary": block.pack(torch.bfloat16, 1 << 30), "torch_int4": _torch_int4(block),
+        weights = {"weight_stationary": _pack(block, "all"), "torch_int4": _pack(block, "0"),
                    "w_bf16": w32.to(torch.bfloat16), "w_fp32": w32}
         assert weights["weight_stationary"].kernel is not None
         inner = 2 if n * k * planes > 10_000_000 else 10
@@ -123,11 +134,8 @@ def engine_steps(rounds: int, max_tokens: int) -> dict:
 
     configs = {"verify_fixed7": {"verify_policy": "fixed:7"}, "decode": {"drafter": "none"}}
     cores, forward_s = {}, {}
-    for kernel in ("weight_stationary", "torch_int4"):
-        load = int4_cpu.load
-        if kernel == "torch_int4":
-            int4_cpu.load = lambda: False
-        try:
+    for kernel, mode in (("weight_stationary", "all"), ("default", "auto"), ("torch_int4", "0")):
+        with kernel_mode(mode):
             for cname, kw in configs.items():
                 loaded = load_model(None, dtype=torch.bfloat16, quantization="auto")
                 key = f"{cname}/{kernel}"
@@ -143,8 +151,6 @@ def engine_steps(rounds: int, max_tokens: int) -> dict:
 
                 loaded.model.forward = timed
                 cores[key] = EngineCore(EngineArgs(dtype="bfloat16", num_kv_blocks=512, **kw), loaded=loaded)
-        finally:
-            int4_cpu.load = load
     steps: dict[str, list[float]] = {key: [] for key in cores}
     forwards: dict[str, list[float]] = {key: [] for key in cores}
     want = {"verify_fixed7": 8, "decode": 1}
@@ -163,7 +169,7 @@ def engine_steps(rounds: int, max_tokens: int) -> dict:
                     forwards[key].append(forward_s[key][0] if forward_s[key] else float("nan"))
     result = {key: {"step_ms": round(statistics.median(v[2:]) * 1e3, 2), "target_forward_ms":
                     round(statistics.median(forwards[key][2:]) * 1e3, 2), "steps": len(v)} for key, v in steps.items()}
-    for kernel in ("weight_stationary", "torch_int4"):
+    for kernel in ("weight_stationary", "default", "torch_int4"):
         v, d = result[f"verify_fixed7/{kernel}"], result[f"decode/{kernel}"]
         result[f"ratio_verify_to_decode/{kernel}"] = {
             "step": round(v["step_ms"] / d["step_ms"], 2),

@@ -10,9 +10,11 @@
 // fp32, planes summed in fp32 (Q8_0 is two planes).
 //
 // Per tile and group the 32 x 64 weights are dequantised once into an L1 buffer and applied to every row
-// (weight-stationary; the idea of ggml's repacked q4_0_8x8 layout); with AVX-512 and at most kDirectRows
-// rows they are instead dequantised into registers and applied at once, the accumulators staying in
-// registers over the whole K loop (same arithmetic, fewer memory operations). Each output element is ONE fp32
+// (weight-stationary; the idea of ggml's repacked q4_0_8x8 layout). With AVX-512 and at most
+// direct_max_rows rows they are instead dequantised into registers once per pass of 4 rows and applied
+// at once, the accumulators staying in registers over the whole K loop (same arithmetic, fewer memory
+// operations, the weights unpacked once per 4 rows; which is faster depends on the CPU:
+// loadtests/bench_int4.py measures both). Each output element is ONE fp32
 // accumulator updated by fma in increasing k (k = 0 .. K - 1), starting from +0, on every code path
 // (AVX-512, AVX2, portable). So a row's bits depend neither on M, nor on the other rows, nor on the
 // thread count, nor on the ISA: the paths agree bit for bit with each other and with the pure-torch
@@ -229,34 +231,47 @@ __attribute__((target("avx512f"))) void accumulate_avx512(const Problem& pr, int
     default: break;
   }
 }
-constexpr int64_t kDirectRows = 4;
+constexpr int64_t kDirectRows = 4;  // rows per register pass
 
-// MR <= kDirectRows rows x one 64-channel tile over the whole K: weights dequantised into registers
-// (k = 2 j and 2 j + 1 of each byte row, in increasing k), accumulators kept in registers.
-template <int MR>
-__attribute__((target("avx512f"))) void direct_avx512(const Problem& pr, int64_t b, float* acc /* [M, 64] */) {
+// MR <= kDirectRows rows x one 64-channel tile over the whole K, P planes: weights dequantised into
+// registers (k = 2 j and 2 j + 1 of each byte row, in increasing k), accumulators kept in registers.
+template <int MR, int P>
+__attribute__((target("avx512f"))) void direct_avx512(const Problem& pr, int64_t b, const float* x, float* acc) {
   const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   __m512 a[MR][4];
   for (int r = 0; r < MR; ++r)
     for (int i = 0; i < 4; ++i) a[r][i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < pr.groups; ++g) {
-    const float* xg = pr.x + g * kGroup;
+    const float* xg = x + g * kGroup;
+    const uint8_t* codes[P];
+    const float* sp[P];
+    const float* zp[P];
+    for (int p = 0; p < P; ++p) {
+      codes[p] = pr.tile_codes(p, b, g);
+      sp[p] = pr.scales + pr.sz_offset(p, b, g);
+      zp[p] = pr.zeros + pr.sz_offset(p, b, g);
+    }
     for (int64_t j = 0; j < 16; ++j) {
+      __m512 x0[MR], x1[MR];
+      for (int r = 0; r < MR; ++r) {
+        x0[r] = _mm512_set1_ps(xg[r * pr.k + 2 * j]);
+        x1[r] = _mm512_set1_ps(xg[r * pr.k + 2 * j + 1]);
+      }
       for (int i = 0; i < 4; ++i) {
-        __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
-        for (int64_t p = 0; p < pr.planes; ++p) {
-          const uint8_t* c = pr.tile_codes(p, b, g) + j * kBlockN + 16 * i;
-          const __m512 sv = _mm512_loadu_ps(pr.scales + pr.sz_offset(p, b, g) + 16 * i);
-          const __m512 zv = _mm512_loadu_ps(pr.zeros + pr.sz_offset(p, b, g) + 16 * i);
-          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+        __m512 lo, hi;
+        for (int p = 0; p < P; ++p) {
+          const __m512 sv = _mm512_loadu_ps(sp[p] + 16 * i);
+          const __m512 zv = _mm512_loadu_ps(zp[p] + 16 * i);
+          const __m512i v = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes[p] + j * kBlockN + 16 * i)));
           const __m512 plo = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, table), sv, zv);
           const __m512 phi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), sv, zv);
           lo = p == 0 ? plo : _mm512_add_ps(lo, plo);
           hi = p == 0 ? phi : _mm512_add_ps(hi, phi);
         }
         for (int r = 0; r < MR; ++r) {
-          a[r][i] = _mm512_fmadd_ps(_mm512_set1_ps(xg[r * pr.k + 2 * j]), lo, a[r][i]);
-          a[r][i] = _mm512_fmadd_ps(_mm512_set1_ps(xg[r * pr.k + 2 * j + 1]), hi, a[r][i]);
+          a[r][i] = _mm512_fmadd_ps(x0[r], lo, a[r][i]);
+          a[r][i] = _mm512_fmadd_ps(x1[r], hi, a[r][i]);
         }
       }
     }
@@ -265,14 +280,32 @@ __attribute__((target("avx512f"))) void direct_avx512(const Problem& pr, int64_t
     for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + r * kBlockN + 16 * i, a[r][i]);
 }
 
-__attribute__((target("avx512f"))) bool try_direct_avx512(const Problem& pr, int64_t b, float* acc) {
-  switch (pr.m) {
-    case 1: direct_avx512<1>(pr, b, acc); return true;
-    case 2: direct_avx512<2>(pr, b, acc); return true;
-    case 3: direct_avx512<3>(pr, b, acc); return true;
-    case 4: direct_avx512<4>(pr, b, acc); return true;
-    default: return false;
+template <int P>
+__attribute__((target("avx512f"))) void direct_pass(const Problem& pr, int64_t b, int64_t r0, int64_t rows, float* acc) {
+  const float* x = pr.x + r0 * pr.k;
+  float* a = acc + r0 * kBlockN;
+  switch (rows) {
+    case 1: direct_avx512<1, P>(pr, b, x, a); break;
+    case 2: direct_avx512<2, P>(pr, b, x, a); break;
+    case 3: direct_avx512<3, P>(pr, b, x, a); break;
+    default: direct_avx512<4, P>(pr, b, x, a); break;
   }
+}
+
+// Register passes of up to kDirectRows rows (the weights are dequantised once per pass); false where
+// the L1-buffer path serves (more than direct_max_rows rows, or more than two planes).
+__attribute__((target("avx512f"))) bool try_direct_avx512(const Problem& pr, int64_t b, float* acc,
+                                                          int64_t direct_max_rows) {
+  if (pr.m > direct_max_rows || pr.planes > 2) return false;
+  for (int64_t r0 = 0; r0 < pr.m; r0 += kDirectRows) {
+    const int64_t rows = std::min(kDirectRows, pr.m - r0);
+    if (pr.planes == 1) {
+      direct_pass<1>(pr, b, r0, rows, acc);
+    } else {
+      direct_pass<2>(pr, b, r0, rows, acc);
+    }
+  }
+  return true;
 }
 #endif  // SPARKSERVE_X86
 
@@ -302,13 +335,13 @@ void store_rows(const Problem& pr, int64_t b, const float* acc, OutT* out) {
 }
 
 template <typename OutT>
-void run(const Problem& pr, int64_t isa, OutT* out) {
+void run(const Problem& pr, int64_t isa, int64_t direct_max_rows, OutT* out) {
   at::parallel_for(0, pr.num_tiles, 1, [&](int64_t b0, int64_t b1) {
     alignas(64) float w[kGroup * kBlockN];
     std::vector<float> acc(static_cast<size_t>(pr.m * kBlockN));
     for (int64_t b = b0; b < b1; ++b) {
 #ifdef SPARKSERVE_X86
-      if (isa == kAvx512 && try_direct_avx512(pr, b, acc.data())) {
+      if (isa == kAvx512 && try_direct_avx512(pr, b, acc.data(), direct_max_rows)) {
         store_rows(pr, b, acc.data(), out);
         continue;
       }
@@ -336,7 +369,7 @@ void run(const Problem& pr, int64_t isa, OutT* out) {
 }
 
 at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
-                   int64_t n, at::ScalarType out_dtype, int64_t isa) {
+                   int64_t n, at::ScalarType out_dtype, int64_t isa, int64_t direct_max_rows) {
   TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
               "x must be float32 or bfloat16 [M, K]");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();  // exact for bf16
@@ -358,9 +391,9 @@ at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
   at::Tensor out = at::empty({pr.m, n}, x.options().dtype(out_dtype));
   if (pr.m == 0) return out;
   if (out_dtype == at::kFloat) {
-    run(pr, isa, out.data_ptr<float>());
+    run(pr, isa, direct_max_rows, out.data_ptr<float>());
   } else {
-    run(pr, isa, out.data_ptr<c10::BFloat16>());
+    run(pr, isa, direct_max_rows, out.data_ptr<c10::BFloat16>());
   }
   return out;
 }
@@ -376,7 +409,8 @@ int64_t isa_flags() {
 }  // namespace
 
 TORCH_LIBRARY(sparkserve_int4, m) {
-  m.def("int4_mm(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int n, ScalarType out_dtype, int isa) -> Tensor");
+  m.def("int4_mm(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int n, ScalarType out_dtype, int isa, "
+        "int direct_max_rows) -> Tensor");
   m.def("isa_flags() -> int", &isa_flags);
   m.def("best_isa() -> int", &best_isa);
 }

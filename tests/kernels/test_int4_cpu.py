@@ -84,20 +84,20 @@ def test_fma32_rounds_once() -> None:
 
 
 # --------------------------------------------------------------------------- kernel vs reference
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize(("isa", "direct_max_rows"), [("avx512", 16), ("avx512", 0), ("avx2", 16), ("portable", 16)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("n", "k", "planes"), [(101, 160, 1), (37, 96, 2), (130, 32, 1)])
-def test_every_row_count_equals_reference(kernel, isa, dtype, n, k, planes) -> None:
-    """M = 1..16 (and 37, the tiled path), odd N (tile tails) and odd group counts, 1 or 2 planes:
-    bit-identical to the reference; every row of an M-row call equals that row's reference, so rows are
-    independent of M (the reference is computed once for all rows)."""
+def test_every_row_count_equals_reference(kernel, isa, direct_max_rows, dtype, n, k, planes) -> None:
+    """M = 1..16 (and 37, the tiled path), odd N (tile tails) and odd group counts, 1 or 2 planes, the
+    AVX-512 register passes and its L1-buffer path: bit-identical to the reference; every row of an M-row
+    call equals that row's reference, so rows are independent of M (the reference is computed once)."""
     _isa(isa)
     block = _random_block(n, k, planes)
     packed = repack_int4(block.codes, block.scales, block.zeros, dtype)
     x = _x(37, k, dtype)
     expected = int4_mm_reference(x, block.canonical(dtype))  # [37, n]
     for m in [*range(1, 17), 37]:
-        out = int4_mm(x[:m], packed, isa=isa)
+        out = int4_mm(x[:m], packed, isa=isa, direct_max_rows=direct_max_rows)
         assert out.dtype == dtype and out.shape == (m, n)
         assert torch.equal(out, expected[:m]), f"M={m}"
 
@@ -155,8 +155,21 @@ def test_wrapper_checks_inputs(kernel, monkeypatch) -> None:
 
 
 # --------------------------------------------------------------------------- engine wiring and fallback
-def test_quant_linear_uses_kernel_up_to_16_rows(kernel) -> None:
+def test_quant_linear_uses_kernel(kernel, monkeypatch) -> None:
+    """Default: two-plane weights on the kernel up to 8 rows, one-plane ones on torch's; ``all``: every
+    int4 weight up to 16 rows; ``0``: none; ``max_tokens = 0`` still means always dense."""
+    one_plane = _random_block(64, 64, 1)
+    assert one_plane.pack(torch.bfloat16, 4).kernel is None
     block = _random_block(96, 128, 2, seed=5)
+    auto = block.pack(torch.bfloat16, max_tokens=4)
+    assert auto.kernel is not None and auto.handles(8) and not auto.handles(9)
+    monkeypatch.setenv("SPARKSERVE_INT4_KERNEL", "0")
+    assert block.pack(torch.bfloat16, 4).kernel is None
+    monkeypatch.setenv("SPARKSERVE_INT4_KERNEL", "bogus")
+    with pytest.raises(ValueError, match="SPARKSERVE_INT4_KERNEL"):
+        block.pack(torch.bfloat16, 4)
+    monkeypatch.setenv("SPARKSERVE_INT4_KERNEL", "all")
+    assert one_plane.pack(torch.bfloat16, 4).kernel is not None
     weight = block.canonical(torch.bfloat16)
     quant = block.pack(torch.bfloat16, max_tokens=4)
     assert quant.kernel is not None and quant.planes == ()
@@ -185,7 +198,7 @@ def test_fallback_without_extension(tmp_path, caplog) -> None:
         "torch.testing.assert_close(q(x), x @ block.canonical(torch.float32).t(), rtol=1e-5, atol=1e-5)\n"
         "print('fallback ok')\n"
     )
-    env = {**os.environ, "SPARKSERVE_KERNEL_CACHE": str(tmp_path / "empty")}
+    env = {**os.environ, "SPARKSERVE_KERNEL_CACHE": str(tmp_path / "empty"), "SPARKSERVE_INT4_KERNEL": "all"}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "fallback ok" in run.stdout and "int4 CPU kernel not built" in run.stderr
