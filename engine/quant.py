@@ -21,9 +21,10 @@ accumulates ``x @ w`` in fp32 and rounds the output to the activation dtype. So:
 * Q8_0 (``w = d * q``, q int8) is expressed *exactly* as the sum of two int4 planes with
   ``q + 128 = 16 h + l``: ``w = (h - 8) * 16 d + ((l - 8) * d + 8 d)``; with d rounded to the serving
   dtype both fp32 products are exact, so the canonical value is ``d * q`` exactly. Here Q8_0 is the tied
-  token embedding / LM head (49152 x 576, the largest matmul): at M <= 4 it runs as the two int4 planes
-  (two GEMVs, their bf16 outputs summed: 2.5-3x faster than the bf16 GEMM, bench_results/step_quant.json),
-  above that the dense bf16 GEMM. (``_weight_int8pack_mm``'s per-channel scales cannot express the
+  token embedding / LM head (49152 x 576, the largest matmul): with the weight-stationary kernel built
+  it runs both planes in one pass (planes summed per weight in fp32, one fma per weight and row) up to 8
+  rows (bench_results/int4_cpu.json); otherwise at M <= 4 as two int4 GEMVs, their bf16 outputs summed
+  (2.5-3x faster than the bf16 GEMM, bench_results/step_quant.json); above that the dense bf16 GEMM. (``_weight_int8pack_mm``'s per-channel scales cannot express the
   per-32 block scales; the fp32 int4 kernel has no vectorised path, ~30x slower than bf16.)
 
 In float32 the dense copy holds exactly the canonical values, so the GEMV and GEMM paths differ only by
