@@ -21,9 +21,10 @@ accumulates ``x @ w`` in fp32 and rounds the output to the activation dtype. So:
 * Q8_0 (``w = d * q``, q int8) is expressed *exactly* as the sum of two int4 planes with
   ``q + 128 = 16 h + l``: ``w = (h - 8) * 16 d + ((l - 8) * d + 8 d)``; with d rounded to the serving
   dtype both fp32 products are exact, so the canonical value is ``d * q`` exactly. Here Q8_0 is the tied
-  token embedding / LM head (49152 x 576, the largest matmul): at M <= 4 it runs as the two int4 planes
-  (two GEMVs, their bf16 outputs summed: 2.5-3x faster than the bf16 GEMM, bench_results/step_quant.json),
-  above that the dense bf16 GEMM. (``_weight_int8pack_mm``'s per-channel scales cannot express the
+  token embedding / LM head (49152 x 576, the largest matmul): with the weight-stationary kernel built
+  it runs both planes in one pass (planes summed per weight in fp32, one fma per weight and row) up to 8
+  rows (bench_results/int4_cpu.json); otherwise at M <= 4 as two int4 GEMVs, their bf16 outputs summed
+  (2.5-3x faster than the bf16 GEMM, bench_results/step_quant.json); above that the dense bf16 GEMM. (``_weight_int8pack_mm``'s per-channel scales cannot express the
   per-32 block scales; the fp32 int4 kernel has no vectorised path, ~30x slower than bf16.)
 
 In float32 the dense copy holds exactly the canonical values, so the GEMV and GEMM paths differ only by
@@ -37,20 +38,45 @@ the blocks but runs every call dense (today's numerics on the canonical weights)
 The kernels pay only with bf16 activations (the fp32 int4 path is scalar), so ``auto`` keeps GGUF blocks
 only for a bf16 model on the CPU; explicit int8 / int4 work in fp32 too (tests use that: identical weights).
 
+**The weight-stationary kernel** (kernels/int4_cpu.py, built by scripts/setup.sh): where its extension is
+built, the int4 weights :func:`kernel_mode` selects (default: the two-plane Q8_0 LM head; with
+``SPARKSERVE_INT4_KERNEL=all`` every one) are repacked for it instead of torch's kernel, and it serves
+calls of up to 8 rows (16 with ``all``; or ``max_tokens`` if larger; ``max_tokens = 0`` still means always
+dense). It computes with the same canonical values (all planes of a weight summed per weight in fp32, then one fp32
+fma accumulator per output in increasing k), so a row's bits do not depend on how many rows share the call:
+decode, batched decode and verify blocks of up to 16 rows give each row the same bits. Unbuilt, or with
+``SPARKSERVE_INT4_KERNEL=0``, torch's kernel serves up to ``max_tokens`` rows as before.
+
 Memory: both copies together are ~1.25x the bf16 model (SmolLM2-135M: +60 MB of codes on 270 MB).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sparkserve.kernels import int4_cpu
+
 GROUP = 32  # int4 group size = GGUF block size
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 DEFAULT_GEMV_MAX_TOKENS = 4  # int4 / int8 GEMV for <= this many rows (crossover measured: bench_step.py)
+KERNEL_MAX_TOKENS = 16  # rows the weight-stationary kernel serves with SPARKSERVE_INT4_KERNEL=all
+KERNEL_MAX_TOKENS_AUTO = 8  # ... by default (two-plane weights; dense bf16 is as fast from 8 rows: bench_int4.py)
+KERNEL_MODES = ("auto", "all", "0")  # SPARKSERVE_INT4_KERNEL: which int4 weights use the weight-stationary kernel
+
+
+def kernel_mode() -> str:
+    """``SPARKSERVE_INT4_KERNEL``: "auto" (default: weights of two or more int4 planes, i.e. the Q8_0 LM head,
+    where one fp32 fma per weight and row replaces torch's two GEMVs), "all" (every int4 weight, up to
+    16 rows: each row's bits independent of the batch; the faster choice on AVX2-only CPUs) or "0" (off)."""
+    mode = os.environ.get("SPARKSERVE_INT4_KERNEL", "auto")
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"SPARKSERVE_INT4_KERNEL must be one of {KERNEL_MODES}, got {mode!r}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -86,19 +112,26 @@ class BlockQuant:
         """The weight values the int4 kernel computes with, float32 [N, K] (scale / zero rounded to
         ``dtype``; each plane's fma rounded to fp32, planes summed)."""
         # With bf16 / fp16 scales, (q - 8) * scale (4 x <= 11 significant bits) is exact in fp32, so fp32
-        # multiply-then-add rounds once, like the fma; fp32 scales need fp64 for that.
-        work = torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
+        # multiply-then-add rounds once, like the fma; fp32 scales need the exact fma emulation.
+        short = dtype in (torch.bfloat16, torch.float16)
         total = None
         for codes, scales, zeros in zip(self.codes, self.scales, self.zeros, strict=True):
-            s = scales.to(dtype).to(work).repeat_interleave(GROUP, dim=1)
-            z = zeros.to(dtype).to(work).repeat_interleave(GROUP, dim=1)
-            plane = ((codes.to(work) - 8.0) * s + z).float()  # one rounding to fp32 (= the kernel's fma)
+            s = scales.to(dtype).float().repeat_interleave(GROUP, dim=1)
+            z = zeros.to(dtype).float().repeat_interleave(GROUP, dim=1)
+            q = codes.float() - 8.0
+            plane = q * s + z if short else int4_cpu.fma32(q, s, z)  # one rounding to fp32 (= the kernel's fma)
             total = plane if total is None else total + plane
         assert total is not None
         return total
 
     def pack(self, dtype: torch.dtype, max_tokens: int) -> Int4Weight:
-        """Packed int4 planes for ``_weight_int4pack_mm_for_cpu`` with activations in ``dtype``."""
+        """The weight for the int4 kernels with activations in ``dtype``: repacked for the weight-stationary
+        kernel where its extension is loaded, else packed int4 planes for ``_weight_int4pack_mm_for_cpu``."""
+        mode = kernel_mode()
+        if mode != "0" and (mode == "all" or len(self.codes) > 1) and int4_cpu.load():
+            cap = KERNEL_MAX_TOKENS if mode == "all" else KERNEL_MAX_TOKENS_AUTO
+            return Int4Weight((), dtype, max_tokens, int4_cpu.repack_int4(self.codes, self.scales, self.zeros, dtype),
+                              kernel_max_tokens=cap)
         sdtype = dtype
         planes = []
         for codes, scales, zeros in zip(self.codes, self.scales, self.zeros, strict=True):
@@ -109,17 +142,28 @@ class BlockQuant:
 
 
 class Int4Weight:
-    """Packed int4 planes of one linear weight [N, K]; :meth:`__call__` is ``x @ w.T`` on them."""
+    """One int4 linear weight [N, K], either repacked for the weight-stationary kernel (``kernel``) or as
+    packed planes for torch's kernel; :meth:`__call__` is ``x @ w.T`` on them."""
 
     def __init__(self, planes: tuple[tuple[torch.Tensor, torch.Tensor], ...], dtype: torch.dtype,
-                 max_tokens: int) -> None:
+                 max_tokens: int, kernel: int4_cpu.PackedInt4 | None = None, kernel_max_tokens: int = 0) -> None:
         self.planes = planes
         self.dtype = dtype
         self.max_tokens = max_tokens
+        self.kernel = kernel
+        self.kernel_max_tokens = kernel_max_tokens
+
+    def handles(self, rows: int) -> bool:
+        """Whether a call of ``rows`` rows runs here (else the dense GEMM): up to ``max_tokens`` rows,
+        or up to ``kernel_max_tokens`` with the weight-stationary kernel; ``max_tokens = 0``: never."""
+        cap = max(self.max_tokens, self.kernel_max_tokens) if self.kernel is not None and self.max_tokens else self.max_tokens
+        return rows <= cap
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [M, K] -> [M, N] in x's dtype."""
+        """x: [M, K] -> [M, N] in the weight's activation dtype."""
         a = x.to(self.dtype)
+        if self.kernel is not None:
+            return int4_cpu.int4_mm(a, self.kernel)
         out = None
         for packed, sz in self.planes:
             part = torch.ops.aten._weight_int4pack_mm_for_cpu(a, packed, GROUP, sz)
@@ -129,6 +173,8 @@ class Int4Weight:
 
     def nbytes(self) -> int:
         """Bytes of the packed codes and the scales / zeros."""
+        if self.kernel is not None:
+            return self.kernel.nbytes()
         return sum(p.numel() * p.element_size() + s.numel() * s.element_size() for p, s in self.planes)
 
 
@@ -139,6 +185,10 @@ class Int8Weight:
         self.codes = codes.contiguous()  # int8 [N, K]
         self.scales = scales  # [N], activation dtype
         self.max_tokens = max_tokens
+
+    def handles(self, rows: int) -> bool:
+        """Whether a call of ``rows`` rows runs here (else the dense GEMM)."""
+        return rows <= self.max_tokens
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]."""
@@ -154,9 +204,9 @@ QuantWeight = Int4Weight | Int8Weight
 
 def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  quant: QuantWeight | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; through the quantised kernel when ``quant`` is set and x has at
-    most ``quant.max_tokens`` rows (both compute with the same canonical weight values). x: [M, K]."""
-    if quant is None or x.shape[0] > quant.max_tokens or x.device.type != "cpu":
+    """``F.linear(x, weight, bias)``; through the quantised kernel when ``quant`` is set and handles x's
+    row count (both compute with the same canonical weight values). x: [M, K]."""
+    if quant is None or not quant.handles(x.shape[0]) or x.device.type != "cpu":
         return F.linear(x, weight, bias)
     out = quant(x)
     if out.dtype != x.dtype:

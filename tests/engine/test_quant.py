@@ -27,6 +27,21 @@ from sparkserve.testing.tiny import tiny_target
 BF16_NEAR_TIE = 0.5  # nats: the contract's bf16 rule
 
 
+@pytest.fixture(params=["weight_stationary", "torch"])
+def int4_backend(request, monkeypatch) -> str:
+    """Both int4 kernels: the weight-stationary one (kernels/int4_cpu.py; skipped where it is not built)
+    and torch's (``_weight_int4pack_mm_for_cpu``, the fallback)."""
+    from sparkserve.kernels import int4_cpu
+
+    if request.param == "torch":
+        monkeypatch.setenv("SPARKSERVE_INT4_KERNEL", "0")
+    elif not int4_cpu.load():
+        pytest.skip("the int4 CPU kernel is not built (scripts/setup.sh builds it)")
+    else:
+        monkeypatch.setenv("SPARKSERVE_INT4_KERNEL", "all")
+    return request.param
+
+
 def _random_block(n: int, k: int, planes: int = 1, seed: int = 0) -> BlockQuant:
     gen = torch.Generator().manual_seed(seed)
     return BlockQuant(
@@ -38,10 +53,11 @@ def _random_block(n: int, k: int, planes: int = 1, seed: int = 0) -> BlockQuant:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("planes", [1, 2])
-def test_int4_kernel_computes_with_canonical_weights(dtype, planes) -> None:
+def test_int4_kernel_computes_with_canonical_weights(dtype, planes, int4_backend) -> None:
     block = _random_block(96, 160, planes)
     w = block.canonical(dtype).double()  # [N, K]
     packed = block.pack(dtype, max_tokens=64)
+    assert (packed.kernel is not None) == (int4_backend == "weight_stationary")
     for m in (1, 3, 16):
         x = torch.randn(m, 160, generator=torch.Generator().manual_seed(m)).to(dtype)
         exact = x.double() @ w.t()
@@ -55,7 +71,7 @@ def test_int4_kernel_computes_with_canonical_weights(dtype, planes) -> None:
             assert ((out - exact).abs() <= bound).all()
 
 
-def test_bf16_kernel_is_not_the_bf16_rounded_weights() -> None:
+def test_bf16_kernel_is_not_the_bf16_rounded_weights(int4_backend) -> None:
     """The canonical values are the kernel's fp32 fma, not bf16-rounded weights: the kernel agrees
     with the former clearly better than with the latter (so the reference must use canonical())."""
     block = _random_block(256, 576)
@@ -68,7 +84,7 @@ def test_bf16_kernel_is_not_the_bf16_rounded_weights() -> None:
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
-def test_gguf_blocks_dequantise_like_gguf(name) -> None:
+def test_gguf_blocks_dequantise_like_gguf(name, int4_backend) -> None:
     qtype = getattr(GGMLQuantizationType, name)
     rng = np.random.default_rng(0)
     dense = (rng.standard_normal((64, 256)) * 0.1 + rng.standard_normal((64, 1)) * 0.05).astype(np.float32)
@@ -86,7 +102,7 @@ def test_gguf_blocks_dequantise_like_gguf(name) -> None:
     torch.testing.assert_close(block.pack(torch.float32, 4)(x), x @ expected.t(), rtol=1e-5, atol=1e-5)
 
 
-def test_load_time_int8_int4_and_dispatch() -> None:
+def test_load_time_int8_int4_and_dispatch(int4_backend) -> None:
     w = torch.randn(64, 96) * 0.1
     q8, canonical8 = quantize_int8(w, torch.float32, max_tokens=4)
     block = quantize_int4(w, torch.float32)
@@ -95,7 +111,7 @@ def test_load_time_int8_int4_and_dispatch() -> None:
     assert (canonical8 - w).abs().max() <= q8.scales.max() * 0.5 + 1e-6
     q4 = block.pack(torch.float32, 4)
     for quant, canonical in ((q8, canonical8), (q4, canonical4)):
-        for m in (1, 4, 5, 32):  # <= 4 rows: the quantised kernel; more: the dense GEMM; same weights
+        for m in (1, 4, 5, 16, 32):  # <= 4 (16: weight-stationary) rows: the quantised kernel; more: dense
             x = torch.randn(m, 96)
             torch.testing.assert_close(quant_linear(x, canonical, None, quant), x @ canonical.t(), rtol=1e-5, atol=1e-5)
 
