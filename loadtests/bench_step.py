@@ -103,7 +103,7 @@ def engine_tpot(cores: dict[str, EngineCore], rounds: int = 3, max_tokens: int =
             while core.has_unfinished_requests():
                 start = time.perf_counter()
                 core.step()
-                if core.last_step.num_batched_tokens == 1:
+                if core.last_step is not None and core.last_step.scheduler.num_batched_tokens == 1:
                     times.append(time.perf_counter() - start)
             samples[mode].extend(times[2:])
     return {mode: round(statistics.median(v) * 1e3, 2) for mode, v in samples.items()}

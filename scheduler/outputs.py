@@ -164,10 +164,10 @@ class EngineCoreOutput:
         finish_reason: "stop" | "length" | "abort" | "error" when the request finished, else None.
         stop_reason: the stop token id that ended it, if any.
         num_prompt_tokens: prompt length (for usage).
-        num_draft_tokens: drafts verified this step; num_accepted_tokens: drafts accepted.
         first_scheduled_time: ``time.monotonic()`` when the request first ran (queue-time metric).
         num_cached_tokens: prompt tokens found in the prefix cache at admission.
-        drafter: the drafter family of the drafts verified this step ("" without drafts).
+
+    The step's speculation counts are in the step's stats record (``sparkserve.scheduler.stats``).
     """
 
     request_id: str
@@ -176,11 +176,8 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
     first_scheduled_time: float | None = None
     num_cached_tokens: int = 0
-    drafter: str = ""
 
     @property
     def finished(self) -> bool:

@@ -29,7 +29,7 @@ from sparkserve.server.metrics_glue import build_metrics
 from sparkserve.testing.server_harness import RunningServer, run_server, wait_for
 
 MODEL = "smol"
-PROFILE = Path(__file__).resolve().parents[2] / "data" / "profile_small.json"
+PROFILE = Path(__file__).resolve().parents[1] / "data" / "profile_small.json"
 BUDGET = 128  # small: a 768-token prompt takes several steps (fairness), 8 decode rows + drafts fit
 POISON = 13  # a token id only the fault tests put in a prompt (<jupyter_code>)
 

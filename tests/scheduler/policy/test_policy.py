@@ -451,14 +451,14 @@ def test_hook_drafting_gate_by_policy_and_estimates() -> None:
         STALE_DRAFT_TOKENS,
         SpeculationController,
     )
-    from sparkserve.scheduler.request import Request
+    from sparkserve.scheduler.request import DraftState, Request
     from sparkserve.scheduler.sampling_params import SamplingParams
-    from sparkserve.scheduler.scheduler import VerifyContext
+    from sparkserve.scheduler.speculation import VerifyContext
 
     def request(rid: str, conf: tuple[float, ...], age: int) -> Request:
         r = Request(rid, [1, 2, 3], SamplingParams(max_tokens=100))
         r.output_token_ids = [5] * 40
-        r.last_draft_confidences, r.last_draft_num_tokens = conf, r.num_tokens - age
+        r.drafts = DraftState(last_confidences=conf, last_num_tokens=r.num_tokens - age)
         return r
 
     ctx = VerifyContext(num_scheduled_tokens=3, num_decode_requests=3, token_budget=64)
