@@ -14,7 +14,7 @@ import torch
 from sparkserve.engine.config import EngineArgs, resolve_device
 from sparkserve.engine.loader import LoadedModel, load_model
 from sparkserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
-from sparkserve.engine.profiler import load_or_measure_profile, profile_key
+from sparkserve.engine.profiler import load_or_measure_profile, make_step_fn, profile_key
 from sparkserve.engine.protocol import EngineStats, StepStats
 from sparkserve.engine.sampling.mask import LogitsMask
 from sparkserve.engine.spec_decode.drafter import Drafter
@@ -91,7 +91,8 @@ class EngineCore:
                                   max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
                                   engine_seed=args.seed, mask=logits_mask, unseeded_coupling=args.unseeded_coupling,
                                   compile=args.compile)
-        self.runner.warm_up_compile()
+        if self.runner.compiled:
+            self.runner.warm_up_compile(make_step_fn(self.runner, num_blocks))
         self.controller = self._make_controller(profile)
         gamma = drafter.num_speculative_tokens if drafter is not None else 0
         self.scheduler = Scheduler(

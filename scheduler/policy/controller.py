@@ -8,7 +8,7 @@ step (``observe_step``). The controller owns what these learn:
 the online throughput profile, per-request timings (TPOT goals), the drafting gate's running mean of
 confidences and the budget K of ``dspark-async``; metrics read it through ``stats()``.
 
-Token-budget rule (stated once, tested in tests/scheduler/policy/test_policy.py::test_split_token_budget_rule and
+Token-budget rule (the scheduler applies it, ``sparkserve.scheduler.scheduler``'s module docstring; tested in
 tests/scheduler/test_scheduler_spec.py::test_verify_lengths_policy_and_clipping): every running request's base
 token and every running prefill chunk are scheduled first; the policy then shares what is left of
 ``max_num_batched_tokens`` among verify slots, with B in the objective counting every token of the

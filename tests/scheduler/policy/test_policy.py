@@ -20,7 +20,6 @@ from sparkserve.scheduler.policy import (
     plan_verify,
     ranked_slots,
     slo_weight,
-    split_token_budget,
     survival,
     verify_dspark,
     verify_dspark_async,
@@ -296,30 +295,6 @@ def test_parse_policy(text: str, spec: PolicySpec) -> None:
 def test_parse_policy_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="verify policy"):
         parse_policy(text)
-
-
-def test_split_token_budget_rule() -> None:
-    # base first, then prefill, then verify.
-    assert split_token_budget(64, 10, 100) == (split := split_token_budget(64, 10, 100))
-    assert (split.prefill_tokens, split.verify_budget) == (54, 0)
-    s = split_token_budget(64, 10, 20)
-    assert (s.prefill_tokens, s.verify_budget) == (20, 34)
-    s = split_token_budget(64, 10, 100, verify_reserve=16)
-    assert (s.prefill_tokens, s.verify_budget) == (38, 16)
-    s = split_token_budget(12, 10, 100, verify_reserve=16)
-    assert (s.prefill_tokens, s.verify_budget) == (0, 2)
-    with pytest.raises(ValueError, match="do not fit"):
-        split_token_budget(8, 10, 0)
-
-
-@given(st.integers(0, 500), st.integers(0, 100), st.integers(0, 500), st.integers(0, 100))
-def test_split_token_budget_property(budget, num_decode, demand, reserve) -> None:
-    if num_decode > budget:
-        return
-    s = split_token_budget(budget, num_decode, demand, reserve)
-    assert num_decode + s.prefill_tokens + s.verify_budget == budget
-    assert 0 <= s.prefill_tokens <= demand
-    assert s.verify_budget >= min(reserve, budget - num_decode)
 
 
 def test_slo_weight() -> None:
