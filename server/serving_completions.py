@@ -26,7 +26,7 @@ from sparkserve.server.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
-from sparkserve.server.sampling import (
+from sparkserve.server.request_validation import (
     build_sampling_params,
     check_num_choices,
     check_seed,
