@@ -14,7 +14,6 @@ import torch
 from sparkserve.engine.config import EngineArgs, resolve_device
 from sparkserve.engine.loader import LoadedModel, load_model
 from sparkserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
-from sparkserve.engine.profiler import load_or_measure_profile, make_step_fn, profile_key
 from sparkserve.engine.protocol import EngineStats, StepStats
 from sparkserve.engine.sampling.mask import LogitsMask
 from sparkserve.engine.spec_decode.drafter import Drafter
@@ -26,6 +25,7 @@ from sparkserve.engine.spec_decode.factory import (
 from sparkserve.engine.spec_decode.speculator import Speculator
 from sparkserve.engine.step_faults import StepFaultHandler
 from sparkserve.engine.structured.logits_mask import GrammarLogitsMask
+from sparkserve.engine.throughput_probe import load_or_measure_profile, make_step_fn, profile_key
 from sparkserve.scheduler.config import SchedulerConfig
 from sparkserve.scheduler.errors import RequestRejectedError
 from sparkserve.scheduler.outputs import EngineCoreOutput
@@ -144,7 +144,7 @@ class EngineCore:
             return int(args.kv_cache_memory_gb * (1 << 30))
         if self.device.type != "cuda":
             return 1 << 30
-        from sparkserve.engine.profiler import activation_peak_bytes
+        from sparkserve.engine.throughput_probe import activation_peak_bytes
 
         free, total = torch.cuda.mem_get_info(self.device)
         peak = activation_peak_bytes(self.loaded.model, args.max_num_batched_tokens, dtype, self.device)

@@ -103,7 +103,7 @@ class ModelRunner:
             self.compiled = True
 
     def warm_up_compile(self, step_fn: Callable[[int, int], float], progress: bool = True) -> None:
-        """Compile the step's shapes now by running ``step_fn(B, R)`` (``profiler.make_step_fn``; no-op
+        """Compile the step's shapes now by running ``step_fn(B, R)`` (``throughput_probe.make_step_fn``; no-op
         without ``compile``); logs the time, warns on fallback."""
         if not self.compiled:
             return

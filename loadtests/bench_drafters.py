@@ -17,11 +17,11 @@ import torch
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.engine.loader import load_model
-from sparkserve.engine.profiler import make_step_fn
 from sparkserve.engine.protocol import StepStats
 from sparkserve.engine.spec_decode.dspark import DSparkDrafter
 from sparkserve.engine.spec_decode.dspark_loader import random_drafter_config
 from sparkserve.engine.spec_decode.factory import SHIPPED_DRAFT_VOCAB, shipped_drafter_path
+from sparkserve.engine.throughput_probe import make_step_fn
 from sparkserve.loadtests.prompts import load_prompts
 from sparkserve.scheduler.sampling_params import SamplingParams
 from sparkserve.scheduler.stats import SpecDecodingStats

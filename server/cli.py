@@ -397,7 +397,7 @@ def run_profile(ns: argparse.Namespace, engine_args: EngineArgs) -> Path:
     import dataclasses
 
     from sparkserve.engine.core import EngineCore
-    from sparkserve.engine.profiler import load_or_measure_profile
+    from sparkserve.engine.throughput_probe import load_or_measure_profile
     from sparkserve.scheduler.profile.measure import profile_cache_path
 
     # The verify policy "none" keeps EngineCore from profiling at construction: we do it below.
