@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
-from sparkserve.engine.protocol import (
+from sparkserve.engine.outputs import (
     EngineDeadError,
     EngineDrainingError,
     EngineStats,

@@ -14,7 +14,7 @@ import torch
 from sparkserve.engine.config import EngineArgs, resolve_device
 from sparkserve.engine.loader import LoadedModel, load_model
 from sparkserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
-from sparkserve.engine.protocol import EngineStats, StepStats
+from sparkserve.engine.outputs import EngineStats, StepStats
 from sparkserve.engine.sampling.mask import LogitsMask
 from sparkserve.engine.spec_decode.drafter import Drafter
 from sparkserve.engine.spec_decode.factory import (

@@ -17,7 +17,7 @@ import torch
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.engine.loader import load_model
-from sparkserve.engine.protocol import StepStats
+from sparkserve.engine.outputs import StepStats
 from sparkserve.engine.spec_decode.dspark import DSparkDrafter
 from sparkserve.engine.spec_decode.dspark_loader import random_drafter_config
 from sparkserve.engine.spec_decode.factory import SHIPPED_DRAFT_VOCAB, shipped_drafter_path

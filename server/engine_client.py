@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
-from sparkserve.engine.protocol import EngineStats
+from sparkserve.engine.outputs import EngineStats
 from sparkserve.scheduler.outputs import EngineCoreOutput, TokenLogprob
 from sparkserve.scheduler.sampling_params import SamplingParams
 from sparkserve.scheduler.stats import DraftOutcome
@@ -39,7 +39,7 @@ class Tokenizer(Protocol):
 
 
 class RequestOutput(Protocol):
-    """One output delta of a request (``sparkserve.engine.protocol.RequestOutput``): every field the server
+    """One output delta of a request (``sparkserve.engine.outputs.RequestOutput``): every field the server
     reads (times for metrics, the prefix-cache hit and the verify step's row for ``usage``)."""
 
     @property

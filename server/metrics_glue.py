@@ -2,7 +2,7 @@
 
 ``AsyncEngine.step_listeners`` run on the event loop after every engine step (and after a batch of
 aborts that ran no step) with ``(stats, outputs)``: ``stats`` is the engine's typed snapshot
-(``sparkserve.engine.protocol.EngineStats``: scheduler gauges, the step's record or None when no step ran,
+(``sparkserve.engine.outputs.EngineStats``: scheduler gauges, the step's record or None when no step ran,
 the speculation controller's stats). :class:`EngineMetricsListener` records it, republishing the
 throughput profile the verification policy uses every ``profile_every`` steps (the online profile
 drifts as measured step times come in). A metrics failure is logged, never raised: an exception in a
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from sparkserve.engine.protocol import EngineStats
+from sparkserve.engine.outputs import EngineStats
 from sparkserve.server.engine_client import StatsEngine
 from sparkserve.server.metrics import ServerMetrics
 

@@ -48,7 +48,7 @@ KNOWN_CIRCLES = {
         GPU_WORK,
 }
 SERVER_ENGINE_CONTRACTS = {  # what the server may import from engine/ (torch-free by the rule below)
-    "sparkserve.engine.protocol",  # outputs, errors, stats records
+    "sparkserve.engine.outputs",  # outputs, errors, stats records
     "sparkserve.engine.structured.grammar",  # GrammarSpec / GrammarError of a request's constraint
 }
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sparkserve.engine.core import EngineCore
-from sparkserve.engine.protocol import StepStats
+from sparkserve.engine.outputs import StepStats
 from sparkserve.scheduler.outputs import EngineCoreOutput
 from sparkserve.scheduler.stats import SpecDecodingStats
 

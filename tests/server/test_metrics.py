@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from sparkserve.engine.protocol import EngineStats, StepStats
+from sparkserve.engine.outputs import EngineStats, StepStats
 from sparkserve.scheduler.policy.controller import ControllerStats
 from sparkserve.scheduler.profile.grid import ThroughputProfile
 from sparkserve.scheduler.stats import DraftOutcome, SchedulerStats, SpecDecodingStats
