@@ -1,7 +1,7 @@
 """Verification policies: how many drafts each decode request verifies per step.
 
 - ``common``: ``VerifyRequest``, ``VerifyPlan``, ``survival``, ``slo_weight``.
-- ``dspark``: ``verify_dspark`` (Algorithm 1, early stop), ``plan_budget_k`` and
+- ``dspark_planner``: ``verify_dspark`` (Algorithm 1, early stop), ``plan_budget_k`` and
   ``verify_dspark_async`` (the production top-K variant).
 - ``spec``: ``parse_policy``, ``verify_none``, ``verify_fixed`` and ``plan_verify`` (dispatch).
 """
@@ -13,7 +13,7 @@ from sparkserve.scheduler.policy.common import (
     slo_weight,
     survival,
 )
-from sparkserve.scheduler.policy.dspark import (
+from sparkserve.scheduler.policy.dspark_planner import (
     Slot,
     plan_budget_k,
     plan_drafting,

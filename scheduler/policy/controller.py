@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from sparkserve.scheduler.policy.calibration import CalibrationRow, OnlineCalibration
 from sparkserve.scheduler.policy.common import VerifyPlan, VerifyRequest
-from sparkserve.scheduler.policy.dspark import plan_budget_k, plan_drafting
+from sparkserve.scheduler.policy.dspark_planner import plan_budget_k, plan_drafting
 from sparkserve.scheduler.policy.spec import PolicySpec, plan_verify
 from sparkserve.scheduler.profile.grid import StepTimeModel, ThroughputProfile, drafting_step_time
 from sparkserve.scheduler.request import Request

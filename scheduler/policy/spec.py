@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sparkserve.scheduler.policy.common import VerifyPlan, VerifyRequest, survival
-from sparkserve.scheduler.policy.dspark import verify_dspark, verify_dspark_async
+from sparkserve.scheduler.policy.dspark_planner import verify_dspark, verify_dspark_async
 from sparkserve.scheduler.profile.grid import StepTimeModel
 
 POLICY_KINDS = ("none", "fixed", "dspark", "dspark-async")
