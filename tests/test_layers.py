@@ -3,7 +3,7 @@
 Layers, lowest first: scheduler/ (pure Python) < kernels/ < engine/ < server/ < train/, loadtests/,
 sparkserve/testing < sparkserve/__main__. An import may point down or sideways, never up; no circle of
 imports between modules (function-level imports included: a lazy import hides a circle, it does not
-remove it); the scheduler and the server import no torch, not even through what they import; the
+remove it; ``if TYPE_CHECKING:`` imports left out: they never run); the scheduler and the server import no torch, not even through what they import; the
 server reads the engine only through its documented contracts. Every rule is checked on all imports
 found anywhere in a file. The known violations are listed with their owner's reason; an entry that no
 longer happens fails too, so the lists only shrink.
@@ -70,14 +70,35 @@ def modules() -> dict[str, Path]:
     return found
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _runtime_nodes(nodes: list[ast.stmt], top_level_only: bool) -> list[ast.AST]:
+    """The statements that run: every node under ``nodes`` (or only ``nodes`` themselves), leaving out
+    the bodies of ``if TYPE_CHECKING:`` (annotations only, never imported at run time)."""
+    found: list[ast.AST] = []
+    todo: list[ast.AST] = list(nodes)
+    while todo:
+        node = todo.pop()
+        found.append(node)
+        if _is_type_checking(node):
+            todo.extend(node.orelse)  # type: ignore[attr-defined]
+        elif not top_level_only:
+            todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
 @cache
 def imports(name: str, top_level_only: bool = False) -> frozenset[str]:
-    """Names ``name`` imports (absolute; ``from a import b`` yields ``a`` and ``a.b``)."""
+    """Names ``name`` imports at run time (absolute; ``from a import b`` yields ``a`` and ``a.b``)."""
     path = modules()[name]
     tree = ast.parse(path.read_text(), filename=str(path))
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found: set[str] = set()
-    for node in tree.body if top_level_only else ast.walk(tree):
+    for node in _runtime_nodes(tree.body, top_level_only):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
