@@ -20,13 +20,20 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
-from sparkserve.engine.protocol import EngineDeadError, EngineDrainingError, QueueFullError, RequestOutput
+from sparkserve.engine.outputs import (
+    EngineDeadError,
+    EngineDrainingError,
+    EngineStats,
+    QueueFullError,
+    RequestOutput,
+    StepStats,
+)
 from sparkserve.scheduler.outputs import EngineCoreOutput, TokenLogprob
 
 __all__ = ["AsyncEngine", "EngineDeadError", "EngineDrainingError", "QueueFullError", "RequestOutput"]
@@ -69,7 +76,8 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self._dead: BaseException | None = None
         self._admitting = True
-        self.step_listeners: list = []  # callables(core, outputs) run on the loop after each step
+        # callables (stats: EngineStats, outputs) run on the loop after each step (and after aborts only)
+        self.step_listeners: list[Callable[[EngineStats, list[EngineCoreOutput]], None]] = []
         self._waiting_tokens = 0  # tokens in the scheduler's waiting queue, counted between steps
 
     @classmethod
@@ -130,6 +138,10 @@ class AsyncEngine:
     @property
     def num_in_flight(self) -> int:
         return len(self._tracked)
+
+    def stats(self) -> EngineStats:
+        """The core's stats snapshot without a step (gauges, totals, controller): start-up and metrics sizing."""
+        return self.core.stats()
 
     @property
     def num_waiting_tokens(self) -> int:
@@ -248,9 +260,11 @@ class AsyncEngine:
         aborts, self._pending_aborts = self._pending_aborts, []
         return [r for r in adds if r.request_id in self._tracked], aborts
 
-    def _apply_and_step(self, adds: list, aborts: list[str]) -> tuple[list[str], list[EngineCoreOutput] | None]:
+    def _apply_and_step(self, adds: list, aborts: list[str]) -> tuple[list[str], list[EngineCoreOutput] | None,
+                                                                       EngineStats]:
         """On the engine thread: hand adds and aborts to the core, then run one step if anything is left.
-        Returns the ids whose add failed and the step's outputs (None when no step ran)."""
+        Returns the ids whose add failed, the step's outputs (None when no step ran) and the stats
+        snapshot after it (taken here, so it matches the step)."""
         failed = []
         for request in adds:
             try:
@@ -260,7 +274,8 @@ class AsyncEngine:
                 failed.append(request.request_id)
         for request_id in aborts:
             self.core.abort_request(request_id)
-        return failed, (self.core.step() if self.core.has_unfinished_requests() else None)
+        outputs = self.core.step() if self.core.has_unfinished_requests() else None
+        return failed, outputs, self.core.stats(self.core.last_step if outputs is not None else None)
 
     def _fail(self, request_id: str) -> None:
         self._dispatch([EngineCoreOutput(request_id, (), finish_reason="error")])
@@ -276,17 +291,17 @@ class AsyncEngine:
                     if not self._pending_adds and not self._pending_aborts:
                         await self._wakeup.wait()
                     continue
-                failed, outputs = await loop.run_in_executor(self._executor, self._apply_and_step, adds, aborts)
+                failed, outputs, stats = await loop.run_in_executor(self._executor, self._apply_and_step, adds, aborts)
                 for request_id in failed:
                     self._fail(request_id)
                 self._count_waiting_tokens()
                 if outputs is None:  # aborts only: the gauges show the freed requests and blocks at once
                     for listener in self.step_listeners:
-                        listener(self.core, [])
+                        listener(stats, [])
                     continue
-                self._dispatch(outputs)
+                self._dispatch(outputs, stats.step)
                 for listener in self.step_listeners:
-                    listener(self.core, outputs)
+                    listener(stats, outputs)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - the loop must report any failure
@@ -297,20 +312,23 @@ class AsyncEngine:
                 tracked.queue.put_nowait(error)
             self._tracked.clear()
 
-    def _dispatch(self, outputs: list[EngineCoreOutput]) -> None:
+    def _dispatch(self, outputs: list[EngineCoreOutput], step: StepStats | None = None) -> None:
+        """Push each output to its request's queue, with the request's row of the step's speculation record."""
+        spec = step.scheduler.spec_decoding if step is not None else None
+        outcomes = {d.request_id: d for d in spec.drafts} if spec is not None else {}
         for out in outputs:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
                 continue
             tracked.num_output_tokens += len(out.new_token_ids)
-            tracked.queue.put_nowait(
-                RequestOutput(
-                    out.request_id, out.new_token_ids, out.new_logprobs, out.finish_reason,
-                    out.stop_reason, tracked.num_prompt_tokens, tracked.num_output_tokens,
-                    tracked.arrival_time, out.first_scheduled_time, out.num_cached_tokens,
-                    out.num_draft_tokens, out.num_accepted_tokens, out.drafter, out.prompt_logprobs,
-                )
-            )
+            tracked.queue.put_nowait(RequestOutput(
+                request_id=out.request_id, new_token_ids=out.new_token_ids, new_logprobs=out.new_logprobs,
+                finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                num_prompt_tokens=tracked.num_prompt_tokens, num_output_tokens=tracked.num_output_tokens,
+                arrival_time=tracked.arrival_time, first_scheduled_time=out.first_scheduled_time,
+                num_cached_tokens=out.num_cached_tokens, speculation=outcomes.get(out.request_id),
+                prompt_logprobs=out.prompt_logprobs,
+            ))
             if out.finish_reason is not None:
                 del self._tracked[out.request_id]
 

@@ -58,7 +58,7 @@ def compile_layers(model: torch.nn.Module) -> list[_EagerFallback]:
 
 def warm_up(step_fn: Callable[[int, int], float], token_counts: Sequence[int] | None = None,
             progress: bool = True) -> float:
-    """Run ``step_fn(T, 1)`` (engine.profiler.make_step_fn) once per token count (default
+    """Run ``step_fn(T, 1)`` (engine.throughput_probe.make_step_fn) once per token count (default
     ``WARMUP_TOKEN_COUNTS``) so compilation happens at start-up, with a progress bar on stderr.
     Returns the seconds spent."""
     import time

@@ -39,7 +39,7 @@ class EngineArgs:
         verify_policy: "none" | "fixed:K" | "dspark" | "dspark-async" (None = dspark when drafting).
         profile_path: throughput profile file to reuse (None = measure / cache at start-up).
         draft_gate: with dspark / dspark-async, skip the drafter forward for requests whose next
-            drafts are not worth its cost at the current load (``sparkserve.scheduler.policy.dspark.plan_drafting``).
+            drafts are not worth its cost at the current load (``sparkserve.scheduler.policy.dspark_planner.plan_drafting``).
         shuffle_blocks: hand out physical KV blocks in a random order (tests that paging is real).
         unseeded_coupling: verify unseeded sampled requests by Gumbel-max coupling (as seeded ones
             always are) instead of rejection sampling (``engine/spec_decode/verifier.py``).

@@ -15,8 +15,7 @@ from sparkserve.engine.config import EngineArgs, resolve_device
 from sparkserve.engine.cpu_plan import CpuPlan
 from sparkserve.engine.loader import LoadedModel, load_model
 from sparkserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
-from sparkserve.engine.profiler import load_or_measure_profile, profile_key
-from sparkserve.engine.protocol import EngineStats, SpecStats, StepStats
+from sparkserve.engine.outputs import EngineStats, StepStats
 from sparkserve.engine.quant import DEFAULT_GEMV_MAX_TOKENS
 from sparkserve.engine.sampling.mask import LogitsMask
 from sparkserve.engine.spec_decode.drafter import Drafter
@@ -28,10 +27,11 @@ from sparkserve.engine.spec_decode.factory import (
 from sparkserve.engine.spec_decode.speculator import Speculator
 from sparkserve.engine.step_faults import StepFaultHandler
 from sparkserve.engine.structured.logits_mask import GrammarLogitsMask
+from sparkserve.engine.throughput_probe import load_or_measure_profile, make_step_fn, profile_key
 from sparkserve.scheduler.config import SchedulerConfig
 from sparkserve.scheduler.errors import RequestRejectedError
 from sparkserve.scheduler.outputs import EngineCoreOutput
-from sparkserve.scheduler.policy.controller import StepObservation
+from sparkserve.scheduler.policy.controller import SpeculationController, StepObservation
 from sparkserve.scheduler.policy.spec import parse_policy
 from sparkserve.scheduler.profile import ThroughputProfile
 from sparkserve.scheduler.request import Request
@@ -98,6 +98,19 @@ class EngineCore:
                 per_block += drafter.context_bytes_per_block(args.block_size, dtype)
             num_blocks = max(1, self._kv_cache_bytes(dtype) // per_block)
         self.num_blocks = num_blocks
+        if logits_mask is None:  # structured outputs: SamplingParams.grammar
+            logits_mask = GrammarLogitsMask(lambda: self.tokenizer.grammar_compiler, config.vocab_size)
+        speculator = None
+        if drafter is not None:
+            speculator = Speculator(drafter, num_blocks, args.block_size, dtype, args.max_num_seqs)
+        self.runner = ModelRunner(self.loaded.model, config, num_blocks, args.block_size, dtype, device=self.device,
+                                  speculator=speculator, attention_backend=args.attention_backend,
+                                  max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
+                                  engine_seed=args.seed, mask=logits_mask, unseeded_coupling=args.unseeded_coupling,
+                                  compile=args.compile)
+        if self.runner.compiled:
+            self.runner.warm_up_compile(make_step_fn(self.runner, num_blocks))
+        self.controller = self._make_controller(profile)
         gamma = drafter.num_speculative_tokens if drafter is not None else 0
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -115,39 +128,29 @@ class EngineCore:
                 enable_prefix_caching=args.enable_prefix_caching,
                 cache_extra_key=f"{drafter.name}@{effective_draft_vocab(args)}" if drafter is not None else "",
             ),
+            speculation=self.controller,
         )
-        if logits_mask is None:  # structured outputs: SamplingParams.grammar
-            logits_mask = GrammarLogitsMask(lambda: self.tokenizer.grammar_compiler, config.vocab_size)
-        speculator = None
-        if drafter is not None:
-            speculator = Speculator(drafter, num_blocks, args.block_size, dtype, args.max_num_seqs)
-        self.runner = ModelRunner(self.loaded.model, config, num_blocks, args.block_size, dtype, device=self.device,
-                                  speculator=speculator, attention_backend=args.attention_backend,
-                                  max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
-                                  engine_seed=args.seed, mask=logits_mask, unseeded_coupling=args.unseeded_coupling,
-                                  compile=args.compile)
-        self.runner.warm_up_compile()
-        self.controller = None
-        if drafter is not None:
-            policy = parse_policy(args.verify_policy or "dspark")
-            if policy.needs_profile and profile is None:
-                profile = load_or_measure_profile(self.runner, num_blocks, self.profile_key(), args.max_num_batched_tokens,
-                                                  args.max_num_seqs, path=args.profile_path)
-            if policy.needs_profile and args.draft_gate and not profile.has_draft_time:
-                logger.warning("drafting gate off: the throughput profile has no drafter times (measured before "
-                               "they were recorded); re-measure it with `sparkserve profile --out PATH`")
-            self.controller = make_controller(args, drafter, profile)
-            self.scheduler.verify_lengths = self.controller.verify_lengths
-            self.scheduler.select_drafting = self.controller.select_drafting
-            self.scheduler.request_finished = self.controller.forget
-            self.scheduler.drafts_verified = self.controller.drafts_verified
         self.faults = StepFaultHandler(self.scheduler)
-        self.last_step = StepStats()
-        self.spec_stats = SpecStats(gamma)
+        self.last_step: StepStats | None = None
         logger.info(
             "engine ready: model=%s dtype=%s kv_blocks=%d (block_size=%d) max_model_len=%d",
             self.model_name, self.dtype_name, num_blocks, args.block_size, self.max_model_len,
         )
+
+    def _make_controller(self, profile: ThroughputProfile | None) -> SpeculationController | None:
+        """The scheduler's speculation collaborator for ``--verify-policy`` (None without a drafter),
+        measuring (or loading the cached) throughput profile when the policy needs one."""
+        args = self.args
+        if self.drafter is None:
+            return None
+        policy = parse_policy(args.verify_policy or "dspark")
+        if policy.needs_profile and profile is None:
+            profile = load_or_measure_profile(self.runner, self.num_blocks, self.profile_key(),
+                                              args.max_num_batched_tokens, args.max_num_seqs, path=args.profile_path)
+        if policy.needs_profile and args.draft_gate and not profile.has_draft_time:
+            logger.warning("drafting gate off: the throughput profile has no drafter times (measured before "
+                           "they were recorded); re-measure it with `sparkserve profile --out PATH`")
+        return make_controller(args, self.drafter, profile)
 
     def _kv_cache_bytes(self, dtype: torch.dtype) -> int:
         """The KV cache's memory: ``kv_cache_memory_gb`` if given; else 1 GiB on the CPU and on CUDA
@@ -158,7 +161,7 @@ class EngineCore:
             return int(args.kv_cache_memory_gb * (1 << 30))
         if self.device.type != "cuda":
             return 1 << 30
-        from sparkserve.engine.profiler import activation_peak_bytes
+        from sparkserve.engine.throughput_probe import activation_peak_bytes
 
         free, total = torch.cuda.mem_get_info(self.device)
         peak = activation_peak_bytes(self.loaded.model, args.max_num_batched_tokens, dtype, self.device)
@@ -214,15 +217,21 @@ class EngineCore:
         kind = getattr(self.loaded.model, "quantization", "none")
         return kind if kind == "none" else f"{kind}@{self.gemv_max_tokens}"
 
-    def stats(self) -> EngineStats:
-        """A typed snapshot for metrics (no tensors; read on the event loop after a step)."""
+    @property
+    def num_speculative_tokens(self) -> int:
+        """gamma of the drafter, 0 without one."""
+        return self.scheduler.config.num_lookahead_tokens
+
+    def stats(self, step: StepStats | None = None) -> EngineStats:
+        """A typed snapshot for metrics (no tensors; read on the event loop after a step): the live
+        gauges and totals, with ``step`` (the step just run, ``last_step``) or None (no step ran)."""
         scheduler = self.scheduler
         return EngineStats(
             num_running=scheduler.num_running,
             num_waiting=scheduler.num_waiting,
             kv_cache_usage=scheduler.kv_cache_usage,
-            last_step=self.last_step,
-            num_speculative_tokens=self.spec_stats.gamma,
+            step=step,
+            num_speculative_tokens=self.num_speculative_tokens,
             controller=self.controller.stats() if self.controller is not None else None,
             prefix_cache_queries=scheduler.prefix_cache_queries,
             prefix_cache_hits=scheduler.prefix_cache_hits,
@@ -251,12 +260,14 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
-        """One engine step: schedule -> execute -> update. Returns per-request deltas.
+        """One engine step: schedule -> execute -> update. Returns per-request deltas; the step's stats
+        record is ``last_step`` afterwards (None for an empty or failed step).
 
         An exception anywhere in the step fails (or retries) the requests of the step, not the
         engine (``sparkserve.engine.step_faults``); it raises only ``EngineBrokenError`` (steps keep failing).
         """
         start = time.perf_counter()
+        self.last_step = None
         plan = None
         num_delivered: dict[str, int] = {}
         try:
@@ -265,27 +276,22 @@ class EngineCore:
             num_delivered = self._num_outputs(plan)
             runner_output = self.runner.execute(plan)
             executed = time.perf_counter()
-            outputs = self.scheduler.update_from_output(plan, runner_output)
+            outputs, scheduler_stats = self.scheduler.update_from_output(plan, runner_output)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, never the engine
             return self.faults.recover(exc, plan, num_delivered)
         self.faults.on_success(plan)
         if plan.is_empty:
             return outputs
         end = time.perf_counter()
-        self.last_step = StepStats(
-            num_batched_tokens=plan.num_batched_tokens,
-            num_decode_requests=sum(1 for s in plan.seqs if s.sample),
-            duration_s=end - start,
-            num_preemptions=len(plan.preempted_request_ids),
-            num_drafting=len(runner_output.drafts),
-            schedule_s=scheduled - start,
-            execute_s=executed - scheduled,
-            update_s=end - executed,
-        )
-        try:
-            self._observe(plan, outputs)
-        except Exception:  # noqa: BLE001 - statistics must not lose the step's tokens
-            logger.exception("recording step statistics failed")
+        step = self.last_step = StepStats(scheduler_stats, duration_s=end - start, schedule_s=scheduled - start,
+                                          execute_s=executed - scheduled, update_s=end - executed)
+        if self.controller is not None:
+            try:
+                self.controller.observe_step(StepObservation(
+                    scheduler_stats.num_batched_tokens, scheduler_stats.num_decode_requests,
+                    scheduler_stats.num_drafting, step.duration_s))
+            except Exception:  # noqa: BLE001 - statistics must not lose the step's tokens
+                logger.exception("recording step statistics failed")
         return outputs
 
     def _num_outputs(self, plan) -> dict[str, int]:
@@ -293,25 +299,12 @@ class EngineCore:
         requests = (self.scheduler.get_request(s.request_id) for s in plan.seqs)
         return {r.request_id: r.num_output_tokens for r in requests if r is not None}
 
-    def _observe(self, plan, outputs: list[EngineCoreOutput]) -> None:
-        """Feed the controller (online profile) and the speculation counters."""
-        step = self.last_step
-        if self.controller is not None:
-            self.controller.observe_step(StepObservation(
-                step.num_batched_tokens, step.num_decode_requests, step.num_drafting, step.duration_s))
-        if self.drafter is None:
-            return
-        decode = {s.request_id for s in plan.seqs if s.new_request is None and s.num_known_tokens == 1}
-        for out in outputs:
-            if out.request_id in decode and out.new_token_ids:
-                self.spec_stats.record(out.num_draft_tokens, out.num_accepted_tokens, True)
-                step.verified_per_request.append(out.num_draft_tokens)
-                step.accepted_per_request.append(out.num_accepted_tokens)
-
-    def generate_batch(self, prompts: list[list[int]], params, request_prefix: str = "batch") -> list[list[int]]:
+    def generate_batch(self, prompts: list[list[int]], params, request_prefix: str = "batch",
+                       steps: list[StepStats] | None = None) -> list[list[int]]:
         """Run prompts to completion (offline batch job; all submitted at once). Returns token ids.
 
-        ``params`` is one SamplingParams for all or a list with one per prompt.
+        ``params`` is one SamplingParams for all or a list with one per prompt; ``steps``, when given,
+        receives the stats record of every non-empty step (``SpecDecodingStats.merge`` sums them).
         """
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"{request_prefix}-{i}" for i in range(len(prompts))]
@@ -323,6 +316,8 @@ class EngineCore:
         while self.has_unfinished_requests():
             for out in self.step():
                 tokens[out.request_id].extend(out.new_token_ids)
+            if steps is not None and self.last_step is not None:
+                steps.append(self.last_step)
         return [tokens[rid] for rid in ids]
 
 

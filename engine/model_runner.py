@@ -12,7 +12,7 @@ The scheduler decides *what* runs and who drafts; the runner only executes a ``S
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -106,14 +106,14 @@ class ModelRunner:
             self._compiled_layers = compile_layers(model)
             self.compiled = True
 
-    def warm_up_compile(self, progress: bool = True) -> None:
-        """Compile the step's shapes now (no-op without ``compile``); logs the time, warns on fallback."""
+    def warm_up_compile(self, step_fn: Callable[[int, int], float], progress: bool = True) -> None:
+        """Compile the step's shapes now by running ``step_fn(B, R)`` (``throughput_probe.make_step_fn``; no-op
+        without ``compile``); logs the time, warns on fallback."""
         if not self.compiled:
             return
         from sparkserve.engine.compile_step import warm_up
-        from sparkserve.engine.profiler import make_step_fn
 
-        seconds = warm_up(make_step_fn(self, self.kv_caches[0][0].shape[1]), progress=progress)
+        seconds = warm_up(step_fn, progress=progress)
         failed = sum(w.failed for w in self._compiled_layers)
         logger.info("compiled step warmed up in %.1f s%s", seconds,
                     f" ({failed} bodies fell back to eager)" if failed else "")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from sparkserve.engine.protocol import EngineDeadError
+from sparkserve.engine.outputs import EngineDeadError
 from sparkserve.scheduler.outputs import EngineCoreOutput, SchedulerOutput
 from sparkserve.scheduler.request import RequestStatus
 from sparkserve.scheduler.scheduler import Scheduler

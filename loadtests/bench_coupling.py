@@ -24,9 +24,11 @@ import torch
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.engine.loader import load_model
+from sparkserve.engine.outputs import StepStats
 from sparkserve.loadtests.bench_step_breakdown import machine
 from sparkserve.loadtests.prompts import load_prompts
 from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.scheduler.stats import SpecDecodingStats
 from sparkserve.train.data import chat_prompt_ids
 
 SETTINGS = {"rejection": (False, False), "coupled-seeded": (True, False), "coupled-unseeded": (False, True)}
@@ -40,12 +42,13 @@ def run(loaded, prompts: list[list[int]], setting: str, temperature: float, max_
     params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
                              seed=1000 + i if seeded else None) for i in range(len(prompts))]
     start = time.perf_counter()
-    core.generate_batch(prompts, params, request_prefix=setting)
-    s = core.spec_stats
+    steps: list[StepStats] = []
+    core.generate_batch(prompts, params, request_prefix=setting, steps=steps)
+    s = SpecDecodingStats.merge(core.num_speculative_tokens, (step.scheduler.spec_decoding for step in steps))
     return {"setting": setting, "temperature": temperature, "tau": round(s.accepted_length, 4),
             "verify_steps": s.num_drafts, "accepted_drafts": s.num_accepted_tokens,
             "acceptance_by_position": [round(a / v, 4) if v else None
-                                       for a, v in zip(s.accepted_per_pos, s.verified_per_pos, strict=True)],
+                                       for a, v in zip(s.num_accepted_per_pos, s.num_verified_per_pos, strict=True)],
             "wall_s": round(time.perf_counter() - start, 2)}
 
 

@@ -17,12 +17,14 @@ import torch
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.engine.loader import load_model
-from sparkserve.engine.profiler import make_step_fn
+from sparkserve.engine.outputs import StepStats
 from sparkserve.engine.spec_decode.dspark import DSparkDrafter
 from sparkserve.engine.spec_decode.dspark_loader import random_drafter_config
 from sparkserve.engine.spec_decode.factory import SHIPPED_DRAFT_VOCAB, shipped_drafter_path
+from sparkserve.engine.throughput_probe import make_step_fn
 from sparkserve.loadtests.prompts import load_prompts
 from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.scheduler.stats import SpecDecodingStats
 from sparkserve.testing.oracle import LookupOracleDrafter
 
 
@@ -41,13 +43,14 @@ def _run(loaded, drafter, prompts, params, label: str) -> dict:
     core = EngineCore(EngineArgs(verify_policy="fixed:7", max_num_seqs=len(prompts), drafter="none" if drafter is None else None),
                       loaded=loaded, drafter=drafter)
     start = time.perf_counter()
-    outputs = core.generate_batch(prompts, params, request_prefix=label)
+    steps: list[StepStats] = []
+    outputs = core.generate_batch(prompts, params, request_prefix=label, steps=steps)
     wall = time.perf_counter() - start
-    s = core.spec_stats
+    s = SpecDecodingStats.merge(core.num_speculative_tokens, (step.scheduler.spec_decoding for step in steps))
     return {
         "drafter": label, "wall_s": wall, "output_tokens": sum(map(len, outputs)),
         "tokens_per_verify_step": s.accepted_length, "verify_steps": s.num_drafts,
-        "prefix_survival_by_position": [a / v if v else None for a, v in zip(s.accepted_per_pos, s.verified_per_pos, strict=True)],
+        "prefix_survival_by_position": [a / v if v else None for a, v in zip(s.num_accepted_per_pos, s.num_verified_per_pos, strict=True)],
         "outputs": outputs,
     }
 

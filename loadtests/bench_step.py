@@ -8,7 +8,7 @@ shared machine hits them alike.
 
 1. per-linear M sweep: one SmolLM2-135M-shaped linear at M = 1..16 rows, bf16 dense GEMM vs the int4
    (group 32) and int8 weight-only kernels: the GEMV / GEMM crossover ``--quant-gemv-max-tokens`` uses;
-2. bare step: ``sparkserve.engine.profiler.make_step_fn`` (target forward over B decode sequences with 128 tokens
+2. bare step: ``sparkserve.engine.throughput_probe.make_step_fn`` (target forward over B decode sequences with 128 tokens
    of context, paged attention included, LM head over the B rows), B = 1, 4, 16, 64;
 3. engine decode TPOT at c = 1 with ``--drafter none`` (``EngineCore.step`` wall time of steady
    decode steps, no HTTP), for each quantisation mode; optionally the same with ``--compile``.
@@ -29,8 +29,8 @@ import torch
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.engine.loader import load_model
-from sparkserve.engine.profiler import make_step_fn
 from sparkserve.engine.quant import quantize_int4
+from sparkserve.engine.throughput_probe import make_step_fn
 from sparkserve.loadtests.bench_step_breakdown import machine
 from sparkserve.scheduler.sampling_params import SamplingParams
 
@@ -103,7 +103,7 @@ def engine_tpot(cores: dict[str, EngineCore], rounds: int = 3, max_tokens: int =
             while core.has_unfinished_requests():
                 start = time.perf_counter()
                 core.step()
-                if core.last_step.num_batched_tokens == 1:
+                if core.last_step is not None and core.last_step.scheduler.num_batched_tokens == 1:
                     times.append(time.perf_counter() - start)
             samples[mode].extend(times[2:])
     return {mode: round(statistics.median(v) * 1e3, 2) for mode, v in samples.items()}

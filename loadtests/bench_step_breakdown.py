@@ -93,8 +93,8 @@ def run(core: EngineCore, batch: int, max_tokens: int, tokenizer) -> dict:
         start = time.perf_counter()
         core.step()
         total = time.perf_counter() - start
-        last = core.last_step
-        steady = last.num_decode_requests == batch and last.num_batched_tokens >= batch and core.scheduler.num_waiting == 0
+        last = core.last_step.scheduler if core.last_step is not None else None
+        steady = last is not None and last.num_decode_requests == batch and last.num_batched_tokens >= batch and core.scheduler.num_waiting == 0
         prefilling = any(r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.running)
         if steady and not prefilling:
             step = dict(timers.current)

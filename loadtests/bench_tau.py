@@ -27,8 +27,9 @@ from sparkserve.engine.core import EngineCore
 from sparkserve.engine.loader import load_model
 from sparkserve.loadtests.bench_step_breakdown import machine
 from sparkserve.loadtests.prompts import load_prompts
-from sparkserve.loadtests.survival_check import record_survival
+from sparkserve.loadtests.survival_check import step_and_record_survival
 from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.scheduler.stats import SpecDecodingStats
 from sparkserve.train.data import chat_prompt_ids
 
 DEFAULT_SETS = ["mt_bench", "humaneval", "gsm8k", "spec_bench:translation", "spec_bench:summarization",
@@ -41,22 +42,17 @@ def run_set(core: EngineCore, prompts: list[list[int]], temperature: float, max_
     for i, p in enumerate(prompts):
         params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=i, stop_token_ids=stops)
         core.add_request(core.make_request(f"r{i}", p, params))
-    gamma = core.spec_stats.gamma
+    gamma = core.num_speculative_tokens
     pred, real, count = [0.0] * gamma, [0] * gamma, [0] * gamma
-    by_drafter: dict[str, list[int]] = {}
+    records = []
     output_tokens = 0
     start = time.perf_counter()
     while core.has_unfinished_requests():
-        conf = {r.request_id: list(r.spec_confidences) for r in core.scheduler.running_requests}
-        for out in core.step():
+        for out in step_and_record_survival(core, pred, real, count):
             output_tokens += len(out.new_token_ids)
-            if out.num_draft_tokens:
-                row = by_drafter.setdefault(out.drafter or "unknown", [0, 0, 0])
-                row[0] += 1
-                row[1] += out.num_draft_tokens
-                row[2] += out.num_accepted_tokens
-            record_survival(conf.get(out.request_id) or [], out, pred, real, count)
-    stats = core.spec_stats
+        if core.last_step is not None:
+            records.append(core.last_step.scheduler.spec_decoding)
+    stats = SpecDecodingStats.merge(gamma, records)
     rows = core.controller.stats().calibration if core.controller is not None else ()
     online = {}
     if rows:  # the online calibration's own account (conditional per-position survival, cumulative)
@@ -67,8 +63,10 @@ def run_set(core: EngineCore, prompts: list[list[int]], temperature: float, max_
         "tau": round(stats.accepted_length, 3), "verify_steps": stats.num_drafts,
         "draft_tokens": stats.num_draft_tokens, "accepted_tokens": stats.num_accepted_tokens,
         "output_tokens": output_tokens, "wall_s": round(time.perf_counter() - start, 1),
-        "by_drafter": {name: {"verify_steps": r[0], "drafts": r[1], "accepted": r[2],
-                              "tau": round(1 + r[2] / max(r[0], 1), 3)} for name, r in by_drafter.items()},
+        "by_drafter": {r.drafter: {"verify_steps": r.num_drafts, "drafts": r.num_draft_tokens,
+                                   "accepted": r.num_accepted_tokens,
+                                   "tau": round(1 + r.num_accepted_tokens / max(r.num_drafts, 1), 3)}
+                       for r in stats.per_drafter},
         "acceptance_by_position": [round(real[k] / count[k], 3) if count[k] else None for k in range(gamma)],
         "realised_over_predicted": round(sum(real) / max(sum(pred), 1e-9), 3),
         "online_calibration": online,

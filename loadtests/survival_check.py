@@ -15,6 +15,7 @@ import argparse
 import glob
 import json
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -23,18 +24,31 @@ from sparkserve.engine.core import EngineCore
 from sparkserve.engine.loader import load_model
 from sparkserve.loadtests.prompts import load_prompts
 from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.scheduler.stats import DraftOutcome
 from sparkserve.train.data import chat_prompt_ids
 
 
-def record_survival(confidences: list[float], out, pred: list[float], real: list[int], count: list[int]) -> None:
+def record_survival(confidences: Sequence[float], draft: DraftOutcome, pred: list[float], real: list[int],
+                    count: list[int]) -> None:
     """Add one verify step's prediction (prefix survival ``prod_{i<=k} c_i`` per verified position k) and
     outcome (draft k accepted) to the per-position sums ``pred`` / ``real`` / ``count`` (in place)."""
     survival = 1.0
-    for k in range(min(out.num_draft_tokens, len(confidences))):
+    for k in range(min(draft.num_draft_tokens, len(confidences))):
         survival *= confidences[k]
         pred[k] += survival
-        real[k] += out.num_accepted_tokens > k
+        real[k] += draft.num_accepted_tokens > k
         count[k] += 1
+
+
+def step_and_record_survival(core: EngineCore, pred: list[float], real: list[int], count: list[int]) -> list:
+    """One ``core.step()`` whose verify steps (the step's stats record) go into the per-position sums
+    with the confidences the drafts were proposed with. Returns the step's outputs."""
+    confidences = {r.request_id: r.drafts.confidences for r in core.scheduler.running_requests}
+    outputs = core.step()
+    spec = core.last_step.scheduler.spec_decoding if core.last_step is not None else None
+    for draft in spec.drafts if spec is not None else ():
+        record_survival(confidences.get(draft.request_id, ()), draft, pred, real, count)
+    return outputs
 
 
 def run(core: EngineCore, prompts: list[list[int]], temperature: float, max_tokens: int) -> dict:
@@ -42,12 +56,10 @@ def run(core: EngineCore, prompts: list[list[int]], temperature: float, max_toke
     for i, p in enumerate(prompts):
         params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=i)
         core.add_request(core.make_request(f"r{i}", p, params))
-    gamma = core.spec_stats.gamma
+    gamma = core.num_speculative_tokens
     pred, real, count = [0.0] * gamma, [0] * gamma, [0] * gamma
     while core.has_unfinished_requests():
-        conf = {r.request_id: list(r.spec_confidences) for r in core.scheduler.running_requests}
-        for out in core.step():
-            record_survival(conf.get(out.request_id) or [], out, pred, real, count)
+        step_and_record_survival(core, pred, real, count)
     return {"verified": sum(count), "predicted_accepted": round(sum(pred), 1), "realised_accepted": sum(real),
             "ratio": round(sum(real) / max(sum(pred), 1e-9), 3),
             "by_position": [{"k": k, "n": count[k], "predicted": round(pred[k] / count[k], 3),

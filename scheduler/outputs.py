@@ -167,12 +167,12 @@ class EngineCoreOutput:
         finish_reason: "stop" | "length" | "abort" | "error" when the request finished, else None.
         stop_reason: the stop token id that ended it, if any.
         num_prompt_tokens: prompt length (for usage).
-        num_draft_tokens: drafts verified this step; num_accepted_tokens: drafts accepted.
         first_scheduled_time: ``time.monotonic()`` when the request first ran (queue-time metric).
         num_cached_tokens: prompt tokens found in the prefix cache at admission.
-        drafter: the drafter family of the drafts verified this step ("" without drafts).
         prompt_logprobs: on the request's first output, when asked: one entry per prompt token after
             the first.
+
+    The step's speculation counts are in the step's stats record (``sparkserve.scheduler.stats``).
     """
 
     request_id: str
@@ -181,11 +181,8 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
     first_scheduled_time: float | None = None
     num_cached_tokens: int = 0
-    drafter: str = ""
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from sparkserve.scheduler.outputs import DraftProposal
 from sparkserve.scheduler.sampling_params import SamplingParams
 
 
@@ -41,6 +42,50 @@ _FINISH_REASONS = {
 }
 
 
+@dataclass(frozen=True)
+class DraftState:
+    """A request's speculation state, one value (replaced, never mutated; written only by the scheduler).
+
+    Attributes:
+        token_ids: drafted tokens proposed for the next verify step (not yet accepted).
+        confidences: per-position conditional survival confidences c_k of those drafts (fp32 values as
+            Python floats), same length as ``token_ids``; empty for drafters without a confidence head.
+        draft_id: the runner's id of those drafts (where their q lives); None without drafts.
+        drafter: the drafter family that proposed them (per-drafter calibration and statistics).
+        last_confidences: the confidences of the latest proposal with confidences (kept after it is
+            verified or when the request is not drafted for): the estimate of what drafting for it would
+            be worth; empty before its first drafts.
+        last_num_tokens: the request's ``num_tokens`` when that proposal arrived (its age = now - this).
+        last_drafter: the drafter family of that proposal.
+    """
+
+    token_ids: tuple[int, ...] = ()
+    confidences: tuple[float, ...] = ()
+    draft_id: int | None = None
+    drafter: str = ""
+    last_confidences: tuple[float, ...] = ()
+    last_num_tokens: int = 0
+    last_drafter: str = ""
+
+    def proposed(self, proposal: DraftProposal | None, num_tokens: int) -> DraftState:
+        """The state after the runner's proposal for the next step (None: no drafts); a proposal with
+        confidences becomes the latest estimate, stamped with the request's ``num_tokens``."""
+        if proposal is None:
+            return self.cleared()
+        pending = dict(token_ids=tuple(proposal.token_ids), confidences=tuple(proposal.confidences),
+                       draft_id=proposal.draft_id, drafter=proposal.drafter)
+        if not proposal.confidences:
+            return DraftState(**pending, last_confidences=self.last_confidences,
+                              last_num_tokens=self.last_num_tokens, last_drafter=self.last_drafter)
+        return DraftState(**pending, last_confidences=tuple(proposal.confidences), last_num_tokens=num_tokens,
+                          last_drafter=proposal.drafter)
+
+    def cleared(self) -> DraftState:
+        """No pending drafts (verified, preempted or finished); the latest estimate is kept."""
+        return DraftState(last_confidences=self.last_confidences, last_num_tokens=self.last_num_tokens,
+                          last_drafter=self.last_drafter)
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence being generated (compared by identity: queues remove it in O(position)).
@@ -54,16 +99,8 @@ class Request:
         output_token_ids: generated tokens so far (accepted drafts, recovered and bonus tokens).
         num_computed_tokens: tokens whose KV is in the cache. Progress = this chasing
             ``num_tokens`` (prefill, chunked prefill and speculation are all cases of it).
-        spec_token_ids: drafted tokens proposed for the next verify step (not yet accepted).
-        spec_confidences: per-position conditional survival confidences c_k of the drafts (fp32
-            values as Python floats), same length as ``spec_token_ids``; empty without a drafter.
-        spec_draft_id: the runner's id of those drafts (where their q lives); None without drafts.
-        spec_drafter: the drafter family that proposed them (per-drafter calibration and statistics).
-        last_draft_confidences: the confidences of the latest drafts the request received (kept after
-            they are verified or when it is not drafted for): the scheduler's estimate of what drafting
-            for it would be worth; empty before its first drafts.
-        last_draft_num_tokens: ``num_tokens`` when those drafts arrived (their age = now - this).
-        last_draft_drafter: the drafter family of those drafts.
+        drafts: its speculation state (``DraftState``): pending drafts, their id and drafter, and the
+            latest proposal's confidences.
         num_preemptions: how many times the request was preempted (recompute).
         stop_reason: the stop token id that finished it (None for EOS or a length finish).
         first_scheduled_time: ``time.monotonic()`` when it first ran (queue time = this - arrival).
@@ -79,13 +116,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
-    spec_token_ids: list[int] = field(default_factory=list)
-    spec_confidences: list[float] = field(default_factory=list)
-    spec_draft_id: int | None = None
-    spec_drafter: str = ""
-    last_draft_confidences: tuple[float, ...] = ()
-    last_draft_num_tokens: int = 0
-    last_draft_drafter: str = ""
+    drafts: DraftState = field(default_factory=DraftState)
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
@@ -115,7 +146,4 @@ class Request:
 
     def clear_drafts(self) -> None:
         """Drop the pending drafts (verified, preempted or finished)."""
-        self.spec_token_ids.clear()
-        self.spec_confidences.clear()
-        self.spec_draft_id = None
-        self.spec_drafter = ""
+        self.drafts = self.drafts.cleared()

@@ -7,10 +7,10 @@ A request's progress is one number: ``num_computed_tokens`` (positions whose KV 
 1. Running decode requests, in admission order, get their base token (the last generated token);
    then running requests still prefilling get their next chunk, FCFS, each capped at
    ``prefill_chunk_cap`` tokens (the long-prefill threshold).
-2. Decode requests with drafts get ``l_r`` drafts to verify, chosen by the verification policy
-   ``verify_lengths(requests, budget_left)`` and then clipped (see ``_schedule_drafts``).
-3. With a drafting gate (``select_drafting``), decode requests whose next drafts are not worth
-   their drafter cost are marked ``draft=False`` (the runner skips their drafter forward).
+2. Decode requests with drafts get ``l_r`` drafts to verify, chosen by the speculation collaborator's
+   ``verify_lengths(requests, budget_left, context)`` and then clipped (see ``_schedule_drafts``).
+3. The collaborator's drafting gate (``select_drafting``) marks decode requests whose next drafts are
+   not worth their drafter cost ``draft=False`` (the runner skips their drafter forward).
 4. If nobody was preempted, waiting requests (preempted ones first, then new ones, FCFS) are admitted
    with a capped prefill chunk from what is left of the budget; the last chunk of a prompt samples.
    A long prompt (more than the threshold left to prefill) waits while ``max_long_partial_prefills``
@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from sparkserve.scheduler.block_manager import BlockManager, block_keys
 from sparkserve.scheduler.config import SchedulerConfig
@@ -61,34 +61,15 @@ from sparkserve.scheduler.request_rules import (
     may_draft,
     prefill_slots_in_use,
 )
+from sparkserve.scheduler.speculation import Speculation, VerifyContext, verify_all_drafts
+from sparkserve.scheduler.stats import DraftOutcome, SchedulerStats, SpecDecodingStats
 
 
-@dataclass(frozen=True)
-class VerifyContext:
-    """What the verification policy knows about the step being planned.
+class StepUpdate(NamedTuple):
+    """What ``Scheduler.update_from_output`` returns: the per-request deltas and the step's stats record."""
 
-    Attributes:
-        num_scheduled_tokens: tokens already in the step (every decode base token + prefill chunks).
-        num_decode_requests: running decode requests this step (with or without drafts).
-        token_budget: the step's whole token budget (``max_num_batched_tokens``).
-    """
-
-    num_scheduled_tokens: int
-    num_decode_requests: int
-    token_budget: int
-
-
-VerifyLengthsFn = Callable[[Sequence[Request], int, VerifyContext], Sequence[int]]
-"""``(decode requests with drafts in FCFS order, token budget left, context) -> l_r per request``."""
-
-
-DraftSelectFn = Callable[[Sequence[Request], VerifyContext], Sequence[bool]]
-"""``(decode requests in FCFS order, context of the step) -> draft after this step?`` per request."""
-
-
-def verify_all_drafts(requests: Sequence[Request], budget_left: int, context: VerifyContext | None = None) -> list[int]:
-    """Fixed-length policy: verify every draft; the scheduler clips to the budget in FCFS order."""
-    return [len(request.spec_token_ids) for request in requests]
+    outputs: list[EngineCoreOutput]
+    stats: SchedulerStats
 
 
 @dataclass
@@ -105,15 +86,18 @@ class _StepPlan:
 
 
 class Scheduler:
-    """Owns the request queues and the KV block manager; the only writer of request state."""
+    """Owns the request queues and the KV block manager; the only writer of request state.
 
-    def __init__(
-        self, config: SchedulerConfig, verify_lengths: VerifyLengthsFn | None = None,
-        select_drafting: DraftSelectFn | None = None,
-    ) -> None:
+    Args:
+        config: limits and cache geometry.
+        speculation: the speculation collaborator (``sparkserve.scheduler.speculation.Speculation``): verify
+            lengths, drafting gate, verify outcomes, finished requests; None without one (every pending
+            draft is verified, clipped to the budget; everyone allowed by ``may_draft`` drafts).
+    """
+
+    def __init__(self, config: SchedulerConfig, speculation: Speculation | None = None) -> None:
         self.config = config
-        self.verify_lengths: VerifyLengthsFn = verify_lengths or verify_all_drafts
-        self.select_drafting: DraftSelectFn | None = select_drafting
+        self.speculation = speculation
         self.block_manager = BlockManager(
             config.num_kv_blocks, config.block_size, shuffle=config.shuffle_blocks, seed=config.seed,
             enable_caching=config.enable_prefix_caching,
@@ -130,12 +114,6 @@ class Scheduler:
         self._last_reported: frozenset[str] = frozenset()  # finished ids of the last SchedulerOutput
         self._isolated = Isolation()  # rolled-back requests running in solo steps
         self.solo_request_id: str | None = None  # the request of the step being planned, if solo
-        self.drafts_verified: Callable[[Request, tuple[float, ...], int, int], None] | None = None
-        """Called after every verify step with drafts: ``(request, stated confidences of the verified
-        drafts, l_r, accepted drafts)`` (online calibration of confidences)."""
-        self.request_finished: Callable[[str], None] | None = None
-        """Called with the id of every request that ends (stop, length, abort, error): owners of
-        per-request state outside the scheduler (the speculation controller) release it."""
 
     # ---- queries ---------------------------------------------------------------------------
     @property
@@ -263,23 +241,35 @@ class Scheduler:
             num_batched_tokens=sum(seq.num_new_tokens for seq in seqs),
         )
 
-    def update_from_output(
-        self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput
-    ) -> list[EngineCoreOutput]:
-        """Advance every scheduled request by the runner's result; returns one output per request
-        that got new tokens or finished. Requests aborted while the step ran are skipped."""
+    def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> StepUpdate:
+        """Advance every scheduled request by the runner's result. Returns one output per request that
+        got new tokens or finished (requests aborted while the step ran are skipped) and the step's
+        stats record (``sparkserve.scheduler.stats``), counted here, once."""
         outputs: list[EngineCoreOutput] = []
+        gamma = self.config.num_lookahead_tokens
+        drafts: list[DraftOutcome] = []
         for seq in scheduler_output.seqs:
             request = self._requests.get(seq.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
             request.num_computed_tokens += seq.num_new_tokens
             if seq.sample:
-                outputs.append(self._apply_sampled(request, seq, runner_output))
+                output, outcome = self._apply_sampled(request, seq, runner_output)
+                outputs.append(output)
+                # A decode step (not the first token after a prefill or a recompute) is a draft.
+                if gamma and seq.new_request is None and seq.num_known_tokens == 1 and output.new_token_ids:
+                    drafts.append(outcome)
                 self._isolated.on_sampled(seq.request_id)
             if request.status == RequestStatus.RUNNING:
                 self._cache_computed_blocks(request)
-        return outputs
+        stats = SchedulerStats(
+            num_batched_tokens=scheduler_output.num_batched_tokens,
+            num_decode_requests=sum(1 for s in scheduler_output.seqs if s.sample),
+            num_preemptions=len(scheduler_output.preempted_request_ids),
+            num_drafting=len(runner_output.drafts),
+            spec_decoding=SpecDecodingStats.of(gamma, drafts) if gamma else None,
+        )
+        return StepUpdate(outputs, stats)
 
     # ---- schedule() parts --------------------------------------------------------------------
     def _schedule_running(self, plan: _StepPlan) -> None:
@@ -341,10 +331,11 @@ class Scheduler:
         candidates: list[Request] = []
         for request in plan.decode:
             cap = draft_cap(request, self.config.num_lookahead_tokens, self.config.max_model_len)
-            del request.spec_token_ids[cap:], request.spec_confidences[cap:]
-            if not request.spec_token_ids:
-                request.spec_draft_id = None
-            if request.spec_token_ids:
+            held = request.drafts
+            if len(held.token_ids) > cap or len(held.confidences) > cap:
+                request.drafts = replace(held, token_ids=held.token_ids[:cap], confidences=held.confidences[:cap],
+                                         draft_id=held.draft_id if cap else None)
+            if request.drafts.token_ids:
                 candidates.append(request)
         if not candidates:
             return
@@ -353,12 +344,15 @@ class Scheduler:
             num_decode_requests=len(plan.decode),
             token_budget=self.config.max_num_batched_tokens,
         )
-        lengths = list(self.verify_lengths(candidates, plan.budget, context))
+        if self.speculation is None:
+            lengths = verify_all_drafts(candidates)
+        else:
+            lengths = list(self.speculation.verify_lengths(candidates, plan.budget, context))
         if len(lengths) != len(candidates) or any(length < 0 for length in lengths):
             raise ValueError(f"verify_lengths returned {lengths} for {len(candidates)} requests")
         for request, wanted in zip(candidates, lengths, strict=True):
             room = self.block_manager.max_coverable_tokens(request.request_id) - request.num_tokens
-            num_spec = min(wanted, len(request.spec_token_ids), plan.budget, room)
+            num_spec = min(wanted, len(request.drafts.token_ids), plan.budget, room)
             if num_spec > 0:
                 self.block_manager.allocate(request.request_id, request.num_tokens + num_spec)
                 plan.budget -= num_spec
@@ -368,7 +362,7 @@ class Scheduler:
         """Ask the drafting gate which decode requests draft after this step (requests finishing a
         prefill chunk always draft: nothing is known about their drafts yet). The decision comes
         before any of the drafts it concerns exist, so it cannot bias verification."""
-        if self.select_drafting is None or not plan.decode:
+        if self.speculation is None or not plan.decode:
             return
         # The gate plans the next step: this step's known tokens (base tokens + prefill chunks), not
         # the verify tokens it spends now.
@@ -377,7 +371,7 @@ class Scheduler:
             num_decode_requests=len(plan.decode),
             token_budget=self.config.max_num_batched_tokens,
         )
-        flags = list(self.select_drafting(plan.decode, context))
+        flags = list(self.speculation.select_drafting(plan.decode, context))
         if len(flags) != len(plan.decode):
             raise ValueError(f"select_drafting returned {len(flags)} flags for {len(plan.decode)} requests")
         plan.no_draft = {r.request_id for r, keep in zip(plan.decode, flags, strict=True) if not keep}
@@ -542,8 +536,8 @@ class Scheduler:
             request_id=request.request_id,
             start_pos=start,
             num_known_tokens=num_known,
-            spec_token_ids=tuple(request.spec_token_ids[:num_spec]),
-            spec_draft_id=request.spec_draft_id if num_spec else None,
+            spec_token_ids=request.drafts.token_ids[:num_spec],
+            spec_draft_id=request.drafts.draft_id if num_spec else None,
             new_block_ids=table[held:],
             num_blocks=len(table),
             sample=sample,
@@ -552,8 +546,10 @@ class Scheduler:
         )
 
     # ---- update_from_output() parts -------------------------------------------------------
-    def _apply_sampled(self, request: Request, seq: ScheduledSeq, out: RunnerOutput) -> EngineCoreOutput:
-        """Append accepted drafts + bonus/recovered token with stop checks; rewind rejected slots."""
+    def _apply_sampled(self, request: Request, seq: ScheduledSeq,
+                       out: RunnerOutput) -> tuple[EngineCoreOutput, DraftOutcome]:
+        """Append accepted drafts + bonus/recovered token with stop checks; rewind rejected slots.
+        Returns the request's output and its verify step's outcome (counted up to a stop)."""
         sampled = out.sampled_token_ids.get(request.request_id)
         if not sampled or len(sampled) > seq.num_spec_tokens + 1:
             raise ValueError(
@@ -561,9 +557,9 @@ class Scheduler:
                 f"got {sampled!r}"
             )
         num_accepted = len(sampled) - 1
-        if self.drafts_verified is not None and seq.num_spec_tokens and request.spec_confidences:
-            self.drafts_verified(request, tuple(request.spec_confidences[: seq.num_spec_tokens]), seq.num_spec_tokens,
-                                 num_accepted)
+        if self.speculation is not None and seq.num_spec_tokens and request.drafts.confidences:
+            self.speculation.on_verified(request, request.drafts.confidences[: seq.num_spec_tokens],
+                                         seq.num_spec_tokens, num_accepted)
         request.num_computed_tokens -= seq.num_spec_tokens - num_accepted  # rejected draft slots
         num_kept, status = append_with_stop_checks(request, sampled, self.config.max_model_len)
         # Drafts at or before the stop position count; nothing past a stop does.
@@ -576,13 +572,12 @@ class Scheduler:
             finish_reason=status.finish_reason if status is not None else None,
             stop_reason=request.stop_reason if status is not None else None,
             num_prompt_tokens=request.num_prompt_tokens,
-            num_draft_tokens=num_drafts,
-            num_accepted_tokens=min(num_accepted, num_kept),
             first_scheduled_time=request.first_scheduled_time,
             num_cached_tokens=request.num_cached_tokens,
-            drafter=request.spec_drafter if seq.num_spec_tokens else "",
             prompt_logprobs=tuple(prompt) if (prompt := out.prompt_logprobs.get(request.request_id)) is not None else None,
         )
+        outcome = DraftOutcome(request.request_id, request.drafts.drafter if seq.num_spec_tokens else "",
+                               num_drafts, min(num_accepted, num_kept))
         if status is not None:
             request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
             self._finish(request, status)
@@ -590,16 +585,8 @@ class Scheduler:
             self.block_manager.trim(request.request_id, request.num_computed_tokens)
             self._runner_blocks[request.request_id] = min(
                 self._runner_blocks.get(request.request_id, 0), self.block_manager.num_blocks_of(request.request_id))
-            drafts = out.drafts.get(request.request_id)
-            request.spec_token_ids = list(drafts.token_ids) if drafts else []
-            request.spec_confidences = list(drafts.confidences) if drafts else []
-            request.spec_draft_id = drafts.draft_id if drafts else None
-            request.spec_drafter = drafts.drafter if drafts else ""
-            if drafts and drafts.confidences:
-                request.last_draft_confidences = tuple(drafts.confidences)
-                request.last_draft_num_tokens = request.num_tokens
-                request.last_draft_drafter = drafts.drafter
-        return result
+            request.drafts = request.drafts.proposed(out.drafts.get(request.request_id), request.num_tokens)
+        return result, outcome
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         if request.status == RequestStatus.RUNNING:
@@ -616,5 +603,5 @@ class Scheduler:
         self._isolated.discard(request.request_id)
         self._runner_blocks.pop(request.request_id, None)
         self._finished_ids.add(request.request_id)
-        if self.request_finished is not None:
-            self.request_finished(request.request_id)
+        if self.speculation is not None:
+            self.speculation.on_finished(request.request_id)

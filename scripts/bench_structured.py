@@ -18,6 +18,7 @@ from sparkserve.engine.loader import default_model_path, load_model
 from sparkserve.engine.structured.grammar import GrammarSpec
 from sparkserve.scheduler.profile import ThroughputProfile
 from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.scheduler.stats import SpecDecodingStats
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 150},
@@ -34,10 +35,11 @@ def run(loaded, method: str | None, prompts, params, concurrency: int) -> dict[s
     core = EngineCore(args, loaded=loaded, profile=ThroughputProfile.load("tests/data/profile_small.json"))
     batch = (prompts * 16)[:concurrency]
     start = time.perf_counter()
-    outs = core.generate_batch(batch, params)
+    steps: list = []
+    outs = core.generate_batch(batch, params, steps=steps)
     wall = time.perf_counter() - start
     tokens = sum(len(o) for o in outs)
-    stats = core.spec_stats
+    stats = SpecDecodingStats.merge(core.num_speculative_tokens, (s.scheduler.spec_decoding for s in steps))
     return {"tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
             "tau": round(stats.accepted_length, 3) if method is not None else 1.0}
 

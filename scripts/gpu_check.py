@@ -379,10 +379,10 @@ def serve_level(core, prompts: list[list[int]], concurrency: int, max_tokens: in
 
 
 def staircase(core, requests: tuple[int, ...] = (1, 16, 64, 256), max_tokens: int = 2048) -> list[dict]:
-    """Step seconds of synthetic steps SPS(B, R) (engine/profiler.make_step_fn), B = R * (1 + l)."""
+    """Step seconds of synthetic steps SPS(B, R) (engine/throughput_probe.make_step_fn), B = R * (1 + l)."""
     import torch
 
-    from sparkserve.engine.profiler import make_step_fn
+    from sparkserve.engine.throughput_probe import make_step_fn
 
     step = make_step_fn(core.runner, core.num_blocks)
     rows = []

@@ -183,21 +183,26 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
                    help="most long prompts mid-prefill at once (shorter ones pass them meanwhile)")
     s.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
     s.add_argument("--seed", type=int, default=d.seed, help="global seed for requests without one")
-    s.add_argument("--drafter", default=None, help="drafter checkpoint, or 'none' to disable speculation")
-    s.add_argument("--drafter-kind", default=d.drafter_kind, choices=("dspark", "dflash", "draft-model"),
-                   help="family of --drafter PATH (default: %(default)s)")
+    s.add_argument("--drafter", default=None,
+                   help="drafter checkpoint ('none': alias of --speculative-method none)")
+    s.add_argument("--drafter-kind", default=None, choices=CHECKPOINT_METHODS,
+                   help="alias: --speculative-method KIND for the family of --drafter PATH (with hybrid: the "
+                        "family of its checkpoint drafter)")
     s.add_argument("--num-draft-tokens", type=int, default=d.num_draft_tokens,
                    help="drafts per step for a draft-model drafter (default: %(default)s)")
     s.add_argument("--draft-vocab-size", type=int, default=None,
                    help="restrict DSpark/DFlash drafts to token ids below this (default: 8192 for the shipped drafter)")
     s.add_argument("--verify-policy", default=None,
-                   help="none | fixed:K | dspark | dspark-async (default: dspark when a drafter is loaded)")
+                   help="fixed:K | dspark | dspark-async (default: dspark when a drafter is loaded); 'none' keeps "
+                        "the drafter loaded and verifies nothing (a diagnostic: --speculative-method none turns "
+                        "speculation off)")
     s.add_argument("--no-draft-gate", dest="draft_gate", action="store_false",
                    help="with dspark policies, draft for every request every step (default: skip the drafter "
                         "for requests whose drafts are not worth its cost at the current load)")
-    s.add_argument("--speculative-method", default=d.speculative_method, choices=("dspark", "suffix", "hybrid"),
-                   help="drafts from the DSpark --drafter, training-free suffix matches, or per request and step "
-                        "the better of the two (default: %(default)s)")
+    s.add_argument("--speculative-method", default=None, choices=("none", *CHECKPOINT_METHODS, "suffix", "hybrid"),
+                   help="none (no speculation); drafts from the --drafter checkpoint (dspark, dflash, or a "
+                        "draft-model LM), training-free suffix matches, or per request and step the better of "
+                        "a DSpark / DFlash checkpoint and suffix matches (hybrid) (default: dspark)")
     s.add_argument("--suffix-global", action="store_true",
                    help="suffix drafts also match recent outputs of other requests (off: tenants share it)")
     s.add_argument("--no-online-calibration", dest="online_calibration", action="store_false",
@@ -296,8 +301,35 @@ def build_parser(include_train: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+CHECKPOINT_METHODS = ("dspark", "dflash", "draft-model")
+"""Speculative methods that draft from a ``--drafter`` checkpoint (its family, ``EngineArgs.drafter_kind``)."""
+
+
+def speculation_from(ns: argparse.Namespace) -> tuple[str | None, str, str]:
+    """``(drafter, speculative_method, drafter_kind)`` of ``EngineArgs`` from the one flag that says how
+    to speculate, ``--speculative-method none|dspark|dflash|draft-model|suffix|hybrid``, and its documented
+    aliases: ``--drafter none`` = ``--speculative-method none``; ``--drafter-kind KIND`` =
+    ``--speculative-method KIND`` (or, with ``hybrid``, the family of its checkpoint drafter). ``--drafter
+    none`` wins over any method, as it always did.
+
+    Raises:
+        ValueError: ``--speculative-method`` names one checkpoint family and ``--drafter-kind`` another.
+    """
+    method = getattr(ns, "speculative_method", None)
+    kind = getattr(ns, "drafter_kind", None)
+    drafter = getattr(ns, "drafter", None)
+    if method in CHECKPOINT_METHODS and kind is not None and kind != method:
+        raise ValueError(f"--speculative-method {method} contradicts --drafter-kind {kind}")
+    if method == "none" or drafter == "none":
+        return "none", "dspark", kind or "dspark"
+    if method in CHECKPOINT_METHODS:
+        return drafter, "dspark", method
+    return drafter, method or "dspark", kind or "dspark"
+
+
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     """Map parsed ``serve`` / ``profile`` flags onto :class:`EngineArgs` (ValueError on bad values)."""
+    drafter, method, kind = speculation_from(ns)
     return EngineArgs(
         model=ns.model,
         served_model_name=ns.served_model_name,
@@ -315,15 +347,15 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         max_long_partial_prefills=ns.max_long_partial_prefills,
         num_threads=ns.num_threads,
         seed=ns.seed,
-        drafter=ns.drafter,
-        drafter_kind=ns.drafter_kind,
+        drafter=drafter,
+        drafter_kind=kind,
         num_draft_tokens=ns.num_draft_tokens,
         draft_vocab_size=ns.draft_vocab_size,
         verify_policy=ns.verify_policy,
         profile_path=getattr(ns, "profile", None),
         draft_gate=getattr(ns, "draft_gate", True),
         unseeded_coupling=getattr(ns, "unseeded_coupling", False),
-        speculative_method=getattr(ns, "speculative_method", "dspark"),
+        speculative_method=method,
         suffix_global=getattr(ns, "suffix_global", False),
         online_calibration=getattr(ns, "online_calibration", True),
         enable_prefix_caching=getattr(ns, "enable_prefix_caching", True),
@@ -378,7 +410,7 @@ def run_profile(ns: argparse.Namespace, engine_args: EngineArgs) -> Path:
     import dataclasses
 
     from sparkserve.engine.core import EngineCore
-    from sparkserve.engine.profiler import load_or_measure_profile
+    from sparkserve.engine.throughput_probe import load_or_measure_profile
     from sparkserve.scheduler.profile.measure import profile_cache_path
 
     # The verify policy "none" keeps EngineCore from profiling at construction: we do it below.

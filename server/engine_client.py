@@ -7,11 +7,13 @@ them structurally.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
-from sparkserve.scheduler.outputs import TokenLogprob
+from sparkserve.engine.outputs import EngineStats
+from sparkserve.scheduler.outputs import EngineCoreOutput, TokenLogprob
 from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.scheduler.stats import DraftOutcome
 
 
 class Tokenizer(Protocol):
@@ -37,7 +39,8 @@ class Tokenizer(Protocol):
 
 
 class RequestOutput(Protocol):
-    """One output delta of a request (see ``sparkserve.engine.async_engine.RequestOutput``)."""
+    """One output delta of a request (``sparkserve.engine.outputs.RequestOutput``): every field the server
+    reads (times for metrics, the prefix-cache hit and the verify step's row for ``usage``)."""
 
     @property
     def request_id(self) -> str: ...
@@ -53,6 +56,14 @@ class RequestOutput(Protocol):
     def num_prompt_tokens(self) -> int: ...
     @property
     def num_output_tokens(self) -> int: ...
+    @property
+    def arrival_time(self) -> float: ...
+    @property
+    def first_scheduled_time(self) -> float | None: ...
+    @property
+    def num_cached_tokens(self) -> int: ...
+    @property
+    def speculation(self) -> DraftOutcome | None: ...
 
 
 class EngineClient(Protocol):
@@ -87,3 +98,14 @@ class EngineClient(Protocol):
     def stop_admitting(self) -> None: ...
 
     async def drain(self, timeout_s: float) -> object: ...
+
+
+class StatsEngine(Protocol):
+    """What the metrics glue (``sparkserve.server.metrics_glue``) needs from an engine: its size, a stats
+    snapshot and the listeners run after every step with ``(stats, outputs)``."""
+
+    model_name: str
+    max_model_len: int
+    step_listeners: list[Callable[[EngineStats, list[EngineCoreOutput]], None]]
+
+    def stats(self) -> EngineStats: ...

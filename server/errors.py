@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sparkserve.engine.protocol import EngineDeadError, EngineDrainingError, QueueFullError
+from sparkserve.engine.outputs import EngineDeadError, EngineDrainingError, QueueFullError
 from sparkserve.scheduler.errors import RequestRejectedError
 
 _TYPE_BY_STATUS = {

@@ -26,6 +26,8 @@ Position k (0-based) of a request's draft block is verified when l_r > k and acc
 so ``accepted_per_pos[k] / verified_per_pos[k]`` is the acceptance rate at position k, unbiased even
 when verify lengths vary. ``num_drafts`` counts decode request-steps (including l_r = 0), so the
 mean accepted length tau = 1 + accepted / drafts is tokens emitted per request per decode step.
+The counts come from the step's record (``sparkserve.scheduler.stats.SpecDecodingStats``), made once by
+the scheduler; this module only publishes them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from itertools import pairwise
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+
+from sparkserve.scheduler.stats import SpecDecodingStats
 
 FINISHED_REASONS = ("stop", "length", "abort", "error")
 REJECT_REASONS = ("invalid_request", "unauthorized", "queue_full", "draining")
@@ -219,8 +223,7 @@ class ServerMetrics:
         kv_cache_usage: float,
         num_preemptions: int = 0,
         num_batched_tokens: int = 0,
-        verified_tokens_per_request: Sequence[int] = (),
-        accepted_tokens_per_request: Sequence[int] = (),
+        spec_decoding: SpecDecodingStats | None = None,
         num_drafting: int = 0,
         num_drafting_skipped: int = 0,
     ) -> None:
@@ -232,9 +235,8 @@ class ServerMetrics:
             num_preemptions: requests preempted by this step's schedule (a delta, not a total).
             num_batched_tokens: B, tokens the target computed this step (prefill chunks + 1 + l_r
                 per decode request); 0 for an empty step (not observed).
-            verified_tokens_per_request: l_r for every decode request with drafts this step.
-            accepted_tokens_per_request: a_r for the same requests, same order (counted before stop
-                truncation: what the rejection sampler accepted).
+            spec_decoding: the step's speculation record (None or no drafts: nothing to count);
+                ValueError when its gamma is not this process's.
             num_drafting / num_drafting_skipped: requests that sampled this step and then drafted /
                 skipped the drafter (the drafting gate).
         """
@@ -253,8 +255,8 @@ class ServerMetrics:
             self.num_preemptions.inc(num_preemptions)
         if num_batched_tokens:
             self.iteration_tokens.observe(num_batched_tokens)
-        if verified_tokens_per_request or accepted_tokens_per_request:
-            self._observe_spec(verified_tokens_per_request, accepted_tokens_per_request)
+        if spec_decoding is not None and spec_decoding.num_drafts:
+            self._observe_spec(spec_decoding)
 
     def on_totals(self, prefix_cache_queries: int, prefix_cache_hits: int, calibration: Sequence = ()) -> None:
         """Advance the counters that the engine keeps as cumulative totals (prefix cache, online
@@ -273,21 +275,19 @@ class ServerMetrics:
             counter.inc(delta)
             self._totals[key] = total
 
-    def _observe_spec(self, verified: Sequence[int], accepted: Sequence[int]) -> None:
+    def _observe_spec(self, stats: SpecDecodingStats) -> None:
         gamma = self.num_speculative_tokens
-        if len(verified) != len(accepted):
-            raise ValueError("verified and accepted lists must have one entry per decode request")
-        if any(not 0 <= a <= v <= gamma for v, a in zip(verified, accepted, strict=True)):
-            raise ValueError(f"need 0 <= accepted <= verified <= gamma={gamma} per request")
-        self.spec_num_drafts.inc(len(verified))
-        self.spec_num_draft_tokens.inc(sum(verified))
-        self.spec_num_accepted_tokens.inc(sum(accepted))
-        self.spec_verify_budget.observe(sum(verified))
+        if stats.num_spec_tokens != gamma:
+            raise ValueError(f"a record for gamma={stats.num_spec_tokens} in metrics for gamma={gamma}")
+        self.spec_num_drafts.inc(stats.num_drafts)
+        self.spec_num_draft_tokens.inc(stats.num_draft_tokens)
+        self.spec_num_accepted_tokens.inc(stats.num_accepted_tokens)
+        self.spec_verify_budget.observe(stats.num_draft_tokens)
         for k in range(gamma):
-            self.spec_verified_per_pos[k].inc(sum(v > k for v in verified))
-            self.spec_accepted_per_pos[k].inc(sum(a > k for a in accepted))
-        for v in verified:
-            self.spec_verified_per_request.observe(v)
+            self.spec_verified_per_pos[k].inc(stats.num_verified_per_pos[k])
+            self.spec_accepted_per_pos[k].inc(stats.num_accepted_per_pos[k])
+        for draft in stats.drafts:
+            self.spec_verified_per_request.observe(draft.num_draft_tokens)
 
     def set_profile(
         self,

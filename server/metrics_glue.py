@@ -1,20 +1,20 @@
 """Feeding :class:`sparkserve.server.metrics.ServerMetrics` from the engine: step listener and profile publisher.
 
-``AsyncEngine.step_listeners`` run on the event loop after every engine step with ``(core, outputs)``;
-:class:`EngineMetricsListener` reads the core's typed snapshot ``core.stats()`` (``sparkserve.engine.protocol.
-EngineStats``: scheduler gauges, the latest step, the speculation controller's stats) and records it,
-republishing the throughput profile the verification policy uses every ``profile_every`` steps (the
-online profile drifts as measured step times come in). Tests drive it with a fake core whose
-``stats()`` returns an ``EngineStats``, no torch. A metrics failure is logged, never raised: an
-exception in a step listener would kill the engine loop.
+``AsyncEngine.step_listeners`` run on the event loop after every engine step (and after a batch of
+aborts that ran no step) with ``(stats, outputs)``: ``stats`` is the engine's typed snapshot
+(``sparkserve.engine.outputs.EngineStats``: scheduler gauges, the step's record or None when no step ran,
+the speculation controller's stats). :class:`EngineMetricsListener` records it, republishing the
+throughput profile the verification policy uses every ``profile_every`` steps (the online profile
+drifts as measured step times come in). A metrics failure is logged, never raised: an exception in a
+step listener would kill the engine loop.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from sparkserve.engine.protocol import EngineStats
+from sparkserve.engine.outputs import EngineStats
+from sparkserve.server.engine_client import StatsEngine
 from sparkserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def publish_profile(metrics: ServerMetrics, stats: EngineStats) -> bool:
 
 
 class EngineMetricsListener:
-    """A step listener: ``listener(core, outputs)`` records one engine step into ``metrics``.
+    """A step listener: ``listener(stats, outputs)`` records one engine step into ``metrics``.
 
     Args:
         metrics: where to record.
@@ -43,25 +43,20 @@ class EngineMetricsListener:
         self.metrics = metrics
         self.profile_every = profile_every
         self.num_steps = 0
-        self._last_step: object | None = None
         self._num_failures = 0
 
-    def __call__(self, core: Any, outputs: object = None) -> None:
+    def __call__(self, stats: EngineStats, outputs: object = None) -> None:
         try:
-            self._record(core)
+            self._record(stats)
         except Exception:  # noqa: BLE001 - metrics must never take the engine loop down
             self._num_failures += 1
             if self._num_failures <= 5 or self._num_failures % 1000 == 0:
                 logger.exception("recording engine step metrics failed (%d times)", self._num_failures)
 
-    def _record(self, core: Any) -> None:
-        stats: EngineStats = core.stats()
-        step = stats.last_step
-        # EngineCore keeps the previous StepStats object after an empty step: count it only once.
-        fresh = step is not self._last_step
-        self._last_step = step
+    def _record(self, stats: EngineStats) -> None:
         usage = min(1.0, max(0.0, float(stats.kv_cache_usage)))
-        if fresh:
+        if stats.step is not None:
+            step = stats.step.scheduler
             drafting = stats.num_speculative_tokens > 0
             self.metrics.on_step(
                 num_running=stats.num_running,
@@ -69,8 +64,7 @@ class EngineMetricsListener:
                 kv_cache_usage=usage,
                 num_preemptions=step.num_preemptions,
                 num_batched_tokens=step.num_batched_tokens,
-                verified_tokens_per_request=list(step.verified_per_request),
-                accepted_tokens_per_request=list(step.accepted_per_request),
+                spec_decoding=step.spec_decoding,
                 num_drafting=step.num_drafting if drafting else 0,
                 num_drafting_skipped=max(0, step.num_decode_requests - step.num_drafting) if drafting else 0,
             )
@@ -83,19 +77,19 @@ class EngineMetricsListener:
             publish_profile(self.metrics, stats)
 
 
-def attach_metrics(engine: Any, metrics: ServerMetrics, profile_every: int = 100) -> EngineMetricsListener:
-    """Publish the start-up profile and register a step listener on ``engine`` (an ``AsyncEngine``)."""
-    publish_profile(metrics, engine.core.stats())
+def attach_metrics(engine: StatsEngine, metrics: ServerMetrics, profile_every: int = 100) -> EngineMetricsListener:
+    """Publish the start-up profile and register a step listener on ``engine``."""
+    publish_profile(metrics, engine.stats())
     listener = EngineMetricsListener(metrics, profile_every)
     engine.step_listeners.append(listener)
     return listener
 
 
-def build_metrics(engine: Any, max_num_batched_tokens: int, profile_every: int = 100) -> ServerMetrics:
+def build_metrics(engine: StatsEngine, max_num_batched_tokens: int, profile_every: int = 100) -> ServerMetrics:
     """``ServerMetrics`` sized for ``engine`` (gamma, context, step budget) and attached to it."""
     metrics = ServerMetrics(
         engine.model_name,
-        engine.core.stats().num_speculative_tokens,
+        engine.stats().num_speculative_tokens,
         engine.max_model_len,
         max_num_batched_tokens,
     )

@@ -28,6 +28,7 @@ from fastapi import Request
 
 from sparkserve.scheduler.outputs import TokenLogprob
 from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.scheduler.stats import DraftOutcome, per_drafter
 from sparkserve.server.detokenizer import StopStringDecoder
 from sparkserve.server.engine_client import EngineClient, RequestOutput
 from sparkserve.server.errors import ApiError, engine_error_to_api_error, internal_error
@@ -181,25 +182,20 @@ class _Choice:
     token_event_times: list[float] = field(default_factory=list)
     recorded: bool = False
     num_cached_tokens: int = 0
-    speculation: dict[str, list[int]] = field(default_factory=dict)  # drafter -> [drafts, tokens, accepted]
+    speculation: list[DraftOutcome] = field(default_factory=list)  # the verify steps of its deltas
 
     def observe_times(self, out: RequestOutput) -> None:
-        """Take the engine's arrival / first-scheduled stamps (engines without them leave None)."""
+        """Take the engine's arrival / first-scheduled stamps (0.0 arrival = not set)."""
         if self.queued_time is None:
-            arrival = getattr(out, "arrival_time", None)
-            self.queued_time = arrival if arrival else None  # 0.0 = "not set"
+            self.queued_time = out.arrival_time or None
         if self.first_scheduled_time is None:
-            self.first_scheduled_time = getattr(out, "first_scheduled_time", None)
+            self.first_scheduled_time = out.first_scheduled_time
 
     def observe_usage(self, out: RequestOutput) -> None:
-        """Take the prefix-cache hit and this delta's speculation counts (engines without them: 0)."""
-        self.num_cached_tokens = max(self.num_cached_tokens, getattr(out, "num_cached_tokens", 0))
-        drafts = getattr(out, "num_draft_tokens", 0)
-        if drafts:
-            row = self.speculation.setdefault(getattr(out, "drafter", "") or "unknown", [0, 0, 0])
-            row[0] += 1
-            row[1] += drafts
-            row[2] += getattr(out, "num_accepted_tokens", 0)
+        """Take the prefix-cache hit and this delta's row of the step's speculation record."""
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
+        if out.speculation is not None:
+            self.speculation.append(out.speculation)
 
     def apply(self, out: RequestOutput) -> ChoiceUpdate:
         if out.finish_reason == "error":
@@ -328,17 +324,13 @@ class Generation:
 
     def _speculation_usage(self) -> SpeculationUsage | None:
         """Per-response speculation counts summed over choices (None when nothing was verified)."""
-        by: dict[str, list[int]] = {}
-        for c in self.choices:
-            for name, row in c.speculation.items():
-                total = by.setdefault(name, [0, 0, 0])
-                for i in range(3):
-                    total[i] += row[i]
-        if not by:
+        rows = per_drafter(d for c in self.choices for d in c.speculation)
+        if not rows:
             return None
-        drafters = {name: DrafterUsage(drafts=r[0], draft_tokens=r[1], accepted_tokens=r[2]) for name, r in by.items()}
-        return SpeculationUsage(drafts=sum(r[0] for r in by.values()), draft_tokens=sum(r[1] for r in by.values()),
-                                accepted_tokens=sum(r[2] for r in by.values()), by_drafter=drafters)
+        drafters = {r.drafter: DrafterUsage(drafts=r.num_drafts, draft_tokens=r.num_draft_tokens,
+                                            accepted_tokens=r.num_accepted_tokens) for r in rows}
+        return SpeculationUsage(drafts=sum(r.num_drafts for r in rows), draft_tokens=sum(r.num_draft_tokens for r in rows),
+                                accepted_tokens=sum(r.num_accepted_tokens for r in rows), by_drafter=drafters)
 
     async def close(self) -> None:
         """Abort unfinished engine requests (idempotent); frees their KV blocks."""

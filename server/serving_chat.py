@@ -28,7 +28,7 @@ from sparkserve.server.protocol import (
     DeltaMessage,
     TopLogprob,
 )
-from sparkserve.server.sampling import (
+from sparkserve.server.request_validation import (
     build_sampling_params,
     check_num_choices,
     check_seed,

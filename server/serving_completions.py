@@ -39,7 +39,7 @@ from sparkserve.server.protocol import (
     PromptLogprob,
     UsageInfo,
 )
-from sparkserve.server.sampling import (
+from sparkserve.server.request_validation import (
     build_sampling_params,
     check_num_choices,
     check_seed,

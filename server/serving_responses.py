@@ -58,7 +58,7 @@ from sparkserve.server.protocol_responses import (
     ResponseUsage,
     ToolChoiceFunction,
 )
-from sparkserve.server.sampling import build_sampling_params, check_total_tokens, resolve_max_tokens
+from sparkserve.server.request_validation import build_sampling_params, check_total_tokens, resolve_max_tokens
 from sparkserve.server.serving import Generation, ServerState, collect
 from sparkserve.server.serving_chat import build_chat_prompt
 from sparkserve.server.sse import EventSourceResponse

@@ -31,7 +31,7 @@ from sparkserve.server.protocol import (
     _Request,
     _Response,
 )
-from sparkserve.server.sampling import check_text_fits
+from sparkserve.server.request_validation import check_text_fits
 from sparkserve.server.serving import ServerState
 from sparkserve.server.serving_chat import build_chat_prompt, token_text
 

@@ -21,23 +21,31 @@ from sparkserve.engine.loader import load_model
 from sparkserve.engine.spec_decode.suffix import DEFAULT_CALIBRATION, SuffixCalibration, SuffixDrafter
 from sparkserve.scheduler.policy.calibration import pool_adjacent_violators
 from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.scheduler.stats import SpecDecodingStats
 from sparkserve.train.data import DEFAULT_PROMPTS, chat_prompt_ids, select_prompts
 
 NUM_BINS = 10
 
 
-def collect(core: EngineCore, prompts: list[list[int]], max_tokens: int, gamma: int) -> list[list[tuple[float, bool]]]:
-    """Per position, (raw confidence, accepted) of every reached draft position."""
+def collect(core: EngineCore, prompts: list[list[int]], max_tokens: int,
+            gamma: int) -> tuple[list[list[tuple[float, bool]]], SpecDecodingStats]:
+    """Per position, (raw confidence, accepted) of every reached draft position (from each step's stats
+    record and the confidences the drafts were proposed with); and the run's speculation counts."""
     observations: list[list[tuple[float, bool]]] = [[] for _ in range(gamma)]
-
-    def record(request, confidences, num_verified, num_accepted) -> None:
-        for k in range(min(num_accepted + 1, num_verified, len(confidences))):
-            observations[k].append((float(confidences[k]), num_accepted > k))
-
-    core.scheduler.drafts_verified = record
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    core.generate_batch(prompts, params, request_prefix="calib")
-    return observations
+    for i, prompt in enumerate(prompts):
+        core.add_request(core.make_request(f"calib-{i}", prompt, params))
+    records = []
+    while core.has_unfinished_requests():
+        confidences = {r.request_id: r.drafts.confidences for r in core.scheduler.running_requests}
+        core.step()
+        spec = core.last_step.scheduler.spec_decoding if core.last_step is not None else None
+        records.append(spec)
+        for draft in spec.drafts if spec is not None else ():
+            conf = confidences.get(draft.request_id, ())
+            for k in range(min(draft.num_accepted_tokens + 1, draft.num_draft_tokens, len(conf))):
+                observations[k].append((float(conf[k]), draft.num_accepted_tokens > k))
+    return observations, SpecDecodingStats.merge(gamma, records)
 
 
 def fit(observations: list[list[tuple[float, bool]]]) -> tuple[SuffixCalibration, list[int]]:
@@ -80,11 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     args = EngineArgs(verify_policy=f"fixed:{ns.gamma}", max_num_seqs=len(prompts), speculative_method="suffix",
                       online_calibration=False)
     core = EngineCore(args, loaded=loaded, drafter=drafter)
-    table, counts = fit(collect(core, prompts, ns.max_tokens, ns.gamma))
+    observations, stats = collect(core, prompts, ns.max_tokens, ns.gamma)
+    table, counts = fit(observations)
     table.save(ns.out, fitted_on=f"{ns.num_prompts} held-out training prompts from offset {ns.offset}, greedy, "
                f"{ns.max_tokens} tokens, fixed:{ns.gamma}", observations_per_position=counts,
-               tau=round(core.spec_stats.accepted_length, 4))
-    print(json.dumps({"out": ns.out, "observations_per_position": counts, "tau": core.spec_stats.accepted_length}))
+               tau=round(stats.accepted_length, 4))
+    print(json.dumps({"out": ns.out, "observations_per_position": counts, "tau": stats.accepted_length}))
 
 
 if __name__ == "__main__":

@@ -82,23 +82,25 @@ def _run(loaded: LoadedModel, drafter, prompts: list[list[int]], max_new: int, t
 def engine_run(loaded: LoadedModel, path: str, prompts: list[list[int]], max_new: int, temp: float,
                seed: int) -> dict | None:
     """tau and prefix survival through the real engine (serving's scheduler, runner, drafter and
-    rejection sampler) from ``EngineCore.spec_stats``: tau = 1 + accepted / verify rounds; survival at k
+    rejection sampler) from the steps' stats records (``SpecDecodingStats``): tau = 1 + accepted / verify rounds; survival at k
     = drafts accepted at position k / rounds that verified position k (DeepSpec accept_rate@k)."""
     from sparkserve.engine.config import EngineArgs
     from sparkserve.engine.core import EngineCore
     from sparkserve.scheduler.sampling_params import SamplingParams
+    from sparkserve.scheduler.stats import SpecDecodingStats
 
     kind = "dspark" if _load(loaded, path).confidence_head is not None else "dflash"
     try:
         core = EngineCore(EngineArgs(drafter=path, drafter_kind=kind, max_num_seqs=len(prompts),
                                      verify_policy="fixed:7", seed=seed), loaded=loaded)
-        stats = core.spec_stats
     except (AttributeError, TypeError, ValueError, NotImplementedError):
         return None
     params = SamplingParams(temperature=temp, max_tokens=max_new, seed=seed,
                             stop_token_ids=tuple(loaded.tokenizer.stop_token_ids))
-    outputs = core.generate_batch(prompts, params, request_prefix="eval")
-    drafted, accepted = list(stats.verified_per_pos), list(stats.accepted_per_pos)
+    steps: list = []
+    outputs = core.generate_batch(prompts, params, request_prefix="eval", steps=steps)
+    stats = SpecDecodingStats.merge(core.num_speculative_tokens, (s.scheduler.spec_decoding for s in steps))
+    drafted, accepted = list(stats.num_verified_per_pos), list(stats.num_accepted_per_pos)
     surv = [a / d if d else None for a, d in zip(accepted, drafted, strict=True)]
     return {"tau": stats.accepted_length, "rounds": stats.num_drafts, "survival": surv,
             "repetition_share": sum(repetition_share(o) for o in outputs) / max(1, len(outputs)),

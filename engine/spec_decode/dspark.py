@@ -24,33 +24,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparkserve.engine.attention import build_attention_metadata, new_kv_cache, paged_attention, store_kv
+from sparkserve.engine.models.llama import apply_rope, rms_norm
 from sparkserve.engine.spec_decode.draft_sampling import SlotSampler
 from sparkserve.engine.spec_decode.drafter import DraftBatch, DraftOutput, KVCache
-from sparkserve.engine.spec_decode.dspark_loader import DSparkConfig
+from sparkserve.engine.spec_decode.dspark_config import DSparkConfig
 
-__all__ = ["DSparkConfig", "DSparkDrafter", "apply_rope", "rms_norm"]
+__all__ = ["DSparkConfig", "DSparkDrafter", "rope_at"]
 
 AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q [T,H,hd], k [T,Hkv,hd], v) -> [T,H,hd]
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """x * rsqrt(mean(x^2) + eps) * weight, normalised in fp32 (Qwen3RMSNorm, section 2 step 5)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def apply_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Default (rotate-half) RoPE. x: [T, heads, hd]; positions: [T] int64. Computed in fp32."""
+def rope_at(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Default (rotate-half) RoPE at ``positions``, computed in fp32 (``models.llama.apply_rope``).
+    x: [T, heads, hd]; positions: [T] int64. Returns [T, heads, hd] in x's dtype."""
     head_dim = x.shape[-1]
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=x.device).float() / head_dim
     inv_freq = 1.0 / (theta**exponent)  # [hd/2]
     angles = positions.float()[:, None] * inv_freq[None, :]  # [T, hd/2]
-    cos = torch.cat((angles.cos(), angles.cos()), -1)[:, None, :]  # [T, 1, hd]
-    sin = torch.cat((angles.sin(), angles.sin()), -1)[:, None, :]
-    xf = x.float()
-    rotated = torch.cat((-xf[..., head_dim // 2:], xf[..., : head_dim // 2]), -1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    return apply_rope(x.float(), angles.cos()[:, None, :], angles.sin()[:, None, :]).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -83,13 +74,13 @@ class DSparkAttention(nn.Module):
         """Keys (k_norm, RoPE at ``positions``) and values of rows x: [T, d] -> 2 x [T, Hkv, hd].
         Used for context rows (x = Hctx) and block rows (x = input_layernorm(block))."""
         shape = (x.shape[0], self.num_kv_heads, self.head_dim)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(shape)), positions, self.rope_theta)
+        k = rope_at(self.k_norm(self.k_proj(x).view(shape)), positions, self.rope_theta)
         return k, self.v_proj(x).view(shape)
 
     def forward(self, x: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
         """x: [T, d] block rows (already input-normed) -> [T, d]; ``attend`` supplies the context."""
         q = self.q_proj(x).view(x.shape[0], self.num_heads, self.head_dim)
-        q = apply_rope(self.q_norm(q), positions, self.rope_theta)  # [T, H, hd]
+        q = rope_at(self.q_norm(q), positions, self.rope_theta)  # [T, H, hd]
         k, v = self.project_kv(x, positions)
         return self.o_proj(attend(q, k, v).reshape(x.shape[0], -1))
 

@@ -1,22 +1,19 @@
 """Verification policies: how many drafts each decode request verifies per step.
 
-- ``common``: ``VerifyRequest``, ``VerifyPlan``, ``survival``, ``slo_weight``,
-  ``split_token_budget`` (the token-budget rule).
-- ``dspark``: ``verify_dspark`` (Algorithm 1, early stop), ``plan_budget_k`` and
+- ``common``: ``VerifyRequest``, ``VerifyPlan``, ``survival``, ``slo_weight``.
+- ``dspark_planner``: ``verify_dspark`` (Algorithm 1, early stop), ``plan_budget_k`` and
   ``verify_dspark_async`` (the production top-K variant).
 - ``spec``: ``parse_policy``, ``verify_none``, ``verify_fixed`` and ``plan_verify`` (dispatch).
 """
 
 from sparkserve.scheduler.policy.common import (
     SLO_MAX_WEIGHT,
-    TokenBudgetSplit,
     VerifyPlan,
     VerifyRequest,
     slo_weight,
-    split_token_budget,
     survival,
 )
-from sparkserve.scheduler.policy.dspark import (
+from sparkserve.scheduler.policy.dspark_planner import (
     Slot,
     plan_budget_k,
     plan_drafting,
@@ -38,7 +35,6 @@ __all__ = [
     "SLO_MAX_WEIGHT",
     "PolicySpec",
     "Slot",
-    "TokenBudgetSplit",
     "VerifyPlan",
     "VerifyRequest",
     "parse_policy",
@@ -47,7 +43,6 @@ __all__ = [
     "plan_verify",
     "ranked_slots",
     "slo_weight",
-    "split_token_budget",
     "survival",
     "verify_dspark",
     "verify_dspark_async",

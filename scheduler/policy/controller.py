@@ -1,12 +1,14 @@
-"""The speculation controller: the one owner of speculation's feedback state, and the scheduler's hooks.
+"""The speculation controller: the one owner of speculation's feedback state, the scheduler's collaborator.
 
-Each step the scheduler calls ``verify_lengths`` (how many drafts each decode request verifies) and
-``select_drafting`` (who drafts after the step); the engine reports every step (``observe_step``) and the
-scheduler every finished request (``forget``, aborts included). The controller owns what these learn:
+It implements ``sparkserve.scheduler.speculation.Speculation`` and is handed to the ``Scheduler`` at
+construction. Each step the scheduler calls ``verify_lengths`` (how many drafts each decode request
+verifies) and ``select_drafting`` (who drafts after the step), then ``on_verified`` for every verify step
+with drafts and ``on_finished`` for every request that ends (aborts included); the engine reports every
+step (``observe_step``). The controller owns what these learn:
 the online throughput profile, per-request timings (TPOT goals), the drafting gate's running mean of
 confidences and the budget K of ``dspark-async``; metrics read it through ``stats()``.
 
-Token-budget rule (stated once, tested in tests/scheduler/policy/test_policy.py::test_split_token_budget_rule and
+Token-budget rule (the scheduler applies it, ``sparkserve.scheduler.scheduler``'s module docstring; tested in
 tests/scheduler/test_scheduler_spec.py::test_verify_lengths_policy_and_clipping): every running request's base
 token and every running prefill chunk are scheduled first; the policy then shares what is left of
 ``max_num_batched_tokens`` among verify slots, with B in the objective counting every token of the
@@ -27,12 +29,12 @@ from dataclasses import dataclass, field
 
 from sparkserve.scheduler.policy.calibration import CalibrationRow, OnlineCalibration
 from sparkserve.scheduler.policy.common import VerifyPlan, VerifyRequest
-from sparkserve.scheduler.policy.dspark import plan_budget_k, plan_drafting
+from sparkserve.scheduler.policy.dspark_planner import plan_budget_k, plan_drafting
 from sparkserve.scheduler.policy.spec import PolicySpec, plan_verify
 from sparkserve.scheduler.profile.grid import StepTimeModel, ThroughputProfile, drafting_step_time
 from sparkserve.scheduler.request import Request
 from sparkserve.scheduler.request_rules import may_draft
-from sparkserve.scheduler.scheduler import VerifyContext
+from sparkserve.scheduler.speculation import VerifyContext
 
 STALE_DRAFT_TOKENS = 32
 """A request's latest confidences inform the estimate of its next drafts for this many tokens."""
@@ -99,7 +101,7 @@ class ControllerStats:
 
 @dataclass
 class SpeculationController:
-    """Scheduler hooks + feedback state of speculative decoding (module docstring).
+    """The scheduler's speculation collaborator and the feedback state of speculative decoding (module docstring).
 
     Attributes:
         policy: the parsed policy.
@@ -129,7 +131,7 @@ class SpeculationController:
 
     # ---------------------------------------------------------------- scheduler hooks
     def verify_lengths(self, requests: Sequence[Request], budget_left: int, context: VerifyContext) -> list[int]:
-        """l_r per decode request with drafts (``Scheduler.verify_lengths``)."""
+        """l_r per decode request with drafts (``Speculation.verify_lengths``)."""
         now = self.clock()
         reqs = [self._verify_request(r, now) for r in requests]
         # Decode requests without drafts still count in R and B (one base token each).
@@ -153,10 +155,8 @@ class SpeculationController:
         self.last_plan = plan
         return list(plan.lengths[: len(reqs)])
 
-    __call__ = verify_lengths
-
     def select_drafting(self, requests: Sequence[Request], context: VerifyContext) -> list[bool]:
-        """Per decode request, draft after this step? (``Scheduler.select_drafting``).
+        """Per decode request, draft after this step? (``Speculation.select_drafting``).
 
         ``plan_drafting`` for dspark / dspark-async with a profile that knows the drafter's time;
         everyone drafts under fixed policies; nobody under ``none``. Estimate of a request's next
@@ -169,13 +169,13 @@ class SpeculationController:
             return [False] * len(requests)
         if not self.gate_drafting or self.profile is None or not self.policy.needs_profile:
             return [True] * len(requests)
-        if not any(request.spec_token_ids for request in requests):
+        if not any(request.drafts.token_ids for request in requests):
             self._budget_k = None  # the policy did not run this step: an older K would be stale
             self._next_k = None
         for request in requests:  # blocks drafted after the previous step: fold into the mean once
-            if request.last_draft_confidences and request.num_tokens == request.last_draft_num_tokens:
-                self._observe_confidences(self.corrected(request.last_draft_drafter, request,
-                                                         request.last_draft_confidences))
+            state = request.drafts
+            if state.last_confidences and request.num_tokens == state.last_num_tokens:
+                self._observe_confidences(self.corrected(state.last_drafter, request, state.last_confidences))
         now = self.clock()
         estimates = [self._estimate(request, now) for request in requests]
         sampled = [not request.sampling_params.greedy for request in requests]
@@ -188,11 +188,11 @@ class SpeculationController:
         self.last_sampled_fraction = drafting_sampled / self.last_num_drafting if self.last_num_drafting else 0.0
         return flags
 
-    def drafts_verified(self, request: Request, confidences: tuple[float, ...], num_verified: int,
-                        num_accepted: int) -> None:
-        """A verify step's outcome (``Scheduler.drafts_verified``): feeds the online calibration."""
+    def on_verified(self, request: Request, confidences: tuple[float, ...], num_verified: int,
+                    num_accepted: int) -> None:
+        """A verify step's outcome (``Speculation.on_verified``): feeds the online calibration."""
         if self.calibration is not None:
-            self.calibration.observe(request.spec_drafter, request.sampling_params.greedy, confidences, num_verified,
+            self.calibration.observe(request.drafts.drafter, request.sampling_params.greedy, confidences, num_verified,
                                      num_accepted)
 
     def corrected(self, drafter: str, request: Request, confidences: tuple[float, ...]) -> tuple[float, ...]:
@@ -201,8 +201,8 @@ class SpeculationController:
             return confidences
         return self.calibration.correct(drafter, request.sampling_params.greedy, confidences)
 
-    def forget(self, request_id: str) -> None:
-        """Release a finished request's state (``Scheduler.request_finished``: every finish, aborts too)."""
+    def on_finished(self, request_id: str) -> None:
+        """Release a finished request's state (``Speculation.on_finished``: every finish, aborts too)."""
         self._first_token_time.pop(request_id, None)
 
     # ---------------------------------------------------------------- feedback
@@ -250,9 +250,9 @@ class SpeculationController:
         first = self._first_token_time.setdefault(request.request_id, now)
         target = request.sampling_params.target_tpot_ms
         if confidences is None:
-            stated = tuple(request.spec_confidences)
-            confidences = self.corrected(request.spec_drafter, request, stated) or (1.0,) * len(request.spec_token_ids)
-            max_verify = len(request.spec_token_ids)
+            drafts = request.drafts
+            confidences = self.corrected(drafts.drafter, request, drafts.confidences) or (1.0,) * len(drafts.token_ids)
+            max_verify = len(drafts.token_ids)
         return VerifyRequest(
             confidences=confidences,
             max_verify=max_verify if max_verify is not None else len(confidences),
@@ -274,8 +274,9 @@ class SpeculationController:
             return VerifyRequest((), 0)  # the drafting rule: it could not use drafts (never chosen)
         # Drafts made after this step are verified in the next, after this step's token.
         left = request.sampling_params.max_tokens - request.num_output_tokens - 2
-        own = self.corrected(request.last_draft_drafter, request, request.last_draft_confidences)
-        if own and request.num_tokens - request.last_draft_num_tokens > STALE_DRAFT_TOKENS:
+        state = request.drafts
+        own = self.corrected(state.last_drafter, request, state.last_confidences)
+        if own and request.num_tokens - state.last_num_tokens > STALE_DRAFT_TOKENS:
             own = ()
         mean = self._mean_confidences
         if not own and mean is None:

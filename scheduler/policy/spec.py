@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sparkserve.scheduler.policy.common import VerifyPlan, VerifyRequest, survival
-from sparkserve.scheduler.policy.dspark import verify_dspark, verify_dspark_async
+from sparkserve.scheduler.policy.dspark_planner import verify_dspark, verify_dspark_async
 from sparkserve.scheduler.profile.grid import StepTimeModel
 
 POLICY_KINDS = ("none", "fixed", "dspark", "dspark-async")
@@ -101,7 +101,7 @@ def plan_verify(
 ) -> VerifyPlan:
     """Verify lengths for this step's decode requests under ``policy``.
 
-    ``prefill_tokens`` is T from ``split_token_budget`` (already scheduled), ``token_budget`` the
+    ``prefill_tokens`` is T, the prefill-chunk tokens already scheduled this step, ``token_budget`` the
     step's whole budget. ``dspark-async`` needs ``budget_k`` from ``plan_budget_k`` on an earlier
     step; without one (the first step) it falls back to ``dspark``, never to a search over the
     current confidences.

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from sparkserve.engine.chat_template import encode_chat_markup_only
-from sparkserve.engine.protocol import EngineDeadError, QueueFullError, RequestOutput
+from sparkserve.engine.outputs import EngineDeadError, QueueFullError, RequestOutput
 from sparkserve.scheduler.errors import RequestRejectedError
 from sparkserve.scheduler.outputs import TokenLogprob
 from sparkserve.scheduler.sampling_params import SamplingParams

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
 from sparkserve.scheduler.config import SchedulerConfig
 from sparkserve.scheduler.outputs import (
     DraftProposal,
@@ -14,6 +17,7 @@ from sparkserve.scheduler.request import Request
 from sparkserve.scheduler.request_rules import token_slice
 from sparkserve.scheduler.sampling_params import SamplingParams
 from sparkserve.scheduler.scheduler import Scheduler
+from sparkserve.scheduler.speculation import VerifyContext
 
 EOS = 2
 
@@ -50,7 +54,7 @@ def run_step(
         if seq.sample:
             sampled.setdefault(seq.request_id, [default_token])
     runner = RunnerOutput(sampled_token_ids=sampled, drafts=dict(drafts or {}))
-    return out, sched.update_from_output(out, runner)
+    return out, sched.update_from_output(out, runner).outputs
 
 
 def seq_of(out: SchedulerOutput, rid: str) -> ScheduledSeq:
@@ -83,3 +87,35 @@ class TableMirror:
             kept = seq.num_blocks - len(seq.new_block_ids)
             assert 0 <= kept <= len(table), (seq, table)
             self.tables[seq.request_id] = table[:kept] + list(seq.new_block_ids)
+
+
+@dataclass
+class ScriptedSpeculation:
+    """A ``Speculation`` collaborator from plain functions, recording what the scheduler tells it.
+
+    Attributes:
+        lengths: ``(requests, budget_left, context) -> l_r per request``; None verifies every draft.
+        gate: ``(requests, context) -> draft?`` per request; None lets everyone draft.
+        verified: every ``on_verified`` call as ``(request_id, confidences, l_r, accepted)``.
+        finished: every ``on_finished`` request id, in order.
+    """
+
+    lengths: Callable[[Sequence[Request], int, VerifyContext], Sequence[int]] | None = None
+    gate: Callable[[Sequence[Request], VerifyContext], Sequence[bool]] | None = None
+    verified: list[tuple[str, tuple[float, ...], int, int]] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+
+    def verify_lengths(self, requests: Sequence[Request], budget_left: int, context: VerifyContext) -> Sequence[int]:
+        if self.lengths is None:
+            return [len(r.drafts.token_ids) for r in requests]
+        return self.lengths(requests, budget_left, context)
+
+    def select_drafting(self, requests: Sequence[Request], context: VerifyContext) -> Sequence[bool]:
+        return [True] * len(requests) if self.gate is None else self.gate(requests, context)
+
+    def on_verified(self, request: Request, confidences: tuple[float, ...], num_verified: int,
+                    num_accepted: int) -> None:
+        self.verified.append((request.request_id, confidences, num_verified, num_accepted))
+
+    def on_finished(self, request_id: str) -> None:
+        self.finished.append(request_id)

@@ -30,10 +30,13 @@ def exact_joint(target, prompt: list[int], temperature: float, allowed=None) -> 
     return joint
 
 
-def sampled_joint(core, prompt, n: int, temperature: float, vocab: int, seeded: bool = False) -> torch.Tensor:
+def sampled_joint(core, prompt, n: int, temperature: float, vocab: int, seeded: bool = False,
+                  steps: list | None = None) -> torch.Tensor:
+    """Counts ``[vocab, vocab]`` of the 2nd and 3rd output tokens of ``n`` runs of ``prompt``; ``steps``
+    (when given) receives the stats record of every step."""
     params = [SamplingParams(temperature=temperature, max_tokens=4, ignore_eos=True, seed=1000 + s if seeded else None)
               for s in range(n)]
-    outs = core.generate_batch([prompt] * n, params)
+    outs = core.generate_batch([prompt] * n, params, steps=steps)
     counts = torch.zeros(vocab, vocab)
     for o in outs:
         counts[o[1], o[2]] += 1

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from sparkserve.scheduler.policy.calibration import CalibrationRow
+from sparkserve.scheduler.stats import DraftOutcome, SpecDecodingStats
 from sparkserve.server.metrics import ServerMetrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -355,8 +356,8 @@ class FakeFeed:
                 kv_cache_usage=0.4,
                 num_preemptions=1,
                 num_batched_tokens=30,
-                verified_tokens_per_request=[4, 2, 0],
-                accepted_tokens_per_request=[3, 1, 0],
+                spec_decoding=SpecDecodingStats.of(4, [DraftOutcome(str(i), "dspark", v, a)
+                                                       for i, (v, a) in enumerate(((4, 3), (2, 1), (0, 0)))]),
             )
             n = int(self.t) + 1
             m.on_totals(100 * n, 40 * n, [CalibrationRow("dspark", True, 0, 10 * n, 7.0 * n, 6.0 * n, 5 * n)])

@@ -237,7 +237,7 @@ def test_drafts_never_preempt_and_are_dropped_on_preemption() -> None:
     sched.update_from_output(out, runner)
     out = sched.schedule()  # a's base at position 4 needs a 3rd block: b is preempted
     b = sched.get_request("b")
-    assert out.preempted_request_ids == ("b",) and b.spec_token_ids == [] and b.spec_confidences == []
+    assert out.preempted_request_ids == ("b",) and b.drafts.token_ids == () and b.drafts.confidences == ()
     assert seq_of(out, "a").num_spec_tokens == 6 - 3 - 1  # max_tokens cap; the room is 3
     sched.block_manager.check_integrity()
 
@@ -253,7 +253,7 @@ def test_abort_running_waiting_unknown_and_in_flight() -> None:
     out = sched.schedule()
     assert out.finished_request_ids == frozenset({"b"})
     sched.abort_request("a")  # in flight: the update skips it
-    assert sched.update_from_output(out, RunnerOutput(sampled_token_ids={"a": [5]})) == []
+    assert sched.update_from_output(out, RunnerOutput(sampled_token_ids={"a": [5]})).outputs == []
     sched.abort_request("a")
     assert sched.schedule().finished_request_ids == frozenset({"a"})
     assert sched.block_manager.num_free_blocks == sched.block_manager.num_total_blocks

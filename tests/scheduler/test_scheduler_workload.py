@@ -19,6 +19,7 @@ from sparkserve.scheduler.errors import RequestRejectedError
 from sparkserve.scheduler.outputs import DraftProposal, RunnerOutput, SchedulerOutput, TokenLogprob
 from sparkserve.scheduler.request import Request, RequestStatus
 from sparkserve.scheduler.scheduler import Scheduler
+from sparkserve.scheduler.stats import SchedulerStats
 from sparkserve.testing.scheduler_helpers import EOS, TableMirror, make_request
 
 _MAX_STEPS = 3000
@@ -86,7 +87,7 @@ def check_plan(sched: Scheduler, out: SchedulerOutput, oldest: str | None, was_w
         assert request is not None and request.status == RequestStatus.RUNNING
         num_known = seq.num_known_tokens
         assert seq.start_pos == request.num_computed_tokens and num_known >= 1
-        assert list(seq.spec_token_ids) == request.spec_token_ids[: seq.num_spec_tokens]
+        assert seq.spec_token_ids == request.drafts.token_ids[: seq.num_spec_tokens]
         assert seq.sample == (seq.start_pos + num_known == request.num_tokens)
         assert seq.num_spec_tokens == 0 or num_known == 1
         assert seq.num_spec_tokens <= config.num_lookahead_tokens
@@ -102,7 +103,7 @@ def check_plan(sched: Scheduler, out: SchedulerOutput, oldest: str | None, was_w
     for rid in out.preempted_request_ids:
         request = sched.get_request(rid)
         assert request.status == RequestStatus.PREEMPTED and request.num_computed_tokens == 0
-        assert request.spec_token_ids == [] and bm.block_table(rid) == ()
+        assert request.drafts.token_ids == () and bm.block_table(rid) == ()
     check_queues(sched)
 
 
@@ -114,6 +115,20 @@ def check_queues(sched: Scheduler) -> None:
     for request in sched.waiting:
         assert bm.block_table(request.request_id) == ()
     assert bm.num_used_blocks == len({b for r in sched.running for b in bm.block_table(r.request_id)})  # shared once
+
+
+def check_stats(out: SchedulerOutput, results: list, stats: SchedulerStats, gamma: int) -> None:
+    """The step's record: one draft per decode request that emitted tokens (none without a drafter),
+    never more accepted than verified nor more verified than planned."""
+    assert stats.num_batched_tokens == out.num_batched_tokens
+    assert stats.num_decode_requests == sum(s.sample for s in out.seqs)
+    if not gamma:
+        assert stats.spec_decoding is None
+        return
+    planned = {s.request_id: s.num_spec_tokens for s in out.seqs}
+    emitted = {r.request_id for r in results if r.new_token_ids}
+    for draft in stats.spec_decoding.drafts:
+        assert draft.request_id in emitted and draft.num_accepted_tokens <= draft.num_draft_tokens <= planned[draft.request_id]
 
 
 def check_after_update(sched: Scheduler, requests: dict[str, Request], emitted: dict[str, list[int]]) -> None:
@@ -173,10 +188,11 @@ def test_random_workloads_keep_every_invariant(
         runner_output = fake_runner(out, rng, config.num_lookahead_tokens)
         if out.seqs and rng.random() < 0.03:
             sched.abort_request(rng.choice(out.seqs).request_id)  # while the step is in flight
-        for result in sched.update_from_output(out, runner_output):
+        results, stats = sched.update_from_output(out, runner_output)
+        for result in results:
             emitted[result.request_id] += result.new_token_ids
-            assert result.num_accepted_tokens <= result.num_draft_tokens
             assert result.new_logprobs is None or len(result.new_logprobs) == len(result.new_token_ids)
+        check_stats(out, results, stats, config.num_lookahead_tokens)
         check_after_update(sched, requests, emitted)
     else:
         raise AssertionError("the workload did not finish: livelock or starvation")

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from sparkserve.engine.protocol import EngineStats, StepStats
+from sparkserve.engine.outputs import EngineStats, StepStats
 from sparkserve.scheduler.policy.controller import ControllerStats
 from sparkserve.scheduler.profile.grid import ThroughputProfile
+from sparkserve.scheduler.stats import DraftOutcome, SchedulerStats, SpecDecodingStats
 from sparkserve.server.metrics import FINISHED_REASONS, REJECT_REASONS, ServerMetrics
 from sparkserve.server.metrics_glue import EngineMetricsListener, build_metrics, publish_profile
 
 MODEL = "smollm2-135m"
 GAMMA = 4
+
+
+def spec(verified: list[int], accepted: list[int], gamma: int = GAMMA) -> SpecDecodingStats:
+    """A step record of decode requests with these l_r and accepted counts (ValueError if inconsistent)."""
+    drafts = [DraftOutcome(f"r{i}", "dspark", v, a) for i, (v, a) in enumerate(zip(verified, accepted, strict=True))]
+    return SpecDecodingStats.of(gamma, drafts)
 
 
 def value(m: ServerMetrics, name: str, **labels: str) -> float:
@@ -195,8 +201,7 @@ def test_spec_counters_by_position() -> None:
         num_waiting=0,
         kv_cache_usage=0.1,
         num_batched_tokens=8,
-        verified_tokens_per_request=[4, 1, 0],
-        accepted_tokens_per_request=[2, 1, 0],
+        spec_decoding=spec([4, 1, 0], [2, 1, 0]),
     )
     assert value(m, "sparkserve:spec_decode_num_drafts_total") == 3
     assert value(m, "sparkserve:spec_decode_num_draft_tokens_total") == 5
@@ -217,16 +222,18 @@ def test_spec_counters_by_position() -> None:
     assert value(m, "sparkserve:spec_decode_verified_tokens_per_request_bucket", le="0.0") == 1
 
 
-@pytest.mark.parametrize("verified, accepted", [([2], [3]), ([5], [0]), ([1, 2], [1]), ([-1], [0])])
-def test_spec_counters_reject_inconsistent_input(verified: list[int], accepted: list[int]) -> None:
+@pytest.mark.parametrize("verified, accepted, gamma",
+                         [([2], [3], GAMMA), ([5], [0], GAMMA), ([1, 2], [1], GAMMA), ([-1], [0], GAMMA),
+                          ([1], [1], GAMMA + 1)])
+def test_spec_counters_reject_inconsistent_input(verified: list[int], accepted: list[int], gamma: int) -> None:
+    """An inconsistent record cannot be made; one for another gamma is refused by the metrics."""
     m = ServerMetrics(MODEL, GAMMA)
     with pytest.raises(ValueError):
         m.on_step(
             num_running=1,
             num_waiting=0,
             kv_cache_usage=0.0,
-            verified_tokens_per_request=verified,
-            accepted_tokens_per_request=accepted,
+            spec_decoding=spec(verified, accepted, gamma),
         )
     assert value(m, "sparkserve:spec_decode_num_drafts_total") == 0
 
@@ -247,8 +254,7 @@ def test_spec_position_counters_sum_to_totals(steps: list[list[tuple[int, int]]]
             num_running=len(pairs),
             num_waiting=0,
             kv_cache_usage=0.0,
-            verified_tokens_per_request=[v for v, _ in pairs],
-            accepted_tokens_per_request=[a for _, a in pairs],
+            spec_decoding=spec([v for v, _ in pairs], [a for _, a in pairs]),
         )
     per_pos = "sparkserve:spec_decode_num_{}_tokens_per_pos_total"
     verified = [value(m, per_pos.format("verified"), position=str(k)) for k in range(GAMMA)]
@@ -337,8 +343,7 @@ def run_fake_engine(m: ServerMetrics, n: int, seed: int = 0) -> tuple[list[FakeR
             num_waiting=len(waiting),
             kv_cache_usage=len(running) / 3,
             num_batched_tokens=sum(1 + v for v in verified) + 10,
-            verified_tokens_per_request=verified,
-            accepted_tokens_per_request=accepted,
+            spec_decoding=spec(verified, accepted),
         )
         for req in finished:
             m.on_request_finished(
@@ -377,10 +382,11 @@ def test_counters_after_n_known_requests_match_usage() -> None:
 # ---- server/metrics_glue.py: the engine step listener, with a fake core ----------------------------
 
 
-def step_stats(**kw) -> StepStats:
-    defaults = dict(num_batched_tokens=20, num_preemptions=1, verified_per_request=[3, 1],
-                    accepted_per_request=[2, 0], num_decode_requests=3, num_drafting=1)
-    return StepStats(**{**defaults, **kw})
+def step_stats(verified: list[int] = [3, 1], accepted: list[int] = [2, 0], gamma: int = GAMMA,  # noqa: B006
+               **kw) -> StepStats:
+    defaults = dict(num_batched_tokens=20, num_preemptions=1, num_decode_requests=3, num_drafting=1)
+    record = spec(verified, accepted, gamma) if gamma else None
+    return StepStats(SchedulerStats(**{**defaults, **kw}, spec_decoding=record))
 
 
 def profile(seconds: float) -> ThroughputProfile:
@@ -392,72 +398,70 @@ def controller_stats(seconds: float | None) -> ControllerStats:
 
 
 @dataclass
-class FakeCore:
-    """A core whose ``stats()`` is built from plain fields (no torch)."""
+class FakeEngine:
+    """An engine (``StatsEngine``) whose ``stats()`` is built from plain fields (no torch)."""
 
     num_running: int = 2
     num_waiting: int = 1
     kv_cache_usage: float = 0.25
-    last_step: StepStats = field(default_factory=step_stats)
     gamma: int = 0
     profile_seconds: float | None = None
+    model_name: str = MODEL
+    max_model_len: int = 512
+    step_listeners: list = field(default_factory=list)
 
-    def stats(self) -> EngineStats:
+    def stats(self, step: StepStats | None = None) -> EngineStats:
         controller = controller_stats(self.profile_seconds) if self.gamma else None
-        return EngineStats(self.num_running, self.num_waiting, self.kv_cache_usage, self.last_step, self.gamma,
-                           controller)
+        return EngineStats(self.num_running, self.num_waiting, self.kv_cache_usage, step, self.gamma, controller)
 
 
 def test_step_listener_records_each_step_once() -> None:
     m = ServerMetrics(MODEL, GAMMA)
-    core = FakeCore()
+    engine = FakeEngine()
     listener = EngineMetricsListener(m)
-    listener(core, [])
-    listener(core, [])  # an empty step keeps the previous StepStats object: not counted again
+    listener(engine.stats(step_stats()), [])
+    listener(engine.stats(None), [])  # no step ran (aborts only, an empty step): gauges only
     assert value(m, "sparkserve:num_preemptions_total") == 1
     assert value(m, "sparkserve:iteration_tokens_total_count") == 1
     assert value(m, "sparkserve:spec_decode_num_draft_tokens_total") == 4
     assert value(m, "sparkserve:spec_decode_num_accepted_tokens_per_pos_total", position="1") == 1
     assert value(m, "sparkserve:num_requests_running") == 2
     assert value(m, "sparkserve:kv_cache_usage_perc") == 0.25
-    core.last_step = step_stats(num_preemptions=0, verified_per_request=[], accepted_per_request=[])
-    core.num_running = 0
-    listener(core, [])
+    engine.num_running = 0
+    listener(engine.stats(step_stats(gamma=0, num_preemptions=0)), [])
     assert value(m, "sparkserve:iteration_tokens_total_count") == 2
     assert value(m, "sparkserve:num_requests_running") == 0
     assert listener.num_steps == 3
     assert value(m, "sparkserve:spec_decode_num_drafter_runs_total") == 0  # no drafter loaded
-    core.gamma = GAMMA
-    core.last_step = step_stats()
-    listener(core, [])
+    engine.gamma = GAMMA
+    listener(engine.stats(step_stats()), [])
     assert value(m, "sparkserve:spec_decode_num_drafter_runs_total") == 1
     assert value(m, "sparkserve:spec_decode_num_drafter_skips_total") == 2
 
 
 def test_step_listener_never_raises() -> None:
     m = ServerMetrics(MODEL, GAMMA)
-    bad = FakeCore(last_step=step_stats(verified_per_request=[1], accepted_per_request=[2]))  # a > l
+    bad = FakeEngine(gamma=GAMMA).stats(step_stats(gamma=GAMMA + 1))  # a record for another gamma
     EngineMetricsListener(m)(bad, [])  # logged, not raised: it runs inside the engine loop
     assert value(m, "sparkserve:spec_decode_num_drafts_total") == 0
 
 
 def test_profile_published_at_start_and_refreshed() -> None:
-    core = FakeCore(gamma=GAMMA, profile_seconds=0.02)
-    engine = SimpleNamespace(core=core, step_listeners=[], model_name=MODEL, max_model_len=512)
+    engine = FakeEngine(gamma=GAMMA, profile_seconds=0.02)
     metrics = build_metrics(engine, 256, profile_every=3)
     assert metrics.num_speculative_tokens == GAMMA and len(engine.step_listeners) == 1
     sps = ("sparkserve:profile_steps_per_second", {"batch_tokens": "64", "num_requests": "4"})
     assert metrics.registry.get_sample_value(sps[0], {"model_name": MODEL, **sps[1]}) == pytest.approx(50)
-    core.profile_seconds = 0.04  # the online profile drifted
+    engine.profile_seconds = 0.04  # the online profile drifted
     for _ in range(2):
-        engine.step_listeners[0](core, [])
+        engine.step_listeners[0](engine.stats(step_stats()), [])
     assert metrics.registry.get_sample_value(sps[0], {"model_name": MODEL, **sps[1]}) == pytest.approx(50)
-    engine.step_listeners[0](core, [])  # the 3rd step republishes
+    engine.step_listeners[0](engine.stats(step_stats()), [])  # the 3rd step republishes
     assert metrics.registry.get_sample_value(sps[0], {"model_name": MODEL, **sps[1]}) == pytest.approx(25)
 
 
 def test_no_drafter_no_profile() -> None:
-    core = FakeCore()
-    assert core.stats().num_speculative_tokens == 0
-    assert not publish_profile(ServerMetrics(MODEL), core.stats())
-    assert not publish_profile(ServerMetrics(MODEL), FakeCore(gamma=GAMMA).stats())
+    engine = FakeEngine()
+    assert engine.stats().num_speculative_tokens == 0
+    assert not publish_profile(ServerMetrics(MODEL), engine.stats())
+    assert not publish_profile(ServerMetrics(MODEL), FakeEngine(gamma=GAMMA).stats())

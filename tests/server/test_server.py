@@ -520,6 +520,19 @@ def test_cli_subcommands() -> None:
         "bench",
         "replicas",
     }  # type: ignore[union-attr]
+    # one flag says how to speculate; the old spellings stay accepted as aliases
+    def spec(*flags: str) -> tuple[str | None, str, str]:
+        args = engine_args_from(parser.parse_args(["serve", *flags]))
+        return args.drafter, args.speculative_method, args.drafter_kind
+
+    assert spec() == (None, "dspark", "dspark")
+    assert spec("--speculative-method", "none") == spec("--drafter", "none") == ("none", "dspark", "dspark")
+    assert spec("--speculative-method", "dflash", "--drafter", "d") == spec("--drafter-kind", "dflash", "--drafter", "d")
+    assert spec("--speculative-method", "draft-model") == (None, "dspark", "draft-model")
+    assert spec("--speculative-method", "hybrid", "--drafter-kind", "dflash") == (None, "hybrid", "dflash")
+    assert spec("--speculative-method", "suffix") == (None, "suffix", "dspark")
+    with pytest.raises(ValueError, match="contradicts"):
+        spec("--speculative-method", "dflash", "--drafter-kind", "draft-model")
     bench = parser.parse_args(["bench", "--target", "a=http://h:1", "--launch", "b=--drafter none",
                                "--max-concurrency", "1", "4", "--goodput", "ttft:500", "tpot:50"])
     assert bench.command == "bench" and bench.max_concurrency == [1, 4] and bench.launch == ["b=--drafter none"]

@@ -34,6 +34,7 @@ from sparkserve.scheduler.sampling_params import SamplingParams
 from sparkserve.scheduler.scheduler import Scheduler
 from sparkserve.testing.reference import greedy_reference
 from sparkserve.testing.scheduler_helpers import EOS, make_request, seq_tokens
+from sparkserve.testing.spec_records import spec_totals
 from sparkserve.testing.spec_stats import chi2, chi2_bound, exact_joint, sampled_joint
 from sparkserve.testing.tiny import OracleDrafter, random_dspark, tiny_target
 from sparkserve.train.drafters import ARDrafter
@@ -184,9 +185,9 @@ def _others(n: int) -> list[SamplingParams]:
                            ignore_eos=True) for i in range(n)]
 
 
-def _seeded_text(core: EngineCore, prompt: list[int], concurrent: int = 0) -> list[int]:
+def _seeded_text(core: EngineCore, prompt: list[int], concurrent: int = 0, steps: list | None = None) -> list[int]:
     prompts = [prompt] + [[5 + i, 7, 9] for i in range(concurrent)]
-    return core.generate_batch(prompts, [SEEDED, *_others(concurrent)])[0]
+    return core.generate_batch(prompts, [SEEDED, *_others(concurrent)], steps=steps)[0]
 
 
 def test_seeded_text_is_identical_alone_concurrent_and_at_every_verify_length(target) -> None:
@@ -202,9 +203,9 @@ def test_seeded_text_is_identical_alone_concurrent_and_at_every_verify_length(ta
                          (lambda: random_dspark(target, block_size=7, seed=3), ("fixed:2", "fixed:7"))):
         accepted = 0
         for policy in subset:
-            core = _core(target, make(), policy)
-            assert _seeded_text(core, prompt) == reference, policy
-            accepted += core.spec_stats.num_accepted_tokens
+            core, steps = _core(target, make(), policy), []
+            assert _seeded_text(core, prompt, steps=steps) == reference, policy
+            accepted += spec_totals(core, steps).num_accepted_tokens
         core = _core(target, make(), "fixed:7")
         assert _seeded_text(core, prompt, concurrent=12) == reference
         assert accepted > 0
@@ -228,14 +229,15 @@ def test_draft_with_other_noise_only_costs_acceptance(target, monkeypatch) -> No
     emits the target's own keyed choices; only acceptance drops."""
     prompt = [2, 5, 3, 8]
     reference = _seeded_text(_core(target), prompt)
-    coupled = _core(target, DraftModelDrafter(target.model, 7), "fixed:7")
-    assert _seeded_text(coupled, prompt) == reference
+    coupled, coupled_steps = _core(target, DraftModelDrafter(target.model, 7), "fixed:7"), []
+    assert _seeded_text(coupled, prompt, steps=coupled_steps) == reference
     real = draft_sampling.coupled_choice
     monkeypatch.setattr(draft_sampling, "coupled_choice",
                         lambda processed, keys, positions: real(processed, keys, positions + 1000))  # other noise
-    uncoupled = _core(target, DraftModelDrafter(target.model, 7), "fixed:7")
-    assert _seeded_text(uncoupled, prompt) == reference
-    assert uncoupled.spec_stats.num_accepted_tokens < coupled.spec_stats.num_accepted_tokens
+    uncoupled, uncoupled_steps = _core(target, DraftModelDrafter(target.model, 7), "fixed:7"), []
+    assert _seeded_text(uncoupled, prompt, steps=uncoupled_steps) == reference
+    assert (spec_totals(uncoupled, uncoupled_steps).num_accepted_tokens
+            < spec_totals(coupled, coupled_steps).num_accepted_tokens)
 
 
 @pytest.mark.parametrize("seeded", [False, True])
@@ -248,8 +250,9 @@ def test_sampling_distribution_matches_target(seeded: bool) -> None:
     exact = exact_joint(small, prompt, 1.0)
     core = _core(small, random_dspark(small, block_size=3, markov_rank=8, markov_scale=20.0, seed=7), "fixed:3",
                  max_num_batched_tokens=2048, num_kv_blocks=4096, max_num_seqs=512)
-    stat, cells = chi2(sampled_joint(core, prompt, 3000, 1.0, vocab, seeded=seeded), exact)
-    assert core.spec_stats.num_accepted_tokens > 0
+    steps: list = []
+    stat, cells = chi2(sampled_joint(core, prompt, 3000, 1.0, vocab, seeded=seeded, steps=steps), exact)
+    assert spec_totals(core, steps).num_accepted_tokens > 0
     assert stat < chi2_bound(cells), (stat, cells)
 
 
@@ -288,10 +291,10 @@ def test_logits_mask_on_target_and_drafter_is_lossless(seeded: bool) -> None:
     drafter = random_dspark(small, block_size=3, markov_rank=8, markov_scale=20.0, seed=7)
     args = EngineArgs(dtype="float32", num_kv_blocks=4096, block_size=4, max_num_batched_tokens=2048,
                       max_num_seqs=512, verify_policy="fixed:3")
-    core = EngineCore(args, loaded=small, drafter=drafter, logits_mask=mask)
-    stat, cells = chi2(sampled_joint(core, prompt, 3000, 1.0, vocab, seeded=seeded), exact)
+    core, steps = EngineCore(args, loaded=small, drafter=drafter, logits_mask=mask), []
+    stat, cells = chi2(sampled_joint(core, prompt, 3000, 1.0, vocab, seeded=seeded, steps=steps), exact)
     assert stat < chi2_bound(cells), (stat, cells)
-    assert mask.violations == 0 and core.spec_stats.num_accepted_tokens > 0
+    assert mask.violations == 0 and spec_totals(core, steps).num_accepted_tokens > 0
     # negative control: the same mask on the drafter only leaves the target unconstrained
     only_drafter = ParityMask(vocab)
     core = EngineCore(args, loaded=small, drafter=drafter, logits_mask=None)

@@ -14,6 +14,7 @@ from sparkserve.scheduler.profile import ThroughputProfile
 from sparkserve.scheduler.sampling_params import SamplingParams
 from sparkserve.testing.exactness import assert_same_or_near_tie, top2_gap_fn
 from sparkserve.testing.server_harness import run_server
+from sparkserve.testing.spec_records import generate_recorded, spec_totals
 from sparkserve.testing.tiny import LookupOracleDrafter, random_dspark
 
 QUESTIONS = [
@@ -53,11 +54,10 @@ def test_policy_greedy_lossless_real_model(smollm2, prompts, baseline, policy) -
     drafter = LookupOracleDrafter(refs, smollm2.config.vocab_size, block_size=4, seed=11)
     core = EngineCore(_args(verify_policy=policy), loaded=smollm2, drafter=drafter,
                       profile=ThroughputProfile.load(PROFILE))
-    outputs = core.generate_batch(prompts, _params(smollm2))
+    outputs, stats = generate_recorded(core, prompts, _params(smollm2))
     for i, out in enumerate(outputs):
         assert_same_or_near_tie(out, baseline[i], top2_gap_fn(smollm2.model, prompts[i], baseline[i]),
                                 label=f"{policy}[{i}]")
-    stats = core.spec_stats
     if policy == "none":
         assert stats.num_draft_tokens == 0
     else:
@@ -67,6 +67,8 @@ def test_policy_greedy_lossless_real_model(smollm2, prompts, baseline, policy) -
 def test_http_with_drafter_same_text(smollm2, prompts, baseline) -> None:
     drafter = random_dspark(smollm2, block_size=4, markov_rank=16)
     engine = AsyncEngine(EngineCore(_args(verify_policy="fixed:4"), loaded=smollm2, drafter=drafter))
+    steps = []
+    engine.step_listeners.append(lambda stats, outputs: steps.append(stats.step))
     with run_server(engine, served_model_name="smol") as server:
         client = server.openai()
         for i in (0, 3):
@@ -80,7 +82,7 @@ def test_http_with_drafter_same_text(smollm2, prompts, baseline) -> None:
                 spec_tokens = engine.core.generate_batch([prompts[i]], _params(smollm2), request_prefix=f"chk{i}")[0]
                 assert smollm2.tokenizer.decode(spec_tokens) == text
                 assert_same_or_near_tie(spec_tokens, baseline[i], top2_gap_fn(smollm2.model, prompts[i], baseline[i]))
-        assert engine.core.spec_stats.num_draft_tokens > 0
+        assert spec_totals(engine.core, steps).num_draft_tokens > 0
         # the same seeded sampled request twice returns the same text (keyed randomness)
         texts = [client.chat.completions.create(
             model="smol", messages=[{"role": "user", "content": QUESTIONS[5]}], max_tokens=MAX_TOKENS,
@@ -98,5 +100,5 @@ def test_seeded_sampling_same_text_with_any_speculation(smollm2, prompts) -> Non
         core = EngineCore(_args(verify_policy=policy), loaded=smollm2)
         assert core.drafter is not None and core.generate_batch([prompts[1]], seeded)[0] == reference, policy
     core = EngineCore(_args(verify_policy="fixed:7"), loaded=smollm2)
-    batch = core.generate_batch([prompts[1], *prompts[2:10]], [seeded, *others])
-    assert batch[0] == reference and core.spec_stats.num_accepted_tokens > 0
+    batch, stats = generate_recorded(core, [prompts[1], *prompts[2:10]], [seeded, *others])
+    assert batch[0] == reference and stats.num_accepted_tokens > 0

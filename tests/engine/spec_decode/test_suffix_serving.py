@@ -13,6 +13,7 @@ from sparkserve.engine.core import EngineCore
 from sparkserve.scheduler.profile import ThroughputProfile
 from sparkserve.scheduler.sampling_params import SamplingParams
 from sparkserve.testing.exactness import assert_same_or_near_tie, top2_gap_fn
+from sparkserve.testing.spec_records import spec_totals, step_recorded
 
 PASSAGE = ("The quick brown fox jumps over the lazy dog. The dog sleeps under the old oak tree while the fox "
            "runs across the green field toward the river.")
@@ -44,21 +45,18 @@ def test_suffix_and_hybrid_lossless_and_accepting_on_repeated_text(smollm2, setu
     for i, p in enumerate(prompts):
         core.add_request(core.make_request(f"r{i}", p, params))
     tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
-    per_request = {"drafts": 0, "accepted": 0}
-    drafters = set()
+    steps: list = []
     while core.has_unfinished_requests():
-        for out in core.step():
+        for out in step_recorded(core, steps):
             tokens[out.request_id].extend(out.new_token_ids)
-            per_request["drafts"] += out.num_draft_tokens
-            per_request["accepted"] += out.num_accepted_tokens
-            if out.num_draft_tokens:
-                drafters.add(out.drafter)
     for i, p in enumerate(prompts):
         assert_same_or_near_tie(tokens[f"r{i}"], baseline[i], top2_gap_fn(smollm2.model, p, baseline[i]),
                                 label=f"{method}[{i}]")
-    stats = core.spec_stats
-    # usage.speculation is the sum of these per-output counts: it must equal the engine's counters.
-    assert per_request == {"drafts": stats.num_draft_tokens, "accepted": stats.num_accepted_tokens}
+    stats = spec_totals(core, steps)
+    # usage.speculation sums per-drafter rows of the same records: they must add up to the totals.
+    drafters = {row.drafter for row in stats.per_drafter}
+    assert sum(row.num_draft_tokens for row in stats.per_drafter) == stats.num_draft_tokens > 0
+    assert sum(row.num_accepted_tokens for row in stats.per_drafter) == stats.num_accepted_tokens
     assert "suffix" in drafters, drafters
     # Copying the prompt: suffix matches survive for long runs (measured tau 2.39 for both here).
     assert stats.accepted_length > 1.8, stats

@@ -23,6 +23,7 @@ from sparkserve.server.structured import chat_messages, grammar_spec
 from sparkserve.server.tool_parsers import HermesStreamParser, parse_tool_calls
 from sparkserve.testing.exactness import assert_same_or_near_tie, top2_gap_fn
 from sparkserve.testing.server_harness import run_server
+from sparkserve.testing.spec_records import generate_recorded
 
 PROFILE = Path(__file__).resolve().parents[2] / "data" / "profile_small.json"
 
@@ -81,12 +82,12 @@ def test_json_schema_with_speculation_equals_greedy(smollm2, grammars, baseline,
     tok = smollm2.tokenizer
     core = EngineCore(_args(speculative_method=method, verify_policy="fixed:4"), loaded=smollm2,
                       profile=ThroughputProfile.load(PROFILE))
-    outs = core.generate_batch([_prompt(tok, q) for q in QUESTIONS], [_params(tok, g) for g in grammars])
+    outs, stats = generate_recorded(core, [_prompt(tok, q) for q in QUESTIONS], [_params(tok, g) for g in grammars])
     for i, (out, schema) in enumerate(zip(outs, SCHEMAS, strict=True)):
         _check_json(tok, out, schema)
         prompt = _prompt(tok, QUESTIONS[i])
         assert_same_or_near_tie(out, baseline[i], top2_gap_fn(smollm2.model, prompt, baseline[i]), label=f"{method}[{i}]")
-    assert core.spec_stats.num_draft_tokens > 0
+    assert stats.num_draft_tokens > 0
 
 
 # ---------------------------------------------------------------- grammar state and drafts

@@ -20,7 +20,6 @@ from sparkserve.scheduler.policy import (
     plan_verify,
     ranked_slots,
     slo_weight,
-    split_token_budget,
     survival,
     verify_dspark,
     verify_dspark_async,
@@ -298,30 +297,6 @@ def test_parse_policy_rejects(text: str) -> None:
         parse_policy(text)
 
 
-def test_split_token_budget_rule() -> None:
-    # base first, then prefill, then verify.
-    assert split_token_budget(64, 10, 100) == (split := split_token_budget(64, 10, 100))
-    assert (split.prefill_tokens, split.verify_budget) == (54, 0)
-    s = split_token_budget(64, 10, 20)
-    assert (s.prefill_tokens, s.verify_budget) == (20, 34)
-    s = split_token_budget(64, 10, 100, verify_reserve=16)
-    assert (s.prefill_tokens, s.verify_budget) == (38, 16)
-    s = split_token_budget(12, 10, 100, verify_reserve=16)
-    assert (s.prefill_tokens, s.verify_budget) == (0, 2)
-    with pytest.raises(ValueError, match="do not fit"):
-        split_token_budget(8, 10, 0)
-
-
-@given(st.integers(0, 500), st.integers(0, 100), st.integers(0, 500), st.integers(0, 100))
-def test_split_token_budget_property(budget, num_decode, demand, reserve) -> None:
-    if num_decode > budget:
-        return
-    s = split_token_budget(budget, num_decode, demand, reserve)
-    assert num_decode + s.prefill_tokens + s.verify_budget == budget
-    assert 0 <= s.prefill_tokens <= demand
-    assert s.verify_budget >= min(reserve, budget - num_decode)
-
-
 def test_slo_weight() -> None:
     assert slo_weight(None, 10.0, 0) == 1.0
     assert slo_weight(0.1, 0.95, 10) == 1.0  # on schedule (0.95 s at 95% of 0.1 s/token = 10 tokens)
@@ -451,14 +426,14 @@ def test_hook_drafting_gate_by_policy_and_estimates() -> None:
         STALE_DRAFT_TOKENS,
         SpeculationController,
     )
-    from sparkserve.scheduler.request import Request
+    from sparkserve.scheduler.request import DraftState, Request
     from sparkserve.scheduler.sampling_params import SamplingParams
-    from sparkserve.scheduler.scheduler import VerifyContext
+    from sparkserve.scheduler.speculation import VerifyContext
 
     def request(rid: str, conf: tuple[float, ...], age: int) -> Request:
         r = Request(rid, [1, 2, 3], SamplingParams(max_tokens=100))
         r.output_token_ids = [5] * 40
-        r.last_draft_confidences, r.last_draft_num_tokens = conf, r.num_tokens - age
+        r.drafts = DraftState(last_confidences=conf, last_num_tokens=r.num_tokens - age)
         return r
 
     ctx = VerifyContext(num_scheduled_tokens=3, num_decode_requests=3, token_budget=64)
