@@ -22,8 +22,9 @@ class RunResult:
 
 
 def run_to_end(core, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],  # noqa: ANN001
-               prefix: str = "run") -> RunResult:
-    """Add every prompt at once (``params``: one for all or one per prompt), step until none is unfinished."""
+               prefix: str = "run", steps: list | None = None) -> RunResult:
+    """Add every prompt at once (``params``: one for all or one per prompt), step until none is unfinished.
+    ``steps``, when given, receives each step's stats record (``core.last_step``; None for an empty step)."""
     ids = [f"{prefix}-{i}" for i in range(len(prompts))]
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     for rid, prompt, p in zip(ids, prompts, per_prompt, strict=True):
@@ -31,7 +32,10 @@ def run_to_end(core, prompts: list[list[int]], params: SamplingParams | list[Sam
     tokens: dict[str, list[int]] = {rid: [] for rid in ids}
     reasons: dict[str, str] = {}
     while core.has_unfinished_requests():
-        for out in core.step():
+        outputs = core.step()
+        if steps is not None:
+            steps.append(core.last_step)
+        for out in outputs:
             tokens[out.request_id].extend(out.new_token_ids)
             if out.finish_reason is not None:
                 reasons[out.request_id] = str(out.finish_reason)

@@ -172,7 +172,7 @@ def test_plan_cache_never_reuses_another_machines_plan(tmp_path, monkeypatch) ->
 def test_profile_key_names_the_machine_and_plan(tmp_path, monkeypatch) -> None:
     """A throughput profile with another machine's key is not reused: other cache path, and a file whose
     stored key differs is measured again."""
-    from sparkserve.engine import profiler
+    from sparkserve.engine import throughput_probe as profiler
     from sparkserve.scheduler.profile import ThroughputProfile, profile_cache_path
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

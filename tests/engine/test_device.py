@@ -31,7 +31,8 @@ def test_cuda_without_cuda_is_a_clear_error() -> None:
         EngineCore(EngineArgs(device="cuda", drafter="none"))
 
 
-def test_explicit_cpu_serves_and_triton_backend_needs_cuda() -> None:
+def test_explicit_cpu_serves_and_triton_backend_needs_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernel tests set 1 for the session (it admits the CPU)
     target = tiny_target(seed=2)
     core = EngineCore(EngineArgs(device="cpu", dtype="float32", num_kv_blocks=32, block_size=4, drafter="none"),
                       loaded=target)

@@ -22,6 +22,7 @@ from sparkserve.kernels.kv_store import store_kv, store_kv_reference  # noqa: E4
 from sparkserve.scheduler.profile import ThroughputProfile  # noqa: E402
 from sparkserve.scheduler.sampling_params import SamplingParams  # noqa: E402
 from sparkserve.testing.engine_run import run_to_end  # noqa: E402
+from sparkserve.testing.spec_records import spec_totals  # noqa: E402
 from sparkserve.testing.tiny import random_dspark, tiny_target  # noqa: E402
 
 PROFILE = Path(__file__).resolve().parents[1] / "data" / "profile_small.json"
@@ -58,8 +59,9 @@ def _generate(backend: str, policy: str) -> tuple[list[list[int]], list[str], in
     if policy.startswith("fixed"):  # unseeded draws follow the drafts, which dspark picks from step timings
         params.append(SamplingParams(temperature=1.0, max_tokens=7, ignore_eos=True))
         prompts.append([8, 1, 30, 22])
-    run = run_to_end(core, prompts, params)
-    return run.tokens, [str(r) for r in run.finish_reasons], sum(core.spec_stats.verified_per_pos)
+    steps: list = []
+    run = run_to_end(core, prompts, params, steps=steps)
+    return run.tokens, [str(r) for r in run.finish_reasons], spec_totals(core, steps).num_draft_tokens
 
 
 @pytest.mark.parametrize("policy", ["fixed:3", "dspark"])
@@ -76,7 +78,7 @@ def test_engine_steps_through_the_triton_kernels_equal_the_torch_path(policy: st
 def test_profile_step_times_the_served_kernels_between_synchronisations(monkeypatch: pytest.MonkeyPatch) -> None:
     """SPS(B, R) is measured on the attention path that serves (here the Triton kernels), with the device
     synchronised before the clock starts and before it stops (a no-op on the CPU, counted here)."""
-    from sparkserve.engine import profiler
+    from sparkserve.engine import throughput_probe as profiler
     from sparkserve.kernels import paged_attention as kernels
 
     target = tiny_target(seed=5, layers=3, head_dim=16)
