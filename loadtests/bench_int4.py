@@ -164,7 +164,7 @@ def engine_steps(rounds: int, max_tokens: int) -> dict:
                 forward_s[key].clear()
                 start = time.perf_counter()
                 core.step()
-                if core.last_step.num_batched_tokens == want[key.split("/")[0]]:
+                if core.last_step.scheduler.num_batched_tokens == want[key.split("/")[0]]:
                     steps[key].append(time.perf_counter() - start)
                     forwards[key].append(forward_s[key][0] if forward_s[key] else float("nan"))
     result = {key: {"step_ms": round(statistics.median(v[2:]) * 1e3, 2), "target_forward_ms":
