@@ -107,7 +107,8 @@ class EngineCore:
                                   speculator=speculator, attention_backend=args.attention_backend,
                                   max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
                                   engine_seed=args.seed, mask=logits_mask, unseeded_coupling=args.unseeded_coupling,
-                                  compile=args.compile)
+                                  compile=args.compile,
+                                  step_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
         if self.runner.compiled:
             self.runner.warm_up_compile(make_step_fn(self.runner, num_blocks))
         self.controller = self._make_controller(profile)
