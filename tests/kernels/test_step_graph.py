@@ -110,3 +110,18 @@ def test_engine_serves_uniform_steps_through_the_static_buffers() -> None:
     assert graphs.scratch_block == core.num_blocks == core.runner.kv_caches[0][0].shape[1] - 1
     used = {key: step.replays for key, step in graphs.steps.items() if step.replays}
     assert used.get(GraphKey(1, 4), 0) >= 1 and any(key.q_len > 1 for key in used), used  # decode and verify
+
+
+def test_profile_times_decode_cells_through_the_static_buffers() -> None:
+    """SPS(B, R) of a decode cell (B = R) is timed on the path that serves it: the bucket's static buffers
+    (a graph replay on CUDA); a mixed cell stays eager."""
+    from sparkserve.engine.throughput_probe import make_step_fn
+
+    target = tiny_target(seed=5, layers=2, head_dim=16)
+    args = EngineArgs(dtype="float32", num_kv_blocks=48, block_size=8, max_num_seqs=4, max_num_batched_tokens=32,
+                      drafter="none", attention_backend="triton", cuda_graphs="on")
+    core = EngineCore(args, loaded=target)
+    graphs = core.runner.graphs
+    step = make_step_fn(core.runner, core.num_blocks, context_len=12)
+    assert step(3, 3) > 0 and graphs.steps[GraphKey(1, 4)].replays == 1
+    assert step(6, 3) > 0 and graphs.replays == 1
