@@ -12,6 +12,7 @@ The scheduler decides *what* runs and who drafts; the runner only executes a ``S
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -129,6 +130,28 @@ class ModelRunner:
         failed = sum(w.failed for w in self._compiled_layers)
         logger.info("compiled step warmed up in %.1f s%s", seconds,
                     f" ({failed} bodies fell back to eager)" if failed else "")
+
+    def warm_up_kernels(self, compile_fn: Callable | None = None) -> list[str]:
+        """Before serving on CUDA with the Triton kernels: compile ``kernels/compile_check``'s warm-up list for
+        this model (``served_variants``; RuntimeError when one exceeds the card's shared memory), then
+        capture every step graph. ``compile_fn(variant, arch)`` replaces the compiler (dry runs on the CPU,
+        where nothing is captured). Returns the variant names compiled ([] when the kernels do not serve)."""
+        heads = self.batch.kernel_heads
+        if heads is None or (self.device.type != "cuda" and compile_fn is None):
+            return []
+        from sparkserve.kernels import compile_check
+
+        cuda = self.device.type == "cuda"
+        major, minor = torch.cuda.get_device_capability(self.device) if cuda else (9, 0)
+        limit = (torch.cuda.get_device_properties(self.device).shared_memory_per_block_optin if cuda
+                 else compile_check.SM90_SHARED_MEMORY_PER_BLOCK)
+        start = time.perf_counter()
+        done = compile_check.warm_up(heads[1], self.config.head_dim, self.kv_caches[0][0].dtype, 10 * major + minor,
+                                     limit, compile_fn)
+        captured = self.graphs.capture_all() if self.graphs is not None else 0
+        logger.info("kernels warmed up: %d variants compiled, %d step graphs captured in %.1f s", len(done), captured,
+                    time.perf_counter() - start)
+        return [name for name, _ in done]
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
