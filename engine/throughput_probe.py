@@ -43,13 +43,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -> Callable[[int, int], float]:
+def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128,
+                 use_graphs: bool = True) -> Callable[[int, int], float]:
     """``step_fn(B, R) -> seconds`` for ``measure_profile``; writes only to scratch KV slots.
 
     Timed as served: the attention metadata of the path the runner serves with (the Triton kernels' alone
     when they serve), and on CUDA synchronised before the clock starts and before it stops (otherwise the
     time would be the launches', not the kernels'). A decode or uniform verify cell (B = R * q, q a length
-    the runner's ``StepGraph`` serves) runs through it, padded to its bucket as served."""
+    the runner's ``StepGraph`` serves) runs through it, padded to its bucket as served (``use_graphs=False``:
+    eager, for the graph-vs-eager comparison of scripts/gpu_check.py)."""
     block_size = runner.block_size
 
     @torch.inference_mode()
@@ -61,7 +63,7 @@ def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -
         start = time.perf_counter()
         table_t = torch.tensor([list(t) for t in tables], dtype=torch.int64)
         positions = torch.cat([torch.arange(ctx, ctx + q) for q in q_lens])
-        graphs = runner.graphs
+        graphs = runner.graphs if use_graphs else None
         key = graphs.key_for(q_lens) if graphs is not None else None
         spec = runner.speculator
         if key is not None:  # served through the static buffers (a CUDA graph replay on CUDA)

@@ -1,6 +1,7 @@
 """Uniform steps over static buffers at padded buckets (engine/step_graph.py), eager on the CPU through the
 Triton kernels in the interpreter: buffers reused, contents as freshly built, padding changes no token; the
-engine serves decode and verify steps through them with the same tokens as its eager steps."""
+engine serves decode and verify steps through them with the same tokens as its eager steps (through the
+device windows' smoke, scripts/gpu_check.py), and the profile times decode cells through them."""
 
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ from sparkserve.engine.config import EngineArgs  # noqa: E402
 from sparkserve.engine.core import EngineCore  # noqa: E402
 from sparkserve.engine.step_graph import GraphKey, StepGraph, default_buckets  # noqa: E402
 from sparkserve.kernels.attention_metadata import build_ragged_metadata  # noqa: E402
-from sparkserve.scheduler.sampling_params import SamplingParams  # noqa: E402
-from sparkserve.testing.engine_run import run_to_end  # noqa: E402
-from sparkserve.testing.tiny import random_dspark, tiny_target  # noqa: E402
+from sparkserve.testing.tiny import tiny_target  # noqa: E402
 
 BLOCK, TABLES, SCRATCH = 8, [[0], [1, 2], [3]], 15
 LENS = [5, 9, 3]  # cached tokens per sequence before the decode steps
@@ -84,34 +83,6 @@ def test_padded_bucket_steps_reuse_static_buffers_and_match_the_eager_step() -> 
         torch.testing.assert_close(v[:, :SCRATCH], ev[:, :SCRATCH], atol=1e-5, rtol=1e-5)
 
 
-def _engine_tokens(graphs: str, policy: str | None) -> tuple[list[list[int]], EngineCore]:
-    target = tiny_target(seed=5, layers=3, head_dim=16)
-    drafter = random_dspark(target, block_size=4, seed=2) if policy else None
-    args = EngineArgs(dtype="float32", num_kv_blocks=48, block_size=8, max_num_seqs=4, max_num_batched_tokens=32,
-                      verify_policy=policy, drafter=None if policy else "none", attention_backend="triton",
-                      cuda_graphs=graphs, seed=0)
-    core = EngineCore(args, loaded=target, drafter=drafter)
-    params = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
-              SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True),
-              SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)]
-    prompts = [[(7 * i + 3) % 61 for i in range(20)], [5, 9, 11, 2, 40, 33], [8, 1, 30]]
-    return run_to_end(core, prompts, params).tokens, core
-
-
-def test_engine_serves_uniform_steps_through_the_static_buffers() -> None:
-    """Three requests (bucket 4: one pad row) under fixed:3 decode and verify uniform blocks of 1 + K tokens
-    through ``StepGraph`` (``cuda_graphs="on"``: eager replay on the CPU): the same tokens as every step eager,
-    the pads' scratch block outside the scheduler's blocks."""
-    eager, eager_core = _engine_tokens("off", "fixed:3")
-    served, core = _engine_tokens("on", "fixed:3")
-    graphs = core.runner.graphs
-    assert eager_core.runner.graphs is None and graphs is not None
-    assert served == eager and all(len(t) == 6 for t in served)
-    assert graphs.scratch_block == core.num_blocks == core.runner.kv_caches[0][0].shape[1] - 1
-    used = {key: step.replays for key, step in graphs.steps.items() if step.replays}
-    assert used.get(GraphKey(1, 4), 0) >= 1 and any(key.q_len > 1 for key in used), used  # decode and verify
-
-
 def test_profile_times_decode_cells_through_the_static_buffers() -> None:
     """SPS(B, R) of a decode cell (B = R) is timed on the path that serves it: the bucket's static buffers
     (a graph replay on CUDA); a mixed cell stays eager."""
@@ -125,3 +96,28 @@ def test_profile_times_decode_cells_through_the_static_buffers() -> None:
     step = make_step_fn(core.runner, core.num_blocks, context_len=12)
     assert step(3, 3) > 0 and graphs.steps[GraphKey(1, 4)].replays == 1
     assert step(6, 3) > 0 and graphs.replays == 1
+
+
+def test_gpu_check_window_paths_serve_graph_steps_dry() -> None:
+    """The device windows' graph checks run on the CPU (interpreter): window 1's smoke serves decode and
+    verify steps through the step graphs with the eager run's tokens; window 2's graph-vs-eager decode
+    timing measures both paths."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("gpu_check_graphs", root / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    smoke = gpu_check.engine_smoke("cpu", max_tokens=8, graphs="on")
+    assert smoke["status"] == "ok", smoke
+    assert smoke["none"]["graph_replays"] >= 2 and smoke["fixed:3"]["graph_replays"] >= 1  # decode and verify
+    assert smoke["none eager"]["graph_replays"] is None
+    assert smoke["none"]["tokens"] == smoke["fixed:3"]["tokens"] == smoke["none eager"]["tokens"]
+    target = tiny_target(seed=5, layers=2, head_dim=16)
+    core = EngineCore(EngineArgs(dtype="float32", num_kv_blocks=32, block_size=8, max_num_seqs=4, drafter="none",
+                                 attention_backend="triton", cuda_graphs="on"), loaded=target)
+    assert core.runner.graphs.scratch_block == core.num_blocks == core.runner.kv_caches[0][0].shape[1] - 1
+    rows = gpu_check.graph_vs_eager(core, batches=(1, 4, 16), rounds=1)
+    assert [r["batch"] for r in rows] == [1, 4] and all(r["graph_s"] > 0 and r["eager_s"] > 0 for r in rows)
+    assert core.runner.graphs.replays == 2 * 2  # warm-up + one round per batch through the graphs
