@@ -209,6 +209,8 @@ class EngineCore:
         if args.speculative_method != "dspark":
             drafter = f"{args.speculative_method}{'+global' if args.suffix_global else ''}:{drafter}"
         device = "cpu" if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
+        if self.runner.graphs is not None:  # graph-served steps follow the bucket staircase
+            device += "+graphs"
         return profile_key(self.model_name, self.dtype_name, drafter, args.max_num_batched_tokens,
                            args.max_num_seqs, torch.get_num_threads(), device, quantization=self.quantization_key(),
                            compiled=self.runner.compiled, plan=self.plan.summary() if self.plan is not None else "")

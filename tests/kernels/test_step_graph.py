@@ -96,6 +96,7 @@ def test_profile_times_decode_cells_through_the_static_buffers() -> None:
     step = make_step_fn(core.runner, core.num_blocks, context_len=12)
     assert step(3, 3) > 0 and graphs.steps[GraphKey(1, 4)].replays == 1
     assert step(6, 3) > 0 and graphs.replays == 1
+    assert core.profile_key()["device"] == "cpu+graphs"  # a profile measured without graphs is not reused
 
 
 def test_gpu_check_window_paths_serve_graph_steps_dry() -> None:
