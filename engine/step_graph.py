@@ -191,11 +191,12 @@ class StepGraph:
         return step.hidden[:n], None if step.aux is None else step.aux[:n]
 
     def capture_all(self) -> int:
-        """Capture every key now (CUDA; largest bucket first so smaller ones reuse its pool). Returns the
+        """Capture every key now (CUDA; the most tokens first so smaller ones reuse its pool). Returns the
         number of keys captured (0 off CUDA, where nothing is captured)."""
         if self.device.type != "cuda":
             return 0
-        for key in sorted((GraphKey(q, b) for q in self.q_lens for b in self.buckets), reverse=True):
+        keys = [GraphKey(q, b) for q in self.q_lens for b in self.buckets]
+        for key in sorted(keys, key=lambda k: k.q_len * k.rows, reverse=True):
             step = self.step(key)
             if step.graph is None:
                 self._capture(step)
