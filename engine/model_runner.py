@@ -233,29 +233,32 @@ class ModelRunner:
         """The verifier's and drafter's small tensors, built on the host (staged with the step's inputs)."""
         host = torch.device("cpu")
         rids = [s.request_id for s in seqs]
+        draft_q: list[torch.Tensor | None] = []  # stored q of freely sampled drafts (on the device), else None
+        for seq in seqs:
+            if not seq.spec_token_ids or seq.spec_draft_id is None:
+                self.drafts.drop(seq.request_id)  # drafts not verified this step are stale after it
+                draft_q.append(None)
+                continue
+            stored = self.drafts.take(seq.request_id, seq.spec_draft_id, seq.spec_token_ids)
+            draft_q.append(None if stored.probs is None else stored.probs[: seq.num_spec_tokens])
+        one_hot = torch.tensor([q is None for s, q in zip(seqs, draft_q, strict=True) for _ in s.spec_token_ids],
+                               dtype=torch.bool)  # [D]
         known_end = torch.tensor([s.start_pos + s.num_known_tokens for s in seqs], dtype=torch.int64)  # [N]
         draft_rows = torch.tensor(drafting, dtype=torch.int64)  # [R_d]
         return _StepTensors(
             drafts=torch.tensor([t for s in seqs for t in s.spec_token_ids], dtype=torch.int64),
             sampling=self.batch.sampling_metadata(rids, host), first_positions=known_end,
             draft_rows=draft_rows, draft_known_end=known_end.index_select(0, draft_rows),
-            draft_sampling=self.batch.sampling_metadata([rids[i] for i in drafting], host) if drafting else None)
+            draft_sampling=self.batch.sampling_metadata([rids[i] for i in drafting], host) if drafting else None,
+            draft_q=tuple(draft_q), one_hot=one_hot)
 
     def _verify_input(self, seqs: Sequence[ScheduledSeq], logits: torch.Tensor, small: _StepTensors) -> VerifyInput:
         """Drafts from the scheduler (``ScheduledSeq.spec_token_ids``), their q from the draft store."""
         rids = tuple(s.request_id for s in seqs)
-        device = logits.device
-        dense: list[torch.Tensor | None] = []
-        for seq in seqs:
-            if not seq.spec_token_ids or seq.spec_draft_id is None:
-                self.drafts.drop(seq.request_id)  # drafts not verified this step are stale after it
-                dense.append(None)
-                continue
-            stored = self.drafts.take(seq.request_id, seq.spec_draft_id, seq.spec_token_ids)
-            dense.append(None if stored.probs is None else stored.probs[: seq.num_spec_tokens])
         drafts = RaggedDrafts(small.drafts, tuple(s.num_spec_tokens for s in seqs))
         return VerifyInput(
-            request_ids=rids, logits=logits, drafts=drafts, draft_probs=_draft_probs(seqs, dense, device),
+            request_ids=rids, logits=logits, drafts=drafts,
+            draft_probs=_draft_probs(seqs, small.draft_q, small.one_hot, logits.device),
             sampling=small.sampling, first_positions=small.first_positions,
             output_token_ids=[self.batch.requests[rid].output_token_ids for rid in rids],
         )
@@ -350,6 +353,9 @@ class _StepTensors:
         draft_rows: ``[R_d]`` int64 indices (into the N) of the sequences that draft next.
         draft_known_end: ``[R_d]`` int64 their known-token ends (+ accepted drafts = the anchors' positions).
         draft_sampling: those rows' ``SamplingMetadata``, or None when none drafts.
+        draft_q: per sampling sequence, the stored q ``[K, V']`` of its freely sampled drafts (already on the
+            device: not staged), or None (one-hot drafts, or none).
+        one_hot: ``[D]`` bool, which drafts are one-hot (``DraftProbs.one_hot``).
     """
 
     drafts: torch.Tensor
@@ -358,6 +364,8 @@ class _StepTensors:
     draft_rows: torch.Tensor
     draft_known_end: torch.Tensor
     draft_sampling: SamplingMetadata | None
+    draft_q: tuple[torch.Tensor | None, ...]
+    one_hot: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -405,13 +413,12 @@ def _to_host(verified: VerifyOutput | None, drafted: _Drafted | None) -> _HostSt
                      [[int(x) for x in row] for row in drafts or []], conf)
 
 
-def _draft_probs(seqs: Sequence[ScheduledSeq], dense: list[torch.Tensor | None],
+def _draft_probs(seqs: Sequence[ScheduledSeq], dense: Sequence[torch.Tensor | None], one_hot: torch.Tensor,
                  device: torch.device) -> DraftProbs | None:
-    """q rows of every draft: the stored q of freely sampled drafts, one-hot for the rest."""
+    """q rows of every draft: the stored q of freely sampled drafts, one-hot for the rest (``one_hot`` [D],
+    staged)."""
     if not any(s.spec_token_ids for s in seqs):
         return None
-    one_hot = torch.tensor([d is None for s, d in zip(seqs, dense, strict=True) for _ in s.spec_token_ids],
-                           dtype=torch.bool, device=device)
     shapes = [d for d in dense if d is not None]
     if not shapes:
         return DraftProbs(None, one_hot)
