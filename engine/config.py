@@ -65,6 +65,9 @@ class EngineArgs:
         cuda_graphs: "auto" (decode and uniform verify steps replay CUDA graphs at padded batch buckets on
             CUDA with the Triton kernels, ``engine/step_graph.py``), "on" (also the same static-buffer path
             off CUDA under ``TRITON_INTERPRET=1``: tests) or "off" (every step eager; vLLM's --enforce-eager).
+        warm_up_kernels: on CUDA with the Triton kernels, compile ``kernels/compile_check``'s list for the
+            model and capture every step graph before serving (the server); off, both happen on first use
+            (short in-process checks: scripts/gpu_check.py's smoke and exactness).
         compile: torch.compile the decoder layers' bodies (attention stays eager); off by default
             because it measured no faster on this CPU (docs/benchmarks.md); eager fallback on failure.
     """
@@ -105,6 +108,7 @@ class EngineArgs:
     quant_gemv_max_tokens: int | None = None
     cpu_plan: bool = True
     cuda_graphs: str = "auto"
+    warm_up_kernels: bool = True
     compile: bool = False
 
     def __post_init__(self) -> None:

@@ -109,7 +109,8 @@ class EngineCore:
                                   engine_seed=args.seed, mask=logits_mask, unseeded_coupling=args.unseeded_coupling,
                                   compile=args.compile,
                                   step_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
-        self.runner.warm_up_kernels()  # CUDA with the Triton kernels: compile_check's list, then the step graphs
+        if args.warm_up_kernels:  # CUDA with the Triton kernels: compile_check's list, then the step graphs
+            self.runner.warm_up_kernels()
         if self.runner.compiled:
             self.runner.warm_up_compile(make_step_fn(self.runner, num_blocks))
         self.controller = self._make_controller(profile)

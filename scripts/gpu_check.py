@@ -242,7 +242,7 @@ def engine_smoke(device: str, max_tokens: int = 8, graphs: str = "auto") -> dict
             args = EngineArgs(dtype="float32", device=device, num_kv_blocks=64, block_size=16, max_num_seqs=4,
                               max_num_batched_tokens=32, drafter=None if drafter else "none",
                               verify_policy=None if policy == "none" else policy,
-                              attention_backend="triton" if graphs == "on" else "auto",
+                              attention_backend="triton" if graphs == "on" else "auto", warm_up_kernels=False,
                               cuda_graphs="off" if run.endswith("eager") else graphs)
             core = EngineCore(args, loaded=target, drafter=drafter)
             result[run] = smoke_outcome(core, prompts, params)
@@ -558,7 +558,8 @@ def seeded_exactness(device: str, shapes: dict, num_prompts: int = 4, max_tokens
             core = EngineCore(EngineArgs(dtype="float32", device=device, num_kv_blocks=64, block_size=16,
                                          max_num_seqs=4, max_num_batched_tokens=64,
                                          drafter=None if drafter else "none",
-                                         verify_policy=None if policy == "none" else policy),
+                                         verify_policy=None if policy == "none" else policy,
+                                         warm_up_kernels=False),
                               loaded=target, drafter=drafter)
             run = run_to_end(core, prompts, params, prefix=policy)
             verdicts = []

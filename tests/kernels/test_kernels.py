@@ -437,6 +437,20 @@ def test_the_engine_warms_up_compile_checks_list_for_its_model_shape() -> None:
         compile_check.warm_up(3, 64, torch.bfloat16, 90, limit=999, compile_fn=record)
 
 
+def test_the_engine_warms_up_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparkserve.engine.config import EngineArgs
+    from sparkserve.engine.core import EngineCore
+    from sparkserve.engine.model_runner import ModelRunner
+    from sparkserve.testing.tiny import tiny_target
+
+    calls: list[int] = []
+    monkeypatch.setattr(ModelRunner, "warm_up_kernels", lambda self: calls.append(1) or [])
+    for warm in (True, False):
+        EngineCore(EngineArgs(dtype="float32", num_kv_blocks=16, block_size=8, max_num_seqs=2, drafter="none",
+                              warm_up_kernels=warm), loaded=tiny_target(seed=1, head_dim=16))
+    assert calls == [1]
+
+
 # ---------------------------------------------------------------- the GPU check's driver (CPU-safe parts)
 
 
