@@ -62,6 +62,12 @@ class EngineArgs:
             (4 without a plan).
         cpu_plan: on the CPU, time the linear paths and dtypes for the model's shapes at first start and
             serve each row bucket with the fastest (engine/cpu_plan.py; cached per machine).
+        cuda_graphs: "auto" (decode and uniform verify steps replay CUDA graphs at padded batch buckets on
+            CUDA with the Triton kernels, ``engine/step_graph.py``), "on" (also the same static-buffer path
+            off CUDA under ``TRITON_INTERPRET=1``: tests) or "off" (every step eager; vLLM's --enforce-eager).
+        warm_up_kernels: on CUDA with the Triton kernels, compile ``kernels/compile_check``'s list for the
+            model and capture every step graph before serving (the server); off, both happen on first use
+            (short in-process checks: scripts/gpu_check.py's smoke and exactness).
         compile: torch.compile the decoder layers' bodies (attention stays eager); off by default
             because it measured no faster on this CPU (docs/benchmarks.md); eager fallback on failure.
     """
@@ -101,6 +107,8 @@ class EngineArgs:
     quantization: str = "auto"
     quant_gemv_max_tokens: int | None = None
     cpu_plan: bool = True
+    cuda_graphs: str = "auto"
+    warm_up_kernels: bool = True
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -122,6 +130,8 @@ class EngineArgs:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.speculative_method not in ("dspark", "suffix", "hybrid"):
             raise ValueError(f"unknown speculative_method {self.speculative_method!r}: dspark, suffix or hybrid")
         if self.quantization not in ("auto", "none", "int8", "int4"):

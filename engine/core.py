@@ -107,7 +107,10 @@ class EngineCore:
                                   speculator=speculator, attention_backend=args.attention_backend,
                                   max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
                                   engine_seed=args.seed, mask=logits_mask, unseeded_coupling=args.unseeded_coupling,
-                                  compile=args.compile)
+                                  compile=args.compile,
+                                  step_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
+        if args.warm_up_kernels:  # CUDA with the Triton kernels: compile_check's list, then the step graphs
+            self.runner.warm_up_kernels()
         if self.runner.compiled:
             self.runner.warm_up_compile(make_step_fn(self.runner, num_blocks))
         self.controller = self._make_controller(profile)
@@ -207,6 +210,8 @@ class EngineCore:
         if args.speculative_method != "dspark":
             drafter = f"{args.speculative_method}{'+global' if args.suffix_global else ''}:{drafter}"
         device = "cpu" if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
+        if self.runner.graphs is not None:  # graph-served steps follow the bucket staircase
+            device += "+graphs"
         return profile_key(self.model_name, self.dtype_name, drafter, args.max_num_batched_tokens,
                            args.max_num_seqs, torch.get_num_threads(), device, quantization=self.quantization_key(),
                            compiled=self.runner.compiled, plan=self.plan.summary() if self.plan is not None else "")

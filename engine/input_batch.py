@@ -23,6 +23,7 @@ from sparkserve.engine.attention import AttentionMetadata, build_step_metadata
 from sparkserve.engine.sampling.keyed_random import request_key
 from sparkserve.engine.sampling.metadata import SamplingMetadata, dense_logit_bias
 from sparkserve.engine.staging import HostStaging
+from sparkserve.engine.step_graph import StaticStep, StepGraph
 from sparkserve.scheduler.outputs import ScheduledSeq, SchedulerOutput
 from sparkserve.scheduler.sampling_params import SamplingParams
 
@@ -59,7 +60,7 @@ class StepInputs:
 
     Attributes:
         input_ids / positions / slot_mapping: ``[T]`` int64.
-        attention: paged attention metadata.
+        attention: paged attention metadata (None for a graph step: its metadata is ``graph.meta``).
         sample_index: indices into ``seqs`` of the sequences that sample this step.
         logits_rows: ``[N]`` int64 rows of the flat batch whose logits are needed: the last ``1 + l_r``
             rows of every sampling sequence, in order.
@@ -68,9 +69,14 @@ class StepInputs:
     input_ids: Tensor
     positions: Tensor
     slot_mapping: Tensor
-    attention: AttentionMetadata
+    attention: AttentionMetadata | None
     sample_index: tuple[int, ...]
     logits_rows: Tensor
+    graph: StaticStep | None = None
+    step_tensors: object = None
+    """The caller's small per-step tensors (``prepare``'s ``step_tensors``), on the device."""
+    """The static buffers holding this step when it runs through ``engine/step_graph.py`` (a uniform decode or
+    verify step at a padded bucket), else None."""
 
 
 class InputBatch:
@@ -186,8 +192,11 @@ class InputBatch:
         writes.apply(self.token_ids, self.block_table)
 
     # ---------------------------------------------------------------- step inputs
-    def prepare(self, seqs: Sequence[ScheduledSeq]) -> StepInputs:
-        """Flat inputs of a step; the drafts of each sequence are written into its token row first."""
+    def prepare(self, seqs: Sequence[ScheduledSeq], graphs: StepGraph | None = None,
+                step_tensors: object = None) -> StepInputs:
+        """Flat inputs of a step; the drafts of each sequence are written into its token row first. With
+        ``graphs``, a decode or uniform verify step (every sequence samples after ``1 + l_r`` tokens, the same
+        count for all) is staged into its bucket's static buffers instead (``StepInputs.graph``)."""
         states = [self.requests[s.request_id] for s in seqs]
         writes = _Writes()
         for seq, state in zip(seqs, states, strict=True):
@@ -204,6 +213,13 @@ class InputBatch:
         input_ids = self.token_ids.view(-1)[rows[owner] * self.max_len + positions]
         tables = self.block_table.index_select(0, rows)  # [S, max_blocks]
         kv_lens = [s.end_pos for s in seqs]
+        key = graphs.key_for(q_lens) if graphs is not None else None
+        if key is not None and all(s.sample and s.num_new_tokens == 1 + s.num_spec_tokens for s in seqs):
+            step = graphs.stage(graphs.step(key), input_ids, positions, tables, kv_lens)
+            n = step.num_tokens  # every row samples: the logits rows are all T rows, in order
+            return StepInputs(step.input_ids[:n], step.positions[:n], step.meta.slot_mapping[:n], None,
+                              tuple(range(len(seqs))), torch.arange(n, device=self.device), step,
+                              self.staging.to_device(step_tensors))
         host = torch.device("cpu")
         meta = build_step_metadata(q_lens, starts, kv_lens, tables, self.block_size, host, self.kernel_heads,
                                    token_positions=(owner, positions), num_sms=self.num_sms)
@@ -211,13 +227,16 @@ class InputBatch:
         ends = (first + counts).tolist()
         logits_rows = [ends[i] - 1 - seqs[i].num_spec_tokens + k for i in sample_index
                        for k in range(1 + seqs[i].num_spec_tokens)]
-        staged = self.staging.to_device((input_ids, positions, meta, torch.tensor(logits_rows, dtype=torch.int64)))
-        input_ids, positions, meta, logits_rows_t = staged
-        return StepInputs(input_ids, positions, meta.slot_mapping, meta, sample_index, logits_rows_t)
+        staged = self.staging.to_device((input_ids, positions, meta, torch.tensor(logits_rows, dtype=torch.int64),
+                                         step_tensors))
+        input_ids, positions, meta, logits_rows_t, step_tensors = staged
+        return StepInputs(input_ids, positions, meta.slot_mapping, meta, sample_index, logits_rows_t,
+                          step_tensors=step_tensors)
 
-    def sampling_metadata(self, request_ids: Sequence[str]) -> SamplingMetadata:
-        """Sampling metadata of the given requests (one row each), gathered from the row tensors."""
-        return self.sampling.gather([self.requests[rid] for rid in request_ids], self.device, self.step)
+    def sampling_metadata(self, request_ids: Sequence[str], device: torch.device | None = None) -> SamplingMetadata:
+        """Sampling metadata of the given requests (one row each), gathered from the row tensors onto
+        ``device`` (default the batch's; the host for staging)."""
+        return self.sampling.gather([self.requests[rid] for rid in request_ids], device or self.device, self.step)
 
     def history(self, request_id: str) -> list[int]:
         """Prompt + outputs of a request (drafter token histories)."""

@@ -12,6 +12,7 @@ The scheduler decides *what* runs and who drafts; the runner only executes a ``S
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,11 +24,14 @@ from sparkserve.engine.models.config import ModelConfig
 from sparkserve.engine.models.llama import LlamaForCausalLM
 from sparkserve.engine.sampling.logprobs import PromptLogprobs
 from sparkserve.engine.sampling.mask import LogitsMask, RequestLogitsMask
+from sparkserve.engine.sampling.metadata import SamplingMetadata
 from sparkserve.engine.spec_decode.draft_store import DraftStore
 from sparkserve.engine.spec_decode.drafter import DraftOutput
 from sparkserve.engine.spec_decode.rejection import DraftProbs, RaggedDrafts
 from sparkserve.engine.spec_decode.speculator import Speculator
 from sparkserve.engine.spec_decode.verifier import Verifier, VerifyInput, VerifyOutput, emitted_tokens
+from sparkserve.engine.step_graph import StepGraph, default_buckets
+from sparkserve.kernels.attention_metadata import SHORT_ROWS_MAX
 from sparkserve.kernels.common import interpreting
 from sparkserve.scheduler.outputs import DraftProposal, RunnerOutput, ScheduledSeq, SchedulerOutput
 
@@ -58,6 +62,9 @@ class ModelRunner:
         attention_backend: "auto" (Triton kernels on CUDA), "torch" or "triton" (CUDA only).
         compile: torch.compile the decoder layers' bodies (engine/compile_step.py; call
             :meth:`warm_up_compile` before serving).
+        step_graphs: run decode and uniform verify steps through ``engine/step_graph.py`` (CUDA graphs at
+            padded buckets; the same static buffers eagerly off CUDA); None = on CUDA with the Triton kernels.
+            The KV cache then holds one extra block, the pad rows' scratch block.
     """
 
     def __init__(
@@ -76,19 +83,24 @@ class ModelRunner:
         unseeded_coupling: bool = False,
         attention_backend: str = "auto",
         compile: bool = False,
+        step_graphs: bool | None = None,
     ) -> None:
         self.model = model
         self.speculator = speculator
         self.config = config
         self.block_size = block_size
         self.device = torch.device(device)
-        self.kv_caches = [
-            new_kv_cache(num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype, self.device)
+        use_kernels = attention_backend == "triton" or (attention_backend == "auto" and self.device.type == "cuda")
+        graphs = step_graphs if step_graphs is not None else use_kernels and self.device.type == "cuda"
+        if graphs and not use_kernels:
+            raise ValueError("step graphs need the Triton attention kernels (attention_backend triton)")
+        self.kv_caches = [  # with graphs, block num_blocks is the pad rows' scratch block
+            new_kv_cache(num_blocks + int(graphs), block_size, config.num_key_value_heads, config.head_dim, dtype,
+                         self.device)
             for _ in range(config.num_hidden_layers)
         ]
         gamma = speculator.gamma if speculator is not None else 0
         max_len = (max_model_len or config.max_position_embeddings) + gamma + 1
-        use_kernels = attention_backend == "triton" or (attention_backend == "auto" and self.device.type == "cuda")
         if use_kernels and self.device.type != "cuda" and not interpreting():
             raise ValueError("attention_backend triton needs a CUDA device (the CPU serves with the torch path; "
                              "TRITON_INTERPRET=1 runs the kernels on the CPU for tests)")
@@ -99,6 +111,7 @@ class ModelRunner:
         self.prompt_logprobs = PromptLogprobs()
         self.verifier = Verifier(mask, unseeded_coupling, use_kernels=use_kernels)
         self.mask = mask
+        self.graphs = _step_graphs(self, heads, num_blocks, max_num_seqs, gamma) if graphs else None
         self.compiled = False
         if compile:
             from sparkserve.engine.compile_step import compile_layers
@@ -117,6 +130,28 @@ class ModelRunner:
         failed = sum(w.failed for w in self._compiled_layers)
         logger.info("compiled step warmed up in %.1f s%s", seconds,
                     f" ({failed} bodies fell back to eager)" if failed else "")
+
+    def warm_up_kernels(self, compile_fn: Callable | None = None) -> list[str]:
+        """Before serving on CUDA with the Triton kernels: compile ``kernels/compile_check``'s warm-up list for
+        this model (``served_variants``; RuntimeError when one exceeds the card's shared memory), then
+        capture every step graph. ``compile_fn(variant, arch)`` replaces the compiler (dry runs on the CPU,
+        where nothing is captured). Returns the variant names compiled ([] when the kernels do not serve)."""
+        heads = self.batch.kernel_heads
+        if heads is None or (self.device.type != "cuda" and compile_fn is None):
+            return []
+        from sparkserve.kernels import compile_check
+
+        cuda = self.device.type == "cuda"
+        major, minor = torch.cuda.get_device_capability(self.device) if cuda else (9, 0)
+        limit = (torch.cuda.get_device_properties(self.device).shared_memory_per_block_optin if cuda
+                 else compile_check.SM90_SHARED_MEMORY_PER_BLOCK)
+        start = time.perf_counter()
+        done = compile_check.warm_up(heads[1], self.config.head_dim, self.kv_caches[0][0].dtype, 10 * major + minor,
+                                     limit, compile_fn)
+        captured = self.graphs.capture_all() if self.graphs is not None else 0
+        logger.info("kernels warmed up: %d variants compiled, %d step graphs captured in %.1f s", len(done), captured,
+                    time.perf_counter() - start)
+        return [name for name, _ in done]
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -143,9 +178,17 @@ class ModelRunner:
         result = RunnerOutput()
         if not out.seqs:
             return result
-        inputs = self.batch.prepare(out.seqs)
+        sample_seqs = [seq for seq in out.seqs if seq.sample]
+        drafting = [i for i, s in enumerate(sample_seqs) if s.draft] if self.speculator is not None else []
+        small = self._step_tensors(sample_seqs, drafting) if sample_seqs else None
+        inputs = self.batch.prepare(out.seqs, self.graphs, small)
+        small = inputs.step_tensors
         aux_ids = self.speculator.target_layer_ids if self.speculator is not None else ()
-        hidden, aux = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention, aux_ids)
+        if inputs.graph is not None:
+            assert self.graphs is not None
+            hidden, aux = self.graphs.run(inputs.graph)
+        else:
+            hidden, aux = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention, aux_ids)
         if self.speculator is not None:
             self.speculator.add_context(aux, inputs.positions, inputs.slot_mapping)
         if self.prompt_logprobs.active:  # only requests that ask for prompt logprobs pay for them
@@ -153,17 +196,15 @@ class ModelRunner:
                                          [self.batch.requests[s.request_id].row for s in out.seqs], result)
         chunks = [seq for seq in out.seqs if not seq.sample]
         self.batch.record_all(chunks, [()] * len(chunks), [0] * len(chunks))
-        sample_seqs = [out.seqs[i] for i in inputs.sample_index]
-        if not sample_seqs:
+        if small is None:
             return result
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_rows))  # [N, V] fp32
-        verified = self.verifier.verify(self._verify_input(sample_seqs, logits))
-        drafting = [i for i, s in enumerate(sample_seqs) if s.draft] if self.speculator is not None else []
+        verified = self.verifier.verify(self._verify_input(sample_seqs, logits, small))
         emitted: list[list[int]] | None = None
         if drafting and self._drafts_need_host_tokens(sample_seqs, drafting):
             emitted = emitted_tokens(verified.token_ids.tolist(), verified.num_accepted.tolist())
             self._record(sample_seqs, emitted, verified, result)
-        drafted = self._draft(sample_seqs, drafting, verified) if drafting else None
+        drafted = self._draft(sample_seqs, drafting, verified, small) if drafting else None
         host = _to_host(verified if emitted is None else None, drafted)  # the step's transfer
         if emitted is None:
             emitted = emitted_tokens(host.token_ids, host.num_accepted)
@@ -188,41 +229,54 @@ class ModelRunner:
             return True
         return self.mask is not None and any(self.mask.constrained(seqs[i].request_id) for i in drafting)
 
-    def _verify_input(self, seqs: Sequence[ScheduledSeq], logits: torch.Tensor) -> VerifyInput:
-        """Drafts from the scheduler (``ScheduledSeq.spec_token_ids``), their q from the draft store."""
-        rids = tuple(s.request_id for s in seqs)
-        device = logits.device
-        dense: list[torch.Tensor | None] = []
+    def _step_tensors(self, seqs: Sequence[ScheduledSeq], drafting: list[int]) -> _StepTensors:
+        """The verifier's and drafter's small tensors, built on the host (staged with the step's inputs)."""
+        host = torch.device("cpu")
+        rids = [s.request_id for s in seqs]
+        draft_q: list[torch.Tensor | None] = []  # stored q of freely sampled drafts (on the device), else None
         for seq in seqs:
             if not seq.spec_token_ids or seq.spec_draft_id is None:
                 self.drafts.drop(seq.request_id)  # drafts not verified this step are stale after it
-                dense.append(None)
+                draft_q.append(None)
                 continue
             stored = self.drafts.take(seq.request_id, seq.spec_draft_id, seq.spec_token_ids)
-            dense.append(None if stored.probs is None else stored.probs[: seq.num_spec_tokens])
-        flat = [t for s in seqs for t in s.spec_token_ids]
-        drafts = RaggedDrafts(torch.tensor(flat, dtype=torch.int64, device=device),
-                              tuple(s.num_spec_tokens for s in seqs))
+            draft_q.append(None if stored.probs is None else stored.probs[: seq.num_spec_tokens])
+        one_hot = torch.tensor([q is None for s, q in zip(seqs, draft_q, strict=True) for _ in s.spec_token_ids],
+                               dtype=torch.bool)  # [D]
+        known_end = torch.tensor([s.start_pos + s.num_known_tokens for s in seqs], dtype=torch.int64)  # [N]
+        draft_rows = torch.tensor(drafting, dtype=torch.int64)  # [R_d]
+        return _StepTensors(
+            drafts=torch.tensor([t for s in seqs for t in s.spec_token_ids], dtype=torch.int64),
+            sampling=self.batch.sampling_metadata(rids, host), first_positions=known_end,
+            draft_rows=draft_rows, draft_known_end=known_end.index_select(0, draft_rows),
+            draft_sampling=self.batch.sampling_metadata([rids[i] for i in drafting], host) if drafting else None,
+            draft_q=tuple(draft_q), one_hot=one_hot)
+
+    def _verify_input(self, seqs: Sequence[ScheduledSeq], logits: torch.Tensor, small: _StepTensors) -> VerifyInput:
+        """Drafts from the scheduler (``ScheduledSeq.spec_token_ids``), their q from the draft store."""
+        rids = tuple(s.request_id for s in seqs)
+        drafts = RaggedDrafts(small.drafts, tuple(s.num_spec_tokens for s in seqs))
         return VerifyInput(
-            request_ids=rids, logits=logits, drafts=drafts, draft_probs=_draft_probs(seqs, dense, device),
-            sampling=self.batch.sampling_metadata(rids),
-            first_positions=torch.tensor([s.start_pos + s.num_known_tokens for s in seqs], device=device),
+            request_ids=rids, logits=logits, drafts=drafts,
+            draft_probs=_draft_probs(seqs, small.draft_q, small.one_hot, logits.device),
+            sampling=small.sampling, first_positions=small.first_positions,
             output_token_ids=[self.batch.requests[rid].output_token_ids for rid in rids],
         )
 
-    def _draft(self, seqs: Sequence[ScheduledSeq], rows: list[int], verified: VerifyOutput) -> _Drafted:
+    def _draft(self, seqs: Sequence[ScheduledSeq], rows: list[int], verified: VerifyOutput,
+               small: _StepTensors) -> _Drafted:
         """Draft the next block for the sequences the scheduler marked ``draft`` (on the device: the
         anchors and their positions come from the verify result without a host sync)."""
         spec = self.speculator
         assert spec is not None
         rids = [seqs[i].request_id for i in rows]
         states = [self.batch.requests[rid] for rid in rids]
-        index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        index = small.draft_rows
         accepted = verified.num_accepted.index_select(0, index)  # [R_d]
         anchors = verified.token_ids.index_select(0, index).gather(1, accepted[:, None]).squeeze(1)  # [R_d]
-        known_end = torch.tensor([seqs[i].start_pos + seqs[i].num_known_tokens for i in rows], device=self.device)
-        starts = known_end + accepted  # [R_d] anchor positions
-        sampling = self.batch.sampling_metadata(rids)
+        starts = small.draft_known_end + accepted  # [R_d] anchor positions
+        sampling = small.draft_sampling
+        assert sampling is not None
         coupled = self.verifier.coupled(sampling)
         mask_fn = None
         if self.mask is not None and any(self.mask.constrained(rid) for rid in rids):
@@ -274,6 +328,46 @@ class ModelRunner:
         return len(tokens)
 
 
+def _step_graphs(runner: ModelRunner, heads: tuple[int, int], num_blocks: int, max_num_seqs: int,
+                 gamma: int) -> StepGraph:
+    """The runner's ``StepGraph``: decode (q = 1) and verify blocks of K = 1, 2, 4, 8 and gamma drafts (those
+    the block size and one short kernel tile hold) at ``default_buckets(max_num_seqs)``; the scratch block is
+    the cache's last (``num_blocks``)."""
+    limit = min(runner.block_size, SHORT_ROWS_MAX // heads[1])
+    q_lens = sorted({1} | {1 + k for k in (1, 2, 4, 8, gamma) if 1 <= k <= gamma and 1 + k <= limit})
+    aux_ids = runner.speculator.target_layer_ids if runner.speculator is not None else ()
+    return StepGraph(runner.model, runner.kv_caches, heads, runner.block_size, runner.batch.block_table.shape[1],
+                     scratch_block=num_blocks, buckets=default_buckets(max_num_seqs), q_lens=q_lens,
+                     staging=runner.batch.staging, aux_layer_ids=tuple(aux_ids))
+
+
+@dataclass(frozen=True)
+class _StepTensors:
+    """The small tensors the verifier and the drafter read, built on the host from the schedule and staged
+    to the device in the step's one copy (``InputBatch.prepare``; engine/staging.py).
+
+    Attributes:
+        drafts: ``[D]`` int64 the sampling sequences' drafts, flat (``ScheduledSeq.spec_token_ids``).
+        sampling: the sampling sequences' ``SamplingMetadata`` (N rows).
+        first_positions: ``[N]`` int64 position of each sampling sequence's first verified token.
+        draft_rows: ``[R_d]`` int64 indices (into the N) of the sequences that draft next.
+        draft_known_end: ``[R_d]`` int64 their known-token ends (+ accepted drafts = the anchors' positions).
+        draft_sampling: those rows' ``SamplingMetadata``, or None when none drafts.
+        draft_q: per sampling sequence, the stored q ``[K, V']`` of its freely sampled drafts (already on the
+            device: not staged), or None (one-hot drafts, or none).
+        one_hot: ``[D]`` bool, which drafts are one-hot (``DraftProbs.one_hot``).
+    """
+
+    drafts: torch.Tensor
+    sampling: SamplingMetadata
+    first_positions: torch.Tensor
+    draft_rows: torch.Tensor
+    draft_known_end: torch.Tensor
+    draft_sampling: SamplingMetadata | None
+    draft_q: tuple[torch.Tensor | None, ...]
+    one_hot: torch.Tensor
+
+
 @dataclass(frozen=True)
 class _Drafted:
     """A drafter's output (on the device) and which of its rows were freely sampled."""
@@ -319,13 +413,12 @@ def _to_host(verified: VerifyOutput | None, drafted: _Drafted | None) -> _HostSt
                      [[int(x) for x in row] for row in drafts or []], conf)
 
 
-def _draft_probs(seqs: Sequence[ScheduledSeq], dense: list[torch.Tensor | None],
+def _draft_probs(seqs: Sequence[ScheduledSeq], dense: Sequence[torch.Tensor | None], one_hot: torch.Tensor,
                  device: torch.device) -> DraftProbs | None:
-    """q rows of every draft: the stored q of freely sampled drafts, one-hot for the rest."""
+    """q rows of every draft: the stored q of freely sampled drafts, one-hot for the rest (``one_hot`` [D],
+    staged)."""
     if not any(s.spec_token_ids for s in seqs):
         return None
-    one_hot = torch.tensor([d is None for s, d in zip(seqs, dense, strict=True) for _ in s.spec_token_ids],
-                           dtype=torch.bool, device=device)
     shapes = [d for d in dense if d is not None]
     if not shapes:
         return DraftProbs(None, one_hot)

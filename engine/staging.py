@@ -13,6 +13,7 @@ the copy is an ordinary one (the ``meta`` device in the host-sync guard, the CPU
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -36,24 +37,30 @@ class HostStaging:
         self.buffers = [self._new(capacity) for _ in range(2 if self.pinned else 1)]
         self.events: list[torch.cuda.Event | None] = [None] * len(self.buffers)
         self.turn = 0
-        self.copies = 0  # host-to-device copies made (one per ``to_device`` call)
+        self._slot = 0  # the buffer of the copy being made
+        self.copies = 0  # host-to-device copies made (one per ``to_device`` / ``copy_into`` call)
 
     def _new(self, capacity: int) -> Tensor:
         return torch.empty(capacity, dtype=torch.uint8, pin_memory=self.pinned)
 
-    def to_device(self, obj: object) -> object:
-        """``obj`` (a tensor, dataclass, list or tuple of them; other values kept) with every host tensor
-        replaced by a view of one device copy. Dataclasses are rebuilt with ``dataclasses.replace``."""
-        if self.device.type == "cpu" and not self.pack_on_cpu:  # already there: no packing, no copy
-            return obj
-        tensors: list[Tensor] = []
-        _collect(obj, tensors)
-        if not tensors:
-            return obj
-        offsets, total = [], 0
-        for t in tensors:
-            offsets.append(total)
-            total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    def copy_into(self, tensors: Sequence[Tensor], dest: Tensor) -> None:
+        """Pack host ``tensors`` in order and copy them into the persistent device byte buffer ``dest`` in one
+        (on CUDA ``non_blocking``) copy; ``dest`` and its views come from :func:`packed_views` over the same
+        shapes and dtypes (the static buffers of ``engine/step_graph.py``).
+
+        Raises:
+            ValueError: the packed bytes do not fill ``dest`` exactly.
+        """
+        host, _ = self._pack(list(tensors))
+        if host.numel() != dest.numel():
+            raise ValueError(f"{host.numel()} packed bytes for a {dest.numel()}-byte static buffer")
+        dest.copy_(host, non_blocking=self.pinned)
+        self._copied()
+
+    def _pack(self, tensors: list[Tensor]) -> tuple[Tensor, list[int]]:
+        """``tensors`` packed (8-byte aligned) into the next persistent host buffer: ``([total] uint8 view,
+        offsets)``; waits for that buffer's previous copy (two calls ago) first."""
+        offsets, total = _layout([(t.shape, t.dtype) for t in tensors])
         slot = self.turn
         self.turn = (self.turn + 1) % len(self.buffers)
         event = self.events[slot]
@@ -65,14 +72,55 @@ class HostStaging:
         for t, off in zip(tensors, offsets, strict=True):
             nbytes = t.numel() * t.element_size()
             host[off: off + nbytes].copy_(t.contiguous().view(-1).view(torch.uint8))
-        device_bytes = host[:total].to(self.device, non_blocking=self.pinned, copy=True)
+        self._slot = slot
+        return host[:total], offsets
+
+    def _copied(self) -> None:
         self.copies += 1
         if self.pinned:
-            self.events[slot] = torch.cuda.Event()
-            self.events[slot].record()
+            self.events[self._slot] = torch.cuda.Event()
+            self.events[self._slot].record()
+
+    def to_device(self, obj: object) -> object:
+        """``obj`` (a tensor, dataclass, list or tuple of them; other values kept) with every host tensor
+        replaced by a view of one device copy. Dataclasses are rebuilt with ``dataclasses.replace``."""
+        if self.device.type == "cpu" and not self.pack_on_cpu:  # already there: no packing, no copy
+            return obj
+        tensors: list[Tensor] = []
+        _collect(obj, tensors)
+        if not tensors:
+            return obj
+        host, offsets = self._pack(tensors)
+        device_bytes = host.to(self.device, non_blocking=self.pinned, copy=True)
+        self._copied()
         views = {id(t): device_bytes[off: off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
                  for t, off in zip(tensors, offsets, strict=True)}
         return _rebuild(obj, views)
+
+
+def _layout(specs: Sequence[tuple[Sequence[int], torch.dtype]]) -> tuple[list[int], int]:
+    """Byte offsets of tensors of these (shape, dtype) packed back to back, each 8-byte aligned, and the total."""
+    offsets, total = [], 0
+    for shape, dtype in specs:
+        offsets.append(total)
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        total += -(-numel * torch.empty((), dtype=dtype).element_size() // _ALIGN) * _ALIGN
+    return offsets, total
+
+
+def packed_views(specs: Sequence[tuple[Sequence[int], torch.dtype]], device: torch.device
+                 ) -> tuple[Tensor, list[Tensor]]:
+    """A zeroed device byte buffer and views of it with these (shape, dtype), in :meth:`HostStaging.copy_into`'s
+    layout (static buffers that one copy fills)."""
+    offsets, total = _layout(specs)
+    packed = torch.zeros(total, dtype=torch.uint8, device=device)
+    views = []
+    for (shape, dtype), off in zip(specs, offsets, strict=True):
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        views.append(packed[off: off + nbytes].view(dtype).view(tuple(shape)))
+    return packed, views
 
 
 def _collect(obj: object, out: list[Tensor]) -> None:

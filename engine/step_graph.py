@@ -1,26 +1,40 @@
-"""Decode steps over static buffers at padded batch-size buckets (the CUDA-graph structure).
+"""Uniform steps over static buffers at padded batch-size buckets (the CUDA-graph structure).
 
-A CUDA graph replays fixed kernel launches on fixed addresses, so everything a decode step reads must live in
-buffers allocated once: per bucket B (nano-vllm's 1, 2, 4, 8, then every 16 up to the max), input ids,
-positions and the Triton attention metadata (``kernels/attention_metadata.RaggedAttentionMetadata``: one short
-tile group of B single-query tiles with a fixed split count). A step of n <= B sequences is copied into the
-bucket's buffers; the B - n pad rows decode token 0 at position 0 over one key in a scratch KV block that no
-sequence owns (their slot mapping writes there), so real rows are unaffected.
+A CUDA graph replays fixed kernel launches on fixed addresses, so everything a step reads must live in
+buffers allocated once. A *uniform* step gives every sequence the same number of query tokens ``q``:
+decode (``q = 1``) and uniform verify blocks (``q = 1 + K``, K drafts per request). Per key
+``(q, B)`` (B from nano-vllm's buckets 1, 2, 4, 8, then every 16 up to the max), one device byte buffer
+holds the step's inputs (input ids, positions, slot mapping, context lengths, start positions, block
+tables) as views, and constant tensors hold the rest of the Triton attention metadata
+(``kernels/attention_metadata.RaggedAttentionMetadata``: one short tile group of B tiles, a split-KV count
+fixed per bucket). A step of n <= B sequences is padded on the host and copied into its key's buffer in
+ONE copy (``HostStaging.copy_into``: pinned, ``non_blocking`` on CUDA); the B - n pad rows decode token 0
+at positions 0..q-1 in a scratch KV block that no sequence owns (their slot mapping writes there), so
+real rows are unaffected.
 
-On CUDA the bucket's forward is captured once (``torch.cuda.graph``, one memory pool for all buckets) and
-replayed; elsewhere :meth:`StepGraph.run` runs the same forward eagerly on the same static buffers, so the
-buffer handling, padding and metadata are exercised on the CPU (under ``TRITON_INTERPRET=1``). Prefill and
-mixed steps stay eager (the runner's ordinary path). Not yet wired into ``ModelRunner``.
+On CUDA each key's forward is captured once (``torch.cuda.graph``, one memory pool for all keys, largest
+first as nano-vllm does) and replayed; elsewhere :meth:`StepGraph.run` runs the same forward eagerly on the
+same static buffers, so everything but the capture call (buffer handling, padding, metadata, bucket choice)
+is exercised on the CPU (under ``TRITON_INTERPRET=1``). Prefill and mixed steps stay eager.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from sparkserve.kernels.attention_metadata import RaggedAttentionMetadata, TileGroup
+from sparkserve.engine.staging import HostStaging, packed_views
+from sparkserve.kernels.attention_metadata import (
+    CPU_NUM_SMS,
+    SHORT_ROWS_MAX,
+    RaggedAttentionMetadata,
+    TileGroup,
+    split_heuristic,
+)
 from sparkserve.kernels.common import next_power_of_2
 
 
@@ -30,99 +44,176 @@ def default_buckets(max_batch: int) -> tuple[int, ...]:
     return tuple(sorted(set(buckets)))
 
 
+class GraphKey(NamedTuple):
+    """One captured shape: ``q_len`` query tokens per sequence (1 = decode, 1 + K = verify) at ``rows``
+    padded sequences (a bucket)."""
+
+    q_len: int
+    rows: int
+
+
 @dataclass
 class StaticStep:
-    """One bucket's buffers (allocated once) and the metadata object viewing them."""
+    """One key's buffers (allocated once; the first six are views of ``packed``) and its metadata.
 
-    input_ids: Tensor  # [B] int64
-    positions: Tensor  # [B] int64
+    Attributes:
+        packed: ``[nbytes]`` uint8 device buffer the host copy lands in.
+        input_ids / positions: ``[N]`` int64 (N = q_len * rows).
+        meta: the Triton metadata over the static tensors (slot mapping ``[N]`` int64, kv_lens /
+            start_pos ``[rows]`` int32, block tables ``[rows, max_blocks]`` int32).
+        num_tokens: real tokens of the step last staged (n * q_len).
+        replays: steps this key has served (graph replays on CUDA, eager runs elsewhere).
+        graph / hidden / aux: the captured CUDA graph and its outputs ``[N, d]`` / ``[N, A * d]`` or None.
+    """
+
+    key: GraphKey
+    packed: Tensor
+    input_ids: Tensor
+    positions: Tensor
     meta: RaggedAttentionMetadata
-    graph: object | None = None  # torch.cuda.CUDAGraph once captured
-    hidden: Tensor | None = None  # [B, d] the captured forward's output
+    num_tokens: int = 0
+    replays: int = 0
+    graph: object | None = None
+    hidden: Tensor | None = None
+    aux: Tensor | None = None
 
 
 class StepGraph:
-    """Decode steps of ``model`` at padded buckets over static buffers (module docstring).
+    """Uniform steps of ``model`` at padded buckets over static buffers (module docstring).
 
     Args:
         model: the target (``LlamaForCausalLM``), its ``kv_caches`` (head-major, ``engine.attention.new_kv_cache``).
         kernel_heads: ``(Hkv, G)``; block_size / max_blocks: the block tables' shape per row.
         scratch_block: a KV block no sequence owns (pad rows write and read there).
-        buckets: padded batch sizes; num_splits: split-KV count of every bucket (fixed at capture).
+        buckets: padded batch sizes; q_lens: query tokens per sequence served by graphs (1 = decode).
+        staging: the runner's host staging (one copy per step); a private one when None.
+        aux_layer_ids: the model's auxiliary outputs (the drafter's context features), captured too.
+        num_splits: split-KV count of every key (None: ``split_heuristic`` per bucket at the longest context).
+    Raises:
+        ValueError: a q_len over the scratch block or past one short tile of the kernels.
     """
 
     def __init__(self, model, kv_caches: list[tuple[Tensor, Tensor]], kernel_heads: tuple[int, int],  # noqa: ANN001
-                 block_size: int, max_blocks: int, scratch_block: int, buckets: tuple[int, ...],
-                 num_splits: int = 1) -> None:
+                 block_size: int, max_blocks: int, scratch_block: int, buckets: Sequence[int],
+                 q_lens: Sequence[int] = (1,), staging: HostStaging | None = None,
+                 aux_layer_ids: tuple[int, ...] = (), num_splits: int | None = None) -> None:
+        for q in q_lens:
+            if not 1 <= q <= block_size or q * kernel_heads[1] > SHORT_ROWS_MAX:
+                raise ValueError(f"q_len {q}: a graph step needs 1 <= q <= block size {block_size} and "
+                                 f"q * G <= {SHORT_ROWS_MAX}")
         self.model, self.kv_caches = model, kv_caches
         self.device = model.embed_tokens.weight.device
+        self.kernel_heads = kernel_heads
         self.block_size, self.max_blocks, self.scratch_block = block_size, max_blocks, scratch_block
-        self.buckets = tuple(sorted(buckets))
-        self.steps = {b: self._allocate(b, kernel_heads, num_splits) for b in self.buckets}
+        self.buckets = tuple(sorted(set(buckets)))
+        self.q_lens = frozenset(q_lens)
+        self.staging = staging if staging is not None else HostStaging(self.device)
+        self.aux_layer_ids = aux_layer_ids
+        self.num_splits = num_splits
+        self.steps: dict[GraphKey, StaticStep] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
 
-    def _allocate(self, bucket: int, kernel_heads: tuple[int, int], num_splits: int) -> StaticStep:
+    @property
+    def replays(self) -> int:
+        """Steps served through this object, over all keys."""
+        return sum(step.replays for step in self.steps.values())
+
+    def key_for(self, q_lens: Sequence[int]) -> GraphKey | None:
+        """The key serving a step of these per-sequence query lengths, or None (not uniform, a q_len not
+        served by graphs, or more sequences than the largest bucket)."""
+        if not q_lens or len(set(q_lens)) != 1 or q_lens[0] not in self.q_lens or len(q_lens) > self.buckets[-1]:
+            return None
+        return GraphKey(q_lens[0], next(b for b in self.buckets if b >= len(q_lens)))
+
+    def step(self, key: GraphKey) -> StaticStep:
+        """The key's static buffers (allocated on first use)."""
+        if key not in self.steps:
+            self.steps[key] = self._allocate(key)
+        return self.steps[key]
+
+    def _allocate(self, key: GraphKey) -> StaticStep:
         dev, i32 = self.device, torch.int32
-        group = kernel_heads[1]
-        block_m = max(16, next_power_of_2(group))
-        tiles = TileGroup(torch.arange(bucket, dtype=i32, device=dev), torch.zeros(bucket, dtype=i32, device=dev),
-                          block_m, block_m // group, num_splits, 1)
+        rows, q = key.rows, key.q_len
+        num_kv_heads, group = self.kernel_heads
+        specs = [((rows * q,), torch.int64)] * 3 + [((rows,), i32)] * 2 + [((rows, self.max_blocks), i32)]
+        packed, (input_ids, positions, slots, kv_lens, start_pos, tables) = packed_views(specs, dev)
+        max_kv_len = self.max_blocks * self.block_size
+        num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else CPU_NUM_SMS
+        splits = self.num_splits or split_heuristic(rows * num_kv_heads, max_kv_len, num_sms)
+        block_m = max(16, next_power_of_2(q * group))
+        tiles = TileGroup(torch.arange(rows, dtype=i32, device=dev), torch.zeros(rows, dtype=i32, device=dev),
+                          block_m, block_m // group, splits, q)
         meta = RaggedAttentionMetadata(
-            cu_seqlens_q=torch.arange(bucket + 1, dtype=i32, device=dev), kv_lens=torch.ones(bucket, dtype=i32, device=dev),
-            start_pos=torch.zeros(bucket, dtype=i32, device=dev),
-            block_tables=torch.full((bucket, self.max_blocks), self.scratch_block, dtype=i32, device=dev),
-            causal=torch.ones(bucket, dtype=i32, device=dev),
-            slot_mapping=torch.zeros(bucket, dtype=torch.int64, device=dev), groups=(tiles,), num_tokens=bucket,
-            block_size=self.block_size, num_queries_per_kv=group, max_kv_len=self.max_blocks * self.block_size)
-        return StaticStep(torch.zeros(bucket, dtype=torch.int64, device=dev),
-                          torch.zeros(bucket, dtype=torch.int64, device=dev), meta)
-
-    def bucket_for(self, num_seqs: int) -> int:
-        """The smallest bucket holding ``num_seqs``. Raises ValueError past the largest."""
-        for bucket in self.buckets:
-            if bucket >= num_seqs:
-                return bucket
-        raise ValueError(f"{num_seqs} sequences exceed the largest bucket {self.buckets[-1]}")
-
-    def fill(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> StaticStep:
-        """Copy a decode step of n sequences (one token each at ``positions``) into its bucket's buffers."""
-        num_seqs = len(input_ids)
-        step = self.steps[self.bucket_for(num_seqs)]
-        bucket = step.input_ids.numel()
-        pad = bucket - num_seqs
-        tables = torch.full((bucket, self.max_blocks), self.scratch_block, dtype=torch.int32)
-        for row, table in enumerate(block_tables):
-            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
-        pos = torch.tensor(list(positions) + [0] * pad, dtype=torch.int64)
-        slots = tables.long()[torch.arange(bucket), pos // self.block_size] * self.block_size + pos % self.block_size
-        meta = step.meta
-        step.input_ids.copy_(torch.tensor(list(input_ids) + [0] * pad, dtype=torch.int64))
-        step.positions.copy_(pos)
-        meta.kv_lens.copy_((pos + 1).to(torch.int32))
-        meta.start_pos.copy_(pos.to(torch.int32))
-        meta.block_tables.copy_(tables)
-        meta.slot_mapping.copy_(slots)
+            cu_seqlens_q=torch.arange(0, rows * q + 1, q, dtype=i32, device=dev), kv_lens=kv_lens,
+            start_pos=start_pos, block_tables=tables, causal=torch.ones(rows, dtype=i32, device=dev),
+            slot_mapping=slots, groups=(tiles,), num_tokens=rows * q, block_size=self.block_size,
+            num_queries_per_kv=group, max_kv_len=max_kv_len)
+        step = StaticStep(key, packed, input_ids, positions, meta)
+        self.stage(step, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+                   torch.zeros(0, self.max_blocks, dtype=torch.int64), [])  # all pad rows: a valid step
         return step
 
-    def run(self, input_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> Tensor:
-        """Final-normed hidden states ``[n, d]`` of a decode step (graph replay on CUDA, eager elsewhere)."""
-        step = self.fill(input_ids, positions, block_tables)
-        if self.device.type != "cuda":
-            return self._forward(step)[: len(input_ids)]
-        if step.graph is None:
-            self._forward(step)  # warm-up: compile the kernels outside the capture
-            torch.cuda.synchronize(self.device)
-            step.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(step.graph, pool=self.pool):
-                step.hidden = self._forward(step)
-        step.graph.replay()
-        return step.hidden[: len(input_ids)]
+    def stage(self, step: StaticStep, input_ids: Tensor, positions: Tensor, block_tables: Tensor,
+              kv_lens: Sequence[int]) -> StaticStep:
+        """Copy a uniform step of n sequences into ``step``'s buffers, padded to its bucket, in one copy.
 
-    def _forward(self, step: StaticStep) -> Tensor:
+        Args:
+            input_ids / positions: ``[n * q]`` int64 host tensors, sequence after sequence.
+            block_tables: ``[n, >= 1]`` host block ids (columns past ``max_blocks`` dropped).
+            kv_lens: n host ints (context + this step's tokens).
+        """
+        q, rows = step.key
+        num_seqs = len(kv_lens)
+        pad = rows - num_seqs
+        pos = torch.cat([positions.to(torch.int64), torch.arange(q).repeat(pad)])  # [N]
+        tables = torch.full((rows, self.max_blocks), self.scratch_block, dtype=torch.int32)
+        width = min(block_tables.shape[1], self.max_blocks)
+        tables[:num_seqs, :width] = block_tables[:, :width].to(torch.int32)
+        owner = torch.arange(rows).repeat_interleave(q)  # [N] sequence of each token
+        slots = tables.long()[owner, pos // self.block_size] * self.block_size + pos % self.block_size
+        lens = torch.tensor(list(kv_lens) + [q] * pad, dtype=torch.int32)
+        ids = torch.cat([input_ids.to(torch.int64), torch.zeros(pad * q, dtype=torch.int64)])
+        self.staging.copy_into([ids, pos, slots, lens, lens - q, tables], step.packed)
+        step.num_tokens = num_seqs * q
+        return step
+
+    def run(self, step: StaticStep) -> tuple[Tensor, Tensor | None]:
+        """``(hidden [n * q, d], aux [n * q, A * d] or None)`` of the staged step: graph replay on CUDA
+        (captured on first use), the same forward eagerly on the static buffers elsewhere."""
+        step.replays += 1
+        n = step.num_tokens
+        if self.device.type != "cuda":
+            hidden, aux = self._forward(step)
+            return hidden[:n], None if aux is None else aux[:n]
+        if step.graph is None:
+            self._capture(step)
+        step.graph.replay()
+        return step.hidden[:n], None if step.aux is None else step.aux[:n]
+
+    def capture_all(self) -> int:
+        """Capture every key now (CUDA; the most tokens first so smaller ones reuse its pool). Returns the
+        number of keys captured (0 off CUDA, where nothing is captured)."""
+        if self.device.type != "cuda":
+            return 0
+        keys = [GraphKey(q, b) for q in self.q_lens for b in self.buckets]
+        for key in sorted(keys, key=lambda k: k.q_len * k.rows, reverse=True):
+            step = self.step(key)
+            if step.graph is None:
+                self._capture(step)
+        return len(self.steps)
+
+    def _capture(self, step: StaticStep) -> None:
+        self._forward(step)  # warm-up: compile the kernels outside the capture
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            step.hidden, step.aux = self._forward(step)
+        step.graph = graph
+
+    def _forward(self, step: StaticStep) -> tuple[Tensor, Tensor | None]:
         from sparkserve.engine.attention import AttentionMetadata
 
         meta = AttentionMetadata(slot_mapping=step.meta.slot_mapping, short_q_index=None, short_q_valid=None,
                                  short_block_tables=None, short_mask=None, prefills=[],
                                  num_tokens=step.meta.num_tokens, block_size=self.block_size, kernel=step.meta)
-        hidden, _ = self.model(step.input_ids, step.positions, self.kv_caches, meta)
-        return hidden
+        return self.model(step.input_ids, step.positions, self.kv_caches, meta, self.aux_layer_ids)

@@ -43,12 +43,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -> Callable[[int, int], float]:
+def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128,
+                 use_graphs: bool = True) -> Callable[[int, int], float]:
     """``step_fn(B, R) -> seconds`` for ``measure_profile``; writes only to scratch KV slots.
 
     Timed as served: the attention metadata of the path the runner serves with (the Triton kernels' alone
     when they serve), and on CUDA synchronised before the clock starts and before it stops (otherwise the
-    time would be the launches', not the kernels')."""
+    time would be the launches', not the kernels'). A decode or uniform verify cell (B = R * q, q a length
+    the runner's ``StepGraph`` serves) runs through it, padded to its bucket as served (``use_graphs=False``:
+    eager, for the graph-vs-eager comparison of scripts/gpu_check.py)."""
     block_size = runner.block_size
 
     @torch.inference_mode()
@@ -59,15 +62,24 @@ def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) -
         synchronize(device)
         start = time.perf_counter()
         table_t = torch.tensor([list(t) for t in tables], dtype=torch.int64)
-        meta = build_step_metadata(q_lens, [ctx] * num_requests, [ctx + q for q in q_lens], table_t, block_size,
-                                   device, runner.batch.kernel_heads)
-        ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
-        positions = torch.cat([torch.arange(ctx, ctx + q) for q in q_lens]).to(device)
+        positions = torch.cat([torch.arange(ctx, ctx + q) for q in q_lens])
+        graphs = runner.graphs if use_graphs else None
+        key = graphs.key_for(q_lens) if graphs is not None else None
         spec = runner.speculator
-        aux_ids = spec.target_layer_ids if spec is not None else ()
-        hidden, aux = runner.model(ids, positions, runner.kv_caches, meta, aux_ids)
+        if key is not None:  # served through the static buffers (a CUDA graph replay on CUDA)
+            static = graphs.stage(graphs.step(key), torch.zeros(num_tokens, dtype=torch.int64), positions, table_t,
+                                  [ctx + q for q in q_lens])
+            hidden, aux = graphs.run(static)
+            positions, slots = static.positions[:num_tokens], static.meta.slot_mapping[:num_tokens]
+        else:
+            meta = build_step_metadata(q_lens, [ctx] * num_requests, [ctx + q for q in q_lens], table_t, block_size,
+                                       device, runner.batch.kernel_heads)
+            ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+            positions, slots = positions.to(device), meta.slot_mapping
+            aux_ids = spec.target_layer_ids if spec is not None else ()
+            hidden, aux = runner.model(ids, positions, runner.kv_caches, meta, aux_ids)
         if spec is not None:  # a real step stores every row's features in the drafter's context cache
-            spec.add_context(aux, positions, meta.slot_mapping)
+            spec.add_context(aux, positions, slots)
         # logits only for verify rows (<= gamma + 1 per request); the rest of B is prefill
         gamma = spec.gamma if spec is not None else 0
         runner.model.compute_logits(hidden[: min(num_tokens, num_requests * (gamma + 1))])
@@ -177,7 +189,8 @@ def load_or_measure_profile(
             return cached
         logger.warning("throughput profile %s was measured for %s, not %s: measuring again", cache,
                        dict(cached.key), dict(key))
-    batch_grid, request_grid = default_grid(max_num_batched_tokens, max_num_seqs)
+    buckets = runner.graphs.buckets if runner.graphs is not None else ()
+    batch_grid, request_grid = default_grid(max_num_batched_tokens, max_num_seqs, buckets)
     logger.info("profiling SPS(B, R) over %d x %d cells (cached afterwards)", len(batch_grid), len(request_grid))
     draft_fn = make_draft_fn(runner, num_blocks) if runner.speculator is not None else None
     profile = measure_profile(make_step_fn(runner, num_blocks), batch_grid, request_grid, repeats=repeats,

@@ -6,8 +6,9 @@ run cut off by the device's time limit still returns the earlier phases.
                 32-256 x context 2k/4k/8k vs that bandwidth, verify blocks vs SDPA on gathered K/V,
                 the sampling kernels vs torch
   3. serving    the engine in process at concurrency 1/16/64/256 without speculation, with dspark and
-                fixed:7 (through ``EngineArgs(device="cuda")``), plus the
-                step-time staircase SPS(B, R)
+                fixed:7 (through ``EngineArgs(device="cuda")``: decode and uniform verify steps replay CUDA
+                graphs), decode steps through the graphs vs eager at batch 1-256 (``graph_vs_eager``), plus
+                the step-time staircase SPS(B, R)
   4. exactness  fp32 with TF32 off: the attention kernel at serving shapes vs the torch reference, and
                 greedy engine outputs vs the CPU fp32 reference loop by the near-tie rule
 
@@ -181,7 +182,8 @@ class Deadline:
 def phase_probe(args: argparse.Namespace, deadline: Deadline) -> dict:
     """What a first GPU run needs, checked in seconds: a C compiler (Triton builds its launcher with it), the
     card's shared memory per block, a trivial Triton kernel, and an engine smoke on a seeded tiny model
-    (no speculation and fixed:3 with an oracle drafter; an ``error`` finish fails it). ``--dry-run`` runs
+    (no speculation and fixed:3 with an oracle drafter, decode and verify steps through the CUDA graphs, and
+    no speculation eager: an ``error`` finish, other eager tokens or no graph step served fails it). ``--dry-run`` runs
     it on the CPU (the kernels in Triton's interpreter are not launched there)."""
     import shutil
 
@@ -217,9 +219,11 @@ def trivial_kernel() -> dict:
     return {"ok": bool((x == 1).all()), "seconds": time.perf_counter() - start}
 
 
-def engine_smoke(device: str, max_tokens: int = 8) -> dict:
+def engine_smoke(device: str, max_tokens: int = 8, graphs: str = "auto") -> dict:
     """Greedy generation on a seeded tiny model (head dim 16: the kernels' smallest) with no speculation and
-    with fixed:3 from an oracle drafter; the finish reasons of every request."""
+    with fixed:3 from an oracle drafter, step graphs as ``graphs`` says (auto: on CUDA), and once more with
+    every step eager: the finish reasons of every request, the steps the graphs served, and a failure when
+    the eager tokens differ or CUDA served no graph step."""
     from sparkserve.engine.config import EngineArgs
     from sparkserve.engine.core import EngineCore
     from sparkserve.scheduler.sampling_params import SamplingParams
@@ -229,20 +233,26 @@ def engine_smoke(device: str, max_tokens: int = 8) -> dict:
     result: dict = {"status": "ok", "device": device}
     prompts = [[(5 * i + 3) % 61 for i in range(n)] for n in (40, 7, 3)]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    for policy in ("none", "fixed:3"):
+    for run in ("none", "fixed:3", "none eager"):  # graphs as configured (on CUDA: decode / verify replays)
+        policy = run.split()[0]
         try:
             target = tiny_target(seed=4, head_dim=16)
             target.model.to(device)
             drafter = OracleDrafter(target, block_size=3, seed=1, error_rate=0.5) if policy != "none" else None
             args = EngineArgs(dtype="float32", device=device, num_kv_blocks=64, block_size=16, max_num_seqs=4,
                               max_num_batched_tokens=32, drafter=None if drafter else "none",
-                              verify_policy=None if policy == "none" else policy)
+                              verify_policy=None if policy == "none" else policy,
+                              attention_backend="triton" if graphs == "on" else "auto", warm_up_kernels=False,
+                              cuda_graphs="off" if run.endswith("eager") else graphs)
             core = EngineCore(args, loaded=target, drafter=drafter)
-            result[policy] = smoke_outcome(core, prompts, params)
-        except Exception as exc:  # noqa: BLE001 - recorded per policy
-            result[policy] = {"error": repr(exc), "traceback": traceback.format_exc()[-2000:]}
-        if "error" in result[policy] or result[policy]["finish_errors"]:
+            result[run] = smoke_outcome(core, prompts, params)
+        except Exception as exc:  # noqa: BLE001 - recorded per run
+            result[run] = {"error": repr(exc), "traceback": traceback.format_exc()[-2000:]}
+        if "error" in result[run] or result[run]["finish_errors"]:
             result["status"] = "failed"
+    if result["status"] == "ok" and (result["none"]["tokens"] != result["none eager"]["tokens"]
+                                     or (device == "cuda" and not result["none"]["graph_replays"])):
+        result["status"] = "failed"  # graph steps must be served, with the eager steps' tokens
     return result
 
 
@@ -251,7 +261,9 @@ def smoke_outcome(core, prompts: list[list[int]], params) -> dict:
     from sparkserve.testing.engine_run import run_to_end
 
     run = run_to_end(core, prompts, params, prefix="smoke")
-    return {"tokens": run.tokens, "finish_reasons": run.finish_reasons, "finish_errors": run.num_errors}
+    graphs = core.runner.graphs
+    return {"tokens": run.tokens, "finish_reasons": run.finish_reasons, "finish_errors": run.num_errors,
+            "graph_replays": None if graphs is None else graphs.replays}
 
 
 # ---------------------------------------------------------------- phase 1: tests
@@ -378,6 +390,30 @@ def serve_level(core, prompts: list[list[int]], concurrency: int, max_tokens: in
             "mean_ttft_s": sum(first[r] - start for r in counts) / len(counts)}
 
 
+def graph_vs_eager(core, batches: tuple[int, ...] = (1, 4, 16, 64, 256), rounds: int = 5) -> list[dict]:
+    """Decode step seconds (B = R, ``make_step_fn``, synchronised) through the step graphs and eager, alternated
+    A/B per round (medians); ``speedup`` = eager / graph. Batches past ``max_num_seqs`` are left out."""
+    import statistics
+
+    from sparkserve.engine.throughput_probe import make_step_fn
+
+    served = make_step_fn(core.runner, core.num_blocks)
+    eager = make_step_fn(core.runner, core.num_blocks, use_graphs=False)
+    rows = []
+    for batch in batches:
+        if batch > core.args.max_num_seqs:
+            continue
+        served(batch, batch), eager(batch, batch)  # warm-up: compilation, graph capture
+        times: dict[str, list[float]] = {"graph": [], "eager": []}
+        for _ in range(rounds):
+            times["graph"].append(served(batch, batch))
+            times["eager"].append(eager(batch, batch))
+        graph_s, eager_s = statistics.median(times["graph"]), statistics.median(times["eager"])
+        rows.append({"batch": batch, "graph_s": graph_s, "eager_s": eager_s, "speedup": eager_s / graph_s,
+                     "graphs": core.runner.graphs is not None})
+    return rows
+
+
 def staircase(core, requests: tuple[int, ...] = (1, 16, 64, 256), max_tokens: int = 2048) -> list[dict]:
     """Step seconds of synthetic steps SPS(B, R) (engine/throughput_probe.make_step_fn), B = R * (1 + l)."""
     import torch
@@ -432,6 +468,8 @@ def serve_policy(policy: str, prompts: list[list[int]], args: argparse.Namespace
             result["status"] = "partial (budget)"
             break
         result["cells"].append({"policy": policy, **serve_level(core, prompts, c, args.max_tokens)})
+    if policy == "none" and deadline.left() > 20:
+        result["graph_vs_eager"] = graph_vs_eager(core)
     result["staircase"][policy] = staircase(core)
     free_core(core)
 
@@ -520,7 +558,8 @@ def seeded_exactness(device: str, shapes: dict, num_prompts: int = 4, max_tokens
             core = EngineCore(EngineArgs(dtype="float32", device=device, num_kv_blocks=64, block_size=16,
                                          max_num_seqs=4, max_num_batched_tokens=64,
                                          drafter=None if drafter else "none",
-                                         verify_policy=None if policy == "none" else policy),
+                                         verify_policy=None if policy == "none" else policy,
+                                         warm_up_kernels=False),
                               loaded=target, drafter=drafter)
             run = run_to_end(core, prompts, params, prefix=policy)
             verdicts = []
@@ -581,10 +620,12 @@ def _status_of(seeded: dict) -> dict:
 
 
 PLANS: dict[str, Callable[[argparse.Namespace], dict]] = {
-    "probe": lambda a: {"checks": ["c_compiler", "shared_memory", "trivial_kernel"], "smoke": ["none", "fixed:3"]},
+    "probe": lambda a: {"checks": ["c_compiler", "shared_memory", "trivial_kernel"],
+                        "smoke": ["none", "fixed:3", "none eager"]},
     "tests": lambda a: {"command": "python -m pytest -q tests/kernels/test_kernels.py"},
     "kernels": lambda a: {"decode_batches": [32, 64, 128, 256], "contexts": [2048, 4096, 8192], "verify_q_len": 8},
-    "serving": lambda a: {"policies": a.policies, "concurrency": a.concurrency, "max_tokens": a.max_tokens},
+    "serving": lambda a: {"policies": a.policies, "concurrency": a.concurrency, "max_tokens": a.max_tokens,
+                          "graph_vs_eager_batches": [1, 4, 16, 64, 256]},
     "exactness": lambda a: {"kernel": "fp32 mixed batch", "engine": ["none", "fixed:7"]},
 }
 

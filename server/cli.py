@@ -212,6 +212,9 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
                    help="on CUDA, the share of device memory for weights, activations and KV cache (default: %(default)s)")
     s.add_argument("--attention-backend", default=d.attention_backend, choices=("auto", "torch", "triton"),
                    help="Triton kernels on CUDA, torch on the CPU (default: %(default)s)")
+    s.add_argument("--cuda-graphs", default=d.cuda_graphs, choices=("auto", "on", "off"),
+                   help="decode and uniform verify steps replay CUDA graphs at padded batch buckets (auto: on "
+                        "CUDA with the Triton kernels; off = every step eager) (default: %(default)s)")
     s.add_argument("--quantization", default=d.quantization, choices=("auto", "none", "int8", "int4"),
                    help="weight-only quantisation on the CPU: auto keeps a GGUF file's Q4_0/Q4_1/Q8_0 blocks "
                         "(HF checkpoints dense), none dequantises, int8/int4 quantise the linears at load "
@@ -362,6 +365,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         device=getattr(ns, "device", "auto"),
         gpu_memory_utilization=getattr(ns, "gpu_memory_utilization", 0.9),
         attention_backend=getattr(ns, "attention_backend", "auto"),
+        cuda_graphs=getattr(ns, "cuda_graphs", "auto"),
         quantization=getattr(ns, "quantization", "auto"),
         quant_gemv_max_tokens=getattr(ns, "quant_gemv_max_tokens", None),
         cpu_plan=getattr(ns, "cpu_plan", True),

@@ -17,7 +17,8 @@ from pathlib import Path
 from sparkserve.scheduler.profile.grid import ProfileKey, ThroughputProfile
 
 
-def default_grid(max_num_batched_tokens: int, max_num_seqs: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def default_grid(max_num_batched_tokens: int, max_num_seqs: int, buckets: Sequence[int] = ()
+                 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The (B, R) grid to profile: few cells, since step time is smooth in log B and in R and the
     profile's monotone fit interpolates between them (the online profile corrects the rest while serving).
 
@@ -25,6 +26,11 @@ def default_grid(max_num_batched_tokens: int, max_num_seqs: int) -> tuple[tuple[
     up to and including ``max_num_seqs``, capped at ``max_num_batched_tokens`` (every decode request
     needs one token). For 1024 x 64: 11 x 5 points, 42 cells with B >= R (the earlier grid with 1.5x
     midpoints and every power of two in R had 19 x 7, 108 cells).
+
+    ``buckets``: the padded batch sizes a decode / verify step is served at (CUDA graphs,
+    ``engine/step_graph.py``), whose step time is a staircase in R (n requests cost what their bucket
+    costs). Each bucket b and b + 1 then join both axes, so the decode cells B = R exist and the
+    interpolation is flat between b + 1 and the next bucket: the profile follows the staircase.
     """
     if max_num_batched_tokens < 1 or max_num_seqs < 1:
         raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
@@ -39,7 +45,8 @@ def default_grid(max_num_batched_tokens: int, max_num_seqs: int) -> tuple[tuple[
     while power < max_r:
         requests.add(power)
         power *= 2 if power < 4 else 4
-    return tuple(sorted(batch)), tuple(sorted(requests))
+    edges = {e for b in buckets for e in (b, b + 1) if e <= max_r}
+    return tuple(sorted(batch | edges)), tuple(sorted(requests | edges))
 
 
 def time_cell(fn: Callable[[], float], repeats: int, warmup: int, slow_cell_s: float) -> float:

@@ -24,14 +24,36 @@ class MixedDeviceError(RuntimeError):
 
 
 class DeviceGuard(TorchDispatchMode):
-    """Raises ``MixedDeviceError`` when an op's tensor arguments live on more than one device."""
+    """Raises ``MixedDeviceError`` when an op's tensor arguments live on more than one device; an explicit
+    host-to-device copy (``Tensor.to`` / ``copy_`` of a host tensor into a device one) is the one op allowed
+    to, and is counted in ``host_to_device`` (the staged copies of ``engine/staging.py`` and any stray one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host_to_device = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's signature
         kwargs = kwargs or {}
+        if _is_host_to_device(func, args, kwargs):
+            self.host_to_device += 1
+            return func(*args, **kwargs)
         devices = {t.device for t in _tensors((*args, *kwargs.values())) if not (t.device.type == "cpu" and t.dim() == 0)}
         if len(devices) > 1:
             raise MixedDeviceError(f"{func} got tensors on {sorted(str(d) for d in devices)}")
         return func(*args, **kwargs)
+
+
+def _is_host_to_device(func, args: tuple, kwargs: dict) -> bool:  # noqa: ANN001 - an OpOverload
+    """``to`` / ``_to_copy`` of a host tensor onto another device (``to`` stays whole under inference mode), or
+    ``copy_`` of a host tensor into a device one. ``torch.tensor(data, device=...)`` is not seen by a dispatch
+    mode, so the runner builds host tensors and stages them (engine/staging.py) instead."""
+    aten = torch.ops.aten
+    if func.overloadpacket in (aten._to_copy, aten.to) and isinstance(args[0], torch.Tensor):
+        target = kwargs.get("device")
+        return args[0].device.type == "cpu" and target is not None and torch.device(target).type != "cpu"
+    if func is aten.copy_.default:
+        return args[1].device.type == "cpu" and args[1].dim() > 0 and args[0].device.type != "cpu"
+    return False
 
 
 def _tensors(values: tuple) -> Iterator[torch.Tensor]:

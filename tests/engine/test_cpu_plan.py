@@ -189,7 +189,7 @@ def test_profile_key_names_the_machine_and_plan(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(profiler, "measure_profile", fake_measure)
     monkeypatch.setattr(profiler, "make_step_fn", lambda runner, num_blocks: None)
-    runner = type("Runner", (), {"speculator": None})()
+    runner = type("Runner", (), {"speculator": None, "graphs": None})()
     first = profiler.load_or_measure_profile(runner, 8, here, 64, 4, progress=False)
     assert profiler.load_or_measure_profile(runner, 8, here, 64, 4, progress=False) == first
     assert len(measured) == 1

@@ -407,6 +407,50 @@ def test_compile_check_fails_a_variant_over_the_sm90_shared_memory(monkeypatch: 
     assert "attention torch.float32 G=2 M=64 hd=128 split=True" in names  # the Qwen3-0.6B shape, fp32
 
 
+def test_the_engine_warms_up_compile_checks_list_for_its_model_shape() -> None:
+    """One source of truth: the engine's warm-up (a dry run: a recording compiler, the tiny model's G = 2,
+    hd = 16, fp32) compiles exactly ``served_variants`` of its shape, the served shapes' lists are all in
+    ``variants()``, and a variant over the card's shared memory stops the warm-up."""
+    from sparkserve.engine.config import EngineArgs
+    from sparkserve.engine.core import EngineCore
+    from sparkserve.kernels import compile_check
+    from sparkserve.testing.tiny import tiny_target
+
+    core = EngineCore(EngineArgs(dtype="float32", num_kv_blocks=16, block_size=8, max_num_seqs=2, drafter="none",
+                                 attention_backend="triton"), loaded=tiny_target(seed=1, head_dim=16))
+    compiled: list[tuple[str, int]] = []
+
+    def record(variant: compile_check.Variant, arch: int) -> compile_check.Resources:
+        compiled.append((variant.name, arch))
+        return compile_check.Resources(0.0, 1000, 4, 2)
+
+    names = core.runner.warm_up_kernels(compile_fn=record)
+    expected = [v.name for v in compile_check.served_variants(2, 16, torch.float32)]
+    assert names == expected and sorted(expected) == sorted(n for n, _ in compiled) and {a for _, a in compiled} == {90}
+    assert "attention torch.float32 G=2 M=16 hd=16 split=True" in names and "store_kv fp32 hd=16" in names
+    assert core.runner.warm_up_kernels() == []  # off CUDA without a compiler: nothing to warm up
+    every = {v.name for v in compile_check.variants()}
+    for group, head_dim in compile_check.SERVED_SHAPES.values():
+        for dtype in (torch.bfloat16, torch.float32):
+            assert {v.name for v in compile_check.served_variants(group, head_dim, dtype)} <= every
+    with pytest.raises(RuntimeError, match="shared memory"):
+        compile_check.warm_up(3, 64, torch.bfloat16, 90, limit=999, compile_fn=record)
+
+
+def test_the_engine_warms_up_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparkserve.engine.config import EngineArgs
+    from sparkserve.engine.core import EngineCore
+    from sparkserve.engine.model_runner import ModelRunner
+    from sparkserve.testing.tiny import tiny_target
+
+    calls: list[int] = []
+    monkeypatch.setattr(ModelRunner, "warm_up_kernels", lambda self: calls.append(1) or [])
+    for warm in (True, False):
+        EngineCore(EngineArgs(dtype="float32", num_kv_blocks=16, block_size=8, max_num_seqs=2, drafter="none",
+                              warm_up_kernels=warm), loaded=tiny_target(seed=1, head_dim=16))
+    assert calls == [1]
+
+
 # ---------------------------------------------------------------- the GPU check's driver (CPU-safe parts)
 
 

@@ -501,6 +501,7 @@ def test_request_metrics_engine_error_and_draining() -> None:
 
 
 def test_cli_subcommands() -> None:
+    from sparkserve.engine.config import EngineArgs
     from sparkserve.server.cli import build_parser, engine_args_from
 
     parser = build_parser()
@@ -510,6 +511,10 @@ def test_cli_subcommands() -> None:
     assert args.drafter == "none" and args.max_num_seqs == 4 and args.profile_path is None
     serve = parser.parse_args(["serve", "--profile", "p.json", "--metrics-profile-every", "10"])
     assert engine_args_from(serve).profile_path == "p.json" and serve.metrics_profile_every == 10
+    assert engine_args_from(serve).cuda_graphs == "auto"
+    assert engine_args_from(parser.parse_args(["serve", "--cuda-graphs", "off"])).cuda_graphs == "off"
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        EngineArgs(cuda_graphs="eager")
     commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert {"serve", "profile", "gen-data", "train-drafter", "calibrate-drafter", "eval-drafter"} <= set(
         commands

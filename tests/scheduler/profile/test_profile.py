@@ -352,3 +352,20 @@ def test_online_profile_clips_outliers_and_learns_shape() -> None:
     assert is_monotone(online.current.step_time_s)
     with pytest.raises(ValueError, match="> 0 seconds"):
         online.observe(1, 1, 0.0)
+
+
+def test_profile_follows_the_staircase_of_served_buckets() -> None:
+    """Graph-served steps cost their padded bucket's time: with the buckets, the grid holds every bucket
+    edge b and b + 1 on both axes, and the measured profile reproduces the staircase at every R (without
+    them R = 20 would interpolate between 16 and 64)."""
+    buckets = (1, 2, 4, 8, 16, 32, 48, 64)
+
+    def bucket_time(num_requests: int) -> float:
+        return 1e-3 * next(b for b in buckets if b >= num_requests)
+
+    batch, requests = default_grid(256, 64, buckets)
+    assert {16, 17, 32, 33, 48, 49, 64} <= set(batch) & set(requests) and 65 not in requests
+    profile = measure_profile(lambda b, r: bucket_time(r), batch, requests, repeats=1, warmup=0)
+    for n in range(1, 65):
+        assert profile.step_time(n, n) == pytest.approx(bucket_time(n)), n
+    assert default_grid(512, 64, ()) == default_grid(512, 64)
