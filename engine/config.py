@@ -62,6 +62,7 @@ class EngineArgs:
             (4 without a plan).
         cpu_plan: on the CPU, time the linear paths and dtypes for the model's shapes at first start and
             serve each row bucket with the fastest (engine/cpu_plan.py; cached per machine).
+        tensor_parallel_size: ranks the target is sharded over (engine/parallel; docs/tensor_parallel.md).
         compile: torch.compile the decoder layers' bodies (attention stays eager); off by default
             because it measured no faster on this CPU (docs/benchmarks.md); eager fallback on failure.
     """
@@ -102,8 +103,13 @@ class EngineArgs:
     quant_gemv_max_tokens: int | None = None
     cpu_plan: bool = True
     compile: bool = False
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.compile:
+            raise ValueError("--compile is not supported with --tensor-parallel-size > 1")
         if self.dtype not in ("float32", "bfloat16", "auto"):
             raise ValueError(f"dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
         if self.block_size < 1:
