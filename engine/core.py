@@ -162,10 +162,6 @@ class EngineCore:
         if self.drafter is None:
             return None
         policy = parse_policy(args.verify_policy or "dspark")
-        if policy.needs_profile and profile is None and args.tensor_parallel_size > 1:
-            raise ValueError(f"--verify-policy {policy} "
-                             "measures a throughput profile, which tensor parallelism cannot (rank 0 alone would "
-                             "run the sharded step): pass --verify-policy fixed:N")
         if policy.needs_profile and profile is None:
             profile = load_or_measure_profile(self.runner, self.num_blocks, self.profile_key(),
                                               args.max_num_batched_tokens, args.max_num_seqs, path=args.profile_path)

@@ -51,3 +51,19 @@ def test_tp2_matches_tp1(speculate: bool) -> None:
 def test_tp_size_must_divide_heads() -> None:
     with pytest.raises(ValueError, match="does not divide the model's num_attention_heads"):
         EngineCore(_args(3, False), build=functools.partial(tiny_build, False))
+
+
+def test_cli_flag_and_refused_combinations() -> None:
+    from sparkserve.server.cli import build_parser, engine_args_from
+
+    parser = build_parser(include_train=False)
+    assert engine_args_from(parser.parse_args(["serve", "-tp", "3", "--drafter", "none"])).tensor_parallel_size == 3
+    assert engine_args_from(parser.parse_args(["serve"])).tensor_parallel_size == 1
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        EngineArgs(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="--compile"):
+        EngineArgs(tensor_parallel_size=2, compile=True, drafter="none")
+    with pytest.raises(ValueError, match="measures a throughput profile"):
+        EngineArgs(tensor_parallel_size=2)  # default drafter with the dspark policy
+    EngineArgs(tensor_parallel_size=2, verify_policy="fixed:3")
+    EngineArgs(tensor_parallel_size=2, profile_path="profile.json")
