@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -103,8 +104,6 @@ class TensorParallelGroup:
 def init_group(rank: int, world_size: int, port: int, device: torch.device, timeout_s: float = 600.0
                ) -> TensorParallelGroup:
     """Join the group over TCP on 127.0.0.1:``port`` (one host); NCCL for a CUDA ``device``, else gloo."""
-    from datetime import timedelta
-
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))

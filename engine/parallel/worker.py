@@ -95,8 +95,10 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
 
 def _serve(rank: int, spec: WorkerSpec) -> None:
     torch.set_num_threads(spec.num_threads)
-    loaded, drafter = spec.build()
     device = rank_device(spec.device, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # "cuda" in the build means this rank's device
+    loaded, drafter = spec.build()
     tp = init_group(rank, spec.world_size, spec.port, device)
     tokenizer = loaded.tokenizer
     mask = GrammarLogitsMask(lambda: tokenizer.grammar_compiler, loaded.config.vocab_size)
