@@ -81,7 +81,9 @@ class WorkerPool:
                 rank = pending.pop(sentinel)
                 if self._closing:
                     continue
-                exitcode = self.processes[rank - 1].exitcode
+                process = self.processes[rank - 1]
+                process.join(_JOIN_TIMEOUT_S)  # the sentinel can fire before the exit status is there
+                exitcode = process.exitcode
                 self.kill()
                 self._on_death(rank, exitcode)
 
