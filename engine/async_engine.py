@@ -107,6 +107,7 @@ class AsyncEngine:
                 await self._task
             self._task = None
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self.core.close()
 
     def stop_admitting(self) -> None:
         """Graceful shutdown: new requests get ``EngineDrainingError`` (503)."""

@@ -68,6 +68,7 @@ class EngineArgs:
         warm_up_kernels: on CUDA with the Triton kernels, compile ``kernels/compile_check``'s list for the
             model and capture every step graph before serving (the server); off, both happen on first use
             (short in-process checks: scripts/gpu_check.py's smoke and exactness).
+        tensor_parallel_size: ranks the target is sharded over (engine/parallel; docs/tensor_parallel.md).
         compile: torch.compile the decoder layers' bodies (attention stays eager); off by default
             because it measured no faster on this CPU (docs/benchmarks.md); eager fallback on failure.
     """
@@ -110,8 +111,20 @@ class EngineArgs:
     cuda_graphs: str = "auto"
     warm_up_kernels: bool = True
     compile: bool = False
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.compile:
+            raise ValueError("--compile is not supported with --tensor-parallel-size > 1")
+        if self.tensor_parallel_size > 1 and self.drafter != "none" and self.profile_path is None:
+            from sparkserve.scheduler.policy.spec import parse_policy
+
+            if parse_policy(self.verify_policy or "dspark").needs_profile:
+                raise ValueError(f"--verify-policy {self.verify_policy or 'dspark'} measures a throughput profile at "
+                                 "start-up, which tensor parallelism cannot (rank 0 alone would run the sharded "
+                                 "step): pass --verify-policy fixed:K or none, or --profile PATH")
         if self.dtype not in ("float32", "bfloat16", "auto"):
             raise ValueError(f"dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
         if self.block_size < 1:

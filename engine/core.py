@@ -6,6 +6,7 @@ aborts between steps, so the scheduler is never touched concurrently.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -16,6 +17,9 @@ from sparkserve.engine.cpu_plan import CpuPlan
 from sparkserve.engine.loader import LoadedModel, load_model
 from sparkserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from sparkserve.engine.outputs import EngineStats, StepStats
+from sparkserve.engine.parallel.executor import start_tensor_parallel
+from sparkserve.engine.parallel.rank_runner import ModelBuild, RunnerSettings, load_for_rank
+from sparkserve.engine.parallel.shard import shard_config
 from sparkserve.engine.quant import DEFAULT_GEMV_MAX_TOKENS
 from sparkserve.engine.sampling.mask import LogitsMask
 from sparkserve.engine.spec_decode.drafter import Drafter
@@ -25,7 +29,7 @@ from sparkserve.engine.spec_decode.factory import (
     make_controller,
 )
 from sparkserve.engine.spec_decode.speculator import Speculator
-from sparkserve.engine.step_faults import StepFaultHandler
+from sparkserve.engine.step_faults import EngineBrokenError, StepFaultHandler
 from sparkserve.engine.structured.logits_mask import GrammarLogitsMask
 from sparkserve.engine.throughput_probe import load_or_measure_profile, make_step_fn, profile_key
 from sparkserve.scheduler.config import SchedulerConfig
@@ -61,13 +65,18 @@ class EngineCore:
         drafter: a ``Drafter`` to use instead of the one ``args`` names.
         profile: the throughput profile (None: ``--profile`` or measured / cached at start-up).
         logits_mask: the logits-mask hook (constrained decoding), or None.
+        build: a picklable ``() -> (LoadedModel, Drafter | None)`` used instead of ``loaded`` / ``drafter``;
+            under tensor parallelism every worker calls it too (default: load ``args.model``).
     """
 
     def __init__(
         self, args: EngineArgs, loaded: LoadedModel | None = None, drafter: Drafter | None = None,
         profile: ThroughputProfile | None = None, logits_mask: LogitsMask | None = None,
+        build: ModelBuild | None = None,
     ) -> None:
         self.args = args
+        if build is not None:
+            loaded, drafter = build()
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         self.plan = None  # the CPU plan (engine/cpu_plan.py): measured at first start on the CPU
@@ -93,24 +102,33 @@ class EngineCore:
         self.drafter = drafter
         num_blocks = args.num_kv_blocks
         if num_blocks is None:
-            per_block = kv_cache_bytes_per_block(config, args.block_size, dtype)
+            per_block = kv_cache_bytes_per_block(shard_config(config, args.tensor_parallel_size), args.block_size,
+                                                 dtype)  # one rank's KV heads
             if drafter is not None:
                 per_block += drafter.context_bytes_per_block(args.block_size, dtype)
             num_blocks = max(1, self._kv_cache_bytes(dtype) // per_block)
         self.num_blocks = num_blocks
         if logits_mask is None:  # structured outputs: SamplingParams.grammar
             logits_mask = GrammarLogitsMask(lambda: self.tokenizer.grammar_compiler, config.vocab_size)
-        speculator = None
-        if drafter is not None:
-            speculator = Speculator(drafter, num_blocks, args.block_size, dtype, args.max_num_seqs)
-        self.runner = ModelRunner(self.loaded.model, config, num_blocks, args.block_size, dtype, device=self.device,
-                                  speculator=speculator, attention_backend=args.attention_backend,
-                                  max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
-                                  engine_seed=args.seed, mask=logits_mask, unseeded_coupling=args.unseeded_coupling,
-                                  compile=args.compile,
-                                  step_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
-        if args.warm_up_kernels:  # CUDA with the Triton kernels: compile_check's list, then the step graphs
-            self.runner.warm_up_kernels()
+        if args.tensor_parallel_size > 1:
+            self.runner = start_tensor_parallel(
+                args.tensor_parallel_size, self.loaded, drafter,
+                build or functools.partial(load_for_rank, args, self.dtype_name, self.gemv_max_tokens, self.device.type),
+                RunnerSettings(num_blocks, args.block_size, self.dtype_name, args.max_num_seqs, self.max_model_len,
+                               args.seed, args.unseeded_coupling, args.attention_backend),
+                self.device, logits_mask, args.num_threads)
+        else:
+            speculator = None
+            if drafter is not None:
+                speculator = Speculator(drafter, num_blocks, args.block_size, dtype, args.max_num_seqs)
+            self.runner = ModelRunner(
+                self.loaded.model, config, num_blocks, args.block_size, dtype, device=self.device,
+                speculator=speculator, attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
+                max_model_len=self.max_model_len, engine_seed=args.seed, mask=logits_mask,
+                unseeded_coupling=args.unseeded_coupling, compile=args.compile,
+                step_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
+            if args.warm_up_kernels:  # CUDA with the Triton kernels: compile_check's list, then the step graphs
+                self.runner.warm_up_kernels()
         if self.runner.compiled:
             self.runner.warm_up_compile(make_step_fn(self.runner, num_blocks))
         self.controller = self._make_controller(profile)
@@ -154,6 +172,12 @@ class EngineCore:
             logger.warning("drafting gate off: the throughput profile has no drafter times (measured before "
                            "they were recorded); re-measure it with `sparkserve profile --out PATH`")
         return make_controller(args, self.drafter, profile)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (no-op without tensor parallelism). Idempotent."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     def _kv_cache_bytes(self, dtype: torch.dtype) -> int:
         """The KV cache's memory: ``kv_cache_memory_gb`` if given; else 1 GiB on the CPU and on CUDA
@@ -282,6 +306,8 @@ class EngineCore:
             runner_output = self.runner.execute(plan)
             executed = time.perf_counter()
             outputs, scheduler_stats = self.scheduler.update_from_output(plan, runner_output)
+        except EngineBrokenError:  # tensor parallelism: the ranks are out of step, no retry can help
+            raise
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, never the engine
             return self.faults.recover(exc, plan, num_delivered)
         self.faults.on_success(plan)

@@ -228,6 +228,9 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--compile", dest="compile", action="store_true", default=d.compile,
                    help="torch.compile the decoder layers (attention eager; warmed at start-up)")
     s.add_argument("--no-compile", dest="compile", action="store_false", help="eager step (default)")
+    s.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+                   help="shard the model over this many worker processes (gloo on the CPU, NCCL on CUDA; "
+                        "docs/tensor_parallel.md)")
     s.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True,
                    help="reuse the KV of full blocks computed before (default)")
     s.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
@@ -370,6 +373,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         quant_gemv_max_tokens=getattr(ns, "quant_gemv_max_tokens", None),
         cpu_plan=getattr(ns, "cpu_plan", True),
         compile=getattr(ns, "compile", False),
+        tensor_parallel_size=getattr(ns, "tensor_parallel_size", 1),
     )
 
 

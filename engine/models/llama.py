@@ -22,6 +22,7 @@ from torch import nn
 
 from sparkserve.engine.attention import AttentionMetadata, paged_attention
 from sparkserve.engine.models.config import ModelConfig
+from sparkserve.engine.parallel.group import TensorParallelGroup
 from sparkserve.engine.quant import (
     DEFAULT_GEMV_MAX_TOKENS,
     BlockQuant,
@@ -67,10 +68,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm decoder layer: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """Pre-norm decoder layer: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    Under tensor parallelism (``tp``; ``config`` is then the shard's, ``engine/parallel/shard.py``) the
+    layer holds its rank's heads and MLP columns, and the row-parallel ``o_proj`` / ``down_proj`` outputs are
+    summed over the ranks (one all-reduce each).
+    """
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
+        self.tp = tp
         d, hd = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
         self.q_size, self.kv_size = self.num_heads * hd, self.num_kv_heads * hd
@@ -125,10 +132,15 @@ class DecoderLayer(nn.Module):
     def post_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, norm, SwiGLU MLP, residual. x: [T, d], attn: [T, H, hd] -> [T, d]."""
         quant = self.quant
-        x = x + quant_linear(attn.reshape(x.shape[0], self.q_size), self.o_proj, self.o_bias, quant.get("o_proj"))
+        attn_out = quant_linear(attn.reshape(x.shape[0], self.q_size), self.o_proj, self.o_bias, quant.get("o_proj"))
+        x = x + self._reduce(attn_out)
         h = rms_norm(x, self.post_attention_layernorm, self.eps)
         gate, up = quant_linear(h, self.gate_up_proj, None, quant.get("gate_up_proj")).chunk(2, dim=-1)  # [T, I] each
-        return x + quant_linear(F.silu(gate) * up, self.down_proj, None, quant.get("down_proj"))
+        return x + self._reduce(quant_linear(F.silu(gate) * up, self.down_proj, None, quant.get("down_proj")))
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-parallel linear's partial sums [T, d] -> the full output (the identity without TP)."""
+        return partial if self.tp is None else self.tp.all_reduce(partial)
 
     def _pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,19 +158,24 @@ class LlamaForCausalLM(nn.Module):
         dtype: parameter / activation dtype (float32 or bfloat16).
         max_positions: RoPE table length (default ``config.max_position_embeddings``); positions
             must stay below it.
+        tp: the tensor-parallel group when this is one rank's shard (``engine/parallel/shard.py`` builds
+            it: ``config`` is the shard's, the LM head holds the rank's ``ceil(V / tp)`` vocab rows, tied or
+            not, and :meth:`compute_logits` gathers the full vocab).
     Parameters are allocated uninitialised: fill them with :meth:`load_weights`.
     """
 
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32,
-                 max_positions: int | None = None) -> None:
+                 max_positions: int | None = None, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
         d, vocab = config.hidden_size, config.vocab_size
         self.embed_tokens = nn.Embedding(vocab, d, _weight=torch.empty(vocab, d, dtype=dtype), _freeze=True)
-        self.layers = nn.ModuleList(DecoderLayer(config, dtype) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype, tp) for _ in range(config.num_hidden_layers))
         self.norm = nn.Parameter(torch.empty(d, dtype=dtype), requires_grad=False)
-        self.lm_head = None if config.tie_word_embeddings else nn.Parameter(
-            torch.empty(vocab, d, dtype=dtype), requires_grad=False)
+        head_rows = vocab if tp is None else -(-vocab // tp.world_size)
+        self.lm_head = None if config.tie_word_embeddings and tp is None else nn.Parameter(
+            torch.empty(head_rows, d, dtype=dtype), requires_grad=False)
         num_pos = max_positions or config.max_position_embeddings
         freqs = torch.outer(torch.arange(num_pos, dtype=torch.float32), rope_inv_freq(config))  # [P, hd/2]
         # cos/sin are rounded to the model dtype once, as transformers does per call.
@@ -204,8 +221,9 @@ class LlamaForCausalLM(nn.Module):
         return rms_norm(x, self.norm, self.config.rms_norm_eps), aux
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head: [N, d] -> [N, V] float32 logits."""
-        return quant_linear(hidden, self.lm_head_weight, None, self.lm_head_quant).float()
+        """LM head: [N, d] -> [N, V] float32 logits (vocab-parallel under TP: each rank's shard, gathered)."""
+        logits = quant_linear(hidden, self.lm_head_weight, None, self.lm_head_quant).float()
+        return logits if self.tp is None else self.tp.gather_vocab(logits, self.config.vocab_size)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | BlockQuant]], quantization: str = "none",
