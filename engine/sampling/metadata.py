@@ -2,7 +2,7 @@
 
 One row per request (plain sampling) or per verified position (``expand``). Optional tensors are
 ``None`` when no row uses the feature, so the common case skips the work entirely. Every row also
-carries its random stream (``keys``, ``attempts``; ``engine/sampling/keyed_random.py``).
+carries its random stream (``keys``, ``attempts``; ``kernels/keyed_random.py``).
 """
 
 from __future__ import annotations
