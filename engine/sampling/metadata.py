@@ -57,11 +57,6 @@ class SamplingMetadata:
     def all_greedy(self) -> bool:
         return all(self.greedy)
 
-    @property
-    def max_num_logprobs(self) -> int | None:
-        asked = [k for k in self.num_logprobs if k is not None]
-        return max(asked) if asked else None
-
     @classmethod
     def build(
         cls,
