@@ -1,12 +1,12 @@
 """The layer rule (docs/architecture.md) as an import-graph check over the product's source, with ``ast``.
 
 Layers, lowest first: scheduler/ (pure Python) < kernels/ < engine/ < server/ < train/, loadtests/,
-sparkserve/testing < sparkserve/__main__. An import may point down or sideways, never up; no circle of
+benchmarks/, sparkserve/testing < sparkserve/__main__. An import may point down or sideways, never up; no circle of
 imports between modules (function-level imports included: a lazy import hides a circle, it does not
 remove it; ``if TYPE_CHECKING:`` imports left out: they never run); the scheduler and the server import no torch, not even through what they import; the
 server reads the engine only through its documented contracts. Every rule is checked on all imports
-found anywhere in a file. The known violations are listed with their owner's reason; an entry that no
-longer happens fails too, so the lists only shrink.
+found anywhere in a file. There are no known exceptions (issue 27 removed the last ones): a new
+violation fails.
 """
 
 from __future__ import annotations
@@ -16,23 +16,15 @@ from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("scheduler", "kernels", "engine", "server", "train", "loadtests")
-RANK = {"scheduler": 0, "kernels": 1, "engine": 2, "server": 3, "train": 4, "loadtests": 4, "testing": 4,
+PACKAGES = ("scheduler", "kernels", "engine", "server", "train", "loadtests", "benchmarks")
+RANK = {"scheduler": 0, "kernels": 1, "engine": 2, "server": 3, "train": 4, "loadtests": 4, "benchmarks": 4, "testing": 4,
         "__main__": 5, "__init__": 5}
 HEAVY = ("torch", "triton")
 
-KNOWN_UPWARD = {  # (importer, imported): reason
-    **{pair: "the kernels' microbenchmarks leave kernels/ for the in-process benchmarks (issue 27 part 3)"
-       for pair in (
-        ("sparkserve.kernels.bench", "sparkserve.engine.sampling.draw"),
-        ("sparkserve.kernels.bench", "sparkserve.engine.spec_decode.rejection"),
-    )},
-}
 MOVING_OUT = {  # modules whose imports are exempt until they move: reason
     "sparkserve.server.cli": "the product CLI wires server, engine, bench and train: it leaves server/ for a "
                              "top-level entry package (issue 27 part 2, done by the lead at merge)",
 }
-KNOWN_CIRCLES: dict[frozenset[str], str] = {}
 SERVER_ENGINE_CONTRACTS = {  # what the server may import from engine/ (torch-free by the rule below)
     "sparkserve.engine.outputs",  # outputs, errors, stats records
     "sparkserve.engine.structured.grammar",  # GrammarSpec / GrammarError of a request's constraint
@@ -153,9 +145,7 @@ def test_the_graph_is_read() -> None:
 
 
 def test_no_import_circle() -> None:
-    found = set(circles())
-    assert found - KNOWN_CIRCLES.keys() == set(), "new import circle"
-    assert KNOWN_CIRCLES.keys() - found == set(), "a known circle is gone: remove it from KNOWN_CIRCLES"
+    assert circles() == [], "import circle"
 
 
 def test_imports_point_down_the_layers() -> None:
@@ -163,8 +153,7 @@ def test_imports_point_down_the_layers() -> None:
     scheduler: it imports nothing from engine/)."""
     assert MOVING_OUT.keys() <= modules().keys(), "a module moved: remove it from MOVING_OUT"
     upward = {(a, b) for a in modules() if a not in MOVING_OUT for b in edges(a) if RANK[layer(a)] < RANK[layer(b)]}
-    assert upward - KNOWN_UPWARD.keys() == set(), "an import points up the layers"
-    assert KNOWN_UPWARD.keys() - upward == set(), "a known violation is fixed: remove it from KNOWN_UPWARD"
+    assert upward == set(), "an import points up the layers"
 
 
 def test_scheduler_imports_no_torch_and_nothing_above_it() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("server", "engine", "kernels", "scheduler", "train", "loadtests")
+SUBPACKAGES = ("server", "engine", "kernels", "scheduler", "train", "loadtests", "benchmarks")
 
 pytestmark = pytest.mark.slow
 

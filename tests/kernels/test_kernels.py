@@ -442,7 +442,7 @@ def test_gpu_check_dry_run_writes_every_phase_in_order(tmp_path: Path) -> None:
 
 def test_benchmark_and_exactness_code_paths_run_at_tiny_shapes() -> None:
     """Phase 2's and phase 4's kernel code at tiny shapes (on the CPU: interpreter timings, meaningless)."""
-    from sparkserve.kernels import bench
+    from sparkserve.benchmarks import bench_kernels as bench
 
     plan = bench.BenchPlan(batches=(2,), contexts=(40,), verify_q_len=3, tune_cells=((2, 40),), configs=(SMALL,),
                            copy_bytes=1 << 20, sampling=(4, 2, 64))
