@@ -8,7 +8,7 @@ itself holds the namespace's ``__init__``. Subpackages are found, not listed, so
 
 from setuptools import find_packages, setup
 
-SUBPACKAGES = ("server", "engine", "kernels", "scheduler", "train", "loadtests")
+SUBPACKAGES = ("server", "engine", "kernels", "scheduler", "train", "loadtests", "benchmarks")
 
 packages = ["sparkserve"] + [
     f"sparkserve.{name}"

@@ -125,20 +125,12 @@ class AsyncEngine:
         return self._dead is None and self._task is not None and not self._task.done()
 
     @property
-    def is_admitting(self) -> bool:
-        return self._admitting
-
-    @property
     def num_running(self) -> int:
         return self.core.scheduler.num_running
 
     @property
     def num_waiting(self) -> int:
         return self.core.scheduler.num_waiting + len(self._pending_adds)
-
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._tracked)
 
     def stats(self) -> EngineStats:
         """The core's stats snapshot without a step (gauges, totals, controller): start-up and metrics sizing."""

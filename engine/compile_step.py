@@ -7,7 +7,7 @@ context lengths never enter a graph. Both bodies are compiled with dynamic token
 own 0/1 specialisation, so the set of compiled shapes is small and capped; inductor's on-disk FX graph
 cache makes later starts cheap. A compile or run failure logs a warning and falls back to eager for good.
 
-Measured on the 2-core CPU (AMD EPYC) (docs/benchmarks.md, loadtests/bench_step.py): no faster than eager for
+Measured on the 2-core CPU (AMD EPYC) (docs/benchmarks.md, benchmarks/bench_step.py): no faster than eager for
 this engine, hence off by default.
 """
 

@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from sparkserve.engine.attention import AttentionMetadata, build_step_metadata
-from sparkserve.engine.sampling.keyed_random import request_key
 from sparkserve.engine.sampling.metadata import SamplingMetadata, dense_logit_bias
 from sparkserve.engine.staging import HostStaging
 from sparkserve.engine.step_graph import StaticStep, StepGraph
+from sparkserve.kernels.keyed_random import request_key
 from sparkserve.scheduler.outputs import ScheduledSeq, SchedulerOutput
 from sparkserve.scheduler.sampling_params import SamplingParams
 

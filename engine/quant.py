@@ -6,7 +6,7 @@ A quantised weight keeps two copies of *one canonical set of weight values*:
   1-4, where reading the weights dominates the step): ``torch.ops.aten._weight_int4pack_mm_for_cpu``
   (int4, group 32) or ``torch._weight_int8pack_mm`` (int8, per output channel);
 * the dense matrix in the serving dtype, used for larger token counts (batched decode, verify blocks,
-  prefill), where the bf16 GEMM (oneDNN) beats the int4 kernel (measured: loadtests/bench_step.py).
+  prefill), where the bf16 GEMM (oneDNN) beats the int4 kernel (measured: benchmarks/bench_step.py).
 
 **The canonical values** are what the int4 kernel computes with. The kernel (ATen
 ``native/cpu/int4mm_kernel.cpp``; checked bit for bit in tests/engine/test_quant.py) converts each packed code

@@ -1,6 +1,6 @@
 """Fused Gumbel-max coupled choice (Triton): ``argmax_v(processed[n, v] + Gumbel(key_n, pos_n, TOKEN, v))``.
 
-The torch version (``sparkserve.engine.sampling.draw.coupled_choice``) materialises ``[N, V]`` noise; here each
+The torch version (``sparkserve.engine.sampling.draw.coupled_choice``, the reference) materialises ``[N, V]`` noise; here each
 program streams its rows' logits once, hashing the noise for every token on the fly (the keyed hash of
 ``kernels/keyed_hash.py``: uniforms bit-identical to torch's; ``-log(-log(u))`` up to the device's log
 rounding, so choices agree except at Gumbel-perturbed near-ties of ~1e-6).
@@ -16,12 +16,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparkserve.engine.sampling.draw import coupled_choice as coupled_choice_reference
-from sparkserve.engine.sampling.keyed_random import Draw
 from sparkserve.kernels.common import check_kernel_device, check_tensor, interpreting, next_power_of_2
 from sparkserve.kernels.keyed_hash import keyed_gumbel, row_state
+from sparkserve.kernels.keyed_random import Draw
 
-__all__ = ["coupled_choice", "coupled_choice_reference"]
+__all__ = ["coupled_choice"]
 
 DEFAULT_BLOCK_V = 1024
 INTERPRETER_BLOCK_R = 4096

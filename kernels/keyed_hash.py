@@ -1,4 +1,4 @@
-"""Keyed counter-based randomness inside Triton kernels, bit-identical to ``sparkserve.engine.sampling.keyed_random``.
+"""Keyed counter-based randomness inside Triton kernels, bit-identical to ``sparkserve.kernels.keyed_random``.
 
 The torch code works on non-negative int64 tensors masked to 32 bits; here the same arithmetic runs on
 ``uint32`` (wrapping multiplication is the masked product, shifts are logical), so every hash and every
@@ -17,10 +17,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparkserve.engine.sampling import keyed_random as _kr
+from sparkserve.kernels import keyed_random as _kr
 from sparkserve.kernels.common import check_kernel_device, check_tensor
 
-# the constants of engine/sampling/keyed_random.py, as constexprs a kernel can read
+# the constants of kernels/keyed_random.py, as constexprs a kernel can read
 C1: tl.constexpr = tl.constexpr(_kr._C1)
 C2: tl.constexpr = tl.constexpr(_kr._C2)
 GOLDEN: tl.constexpr = tl.constexpr(_kr._GOLDEN)

@@ -12,7 +12,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparkserve.engine.attention import store_kv as store_kv_reference
 from sparkserve.kernels.common import (
     FLOAT_DTYPES,
     check_kernel_device,
@@ -21,7 +20,7 @@ from sparkserve.kernels.common import (
     next_power_of_2,
 )
 
-__all__ = ["store_kv", "store_kv_reference"]
+__all__ = ["store_kv"]
 
 
 @triton.jit

@@ -40,7 +40,7 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Launch parameters of the attention kernel (tuned by ``kernels/bench.py`` on the GPU).
+    """Launch parameters of the attention kernel (tuned by ``benchmarks/bench_kernels.py`` on the GPU).
 
     Attributes:
         block_n: keys per inner iteration (power of two >= 16).

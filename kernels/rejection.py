@@ -1,4 +1,5 @@
-"""Verification of every request's drafts in one launch (Triton), beside its torch reference.
+"""Verification of every request's drafts in one launch (Triton); its torch reference is
+``engine/spec_decode/verifier_kernels.rejection_sample_reference`` (the engine's rules on this flat input).
 
 Same rules as ``engine/spec_decode/rejection.py`` (read its docstring for the terms: accepted,
 recovered, bonus token; the flat ``[D]`` drafts and ``[N = D + R]`` target rows): one program per
@@ -11,7 +12,7 @@ request
   no normalised copy), falling back to ``p_a`` when the residual mass is below 1e-8; with every draft
   accepted, draw the bonus token from ``p_{l_r}``. Deterministic drafts have one-hot q.
 The uniforms are generated inside the kernel from (key, position, draw) with the fmix32 hash of
-``engine/sampling/keyed_random.py`` (``kernels/keyed_hash.py``, bit-identical), so for the same keys
+``kernels/keyed_random.py`` (``kernels/keyed_hash.py``, bit-identical), so for the same keys
 the kernel emits exactly the tokens of the torch reference (up to fp32 summation order in the CDF,
 which can only matter when ``u * total`` lands within rounding of a CDF step).
 """
@@ -25,19 +26,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparkserve.engine.sampling.keyed_random import _NUM_DRAW_KINDS, Draw, keyed_uniform
-from sparkserve.engine.spec_decode.rejection import (
-    Q_FLOOR,
-    RESIDUAL_MIN_MASS,
-    DraftProbs,
-    RaggedDrafts,
-    VerifyResult,
-    verify_by_agreement,
-    verify_by_rejection,
-)
 from sparkserve.kernels.common import check_kernel_device, check_tensor, interpreting, next_power_of_2
 from sparkserve.kernels.keyed_hash import DRAW_ACCEPT, DRAW_RECOVER, DRAW_TOKEN, NUM_DRAW_KINDS
 from sparkserve.kernels.keyed_hash import keyed_uniform as keyed_uniform_jit
+from sparkserve.kernels.verify_contract import Q_FLOOR, RESIDUAL_MIN_MASS, VerifyResult
 
 DEFAULT_BLOCK_V = 1024
 Q_FLOOR_C: tl.constexpr = tl.constexpr(Q_FLOOR)  # the torch rule's constants, readable in a kernel
@@ -80,47 +72,6 @@ class FlatVerifyInput:
     @property
     def num_requests(self) -> int:
         return int(self.keys.numel())
-
-
-def rejection_sample_reference(inp: FlatVerifyInput) -> VerifyResult:
-    """The torch rules (``verify_by_agreement`` / ``verify_by_rejection``) on the two groups, with the
-    uniforms the verifier draws (``engine/spec_decode/verifier.py``). Host loops: a reference."""
-    cu = inp.cu_num_draft_tokens.tolist()
-    counts = [cu[r + 1] - cu[r] for r in range(inp.num_requests)]
-    width = 1 + inp.max_num_draft_tokens
-    device = inp.draft_token_ids.device
-    tokens = torch.zeros(inp.num_requests, width, dtype=torch.int64, device=device)
-    accepted = torch.zeros(inp.num_requests, dtype=torch.int64, device=device)
-    agree = inp.agreement.tolist()
-    for flag in (True, False):
-        group = [r for r in range(inp.num_requests) if agree[r] == flag]
-        if not group:
-            continue
-        drafts_idx = torch.tensor([d for r in group for d in range(cu[r], cu[r + 1])], dtype=torch.int64, device=device)
-        rows = torch.tensor([cu[r] + r + k for r in group for k in range(1 + counts[r])], dtype=torch.int64, device=device)
-        drafts = RaggedDrafts(inp.draft_token_ids[drafts_idx], tuple(counts[r] for r in group))
-        if flag:
-            result = verify_by_agreement(drafts, inp.target_choice[rows])
-        else:
-            result = _reference_rejection(inp, drafts, drafts_idx, rows, torch.tensor(group, device=device))
-        index = torch.tensor(group, device=device)
-        tokens[index, : result.token_ids.shape[1]] = result.token_ids
-        accepted[index] = result.num_accepted
-    return VerifyResult(tokens, accepted)
-
-
-def _reference_rejection(inp: FlatVerifyInput, drafts: RaggedDrafts, drafts_idx: Tensor, rows: Tensor,
-                         group: Tensor) -> VerifyResult:
-    """``verify_by_rejection`` on one group, uniforms keyed as ``Verifier._rejection`` keys them."""
-    request, position, _ = drafts.index()
-    keys, first_pos = inp.keys[group], inp.first_positions[group]
-    base = inp.attempts[group] * _NUM_DRAW_KINDS  # draw index = kind + 8 * attempt (stream_draws)
-    u_accept = keyed_uniform(keys[request], first_pos[request] + position, (base + int(Draw.ACCEPT))[request])
-    u_recover = keyed_uniform(keys, first_pos, base + int(Draw.RECOVER))
-    u_bonus = keyed_uniform(keys, first_pos, base + int(Draw.TOKEN))
-    dense = None if inp.draft_probs is None else inp.draft_probs[drafts_idx]
-    q = DraftProbs(dense, inp.draft_one_hot[drafts_idx])
-    return verify_by_rejection(drafts, inp.target_probs[rows], q, u_accept, u_recover, u_bonus)
 
 
 @triton.jit
@@ -303,4 +254,4 @@ def _or_placeholder(t: Tensor | None, dtype: torch.dtype, device: torch.device) 
     return t if t is not None and t.numel() else torch.zeros(1, dtype=dtype, device=device)
 
 
-__all__ = ["FlatVerifyInput", "Q_FLOOR", "RESIDUAL_MIN_MASS", "rejection_sample", "rejection_sample_reference"]
+__all__ = ["FlatVerifyInput", "rejection_sample"]

@@ -13,28 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import shlex
+import shutil
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> float:
-    """Seconds until ``url`` answers 200 (polling every 0.5 s). Raises RuntimeError when the server
-    exits first or ``timeout_s`` passes."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return time.perf_counter() - start
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"not ready after {timeout_s} s")
+from sparkserve.loadtests.bench.client import launch_servers, stop_servers
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,15 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     from sparkserve.engine.cpu_plan import cpu_signature
 
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as cache, open(Path(ns.out).with_suffix(f".{ns.label}.log"), "w") as log:
-        env = {**os.environ, "XDG_CACHE_HOME": cache, "PYTHONDONTWRITEBYTECODE": "1"}
-        cmd = [ns.sparkserve, "serve", "--port", str(ns.port), *ns.serve_args]
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            seconds = wait_ready(f"http://127.0.0.1:{ns.port}/ready", proc, ns.timeout_s)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        (server,) = launch_servers([("first-start", shlex.join(ns.serve_args))], ns.timeout_s, ports=[ns.port],
+                                   program=[ns.sparkserve], env={"XDG_CACHE_HOME": cache, "PYTHONDONTWRITEBYTECODE": "1"})
+        seconds = time.perf_counter() - start
+        stop_servers([server])
+    cmd = [str(a) for a in server.proc.args]
+    shutil.move(server.log_path, Path(ns.out).with_suffix(f".{ns.label}.log"))
     sig = cpu_signature()
     out = Path(ns.out)
     data = json.loads(out.read_text()) if out.exists() else {}

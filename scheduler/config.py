@@ -83,8 +83,3 @@ class SchedulerConfig:
         if self.long_prefill_token_threshold is not None:
             return self.long_prefill_token_threshold
         return max(1, self.max_num_batched_tokens // 4)
-
-    @property
-    def kv_capacity_tokens(self) -> int:
-        """Token positions the whole KV cache can hold (``num_kv_blocks * block_size``)."""
-        return self.num_kv_blocks * self.block_size

@@ -62,11 +62,6 @@ class ScheduledSeq:
         """Context length after the step (= ``start_pos + num_new_tokens``)."""
         return self.start_pos + self.num_new_tokens
 
-    @property
-    def resumed(self) -> bool:
-        """First step after a recompute preemption (its outputs are re-prefilled)."""
-        return self.new_request is not None and bool(self.new_request.output_token_ids)
-
 
 @dataclass(frozen=True)
 class NewRequestData:

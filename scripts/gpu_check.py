@@ -2,7 +2,7 @@
 run cut off by the device's time limit still returns the earlier phases.
 
   1. tests      the kernel tests compiled for real (tests/kernels/test_kernels.py, its CUDA-only cases included)
-  2. kernels    microbenchmarks (kernels/bench.py): copy bandwidth, decode attention (one layer) at batch
+  2. kernels    microbenchmarks (benchmarks/bench_kernels.py): copy bandwidth, decode attention (one layer) at batch
                 32-256 x context 2k/4k/8k vs that bandwidth, verify blocks vs SDPA on gathered K/V,
                 the sampling kernels vs torch
   3. serving    the engine in process at concurrency 1/16/64/256 without speculation, with dspark and
@@ -303,7 +303,7 @@ def junit_summary(path: Path) -> dict:
 
 
 def phase_kernels(args: argparse.Namespace, deadline: Deadline) -> dict:
-    from sparkserve.kernels import bench
+    from sparkserve.benchmarks import bench_kernels as bench
 
     return bench.run_benchmarks(deadline.left)
 
@@ -497,7 +497,7 @@ def phase_exactness(args: argparse.Namespace, deadline: Deadline) -> dict:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    from sparkserve.kernels.bench import kernel_exactness
+    from sparkserve.benchmarks.bench_kernels import kernel_exactness
 
     result = {"status": "ok", "kernel": kernel_exactness()}
     result["seeded"] = seeded_exactness("cuda", SEEDED_SHAPES, num_prompts=3, max_tokens=8, deadline=deadline)

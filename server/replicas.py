@@ -10,7 +10,7 @@ every replica answers ``/health`` and listens on ``--port``.
 
 Processes: each child runs in its own session, so a terminal's Ctrl-C reaches only the launcher, which
 then stops them all: SIGTERM to the router, then to the replicas (each drains, see
-:mod:`sparkserve.server.cli`), SIGKILL to any still alive after ``--stop-timeout`` seconds. SIGTERM to
+:mod:`sparkserve.cli`), SIGKILL to any still alive after ``--stop-timeout`` seconds. SIGTERM to
 the launcher does the same; if a child exits on its own, the launcher stops the rest and exits 1.
 """
 

@@ -1,9 +1,9 @@
 """sparkserve: a high-concurrency LLM inference server built around DSpark speculative decoding.
 
 One import namespace for the whole product. The source folders stay at the repository root (the
-required layout: ``server/``, ``engine/``, ``kernels/``, ``scheduler/``, ``train/``, ``loadtests/``) and
-the build maps each one into this package (``setup.py``'s ``package_dir``): ``sparkserve.engine`` is
-``engine/``, and so on. Nothing else is installed at the top level of site-packages.
+required layout: ``server/``, ``engine/``, ``kernels/``, ``scheduler/``, ``train/``, ``loadtests/``,
+``benchmarks/``) and the build maps each one into this package (``setup.py``'s ``package_dir``):
+``sparkserve.engine`` is ``engine/``, and so on. Nothing else is installed at the top level of site-packages.
 
 Run from a source checkout that was not installed (a copy of the tree on a GPU box, with the repository
 root on ``sys.path``), this package's search path also covers the repository root, so
@@ -17,7 +17,7 @@ import os as _os
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("server", "engine", "kernels", "scheduler", "train", "loadtests")
+_SUBPACKAGES = ("server", "engine", "kernels", "scheduler", "train", "loadtests", "benchmarks")
 
 
 def _checkout_root() -> str | None:

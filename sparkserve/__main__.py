@@ -1,6 +1,6 @@
 """``python -m sparkserve ...`` is the ``sparkserve`` command."""
 
-from sparkserve.server.cli import main
+from sparkserve.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

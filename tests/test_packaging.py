@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("server", "engine", "kernels", "scheduler", "train", "loadtests")
+SUBPACKAGES = ("server", "engine", "kernels", "scheduler", "train", "loadtests", "benchmarks")
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,8 @@ def test_wheel_has_one_top_level_package(wheel: Path) -> None:
     assert "sparkserve/kernels/cpu/int4_gemm.cpp" in names  # compiled after install (kernels/int4_cpu.py)
     assert not any(n.startswith(("tests/", "sparkserve/tests/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "sparkserve = sparkserve." in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "sparkserve = sparkserve.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "sparkserve/cli.py" in names and "sparkserve/server/http_server.py" in names  # the CLI left server/
 
 
 def test_wheel_beside_newest_transformers(wheel: Path, tmp_path: Path) -> None:

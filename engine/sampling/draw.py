@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparkserve.engine.sampling.keyed_random import Draw, keyed_gumbel, keyed_uniform
 from sparkserve.engine.sampling.metadata import SamplingMetadata
 from sparkserve.engine.sampling.transforms import process_logits
+from sparkserve.kernels.keyed_random import Draw, keyed_gumbel, keyed_uniform
 
 _NUM_DRAW_KINDS = 8
 

@@ -2,7 +2,7 @@
 
 One row per request (plain sampling) or per verified position (``expand``). Optional tensors are
 ``None`` when no row uses the feature, so the common case skips the work entirely. Every row also
-carries its random stream (``keys``, ``attempts``; ``engine/sampling/keyed_random.py``).
+carries its random stream (``keys``, ``attempts``; ``kernels/keyed_random.py``).
 """
 
 from __future__ import annotations
@@ -56,11 +56,6 @@ class SamplingMetadata:
     @property
     def all_greedy(self) -> bool:
         return all(self.greedy)
-
-    @property
-    def max_num_logprobs(self) -> int | None:
-        asked = [k for k in self.num_logprobs if k is not None]
-        return max(asked) if asked else None
 
     @classmethod
     def build(

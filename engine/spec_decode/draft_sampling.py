@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from sparkserve.engine.sampling.draw import coupled_choice, inverse_cdf, stream_draws
-from sparkserve.engine.sampling.keyed_random import Draw, keyed_uniform
 from sparkserve.engine.sampling.transforms import apply_penalties_and_bias, process_logits
 from sparkserve.engine.spec_decode.drafter import DraftBatch
+from sparkserve.kernels.keyed_random import Draw, keyed_uniform
 
 
 class SlotSampler:

@@ -1,7 +1,7 @@
 """Lossless verification of drafts over one flattened ragged batch (no ``[R, gamma + 1, V]`` padding).
 
 Sources: Leviathan et al. 2023 (Alg. 1) and Chen et al. 2023 (Alg. 2) for rejection sampling; DeepSpec
-section 2 step 11 (shared/DEEPSPEC_FORMAT.md) for its constants; the Gumbel-max trick for coupling.
+section 2 step 11 (shared/DEEPSPEC_FORMAT.md) for its constants (``kernels/verify_contract.py``); the Gumbel-max trick for coupling.
 
 Layout: request r verifies l_r drafts ``x_0 .. x_{l_r - 1}`` (flat ``[D]``, D = sum l_r, offsets
 ``cu_num_draft_tokens``) and has ``1 + l_r`` target rows ``p_0 .. p_{l_r}`` (flat ``[N]``, N = D + R;
@@ -31,9 +31,7 @@ import torch
 from torch import Tensor
 
 from sparkserve.engine.sampling.draw import inverse_cdf
-
-Q_FLOOR = 1e-8  # DeepSpec: p / max(q, 1e-8)
-RESIDUAL_MIN_MASS = 1e-8  # DeepSpec: fall back to p_a below this residual mass
+from sparkserve.kernels.verify_contract import Q_FLOOR, RESIDUAL_MIN_MASS, VerifyResult
 
 
 @dataclass(frozen=True)
@@ -62,20 +60,6 @@ class RaggedDrafts:
         position = torch.arange(self.token_ids.numel(), device=device) - cu[request]  # [D]
         first_row = cu + torch.arange(self.num_requests, device=device)  # [R] row of p_0
         return request, position, first_row
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    """Emitted tokens of R requests.
-
-    Attributes:
-        token_ids: ``[R, 1 + max l_r]`` int64: accepted drafts, then the recovered / bonus token, then
-            padding (0); ``num_accepted + 1`` entries of row r are real.
-        num_accepted: ``[R]`` int64 accepted drafts a.
-    """
-
-    token_ids: Tensor
-    num_accepted: Tensor
 
 
 def _num_accepted(accept: Tensor, drafts: RaggedDrafts, request: Tensor, position: Tensor) -> Tensor:

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from sparkserve.engine.sampling.draw import coupled_choice, stream_draws
-from sparkserve.engine.sampling.keyed_random import Draw, keyed_uniform
 from sparkserve.engine.sampling.logprobs import token_logprobs
 from sparkserve.engine.sampling.mask import LogitsMask
 from sparkserve.engine.sampling.metadata import SamplingMetadata
@@ -33,6 +32,7 @@ from sparkserve.engine.spec_decode.rejection import (
     verify_by_agreement,
     verify_by_rejection,
 )
+from sparkserve.kernels.keyed_random import Draw, keyed_uniform
 from sparkserve.scheduler.outputs import TokenLogprob
 
 
@@ -99,7 +99,7 @@ class Verifier:
         mask: the logits-mask hook, or None.
         unseeded_coupling: verify unseeded sampled requests by Gumbel-max coupling too (their drafter
             then couples as well) instead of rejection sampling.
-        use_kernels: verify every request in one Triton launch (``sparkserve.kernels.verify.verify_rows``:
+        use_kernels: verify every request in one Triton launch (``sparkserve.engine.spec_decode.verifier_kernels.verify_rows``:
             the same rules and keyed draws, tested equal to the torch groups) instead of the torch groups;
             the runner sets it when the Triton kernels serve its attention (CUDA, or the interpreter in tests).
     """
@@ -124,7 +124,7 @@ class Verifier:
         coupled = self.coupled(meta)
         row_of = _row_offsets(drafts.num_draft_tokens)
         if self.use_kernels:  # one launch for all requests' drafts (imported here: CPU tests set up Triton first)
-            from sparkserve.kernels.verify import verify_rows
+            from sparkserve.engine.spec_decode.verifier_kernels import verify_rows
 
             result = verify_rows(drafts, adjusted, rows_meta, inp.first_positions, inp.draft_probs, coupled)
             return VerifyOutput(result.token_ids, result.num_accepted, adjusted, tuple(row_of), meta.num_logprobs)

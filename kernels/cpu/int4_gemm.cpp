@@ -14,7 +14,7 @@
 // direct_max_rows rows they are instead dequantised into registers once per pass of 4 rows and applied
 // at once, the accumulators staying in registers over the whole K loop (same arithmetic, fewer memory
 // operations, the weights unpacked once per 4 rows; which is faster depends on the CPU:
-// loadtests/bench_int4.py measures both). Each output element is ONE fp32
+// benchmarks/bench_int4.py measures both). Each output element is ONE fp32
 // accumulator updated by fma in increasing k (k = 0 .. K - 1), starting from +0, on every code path
 // (AVX-512, AVX2, portable). So a row's bits depend neither on M, nor on the other rows, nor on the
 // thread count, nor on the ISA: the paths agree bit for bit with each other and with the pure-torch

@@ -92,7 +92,7 @@ def _parse_named(items: list[str], what: str) -> list[tuple[str, str]]:
 
 def machine_info() -> dict[str, Any]:
     """Platform, CPU model, core count, load average, Python, and the git commit of this checkout
-    (client side, without torch: :func:`sparkserve.loadtests.bench_step_breakdown.machine` imports the engine)."""
+    (client side, without torch: :func:`sparkserve.benchmarks.bench_step_breakdown.machine` imports the engine)."""
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -292,12 +292,16 @@ class LaunchedServer:
 
 def launch_servers(specs: list[tuple[str, str]], ready_timeout_s: float = 900.0,
                    python: str = sys.executable, ports: list[int] | None = None,
-                   parallel: bool = False) -> list[LaunchedServer]:
-    """Start ``python -m sparkserve.server.cli serve --host 127.0.0.1 --port P FLAGS`` for every (name, FLAGS),
+                   parallel: bool = False, program: list[str] | None = None,
+                   env: dict[str, str] | None = None) -> list[LaunchedServer]:
+    """Start ``python -m sparkserve serve --host 127.0.0.1 --port P FLAGS`` for every (name, FLAGS),
     each on a free port (or ``ports[i]``), and wait until every /ready answers 200. One after the
     other by default (a server's start-up, which may measure its throughput profile, then has the
     machine to itself); ``parallel`` starts them all at once (faster, e.g. in tests). All stay up
-    together, so the bench can alternate between them.
+    together, so the bench can alternate between them. The one launcher of ``sparkserve serve`` for
+    the benches and tests: ``program`` replaces ``python -m sparkserve`` (e.g. another
+    install's ``sparkserve`` executable, run with this environment as it is: no checkout put first on
+    ``PYTHONPATH``), ``env`` is added to the children's environment.
 
     Raises:
         RuntimeError: a server exited or did not become ready in time (all are stopped, the error
@@ -308,9 +312,9 @@ def launch_servers(specs: list[tuple[str, str]], ready_timeout_s: float = 900.0,
         for i, (name, flags) in enumerate(specs):
             port = ports[i] if ports else free_port()
             log = tempfile.NamedTemporaryFile(prefix=f"sparkserve-bench-{name}-", suffix=".log", delete=False)
-            cmd = [python, "-m", "sparkserve.server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                   "--drain-timeout", "5", *shlex.split(flags)]
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
+            cmd = [*(program or [python, "-m", "sparkserve"]), "serve", "--host", "127.0.0.1",
+                   "--port", str(port), "--drain-timeout", "5", *shlex.split(flags)]
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**(_child_env() if program is None else os.environ), **(env or {})})
             log.close()
             servers.append(LaunchedServer(name, flags, port, proc, log.name))
             if not parallel:
@@ -342,7 +346,7 @@ def _wait_ready(servers: list[LaunchedServer], timeout_s: float) -> None:
 
 
 def _child_env() -> dict[str, str]:
-    """This environment with this checkout first on PYTHONPATH (so ``sparkserve.server.cli`` is the code the
+    """This environment with this checkout first on PYTHONPATH (so ``sparkserve`` is the code the
     bench came from, not another installed copy)."""
     root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH", "")

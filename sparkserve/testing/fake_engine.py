@@ -9,7 +9,7 @@ the prompt (else :data:`DEFAULT_REPLY`), then EOS. Directives in the prompt chan
 ``{die=N}`` the engine loop dies after N outputs. Prompt logprobs, when asked, are ``-1.0`` for every
 prompt token after the first (top: the token itself, then EOS at ``-3.0``), on the first output.
 
-Run as a module it serves the fake through ``sparkserve.server.cli.serve`` (graceful-shutdown tests).
+Run as a module it serves the fake through ``sparkserve.server.http_server.serve`` (graceful-shutdown tests).
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ class FakeEngine:
 def main() -> None:
     """Serve a FakeEngine with the real CLI serving loop (used by the graceful-shutdown test)."""
     from sparkserve.server.app import build_app
-    from sparkserve.server.cli import serve
+    from sparkserve.server.http_server import serve
     from sparkserve.server.metrics import ServerMetrics
 
     parser = argparse.ArgumentParser()

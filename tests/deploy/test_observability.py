@@ -182,7 +182,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     write_profile(tmp / "profile.json")
     port, prom_port = free_port(), free_port()
     command = shutil.which("sparkserve")
-    server_cmd = [command] if command else [sys.executable, "-m", "sparkserve.server.cli"]
+    server_cmd = [command] if command else [sys.executable, "-m", "sparkserve"]
     server_cmd += [
         "serve", "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
         "--max-model-len", "512", "--num-kv-blocks", "256", "--max-num-seqs", "8",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparkserve.cli import build_parser, engine_args_from
 from sparkserve.engine.config import EngineArgs, resolve_device
 from sparkserve.engine.core import EngineCore
-from sparkserve.server.cli import build_parser, engine_args_from
 from sparkserve.testing.tiny import tiny_target
 
 

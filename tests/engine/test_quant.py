@@ -154,7 +154,7 @@ def test_hf_checkpoint_quantised_at_load(mode, tmp_path) -> None:
 
 
 def test_quantization_flags() -> None:
-    from sparkserve.server.cli import build_parser, engine_args_from
+    from sparkserve.cli import build_parser, engine_args_from
 
     args = engine_args_from(build_parser().parse_args(["serve", "--quantization", "int4", "--compile",
                                                        "--quant-gemv-max-tokens", "2"]))

@@ -30,28 +30,30 @@ import pytest  # noqa: E402
 
 from sparkserve.engine.attention import build_attention_metadata  # noqa: E402
 from sparkserve.engine.attention import paged_attention as engine_paged_attention  # noqa: E402
-from sparkserve.engine.sampling.keyed_random import keyed_uniform, request_key  # noqa: E402
+from sparkserve.engine.attention import store_kv as store_kv_reference  # noqa: E402
+from sparkserve.engine.sampling.draw import coupled_choice as coupled_choice_reference  # noqa: E402
 from sparkserve.engine.sampling.metadata import SamplingMetadata  # noqa: E402
 from sparkserve.engine.sampling.transforms import apply_penalties_and_bias  # noqa: E402
 from sparkserve.engine.spec_decode.rejection import RaggedDrafts  # noqa: E402
 from sparkserve.engine.spec_decode.verifier import Verifier, emitted_tokens  # noqa: E402
+from sparkserve.engine.spec_decode.verifier_kernels import rejection_sample_reference, verify_rows  # noqa: E402
 from sparkserve.kernels.attention_metadata import (  # noqa: E402
     build_ragged_metadata,
     split_heuristic,
     split_scratch_bytes,
 )
 from sparkserve.kernels.common import cdiv  # noqa: E402
-from sparkserve.kernels.coupling import coupled_choice, coupled_choice_reference  # noqa: E402
+from sparkserve.kernels.coupling import coupled_choice  # noqa: E402
 from sparkserve.kernels.keyed_hash import keyed_uniform_kernel  # noqa: E402
-from sparkserve.kernels.kv_store import store_kv, store_kv_reference  # noqa: E402
+from sparkserve.kernels.keyed_random import keyed_uniform, request_key  # noqa: E402
+from sparkserve.kernels.kv_store import store_kv  # noqa: E402
 from sparkserve.kernels.paged_attention import (  # noqa: E402
     AttentionConfig,
     paged_attention,
     paged_attention_reference,
     store_and_attend,
 )
-from sparkserve.kernels.rejection import FlatVerifyInput, rejection_sample, rejection_sample_reference  # noqa: E402
-from sparkserve.kernels.verify import verify_rows  # noqa: E402
+from sparkserve.kernels.rejection import FlatVerifyInput, rejection_sample  # noqa: E402
 
 
 def _load_test_module(relative: str):
@@ -316,7 +318,7 @@ def test_rejection_kernel_empty_drafts_fully_accepted_and_fully_rejected() -> No
 
 
 def verify_flat_kernel(probs, drafts, lengths, params, q, keys, first_positions, attempt=0):
-    """``verify_flat`` (tests/engine/spec_decode/test_rejection.py) through ``sparkserve.kernels.verify.verify_rows`` (one launch)."""
+    """``verify_flat`` (tests/engine/spec_decode/test_rejection.py) through ``sparkserve.engine.spec_decode.verifier_kernels.verify_rows`` (one launch)."""
     n = len(params)
     meta = SamplingMetadata.build(params, keys, [[] for _ in params], probs.shape[-1], attempts=[attempt] * n,
                                   device=DEVICE)
@@ -484,7 +486,7 @@ def test_gpu_check_dry_run_writes_every_phase_in_order(tmp_path: Path) -> None:
 
 def test_benchmark_and_exactness_code_paths_run_at_tiny_shapes() -> None:
     """Phase 2's and phase 4's kernel code at tiny shapes (on the CPU: interpreter timings, meaningless)."""
-    from sparkserve.kernels import bench
+    from sparkserve.benchmarks import bench_kernels as bench
 
     plan = bench.BenchPlan(batches=(2,), contexts=(40,), verify_q_len=3, tune_cells=((2, 40),), configs=(SMALL,),
                            copy_bytes=1 << 20, sampling=(4, 2, 64))

@@ -16,9 +16,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from sparkserve.engine.attention import store_kv as store_kv_reference  # noqa: E402
 from sparkserve.engine.config import EngineArgs  # noqa: E402
 from sparkserve.engine.core import EngineCore  # noqa: E402
-from sparkserve.kernels.kv_store import store_kv, store_kv_reference  # noqa: E402
+from sparkserve.kernels.kv_store import store_kv  # noqa: E402
 from sparkserve.scheduler.profile import ThroughputProfile  # noqa: E402
 from sparkserve.scheduler.sampling_params import SamplingParams  # noqa: E402
 from sparkserve.testing.engine_run import run_to_end  # noqa: E402

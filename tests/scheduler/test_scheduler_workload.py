@@ -169,7 +169,7 @@ def test_random_workloads_keep_every_invariant(
             _, i, prompt_len, max_tokens = arrivals.pop(0)
             request = make_request(f"r{i}", prompt_len=prompt_len, max_tokens=max_tokens)
             positions = prompt_len + max_tokens - 1
-            fits = prompt_len + max_tokens <= config.max_model_len and positions <= config.kv_capacity_tokens
+            fits = prompt_len + max_tokens <= config.max_model_len and positions <= config.num_kv_blocks * config.block_size
             try:
                 sched.add_request(request)
             except RequestRejectedError:

@@ -501,8 +501,8 @@ def test_request_metrics_engine_error_and_draining() -> None:
 
 
 def test_cli_subcommands() -> None:
+    from sparkserve.cli import build_parser, engine_args_from
     from sparkserve.engine.config import EngineArgs
-    from sparkserve.server.cli import build_parser, engine_args_from
 
     parser = build_parser()
     ns = parser.parse_args(["profile", "--out", "p.json", "--drafter", "none", "--max-num-seqs", "4"])

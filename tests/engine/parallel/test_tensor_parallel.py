@@ -54,7 +54,7 @@ def test_tp_size_must_divide_heads() -> None:
 
 
 def test_cli_flag_and_refused_combinations() -> None:
-    from sparkserve.server.cli import build_parser, engine_args_from
+    from sparkserve.cli import build_parser, engine_args_from
 
     parser = build_parser(include_train=False)
     assert engine_args_from(parser.parse_args(["serve", "-tp", "3", "--drafter", "none"])).tensor_parallel_size == 3

@@ -99,7 +99,7 @@ def _workers(pid: int) -> list[int]:
 def test_killed_worker_stops_server(smollm2) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sparkserve.server.cli", "serve", "--port", str(port), "--tensor-parallel-size", "3",
+        [sys.executable, "-m", "sparkserve.cli", "serve", "--port", str(port), "--tensor-parallel-size", "3",
          "--drafter", "none", "--dtype", "float32", "--no-cpu-plan", "--num-kv-blocks", "64", "--num-threads", "1",
          "--quantization", "none", "--served-model-name", "tp-test"],
         stderr=subprocess.PIPE, text=True)

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from sparkserve.engine.sampling import keyed_random
 from sparkserve.engine.sampling.draw import inverse_cdf, sample
-from sparkserve.engine.sampling.keyed_random import Draw, fmix32, keyed_gumbel, keyed_uniform, request_key
 from sparkserve.engine.sampling.logprobs import token_logprobs
 from sparkserve.engine.sampling.metadata import SamplingMetadata
 from sparkserve.engine.sampling.transforms import apply_penalties_and_bias, sampling_probs
+from sparkserve.kernels import keyed_random
+from sparkserve.kernels.keyed_random import Draw, fmix32, keyed_gumbel, keyed_uniform, request_key
 from sparkserve.scheduler.sampling_params import SamplingParams
 
 torch.set_num_threads(1)

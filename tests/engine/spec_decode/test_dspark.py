@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sparkserve.engine.sampling.keyed_random import request_key
 from sparkserve.engine.sampling.metadata import SamplingMetadata
 from sparkserve.engine.spec_decode.drafter import DraftBatch
 from sparkserve.engine.spec_decode.dspark import DSparkDrafter
@@ -23,6 +22,7 @@ from sparkserve.engine.spec_decode.dspark_loader import (
     random_drafter_config,
     save_drafter,
 )
+from sparkserve.kernels.keyed_random import request_key
 from sparkserve.scheduler.sampling_params import SamplingParams
 
 torch.set_num_threads(1)

@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 
 from sparkserve.engine.sampling import draw as draw_module
-from sparkserve.engine.sampling.keyed_random import Draw, keyed_gumbel, request_key
 from sparkserve.engine.sampling.metadata import SamplingMetadata
 from sparkserve.engine.spec_decode import rejection
 from sparkserve.engine.spec_decode.rejection import DraftProbs, RaggedDrafts
 from sparkserve.engine.spec_decode.verifier import Verifier, VerifyInput, emitted_tokens
+from sparkserve.kernels.keyed_random import Draw, keyed_gumbel, request_key
 from sparkserve.scheduler.sampling_params import SamplingParams
 
 torch.set_num_threads(1)

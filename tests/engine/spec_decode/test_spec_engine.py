@@ -201,9 +201,9 @@ def test_sampling_distribution_matches_target(target) -> None:
 
 
 def test_survival_check_counts_match_the_engine(target, prompts) -> None:
-    """loadtests.survival_check.run: its per-position counts add up to its totals (drafts verified, drafts
+    """benchmarks.survival_check.run: its per-position counts add up to its totals (drafts verified, drafts
     accepted, from the steps' records), and predictions are prefix survivals in [0, 1]."""
-    from sparkserve.loadtests.survival_check import run
+    from sparkserve.benchmarks.survival_check import run
 
     core = _core(target, _DRAFTERS["dspark"](target, 6))
     res = run(core, prompts[:5], 0.0, 12)

@@ -13,7 +13,7 @@ shared machine hits them alike.
 3. engine decode TPOT at c = 1 with ``--drafter none`` (``EngineCore.step`` wall time of steady
    decode steps, no HTTP), for each quantisation mode; optionally the same with ``--compile``.
 
-    python -m sparkserve.loadtests.bench_step --out bench_results/step_quant.json [--compile]
+    python -m sparkserve.benchmarks.bench_step --out bench_results/step_quant.json [--compile]
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
+from sparkserve.benchmarks.bench_step_breakdown import machine
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.engine.loader import load_model
 from sparkserve.engine.quant import quantize_int4
 from sparkserve.engine.throughput_probe import make_step_fn
-from sparkserve.loadtests.bench_step_breakdown import machine
 from sparkserve.scheduler.sampling_params import SamplingParams
 
 SHAPES = {"qkv_proj": (960, 576), "o_proj": (576, 576), "gate_up_proj": (3072, 576), "down_proj": (576, 1536),

@@ -6,8 +6,8 @@ The timers wrap public seams that every version of the engine has (``Scheduler.s
 ``Scheduler.update_from_output``), so the same script measures an older checkout for a before / after
 comparison (run it with that checkout first on ``PYTHONPATH``)::
 
-    python -m sparkserve.loadtests.bench_step_breakdown --batch 1 16 64 --out bench_results/step_breakdown.json
-    PYTHONPATH=/path/to/old/checkout python loadtests/bench_step_breakdown.py --label before ...
+    python -m sparkserve.benchmarks.bench_step_breakdown --batch 1 16 64 --out bench_results/step_breakdown.json
+    PYTHONPATH=/path/to/old/checkout python benchmarks/bench_step_breakdown.py --label before ...
 
 Only steady decode steps count (every scheduled request decoding, none prefilling). Times are medians
 over the measured steps, in milliseconds.

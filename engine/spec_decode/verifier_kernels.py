@@ -6,6 +6,7 @@ choice for coupled rows, ``softmax(process_logits)`` for unseeded sampled rows, 
 first position and attempt) and verifies every request in one ``rejection_sample`` launch. ``Verifier.verify``
 calls it after the penalties, bias and logits mask (``adjusted``) when ``Verifier.use_kernels`` is set: the
 runner sets it when the Triton kernels serve attention (``attention_backend`` triton / auto on CUDA).
+``rejection_sample_reference`` runs the torch rules on the kernel's flat input: the kernel's reference.
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ from torch import Tensor
 
 from sparkserve.engine.sampling.metadata import SamplingMetadata
 from sparkserve.engine.sampling.transforms import process_logits
-from sparkserve.engine.spec_decode.rejection import DraftProbs, RaggedDrafts, VerifyResult
+from sparkserve.engine.spec_decode.rejection import (
+    DraftProbs,
+    RaggedDrafts,
+    verify_by_agreement,
+    verify_by_rejection,
+)
 from sparkserve.kernels.coupling import coupled_choice
+from sparkserve.kernels.keyed_random import _NUM_DRAW_KINDS, Draw, keyed_uniform
 from sparkserve.kernels.rejection import FlatVerifyInput, rejection_sample
+from sparkserve.kernels.verify_contract import VerifyResult
 
 
 def verify_rows(drafts: RaggedDrafts, adjusted: Tensor, rows_meta: SamplingMetadata, first_positions: Tensor,
@@ -79,3 +87,44 @@ def _row_positions(drafts: RaggedDrafts, first_positions: Tensor) -> Tensor:
                                     output_size=drafts.num_requests + sum(drafts.num_draft_tokens))  # [N], no sync
     first = torch.cumsum(sizes, 0) - sizes
     return first_positions[owner] + torch.arange(owner.numel(), device=device) - first[owner]
+
+
+def rejection_sample_reference(inp: FlatVerifyInput) -> VerifyResult:
+    """The torch rules (``verify_by_agreement`` / ``verify_by_rejection``) on the two groups, with the
+    uniforms the verifier draws (``engine/spec_decode/verifier.py``). Host loops: a reference."""
+    cu = inp.cu_num_draft_tokens.tolist()
+    counts = [cu[r + 1] - cu[r] for r in range(inp.num_requests)]
+    width = 1 + inp.max_num_draft_tokens
+    device = inp.draft_token_ids.device
+    tokens = torch.zeros(inp.num_requests, width, dtype=torch.int64, device=device)
+    accepted = torch.zeros(inp.num_requests, dtype=torch.int64, device=device)
+    agree = inp.agreement.tolist()
+    for flag in (True, False):
+        group = [r for r in range(inp.num_requests) if agree[r] == flag]
+        if not group:
+            continue
+        drafts_idx = torch.tensor([d for r in group for d in range(cu[r], cu[r + 1])], dtype=torch.int64, device=device)
+        rows = torch.tensor([cu[r] + r + k for r in group for k in range(1 + counts[r])], dtype=torch.int64, device=device)
+        drafts = RaggedDrafts(inp.draft_token_ids[drafts_idx], tuple(counts[r] for r in group))
+        if flag:
+            result = verify_by_agreement(drafts, inp.target_choice[rows])
+        else:
+            result = _reference_rejection(inp, drafts, drafts_idx, rows, torch.tensor(group, device=device))
+        index = torch.tensor(group, device=device)
+        tokens[index, : result.token_ids.shape[1]] = result.token_ids
+        accepted[index] = result.num_accepted
+    return VerifyResult(tokens, accepted)
+
+
+def _reference_rejection(inp: FlatVerifyInput, drafts: RaggedDrafts, drafts_idx: Tensor, rows: Tensor,
+                         group: Tensor) -> VerifyResult:
+    """``verify_by_rejection`` on one group, uniforms keyed as ``Verifier._rejection`` keys them."""
+    request, position, _ = drafts.index()
+    keys, first_pos = inp.keys[group], inp.first_positions[group]
+    base = inp.attempts[group] * _NUM_DRAW_KINDS  # draw index = kind + 8 * attempt (stream_draws)
+    u_accept = keyed_uniform(keys[request], first_pos[request] + position, (base + int(Draw.ACCEPT))[request])
+    u_recover = keyed_uniform(keys, first_pos, base + int(Draw.RECOVER))
+    u_bonus = keyed_uniform(keys, first_pos, base + int(Draw.TOKEN))
+    dense = None if inp.draft_probs is None else inp.draft_probs[drafts_idx]
+    q = DraftProbs(dense, inp.draft_one_hot[drafts_idx])
+    return verify_by_rejection(drafts, inp.target_probs[rows], q, u_accept, u_recover, u_bonus)

@@ -6,7 +6,7 @@ token sampled from its last logits) and the prefix cache off, so every run compu
 Arms alternate (A B A B ...) so load from other processes hits both alike; the result is the ratio of
 medians, in seconds per request::
 
-    python -m sparkserve.loadtests.bench_prompt_logprobs --out bench_results/prompt_logprobs.json
+    python -m sparkserve.benchmarks.bench_prompt_logprobs --out bench_results/prompt_logprobs.json
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import statistics
 import time
 from pathlib import Path
 
+from sparkserve.benchmarks.bench_step_breakdown import machine
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
-from sparkserve.loadtests.bench_step_breakdown import machine
 from sparkserve.scheduler.profile import ThroughputProfile
 from sparkserve.scheduler.sampling_params import SamplingParams
 

@@ -9,7 +9,7 @@ Workloads, each run on a cache-on and a cache-off engine in alternation, ``--rou
   (c) ``unique``: the same arrivals with unique prompts (no sharing): caching must cost nothing here.
 Plus a microbenchmark of the lookup (block keys + ``cached_prefix``) per request of ~1,000 tokens.
 
-    python -m sparkserve.loadtests.bench_prefix_cache --rounds 3 --out bench_results/prefix_cache.json
+    python -m sparkserve.benchmarks.bench_prefix_cache --rounds 3 --out bench_results/prefix_cache.json
 
 TTFT here = first output token time - arrival time (seconds, ``time.perf_counter``), engine only.
 """
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
+from sparkserve.benchmarks.bench_step_breakdown import machine
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.engine.loader import load_model
-from sparkserve.loadtests.bench_step_breakdown import machine
 from sparkserve.loadtests.prompts import load_prompts, shared_data_dir
 from sparkserve.scheduler.block_manager import block_keys
 from sparkserve.scheduler.sampling_params import SamplingParams

@@ -145,9 +145,9 @@ def tune(pool: Pool, copy_bw: float, cells: Sequence[tuple[int, int]], configs: 
 def sampling_cells(num_requests: int = 256, num_drafts: int = 7, vocab: int = 49152) -> dict[str, float]:
     """Milliseconds of the rejection and coupled-choice kernels vs their torch references at serving size."""
     from sparkserve.engine.sampling.draw import coupled_choice as torch_coupled
-    from sparkserve.engine.sampling.keyed_random import keyed_uniform
     from sparkserve.engine.spec_decode.rejection import DraftProbs, RaggedDrafts, verify_by_rejection
     from sparkserve.kernels.coupling import coupled_choice
+    from sparkserve.kernels.keyed_random import keyed_uniform
     from sparkserve.kernels.rejection import FlatVerifyInput, rejection_sample
 
     dev = default_device()

@@ -8,7 +8,7 @@ bounds small-batch speed. This times, per batch size B (SmolLM2-135M's heads: Hk
 - graph: ``StepGraph.stage``: the host-padded step copied into its bucket's static buffers (one copy).
 Rounds alternate the two paths (the machine is shared); medians of ``--repeats`` calls per round.
 
-    python -m sparkserve.loadtests.bench_step_graph --out bench_results/step_graph_host_prep.json
+    python -m sparkserve.benchmarks.bench_step_graph --out bench_results/step_graph_host_prep.json
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from sparkserve.benchmarks.bench_step_breakdown import machine
 from sparkserve.engine.attention import build_step_metadata
 from sparkserve.engine.cpu_plan import cpu_signature
 from sparkserve.engine.staging import HostStaging
 from sparkserve.engine.step_graph import StepGraph, default_buckets
-from sparkserve.loadtests.bench_step_breakdown import machine
 from sparkserve.testing.tiny import tiny_target
 
 HEADS = (3, 3)  # SmolLM2-135M: Hkv = 3, G = 9 / 3

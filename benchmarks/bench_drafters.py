@@ -2,7 +2,7 @@
 by position for each drafter kind on MT-bench prompts with the SmolLM2 target, through the real engine
 (fixed:7 verification, greedy), plus the drafter's own cost per step relative to a target decode step.
 
-    python -m sparkserve.loadtests.bench_drafters --out bench_results/drafters.json
+    python -m sparkserve.benchmarks.bench_drafters --out bench_results/drafters.json
 """
 
 from __future__ import annotations

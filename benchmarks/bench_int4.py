@@ -13,7 +13,7 @@
 3. ``--emulate-avx2`` reruns part 1 in a child process with ``ATEN_CPU_CAPABILITY=avx2`` (torch's
    kernels) and ``SPARKSERVE_INT4_ISA=avx2`` (this kernel), as on an AVX2-only CI machine.
 
-    python -m sparkserve.loadtests.bench_int4 --engine --emulate-avx2 --out bench_results/int4_cpu.json
+    python -m sparkserve.benchmarks.bench_int4 --engine --emulate-avx2 --out bench_results/int4_cpu.json
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sparkserve.benchmarks.bench_step_breakdown import machine
 from sparkserve.engine.quant import BlockQuant
 from sparkserve.kernels import int4_cpu
-from sparkserve.loadtests.bench_step_breakdown import machine
 
 # name -> (N, K, int4 planes)
 SHAPES = {
@@ -202,7 +202,7 @@ def main() -> None:
     if ns.emulate_avx2:
         child_out = Path(ns.out).with_suffix(".avx2.json")
         env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "SPARKSERVE_INT4_ISA": "avx2"}
-        subprocess.run([sys.executable, "-m", "sparkserve.loadtests.bench_int4", "--out", str(child_out),
+        subprocess.run([sys.executable, "-m", "sparkserve.benchmarks.bench_int4", "--out", str(child_out),
                         "--repeats", str(ns.repeats), *(["--threads", str(ns.threads)] if ns.threads else []), "--m", *map(str, ns.m)], env=env, check=True)
         result["avx2_emulation"] = json.loads(child_out.read_text())
         child_out.unlink()

@@ -5,7 +5,7 @@ bucket, far-slower ones pruned at larger buckets) in fp32 and bf16 for dense and
 selects the plan as ``--dtype auto`` would. Run it again under ``ATEN_CPU_CAPABILITY=avx2
 ONEDNN_MAX_CPU_ISA=AVX2`` to see the choice an AVX2-only CPU gets (``--label avx2``).
 
-    python -m sparkserve.loadtests.bench_cpu_plan --out bench_results/cpu_plan.json --label native
+    python -m sparkserve.benchmarks.bench_cpu_plan --out bench_results/cpu_plan.json --label native
 """
 
 from __future__ import annotations

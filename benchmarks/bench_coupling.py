@@ -9,7 +9,7 @@ acceptance is measured at every position), one engine per setting:
 Rejection sampling accepts with probability sum_v min(p, q)(v), the most any coupling can; Gumbel-max
 coupling agrees less often but makes a seeded request's text independent of verify lengths.
 
-    python -m sparkserve.loadtests.bench_coupling --num-prompts 20 --max-tokens 128 --out bench_results/coupling_T1.json
+    python -m sparkserve.benchmarks.bench_coupling --num-prompts 20 --max-tokens 128 --out bench_results/coupling_T1.json
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
+from sparkserve.benchmarks.bench_step_breakdown import machine
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.engine.loader import load_model
 from sparkserve.engine.outputs import StepStats
-from sparkserve.loadtests.bench_step_breakdown import machine
 from sparkserve.loadtests.prompts import load_prompts
 from sparkserve.scheduler.sampling_params import SamplingParams
 from sparkserve.scheduler.stats import SpecDecodingStats

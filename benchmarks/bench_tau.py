@@ -7,7 +7,7 @@ and realised / predicted accepted drafts, where the prediction is the prefix sur
 the drafter's stated confidences; ``online_calibration`` gives the online calibration's own account
 (accepted over stated and over corrected conditional confidences, cumulative over the run).
 
-    python -m sparkserve.loadtests.bench_tau --num-prompts 12 --max-tokens 128 --out bench_results/tau_by_set.json
+    python -m sparkserve.benchmarks.bench_tau --num-prompts 12 --max-tokens 128 --out bench_results/tau_by_set.json
 
 Sets: mt_bench, humaneval, gsm8k and ``spec_bench:CATEGORY`` (translation, summarization, qa,
 math_reasoning, rag). tau does not depend on machine speed, so a loaded machine gives the same figures.
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
+from sparkserve.benchmarks.bench_step_breakdown import machine
+from sparkserve.benchmarks.survival_check import step_and_record_survival
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.engine.loader import load_model
-from sparkserve.loadtests.bench_step_breakdown import machine
 from sparkserve.loadtests.prompts import load_prompts
-from sparkserve.loadtests.survival_check import step_and_record_survival
 from sparkserve.scheduler.sampling_params import SamplingParams
 from sparkserve.scheduler.stats import SpecDecodingStats
 from sparkserve.train.data import chat_prompt_ids

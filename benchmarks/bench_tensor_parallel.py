@@ -7,7 +7,7 @@ share. The model is a random fp32 Llama of a SmolLM2-like width whose heads divi
 not). Rounds alternate TP = 1 and TP = 2 over the same requests (the machine may be shared); each round
 runs a batch to completion and records every step's execute time (``StepStats.execute_s``).
 
-Usage: ``python -m sparkserve.loadtests.bench_tensor_parallel --out bench_results/tensor_parallel_cpu.json``
+Usage: ``python -m sparkserve.benchmarks.bench_tensor_parallel --out bench_results/tensor_parallel_cpu.json``
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from sparkserve.benchmarks.bench_step_breakdown import machine
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.engine.cpu_plan import cpu_signature
@@ -29,7 +30,6 @@ from sparkserve.engine.loader import LoadedModel
 from sparkserve.engine.models.config import ModelConfig
 from sparkserve.engine.parallel.executor import TensorParallelRunner
 from sparkserve.engine.spec_decode.drafter import Drafter
-from sparkserve.loadtests.bench_step_breakdown import machine
 from sparkserve.scheduler.sampling_params import SamplingParams
 from sparkserve.testing.tiny import EOS, random_llama
 

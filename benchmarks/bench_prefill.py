@@ -2,7 +2,7 @@
 ``max_tokens`` 1, the wall time of its steps (chunked prefill under ``--max-num-batched-tokens``) and
 prompt tokens per second; lengths alternate in rounds so machine drift hits them alike.
 
-    python -m sparkserve.loadtests.bench_prefill --lengths 500 1000 2000 4000 --rounds 2 --out bench_results/prefill.json
+    python -m sparkserve.benchmarks.bench_prefill --lengths 500 1000 2000 4000 --rounds 2 --out bench_results/prefill.json
 
 Goal (issue "Per-user speed on one stream"): tokens/s of a 4,000-token prompt within 1.5x of a 500-token
 one (attention cost per query token linear in its context; no quadratic masks or workspaces).
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from sparkserve.benchmarks.bench_step_breakdown import machine
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
-from sparkserve.loadtests.bench_step_breakdown import machine
 from sparkserve.loadtests.prompts import load_prompts
 from sparkserve.scheduler.sampling_params import SamplingParams
 

@@ -6,7 +6,7 @@ survival ``prod_{i<=k} c_i`` from the drafter's confidences (what Algorithm 1 su
 whether draft k was accepted. Runs 16 MT-bench / GSM8K prompts at once through ``EngineCore`` (no HTTP)
 for each policy and temperature, with the cached start-up profile (or ``--profile``).
 
-    python -m sparkserve.loadtests.survival_check --policies dspark fixed:7 --temperatures 0 1
+    python -m sparkserve.benchmarks.survival_check --policies dspark fixed:7 --temperatures 0 1
 """
 
 from __future__ import annotations
