@@ -41,9 +41,9 @@ def test_guard_backing_off_and_probing_keeps_seeded_and_greedy_text(target) -> N
     """A guard that backs off after every 2-step window (threshold 100x) flips speculation on and off
     many times in one run; seeded sampled and greedy requests still give the text of a plain engine."""
     prompts = [[2, 5, 3, 8], [4, 4, 9], [7, 1, 2, 6, 3]]
-    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=32, ignore_eos=True),
-              SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
-              SamplingParams(temperature=1.1, seed=77, max_tokens=32, ignore_eos=True)]
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=1.1, seed=77, max_tokens=24, ignore_eos=True)]
     reference = _run(_core(target), prompts, params, [])
     guard = SpeculationGuard(min_window=2, max_window=2, z=0.0, threshold=100.0, backoff_steps=2,
                              max_backoff_steps=2, plain_probe_steps=1)
