@@ -112,6 +112,10 @@ def run_default(prompts: list[list[int]], max_tokens: int, seed: int, overrides:
         plain = drafting_step_time(profile, s.num_decode_requests, s.num_decode_requests, 0)
         steps.append(rec.step_record(predicted, plain, profile.draft_time(s.num_drafting)))
     wall = time.perf_counter() - start
+    guard = ctrl.guard.stats() if ctrl.guard is not None else None
+    if guard is not None:
+        steps.append({"guard": {"num_backoffs": guard.num_backoffs, "last_speedup": guard.last_speedup,
+                                "plain_scale": guard.plain_scale}})
     base = ctrl.profile.base.to_dict()
     ctrl.close()
     return wall, tokens, steps, base
@@ -130,11 +134,13 @@ def run_plain(prompts: list[list[int]], max_tokens: int, seed: int) -> tuple[flo
 
 def summarise(steps: list[dict], plain_steps: list[dict]) -> dict:
     """The terms of the diagnosis over the decode steps (no prefill in the step)."""
+    guard = [s["guard"] for s in steps if "guard" in s]
+    steps = [s for s in steps if "guard" not in s]
     dec = [s for s in steps if s["R"] and s["B"] <= s["R"] + s["verify_tokens"]]
     verify = [s for s in dec if s["verify_tokens"]]
     plain = [s for s in dec if not s["verify_tokens"]]
     med = statistics.median
-    out: dict = {"decode_steps": len(dec), "verify_steps": len(verify)}
+    out: dict = {"decode_steps": len(dec), "verify_steps": len(verify), "guard": guard[0] if guard else None}
     if dec:
         out["profile_error_all"] = med(s["duration_s"] / s["predicted_s"] for s in dec)
     if verify:
