@@ -48,6 +48,8 @@ class EngineArgs:
         suffix_global: the suffix drafter also matches recent outputs of other requests (opt-in: one
             tenant's text could raise another's acceptance).
         online_calibration: correct draft confidences online from verification outcomes.
+        spec_guard: with dspark / dspark-async, back speculation off while verify steps measurably emit
+            fewer tokens per second than plain steps would (``sparkserve.scheduler.policy.guard``).
         enable_prefix_caching: reuse the KV (and the drafter's context) of cached full blocks.
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         gpu_memory_utilization: on CUDA, the fraction of device memory the engine may use; the KV
@@ -101,6 +103,7 @@ class EngineArgs:
     speculative_method: str = "dspark"
     suffix_global: bool = False
     online_calibration: bool = True
+    spec_guard: bool = True
     enable_prefix_caching: bool = True
     device: str = "auto"
     gpu_memory_utilization: float = 0.9

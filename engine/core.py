@@ -317,10 +317,12 @@ class EngineCore:
         step = self.last_step = StepStats(scheduler_stats, duration_s=end - start, schedule_s=scheduled - start,
                                           execute_s=executed - scheduled, update_s=end - executed)
         if self.controller is not None:
+            spec = scheduler_stats.spec_decoding
             try:
                 self.controller.observe_step(StepObservation(
                     scheduler_stats.num_batched_tokens, scheduler_stats.num_decode_requests,
-                    scheduler_stats.num_drafting, step.duration_s))
+                    scheduler_stats.num_drafting, step.duration_s, spec.num_draft_tokens if spec else 0,
+                    spec.num_accepted_tokens if spec else 0))
             except Exception:  # noqa: BLE001 - statistics must not lose the step's tokens
                 logger.exception("recording step statistics failed")
         return outputs

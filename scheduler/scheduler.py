@@ -231,7 +231,8 @@ class Scheduler:
                 self._top_up_prefills(plan)
         seqs = [self._make_seq(r, 1, plan.num_spec.get(r.request_id, 0), r.request_id not in plan.no_draft)
                 for r in plan.decode]
-        seqs += [self._make_seq(r, n, 0) for r, n in plan.chunks + plan.admitted]
+        prefill_draft = self.speculation is None or self.speculation.drafts_after_prefill()
+        seqs += [self._make_seq(r, n, 0, prefill_draft) for r, n in plan.chunks + plan.admitted]
         finished, self._finished_ids = frozenset(self._finished_ids), set()
         self._last_reported = finished
         return SchedulerOutput(

@@ -45,6 +45,11 @@ class Speculation(Protocol):
         """Per decode request (FCFS order): draft after this step? Asked before any of those drafts exist."""
         ...
 
+    def drafts_after_prefill(self) -> bool:
+        """Do requests that finish their prefill in this step draft? (The gate has no estimate for them;
+        False while speculation is held off or when the gate drafted for nobody: a plain step.)"""
+        ...
+
     def on_verified(self, request: Request, confidences: tuple[float, ...], num_verified: int,
                     num_accepted: int) -> None:
         """A verify step's outcome: the stated confidences c_k of the ``num_verified`` drafts (l_r) and

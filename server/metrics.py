@@ -181,6 +181,10 @@ class ServerMetrics:
                 positions,
             ).values()
         )
+        self.spec_backoff = self._gauge(
+            "spec_decode_backoff",
+            "1 while the speculation guard holds speculation off (verify steps measurably lost to plain steps).",
+        )
         self.spec_verify_budget = self._histogram(
             "spec_decode_verify_budget_tokens", "Drafts verified per engine step (sum l_r).", [0, *per_step]
         )
@@ -268,6 +272,10 @@ class ServerMetrics:
             for name, total in (("calibration_verified", row.verified), ("calibration_stated", row.stated),
                                 ("calibration_corrected", row.corrected), ("calibration_accepted", row.accepted)):
                 self._advance(self._calibration[name].labels(*labels), (name, *labels), total)
+
+    def on_guard(self, backing_off: bool) -> None:
+        """The speculation guard's state after a step (``sparkserve:spec_decode_backoff``)."""
+        self.spec_backoff.set(1.0 if backing_off else 0.0)
 
     def _advance(self, counter: Counter, key: tuple, total: float) -> None:
         delta = total - self._totals.get(key, 0)

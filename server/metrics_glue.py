@@ -70,6 +70,9 @@ class EngineMetricsListener:
             )
         else:
             self.metrics.on_step(num_running=stats.num_running, num_waiting=stats.num_waiting, kv_cache_usage=usage)
+        guard = stats.controller.guard if stats.controller is not None else None
+        if guard is not None:
+            self.metrics.on_guard(guard.backing_off)
         self.metrics.on_totals(stats.prefix_cache_queries, stats.prefix_cache_hits,
                                stats.controller.calibration if stats.controller is not None else ())
         self.num_steps += 1

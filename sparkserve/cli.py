@@ -103,6 +103,9 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
                    help="suffix drafts also match recent outputs of other requests (off: tenants share it)")
     s.add_argument("--no-online-calibration", dest="online_calibration", action="store_false",
                    help="rank drafts by the drafter's own confidences (default: corrected online from outcomes)")
+    s.add_argument("--no-spec-guard", dest="spec_guard", action="store_false",
+                   help="with dspark policies, never back speculation off (default: off for a while when "
+                        "verify steps measurably lose to plain decode steps)")
     s.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default: %(default)s: CUDA when available)")
     s.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
                    help="on CUDA, the share of device memory for weights, activations and KV cache (default: %(default)s)")
@@ -260,6 +263,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         speculative_method=method,
         suffix_global=getattr(ns, "suffix_global", False),
         online_calibration=getattr(ns, "online_calibration", True),
+        spec_guard=getattr(ns, "spec_guard", True),
         enable_prefix_caching=getattr(ns, "enable_prefix_caching", True),
         device=getattr(ns, "device", "auto"),
         gpu_memory_utilization=getattr(ns, "gpu_memory_utilization", 0.9),

@@ -13,8 +13,9 @@ from sparkserve.engine.spec_decode.drafter import Drafter
 from sparkserve.engine.spec_decode.dspark import DSparkDrafter
 from sparkserve.engine.spec_decode.hybrid import HybridDrafter
 from sparkserve.engine.spec_decode.suffix import load_suffix_drafter
-from sparkserve.scheduler.policy.calibration import OnlineCalibration
+from sparkserve.scheduler.policy.calibration import conservative_calibration
 from sparkserve.scheduler.policy.controller import SpeculationController
+from sparkserve.scheduler.policy.guard import SpeculationGuard
 from sparkserve.scheduler.policy.spec import parse_policy
 from sparkserve.scheduler.profile.grid import ThroughputProfile
 from sparkserve.scheduler.profile.online import OnlineProfile
@@ -118,4 +119,5 @@ def make_controller(args: EngineArgs, drafter: Drafter | None,
         raise ValueError(f"verify policy {spec} needs a throughput profile (--profile PATH or start-up profiling)")
     return SpeculationController(spec, online, gate_drafting=args.draft_gate,
                                  num_lookahead_tokens=drafter.num_speculative_tokens,
-                                 calibration=OnlineCalibration() if args.online_calibration else None)
+                                 calibration=conservative_calibration() if args.online_calibration else None,
+                                 guard=SpeculationGuard() if args.spec_guard and spec.needs_profile else None)

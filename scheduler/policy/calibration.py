@@ -10,6 +10,13 @@ position, observations are binned by stated confidence; every ``refit_every`` ob
 has little data (``prior_weight`` pseudo-observations). Memory is bounded (fixed bins; counts decay by
 half once a position holds ``max_weight`` observations), so the map follows the traffic.
 
+Conservative until calibrated (issue 25): the prior is ``prior_scale`` x the stated confidence (an
+under-prediction: a fresh server's drafter is usually over-confident on traffic it was not trained on,
+and over-verifying costs more than under-verifying near break-even), used as it is before a table has
+its first fit and as the shrinkage target of every bin afterwards; and every fitted rate is lowered by
+``uncertainty_z`` standard errors of the bin, ``sqrt(p (1 - p) / (n + prior_weight))``, so the expected
+gain of the policy is discounted by how little is known, and the discount vanishes as data arrives.
+
 The correction only changes how much is verified and who drafts, never what is emitted: verification is
 lossless for any verify length, and the policy stays non-anticipating because the map is fitted on
 outcomes of earlier steps only.
@@ -61,20 +68,25 @@ class _PositionStats:
         for series in (self.weight, self.stated, self.accepted):
             series[:] = [x * 0.5 for x in series]
 
-    def refit(self, prior_weight: float) -> None:
-        """Isotonic fit of the realised rate per bin, each shrunk to its stated mean by the prior."""
+    def refit(self, prior_weight: float, prior_scale: float = 1.0, uncertainty_z: float = 0.0) -> None:
+        """Isotonic fit of the realised rate per bin, each shrunk to ``prior_scale`` x its stated mean by
+        the prior and lowered by ``uncertainty_z`` standard errors (module docstring)."""
         bins = [b for b in range(NUM_BINS) if self.weight[b] > 0]
         if not bins:
             self.fit = None
             return
         stated = [self.stated[b] / self.weight[b] for b in bins]
-        rates = [(self.accepted[b] + prior_weight * s) / (self.weight[b] + prior_weight) for b, s in zip(bins, stated, strict=True)]
+        rates = []
+        for b, s in zip(bins, stated, strict=True):
+            n = self.weight[b] + prior_weight
+            p = (self.accepted[b] + prior_weight * prior_scale * s) / n
+            rates.append(max(0.0, p - uncertainty_z * (p * (1.0 - p) / n) ** 0.5))
         fitted = pool_adjacent_violators(rates, [self.weight[b] + prior_weight for b in bins])
         self.fit = list(zip(stated, fitted, strict=True))
 
-    def correct(self, confidence: float) -> float:
+    def correct(self, confidence: float, prior_scale: float = 1.0) -> float:
         if not self.fit:
-            return confidence
+            return confidence * prior_scale
         knots = self.fit
         if confidence <= knots[0][0]:
             return knots[0][1] * confidence / knots[0][0] if knots[0][0] > 0 else knots[0][1]
@@ -107,11 +119,15 @@ class OnlineCalibration:
         refit_every: observations between refits of a (drafter, class) table.
         prior_weight: pseudo-observations at the stated confidence in every bin.
         max_weight: a position's observations are halved beyond this (bounded memory, recency).
+        prior_scale: the prior's realised / stated survival (1.0: the identity; < 1: under-predicts).
+        uncertainty_z: standard errors taken off each fitted rate (0: the plain fit).
     """
 
     refit_every: int = 200
     prior_weight: float = 20.0
     max_weight: float = 50_000.0
+    prior_scale: float = 1.0
+    uncertainty_z: float = 0.0
     _tables: dict[tuple[str, bool], list[_PositionStats]] = field(default_factory=dict)
     _since_refit: dict[tuple[str, bool], int] = field(default_factory=dict)
     _report: dict[tuple[str, bool, int], list[float]] = field(default_factory=dict)
@@ -123,11 +139,12 @@ class OnlineCalibration:
         return table
 
     def correct(self, drafter: str, greedy: bool, confidences: Sequence[float]) -> tuple[float, ...]:
-        """The corrected conditional confidences of a block (identity until data arrives)."""
+        """The corrected conditional confidences of a block (``prior_scale`` x stated until data arrives)."""
         table = self._tables.get((drafter, greedy))
+        scale = self.prior_scale
         if table is None:
-            return tuple(confidences)
-        return tuple(table[k].correct(c) if k < len(table) else c for k, c in enumerate(confidences))
+            return tuple(c * scale for c in confidences)
+        return tuple(table[k].correct(c, scale) if k < len(table) else c * scale for k, c in enumerate(confidences))
 
     def observe(self, drafter: str, greedy: bool, confidences: Sequence[float], num_verified: int,
                 num_accepted: int) -> None:
@@ -140,7 +157,7 @@ class OnlineCalibration:
         table = self._table(drafter, greedy, reached)
         for k in range(reached):
             c = float(confidences[k])
-            corrected = table[k].correct(c)
+            corrected = table[k].correct(c, self.prior_scale)
             table[k].add(c, num_accepted > k)
             if table[k].total() > self.max_weight:
                 table[k].halve()
@@ -153,8 +170,15 @@ class OnlineCalibration:
         if self._since_refit[key] >= self.refit_every:
             self._since_refit[key] = 0
             for stats in table:
-                stats.refit(self.prior_weight)
+                stats.refit(self.prior_weight, self.prior_scale, self.uncertainty_z)
 
     def report(self) -> list[CalibrationRow]:
         """Cumulative predicted vs realised survival per drafter, class and position."""
         return [CalibrationRow(d, g, k, int(v[0]), v[1], v[2], int(v[3])) for (d, g, k), v in sorted(self._report.items())]
+
+
+def conservative_calibration() -> OnlineCalibration:
+    """The engine's calibration (issue 25): a prior at 0.8 x the stated confidence, one standard error
+    off every fitted rate, refits every 50 observations (the first fit comes sooner than the default's
+    200, so the prior's under-prediction is short-lived)."""
+    return OnlineCalibration(refit_every=50, prior_scale=0.8, uncertainty_z=1.0)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from sparkserve.scheduler.policy.calibration import CalibrationRow, OnlineCalibration
 from sparkserve.scheduler.policy.common import VerifyPlan, VerifyRequest
 from sparkserve.scheduler.policy.dspark_planner import plan_budget_k, plan_drafting
+from sparkserve.scheduler.policy.guard import GuardStats, SpeculationGuard
 from sparkserve.scheduler.policy.spec import PolicySpec, plan_verify
 from sparkserve.scheduler.profile.grid import StepTimeModel, ThroughputProfile, drafting_step_time
 from sparkserve.scheduler.request import Request
@@ -67,12 +68,16 @@ class StepObservation:
         num_decode_requests: R, requests that sampled.
         num_drafting: requests the drafter ran for after the step.
         duration_s: wall time of the step, seconds.
+        num_verify_tokens: draft tokens verified in the step (sum l_r).
+        num_accepted_tokens: drafts accepted in the step.
     """
 
     num_batched_tokens: int
     num_decode_requests: int
     num_drafting: int
     duration_s: float
+    num_verify_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class ControllerStats:
         profile: the throughput profile the policy uses now (drift-corrected), None without one.
         num_tracked_requests: requests with per-request state (must fall back to 0 when idle).
         calibration: cumulative stated / corrected vs realised survival per drafter, class, position.
+        guard: the speculation guard's state, None without a guard.
     """
 
     policy: str
@@ -97,6 +103,7 @@ class ControllerStats:
     profile: ThroughputProfile | None
     num_tracked_requests: int
     calibration: tuple[CalibrationRow, ...] = ()
+    guard: GuardStats | None = None
 
 
 @dataclass
@@ -110,6 +117,7 @@ class SpeculationController:
         gate_drafting: run the drafting gate for the profile-driven policies.
         num_lookahead_tokens: gamma (drafting rule ``request_rules.may_draft``).
         calibration: the online correction of confidences, None to rank by the drafter's own.
+        guard: backs speculation off where it measurably loses (``guard.py``), None for no guard.
         last_plan: the plan of the latest step.
         last_num_drafting / last_sampled_fraction: the gate's latest choice.
     """
@@ -120,6 +128,7 @@ class SpeculationController:
     gate_drafting: bool = True
     num_lookahead_tokens: int = 1
     calibration: OnlineCalibration | None = field(default_factory=OnlineCalibration)
+    guard: SpeculationGuard | None = None
     last_plan: VerifyPlan | None = None
     last_num_drafting: int | None = None
     last_sampled_fraction: float = 0.0
@@ -131,7 +140,11 @@ class SpeculationController:
 
     # ---------------------------------------------------------------- scheduler hooks
     def verify_lengths(self, requests: Sequence[Request], budget_left: int, context: VerifyContext) -> list[int]:
-        """l_r per decode request with drafts (``Speculation.verify_lengths``)."""
+        """l_r per decode request with drafts (``Speculation.verify_lengths``); all 0 while the guard
+        holds speculation off."""
+        if self.guard is not None and not self.guard.speculating:
+            self.last_plan = None
+            return [0] * len(requests)
         now = self.clock()
         reqs = [self._verify_request(r, now) for r in requests]
         # Decode requests without drafts still count in R and B (one base token each).
@@ -164,8 +177,9 @@ class SpeculationController:
         + the rest x the running mean over all requests; only the mean when its own are stale or
         missing; unknown (always drafts) before any drafts exist.
         """
-        if self.policy.kind == "none":
+        if self.policy.kind == "none" or (self.guard is not None and not self.guard.speculating):
             self.last_num_drafting = 0
+            self.last_sampled_fraction = 0.0
             return [False] * len(requests)
         if not self.gate_drafting or self.profile is None or not self.policy.needs_profile:
             return [True] * len(requests)
@@ -182,11 +196,24 @@ class SpeculationController:
         fraction = sum(sampled) / len(requests) if requests else 0.0
         # The next step's base: one token per decode request plus this step's prefill chunks.
         prefill_tokens = context.num_scheduled_tokens - context.num_decode_requests
+        if self._mean_confidences is None:
+            # Nothing drafted yet (fresh server): one request drafts to learn what drafts are worth;
+            # drafting for all of them at once would spend a drafter forward on each before knowing.
+            first = next((i for i, e in enumerate(estimates) if e is None), None)
+            estimates = [VerifyRequest((), 0) if e is None and i != first else e for i, e in enumerate(estimates)]
         flags = plan_drafting(estimates, self.profile, max(0, prefill_tokens), context.token_budget, fraction)
         self.last_num_drafting = sum(flags)
         drafting_sampled = sum(f and s for f, s in zip(flags, sampled, strict=True))
         self.last_sampled_fraction = drafting_sampled / self.last_num_drafting if self.last_num_drafting else 0.0
         return flags
+
+    def drafts_after_prefill(self) -> bool:
+        """Requests finishing their prefill draft (``Speculation.drafts_after_prefill``) unless the policy
+        is none, the guard holds speculation off, or the gate drafted for nobody in this step."""
+        if self.policy.kind == "none" or (self.guard is not None and not self.guard.speculating):
+            return False
+        gated = self.gate_drafting and self.profile is not None and self.policy.needs_profile
+        return not (gated and self.last_num_drafting == 0 and self._mean_confidences is not None)
 
     def on_verified(self, request: Request, confidences: tuple[float, ...], num_verified: int,
                     num_accepted: int) -> None:
@@ -207,10 +234,19 @@ class SpeculationController:
 
     # ---------------------------------------------------------------- feedback
     def observe_step(self, step: StepObservation) -> None:
-        """Correct the online profile with a measured step. The profile prices a step that drafts for
-        every request greedily: add back what the gate saved, take off what sampled drafting cost."""
+        """Correct the online profile with a measured step and tell the guard its outcome. The profile
+        prices a step that drafts for every request greedily: add back what the gate saved, take off
+        what sampled drafting cost."""
         profile = self.profile
-        if profile is None or not step.num_decode_requests or not hasattr(profile, "observe"):
+        if profile is None or not step.num_decode_requests:
+            return
+        if self.guard is not None:
+            base = getattr(profile, "base", profile)  # the start-up profile: the guard corrects it itself
+            plain = drafting_step_time(base, step.num_batched_tokens - step.num_verify_tokens,
+                                       step.num_decode_requests, 0)
+            self.guard.observe(step.num_decode_requests, step.num_decode_requests + step.num_accepted_tokens,
+                               step.num_verify_tokens, max(step.duration_s, 1e-6), plain, step.num_drafting)
+        if not hasattr(profile, "observe"):
             return
         saved = profile.draft_time(step.num_decode_requests) - profile.draft_time(
             step.num_drafting, self.last_sampled_fraction)
@@ -230,6 +266,7 @@ class SpeculationController:
             profile=current if isinstance(current, ThroughputProfile) else None,
             num_tracked_requests=len(self._first_token_time),
             calibration=tuple(self.calibration.report()) if self.calibration is not None else (),
+            guard=self.guard.stats() if self.guard is not None else None,
         )
 
     def close(self) -> None:

@@ -193,7 +193,7 @@ def plan_drafting(
     prefill_tokens: int,
     token_budget: int,
     sampled_fraction: float = 0.0,
-    margin: float = 0.1,
+    margin: float = 0.0,
 ) -> list[bool]:
     """Which decode requests should draft (drafting gate, module docstring): full search of
     ``Theta(k)`` over the top-k slots of the estimated confidences, drafter cost included.
@@ -204,10 +204,10 @@ def plan_drafting(
         ``VerifyRequest((), 0)`` (no slots: never chosen).
     prefill_tokens: tokens of the next step beyond one per decode request (its prefill chunks).
     sampled_fraction: share of sampled (T > 0) requests, which draft at a higher cost.
-    margin: a drafting set is taken when its Theta exceeds ``(1 - margin)`` x Theta without drafting:
-        near break-even the start-up profile's noise (a few ms on a 40 ms step) decides, and
-        drafting is the cheaper mistake there (it keeps the gain at low load, measured); under load the
-        predicted losses are far larger than the margin.
+    margin: a drafting set is taken when its Theta exceeds ``(1 - margin)`` x Theta without drafting.
+        0 by default (issue 25): a positive margin (0.1 before) drafted where the profile itself
+        predicted a loss, and the diagnosis found those cells losing (docs/benchmarks.md, "Why the
+        default lost to --drafter none").
     Returns a flag per request; ``[True] * R`` when the profile has no measured drafter time
     (``has_draft_time``). Raises ValueError when the base tokens do not fit ``token_budget``.
 

@@ -113,6 +113,9 @@ class ScriptedSpeculation:
     def select_drafting(self, requests: Sequence[Request], context: VerifyContext) -> Sequence[bool]:
         return [True] * len(requests) if self.gate is None else self.gate(requests, context)
 
+    def drafts_after_prefill(self) -> bool:
+        return True
+
     def on_verified(self, request: Request, confidences: tuple[float, ...], num_verified: int,
                     num_accepted: int) -> None:
         self.verified.append((request.request_id, confidences, num_verified, num_accepted))

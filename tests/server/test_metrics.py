@@ -465,3 +465,17 @@ def test_no_drafter_no_profile() -> None:
     assert engine.stats().num_speculative_tokens == 0
     assert not publish_profile(ServerMetrics(MODEL), engine.stats())
     assert not publish_profile(ServerMetrics(MODEL), FakeEngine(gamma=GAMMA).stats())
+
+
+def test_spec_decode_backoff_follows_the_guard() -> None:
+    """``sparkserve:spec_decode_backoff`` is 1 while the guard holds speculation off, 0 otherwise."""
+    from sparkserve.scheduler.policy.guard import GuardStats
+
+    m = ServerMetrics(MODEL, GAMMA)
+    listener = EngineMetricsListener(m, profile_every=1000)
+    step = StepStats(SchedulerStats(num_batched_tokens=4, num_decode_requests=4, spec_decoding=spec([0], [0])))
+    for backing_off, expected in ((True, 1.0), (False, 0.0)):
+        controller = ControllerStats("dspark", None, None, None, 0, None, 0,
+                                     guard=GuardStats(backing_off, 1, 0.8, 1.0))
+        listener(EngineStats(4, 0, 0.1, step, GAMMA, controller))
+        assert value(m, "sparkserve:spec_decode_backoff") == expected

@@ -418,7 +418,8 @@ def test_plan_drafting_never_predicts_worse_than_no_drafting(confidence_lists, c
 
 
 def test_hook_drafting_gate_by_policy_and_estimates() -> None:
-    """The hook's estimate of a request's next drafts: unknown (draft) before any drafts exist;
+    """The hook's estimate of a request's next drafts: unknown (the first such request drafts) before any
+    drafts exist;
     its own latest confidences blended with the running mean once blocks have been seen; the mean
     alone when its own are stale."""
     from sparkserve.scheduler.policy.controller import (
@@ -441,8 +442,9 @@ def test_hook_drafting_gate_by_policy_and_estimates() -> None:
     reqs = [request("fresh-weak", weak, 1), request("stale-weak", weak, STALE_DRAFT_TOKENS + 1),
             request("never", (), 0)]
     hook = SpeculationController(parse_policy("dspark"), WithDrafter(0.2))
-    # no block seen this step (ages > 0): no mean yet; own confidences alone, else unknown
-    assert hook.select_drafting(reqs, ctx) == [False, True, True] and hook.last_num_drafting == 2
+    # no block seen this step (ages > 0): no mean yet; own confidences alone, else unknown, and of the
+    # unknown ones only the first drafts (a fresh server learns from one request's drafts, issue 25)
+    assert hook.select_drafting(reqs, ctx) == [False, True, False] and hook.last_num_drafting == 1
     assert SpeculationController(parse_policy("fixed:3"), WithDrafter(0.2)).select_drafting(reqs, ctx) == [True] * 3
     assert SpeculationController(parse_policy("none")).select_drafting(reqs, ctx) == [False] * 3
     off = SpeculationController(parse_policy("dspark"), WithDrafter(0.2), gate_drafting=False)
