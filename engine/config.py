@@ -64,6 +64,10 @@ class EngineArgs:
             serve each row bucket with the fastest (engine/cpu_plan.py; cached per machine).
         compile: torch.compile the decoder layers' bodies (attention stays eager); off by default
             because it measured no faster on this CPU (docs/benchmarks.md); eager fallback on failure.
+        kv_events_endpoint: bind a ZMQ PUB socket there (e.g. ``tcp://*:5557``) and publish the prefix
+            cache's KV events, one batch per step (scheduler/kv_events.py; a KV-aware router reads them);
+            None: no events.
+        kv_events_topic: the topic frame of every event message ("" = none).
     """
 
     model: str | None = None
@@ -102,6 +106,8 @@ class EngineArgs:
     quant_gemv_max_tokens: int | None = None
     cpu_plan: bool = True
     compile: bool = False
+    kv_events_endpoint: str | None = None
+    kv_events_topic: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "auto"):

@@ -229,6 +229,10 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
                    help="reuse the KV of full blocks computed before (default)")
     s.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="recompute every prompt")
+    s.add_argument("--kv-events-endpoint", default=None, metavar="ENDPOINT",
+                   help="publish the prefix cache's KV events (vLLM format) on a ZMQ PUB socket bound here, "
+                        "e.g. tcp://*:5557, for vllm-router --policy kv_aware (docs/scale_out.md)")
+    s.add_argument("--kv-events-topic", default="", help="topic frame of every KV event message (default: none)")
     s.add_argument("--unseeded-coupling", action="store_true",
                    help="verify unseeded sampled requests by Gumbel-max coupling like seeded ones (default: "
                         "rejection sampling, which accepts more drafts; see docs/benchmarks.md)")
@@ -366,6 +370,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         quant_gemv_max_tokens=getattr(ns, "quant_gemv_max_tokens", None),
         cpu_plan=getattr(ns, "cpu_plan", True),
         compile=getattr(ns, "compile", False),
+        kv_events_endpoint=getattr(ns, "kv_events_endpoint", None),
+        kv_events_topic=getattr(ns, "kv_events_topic", ""),
     )
 
 

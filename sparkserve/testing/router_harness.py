@@ -43,16 +43,26 @@ def replica_set(num_replicas: int, policy: str, log_dir: Path, *, fake: bool, se
     """``num_replicas`` replicas (fake engines, or ``sparkserve serve`` with one thread each) behind a
     ``policy`` router on free ports; everything is stopped on exit."""
     require_router()
-    base = free_port()  # replica i listens on base + i: look for a base whose whole run is free
-    while not all(free_port_at(base + i) for i in range(num_replicas)):
-        base = free_port()
+    base = free_port_run(num_replicas)  # replica i listens on base + i
+    kv_base = free_port_run(num_replicas, avoid=range(base, base + num_replicas))  # its KV events (kv_aware)
     config = ReplicaSetConfig(
         num_replicas=num_replicas, serve_args=serve_args, policy=policy, port=free_port(),
         replica_base_port=base, threads_per_replica=None if fake else 1, router_args=router_flags(*router_args),
         replica_command=FAKE_REPLICA_COMMAND if fake else ReplicaSetConfig.replica_command, startup_timeout_s=180,
+        kv_events_base_port=kv_base,
     )
     with launch(config, log_dir) as running:
         yield running
+
+
+def free_port_run(count: int, avoid: range = range(0)) -> int:
+    """A port ``p`` with ``p .. p + count - 1`` all free now and outside ``avoid`` (a single free port can
+    be followed by a taken one: other tests on the machine hold ports too)."""
+    while True:
+        base = free_port()
+        run = range(base, base + count)
+        if all(free_port_at(p) for p in run) and not set(run) & set(avoid):
+            return base
 
 
 def free_port_at(port: int) -> bool:
@@ -73,3 +83,4 @@ def requests_served(replica_url: str) -> int:
         if family.name == "sparkserve:request_success":
             total += sum(s.value for s in family.samples if s.name.endswith("_total"))
     return int(total)
+
