@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sparkserve.server.replicas import ReplicaSet, ReplicaSetConfig, launch, router_binary
-from sparkserve.testing.server_harness import free_port
+from sparkserve.testing.server_harness import free_port, free_port_run
 
 FAKE_REPLICA_COMMAND = (sys.executable, "-m", "sparkserve.testing.fake_engine")
 
@@ -53,26 +52,6 @@ def replica_set(num_replicas: int, policy: str, log_dir: Path, *, fake: bool, se
     )
     with launch(config, log_dir) as running:
         yield running
-
-
-def free_port_run(count: int, avoid: range = range(0)) -> int:
-    """A port ``p`` with ``p .. p + count - 1`` all free now and outside ``avoid`` (a single free port can
-    be followed by a taken one: other tests on the machine hold ports too)."""
-    while True:
-        base = free_port()
-        run = range(base, base + count)
-        if all(free_port_at(p) for p in run) and not set(run) & set(avoid):
-            return base
-
-
-def free_port_at(port: int) -> bool:
-    """True when ``port`` can be bound on 127.0.0.1 now."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def requests_served(replica_url: str) -> int:

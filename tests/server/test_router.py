@@ -27,12 +27,11 @@ from sparkserve.server.router_fields import UNSUPPORTED_VALUES
 from sparkserve.testing.fake_engine import FakeEngine
 from sparkserve.testing.router_harness import (
     FAKE_REPLICA_COMMAND,
-    free_port_run,
     replica_set,
     requests_served,
     require_router,
 )
-from sparkserve.testing.server_harness import free_port, run_server, wait_for
+from sparkserve.testing.server_harness import free_port, free_port_run, run_server, wait_for
 
 # What vllm-router 0.1.17 adds to a forwarded chat / completions body (recorded on the wire).
 ROUTER_CHAT_FIELDS = {
