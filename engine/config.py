@@ -68,6 +68,8 @@ class EngineArgs:
             cache's KV events, one batch per step (scheduler/kv_events.py; a KV-aware router reads them);
             None: no events.
         kv_events_topic: the topic frame of every event message ("" = none).
+        kv_events_replay_endpoint: bind a ROUTER socket there serving recent event batches again to a
+            subscriber that missed some (scheduler/kv_events_replay.py); None: no replay.
     """
 
     model: str | None = None
@@ -108,6 +110,7 @@ class EngineArgs:
     compile: bool = False
     kv_events_endpoint: str | None = None
     kv_events_topic: str = ""
+    kv_events_replay_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "auto"):

@@ -113,7 +113,8 @@ class EngineCore:
             self.runner.warm_up_compile(make_step_fn(self.runner, num_blocks))
         self.controller = self._make_controller(profile)
         gamma = drafter.num_speculative_tokens if drafter is not None else 0
-        self.kv_events = (KVEventPublisher(args.kv_events_endpoint, args.kv_events_topic)
+        self.kv_events = (KVEventPublisher(args.kv_events_endpoint, args.kv_events_topic,
+                                           replay_endpoint=args.kv_events_replay_endpoint)
                           if args.kv_events_endpoint else None)
         self.scheduler = Scheduler(
             SchedulerConfig(

@@ -98,7 +98,7 @@ def start_targets(stack: ExitStack, log_dir: Path, names: list[str]) -> dict[str
     """Start the replicas and routers ``names`` need; returns name -> (URL, replica URLs behind it)."""
     pair = ReplicaSetConfig(num_replicas=2, serve_args=SERVE_ARGS, policy="kv_aware", port=free_port(),
                             replica_base_port=free_port_run(2), threads_per_replica=1,
-                            router_args=("--prometheus-port", str(free_port())), kv_events_base_port=free_port_run(2))
+                            router_args=("--prometheus-port", str(free_port())), kv_events_base_port=free_port_run(4))
     stack.enter_context(launch(pair, log_dir))  # its router is the kv_aware target
     targets = {"kv_aware": (pair.router_url, pair.replica_urls)}
     for policy in POLICIES[:-1]:  # one more router per policy in front of the same pair

@@ -35,6 +35,7 @@ from dataclasses import asdict, astuple, dataclass, field
 from typing import Protocol
 
 from sparkserve.scheduler.block_manager import BlockKey
+from sparkserve.scheduler.kv_events_replay import KVEventReplay
 
 MEDIUM = "CPU"
 """vLLM's ``medium`` names where the blocks live ("GPU", "CPU" ...); this engine's KV lives in host memory
@@ -129,13 +130,15 @@ class ZmqKVEventPublisher:
     default), as ``[topic, seq, payload]`` with ``seq`` counting batches from 0.
 
     A PUB socket drops what it sends before a subscriber has connected (ZMQ's slow-joiner rule); a
-    consumer that starts later sees the blocks stored from then on.
+    consumer that starts later sees the blocks stored from then on, and with ``replay_endpoint`` can ask
+    for the last ``buffer_steps`` batches (scheduler/kv_events_replay.py).
 
     Raises:
-        zmq.ZMQError: when ``endpoint`` cannot be bound (e.g. the port is taken).
+        zmq.ZMQError: when an endpoint cannot be bound (e.g. the port is taken).
     """
 
-    def __init__(self, endpoint: str, topic: str = "", array_like: bool = False) -> None:
+    def __init__(self, endpoint: str, topic: str = "", array_like: bool = False, replay_endpoint: str | None = None,
+                 buffer_steps: int = 10_000) -> None:
         import zmq  # pyzmq: only when publishing
 
         self._context = zmq.Context.instance()
@@ -145,16 +148,21 @@ class ZmqKVEventPublisher:
         self._topic = topic.encode()
         self._array_like = array_like
         self._seq = 0
+        self._replay = KVEventReplay(replay_endpoint, buffer_steps) if replay_endpoint else None
 
     def publish(self, events: Sequence[KVCacheEvent]) -> None:
         if not events:
             return
         payload = encode_event_batch(events, array_like=self._array_like)
         self._socket.send_multipart([self._topic, self._seq.to_bytes(8, "big"), payload])
+        if self._replay is not None:
+            self._replay.record(self._seq, payload)
         self._seq += 1
 
     def close(self) -> None:
         self._socket.close(linger=0)
+        if self._replay is not None:
+            self._replay.close()
 
 
 class KVEventPublisher:
@@ -166,11 +174,13 @@ class KVEventPublisher:
         endpoint: ZMQ endpoint to bind, e.g. ``tcp://*:5557``.
         topic: first frame of every message (vLLM's ``--kv-events-config`` ``topic``; "" = none).
         array_like: legacy array layout instead of vLLM's current tagged maps.
+        replay_endpoint: bind a ROUTER socket there serving recent batches again (None: no replay).
     """
 
-    def __init__(self, endpoint: str, topic: str = "", array_like: bool = False) -> None:
+    def __init__(self, endpoint: str, topic: str = "", array_like: bool = False,
+                 replay_endpoint: str | None = None) -> None:
         self.listener = KVEventRecorder()
-        self._publisher = ZmqKVEventPublisher(endpoint, topic, array_like)
+        self._publisher = ZmqKVEventPublisher(endpoint, topic, array_like, replay_endpoint)
 
     def flush(self) -> None:
         """Publish what the cache did since the last flush (nothing when it did nothing)."""

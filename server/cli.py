@@ -233,6 +233,8 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
                    help="publish the prefix cache's KV events (vLLM format) on a ZMQ PUB socket bound here, "
                         "e.g. tcp://*:5557, for vllm-router --policy kv_aware (docs/scale_out.md)")
     s.add_argument("--kv-events-topic", default="", help="topic frame of every KV event message (default: none)")
+    s.add_argument("--kv-events-replay-endpoint", default=None, metavar="ENDPOINT",
+                   help="serve recent KV event batches again on a ZMQ ROUTER socket bound here (e.g. tcp://*:5558)")
     s.add_argument("--unseeded-coupling", action="store_true",
                    help="verify unseeded sampled requests by Gumbel-max coupling like seeded ones (default: "
                         "rejection sampling, which accepts more drafts; see docs/benchmarks.md)")
@@ -372,6 +374,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         compile=getattr(ns, "compile", False),
         kv_events_endpoint=getattr(ns, "kv_events_endpoint", None),
         kv_events_topic=getattr(ns, "kv_events_topic", ""),
+        kv_events_replay_endpoint=getattr(ns, "kv_events_replay_endpoint", None),
     )
 
 

@@ -9,8 +9,9 @@ Everything after ``--`` goes to each ``sparkserve serve`` unchanged (the launche
 every replica answers ``/health`` and listens on ``--port``.
 
 With ``--router-policy kv_aware`` replica i also publishes its KV-cache events on
-``tcp://HOST:(--kv-events-base-port + i)`` (``sparkserve serve --kv-events-endpoint``) and the router
-subscribes to each (``--kv-event-source URL=ENDPOINT``, ``--kv-event-model`` the replicas' model name,
+``tcp://HOST:(--kv-events-base-port + i)`` (``sparkserve serve --kv-events-endpoint``) and serves missed
+batches again on ``--kv-events-base-port + N + i`` (``--kv-events-replay-endpoint``, N replicas); the router
+subscribes to each (``--kv-event-source URL=ENDPOINT``, ``--kv-event-replay-source URL=ENDPOINT``, ``--kv-event-model`` the replicas' model name,
 ``--kv-event-block-size`` their ``--block-size``): see docs/scale_out.md.
 
 Processes: each child runs in its own session, so a terminal's Ctrl-C reaches only the launcher, which
@@ -76,7 +77,8 @@ class ReplicaSetConfig:
         replica_command: the command that serves one replica (default: this interpreter running
             ``python -m sparkserve serve``; tests pass the fake-engine server).
         startup_timeout_s: seconds for every replica to answer ``/health``, and then the router.
-        kv_events_base_port: under ``kv_aware``, replica i publishes KV events on this port + i.
+        kv_events_base_port: under ``kv_aware``, replica i publishes KV events on this port + i and
+            serves their replay on this port + num_replicas + i.
     """
 
     num_replicas: int
@@ -116,6 +118,12 @@ class ReplicaSetConfig:
     def kv_event_endpoints(self) -> list[str]:
         """ZMQ endpoint of replica i's KV events (where the router connects)."""
         return [f"tcp://{self.host}:{self.kv_events_base_port + i}" for i in range(self.num_replicas)]
+
+    @property
+    def kv_event_replay_endpoints(self) -> list[str]:
+        """ZMQ endpoint where replica i serves missed KV event batches again."""
+        base = self.kv_events_base_port + self.num_replicas
+        return [f"tcp://{self.host}:{base + i}" for i in range(self.num_replicas)]
 
     @property
     def block_size(self) -> int:
@@ -183,7 +191,8 @@ def replica_argv(config: ReplicaSetConfig, index: int) -> list[str]:
     if config.threads_per_replica is not None:
         argv += ["--num-threads", str(config.threads_per_replica)]
     if config.kv_events:
-        argv += ["--kv-events-endpoint", f"tcp://{config.host}:{config.kv_events_base_port + index}"]
+        argv += ["--kv-events-endpoint", config.kv_event_endpoints[index],
+                 "--kv-events-replay-endpoint", config.kv_event_replay_endpoints[index]]
     return argv
 
 
@@ -194,8 +203,9 @@ def router_argv(config: ReplicaSetConfig, model: str | None = None) -> list[str]
     argv = [router_binary(), "--worker-urls", *config.replica_urls, "--policy", config.policy,
             "--host", config.host, "--port", str(config.port)]
     if config.kv_events:
-        for url, endpoint in zip(config.replica_urls, config.kv_event_endpoints, strict=True):
-            argv += ["--kv-event-source", f"{url}={endpoint}"]
+        for url, endpoint, replay in zip(config.replica_urls, config.kv_event_endpoints,
+                                         config.kv_event_replay_endpoints, strict=True):
+            argv += ["--kv-event-source", f"{url}={endpoint}", "--kv-event-replay-source", f"{url}={replay}"]
         argv += ["--kv-event-block-size", str(config.block_size)]
         if model is not None:
             argv += ["--kv-event-model", model]
@@ -261,7 +271,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-dir", default=None, help="write each process's output to DIR/<name>.log")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to become healthy")
     parser.add_argument("--kv-events-base-port", type=int, default=5557,
-                        help="under kv_aware, replica i publishes KV events on this port + i (default: %(default)s)")
+                        help="under kv_aware, replica i publishes KV events on this port + i and their replay on "
+                             "this port + N + i (default: %(default)s)")
     parser.add_argument("serve_args", nargs=argparse.REMAINDER,
                         help="after --: arguments for every `sparkserve serve` (e.g. -- --drafter none)")
 

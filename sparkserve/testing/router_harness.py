@@ -43,7 +43,7 @@ def replica_set(num_replicas: int, policy: str, log_dir: Path, *, fake: bool, se
     ``policy`` router on free ports; everything is stopped on exit."""
     require_router()
     base = free_port_run(num_replicas)  # replica i listens on base + i
-    kv_base = free_port_run(num_replicas, avoid=range(base, base + num_replicas))  # its KV events (kv_aware)
+    kv_base = free_port_run(2 * num_replicas, avoid=range(base, base + num_replicas))  # KV events + replay
     config = ReplicaSetConfig(
         num_replicas=num_replicas, serve_args=serve_args, policy=policy, port=free_port(),
         replica_base_port=base, threads_per_replica=None if fake else 1, router_args=router_flags(*router_args),

@@ -17,6 +17,7 @@ from sparkserve.scheduler.kv_events import (
     encode_event_batch,
     wire_hash,
 )
+from sparkserve.scheduler.kv_events_replay import END_SEQ
 
 BLOCK_SIZE = 4
 # vLLM's event structs (vllm/distributed/kv_events.py): the fields without defaults, in declaration order
@@ -134,4 +135,33 @@ def test_zmq_publisher_sends_topic_sequence_payload() -> None:
         assert int.from_bytes(subscriber.recv_multipart()[1], "big") == int.from_bytes(seq, "big") + 1
     finally:
         subscriber.close(linger=0)
+        publisher.close()
+
+
+def test_replay_serves_missed_batches_then_the_end_marker() -> None:
+    """A subscriber that missed batches asks the replay socket from a sequence number on (vLLM's protocol:
+    ``[b"", start_seq]``; replies ``[b"", seq, payload]`` ... then ``END_SEQ``)."""
+    publisher = ZmqKVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*", buffer_steps=3)
+    replay_endpoint = publisher._replay._socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+    client = zmq.Context.instance().socket(zmq.DEALER)
+    client.connect(replay_endpoint)
+    try:
+        for i in range(5):  # nobody subscribed: every batch is lost on the PUB side
+            publisher.publish([BlockStored([i], None, [i] * 4, 4)])
+        client.send_multipart([b"", (3).to_bytes(8, "big")])
+        replies = []
+        while True:
+            assert client.poll(5000)
+            _, seq, payload = client.recv_multipart()
+            if seq == END_SEQ:
+                break
+            replies.append((int.from_bytes(seq, "big"), msgpack.unpackb(payload)[1][0]["block_hashes"]))
+        assert replies == [(3, [3]), (4, [4])]
+        client.send_multipart([b"", (0).to_bytes(8, "big")])  # only the last 3 batches are kept
+        seqs = []
+        while (frames := client.recv_multipart() if client.poll(5000) else None) and frames[1] != END_SEQ:
+            seqs.append(int.from_bytes(frames[1], "big"))
+        assert frames is not None and seqs == [2, 3, 4]
+    finally:
+        client.close(linger=0)
         publisher.close()

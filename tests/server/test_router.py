@@ -93,10 +93,13 @@ def test_kv_aware_wiring_of_the_launcher() -> None:
     require_router()  # router_argv names the binary
     config = ReplicaSetConfig(num_replicas=2, policy="kv_aware", serve_args=("--block-size", "32"),
                               replica_base_port=9000, kv_events_base_port=6000)
-    assert replica_argv(config, 1)[-2:] == ["--kv-events-endpoint", "tcp://127.0.0.1:6001"]
+    assert replica_argv(config, 1)[-4:] == ["--kv-events-endpoint", "tcp://127.0.0.1:6001",
+                                            "--kv-events-replay-endpoint", "tcp://127.0.0.1:6003"]
     argv = " ".join(router_argv(config, "m"))
     assert ("--kv-event-source http://127.0.0.1:9000=tcp://127.0.0.1:6000 "
-            "--kv-event-source http://127.0.0.1:9001=tcp://127.0.0.1:6001") in argv
+            "--kv-event-replay-source http://127.0.0.1:9000=tcp://127.0.0.1:6002 "
+            "--kv-event-source http://127.0.0.1:9001=tcp://127.0.0.1:6001 "
+            "--kv-event-replay-source http://127.0.0.1:9001=tcp://127.0.0.1:6003") in argv
     assert "--kv-event-block-size 32" in argv and "--kv-event-model m" in argv
     assert ReplicaSetConfig(num_replicas=1, policy="kv_aware").block_size == EngineArgs.block_size
     plain = ReplicaSetConfig(num_replicas=2, policy="cache_aware")
