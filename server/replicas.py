@@ -11,8 +11,9 @@ every replica answers ``/health`` and listens on ``--port``.
 With ``--router-policy kv_aware`` replica i also publishes its KV-cache events on
 ``tcp://HOST:(--kv-events-base-port + i)`` (``sparkserve serve --kv-events-endpoint``) and serves missed
 batches again on ``--kv-events-base-port + N + i`` (``--kv-events-replay-endpoint``, N replicas); the router
-subscribes to each (``--kv-event-source URL=ENDPOINT``, ``--kv-event-replay-source URL=ENDPOINT``, ``--kv-event-model`` the replicas' model name,
-``--kv-event-block-size`` their ``--block-size``): see docs/scale_out.md.
+subscribes to each (``--kv-event-source URL=ENDPOINT``, ``--kv-event-replay-source URL=ENDPOINT``,
+``--kv-event-model`` the replicas' model name, ``--kv-event-block-size`` their ``--block-size``): see
+docs/scale_out.md.
 
 Processes: each child runs in its own session, so a terminal's Ctrl-C reaches only the launcher, which
 then stops them all: SIGTERM to the router, then to the replicas (each drains, see
@@ -128,13 +129,18 @@ class ReplicaSetConfig:
     @property
     def block_size(self) -> int:
         """The replicas' KV block size: their ``--block-size`` flag, else the engine's default."""
-        args = list(self.serve_args)
-        for i, arg in enumerate(args):
-            if arg == "--block-size" and i + 1 < len(args):
-                return int(args[i + 1])
-            if arg.startswith("--block-size="):
-                return int(arg.split("=", 1)[1])
-        return DEFAULT_BLOCK_SIZE
+        value = serve_flag(self.serve_args, "--block-size")
+        return int(value) if value is not None else DEFAULT_BLOCK_SIZE
+
+
+def serve_flag(args: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``sparkserve serve`` arguments (``--flag V`` or ``--flag=V``), None if absent."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 @dataclass
@@ -212,9 +218,11 @@ def router_argv(config: ReplicaSetConfig, model: str | None = None) -> list[str]
     return argv + list(config.router_args)
 
 
-def served_model(replica_url: str, timeout_s: float = 10.0) -> str:
-    """The model name a replica serves (its ``/v1/models``)."""
-    with urllib.request.urlopen(f"{replica_url}/v1/models", timeout=timeout_s) as response:
+def served_model(replica_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
+    """The model name a replica serves (its ``/v1/models``; ``api_key`` when the replicas require one)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    request = urllib.request.Request(f"{replica_url}/v1/models", headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
         return str(json.load(response)["data"][0]["id"])
 
 
@@ -244,7 +252,8 @@ def launch(config: ReplicaSetConfig, log_dir: Path | None = None) -> Iterator[Re
         for i in range(config.num_replicas):
             running.replicas.append(spawn(replica_argv(config, i), f"replica{i}"))
         _wait_healthy(config.replica_urls, running.replicas, config.startup_timeout_s)
-        model = served_model(config.replica_urls[0]) if config.kv_events else None
+        api_key = serve_flag(config.serve_args, "--api-key")
+        model = served_model(config.replica_urls[0], api_key) if config.kv_events else None
         running.router = spawn(router_argv(config, model), "router")
         _wait_healthy([config.router_url], [running.router], config.startup_timeout_s)
         yield running

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.error
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +23,14 @@ import pytest
 
 from sparkserve.engine.config import EngineArgs
 from sparkserve.server.protocol import ChatCompletionRequest, CompletionRequest
-from sparkserve.server.replicas import ReplicaSet, ReplicaSetConfig, replica_argv, router_argv
+from sparkserve.server.replicas import (
+    ReplicaSet,
+    ReplicaSetConfig,
+    replica_argv,
+    router_argv,
+    serve_flag,
+    served_model,
+)
 from sparkserve.server.router_fields import UNSUPPORTED_VALUES
 from sparkserve.testing.fake_engine import FakeEngine
 from sparkserve.testing.router_harness import (
@@ -85,6 +93,14 @@ def test_worker_endpoints_the_router_reads() -> None:
         thread.start()
         assert wait_for(lambda: http.get("/get_load").json()["load"] == 1, 10.0)
         thread.join()
+
+
+def test_launcher_reads_the_served_model_with_the_replicas_api_key() -> None:
+    engine = FakeEngine()
+    with run_server(engine, api_key="k") as server:
+        assert served_model(server.url, serve_flag(("--drafter", "none", "--api-key=k"), "--api-key")) == engine.model_name
+        with pytest.raises(urllib.error.HTTPError):
+            served_model(server.url)
 
 
 def test_kv_aware_wiring_of_the_launcher() -> None:
