@@ -95,6 +95,16 @@ def test_worker_endpoints_the_router_reads() -> None:
         thread.join()
 
 
+def test_serve_kv_event_flags_reach_the_engine_args() -> None:
+    from sparkserve.server.cli import build_parser, engine_args_from
+
+    flags = ["--kv-events-endpoint", "tcp://*:5557", "--kv-events-topic", "kv", "--kv-events-replay-endpoint", "tcp://*:5558"]
+    args = engine_args_from(build_parser().parse_args(["serve", *flags]))
+    assert (args.kv_events_endpoint, args.kv_events_topic, args.kv_events_replay_endpoint) == (
+        "tcp://*:5557", "kv", "tcp://*:5558")
+    assert engine_args_from(build_parser().parse_args(["serve"])).kv_events_endpoint is None
+
+
 def test_launcher_reads_the_served_model_with_the_replicas_api_key() -> None:
     engine = FakeEngine()
     with run_server(engine, api_key="k") as server:
