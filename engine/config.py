@@ -73,6 +73,12 @@ class EngineArgs:
         tensor_parallel_size: ranks the target is sharded over (engine/parallel; docs/tensor_parallel.md).
         compile: torch.compile the decoder layers' bodies (attention stays eager); off by default
             because it measured no faster on this CPU (docs/benchmarks.md); eager fallback on failure.
+        kv_events_endpoint: bind a ZMQ PUB socket there (e.g. ``tcp://*:5557``) and publish the prefix
+            cache's KV events, one batch per step (scheduler/kv_events.py; a KV-aware router reads them);
+            None: no events.
+        kv_events_topic: the topic frame of every event message ("" = none).
+        kv_events_replay_endpoint: bind a ROUTER socket there serving recent event batches again to a
+            subscriber that missed some (scheduler/kv_events_replay.py); None: no replay.
     """
 
     model: str | None = None
@@ -115,6 +121,9 @@ class EngineArgs:
     warm_up_kernels: bool = True
     compile: bool = False
     tensor_parallel_size: int = 1
+    kv_events_endpoint: str | None = None
+    kv_events_topic: str = ""
+    kv_events_replay_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:

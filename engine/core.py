@@ -34,6 +34,7 @@ from sparkserve.engine.structured.logits_mask import GrammarLogitsMask
 from sparkserve.engine.throughput_probe import load_or_measure_profile, make_step_fn, profile_key
 from sparkserve.scheduler.config import SchedulerConfig
 from sparkserve.scheduler.errors import RequestRejectedError
+from sparkserve.scheduler.kv_events import KVEventPublisher
 from sparkserve.scheduler.outputs import EngineCoreOutput
 from sparkserve.scheduler.policy.controller import SpeculationController, StepObservation
 from sparkserve.scheduler.policy.spec import parse_policy
@@ -133,6 +134,9 @@ class EngineCore:
             self.runner.warm_up_compile(make_step_fn(self.runner, num_blocks))
         self.controller = self._make_controller(profile)
         gamma = drafter.num_speculative_tokens if drafter is not None else 0
+        self.kv_events = (KVEventPublisher(args.kv_events_endpoint, args.kv_events_topic,
+                                           replay_endpoint=args.kv_events_replay_endpoint)
+                          if args.kv_events_endpoint else None)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=args.max_num_seqs,
@@ -150,6 +154,7 @@ class EngineCore:
                 cache_extra_key=f"{drafter.name}@{effective_draft_vocab(args)}" if drafter is not None else "",
             ),
             speculation=self.controller,
+            kv_event_listener=self.kv_events.listener if self.kv_events is not None else None,
         )
         self.faults = StepFaultHandler(self.scheduler)
         self.last_step: StepStats | None = None
@@ -294,7 +299,15 @@ class EngineCore:
 
         An exception anywhere in the step fails (or retries) the requests of the step, not the
         engine (``sparkserve.engine.step_faults``); it raises only ``EngineBrokenError`` (steps keep failing).
+        With ``--kv-events-endpoint``, what the step did to the prefix cache is published afterwards.
         """
+        try:
+            return self._step()
+        finally:
+            if self.kv_events is not None:
+                self.kv_events.flush()
+
+    def _step(self) -> list[EngineCoreOutput]:
         start = time.perf_counter()
         self.last_step = None
         plan = None

@@ -39,7 +39,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from sparkserve.scheduler.block_manager import BlockManager, block_keys
 from sparkserve.scheduler.config import SchedulerConfig
@@ -63,6 +63,9 @@ from sparkserve.scheduler.request_rules import (
 )
 from sparkserve.scheduler.speculation import Speculation, VerifyContext, verify_all_drafts
 from sparkserve.scheduler.stats import DraftOutcome, SchedulerStats, SpecDecodingStats
+
+if TYPE_CHECKING:
+    from sparkserve.scheduler.kv_events import KVCacheEventListener
 
 
 class StepUpdate(NamedTuple):
@@ -93,14 +96,17 @@ class Scheduler:
         speculation: the speculation collaborator (``sparkserve.scheduler.speculation.Speculation``): verify
             lengths, drafting gate, verify outcomes, finished requests; None without one (every pending
             draft is verified, clipped to the budget; everyone allowed by ``may_draft`` drafts).
+        kv_event_listener: told of every block the prefix cache stores or evicts
+            (``sparkserve.scheduler.kv_events``, the KV events a KV-aware router reads); None: nobody.
     """
 
-    def __init__(self, config: SchedulerConfig, speculation: Speculation | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, speculation: Speculation | None = None,
+                 kv_event_listener: KVCacheEventListener | None = None) -> None:
         self.config = config
         self.speculation = speculation
         self.block_manager = BlockManager(
             config.num_kv_blocks, config.block_size, shuffle=config.shuffle_blocks, seed=config.seed,
-            enable_caching=config.enable_prefix_caching,
+            enable_caching=config.enable_prefix_caching, listener=kv_event_listener,
         )
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache (admissions)
         self.prefix_cache_hits = 0  # of them, tokens found cached

@@ -8,6 +8,13 @@ Everything after ``--`` goes to each ``sparkserve serve`` unchanged (the launche
 ``--replica-base-port + i``). The router (PyPI ``vllm-router``, pinned in the ``test`` extra) starts once
 every replica answers ``/health`` and listens on ``--port``.
 
+With ``--router-policy kv_aware`` replica i also publishes its KV-cache events on
+``tcp://HOST:(--kv-events-base-port + i)`` (``sparkserve serve --kv-events-endpoint``) and serves missed
+batches again on ``--kv-events-base-port + N + i`` (``--kv-events-replay-endpoint``, N replicas); the router
+subscribes to each (``--kv-event-source URL=ENDPOINT``, ``--kv-event-replay-source URL=ENDPOINT``,
+``--kv-event-model`` the replicas' model name, ``--kv-event-block-size`` their ``--block-size``): see
+docs/scale_out.md.
+
 Processes: each child runs in its own session, so a terminal's Ctrl-C reaches only the launcher, which
 then stops them all: SIGTERM to the router, then to the replicas (each drains, see
 :mod:`sparkserve.cli`), SIGKILL to any still alive after ``--stop-timeout`` seconds. SIGTERM to
@@ -17,6 +24,7 @@ the launcher does the same; if a child exits on its own, the launcher stops the 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -33,6 +41,10 @@ from pathlib import Path
 from types import FrameType
 
 logger = logging.getLogger("sparkserve.replicas")
+
+DEFAULT_BLOCK_SIZE = 16
+"""``sparkserve serve``'s default ``--block-size`` (``EngineArgs.block_size``; the server layer does not import
+the engine's config, a test keeps the two equal)."""
 
 ROUTER_POLICIES = ("cache_aware", "power_of_two", "round_robin", "random", "consistent_hash", "kv_aware")
 
@@ -66,6 +78,8 @@ class ReplicaSetConfig:
         replica_command: the command that serves one replica (default: this interpreter running
             ``python -m sparkserve serve``; tests pass the fake-engine server).
         startup_timeout_s: seconds for every replica to answer ``/health``, and then the router.
+        kv_events_base_port: under ``kv_aware``, replica i publishes KV events on this port + i and
+            serves their replay on this port + num_replicas + i.
     """
 
     num_replicas: int
@@ -78,6 +92,7 @@ class ReplicaSetConfig:
     router_args: tuple[str, ...] = ()
     replica_command: tuple[str, ...] = (sys.executable, "-m", "sparkserve", "serve")
     startup_timeout_s: float = 300.0
+    kv_events_base_port: int = 5557
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -94,6 +109,38 @@ class ReplicaSetConfig:
     @property
     def router_url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def kv_events(self) -> bool:
+        """Whether the replicas publish KV events (the router's ``kv_aware`` policy reads them)."""
+        return self.policy == "kv_aware"
+
+    @property
+    def kv_event_endpoints(self) -> list[str]:
+        """ZMQ endpoint of replica i's KV events (where the router connects)."""
+        return [f"tcp://{self.host}:{self.kv_events_base_port + i}" for i in range(self.num_replicas)]
+
+    @property
+    def kv_event_replay_endpoints(self) -> list[str]:
+        """ZMQ endpoint where replica i serves missed KV event batches again."""
+        base = self.kv_events_base_port + self.num_replicas
+        return [f"tcp://{self.host}:{base + i}" for i in range(self.num_replicas)]
+
+    @property
+    def block_size(self) -> int:
+        """The replicas' KV block size: their ``--block-size`` flag, else the engine's default."""
+        value = serve_flag(self.serve_args, "--block-size")
+        return int(value) if value is not None else DEFAULT_BLOCK_SIZE
+
+
+def serve_flag(args: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``sparkserve serve`` arguments (``--flag V`` or ``--flag=V``), None if absent."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 @dataclass
@@ -149,12 +196,34 @@ def replica_argv(config: ReplicaSetConfig, index: int) -> list[str]:
             "--port", str(config.replica_base_port + index)]
     if config.threads_per_replica is not None:
         argv += ["--num-threads", str(config.threads_per_replica)]
+    if config.kv_events:
+        argv += ["--kv-events-endpoint", config.kv_event_endpoints[index],
+                 "--kv-events-replay-endpoint", config.kv_event_replay_endpoints[index]]
     return argv
 
 
-def router_argv(config: ReplicaSetConfig) -> list[str]:
-    return [router_binary(), "--worker-urls", *config.replica_urls, "--policy", config.policy,
-            "--host", config.host, "--port", str(config.port), *config.router_args]
+def router_argv(config: ReplicaSetConfig, model: str | None = None) -> list[str]:
+    """The router's command line; under ``kv_aware`` one static ``--kv-event-source`` per replica,
+    the block size and ``model`` (the replicas' served model name: 0.1.17 refuses static sources
+    without ``--kv-event-model``)."""
+    argv = [router_binary(), "--worker-urls", *config.replica_urls, "--policy", config.policy,
+            "--host", config.host, "--port", str(config.port)]
+    if config.kv_events:
+        for url, endpoint, replay in zip(config.replica_urls, config.kv_event_endpoints,
+                                         config.kv_event_replay_endpoints, strict=True):
+            argv += ["--kv-event-source", f"{url}={endpoint}", "--kv-event-replay-source", f"{url}={replay}"]
+        argv += ["--kv-event-block-size", str(config.block_size)]
+        if model is not None:
+            argv += ["--kv-event-model", model]
+    return argv + list(config.router_args)
+
+
+def served_model(replica_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
+    """The model name a replica serves (its ``/v1/models``; ``api_key`` when the replicas require one)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    request = urllib.request.Request(f"{replica_url}/v1/models", headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return str(json.load(response)["data"][0]["id"])
 
 
 @contextmanager
@@ -183,7 +252,9 @@ def launch(config: ReplicaSetConfig, log_dir: Path | None = None) -> Iterator[Re
         for i in range(config.num_replicas):
             running.replicas.append(spawn(replica_argv(config, i), f"replica{i}"))
         _wait_healthy(config.replica_urls, running.replicas, config.startup_timeout_s)
-        running.router = spawn(router_argv(config), "router")
+        api_key = serve_flag(config.serve_args, "--api-key")
+        model = served_model(config.replica_urls[0], api_key) if config.kv_events else None
+        running.router = spawn(router_argv(config, model), "router")
         _wait_healthy([config.router_url], [running.router], config.startup_timeout_s)
         yield running
     finally:
@@ -208,6 +279,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "`sparkserve serve`; e.g. 'numactl --interleave=all sparkserve serve')")
     parser.add_argument("--log-dir", default=None, help="write each process's output to DIR/<name>.log")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to become healthy")
+    parser.add_argument("--kv-events-base-port", type=int, default=5557,
+                        help="under kv_aware, replica i publishes KV events on this port + i and their replay on "
+                             "this port + N + i (default: %(default)s)")
     parser.add_argument("serve_args", nargs=argparse.REMAINDER,
                         help="after --: arguments for every `sparkserve serve` (e.g. -- --drafter none)")
 
@@ -222,6 +296,7 @@ def run(ns: argparse.Namespace) -> int:
         num_replicas=ns.num_replicas, serve_args=tuple(serve_args), policy=ns.router_policy, host=ns.host,
         port=ns.port, replica_base_port=ns.replica_base_port, threads_per_replica=ns.threads_per_replica,
         router_args=tuple(ns.router_arg), startup_timeout_s=ns.startup_timeout,
+        kv_events_base_port=ns.kv_events_base_port,
         **({"replica_command": tuple(shlex.split(ns.replica_command))} if ns.replica_command else {}),
     )
     stop = {"signal": None}

@@ -134,6 +134,12 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
                    help="reuse the KV of full blocks computed before (default)")
     s.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="recompute every prompt")
+    s.add_argument("--kv-events-endpoint", default=None, metavar="ENDPOINT",
+                   help="publish the prefix cache's KV events (vLLM format) on a ZMQ PUB socket bound here, "
+                        "e.g. tcp://*:5557, for vllm-router --policy kv_aware (docs/scale_out.md)")
+    s.add_argument("--kv-events-topic", default="", help="topic frame of every KV event message (default: none)")
+    s.add_argument("--kv-events-replay-endpoint", default=None, metavar="ENDPOINT",
+                   help="serve recent KV event batches again on a ZMQ ROUTER socket bound here (e.g. tcp://*:5558)")
     s.add_argument("--unseeded-coupling", action="store_true",
                    help="verify unseeded sampled requests by Gumbel-max coupling like seeded ones (default: "
                         "rejection sampling, which accepts more drafts; see docs/benchmarks.md)")
@@ -274,6 +280,9 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         cpu_plan=getattr(ns, "cpu_plan", True),
         compile=getattr(ns, "compile", False),
         tensor_parallel_size=getattr(ns, "tensor_parallel_size", 1),
+        kv_events_endpoint=getattr(ns, "kv_events_endpoint", None),
+        kv_events_topic=getattr(ns, "kv_events_topic", ""),
+        kv_events_replay_endpoint=getattr(ns, "kv_events_replay_endpoint", None),
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sparkserve.server.replicas import ReplicaSet, ReplicaSetConfig, launch, router_binary
-from sparkserve.testing.server_harness import free_port
+from sparkserve.testing.server_harness import free_port, free_port_run
 
 FAKE_REPLICA_COMMAND = (sys.executable, "-m", "sparkserve.testing.fake_engine")
 
@@ -43,26 +42,16 @@ def replica_set(num_replicas: int, policy: str, log_dir: Path, *, fake: bool, se
     """``num_replicas`` replicas (fake engines, or ``sparkserve serve`` with one thread each) behind a
     ``policy`` router on free ports; everything is stopped on exit."""
     require_router()
-    base = free_port()  # replica i listens on base + i: look for a base whose whole run is free
-    while not all(free_port_at(base + i) for i in range(num_replicas)):
-        base = free_port()
+    base = free_port_run(num_replicas)  # replica i listens on base + i
+    kv_base = free_port_run(2 * num_replicas, avoid=range(base, base + num_replicas))  # KV events + replay
     config = ReplicaSetConfig(
         num_replicas=num_replicas, serve_args=serve_args, policy=policy, port=free_port(),
         replica_base_port=base, threads_per_replica=None if fake else 1, router_args=router_flags(*router_args),
         replica_command=FAKE_REPLICA_COMMAND if fake else ReplicaSetConfig.replica_command, startup_timeout_s=180,
+        kv_events_base_port=kv_base,
     )
     with launch(config, log_dir) as running:
         yield running
-
-
-def free_port_at(port: int) -> bool:
-    """True when ``port`` can be bound on 127.0.0.1 now."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def requests_served(replica_url: str) -> int:
@@ -73,3 +62,4 @@ def requests_served(replica_url: str) -> int:
         if family.name == "sparkserve:request_success":
             total += sum(s.value for s in family.samples if s.name.endswith("_total"))
     return int(total)
+

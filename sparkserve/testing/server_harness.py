@@ -24,6 +24,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_run(count: int, avoid: range = range(0)) -> int:
+    """A port ``p`` with ``p .. p + count - 1`` all free now and outside ``avoid`` (a single free port can
+    be followed by a taken one: other tests on the machine hold ports too)."""
+    while True:
+        base = free_port()
+        run = range(base, base + count)
+        if all(free_port_at(p) for p in run) and not set(run) & set(avoid):
+            return base
+
+
+def free_port_at(port: int) -> bool:
+    """True when ``port`` can be bound on 127.0.0.1 now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @dataclass
 class RunningServer:
     """A live server: its base URL and the fake engine behind it."""

@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +49,24 @@ def test_router_compose_routes_to_its_replicas() -> None:
         assert "--drafter" in services[name]["command"] and services[name]["environment"]["OMP_NUM_THREADS"] == "1"
         assert services["router"]["depends_on"][name]["condition"] == "service_healthy"
     assert services["router"]["image"].endswith(pinned_router_version())
+
+
+def test_router_compose_subscribes_to_each_replicas_kv_events() -> None:
+    """kv_aware: each replica publishes on its --kv-events-endpoint, the router has one --kv-event-source per
+    replica on that port, and the pinned router's own argument parser accepts the command."""
+    services = yaml.safe_load((DEPLOY / "docker-compose.router.yml").read_text())["services"]
+    replicas = sorted(name for name in services if name.startswith("replica"))
+    command = services["router"]["command"]
+    assert "--policy=kv_aware" in command
+    sources = [arg.split("=", 1)[1] for arg in command if arg.startswith("--kv-event-source=")]
+    for name in replicas:
+        replica = services[name]["command"]
+        port = replica[replica.index("--kv-events-endpoint") + 1].rsplit(":", 1)[1]
+        assert f"http://{name}:8000=tcp://{name}:{port}" in sources
+    launch_router = pytest.importorskip("vllm_router.launch_router")
+    args = launch_router.parse_router_args(command)
+    assert args.policy == "kv_aware" and sorted(args.kv_event_source) == sorted(sources)
+    assert args.kv_event_model and args.kv_event_block_size == 16
 
 
 def test_hadolint_router_dockerfile() -> None:

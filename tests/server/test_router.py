@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
+import urllib.error
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,8 +21,16 @@ import openai
 import psutil
 import pytest
 
+from sparkserve.engine.config import EngineArgs
 from sparkserve.server.protocol import ChatCompletionRequest, CompletionRequest
-from sparkserve.server.replicas import ReplicaSet
+from sparkserve.server.replicas import (
+    ReplicaSet,
+    ReplicaSetConfig,
+    replica_argv,
+    router_argv,
+    serve_flag,
+    served_model,
+)
 from sparkserve.server.router_fields import UNSUPPORTED_VALUES
 from sparkserve.testing.fake_engine import FakeEngine
 from sparkserve.testing.router_harness import (
@@ -31,7 +39,7 @@ from sparkserve.testing.router_harness import (
     requests_served,
     require_router,
 )
-from sparkserve.testing.server_harness import free_port, run_server
+from sparkserve.testing.server_harness import free_port, free_port_run, run_server, wait_for
 
 # What vllm-router 0.1.17 adds to a forwarded chat / completions body (recorded on the wire).
 ROUTER_CHAT_FIELDS = {
@@ -83,17 +91,45 @@ def test_worker_endpoints_the_router_reads() -> None:
         slow = {"model": engine.model_name, "messages": [{"role": "user", "content": "{delay=0.2}"}], "max_tokens": 8}
         thread = threading.Thread(target=http.post, args=("/v1/chat/completions",), kwargs={"json": slow})
         thread.start()
-        assert wait_until(lambda: http.get("/get_load").json()["load"] == 1)
+        assert wait_for(lambda: http.get("/get_load").json()["load"] == 1, 10.0)
         thread.join()
 
 
-def wait_until(predicate, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+def test_serve_kv_event_flags_reach_the_engine_args() -> None:
+    from sparkserve.cli import build_parser, engine_args_from
+
+    flags = ["--kv-events-endpoint", "tcp://*:5557", "--kv-events-topic", "kv", "--kv-events-replay-endpoint", "tcp://*:5558"]
+    args = engine_args_from(build_parser().parse_args(["serve", *flags]))
+    assert (args.kv_events_endpoint, args.kv_events_topic, args.kv_events_replay_endpoint) == (
+        "tcp://*:5557", "kv", "tcp://*:5558")
+    assert engine_args_from(build_parser().parse_args(["serve"])).kv_events_endpoint is None
+
+
+def test_launcher_reads_the_served_model_with_the_replicas_api_key() -> None:
+    engine = FakeEngine()
+    with run_server(engine, api_key="k") as server:
+        assert served_model(server.url, serve_flag(("--drafter", "none", "--api-key=k"), "--api-key")) == engine.model_name
+        with pytest.raises(urllib.error.HTTPError):
+            served_model(server.url)
+
+
+def test_kv_aware_wiring_of_the_launcher() -> None:
+    """Under kv_aware each replica publishes KV events on its own port and the router subscribes to each,
+    with the replicas' block size and model name; other policies get neither."""
+    require_router()  # router_argv names the binary
+    config = ReplicaSetConfig(num_replicas=2, policy="kv_aware", serve_args=("--block-size", "32"),
+                              replica_base_port=9000, kv_events_base_port=6000)
+    assert replica_argv(config, 1)[-4:] == ["--kv-events-endpoint", "tcp://127.0.0.1:6001",
+                                            "--kv-events-replay-endpoint", "tcp://127.0.0.1:6003"]
+    argv = " ".join(router_argv(config, "m"))
+    assert ("--kv-event-source http://127.0.0.1:9000=tcp://127.0.0.1:6000 "
+            "--kv-event-replay-source http://127.0.0.1:9000=tcp://127.0.0.1:6002 "
+            "--kv-event-source http://127.0.0.1:9001=tcp://127.0.0.1:6001 "
+            "--kv-event-replay-source http://127.0.0.1:9001=tcp://127.0.0.1:6003") in argv
+    assert "--kv-event-block-size 32" in argv and "--kv-event-model m" in argv
+    assert ReplicaSetConfig(num_replicas=1, policy="kv_aware").block_size == EngineArgs.block_size
+    plain = ReplicaSetConfig(num_replicas=2, policy="cache_aware")
+    assert "--kv-events-endpoint" not in replica_argv(plain, 0) and "--kv-event-source" not in router_argv(plain)
 
 
 def client(running: ReplicaSet) -> openai.OpenAI:
@@ -136,7 +172,7 @@ def test_killed_replica_loses_only_its_in_flight_requests(tmp_path: Path) -> Non
 
         with ThreadPoolExecutor(num_clients) as pool:
             futures = [pool.submit(send, i) for i in range(num_clients)]
-            assert wait_until(lambda: len(outcomes) >= 2 * num_clients)
+            assert wait_for(lambda: len(outcomes) >= 2 * num_clients, 10.0)
             served_by_victim = requests_served(running.config.replica_urls[1])
             running.replicas[1].send_signal(signal.SIGKILL)
             for future in futures:
@@ -221,10 +257,21 @@ def test_cache_aware_keeps_a_conversation_on_its_replica(smol_replicas: ReplicaS
 
 def start_launcher(log_dir: Path) -> subprocess.Popen[str]:
     """``sparkserve replicas`` with two fake replicas; it prints "router on ..." once all are up."""
-    argv = [sys.executable, "-m", "sparkserve", "replicas", "--num-replicas", "2", "--port", str(free_port()),
-            "--replica-base-port", str(free_port()), "--replica-command", " ".join(FAKE_REPLICA_COMMAND),
+    replica_base = free_port_run(2)  # both replica ports free (one free port may be followed by a taken one)
+    router_port = free_port_run(1, avoid=range(replica_base, replica_base + 2))
+    argv = [sys.executable, "-m", "sparkserve", "replicas", "--num-replicas", "2", "--port", str(router_port),
+            "--replica-base-port", str(replica_base), "--replica-command", " ".join(FAKE_REPLICA_COMMAND),
             f"--router-arg=--prometheus-port={free_port()}", "--log-dir", str(log_dir)]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+
+
+def alive(process: psutil.Process) -> bool:
+    """Running and not a zombie; a process that exits between the two checks is not alive (psutil
+    raises NoSuchProcess for it, which made this check flaky on a loaded machine)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.mark.live_server
@@ -239,7 +286,7 @@ def test_replicas_command_leaves_no_orphan(tmp_path: Path, sig: signal.Signals) 
         assert len(children) >= 3  # two replicas and the router
         launcher.send_signal(sig)
         assert launcher.wait(timeout=60) == 0
-        assert wait_until(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children))
+        assert wait_for(lambda: not any(alive(c) for c in children), 10.0)
     finally:
         if launcher.poll() is None:
             launcher.kill()
@@ -255,7 +302,7 @@ def test_replicas_command_stops_all_when_a_replica_dies(tmp_path: Path) -> None:
         replica = next(c for c in children if "fake_engine" in " ".join(c.cmdline()))
         replica.kill()
         assert launcher.wait(timeout=60) == 1
-        assert wait_until(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children))
+        assert wait_for(lambda: not any(alive(c) for c in children), 10.0)
     finally:
         if launcher.poll() is None:
             launcher.kill()
