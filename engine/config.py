@@ -64,6 +64,9 @@ class EngineArgs:
             serve each row bucket with the fastest (engine/cpu_plan.py; cached per machine).
         compile: torch.compile the decoder layers' bodies (attention stays eager); off by default
             because it measured no faster on this CPU (docs/benchmarks.md); eager fallback on failure.
+        batch_invariant: every reducing op computes each row in one fixed order, so a request's text
+            does not depend on the batch, the prefill chunking or the prefix cache
+            (engine/batch_invariant.py, docs/batch_invariance.md); opt-in (its cost: docs/benchmarks.md).
     """
 
     model: str | None = None
@@ -102,6 +105,7 @@ class EngineArgs:
     quant_gemv_max_tokens: int | None = None
     cpu_plan: bool = True
     compile: bool = False
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "auto"):
@@ -130,6 +134,8 @@ class EngineArgs:
             raise ValueError("quant_gemv_max_tokens must be >= 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
+        if self.batch_invariant and self.compile:
+            raise ValueError("--batch-invariant runs the eager layers: it cannot be combined with --compile")
 
 
 def resolve_device(spec: str) -> str:

@@ -107,7 +107,7 @@ class EngineCore:
                                   speculator=speculator, attention_backend=args.attention_backend,
                                   max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
                                   engine_seed=args.seed, mask=logits_mask, unseeded_coupling=args.unseeded_coupling,
-                                  compile=args.compile)
+                                  compile=args.compile, batch_invariant=args.batch_invariant)
         if self.runner.compiled:
             self.runner.warm_up_compile(make_step_fn(self.runner, num_blocks))
         self.controller = self._make_controller(profile)
@@ -192,9 +192,10 @@ class EngineCore:
         key = {"kind": "cpu_plan", "model": args.model or "default", "dtypes": ",".join(dtypes),
                "quantization": args.quantization, "max_rows": args.max_num_batched_tokens,
                "num_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": cpu_signature().key()}
-        # batch_invariant: issue 24's --batch-invariant restricts the plan to one invariant path
+        if args.batch_invariant:  # one batch-invariant path serves every bucket (engine/batch_invariant.py)
+            key["batch_invariant"] = 1
         plan = load_or_measure_plan(config, key, dtypes, args.quantization, gguf, args.max_num_batched_tokens,
-                                    memory_budget_bytes=available_memory_bytes(), batch_invariant=False)
+                                    memory_budget_bytes=available_memory_bytes(), batch_invariant=args.batch_invariant)
         if args.dtype == "auto":
             logger.info("compute dtype %s chosen by measurement (text differs between dtypes)", plan.dtype)
         return plan

@@ -225,6 +225,9 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--compile", dest="compile", action="store_true", default=d.compile,
                    help="torch.compile the decoder layers (attention eager; warmed at start-up)")
     s.add_argument("--no-compile", dest="compile", action="store_false", help="eager step (default)")
+    s.add_argument("--batch-invariant", dest="batch_invariant", action="store_true", default=d.batch_invariant,
+                   help="every reducing op computes each row in one fixed order: a request's text does not depend "
+                        "on the batch, the prefill chunking or the prefix cache (slower: docs/batch_invariance.md)")
     s.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True,
                    help="reuse the KV of full blocks computed before (default)")
     s.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
@@ -366,6 +369,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         quant_gemv_max_tokens=getattr(ns, "quant_gemv_max_tokens", None),
         cpu_plan=getattr(ns, "cpu_plan", True),
         compile=getattr(ns, "compile", False),
+        batch_invariant=getattr(ns, "batch_invariant", False),
     )
 
 
