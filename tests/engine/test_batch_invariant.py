@@ -79,3 +79,39 @@ def test_attention_row_bits_do_not_depend_on_the_batch(dtype) -> None:
     q_all[29] = q_all[0]  # the same query as the last row of a 30-row prefill chunk from position 271
     in_prefill = attend([30], [271], 29)
     assert torch.equal(alone, beside) and torch.equal(alone, in_prefill)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_invariant_linear_rows_do_not_depend_on_the_row_count(dtype) -> None:
+    """Each row of 1..40 rows has the bits of the same row in a 40-row call (model shapes: the fused
+    q/k/v projection and down_proj of SmolLM2); plain F.linear in fp32 does not (MKL orders K otherwise
+    for a few rows), which is why the mode pads to a row tile."""
+    torch.manual_seed(0)
+    for n, k in ((960, 576), (576, 1536)):
+        weight, bias = torch.randn(n, k).to(dtype), torch.randn(n).to(dtype)
+        x = torch.randn(40, k).to(dtype)
+        full = batch_invariant.invariant_linear(x, weight, bias)
+        for rows in range(1, 41):
+            assert torch.equal(batch_invariant.invariant_linear(x[:rows], weight, bias), full[:rows]), (n, k, rows)
+
+
+def test_mode_switch_config_cli_and_plan() -> None:
+    from sparkserve.engine.config import EngineArgs
+    from sparkserve.engine.cpu_plan import PATHS, candidate_paths, select_plan
+    from sparkserve.server.cli import build_parser, engine_args_from
+
+    assert not batch_invariant.is_enabled()
+    with batch_invariant.batch_invariant_mode():
+        assert batch_invariant.is_enabled()
+    assert not batch_invariant.is_enabled()
+    ns = build_parser(include_train=False).parse_args(["serve", "--batch-invariant"])
+    assert engine_args_from(ns).batch_invariant and not EngineArgs().batch_invariant
+    with pytest.raises(ValueError, match="compile"):
+        EngineArgs(batch_invariant=True, compile=True)
+    assert candidate_paths("auto", "bfloat16", gguf=True, batch_invariant=True) == ("dense_fixed",)
+    assert PATHS["dense_fixed"].batch_invariant and not PATHS["dense"].batch_invariant
+    timings = {("bfloat16", "dense_fixed", m): 1.0 for m in (1, 8)}
+    plan = select_plan(timings, (1, 8), ("bfloat16",), ("dense_fixed",), batch_invariant=True)
+    assert plan.paths == ("dense_fixed", "dense_fixed") and plan.quant_max_rows == 0
+    layer = PATHS["dense_fixed"].build(torch.randn(8, 32), torch.float32)
+    assert layer(torch.randn(3, 32)).shape == (3, 8)
