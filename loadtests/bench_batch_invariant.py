@@ -61,12 +61,12 @@ def main() -> None:
         results[f"c={c}"] = {"tok_s_off": runs["off"], "tok_s_on": runs["on"], "median_off": off, "median_on": on,
                              "on_over_off": on / off, "cost_pct": 100 * (1 - on / off)}
         print(f"c={c}: off {off:.1f} tok/s, on {on:.1f} tok/s, on/off {on / off:.3f}", flush=True)
-    report = {"benchmark": "bench_batch_invariant", "dtype": ns.dtype, "max_tokens": ns.max_tokens,
-              "rounds": ns.rounds, "drafter": "none", "machine": {**machine(), "signature": cpu_signature().key()},
-              "results": results}
-    if ns.out is not None:
-        ns.out.parent.mkdir(parents=True, exist_ok=True)
-        ns.out.write_text(json.dumps(report, indent=1))
+        report = {"benchmark": "bench_batch_invariant", "dtype": ns.dtype, "max_tokens": ns.max_tokens,
+                  "rounds": ns.rounds, "drafter": "none",
+                  "machine": {**machine(), "signature": cpu_signature().key()}, "results": results}
+        if ns.out is not None:  # after each concurrency: a cut-off run keeps what it measured
+            ns.out.parent.mkdir(parents=True, exist_ok=True)
+            ns.out.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
