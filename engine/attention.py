@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from sparkserve.engine import batch_invariant
+
 SHORT_QUERY_MAX = 16
 
 
@@ -322,6 +324,8 @@ def paged_attention(
 
         return store_and_attend(q, k, v, k_cache, v_cache, meta.kernel, scale)
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    if batch_invariant.is_enabled():  # --batch-invariant: fixed KV chunks, every row read from the cache
+        return batch_invariant.invariant_attention(q, k_cache, v_cache, meta, scale)
     num_tokens, num_heads, head_dim = q.shape
     out = q.new_empty(num_tokens, num_heads, head_dim)
     if meta.short_q_index is not None:

@@ -79,6 +79,9 @@ class EngineArgs:
         kv_events_topic: the topic frame of every event message ("" = none).
         kv_events_replay_endpoint: bind a ROUTER socket there serving recent event batches again to a
             subscriber that missed some (scheduler/kv_events_replay.py); None: no replay.
+        batch_invariant: every reducing op computes each row in one fixed order, so a request's text
+            does not depend on the batch, the prefill chunking or the prefix cache
+            (engine/batch_invariant.py, docs/batch_invariance.md); opt-in (its cost: docs/benchmarks.md).
     """
 
     model: str | None = None
@@ -124,10 +127,14 @@ class EngineArgs:
     kv_events_endpoint: str | None = None
     kv_events_topic: str = ""
     kv_events_replay_endpoint: str | None = None
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.batch_invariant:
+            raise ValueError("--batch-invariant is not supported with --tensor-parallel-size > 1 (the all-reduce "
+                             "order is not fixed)")
         if self.tensor_parallel_size > 1 and self.compile:
             raise ValueError("--compile is not supported with --tensor-parallel-size > 1")
         if self.tensor_parallel_size > 1 and self.drafter != "none" and self.profile_path is None:
@@ -165,6 +172,8 @@ class EngineArgs:
             raise ValueError("quant_gemv_max_tokens must be >= 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
+        if self.batch_invariant and self.compile:
+            raise ValueError("--batch-invariant runs the eager layers: it cannot be combined with --compile")
 
 
 def resolve_device(spec: str) -> str:

@@ -127,7 +127,8 @@ class EngineCore:
                 speculator=speculator, attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
                 max_model_len=self.max_model_len, engine_seed=args.seed, mask=logits_mask,
                 unseeded_coupling=args.unseeded_coupling, compile=args.compile,
-                step_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
+                step_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
+                batch_invariant=args.batch_invariant)
             if args.warm_up_kernels:  # CUDA with the Triton kernels: compile_check's list, then the step graphs
                 self.runner.warm_up_kernels()
         if self.runner.compiled:
@@ -224,9 +225,10 @@ class EngineCore:
         key = {"kind": "cpu_plan", "model": args.model or "default", "dtypes": ",".join(dtypes),
                "quantization": args.quantization, "max_rows": args.max_num_batched_tokens,
                "num_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": cpu_signature().key()}
-        # batch_invariant: issue 24's --batch-invariant restricts the plan to one invariant path
+        if args.batch_invariant:  # one batch-invariant path serves every bucket (engine/batch_invariant.py)
+            key["batch_invariant"] = 1
         plan = load_or_measure_plan(config, key, dtypes, args.quantization, gguf, args.max_num_batched_tokens,
-                                    memory_budget_bytes=available_memory_bytes(), batch_invariant=False)
+                                    memory_budget_bytes=available_memory_bytes(), batch_invariant=args.batch_invariant)
         if args.dtype == "auto":
             logger.info("compute dtype %s chosen by measurement (text differs between dtypes)", plan.dtype)
         return plan

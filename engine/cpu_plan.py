@@ -109,6 +109,13 @@ def _build_dense(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Te
     return lambda x: F.linear(x, w)
 
 
+def _build_dense_fixed(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    from sparkserve.engine.batch_invariant import invariant_linear
+
+    w = weight.to(dtype).contiguous()
+    return lambda x: invariant_linear(x, w, None)
+
+
 def _build_int4(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     from sparkserve.engine.quant import quantize_int4
 
@@ -126,6 +133,8 @@ PATHS: dict[str, LinearPath] = {
     "dense": LinearPath("dense", quantized=False, batch_invariant=False, build=_build_dense),
     "int4_gemv": LinearPath("int4_gemv", quantized=True, batch_invariant=False, build=_build_int4),
     "int8_gemv": LinearPath("int8_gemv", quantized=True, batch_invariant=False, build=_build_int8),
+    # --batch-invariant's one path: the dense GEMM on rows padded to a fixed tile (engine/batch_invariant.py)
+    "dense_fixed": LinearPath("dense_fixed", quantized=False, batch_invariant=True, build=_build_dense_fixed),
 }
 
 
@@ -134,11 +143,14 @@ def register_path(path: LinearPath) -> None:
     PATHS[path.name] = path
 
 
-def candidate_paths(quantization: str, dtype: str, gguf: bool) -> tuple[str, ...]:
+def candidate_paths(quantization: str, dtype: str, gguf: bool, batch_invariant: bool = False) -> tuple[str, ...]:
     """The registry paths a model loaded with ``quantization`` in ``dtype`` can serve (engine/loader.py's
     rule): dense always; the int4 paths for a GGUF file's blocks (``auto``, bf16 only: the fp32 int4
     kernel is scalar) and for ``int4``; int8 only under ``int8`` (its per-channel scales cannot express
-    GGUF's per-32 blocks, so it is never the canonical weight of a GGUF model)."""
+    GGUF's per-32 blocks, so it is never the canonical weight of a GGUF model). ``batch_invariant``: only
+    ``dense_fixed``, the path engine/quant.py serves every row count with in that mode."""
+    if batch_invariant:
+        return ("dense_fixed",)
     int4 = tuple(name for name in PATHS if name.startswith("int4"))
     if quantization == "int4" or (quantization == "auto" and gguf and dtype == "bfloat16"):
         return ("dense", *int4)

@@ -162,7 +162,7 @@ def load_or_measure_plan(
             return plan
         logger.warning("CPU plan cache %s was measured for another key %s: measuring again", path, data.get("key"))
     buckets = row_buckets(max_rows)
-    candidates = [(d, p) for d in dtypes for p in candidate_paths(quantization, d, gguf)]
+    candidates = [(d, p) for d in dtypes for p in candidate_paths(quantization, d, gguf, batch_invariant)]
     paths = tuple(dict.fromkeys(p for _, p in candidates))
     start = time.perf_counter()
     timings = measure_timings(linear_shapes(config), buckets, candidates, progress=progress)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from sparkserve.engine.attention import new_kv_cache
+from sparkserve.engine.batch_invariant import batch_invariant_mode
 from sparkserve.engine.input_batch import InputBatch
 from sparkserve.engine.models.config import ModelConfig
 from sparkserve.engine.models.llama import LlamaForCausalLM
@@ -60,6 +61,7 @@ class ModelRunner:
         mask: the logits-mask hook (grammars), or None.
         unseeded_coupling: verify unseeded sampled requests by Gumbel coupling (``Verifier``).
         attention_backend: "auto" (Triton kernels on CUDA), "torch" or "triton" (CUDA only).
+        batch_invariant: run every step in batch-invariant mode (``--batch-invariant``).
         compile: torch.compile the decoder layers' bodies (engine/compile_step.py; call
             :meth:`warm_up_compile` before serving).
         step_graphs: run decode and uniform verify steps through ``engine/step_graph.py`` (CUDA graphs at
@@ -84,8 +86,10 @@ class ModelRunner:
         attention_backend: str = "auto",
         compile: bool = False,
         step_graphs: bool | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model
+        self.batch_invariant = batch_invariant
         self.speculator = speculator
         self.config = config
         self.block_size = block_size
@@ -154,8 +158,14 @@ class ModelRunner:
         return [name for name, _ in done]
 
     # ------------------------------------------------------------------ step
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run one step (:meth:`_execute`), in batch-invariant mode with ``batch_invariant``
+        (engine/batch_invariant.py: every linear and attention row in one fixed order)."""
+        with batch_invariant_mode(self.batch_invariant):
+            return self._execute(out)
+
+    @torch.inference_mode()
+    def _execute(self, out: SchedulerOutput) -> RunnerOutput:
         """Run one step. Returns the emitted tokens and next drafts per request (Python values).
 
         One device-to-host transfer per step carries the emitted tokens, accepted counts and the next

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sparkserve.engine import batch_invariant
 from sparkserve.kernels import int4_cpu
 
 GROUP = 32  # int4 group size = GGUF block size
@@ -205,7 +206,10 @@ QuantWeight = Int4Weight | Int8Weight
 def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  quant: QuantWeight | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; through the quantised kernel when ``quant`` is set and handles x's
-    row count (both compute with the same canonical weight values). x: [M, K]."""
+    row count (both compute with the same canonical weight values). x: [M, K]. In batch-invariant mode
+    (engine/batch_invariant.py) every row count runs the one dense path on a fixed row tile."""
+    if batch_invariant.is_enabled():
+        return batch_invariant.invariant_linear(x, weight, bias)
     if quant is None or not quant.handles(x.shape[0]) or x.device.type != "cpu":
         return F.linear(x, weight, bias)
     out = quant(x)
