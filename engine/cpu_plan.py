@@ -14,8 +14,9 @@ Paths are a registry (``LinearPath``): ``dense`` (``F.linear`` in the compute dt
 kernels/int4_cpu.py) registers as ``int4_ws`` where its extension is built. Every path computes with the
 one canonical set of weight values of engine/quant.py, so the exactness rule holds whatever the plan.
 
-What the engine applies (engine/quant.py serves the quantised path for ``rows <= gemv_max_tokens``):
-``CpuPlan.quant_max_rows``, the largest bucket such that every bucket up to it chose a quantised path.
+What the engine applies: ``CpuPlan.routing()``, the plan's buckets and paths as engine/quant.py's
+``Routing``, which ``quant_linear`` asks on every call for the path of its row count (the target's linears,
+its LM head, and under ``--quantization int4`` the drafter's linears).
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ import math
 import platform
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from sparkserve.engine.quant import Routing
 
 logger = logging.getLogger(__name__)
 
@@ -110,22 +115,30 @@ def _build_dense(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Te
 
 
 def _build_int4(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    from sparkserve.engine.quant import quantize_int4
+    from sparkserve.engine.quant import Routing, quantize_int4
 
-    packed = quantize_int4(weight, dtype).pack(dtype, max_tokens=1 << 30)
-    return packed
+    packed = quantize_int4(weight, dtype).pack_as(dtype, Routing.up_to(1 << 30, "int4_gemv"))
+    return lambda x: packed(x, "int4_gemv")
+
+
+def _build_int4_ws(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    from sparkserve.engine.quant import Routing, quantize_int4
+    packed = quantize_int4(weight, dtype).pack_as(dtype, Routing.up_to(1 << 30, "int4_ws"))
+    return lambda x: packed(x, "int4_ws")
 
 
 def _build_int8(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     from sparkserve.engine.quant import quantize_int8
 
-    return quantize_int8(weight, dtype, max_tokens=1 << 30)[0]
+    return quantize_int8(weight, dtype, 1 << 30)[0]
 
 
 PATHS: dict[str, LinearPath] = {
     "dense": LinearPath("dense", quantized=False, batch_invariant=False, build=_build_dense),
     "int4_gemv": LinearPath("int4_gemv", quantized=True, batch_invariant=False, build=_build_int4),
     "int8_gemv": LinearPath("int8_gemv", quantized=True, batch_invariant=False, build=_build_int8),
+    # the weight-stationary kernel (kernels/int4_cpu.py): one fp32 fma chain per output, any M
+    "int4_ws": LinearPath("int4_ws", quantized=True, batch_invariant=True, build=_build_int4_ws),
 }
 
 
@@ -199,6 +212,16 @@ class CpuPlan:
                 break
             cap = bucket
         return cap
+
+    def routing(self) -> Routing:
+        """The plan as engine/quant.py's per-call :class:`~sparkserve.engine.quant.Routing`: each bucket's
+        path up to its row count (trailing dense buckets dropped: beyond the last limit is dense)."""
+        from sparkserve.engine.quant import Routing
+
+        limits = list(zip(self.buckets, self.paths, strict=True))
+        while limits and limits[-1][1] == "dense":
+            limits.pop()
+        return Routing(tuple(limits))
 
     def summary(self) -> str:
         """A short stable string for cache keys, e.g. ``bfloat16:int4_gemv<=4,dense``."""

@@ -56,7 +56,7 @@ def _random_block(n: int, k: int, planes: int = 1, seed: int = 0) -> BlockQuant:
 def test_int4_kernel_computes_with_canonical_weights(dtype, planes, int4_backend) -> None:
     block = _random_block(96, 160, planes)
     w = block.canonical(dtype).double()  # [N, K]
-    packed = block.pack(dtype, max_tokens=64)
+    packed = block.pack(dtype, 64)
     assert (packed.kernel is not None) == (int4_backend == "weight_stationary")
     for m in (1, 3, 16):
         x = torch.randn(m, 160, generator=torch.Generator().manual_seed(m)).to(dtype)
@@ -104,14 +104,14 @@ def test_gguf_blocks_dequantise_like_gguf(name, int4_backend) -> None:
 
 def test_load_time_int8_int4_and_dispatch(int4_backend) -> None:
     w = torch.randn(64, 96) * 0.1
-    q8, canonical8 = quantize_int8(w, torch.float32, max_tokens=4)
+    q8, canonical8 = quantize_int8(w, torch.float32, 4)
     block = quantize_int4(w, torch.float32)
     canonical4 = block.canonical(torch.float32)
     assert (canonical4 - w).abs().max() <= block.scales[0].max() * 0.5 + 1e-6  # round to nearest code
     assert (canonical8 - w).abs().max() <= q8.scales.max() * 0.5 + 1e-6
     q4 = block.pack(torch.float32, 4)
     for quant, canonical in ((q8, canonical8), (q4, canonical4)):
-        for m in (1, 4, 5, 16, 32):  # <= 4 (16: weight-stationary) rows: the quantised kernel; more: dense
+        for m in (1, 4, 5, 16, 32):  # <= 4 rows: the quantised kernel (the routing's cap); more: dense
             x = torch.randn(m, 96)
             torch.testing.assert_close(quant_linear(x, canonical, None, quant), x @ canonical.t(), rtol=1e-5, atol=1e-5)
 
@@ -248,7 +248,7 @@ def test_real_quantised_default_path(smollm2_q) -> None:
                                      max_num_batched_tokens=kw.pop("max_num_batched_tokens", 256), **kw),
                           loaded=smollm2_q)
 
-    assert core().quantization_key() == "gguf@4" and core().profile_key()["quantization"] == "gguf@4"
+    assert core().quantization_key() == "gguf@int4_gemv<=4" == core().profile_key()["quantization"]
     solo_core = core()
     solo = [solo_core.generate_batch([p], params, request_prefix=f"solo{i}")[0] for i, p in enumerate(prompts)]
     assert "Paris" in tok.decode(solo[0])
