@@ -184,7 +184,7 @@ class EngineCore:
         args = self.args
         if self.device.type != "cpu" or not args.cpu_plan:
             return None
-        from sparkserve.engine.cpu_plan import cpu_signature
+        from sparkserve.engine.cpu_plan import cpu_signature, lossy_paths_allowed
         from sparkserve.engine.cpu_plan_measure import (
             available_memory_bytes,
             load_or_measure_plan,
@@ -195,7 +195,8 @@ class EngineCore:
         dtypes = ("float32", "bfloat16") if args.dtype == "auto" else (args.dtype,)
         key = {"kind": "cpu_plan", "model": args.model or "default", "dtypes": ",".join(dtypes),
                "quantization": args.quantization, "max_rows": args.max_num_batched_tokens,
-               "num_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": cpu_signature().key()}
+               "num_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": cpu_signature().key(),
+               "lossy_paths": lossy_paths_allowed()}
         # batch_invariant: issue 24's --batch-invariant restricts the plan to one invariant path
         plan = load_or_measure_plan(config, key, dtypes, args.quantization, gguf, args.max_num_batched_tokens,
                                     memory_budget_bytes=available_memory_bytes(), batch_invariant=False)

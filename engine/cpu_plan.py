@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,12 +102,15 @@ class LinearPath:
         build: ``build(weight [N, K] float32, dtype) -> fn`` with ``fn(x [M, K] dtype) -> [M, N]``; only
             for timing (the engine's own linears live in engine/quant.py). Raises RuntimeError where the
             path is unavailable on this machine or build.
+        exact: computes the canonical product (the weights' values times x, fp32 accumulation); False
+            for a path that also rounds the activations, offered only on request (:func:`lossy_paths_allowed`).
     """
 
     name: str
     quantized: bool
     batch_invariant: bool
     build: Callable[[torch.Tensor, torch.dtype], Callable[[torch.Tensor], torch.Tensor]]
+    exact: bool = True
 
 
 def _build_dense(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -127,6 +131,13 @@ def _build_int4_ws(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.
     return lambda x: packed(x, "int4_ws")
 
 
+def _build_int4_ws_q8(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    from sparkserve.engine.quant import Routing, quantize_int4
+
+    packed = quantize_int4(weight, dtype).pack_as(dtype, Routing.up_to(1 << 30, "int4_ws_q8"))
+    return lambda x: packed(x, "int4_ws_q8")
+
+
 def _build_int8(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     from sparkserve.engine.quant import quantize_int8
 
@@ -139,7 +150,19 @@ PATHS: dict[str, LinearPath] = {
     "int8_gemv": LinearPath("int8_gemv", quantized=True, batch_invariant=False, build=_build_int8),
     # the weight-stationary kernel (kernels/int4_cpu.py): one fp32 fma chain per output, any M
     "int4_ws": LinearPath("int4_ws", quantized=True, batch_invariant=True, build=_build_int4_ws),
+    # its int8-dot variant: activations rounded to int8 per group of 32 (not the canonical product: opt-in)
+    "int4_ws_q8": LinearPath("int4_ws_q8", quantized=True, batch_invariant=True, build=_build_int4_ws_q8,
+                             exact=False),
 }
+
+
+def lossy_paths_allowed() -> bool:
+    """``SPARKSERVE_INT4_ACTIVATIONS=int8``: the plan may also choose paths that round the activations
+    (``int4_ws_q8``); the text then differs from the canonical product's. Default: exact paths only."""
+    value = os.environ.get("SPARKSERVE_INT4_ACTIVATIONS", "exact")
+    if value not in ("exact", "int8"):
+        raise ValueError(f"SPARKSERVE_INT4_ACTIVATIONS must be exact or int8, got {value!r}")
+    return value == "int8"
 
 
 def register_path(path: LinearPath) -> None:
@@ -151,8 +174,9 @@ def candidate_paths(quantization: str, dtype: str, gguf: bool) -> tuple[str, ...
     """The registry paths a model loaded with ``quantization`` in ``dtype`` can serve (engine/loader.py's
     rule): dense always; the int4 paths for a GGUF file's blocks (``auto``, bf16 only: the fp32 int4
     kernel is scalar) and for ``int4``; int8 only under ``int8`` (its per-channel scales cannot express
-    GGUF's per-32 blocks, so it is never the canonical weight of a GGUF model)."""
-    int4 = tuple(name for name in PATHS if name.startswith("int4"))
+    GGUF's per-32 blocks, so it is never the canonical weight of a GGUF model). Paths that are not exact
+    only with :func:`lossy_paths_allowed`."""
+    int4 = tuple(name for name, p in PATHS.items() if name.startswith("int4") and (p.exact or lossy_paths_allowed()))
     if quantization == "int4" or (quantization == "auto" and gguf and dtype == "bfloat16"):
         return ("dense", *int4)
     if quantization == "int8":

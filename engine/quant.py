@@ -43,7 +43,9 @@ only for a bf16 model on the CPU; explicit int8 / int4 work in fp32 too (tests u
 weight's routing, the CPU plan's per-row-bucket choice (engine/cpu_plan.py: ``CpuPlan.routing``; without a
 plan a fixed row cap, ``--quant-gemv-max-tokens``, default 4). Paths: ``dense`` (the GEMM on the dense
 copy), ``int4_gemv`` (torch's kernel), ``int4_ws`` (the weight-stationary kernel, kernels/int4_cpu.py,
-built by scripts/setup.sh), ``int8_gemv``. A weight keeps only the formats its routing uses; where the
+built by scripts/setup.sh), ``int4_ws_q8`` (its int8-dot variant: activations rounded to int8 per group of 32,
+so *not* the canonical product: opt-in only, ``SPARKSERVE_INT4_ACTIVATIONS=int8``, engine/cpu_plan.py),
+``int8_gemv``. A weight keeps only the formats its routing uses; where the
 weight-stationary extension is not built, ``int4_ws`` falls back to torch's kernel (:func:`int4_formats`,
 also for ``SPARKSERVE_INT4_KERNEL``). The weight-stationary kernel computes with the same canonical values
 (all planes of a weight summed per weight in fp32, then one fp32 fma accumulator per output in
@@ -68,7 +70,7 @@ GROUP = 32  # int4 group size = GGUF block size
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 DEFAULT_GEMV_MAX_TOKENS = 4  # int4 / int8 GEMV for <= this many rows (crossover measured: bench_step.py)
 KERNEL_MODES = ("auto", "all", "0")  # SPARKSERVE_INT4_KERNEL: which int4 weights use the weight-stationary kernel
-QUANT_PATHS = ("int4_gemv", "int4_ws", "int8_gemv")  # engine/cpu_plan.py's quantised path names served here
+QUANT_PATHS = ("int4_gemv", "int4_ws", "int4_ws_q8", "int8_gemv")  # engine/cpu_plan.py's quantised path names
 
 
 def kernel_mode() -> str:
@@ -145,7 +147,7 @@ def int4_formats(routing: Routing, planes: int) -> Routing:
     limits: the plan decides how many rows a quantised path serves."""
     mode = kernel_mode()
     if mode == "0" or not int4_cpu.load():
-        return routing.renamed({"int4_ws": "int4_gemv"})
+        return routing.renamed({"int4_ws": "int4_gemv", "int4_ws_q8": "int4_gemv"})
     if mode == "all" or planes > 1:
         return routing.renamed({"int4_gemv": "int4_ws"})
     return routing
@@ -206,33 +208,39 @@ class BlockQuant:
     def pack_as(self, dtype: torch.dtype, routing: Routing) -> Int4Weight:
         """Like :meth:`pack`, with ``routing``'s paths as given (no fallback or override: the CPU plan
         times each path this way). Raises RuntimeError for ``int4_ws`` where its extension is not built."""
-        if "int4_ws" in routing.paths and not int4_cpu.load():
+        if routing.paths & {"int4_ws", "int4_ws_q8"} and not int4_cpu.load():
             raise RuntimeError("the weight-stationary int4 kernel is not built (or SPARKSERVE_INT4_KERNEL=0)")
         kernel = (int4_cpu.repack_int4(self.codes, self.scales, self.zeros, dtype)
                   if "int4_ws" in routing.paths else None)
+        kernel_q8 = (int4_cpu.repack_int4_q8(self.codes, self.scales, self.zeros, dtype)
+                     if "int4_ws_q8" in routing.paths else None)
         planes = []
         if "int4_gemv" in routing.paths:
             for codes, scales, zeros in zip(self.codes, self.scales, self.zeros, strict=True):
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
                 sz = torch.stack((scales.t(), zeros.t()), dim=-1).to(dtype).contiguous()  # [K/32, N, 2]
                 planes.append((packed, sz))
-        return Int4Weight(tuple(planes), dtype, routing, kernel)
+        return Int4Weight(tuple(planes), dtype, routing, kernel, kernel_q8)
 
 
 class Int4Weight:
     """One int4 linear weight [N, K] in the formats its routing uses: packed planes for torch's kernel
-    (``planes``) and / or tiles for the weight-stationary kernel (``kernel``); :meth:`__call__` is
+    (``planes``), tiles for the weight-stationary kernel (``kernel``) and / or for its int8-dot variant
+    (``kernel_q8``); :meth:`__call__` is
     ``x @ w.T`` on the path :meth:`path_for` names."""
 
     def __init__(self, planes: tuple[tuple[torch.Tensor, torch.Tensor], ...], dtype: torch.dtype,
-                 routing: Routing, kernel: int4_cpu.PackedInt4 | None = None) -> None:
-        held = ({"int4_gemv"} if planes else set()) | ({"int4_ws"} if kernel is not None else set())
+                 routing: Routing, kernel: int4_cpu.PackedInt4 | None = None,
+                 kernel_q8: int4_cpu.PackedInt4 | None = None) -> None:
+        held = {name for name, fmt in (("int4_gemv", planes), ("int4_ws", kernel), ("int4_ws_q8", kernel_q8))
+                if fmt is not None and fmt != ()}
         if not routing.paths <= held:
             raise ValueError(f"routing {routing.limits} uses {sorted(routing.paths - held)}, not packed")
         self.planes = planes
         self.dtype = dtype
         self.routing = routing
         self.kernel = kernel
+        self.kernel_q8 = kernel_q8
 
     def path_for(self, rows: int) -> str:
         """The path a call of ``rows`` rows takes: "dense" (the GEMM on the dense copy) or an int4 path."""
@@ -246,6 +254,9 @@ class Int4Weight:
         if path == "int4_ws":
             assert self.kernel is not None
             return int4_cpu.int4_mm(a, self.kernel)
+        if path == "int4_ws_q8":
+            assert self.kernel_q8 is not None
+            return int4_cpu.int4_q8_mm(a, self.kernel_q8)
         if path != "int4_gemv" or not self.planes:
             raise ValueError(f"Int4Weight cannot serve path {path!r} (formats: {sorted(self.routing.paths)})")
         out = None
@@ -257,7 +268,7 @@ class Int4Weight:
 
     def nbytes(self) -> int:
         """Bytes of the packed codes and the scales / zeros of every format kept."""
-        total = self.kernel.nbytes() if self.kernel is not None else 0
+        total = sum(k.nbytes() for k in (self.kernel, self.kernel_q8) if k is not None)
         return total + sum(p.numel() * p.element_size() + s.numel() * s.element_size() for p, s in self.planes)
 
 

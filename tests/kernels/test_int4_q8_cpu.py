@@ -139,3 +139,27 @@ def test_wrapper_checks_inputs(kernel) -> None:
     if "avx512" not in int4_cpu.supported_q8_isas():
         with pytest.raises(RuntimeError, match="not supported"):
             int4_q8_mm(torch.randn(2, 64), packed, isa="avx512")
+
+
+def test_plan_offers_the_int8_dot_path_only_on_request(kernel, monkeypatch) -> None:
+    """``int4_ws_q8`` is a registered, batch-invariant, not exact path: a plan candidate only under
+    ``SPARKSERVE_INT4_ACTIVATIONS=int8``; a routing naming it serves those rows with the int8-dot kernel
+    (the reference's bits) and falls back to torch's exact kernel with ``SPARKSERVE_INT4_KERNEL=0``."""
+    from sparkserve.engine.cpu_plan import PATHS, candidate_paths
+    from sparkserve.engine.quant import Routing, quant_linear
+
+    assert PATHS["int4_ws_q8"].batch_invariant and not PATHS["int4_ws_q8"].exact
+    assert "int4_ws_q8" not in candidate_paths("int4", "bfloat16", gguf=False)
+    monkeypatch.setenv("SPARKSERVE_INT4_ACTIVATIONS", "int8")
+    assert "int4_ws_q8" in candidate_paths("int4", "bfloat16", gguf=False)
+    monkeypatch.setenv("SPARKSERVE_INT4_ACTIVATIONS", "int4")
+    with pytest.raises(ValueError, match="SPARKSERVE_INT4_ACTIVATIONS"):
+        candidate_paths("int4", "bfloat16", gguf=False)
+    block = random_block(80, 96, 1, seed=4)
+    quant = block.pack(torch.bfloat16, Routing(((8, "int4_ws_q8"),)))
+    assert quant.kernel_q8 is not None and quant.kernel is None and quant.planes == ()
+    weight = block.canonical(torch.bfloat16).to(torch.bfloat16)
+    x = _x(8, 96, torch.bfloat16, seed=6)
+    assert torch.equal(quant_linear(x, weight, None, quant), _reference(x, block, torch.bfloat16))
+    monkeypatch.setenv("SPARKSERVE_INT4_KERNEL", "0")
+    assert block.pack(torch.bfloat16, Routing(((8, "int4_ws_q8"),))).path_for(8) == "int4_gemv"
