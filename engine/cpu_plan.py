@@ -228,8 +228,8 @@ class CpuPlan:
 
     @property
     def quant_max_rows(self) -> int:
-        """engine/quant.py's ``gemv_max_tokens``: the largest bucket such that it and every smaller one
-        chose a quantised path; 0 when the first bucket is dense."""
+        """The quantised prefix, for summaries (the engine applies :meth:`routing`): the largest bucket
+        such that it and every smaller one chose a quantised path; 0 when the first bucket is dense."""
         cap = 0
         for bucket, path in zip(self.buckets, self.paths, strict=True):
             if path not in self.quantized:
