@@ -474,6 +474,51 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* xq, float* d, i
   }
 }
 
+#ifdef SPARKSERVE_X86
+// quantize_rows with AVX2: the same IEEE operations (max of |x|, one correctly rounded division per element,
+// round half to even), so the same xq, d and sums.
+__attribute__((target("avx2,fma"))) void quantize_rows_avx2(const float* x, int64_t m, int64_t k, int8_t* xq, float* d,
+                                                            int32_t* sums) {
+  const int64_t groups = k / kGroup;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 lim = _mm256_set1_ps(127.0f);
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* xg = x + r * k + g * kGroup;
+      __m256 v[4];
+      __m256 amax = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(xg + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      }
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+      const float dg = _mm_cvtss_f32(h) / 127.0f;
+      int32_t sum = 0;
+      int8_t* out = xq + r * k + g * kGroup;
+      if (dg == 0.0f) {
+        std::memset(out, 0, kGroup);
+      } else {
+        const __m256 dv = _mm256_set1_ps(dg);
+        for (int i = 0; i < 4; ++i) {
+          __m256 q = _mm256_round_ps(_mm256_div_ps(v[i], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          q = _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), lim), _mm256_min_ps(lim, q));
+          alignas(32) int32_t qi[8];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(qi), _mm256_cvtps_epi32(q));
+          for (int j = 0; j < 8; ++j) {
+            out[8 * i + j] = static_cast<int8_t>(qi[j]);
+            sum += qi[j];
+          }
+        }
+      }
+      d[r * groups + g] = dg;
+      sums[r * groups + g] = sum;
+    }
+  }
+}
+#endif  // SPARKSERVE_X86
+
 // acc[64] += the group's contribution of one plane for one row, from the int32 dots D[64] (scalar form of
 // the vector epilogues below: the same IEEE operations).
 inline void epilogue_scalar(const int32_t* dot, int32_t sum, float d, const float* s, const float* z, float* acc) {
@@ -659,7 +704,15 @@ at::Tensor int4_q8_mm(const at::Tensor& x_in, const at::Tensor& codes, const at:
   std::vector<int8_t> xq(static_cast<size_t>(m * k));
   std::vector<float> d(static_cast<size_t>(m * groups));
   std::vector<int32_t> sums(static_cast<size_t>(m * groups));
+#ifdef SPARKSERVE_X86
+  if (isa != kPortable) {
+    quantize_rows_avx2(x.data_ptr<float>(), m, k, xq.data(), d.data(), sums.data());
+  } else {
+    quantize_rows(x.data_ptr<float>(), m, k, xq.data(), d.data(), sums.data());
+  }
+#else
   quantize_rows(x.data_ptr<float>(), m, k, xq.data(), d.data(), sums.data());
+#endif
   const ProblemQ8 pr{xq.data(), d.data(), sums.data(), codes.data_ptr<uint8_t>(), scales.data_ptr<float>(),
                      zeros.data_ptr<float>(), m, n, k, planes, num_tiles, groups};
   if (out_dtype == at::kFloat) {
