@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--engine", action="store_true", help="also the verify-vs-decode engine steps")
+    parser.add_argument("--no-linears", action="store_true", help="skip part 1 (e.g. an engine-only run)")
     parser.add_argument("--rounds", type=int, default=3, help="requests per engine configuration")
     parser.add_argument("--emulate-avx2", action="store_true", help="also part 1 under AVX2 (child process)")
     parser.add_argument("--note", default="")
@@ -206,7 +207,7 @@ def main() -> None:
                                 "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                                 "int4_kernel_isa": int4_cpu.selected_isa(),
                                 "int8dot_isa": os.environ.get("SPARKSERVE_INT4_ISA") or int4_cpu.supported_q8_isas()[-1]},
-                    "note": ns.note, "linear_us": linear_sweep(ns.m, ns.repeats)}
+                    "note": ns.note, "linear_us": {} if ns.no_linears else linear_sweep(ns.m, ns.repeats)}
     if ns.engine:
         result["engine_c1"] = engine_steps(ns.rounds, max_tokens=40)
         print(json.dumps(result["engine_c1"]), flush=True)
