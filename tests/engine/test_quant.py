@@ -315,3 +315,34 @@ def test_compile_falls_back_to_eager_with_a_warning(caplog) -> None:
     with caplog.at_level("WARNING"):
         assert wrapper(1) == 2 and wrapper(2) == 3
     assert wrapper.failed and "running it eagerly" in caplog.text
+
+
+def test_drafter_linears_int4_under_int4_quantization(tmp_path) -> None:
+    """``--quantization int4`` also makes the drafter's decoder linears int4, routed like the target's
+    (engine/core.py: ``quantize_linears_`` with the engine's routing); speculation stays lossless: the
+    greedy text equals the target's own greedy loop, or parts at a near-tie (fp32: paths differ only
+    by summation order)."""
+    from sparkserve.engine.quant import QuantLinear, int4_formats
+    from sparkserve.engine.spec_decode.dspark_loader import save_drafter
+    from sparkserve.testing.exactness import NEAR_TIE_EPS
+    from sparkserve.testing.hf_models import CASES, make_hf_model, write_tiny_tokenizer
+    from sparkserve.testing.tiny import random_dspark
+
+    folder = tmp_path / "tiny_hf"
+    make_hf_model(*CASES["qwen2-bias"]).save_pretrained(folder)
+    write_tiny_tokenizer(folder)
+    args = dict(model=str(folder), dtype="float32", quantization="int4", quant_gemv_max_tokens=16, cpu_plan=False,
+                block_size=4, num_kv_blocks=128, max_num_seqs=4, num_threads=1, max_num_batched_tokens=32)
+    plain = EngineCore(EngineArgs(drafter="none", **args))
+    save_drafter(random_dspark(plain.loaded, block_size=4), tmp_path / "drafter", dtype=torch.float32)
+    core = EngineCore(EngineArgs(drafter=str(tmp_path / "drafter"), verify_policy="fixed:3", **args))
+    quantised = [m for m in core.drafter.layers.modules() if isinstance(m, QuantLinear)]
+    assert len(quantised) == 7 and not any(isinstance(m, torch.nn.Linear) for m in core.drafter.layers.modules())
+    assert {q.quant.routing for q in quantised} == {int4_formats(core.routing, 1)}
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 96, (3 + 2 * i,), generator=gen).tolist() for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=(2,))
+    for i, out in enumerate(core.generate_batch(prompts, params)):
+        ref = greedy_reference(core.loaded.model, prompts[i], 12, {2}).token_ids
+        gap = top2_gap_fn(core.loaded.model, prompts[i], ref)
+        assert_same_or_near_tie(out, ref, gap, eps=NEAR_TIE_EPS, label=f"spec[{i}]")
