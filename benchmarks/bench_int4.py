@@ -1,15 +1,16 @@
 """The weight-stationary int4 CPU kernel (kernels/int4_cpu.py) vs torch's int4 kernel vs dense GEMMs.
 
 1. Linears: every linear shape of SmolLM2-135M (Q4_1 decoder linears, Q8_0 LM head as two int4 planes)
-   and of the DSpark drafter, M = 1..16 rows: this kernel, ``torch.ops.aten._weight_int4pack_mm_for_cpu``
+   and of the DSpark drafter, M = 1..16 rows: this kernel, its int8-dot variant (``int4_q8_mm``),
+   ``torch.ops.aten._weight_int4pack_mm_for_cpu``
    (engine/quant.py's packing), dense bf16 and dense fp32 ``F.linear``. The four are timed in turns at each
    (shape, M), so background load on a shared machine hits them alike; each sample is the mean of a few
    calls, and the minimum over samples (the least disturbed) is the figure compared (median kept too).
 2. Engine steps (``--engine``): median ``EngineCore.step`` wall time at c = 1 of a verify step of 1 + 7
    tokens (``--verify-policy fixed:7``, DSpark drafter) and of a decode step (``--drafter none``), and
-   the target forward inside each, with every int4 weight on this kernel (``SPARKSERVE_INT4_KERNEL=all``),
-   the default (``auto``: the Q8_0 LM head on it) and all on torch's (``0``); 6 engines in one process,
-   requests taking turns.
+   the target forward inside each, with every int4 linear routed to this kernel up to 16 rows, to its
+   int8-dot variant, the default routing (int4 up to 4 rows: the Q8_0 LM head on this kernel, the rest on
+   torch's) and all on torch's (``SPARKSERVE_INT4_KERNEL=0``); 8 engines in one process, requests taking turns.
 3. ``--emulate-avx2`` reruns part 1 in a child process with ``ATEN_CPU_CAPABILITY=avx2`` (torch's
    kernels) and ``SPARKSERVE_INT4_ISA=avx2`` (this kernel), as on an AVX2-only CI machine.
 
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from sparkserve.benchmarks.bench_step_breakdown import machine
-from sparkserve.engine.quant import BlockQuant
+from sparkserve.engine.quant import BlockQuant, Routing
 from sparkserve.kernels import int4_cpu
 
 # name -> (N, K, int4 planes)
@@ -42,7 +43,11 @@ SHAPES = {
     "drafter_fc": (576, 2880, 1), "drafter_qkv_proj": (960, 576, 1), "drafter_gate_up_proj": (3072, 576, 1),
     "drafter_down_proj": (576, 1536, 1), "drafter_markov_w": (49152, 64, 1),
 }
-KERNELS = ("weight_stationary", "torch_int4", "dense_bf16", "dense_fp32")
+KERNELS = ("weight_stationary", "ws_int8dot", "torch_int4", "dense_bf16", "dense_fp32")
+# engine configurations: SPARKSERVE_INT4_KERNEL and the routing of every int4 linear (engine/quant.py)
+ENGINE_KERNELS = {"weight_stationary": ("auto", Routing.up_to(16, "int4_ws")),
+                  "ws_int8dot": ("auto", Routing.up_to(16, "int4_ws_q8")),
+                  "default": ("auto", Routing.up_to(4)), "torch_int4": ("0", Routing.up_to(4))}
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
 
 
@@ -83,9 +88,8 @@ def kernel_mode(mode: str):
             os.environ["SPARKSERVE_INT4_KERNEL"] = old
 
 
-def _pack(block: BlockQuant, mode: str):
-    with kernel_mode(mode):
-        return block.pack(torch.bfloat16, 1 << 30)
+def _pack(block: BlockQuant, path: str):
+    return block.pack_as(torch.bfloat16, Routing.up_to(1 << 30, path))
 
 
 def linear_sweep(ms: list[int], repeats: int) -> dict:
@@ -95,7 +99,8 @@ def linear_sweep(ms: list[int], repeats: int) -> dict:
     for name, (n, k, planes) in SHAPES.items():
         block = _block(n, k, planes, gen)
         w32 = block.canonical(torch.bfloat16)
-        weights = {"weight_stationary": _pack(block, "all"), "torch_int4": _pack(block, "0"),
+        weights = {"weight_stationary": _pack(block, "int4_ws"), "ws_int8dot": _pack(block, "int4_ws_q8"),
+                   "torch_int4": _pack(block, "int4_gemv"),
                    "w_bf16": w32.to(torch.bfloat16), "w_fp32": w32}
         assert weights["weight_stationary"].kernel is not None
         inner = 2 if n * k * planes > 10_000_000 else 10
@@ -104,6 +109,7 @@ def linear_sweep(ms: list[int], repeats: int) -> dict:
             x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
             xf = x.float()
             calls = {"weight_stationary": lambda x=x, w=weights: w["weight_stationary"](x),
+                     "ws_int8dot": lambda x=x, w=weights: w["ws_int8dot"](x),
                      "torch_int4": lambda x=x, w=weights: w["torch_int4"](x),
                      "dense_bf16": lambda x=x, w=weights: F.linear(x, w["w_bf16"]),
                      "dense_fp32": lambda xf=xf, w=weights: F.linear(xf, w["w_fp32"])}
@@ -118,8 +124,12 @@ def linear_sweep(ms: list[int], repeats: int) -> dict:
         one = rows[ms[0]]["weight_stationary"]["min"]
         out[name] = {"shape_nk": [n, k], "planes": planes, "us": rows,
                      "ws_ratio_to_1_row": {m: round(r["weight_stationary"]["min"] / one, 2) for m, r in rows.items()},
+                     "int8dot_ratio_to_1_row": {m: round(r["ws_int8dot"]["min"] / rows[ms[0]]["ws_int8dot"]["min"], 2)
+                                                for m, r in rows.items()},
                      "ws_speedup_vs": {kname: {m: round(r[kname]["min"] / r["weight_stationary"]["min"], 2)
-                                               for m, r in rows.items()} for kname in KERNELS[1:]}}
+                                               for m, r in rows.items()} for kname in KERNELS[1:]},
+                     "int8dot_speedup_vs": {kname: {m: round(r[kname]["min"] / r["ws_int8dot"]["min"], 2)
+                                                    for m, r in rows.items()} for kname in ("weight_stationary", "torch_int4", "dense_bf16")}}
         print(name, json.dumps({m: {kn: v["min"] for kn, v in r.items()} for m, r in rows.items()}), flush=True)
     return out
 
@@ -134,10 +144,10 @@ def engine_steps(rounds: int, max_tokens: int) -> dict:
 
     configs = {"verify_fixed7": {"verify_policy": "fixed:7"}, "decode": {"drafter": "none"}}
     cores, forward_s = {}, {}
-    for kernel, mode in (("weight_stationary", "all"), ("default", "auto"), ("torch_int4", "0")):
+    for kernel, (mode, routing) in ENGINE_KERNELS.items():
         with kernel_mode(mode):
             for cname, kw in configs.items():
-                loaded = load_model(None, dtype=torch.bfloat16, quantization="auto")
+                loaded = load_model(None, dtype=torch.bfloat16, quantization="auto", gemv_max_tokens=routing)
                 key = f"{cname}/{kernel}"
                 forward_s[key] = []
                 real = loaded.model.forward
@@ -169,7 +179,7 @@ def engine_steps(rounds: int, max_tokens: int) -> dict:
                     forwards[key].append(forward_s[key][0] if forward_s[key] else float("nan"))
     result = {key: {"step_ms": round(statistics.median(v[2:]) * 1e3, 2), "target_forward_ms":
                     round(statistics.median(forwards[key][2:]) * 1e3, 2), "steps": len(v)} for key, v in steps.items()}
-    for kernel in ("weight_stationary", "default", "torch_int4"):
+    for kernel in ENGINE_KERNELS:
         v, d = result[f"verify_fixed7/{kernel}"], result[f"decode/{kernel}"]
         result[f"ratio_verify_to_decode/{kernel}"] = {
             "step": round(v["step_ms"] / d["step_ms"], 2),
@@ -184,6 +194,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--engine", action="store_true", help="also the verify-vs-decode engine steps")
+    parser.add_argument("--no-linears", action="store_true", help="skip part 1 (e.g. an engine-only run)")
     parser.add_argument("--rounds", type=int, default=3, help="requests per engine configuration")
     parser.add_argument("--emulate-avx2", action="store_true", help="also part 1 under AVX2 (child process)")
     parser.add_argument("--note", default="")
@@ -194,8 +205,9 @@ def main() -> None:
         sys.exit("the int4 CPU kernel is not built: run scripts/setup.sh")
     result: dict = {"machine": {**machine(), "cpu_flags": cpu_flags(),
                                 "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                                "int4_kernel_isa": int4_cpu.selected_isa()},
-                    "note": ns.note, "linear_us": linear_sweep(ns.m, ns.repeats)}
+                                "int4_kernel_isa": int4_cpu.selected_isa(),
+                                "int8dot_isa": os.environ.get("SPARKSERVE_INT4_ISA") or int4_cpu.supported_q8_isas()[-1]},
+                    "note": ns.note, "linear_us": {} if ns.no_linears else linear_sweep(ns.m, ns.repeats)}
     if ns.engine:
         result["engine_c1"] = engine_steps(ns.rounds, max_tokens=40)
         print(json.dumps(result["engine_c1"]), flush=True)

@@ -11,6 +11,7 @@ import logging
 import time
 
 import torch
+from torch import nn
 
 from sparkserve.engine.config import EngineArgs, resolve_device
 from sparkserve.engine.cpu_plan import CpuPlan
@@ -20,7 +21,7 @@ from sparkserve.engine.outputs import EngineStats, StepStats
 from sparkserve.engine.parallel.executor import start_tensor_parallel
 from sparkserve.engine.parallel.rank_runner import ModelBuild, RunnerSettings, load_for_rank
 from sparkserve.engine.parallel.shard import shard_config
-from sparkserve.engine.quant import DEFAULT_GEMV_MAX_TOKENS
+from sparkserve.engine.quant import DEFAULT_GEMV_MAX_TOKENS, Routing, quantize_linears_
 from sparkserve.engine.sampling.mask import LogitsMask
 from sparkserve.engine.spec_decode.drafter import Drafter
 from sparkserve.engine.spec_decode.factory import (
@@ -85,12 +86,13 @@ class EngineCore:
             self.device = torch.device(resolve_device(args.device))
             self.plan = self._cpu_plan()
         self.dtype_name = self.plan.dtype if self.plan is not None else _dtype_name(args, loaded)
-        self.gemv_max_tokens = (args.quant_gemv_max_tokens if args.quant_gemv_max_tokens is not None
-                                else self.plan.quant_max_rows if self.plan is not None else DEFAULT_GEMV_MAX_TOKENS)
+        # which path serves each quantised linear call, per row count (engine/quant.py: asked per call)
+        self.routing = (Routing.up_to(args.quant_gemv_max_tokens) if args.quant_gemv_max_tokens is not None
+                        else self.plan.routing() if self.plan is not None else Routing.up_to(DEFAULT_GEMV_MAX_TOKENS))
         dtype = torch.bfloat16 if self.dtype_name == "bfloat16" else torch.float32
         if loaded is None:
             loaded = load_model(args.model, dtype=dtype, device=self.device, quantization=args.quantization,
-                                gemv_max_tokens=self.gemv_max_tokens)
+                                gemv_max_tokens=self.routing)
         else:  # a shared, already loaded model decides the device
             self.device = loaded.model.embed_tokens.weight.device
         self.loaded = loaded
@@ -100,6 +102,8 @@ class EngineCore:
         self.max_model_len = min(args.max_model_len or _DEFAULT_MAX_MODEL_LEN, config.max_position_embeddings)
         if drafter is None:
             drafter = load_default_or_given_drafter(args, self.loaded, dtype)
+            if args.quantization == "int4" and self.device.type == "cpu":  # its decoder layers, by the same routing
+                quantize_linears_(getattr(getattr(drafter, "dspark", drafter), "layers", nn.ModuleList()), self.routing)
         self.drafter = drafter
         num_blocks = args.num_kv_blocks
         if num_blocks is None:
@@ -114,7 +118,7 @@ class EngineCore:
         if args.tensor_parallel_size > 1:
             self.runner = start_tensor_parallel(
                 args.tensor_parallel_size, self.loaded, drafter,
-                build or functools.partial(load_for_rank, args, self.dtype_name, self.gemv_max_tokens, self.device.type),
+                build or functools.partial(load_for_rank, args, self.dtype_name, self.routing, self.device.type),
                 RunnerSettings(num_blocks, args.block_size, self.dtype_name, args.max_num_seqs, self.max_model_len,
                                args.seed, args.unseeded_coupling, args.attention_backend),
                 self.device, logits_mask, args.num_threads)
@@ -213,7 +217,7 @@ class EngineCore:
         args = self.args
         if self.device.type != "cpu" or not args.cpu_plan:
             return None
-        from sparkserve.engine.cpu_plan import cpu_signature
+        from sparkserve.engine.cpu_plan import cpu_signature, lossy_paths_allowed
         from sparkserve.engine.cpu_plan_measure import (
             available_memory_bytes,
             load_or_measure_plan,
@@ -224,7 +228,8 @@ class EngineCore:
         dtypes = ("float32", "bfloat16") if args.dtype == "auto" else (args.dtype,)
         key = {"kind": "cpu_plan", "model": args.model or "default", "dtypes": ",".join(dtypes),
                "quantization": args.quantization, "max_rows": args.max_num_batched_tokens,
-               "num_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": cpu_signature().key()}
+               "num_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": cpu_signature().key(),
+               "lossy_paths": lossy_paths_allowed()}
         if args.batch_invariant:  # one batch-invariant path serves every bucket (engine/batch_invariant.py)
             key["batch_invariant"] = 1
         plan = load_or_measure_plan(config, key, dtypes, args.quantization, gguf, args.max_num_batched_tokens,
@@ -249,9 +254,9 @@ class EngineCore:
 
     def quantization_key(self) -> str:
         """What the loaded weights run on: ``none`` or the kept kinds (``gguf``, ``int8``, ``int4``) with
-        the GEMV row cap, e.g. ``gguf@4`` (engine/quant.py)."""
+        the routing of their calls, e.g. ``gguf@int4_gemv<=4`` (engine/quant.py)."""
         kind = getattr(self.loaded.model, "quantization", "none")
-        return kind if kind == "none" else f"{kind}@{self.gemv_max_tokens}"
+        return kind if kind == "none" else f"{kind}@{self.routing.summary()}"
 
     @property
     def num_speculative_tokens(self) -> int:

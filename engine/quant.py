@@ -21,10 +21,11 @@ accumulates ``x @ w`` in fp32 and rounds the output to the activation dtype. So:
 * Q8_0 (``w = d * q``, q int8) is expressed *exactly* as the sum of two int4 planes with
   ``q + 128 = 16 h + l``: ``w = (h - 8) * 16 d + ((l - 8) * d + 8 d)``; with d rounded to the serving
   dtype both fp32 products are exact, so the canonical value is ``d * q`` exactly. Here Q8_0 is the tied
-  token embedding / LM head (49152 x 576, the largest matmul): with the weight-stationary kernel built
-  it runs both planes in one pass (planes summed per weight in fp32, one fma per weight and row) up to 8
-  rows (bench_results/int4_cpu.json); otherwise at M <= 4 as two int4 GEMVs, their bf16 outputs summed
-  (2.5-3x faster than the bf16 GEMM, bench_results/step_quant.json); above that the dense bf16 GEMM. (``_weight_int8pack_mm``'s per-channel scales cannot express the
+  token embedding / LM head (49152 x 576, the largest matmul): where its routing names an int4 path it
+  runs both planes in one pass of the weight-stationary kernel (planes summed per weight in fp32, one fma
+  per weight and row; bench_results/int4_cpu_quiet.json), or, that kernel unbuilt, as two int4 GEMVs with
+  their bf16 outputs summed (2.5-3x faster than the bf16 GEMM, bench_results/step_quant.json); above
+  that the dense bf16 GEMM. (``_weight_int8pack_mm``'s per-channel scales cannot express the
   per-32 block scales; the fp32 int4 kernel has no vectorised path, ~30x slower than bf16.)
 
 In float32 the dense copy holds exactly the canonical values, so the GEMV and GEMM paths differ only by
@@ -32,20 +33,23 @@ fp32 summation order, as the GEMV / GEMM paths of a dense model do. In bfloat16 
 canonical values rounded to bf16 (relative error <= 2^-9 per weight): the paths then differ by that
 rounding, which the bf16 near-tie rule absorbs (tests/engine/test_quant.py checks batch invariance under it;
 measured: 9 of 16 greedy continuations batched equal their solo text token for token, the rest part at
-near-ties, against 16 of 16 for the dense bf16 model: docs/benchmarks.md). ``gemv_max_tokens = 0`` keeps
+near-ties, against 16 of 16 for the dense bf16 model: docs/benchmarks.md). A routing of no rows keeps
 the blocks but runs every call dense (today's numerics on the canonical weights).
 
 The kernels pay only with bf16 activations (the fp32 int4 path is scalar), so ``auto`` keeps GGUF blocks
 only for a bf16 model on the CPU; explicit int8 / int4 work in fp32 too (tests use that: identical weights).
 
-**The weight-stationary kernel** (kernels/int4_cpu.py, built by scripts/setup.sh): where its extension is
-built, the int4 weights :func:`kernel_mode` selects (default: the two-plane Q8_0 LM head; with
-``SPARKSERVE_INT4_KERNEL=all`` every one) are repacked for it instead of torch's kernel, and it serves
-calls of up to 8 rows (16 with ``all``; or ``max_tokens`` if larger; ``max_tokens = 0`` still means always
-dense). It computes with the same canonical values (all planes of a weight summed per weight in fp32, then one fp32
-fma accumulator per output in increasing k), so a row's bits do not depend on how many rows share the call:
-decode, batched decode and verify blocks of up to 16 rows give each row the same bits. Unbuilt, or with
-``SPARKSERVE_INT4_KERNEL=0``, torch's kernel serves up to ``max_tokens`` rows as before.
+**Routing** (:class:`Routing`): which path serves a call is asked per call by :func:`quant_linear` of the
+weight's routing, the CPU plan's per-row-bucket choice (engine/cpu_plan.py: ``CpuPlan.routing``; without a
+plan a fixed row cap, ``--quant-gemv-max-tokens``, default 4). Paths: ``dense`` (the GEMM on the dense
+copy), ``int4_gemv`` (torch's kernel), ``int4_ws`` (the weight-stationary kernel, kernels/int4_cpu.py,
+built by scripts/setup.sh), ``int4_ws_q8`` (its int8-dot variant: activations rounded to int8 per group of 32,
+so *not* the canonical product: opt-in only, ``SPARKSERVE_INT4_ACTIVATIONS=int8``, engine/cpu_plan.py),
+``int8_gemv``. A weight keeps only the formats its routing uses; where the
+weight-stationary extension is not built, ``int4_ws`` falls back to torch's kernel (:func:`int4_formats`,
+also for ``SPARKSERVE_INT4_KERNEL``). The weight-stationary kernel computes with the same canonical values
+(all planes of a weight summed per weight in fp32, then one fp32 fma accumulator per output in
+increasing k), so a row's bits do not depend on how many rows share the call.
 
 Memory: both copies together are ~1.25x the bf16 model (SmolLM2-135M: +60 MB of codes on 270 MB).
 """
@@ -58,6 +62,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from sparkserve.engine import batch_invariant
 from sparkserve.kernels import int4_cpu
@@ -65,19 +70,88 @@ from sparkserve.kernels import int4_cpu
 GROUP = 32  # int4 group size = GGUF block size
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 DEFAULT_GEMV_MAX_TOKENS = 4  # int4 / int8 GEMV for <= this many rows (crossover measured: bench_step.py)
-KERNEL_MAX_TOKENS = 16  # rows the weight-stationary kernel serves with SPARKSERVE_INT4_KERNEL=all
-KERNEL_MAX_TOKENS_AUTO = 8  # ... by default (two-plane weights; dense bf16 is as fast from 8 rows: bench_int4.py)
 KERNEL_MODES = ("auto", "all", "0")  # SPARKSERVE_INT4_KERNEL: which int4 weights use the weight-stationary kernel
+QUANT_PATHS = ("int4_gemv", "int4_ws", "int4_ws_q8", "int8_gemv")  # engine/cpu_plan.py's quantised path names
 
 
 def kernel_mode() -> str:
-    """``SPARKSERVE_INT4_KERNEL``: "auto" (default: weights of two or more int4 planes, i.e. the Q8_0 LM head,
-    where one fp32 fma per weight and row replaces torch's two GEMVs), "all" (every int4 weight, up to
-    16 rows: each row's bits independent of the batch; the faster choice on AVX2-only CPUs) or "0" (off)."""
+    """``SPARKSERVE_INT4_KERNEL``: "auto" (default: the routing's int4 paths as given, except that weights of
+    two or more int4 planes, i.e. the Q8_0 LM head, run the weight-stationary kernel where the routing
+    says ``int4_gemv``: one fp32 fma per weight and row replaces torch's two GEMVs), "all" (every int4
+    path on the weight-stationary kernel: each row's bits independent of the batch) or "0" (off)."""
     mode = os.environ.get("SPARKSERVE_INT4_KERNEL", "auto")
     if mode not in KERNEL_MODES:
         raise ValueError(f"SPARKSERVE_INT4_KERNEL must be one of {KERNEL_MODES}, got {mode!r}")
     return mode
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which path serves a quantised linear call, per row count: the plan's answer (engine/cpu_plan.py),
+    asked by :func:`quant_linear` on every call.
+
+    Attributes:
+        limits: increasing ``(max_rows, path)`` pairs; a call of M rows takes the path of the first pair
+            with ``max_rows >= M``, beyond the last pair "dense". Paths: "dense" or one of ``QUANT_PATHS``.
+    Raises:
+        ValueError: limits not strictly increasing, a row count < 1, or an unknown path.
+    """
+
+    limits: tuple[tuple[int, str], ...]
+
+    def __post_init__(self) -> None:
+        rows = [m for m, _ in self.limits]
+        if any(m < 1 for m in rows) or rows != sorted(set(rows)):
+            raise ValueError(f"routing limits must be strictly increasing row counts >= 1, got {self.limits}")
+        unknown = {p for _, p in self.limits} - {"dense", *QUANT_PATHS}
+        if unknown:
+            raise ValueError(f"unknown linear paths {sorted(unknown)} (known: dense, {', '.join(QUANT_PATHS)})")
+
+    @classmethod
+    def up_to(cls, max_rows: int, path: str = "int4_gemv") -> Routing:
+        """``path`` for calls of at most ``max_rows`` rows, dense above (``max_rows = 0``: always dense)."""
+        return cls(((max_rows, path),) if max_rows > 0 else ())
+
+    def path_for(self, rows: int) -> str:
+        """The path serving a call of ``rows`` rows."""
+        for max_rows, path in self.limits:
+            if rows <= max_rows:
+                return path
+        return "dense"
+
+    @property
+    def paths(self) -> frozenset[str]:
+        """The quantised paths it uses (the weight formats a weight routed by it must keep)."""
+        return frozenset(p for _, p in self.limits if p != "dense")
+
+    def summary(self) -> str:
+        """A short stable string for logs and cache keys, e.g. ``int4_ws<=8`` (empty: always dense)."""
+        return ",".join(f"{p}<={m}" for m, p in self.limits)
+
+    def renamed(self, rename: dict[str, str]) -> Routing:
+        """The same row limits with paths renamed (a path missing from ``rename`` is kept)."""
+        return Routing(tuple((m, rename.get(p, p)) for m, p in self.limits))
+
+
+def as_routing(routing: Routing | int, path: str = "int4_gemv") -> Routing:
+    """``routing`` itself, or an int n as :meth:`Routing.up_to` (n, ``path``): the fixed row cap of
+    ``--quant-gemv-max-tokens`` / ``--no-cpu-plan``."""
+    return routing if isinstance(routing, Routing) else Routing.up_to(routing, path)
+
+
+def int4_formats(routing: Routing, planes: int) -> Routing:
+    """The routing an int4 weight of ``planes`` planes serves, after what this build and
+    ``SPARKSERVE_INT4_KERNEL`` allow: without the weight-stationary kernel (unbuilt, or mode "0")
+    ``int4_ws`` becomes torch's ``int4_gemv``; with it, ``int4_gemv`` becomes ``int4_ws`` under "all",
+    and under "auto" for weights of two or more planes (the Q8_0 LM head: one pass instead of two GEMVs,
+    1.15x faster at 1 row, bench_results/int4_cpu_quiet.json). Only the format changes, never the row
+    limits: the plan decides how many rows a quantised path serves."""
+    mode = kernel_mode()
+    if mode == "0" or not int4_cpu.load():
+        return routing.renamed({"int4_ws": "int4_gemv", "int4_ws_q8": "int4_gemv"})
+    if mode == "all" or planes > 1:
+        return routing.renamed({"int4_gemv": "int4_ws"})
+    return routing
 
 
 @dataclass(frozen=True)
@@ -125,46 +199,67 @@ class BlockQuant:
         assert total is not None
         return total
 
-    def pack(self, dtype: torch.dtype, max_tokens: int) -> Int4Weight:
-        """The weight for the int4 kernels with activations in ``dtype``: repacked for the weight-stationary
-        kernel where its extension is loaded, else packed int4 planes for ``_weight_int4pack_mm_for_cpu``."""
-        mode = kernel_mode()
-        if mode != "0" and (mode == "all" or len(self.codes) > 1) and int4_cpu.load():
-            cap = KERNEL_MAX_TOKENS if mode == "all" else KERNEL_MAX_TOKENS_AUTO
-            return Int4Weight((), dtype, max_tokens, int4_cpu.repack_int4(self.codes, self.scales, self.zeros, dtype),
-                              kernel_max_tokens=cap)
-        sdtype = dtype
+    def pack(self, dtype: torch.dtype, routing: Routing | int) -> Int4Weight:
+        """The weight for the int4 kernels with activations in ``dtype``, routed by ``routing`` (an int n:
+        torch's int4 GEMV up to n rows), keeping the formats its paths need (:func:`int4_formats`): the
+        weight-stationary kernel's tiles for ``int4_ws``, packed planes for torch's
+        ``_weight_int4pack_mm_for_cpu`` for ``int4_gemv``."""
+        return self.pack_as(dtype, int4_formats(as_routing(routing), len(self.codes)))
+
+    def pack_as(self, dtype: torch.dtype, routing: Routing) -> Int4Weight:
+        """Like :meth:`pack`, with ``routing``'s paths as given (no fallback or override: the CPU plan
+        times each path this way). Raises RuntimeError for ``int4_ws`` where its extension is not built."""
+        if routing.paths & {"int4_ws", "int4_ws_q8"} and not int4_cpu.load():
+            raise RuntimeError("the weight-stationary int4 kernel is not built (or SPARKSERVE_INT4_KERNEL=0)")
+        kernel = (int4_cpu.repack_int4(self.codes, self.scales, self.zeros, dtype)
+                  if "int4_ws" in routing.paths else None)
+        kernel_q8 = (int4_cpu.repack_int4_q8(self.codes, self.scales, self.zeros, dtype)
+                     if "int4_ws_q8" in routing.paths else None)
         planes = []
-        for codes, scales, zeros in zip(self.codes, self.scales, self.zeros, strict=True):
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-            sz = torch.stack((scales.t(), zeros.t()), dim=-1).to(sdtype).contiguous()  # [K/32, N, 2]
-            planes.append((packed, sz))
-        return Int4Weight(tuple(planes), sdtype, max_tokens)
+        if "int4_gemv" in routing.paths:
+            for codes, scales, zeros in zip(self.codes, self.scales, self.zeros, strict=True):
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+                sz = torch.stack((scales.t(), zeros.t()), dim=-1).to(dtype).contiguous()  # [K/32, N, 2]
+                planes.append((packed, sz))
+        return Int4Weight(tuple(planes), dtype, routing, kernel, kernel_q8)
 
 
 class Int4Weight:
-    """One int4 linear weight [N, K], either repacked for the weight-stationary kernel (``kernel``) or as
-    packed planes for torch's kernel; :meth:`__call__` is ``x @ w.T`` on them."""
+    """One int4 linear weight [N, K] in the formats its routing uses: packed planes for torch's kernel
+    (``planes``), tiles for the weight-stationary kernel (``kernel``) and / or for its int8-dot variant
+    (``kernel_q8``); :meth:`__call__` is
+    ``x @ w.T`` on the path :meth:`path_for` names."""
 
     def __init__(self, planes: tuple[tuple[torch.Tensor, torch.Tensor], ...], dtype: torch.dtype,
-                 max_tokens: int, kernel: int4_cpu.PackedInt4 | None = None, kernel_max_tokens: int = 0) -> None:
+                 routing: Routing, kernel: int4_cpu.PackedInt4 | None = None,
+                 kernel_q8: int4_cpu.PackedInt4 | None = None) -> None:
+        held = {name for name, fmt in (("int4_gemv", planes), ("int4_ws", kernel), ("int4_ws_q8", kernel_q8))
+                if fmt is not None and fmt != ()}
+        if not routing.paths <= held:
+            raise ValueError(f"routing {routing.limits} uses {sorted(routing.paths - held)}, not packed")
         self.planes = planes
         self.dtype = dtype
-        self.max_tokens = max_tokens
+        self.routing = routing
         self.kernel = kernel
-        self.kernel_max_tokens = kernel_max_tokens
+        self.kernel_q8 = kernel_q8
 
-    def handles(self, rows: int) -> bool:
-        """Whether a call of ``rows`` rows runs here (else the dense GEMM): up to ``max_tokens`` rows,
-        or up to ``kernel_max_tokens`` with the weight-stationary kernel; ``max_tokens = 0``: never."""
-        cap = max(self.max_tokens, self.kernel_max_tokens) if self.kernel is not None and self.max_tokens else self.max_tokens
-        return rows <= cap
+    def path_for(self, rows: int) -> str:
+        """The path a call of ``rows`` rows takes: "dense" (the GEMM on the dense copy) or an int4 path."""
+        return self.routing.path_for(rows)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [M, K] -> [M, N] in the weight's activation dtype."""
+    def __call__(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        """x: [M, K] -> [M, N] in the weight's activation dtype, on ``path`` (default: :meth:`path_for`;
+        "dense" is not served here)."""
+        path = path or self.path_for(x.shape[0])
         a = x.to(self.dtype)
-        if self.kernel is not None:
+        if path == "int4_ws":
+            assert self.kernel is not None
             return int4_cpu.int4_mm(a, self.kernel)
+        if path == "int4_ws_q8":
+            assert self.kernel_q8 is not None
+            return int4_cpu.int4_q8_mm(a, self.kernel_q8)
+        if path != "int4_gemv" or not self.planes:
+            raise ValueError(f"Int4Weight cannot serve path {path!r} (formats: {sorted(self.routing.paths)})")
         out = None
         for packed, sz in self.planes:
             part = torch.ops.aten._weight_int4pack_mm_for_cpu(a, packed, GROUP, sz)
@@ -173,25 +268,25 @@ class Int4Weight:
         return out
 
     def nbytes(self) -> int:
-        """Bytes of the packed codes and the scales / zeros."""
-        if self.kernel is not None:
-            return self.kernel.nbytes()
-        return sum(p.numel() * p.element_size() + s.numel() * s.element_size() for p, s in self.planes)
+        """Bytes of the packed codes and the scales / zeros of every format kept."""
+        total = sum(k.nbytes() for k in (self.kernel, self.kernel_q8) if k is not None)
+        return total + sum(p.numel() * p.element_size() + s.numel() * s.element_size() for p, s in self.planes)
 
 
 class Int8Weight:
-    """Per-output-channel symmetric int8 weight for ``torch._weight_int8pack_mm``: ``w = q * scale``."""
+    """Per-output-channel symmetric int8 weight for ``torch._weight_int8pack_mm``: ``w = q * scale``;
+    every quantised path of its routing is served by that kernel."""
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, max_tokens: int) -> None:
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, routing: Routing | int) -> None:
         self.codes = codes.contiguous()  # int8 [N, K]
         self.scales = scales  # [N], activation dtype
-        self.max_tokens = max_tokens
+        self.routing = as_routing(routing, "int8_gemv")
 
-    def handles(self, rows: int) -> bool:
-        """Whether a call of ``rows`` rows runs here (else the dense GEMM)."""
-        return rows <= self.max_tokens
+    def path_for(self, rows: int) -> str:
+        """"int8_gemv" where the routing names a quantised path for ``rows`` rows, else "dense"."""
+        return "dense" if self.routing.path_for(rows) == "dense" else "int8_gemv"
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """x: [M, K] -> [M, N]."""
         return torch._weight_int8pack_mm(x, self.codes, self.scales.to(x.dtype))
 
@@ -205,17 +300,52 @@ QuantWeight = Int4Weight | Int8Weight
 
 def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  quant: QuantWeight | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; through the quantised kernel when ``quant`` is set and handles x's
-    row count (both compute with the same canonical weight values). x: [M, K]. In batch-invariant mode
+    """``F.linear(x, weight, bias)``, on the path ``quant``'s routing names for x's row count (asked per
+    call; every path computes with the same canonical weight values). x: [M, K]. In batch-invariant mode
     (engine/batch_invariant.py) every row count runs the one dense path on a fixed row tile."""
     if batch_invariant.is_enabled():
         return batch_invariant.invariant_linear(x, weight, bias)
-    if quant is None or not quant.handles(x.shape[0]) or x.device.type != "cpu":
+    if quant is None or x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    out = quant(x)
+    path = quant.path_for(x.shape[0])
+    if path == "dense":
+        return F.linear(x, weight, bias)
+    out = quant(x, path)
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
     return out if bias is None else out + bias
+
+
+class QuantLinear(nn.Module):
+    """An ``nn.Linear`` whose weight holds int4 canonical values, computed through :func:`quant_linear`
+    (the routing's path per call). Same parameter names as ``nn.Linear`` (``weight`` [N, K], ``bias``)."""
+
+    def __init__(self, linear: nn.Linear, routing: Routing | int) -> None:
+        super().__init__()
+        dtype = linear.weight.dtype
+        block = quantize_int4(linear.weight.detach(), dtype)
+        self.weight = nn.Parameter(block.canonical(dtype).to(dtype), requires_grad=False)  # [N, K]
+        self.bias = linear.bias
+        self.quant = block.pack(dtype, routing)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., K] -> [..., N]."""
+        out = quant_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self.quant)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@torch.no_grad()
+def quantize_linears_(module: nn.Module, routing: Routing | int) -> int:
+    """Replace, in place, every ``nn.Linear`` under ``module`` whose in-features divide by 32 with a
+    :class:`QuantLinear` (group-32 int4, routed by ``routing``; the drafter's linears under
+    ``--quantization int4``). Returns how many were replaced."""
+    replaced = 0
+    for child in list(module.modules()):
+        for leaf, linear in list(child.named_children()):
+            if isinstance(linear, nn.Linear) and linear.in_features % GROUP == 0:
+                setattr(child, leaf, QuantLinear(linear, routing))
+                replaced += 1
+    return replaced
 
 
 # --------------------------------------------------------------------------- GGUF blocks
@@ -267,10 +397,11 @@ def quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> BlockQuant:
     return BlockQuant((codes.reshape(n, k),), (scale,), (zero,))
 
 
-def quantize_int8(weight: torch.Tensor, dtype: torch.dtype, max_tokens: int) -> tuple[Int8Weight, torch.Tensor]:
+def quantize_int8(weight: torch.Tensor, dtype: torch.dtype,
+                  routing: Routing | int) -> tuple[Int8Weight, torch.Tensor]:
     """Symmetric per-output-channel int8 of a dense [N, K] weight. Returns the kernel weight and the
     canonical dequantised values ``q * scale`` (float32 [N, K], scale rounded to ``dtype``)."""
     w = weight.float()
     scale = (w.abs().amax(1) / 127).clamp_min(1e-8).to(dtype)
     codes = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
-    return Int8Weight(codes, scale, max_tokens), codes.float() * scale.float()[:, None]
+    return Int8Weight(codes, scale, routing), codes.float() * scale.float()[:, None]

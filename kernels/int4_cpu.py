@@ -24,6 +24,7 @@ import functools
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -141,15 +142,38 @@ def repack_int4(codes: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...
                 dtype: torch.dtype) -> PackedInt4:
     """Planes of uint8 codes [N, K] (0..15) with float32 scales / zeros [N, K / 32] -> the kernel's tiles;
     scales and zeros are rounded to ``dtype`` (the serving dtype) as the canonical weights define."""
+
+    def layout(c: torch.Tensor, tiles: int, k: int) -> torch.Tensor:  # [Np, K] -> [NB, G, 16, 64]
+        c = c.reshape(tiles, BLOCK_N, k // GROUP, 16, 2).permute(0, 2, 3, 1, 4)  # [NB, G, 16, 64, (2j, 2j+1)]
+        return c[..., 0] | (c[..., 1] << 4)
+
+    return _repack(codes, scales, zeros, dtype, layout)
+
+
+def repack_int4_q8(codes: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...], zeros: tuple[torch.Tensor, ...],
+                   dtype: torch.dtype) -> PackedInt4:
+    """Like :func:`repack_int4`, in the int8-dot kernel's layout: codes uint8 [P, ceil(N / 64), K / 32, 4, 64, 4],
+    byte (t, c, b) = code of input 8 t + b | code of input 8 t + 4 + b << 4 of channel c (four
+    consecutive inputs of one channel per 32-bit lane, as vpdpbusd / maddubs consume them)."""
+
+    def layout(c: torch.Tensor, tiles: int, k: int) -> torch.Tensor:  # [Np, K] -> [NB, G, 4, 64, 4]
+        c = c.reshape(tiles, BLOCK_N, k // GROUP, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)  # [NB, G, t, 64, b, half]
+        return c[..., 0] | (c[..., 1] << 4)
+
+    return _repack(codes, scales, zeros, dtype, layout)
+
+
+def _repack(codes: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...], zeros: tuple[torch.Tensor, ...],
+            dtype: torch.dtype, layout: Callable[[torch.Tensor, int, int], torch.Tensor]) -> PackedInt4:
+    """Pad N to whole 64-channel tiles (code 8, scale and zero 0: weight 0), lay each plane's codes out
+    with ``layout`` and its scales / zeros as [NB, G, 64] (rounded to ``dtype``), stack the planes."""
     n, k = codes[0].shape
     if k % GROUP:
         raise ValueError(f"int4 weights need K divisible by {GROUP}, got {k}")
     tiles, pad = -(-n // BLOCK_N), -n % BLOCK_N
     packed_codes, packed_s, packed_z = [], [], []
     for c, s, z in zip(codes, scales, zeros, strict=True):
-        c = torch.nn.functional.pad(c.to(torch.uint8), (0, 0, 0, pad), value=8)  # [Np, K]
-        c = c.reshape(tiles, BLOCK_N, k // GROUP, 16, 2).permute(0, 2, 3, 1, 4)  # [NB, G, 16, 64, (2j, 2j+1)]
-        packed_codes.append(c[..., 0] | (c[..., 1] << 4))
+        packed_codes.append(layout(torch.nn.functional.pad(c.to(torch.uint8), (0, 0, 0, pad), value=8), tiles, k))
         for src, dst in ((s, packed_s), (z, packed_z)):
             v = torch.nn.functional.pad(src.to(dtype).float(), (0, 0, 0, pad))  # [Np, G]
             dst.append(v.reshape(tiles, BLOCK_N, k // GROUP).transpose(1, 2))  # [NB, G, 64]
@@ -157,12 +181,8 @@ def repack_int4(codes: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...
                       torch.stack(packed_z).contiguous(), n, k)
 
 
-def int4_mm(x: torch.Tensor, weight: PackedInt4, out_dtype: torch.dtype | None = None,
-            isa: str | None = None, direct_max_rows: int = DIRECT_MAX_ROWS) -> torch.Tensor:
-    """x [M, K] (float32 / bfloat16, CPU) @ weight.T -> [M, N] in ``out_dtype`` (default x's dtype).
-    ``isa`` forces a code path (default :func:`selected_isa`); ``direct_max_rows`` (AVX-512): calls of
-    at most this many rows run the register passes, larger ones the L1-buffer path (same bits). Raises ValueError on a bad input and
-    RuntimeError when the extension is not loaded or the CPU lacks the path."""
+def _check_x(x: torch.Tensor, weight: PackedInt4, out_dtype: torch.dtype | None) -> torch.dtype:
+    """Both wrappers' checks; returns the output dtype. Raises ValueError / RuntimeError as they say."""
     if x.ndim != 2 or x.shape[1] != weight.k:
         raise ValueError(f"x must be [M, {weight.k}], got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
@@ -172,8 +192,42 @@ def int4_mm(x: torch.Tensor, weight: PackedInt4, out_dtype: torch.dtype | None =
         raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
     if not load():
         raise RuntimeError("the int4 CPU kernel is not available (see the warning logged by load())")
+    return out_dtype
+
+
+def int4_mm(x: torch.Tensor, weight: PackedInt4, out_dtype: torch.dtype | None = None,
+            isa: str | None = None, direct_max_rows: int = DIRECT_MAX_ROWS) -> torch.Tensor:
+    """x [M, K] (float32 / bfloat16, CPU) @ weight.T -> [M, N] in ``out_dtype`` (default x's dtype).
+    ``isa`` forces a code path (default :func:`selected_isa`); ``direct_max_rows`` (AVX-512): calls of
+    at most this many rows run the register passes, larger ones the L1-buffer path (same bits). Raises ValueError on a bad input and
+    RuntimeError when the extension is not loaded or the CPU lacks the path."""
+    out_dtype = _check_x(x, weight, out_dtype)
     return torch.ops.sparkserve_int4.int4_mm(x, weight.codes, weight.scales, weight.zeros, weight.n, out_dtype,
                                              ISAS[isa or selected_isa()], direct_max_rows)
+
+
+def supported_q8_isas() -> tuple[str, ...]:
+    """The int8-dot kernel's code paths this CPU can run ("avx512" needs AVX-512 VNNI and BW; needs :func:`load`)."""
+    flags = torch.ops.sparkserve_int4.q8_isa_flags()
+    return tuple(name for name, bit in ISAS.items() if flags >> bit & 1)
+
+
+def int4_q8_mm(x: torch.Tensor, weight: PackedInt4, out_dtype: torch.dtype | None = None,
+               isa: str | None = None) -> torch.Tensor:
+    """The int8-dot variant (kernels/cpu/int4_gemm.cpp): x [M, K] quantised to int8 per row and group of 32,
+    integer dot products with the int4 codes, fp32 scales -> [M, N] in ``out_dtype`` (default x's dtype).
+    Lossy against :func:`int4_mm` (x rounded to 8 bits per group); batch-invariant, the same bits on every
+    path. ``weight`` from :func:`repack_int4_q8`. ``isa``: default ``SPARKSERVE_INT4_ISA``, else the widest of
+    :func:`supported_q8_isas`. Raises ValueError on a bad input, RuntimeError when the extension is not
+    loaded or the CPU lacks the path."""
+    if weight.codes.ndim != 6:
+        raise ValueError("weight must come from repack_int4_q8 (6-D codes)")
+    out_dtype = _check_x(x, weight, out_dtype)
+    isa = isa or os.environ.get("SPARKSERVE_INT4_ISA") or supported_q8_isas()[-1]
+    if isa not in ISAS:
+        raise ValueError(f"SPARKSERVE_INT4_ISA must be one of {sorted(ISAS)}, got {isa!r}")
+    return torch.ops.sparkserve_int4.int4_q8_mm(x, weight.codes, weight.scales, weight.zeros, weight.n, out_dtype,
+                                                ISAS[isa])
 
 
 # --------------------------------------------------------------------------- pure-torch reference
@@ -199,6 +253,38 @@ def int4_mm_reference(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dt
     acc = torch.zeros(x.shape[0], weight.shape[0])  # [M, N]
     for k in range(x.shape[1]):
         acc = fma32(xf[:, k, None], weight[None, :, k], acc)
+    return acc.to(out_dtype or x.dtype)
+
+
+def quantize_activations_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8-dot kernel's activation quantisation: x [M, K] -> (xq float32 [M, K / 32, 32] integers in
+    -127..127, d float32 [M, K / 32]) with d = max|x| / 127 per group and xq = round-half-even(x / d)."""
+    xg = x.float().reshape(x.shape[0], -1, GROUP)  # [M, G, 32]
+    d = xg.abs().amax(-1) / 127  # [M, G]
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    xq = torch.where(d[..., None] > 0, torch.round(xg / safe[..., None]), torch.zeros_like(xg)).clamp(-127, 127)
+    return xq, d
+
+
+def int4_q8_mm_reference(x: torch.Tensor, codes: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...],
+                         zeros: tuple[torch.Tensor, ...], dtype: torch.dtype,
+                         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The int8-dot kernel's arithmetic in torch: x [M, K]; per plane uint8 codes [N, K] and float32 scales /
+    zeros [N, K / 32] (rounded to ``dtype`` first, as the repack does) -> [M, N] in ``out_dtype``: integer
+    dots exact in float64, then per group and plane ``acc = fma(d, fma(s, D - 8 S, z * S), acc)`` in fp32."""
+    xq, d = quantize_activations_q8(x)  # [M, G, 32], [M, G]
+    sums = xq.sum(-1)  # [M, G], exact integers
+    acc = torch.zeros(x.shape[0], codes[0].shape[0])  # [M, N]
+    planes = []
+    for c, s, z in zip(codes, scales, zeros, strict=True):
+        q = c.double().reshape(c.shape[0], -1, GROUP)  # [N, G, 32]
+        dots = torch.einsum("mgk,ngk->mng", xq.double(), q)  # [M, N, G], exact (|D| < 2^16)
+        t = (dots - 8 * sums.double()[:, None, :]).float()
+        u = z.to(dtype).float()[None] * sums[:, None, :]  # [M, N, G] fp32 product
+        planes.append(fma32(s.to(dtype).float()[None].expand_as(t), t, u))
+    for g in range(d.shape[1]):
+        for v in planes:
+            acc = fma32(d[:, None, g].expand_as(acc), v[:, :, g], acc)
     return acc.to(out_dtype or x.dtype)
 
 

@@ -27,6 +27,7 @@ from sparkserve.engine.quant import (
     DEFAULT_GEMV_MAX_TOKENS,
     BlockQuant,
     QuantWeight,
+    Routing,
     quant_linear,
     quantize_int4,
     quantize_int8,
@@ -227,14 +228,15 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | BlockQuant]], quantization: str = "none",
-                     gemv_max_tokens: int = DEFAULT_GEMV_MAX_TOKENS) -> None:
+                     gemv_max_tokens: Routing | int = DEFAULT_GEMV_MAX_TOKENS) -> None:
         """Copy Hugging Face-named tensors (``model.layers.3.self_attn.q_proj.weight`` ...) into the
         fused parameters, casting to the model dtype. Raises ValueError on an unknown name or when a
         parameter is left unfilled.
 
         Quantisation (engine/quant.py): a ``BlockQuant`` value (GGUF Q4_0 / Q4_1 / Q8_0 blocks) fills
         its parameter with the canonical dequantised values and, when every row of the (fused) parameter
-        came quantised, keeps the packed int4 copy for calls of at most ``gemv_max_tokens`` rows.
+        came quantised, keeps the packed int4 copy, routed per call by ``gemv_max_tokens`` (a ``Routing``, or
+        an int n: the quantised kernel for at most n rows).
         ``quantization`` "int8" / "int4" then quantises the dense decoder-layer linears
         (:meth:`quantize_`); "none" / "auto" keep dense tensors dense.
         """
@@ -275,7 +277,7 @@ class LlamaForCausalLM(nn.Module):
             self.quantize_(quantization, gemv_max_tokens)
 
     @torch.no_grad()
-    def quantize_(self, mode: str, gemv_max_tokens: int = DEFAULT_GEMV_MAX_TOKENS) -> None:
+    def quantize_(self, mode: str, gemv_max_tokens: Routing | int = DEFAULT_GEMV_MAX_TOKENS) -> None:
         """Quantise every dense decoder-layer linear in place (engine/quant.py): "int8" (per output
         channel) or "int4" (group 32). Each parameter is overwritten with the canonical dequantised
         values the kernel computes with; the embedding and LM head stay dense. Linears that already
@@ -298,7 +300,7 @@ class LlamaForCausalLM(nn.Module):
                     layer.quant[leaf] = q8
         self.quantization = mode if self.quantization == "none" else f"{self.quantization}+{mode}"
 
-    def _attach_quant(self, staged: dict[str, list[tuple[int, BlockQuant]]], max_tokens: int) -> None:
+    def _attach_quant(self, staged: dict[str, list[tuple[int, BlockQuant]]], max_tokens: Routing | int) -> None:
         """Pack the staged blocks of every parameter whose rows all came quantised (same plane layout)."""
         for param_name, pieces in staged.items():
             pieces.sort(key=lambda p: p[0])

@@ -18,6 +18,7 @@ from sparkserve.engine.loader import LoadedModel
 from sparkserve.engine.model_runner import ModelRunner
 from sparkserve.engine.parallel.group import TensorParallelGroup
 from sparkserve.engine.parallel.shard import shard_model
+from sparkserve.engine.quant import Routing
 from sparkserve.engine.sampling.mask import LogitsMask
 from sparkserve.engine.spec_decode.drafter import Drafter
 from sparkserve.engine.spec_decode.speculator import Speculator
@@ -72,7 +73,7 @@ def build_rank_runner(tp: TensorParallelGroup, loaded: LoadedModel, drafter: Dra
                        unseeded_coupling=settings.unseeded_coupling, attention_backend=settings.attention_backend)
 
 
-def load_for_rank(args: EngineArgs, dtype: str, gemv_max_tokens: int, device: str) -> tuple[LoadedModel, Drafter | None]:
+def load_for_rank(args: EngineArgs, dtype: str, gemv_max_tokens: int | Routing, device: str) -> tuple[LoadedModel, Drafter | None]:
     """The server's ``ModelBuild``: ``args.model`` and its drafter, as rank 0 loaded them (rank 0's resolved
     dtype and quantised-GEMV cap; ``device``: "cpu" or "cuda")."""
     from sparkserve.engine.loader import load_model

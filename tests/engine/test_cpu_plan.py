@@ -225,6 +225,7 @@ def test_greedy_text_under_every_plan(dtype, tiny_folder, tmp_path, monkeypatch)
     part where its top-2 gap is a near-tie (fp32: 1e-2; bf16: 0.5 nats), for 6 prompts batched."""
     from sparkserve.engine.config import EngineArgs
     from sparkserve.engine.core import EngineCore
+    from sparkserve.engine.quant import int4_formats
     from sparkserve.scheduler.sampling_params import SamplingParams
     from sparkserve.testing.exactness import NEAR_TIE_EPS, assert_same_or_near_tie, top2_gap_fn
     from sparkserve.testing.reference import greedy_reference
@@ -249,8 +250,8 @@ def test_greedy_text_under_every_plan(dtype, tiny_folder, tmp_path, monkeypatch)
     planned = core(None, plan=True)
     assert planned.plan is not None and planned.plan.dtype == dtype
     assert planned.profile_key()["plan"] == planned.plan.summary()
-    caps = {q.max_tokens for layer in planned.loaded.model.layers for q in layer.quant.values()}
-    assert caps == {planned.plan.quant_max_rows} and planned.gemv_max_tokens == planned.plan.quant_max_rows
+    routings = {q.routing for layer in planned.loaded.model.layers for q in layer.quant.values()}
+    assert planned.routing == planned.plan.routing() and routings == {int4_formats(planned.routing, 1)}
     for label, engine in (("cap1", core(1)), ("cap4", core(4)), ("cap16", core(16)), ("planned", planned)):
         assert all(layer.quant for layer in engine.loaded.model.layers)
         for i, out in enumerate(engine.generate_batch(prompts, params)):

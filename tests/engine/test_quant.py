@@ -56,7 +56,7 @@ def _random_block(n: int, k: int, planes: int = 1, seed: int = 0) -> BlockQuant:
 def test_int4_kernel_computes_with_canonical_weights(dtype, planes, int4_backend) -> None:
     block = _random_block(96, 160, planes)
     w = block.canonical(dtype).double()  # [N, K]
-    packed = block.pack(dtype, max_tokens=64)
+    packed = block.pack(dtype, 64)
     assert (packed.kernel is not None) == (int4_backend == "weight_stationary")
     for m in (1, 3, 16):
         x = torch.randn(m, 160, generator=torch.Generator().manual_seed(m)).to(dtype)
@@ -104,14 +104,14 @@ def test_gguf_blocks_dequantise_like_gguf(name, int4_backend) -> None:
 
 def test_load_time_int8_int4_and_dispatch(int4_backend) -> None:
     w = torch.randn(64, 96) * 0.1
-    q8, canonical8 = quantize_int8(w, torch.float32, max_tokens=4)
+    q8, canonical8 = quantize_int8(w, torch.float32, 4)
     block = quantize_int4(w, torch.float32)
     canonical4 = block.canonical(torch.float32)
     assert (canonical4 - w).abs().max() <= block.scales[0].max() * 0.5 + 1e-6  # round to nearest code
     assert (canonical8 - w).abs().max() <= q8.scales.max() * 0.5 + 1e-6
     q4 = block.pack(torch.float32, 4)
     for quant, canonical in ((q8, canonical8), (q4, canonical4)):
-        for m in (1, 4, 5, 16, 32):  # <= 4 (16: weight-stationary) rows: the quantised kernel; more: dense
+        for m in (1, 4, 5, 16, 32):  # <= 4 rows: the quantised kernel (the routing's cap); more: dense
             x = torch.randn(m, 96)
             torch.testing.assert_close(quant_linear(x, canonical, None, quant), x @ canonical.t(), rtol=1e-5, atol=1e-5)
 
@@ -248,7 +248,7 @@ def test_real_quantised_default_path(smollm2_q) -> None:
                                      max_num_batched_tokens=kw.pop("max_num_batched_tokens", 256), **kw),
                           loaded=smollm2_q)
 
-    assert core().quantization_key() == "gguf@4" and core().profile_key()["quantization"] == "gguf@4"
+    assert core().quantization_key() == "gguf@int4_gemv<=4" == core().profile_key()["quantization"]
     solo_core = core()
     solo = [solo_core.generate_batch([p], params, request_prefix=f"solo{i}")[0] for i, p in enumerate(prompts)]
     assert "Paris" in tok.decode(solo[0])
@@ -315,3 +315,34 @@ def test_compile_falls_back_to_eager_with_a_warning(caplog) -> None:
     with caplog.at_level("WARNING"):
         assert wrapper(1) == 2 and wrapper(2) == 3
     assert wrapper.failed and "running it eagerly" in caplog.text
+
+
+def test_drafter_linears_int4_under_int4_quantization(tmp_path) -> None:
+    """``--quantization int4`` also makes the drafter's decoder linears int4, routed like the target's
+    (engine/core.py: ``quantize_linears_`` with the engine's routing); speculation stays lossless: the
+    greedy text equals the target's own greedy loop, or parts at a near-tie (fp32: paths differ only
+    by summation order)."""
+    from sparkserve.engine.quant import QuantLinear, int4_formats
+    from sparkserve.engine.spec_decode.dspark_loader import save_drafter
+    from sparkserve.testing.exactness import NEAR_TIE_EPS
+    from sparkserve.testing.hf_models import CASES, make_hf_model, write_tiny_tokenizer
+    from sparkserve.testing.tiny import random_dspark
+
+    folder = tmp_path / "tiny_hf"
+    make_hf_model(*CASES["qwen2-bias"]).save_pretrained(folder)
+    write_tiny_tokenizer(folder)
+    args = dict(model=str(folder), dtype="float32", quantization="int4", quant_gemv_max_tokens=16, cpu_plan=False,
+                block_size=4, num_kv_blocks=128, max_num_seqs=4, num_threads=1, max_num_batched_tokens=32)
+    plain = EngineCore(EngineArgs(drafter="none", **args))
+    save_drafter(random_dspark(plain.loaded, block_size=4), tmp_path / "drafter", dtype=torch.float32)
+    core = EngineCore(EngineArgs(drafter=str(tmp_path / "drafter"), verify_policy="fixed:3", **args))
+    quantised = [m for m in core.drafter.layers.modules() if isinstance(m, QuantLinear)]
+    assert len(quantised) == 7 and not any(isinstance(m, torch.nn.Linear) for m in core.drafter.layers.modules())
+    assert {q.quant.routing for q in quantised} == {int4_formats(core.routing, 1)}
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 96, (3 + 2 * i,), generator=gen).tolist() for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=(2,))
+    for i, out in enumerate(core.generate_batch(prompts, params)):
+        ref = greedy_reference(core.loaded.model, prompts[i], 12, {2}).token_ids
+        gap = top2_gap_fn(core.loaded.model, prompts[i], ref)
+        assert_same_or_near_tie(out, ref, gap, eps=NEAR_TIE_EPS, label=f"spec[{i}]")

@@ -20,38 +20,18 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import quantize
 
-from sparkserve.engine.quant import BlockQuant, gguf_block_quant, quant_linear
+from sparkserve.engine.quant import Routing, gguf_block_quant, quant_linear
 from sparkserve.kernels import int4_cpu
 from sparkserve.kernels.int4_cpu import fma32, int4_mm, int4_mm_reference, repack_int4
+from sparkserve.testing.int4_blocks import random_block
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@pytest.fixture(scope="module")
-def kernel() -> None:
-    """The extension, loaded (built once into the cache if the install step did not)."""
-    if not int4_cpu.load():
-        try:
-            int4_cpu.build()
-        except Exception as exc:  # noqa: BLE001 - no compiler: the kernel cannot be tested here
-            pytest.skip(f"int4 CPU kernel cannot be built here: {exc}")
-        int4_cpu.load.cache_clear()
-        assert int4_cpu.load()
 
 
 def _isa(name: str) -> str:
     if name not in int4_cpu.supported_isas():
         pytest.skip(f"this CPU has no {name} path")
     return name
-
-
-def _random_block(n: int, k: int, planes: int, seed: int = 0) -> BlockQuant:
-    gen = torch.Generator().manual_seed(seed)
-    return BlockQuant(
-        tuple(torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8) for _ in range(planes)),
-        tuple(torch.rand(n, k // 32, generator=gen) * 0.02 + 1e-3 for _ in range(planes)),
-        tuple(torch.randn(n, k // 32, generator=gen) * 0.05 for _ in range(planes)),
-    )
 
 
 def _x(m: int, k: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
@@ -92,7 +72,7 @@ def test_every_row_count_equals_reference(kernel, isa, direct_max_rows, dtype, n
     AVX-512 register passes and its L1-buffer path: bit-identical to the reference; every row of an M-row
     call equals that row's reference, so rows are independent of M (the reference is computed once)."""
     _isa(isa)
-    block = _random_block(n, k, planes)
+    block = random_block(n, k, planes)
     packed = repack_int4(block.codes, block.scales, block.zeros, dtype)
     x = _x(37, k, dtype)
     expected = int4_mm_reference(x, block.canonical(dtype))  # [37, n]
@@ -123,7 +103,7 @@ def test_gguf_weights_equal_reference(kernel, name, dtype) -> None:
 def test_rows_independent_of_batch_and_threads(kernel) -> None:
     """Batch invariance on the default path: each row of a 16-row call equals the same row alone, with
     one thread and with two."""
-    block = _random_block(576, 576, 1, seed=3)
+    block = random_block(576, 576, 1, seed=3)
     packed = repack_int4(block.codes, block.scales, block.zeros, torch.bfloat16)
     x = _x(16, 576, torch.bfloat16, seed=4)
     batched = int4_mm(x, packed)
@@ -137,7 +117,7 @@ def test_rows_independent_of_batch_and_threads(kernel) -> None:
 
 
 def test_wrapper_checks_inputs(kernel, monkeypatch) -> None:
-    block = _random_block(64, 64, 1)
+    block = random_block(64, 64, 1)
     packed = repack_int4(block.codes, block.scales, block.zeros, torch.float32)
     with pytest.raises(ValueError, match="must be"):
         int4_mm(torch.randn(2, 32), packed)  # wrong K
@@ -156,29 +136,96 @@ def test_wrapper_checks_inputs(kernel, monkeypatch) -> None:
 
 # --------------------------------------------------------------------------- engine wiring and fallback
 def test_quant_linear_uses_kernel(kernel, monkeypatch) -> None:
-    """Default: two-plane weights on the kernel up to 8 rows, one-plane ones on torch's; ``all``: every
-    int4 weight up to 16 rows; ``0``: none; ``max_tokens = 0`` still means always dense."""
-    one_plane = _random_block(64, 64, 1)
+    """Formats follow the routing's paths: ``auto`` keeps one-plane weights on torch's kernel where the
+    routing says int4_gemv and puts two-plane ones on this kernel, with the routing's row limits (no cap
+    of its own); ``all``: every int4 path on this kernel; ``0``: none; a routing of no rows is always dense."""
+    one_plane = random_block(64, 64, 1)
     assert one_plane.pack(torch.bfloat16, 4).kernel is None
-    block = _random_block(96, 128, 2, seed=5)
-    auto = block.pack(torch.bfloat16, max_tokens=4)
-    assert auto.kernel is not None and auto.handles(8) and not auto.handles(9)
+    block = random_block(96, 128, 2, seed=5)
+    auto = block.pack(torch.bfloat16, 4)
+    assert auto.kernel is not None and auto.planes == ()
+    assert auto.path_for(4) == "int4_ws" and auto.path_for(5) == "dense"
     monkeypatch.setenv("SPARKSERVE_INT4_KERNEL", "0")
     assert block.pack(torch.bfloat16, 4).kernel is None
+    assert block.pack(torch.bfloat16, Routing.up_to(8, "int4_ws")).path_for(8) == "int4_gemv"
     monkeypatch.setenv("SPARKSERVE_INT4_KERNEL", "bogus")
     with pytest.raises(ValueError, match="SPARKSERVE_INT4_KERNEL"):
         block.pack(torch.bfloat16, 4)
     monkeypatch.setenv("SPARKSERVE_INT4_KERNEL", "all")
     assert one_plane.pack(torch.bfloat16, 4).kernel is not None
     weight = block.canonical(torch.bfloat16)
-    quant = block.pack(torch.bfloat16, max_tokens=4)
+    quant = block.pack(torch.bfloat16, 16)
     assert quant.kernel is not None and quant.planes == ()
-    assert quant.handles(16) and not quant.handles(17)
-    assert not block.pack(torch.bfloat16, max_tokens=0).handles(1)  # 0 still means always dense
+    assert quant.path_for(16) == "int4_ws" and quant.path_for(17) == "dense"
+    assert block.pack(torch.bfloat16, 0).path_for(1) == "dense"  # 0 still means always dense
     x = _x(16, 128, torch.bfloat16)
     bias = torch.randn(96).to(torch.bfloat16)
     out = quant_linear(x, weight.to(torch.bfloat16), bias, quant)
     assert torch.equal(out, int4_mm_reference(x, weight) + bias)
+
+
+def test_quant_linear_asks_the_routing_per_call(kernel, monkeypatch) -> None:
+    """A plan's routing mixing paths by row count: each call takes its bucket's path (int4_ws bit-exact
+    to the reference, torch's int4 GEMV and the dense GEMM close to it), and the weight keeps both formats."""
+    block = random_block(80, 96, 1, seed=7)
+    weight = block.canonical(torch.bfloat16)  # [80, 96]
+    routing = Routing(((2, "int4_gemv"), (8, "int4_ws"), (16, "dense"), (32, "int4_ws")))
+    quant = block.pack(torch.bfloat16, routing)
+    assert quant.kernel is not None and len(quant.planes) == 1
+    calls: list[int] = []
+    real = int4_cpu.int4_mm
+
+    def spy(x, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(int4_cpu, "int4_mm", spy)
+    for m in (1, 2, 3, 8, 9, 16, 17, 32, 33):
+        x = _x(m, 96, torch.bfloat16, seed=m)
+        out = quant_linear(x, weight.to(torch.bfloat16), None, quant)  # [m, 80]
+        expected = int4_mm_reference(x, weight)
+        if routing.path_for(m) == "int4_ws":
+            assert torch.equal(out, expected), m
+        else:
+            torch.testing.assert_close(out.float(), expected.float(), rtol=0.02, atol=0.02)
+    assert calls == [3, 8, 17, 32]
+
+
+def test_routing_checks_and_plan_conversion() -> None:
+    """Routing limits are increasing row counts of known paths; a plan becomes the routing of its
+    buckets with trailing dense buckets dropped; int4_ws is a registered, batch-invariant plan path."""
+    from sparkserve.engine.cpu_plan import PATHS, CpuPlan
+
+    with pytest.raises(ValueError, match="increasing"):
+        Routing(((4, "int4_gemv"), (2, "int4_ws")))
+    with pytest.raises(ValueError, match="unknown"):
+        Routing(((4, "int4_fast"),))
+    plan = CpuPlan("bfloat16", (1, 2, 4, 8, 16), ("int4_ws", "int4_gemv", "int4_ws", "dense", "dense"),
+                   frozenset({"int4_ws", "int4_gemv"}))
+    assert plan.routing() == Routing(((1, "int4_ws"), (2, "int4_gemv"), (4, "int4_ws")))
+    assert [plan.routing().path_for(m) for m in (1, 2, 3, 5, 100)] == ["int4_ws", "int4_gemv", "int4_ws", "dense", "dense"]
+    assert Routing.up_to(0).path_for(1) == "dense" and Routing.up_to(3).summary() == "int4_gemv<=3"
+    assert PATHS["int4_ws"].quantized and PATHS["int4_ws"].batch_invariant
+
+
+def test_drafter_linears_routed(kernel) -> None:
+    """``quantize_linears_`` (the drafter's linears under ``--quantization int4``): every decoder-layer
+    linear becomes a routed int4 linear whose weight holds the canonical values; the routed rows are
+    bit-exact to the kernel's reference, the rest run the dense GEMM on the same values."""
+    from sparkserve.engine.quant import QuantLinear, quantize_linears_
+    from sparkserve.testing.tiny import random_dspark, tiny_target
+
+    drafter = random_dspark(tiny_target())
+    before = [m.weight.detach().clone() for m in drafter.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert quantize_linears_(drafter.layers, Routing.up_to(4, "int4_ws")) == len(before) == 7
+    linears = [m for m in drafter.layers.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 7
+    for lin, w0 in zip(linears, before, strict=True):
+        assert (lin.weight - w0).abs().max() <= w0.abs().max() / 15  # within half a code step of its group
+        x = torch.randn(3, lin.weight.shape[1])
+        assert torch.equal(lin(x), int4_mm_reference(x, lin.weight))  # 3 rows: routed to the kernel
+        x = torch.randn(2, 5, lin.weight.shape[1])  # 10 rows: dense
+        torch.testing.assert_close(lin(x), x @ lin.weight.t(), rtol=1e-5, atol=1e-5)
 
 
 def test_fallback_without_extension(tmp_path, caplog) -> None:
@@ -189,11 +236,19 @@ def test_fallback_without_extension(tmp_path, caplog) -> None:
     assert "using torch's int4 kernel" in caplog.text
     script = (
         "import torch\n"
-        "from sparkserve.engine.quant import quantize_int4\n"
+        "from sparkserve.engine.cpu_plan import PATHS\n"
+        "from sparkserve.engine.quant import Routing, quantize_int4\n"
         "w = torch.randn(64, 96)\n"
         "block = quantize_int4(w, torch.float32)\n"
         "q = block.pack(torch.float32, 4)\n"
-        "assert q.kernel is None and len(q.planes) == 1 and q.handles(4) and not q.handles(5)\n"
+        "assert q.kernel is None and len(q.planes) == 1 and q.path_for(4) == 'int4_gemv' and q.path_for(5) == 'dense'\n"
+        "ws = block.pack(torch.float32, Routing.up_to(8, 'int4_ws'))\n"  # the plan's int4_ws: torch's kernel
+        "assert ws.kernel is None and ws.path_for(8) == 'int4_gemv'\n"
+        "try:\n"
+        "    PATHS['int4_ws'].build(w, torch.float32)\n"
+        "    raise SystemExit('int4_ws built without the extension')\n"
+        "except RuntimeError:\n"
+        "    pass\n"
         "x = torch.randn(3, 96)\n"
         "torch.testing.assert_close(q(x), x @ block.canonical(torch.float32).t(), rtol=1e-5, atol=1e-5)\n"
         "print('fallback ok')\n"
