@@ -38,6 +38,8 @@ def prompts() -> list[list[int]]:
 
 
 def _core(target, drafter=None, profile=None, **kw) -> EngineCore:
+    # The speculation guard times real steps (wall clock): off here, where acceptance counts are asserted.
+    kw.setdefault("spec_guard", False)
     args = EngineArgs(dtype="float32", num_kv_blocks=kw.pop("num_kv_blocks", 256), block_size=4,
                       max_num_batched_tokens=kw.pop("max_num_batched_tokens", 128), max_num_seqs=kw.pop("max_num_seqs", 32),
                       drafter="none" if drafter is None else None, verify_policy=kw.pop("verify_policy", "fixed:7"),
