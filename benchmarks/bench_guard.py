@@ -59,7 +59,7 @@ class Recorder:
         def verify_lengths(requests, budget_left, context):
             lengths = real_verify(requests, budget_left, context)
             plan = self.ctrl.last_plan
-            self.pending.update(expected=plan.expected_tokens, requests={
+            self.pending.update(expected=plan.expected_tokens if plan is not None else None, requests={
                 r.request_id: {"stated": list(r.drafts.confidences),
                                "corrected": list(self.ctrl.corrected(r.drafts.drafter, r, r.drafts.confidences)),
                                "l": n, "greedy": r.sampling_params.greedy} for r, n in zip(requests, lengths, strict=True)})
