@@ -17,29 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
+from sparkserve.benchmarks.bench_step_breakdown import machine
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.loadtests.prompts import load_prompts
 from sparkserve.scheduler.profile.grid import drafting_step_time
 from sparkserve.scheduler.sampling_params import SamplingParams
-
-
-def machine() -> dict:
-    """CPU model and flags that matter for the kernels (the JSON names the machine)."""
-    info = {"platform": platform.platform(), "cpu": platform.processor()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
-        info["flags"] = sorted(f for f in flags if f.startswith(("avx", "fma", "amx")))
-    except (OSError, StopIteration):
-        pass
-    return info
 
 
 def prompt_set(spec: str, n: int) -> list[str]:

@@ -48,17 +48,6 @@ KERNELS = ("weight_stationary", "ws_int8dot", "torch_int4", "dense_bf16", "dense
 ENGINE_KERNELS = {"weight_stationary": ("auto", Routing.up_to(16, "int4_ws")),
                   "ws_int8dot": ("auto", Routing.up_to(16, "int4_ws_q8")),
                   "default": ("auto", Routing.up_to(4)), "torch_int4": ("0", Routing.up_to(4))}
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD flags of this CPU that matter here (from /proc/cpuinfo)."""
-    path = Path("/proc/cpuinfo")
-    if not path.exists():
-        return []
-    line = next((ln for ln in path.read_text().splitlines() if ln.startswith("flags")), "")
-    present = set(line.split(":", 1)[-1].split())
-    return [f for f in ISA_FLAGS if f in present]
 
 
 def _mean_us(fn, inner: int) -> float:
@@ -203,7 +192,7 @@ def main() -> None:
         torch.set_num_threads(ns.threads)
     if not int4_cpu.load():
         sys.exit("the int4 CPU kernel is not built: run scripts/setup.sh")
-    result: dict = {"machine": {**machine(), "cpu_flags": cpu_flags(),
+    result: dict = {"machine": {**machine(),
                                 "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                                 "int4_kernel_isa": int4_cpu.selected_isa(),
                                 "int8dot_isa": os.environ.get("SPARKSERVE_INT4_ISA") or int4_cpu.supported_q8_isas()[-1]},

@@ -22,7 +22,8 @@ import os
 import statistics
 import time
 
-from sparkserve.benchmarks.bench_guard import machine, prompt_set
+from sparkserve.benchmarks.bench_guard import prompt_set
+from sparkserve.benchmarks.bench_step_breakdown import machine
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.scheduler.sampling_params import SamplingParams

@@ -111,15 +111,25 @@ def run(core: EngineCore, batch: int, max_tokens: int, tokenizer) -> dict:
     return result
 
 
+# SIMD flags a CPU result depends on (the int4 kernels' AVX-512 paths need bw / vl / vnni beside avx512f)
+BENCH_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
 def machine() -> dict:
-    """The machine a result was measured on (CPU model, cores, torch threads and version)."""
-    model = platform.processor() or platform.machine()
+    """The machine a result was measured on: CPU model, its SIMD flags (``BENCH_ISA_FLAGS`` present), ATen's
+    dispatch level, cores, torch threads and version, load average."""
+    from sparkserve.engine.cpu_plan import cpu_signature
+
+    flags: list[str] = []
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        model = names[0] if names else model
-    return {"cpu": model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "load_avg": os.getloadavg()}
+        line = next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "")
+        present = set(line.split(":", 1)[-1].split())
+        flags = [f for f in BENCH_ISA_FLAGS if f in present]
+    sig = cpu_signature()
+    return {"cpu": sig.model, "cpu_flags": flags, "aten_capability": sig.capability, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_avg": os.getloadavg()}
 
 
 def main() -> None:
