@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -46,6 +46,7 @@ class ProbeTimers(NamedTuple):
     draft: Callable[[int, bool], float] | None
 
 
+@runtime_checkable
 class ProbedRunner(Protocol):
     """A runner that times the probe's steps itself (``TensorParallelRunner``: on every rank together)."""
 
@@ -58,7 +59,7 @@ class ProbedRunner(Protocol):
 def probe_timers(runner: ModelRunner | ProbedRunner, num_blocks: int) -> ProbeTimers:
     """The probe's timers: :func:`make_step_fn` / :func:`make_draft_fn` on a single-process runner, the
     runner's own (``ProbedRunner.probe_timers``) otherwise."""
-    if not isinstance(runner, ModelRunner):
+    if isinstance(runner, ProbedRunner):
         return runner.probe_timers(num_blocks)
     draft = make_draft_fn(runner, num_blocks) if runner.speculator is not None else None
     return ProbeTimers(make_step_fn(runner, num_blocks), draft)
