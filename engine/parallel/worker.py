@@ -9,7 +9,7 @@ exits non-zero on any difference or error; rank 0's monitor then stops the serve
 
 At start-up rank 0 may measure its throughput profile (``engine/throughput_probe.py``): each synthetic step
 of the probe is broadcast as a :class:`ProbeMessage` and run here too, so the sharded forward's collectives
-meet on every rank (rank 0 alone would wait for the workers forever).
+meet on every rank (rank 0 alone would wait in its first all-reduce until the group's timeout).
 
 A worker never outlives the server: it ignores SIGINT (Ctrl-C reaches the whole process group; the
 server decides) and exits when its parent process is gone (even after SIGKILL).
@@ -26,6 +26,7 @@ import sys
 import threading
 import traceback
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -57,7 +58,8 @@ class StepMessage:
 
 @dataclass(frozen=True)
 class ProbeMessage:
-    """One synthetic step of the start-up throughput probe, broadcast by rank 0 (``TensorParallelRunner.probe``).
+    """One synthetic step of the start-up throughput probe, broadcast by rank 0
+    (``TensorParallelRunner.probe_timers``).
 
     Attributes:
         timer: "step" (``make_step_fn``: target forward, logits, drafter forward) or "draft" (``make_draft_fn``:
@@ -66,7 +68,7 @@ class ProbeMessage:
         args: the timer's arguments: (B tokens, R requests) for "step", (R requests, sampled) for "draft".
     """
 
-    timer: str
+    timer: Literal["step", "draft"]
     num_blocks: int
     args: tuple[int, int]
 
