@@ -137,7 +137,11 @@ class EngineCore:
                 self.runner.warm_up_kernels()
         if self.runner.compiled:
             self.runner.warm_up_compile(make_step_fn(self.runner, num_blocks))
-        self.controller = self._make_controller(profile)
+        try:  # the start-up probe steps every tensor-parallel rank: a failure must stop the workers
+            self.controller = self._make_controller(profile)
+        except BaseException:
+            self.close()
+            raise
         gamma = drafter.num_speculative_tokens if drafter is not None else 0
         self.kv_events = (KVEventPublisher(args.kv_events_endpoint, args.kv_events_topic,
                                            replay_endpoint=args.kv_events_replay_endpoint)
@@ -239,8 +243,8 @@ class EngineCore:
         return plan
 
     def profile_key(self) -> dict[str, str | int]:
-        """What a cached throughput profile of this engine is valid for (model, dtype, device,
-        drafter and its draft vocabulary, step budgets, threads)."""
+        """What a cached throughput profile of this engine is valid for (model, dtype, device and tensor-parallel
+        size, drafter and its draft vocabulary, step budgets, threads)."""
         args = self.args
         drafter = f"{args.drafter or 'default'}@{effective_draft_vocab(args)}"
         if args.speculative_method != "dspark":
@@ -248,6 +252,8 @@ class EngineCore:
         device = "cpu" if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
         if self.runner.graphs is not None:  # graph-served steps follow the bucket staircase
             device += "+graphs"
+        if args.tensor_parallel_size > 1:  # every rank's step, measured together (per-rank threads below)
+            device += f"+tp{args.tensor_parallel_size}"
         return profile_key(self.model_name, self.dtype_name, drafter, args.max_num_batched_tokens,
                            args.max_num_seqs, torch.get_num_threads(), device, quantization=self.quantization_key(),
                            compiled=self.runner.compiled, plan=self.plan.summary() if self.plan is not None else "")
