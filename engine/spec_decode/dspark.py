@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparkserve.engine.attention import build_attention_metadata, new_kv_cache, paged_attention, store_kv
+from sparkserve.engine.attention import (
+    AttentionMetadata,
+    build_attention_metadata,
+    new_kv_cache,
+    paged_attention,
+    store_kv,
+)
 from sparkserve.engine.models.llama import apply_rope, rms_norm
 from sparkserve.engine.spec_decode.draft_sampling import SlotSampler
 from sparkserve.engine.spec_decode.drafter import DraftBatch, DraftOutput, KVCache
@@ -226,23 +232,38 @@ class DSparkDrafter(nn.Module):
         int64 tensor or list); max_start: a host bound of the starts (no host sync when given).
         """
         num_reqs, B, d = anchor_ids.shape[0], self.config.block_size, self.config.hidden_size
-        device = self.embed_weight.device
-        ids = torch.full((num_reqs, B), self.config.mask_token_id, dtype=torch.int64, device=device)
-        ids[:, 0] = anchor_ids
-        x = F.embedding(ids.flatten(), self.embed_weight).to(self.fc.weight.dtype)  # [R*B, d]
-        offsets = torch.arange(B, device=device)
-        starts_t = torch.as_tensor(starts, dtype=torch.int64, device=device)  # [R]
-        positions = (starts_t[:, None] + offsets).flatten()  # [R*B]
+        starts_t = torch.as_tensor(starts, dtype=torch.int64, device=self.embed_weight.device)  # [R]
+        ids, positions = self.block_inputs(anchor_ids, starts_t)
         meta = build_attention_metadata(
             q_lens=[B] * num_reqs, start_positions=starts_t, kv_lens=starts_t + B,
             block_tables=[list(t) for t in block_tables], block_size=block_size,
-            causal=[False] * num_reqs, device=device, max_kv_len=None if max_start is None else max_start + B,
+            causal=[False] * num_reqs, device=starts_t.device, max_kv_len=None if max_start is None else max_start + B,
         )
+        return self.backbone(ids, positions, kv_caches, meta)[0].view(num_reqs, B, d)
+
+    def block_inputs(self, anchor_ids: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
+        """Input ids ``[R * B]`` (each block: its anchor, then B - 1 mask tokens) and positions ``[R * B]``
+        (``start .. start + B - 1``) from the anchors ``[R]`` and their positions ``starts`` ``[R]`` int64, on
+        the starts' device by device ops only (no host copy: ``engine/spec_decode/draft_graph.py``)."""
+        num_reqs, B = anchor_ids.shape[0], self.config.block_size
+        ids = torch.full((num_reqs, B), self.config.mask_token_id, dtype=torch.int64, device=starts.device)
+        ids[:, 0] = anchor_ids
+        positions = starts[:, None] + torch.arange(B, device=starts.device)  # [R, B]
+        return ids.flatten(), positions.flatten()
+
+    @torch.no_grad()
+    def backbone(self, input_ids: Tensor, positions: Tensor, kv_caches: list[KVCache], meta: AttentionMetadata,
+                 aux_layer_ids: tuple[int, ...] = ()) -> tuple[Tensor, None]:
+        """The decoder layers over block rows: input ids ``[N]`` at ``positions`` ``[N]`` -> (``norm(x)``
+        ``[N, d]``, None). The block writes its own K/V through ``meta``'s slot mapping and attends
+        bidirectionally (``meta`` non-causal). The signature of the target's forward, so ``StepGraph`` serves
+        both (``aux_layer_ids`` is unused: the drafter has no auxiliary outputs)."""
+        x = F.embedding(input_ids, self.embed_weight).to(self.fc.weight.dtype)  # [N, d]
         scale = self.config.head_dim**-0.5
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             attend = partial(paged_attention, k_cache=k_cache, v_cache=v_cache, meta=meta, scale=scale)
             x = layer(x, positions, attend)
-        return self.norm(x).view(num_reqs, B, d)
+        return self.norm(x), None
 
     def base_logits(self, h: Tensor) -> Tensor:
         """U = lm_head(h) with the target's head: [R, B, d] -> [R, B, V'] fp32 (section 2 step 7).
@@ -319,4 +340,10 @@ class DSparkDrafter(nn.Module):
         """
         h = self.block_hidden_states(batch.anchor_ids, batch.starts, batch.block_tables, batch.block_size,
                                      batch.kv_caches, batch.max_start)
+        return self.propose_from_hidden(h, batch)
+
+    @torch.no_grad()
+    def propose_from_hidden(self, h: Tensor, batch: DraftBatch) -> DraftOutput:
+        """Steps 7-9 from the backbone's output ``h`` ``[R, B, d]`` (``block_hidden_states``, or a step graph's
+        replay): LM head, Markov head, sampling, confidences."""
         return self.sample_block(h, self.base_logits(h), batch)

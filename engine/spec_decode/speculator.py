@@ -19,7 +19,10 @@ import torch
 from torch import Tensor
 
 from sparkserve.engine.sampling.metadata import SamplingMetadata
+from sparkserve.engine.spec_decode import draft_graph
 from sparkserve.engine.spec_decode.drafter import DraftBatch, Drafter, DraftMaskFn, DraftOutput
+from sparkserve.engine.spec_decode.dspark import DSparkDrafter
+from sparkserve.engine.step_graph import StepGraph
 
 
 class Speculator:
@@ -92,9 +95,13 @@ class Speculator:
         token_histories: list[list[int]] | None = None,
         mask: DraftMaskFn | None = None,
         request_ids: Sequence[str] = (),
+        graphs: StepGraph | None = None,
+        table_tensor: Tensor | None = None,  # [R, W] the draft tables on the device (staged), or None
     ) -> DraftOutput:
         """One batched drafter forward for R requests (``token_histories``: prompt + outputs, anchor last,
-        for drafters that need them)."""
+        for drafters that need them). With ``graphs`` (``draft_graph.draft_step_graph``) a DSpark backbone
+        runs through its bucket's static buffers (a CUDA graph replay on CUDA), reading ``table_tensor``
+        (built from ``draft_tables`` and copied here when None)."""
         batch = DraftBatch(
             anchor_ids=anchor_ids, starts=starts, max_start=max(max_starts, default=0),
             block_tables=self.draft_tables(max_starts, block_tables),
@@ -102,4 +109,10 @@ class Speculator:
             token_histories=token_histories if self.drafter.needs_token_history else None, mask=mask,
             request_ids=tuple(request_ids),
         )
-        return self.drafter.propose(batch)
+        key = draft_graph.graph_key(graphs, batch.num_rows) if graphs is not None else None
+        if key is None or not isinstance(self.drafter, DSparkDrafter):
+            return self.drafter.propose(batch)
+        if table_tensor is None:
+            table_tensor = draft_graph.table_tensor(batch.block_tables).to(anchor_ids.device)
+        h = draft_graph.graph_hidden_states(graphs, key, self.drafter, anchor_ids, starts, table_tensor)
+        return self.drafter.propose_from_hidden(h, batch)
