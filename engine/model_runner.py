@@ -141,8 +141,9 @@ class ModelRunner:
 
     def warm_up_kernels(self, compile_fn: Callable | None = None) -> list[str]:
         """Before serving on CUDA with the Triton kernels: compile ``kernels/compile_check``'s warm-up list for
-        this model (``served_variants``; RuntimeError when one exceeds the card's shared memory), then
-        capture every step graph. ``compile_fn(variant, arch)`` replaces the compiler (dry runs on the CPU,
+        this model and for a DSpark drafter served by graphs when its heads differ (``served_variants``;
+        RuntimeError when one exceeds the card's shared memory), then capture every step graph (the target's,
+        then the drafter's). ``compile_fn(variant, arch)`` replaces the compiler (dry runs on the CPU,
         where nothing is captured). Returns the variant names compiled ([] when the kernels do not serve)."""
         heads = self.batch.kernel_heads
         if heads is None or (self.device.type != "cuda" and compile_fn is None):
@@ -154,14 +155,17 @@ class ModelRunner:
         limit = (torch.cuda.get_device_properties(self.device).shared_memory_per_block_optin if cuda
                  else compile_check.SM90_SHARED_MEMORY_PER_BLOCK)
         start = time.perf_counter()
-        done = compile_check.warm_up(heads[1], self.config.head_dim, self.kv_caches[0][0].dtype, 10 * major + minor,
-                                     limit, compile_fn)
+        shapes = [(heads[1], self.config.head_dim)]  # (G, head dim): the target's, then the drafter graphs'
+        if self.draft_graphs is not None:
+            shapes.append((self.draft_graphs.kernel_heads[1], self.speculator.kv_caches[0][0].shape[-1]))
+        done = [v for group, head_dim in dict.fromkeys(shapes) for v in compile_check.warm_up(
+            group, head_dim, self.kv_caches[0][0].dtype, 10 * major + minor, limit, compile_fn)]
         reserved = torch.cuda.memory_reserved(self.device) if cuda else 0
         captured = sum(g.capture_all() for g in (self.graphs, self.draft_graphs) if g is not None)
         self.graph_memory_bytes = torch.cuda.memory_reserved(self.device) - reserved if cuda else 0
         logger.info("kernels warmed up: %d variants compiled, %d step graphs captured in %.1f s", len(done), captured,
                     time.perf_counter() - start)
-        return [name for name, _ in done]
+        return list(dict.fromkeys(name for name, _ in done))
 
     # ------------------------------------------------------------------ step
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -261,8 +265,8 @@ class ModelRunner:
                                dtype=torch.bool)  # [D]
         known_end = torch.tensor([s.start_pos + s.num_known_tokens for s in seqs], dtype=torch.int64)  # [N]
         draft_rows = torch.tensor(drafting, dtype=torch.int64)  # [R_d]
-        draft_tables = None  # [R_d, W] int32 the drafter graphs' block tables
-        if self.draft_graphs is not None and drafting:
+        draft_tables = None  # [R_d, W] int32 the drafter's block tables (read on the device)
+        if drafting and self.speculator.device_tables:
             states = [self.batch.requests[rids[i]] for i in drafting]
             draft_tables = table_tensor(self.speculator.draft_tables([seqs[i].end_pos for i in drafting],
                                                                      [st.block_ids for st in states]))
@@ -375,8 +379,8 @@ class _StepTensors:
         draft_q: per sampling sequence, the stored q ``[K, V']`` of its freely sampled drafts (already on the
             device: not staged), or None (one-hot drafts, or none).
         one_hot: ``[D]`` bool, which drafts are one-hot (``DraftProbs.one_hot``).
-        draft_tables: ``[R_d, W]`` int32 the drafting rows' drafter block tables when the drafter graphs
-            serve (``Speculator.draft_tables``), else None.
+        draft_tables: ``[R_d, W]`` int32 the drafting rows' drafter block tables when the drafter reads them
+            on the device (``Speculator.device_tables``; ``Speculator.draft_tables``), else None.
     """
 
     drafts: torch.Tensor

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from sparkserve.engine.attention import AttentionMetadata
 from sparkserve.engine.spec_decode.dspark import DSparkDrafter
 from sparkserve.engine.step_graph import GraphKey, StepGraph
 from sparkserve.kernels.attention_metadata import SHORT_ROWS_MAX
@@ -81,6 +82,42 @@ def graph_hidden_states(graphs: StepGraph, key: GraphKey, drafter: DSparkDrafter
     step = graphs.stage_device(graphs.step(key), ids, positions, block_tables, starts + gamma)
     hidden, _ = graphs.run(step)
     return hidden.view(num_rows, gamma, -1)
+
+
+def eager_hidden_states(drafter: DSparkDrafter, anchor_ids: Tensor, starts: Tensor, block_tables: Tensor,
+                        max_start: int, block_size: int, kv_caches: list) -> Tensor:
+    """``DSparkDrafter.block_hidden_states`` on the torch attention path from device inputs only (anchors,
+    starts and the staged block tables ``[R, W]``; ``max_start`` a host bound of the starts): no host copy,
+    no host read. Returns ``[R, B, d]``."""
+    num_rows, gamma = int(anchor_ids.shape[0]), drafter.num_speculative_tokens
+    ids, positions = drafter.block_inputs(anchor_ids, starts)
+    meta = block_attention_metadata(starts, block_tables, gamma, block_size, max_start + gamma)
+    return drafter.backbone(ids, positions, kv_caches, meta)[0].view(num_rows, gamma, -1)
+
+
+def block_attention_metadata(starts: Tensor, block_tables: Tensor, q_len: int, block_size: int,
+                             max_kv_len: int) -> AttentionMetadata:
+    """The torch path's metadata of R bidirectional blocks of ``q_len <= SHORT_QUERY_MAX`` tokens at
+    ``starts`` ``[R]`` (``build_attention_metadata(q_lens=[q_len] * R, kv_lens=starts + q_len, causal=False)``:
+    the same tensors), built from device tensors by device ops only; ``block_tables`` ``[R, W]`` cover
+    ``start + q_len`` positions, ``max_kv_len`` is a host bound of ``starts + q_len``."""
+    device, num_rows = starts.device, int(starts.shape[0])
+    token = torch.arange(num_rows * q_len, device=device)  # [T]
+    owner = token // q_len
+    positions = starts[owner] + token % q_len  # [T]
+    tables = block_tables.long()
+    slot_mapping = tables[owner, positions // block_size] * block_size + positions % block_size
+    num_cols = max(1, -(-max_kv_len // block_size))
+    tables = torch.nn.functional.pad(tables, (0, max(0, num_cols - tables.shape[1])))[:, :num_cols]
+    kv_lens = starts + q_len  # [R]
+    used = torch.arange(num_cols, device=device)[None, :] * block_size < kv_lens[:, None]
+    key_pos = torch.arange(num_cols * block_size, device=device)
+    mask = (key_pos[None, None, None, :] < kv_lens[:, None, None, None]).expand(-1, 1, q_len, -1)  # [R, 1, q, L]
+    return AttentionMetadata(
+        slot_mapping=slot_mapping, short_q_index=token.view(num_rows, q_len),
+        short_q_valid=torch.ones(num_rows, q_len, dtype=torch.bool, device=device),
+        short_block_tables=torch.where(used, tables, torch.zeros_like(tables)), short_mask=mask.contiguous(),
+        prefills=[], num_tokens=num_rows * q_len, block_size=block_size, short_dst=token, short_src=None)
 
 
 def table_tensor(tables: Sequence[Sequence[int]]) -> Tensor:

@@ -37,6 +37,14 @@ from sparkserve.engine.spec_decode.dspark_config import DSparkConfig
 
 __all__ = ["DSparkConfig", "DSparkDrafter", "rope_at"]
 
+
+def _temperature_table(config: DSparkConfig) -> Tensor:
+    """``[2, B]`` fp32 the confidence calibration temperatures: row 0 for sampled requests, row 1 for greedy
+    ones (``confidence_temperatures_greedy``, else the sampled row; all 1 when the checkpoint has none)."""
+    sampled = config.confidence_temperatures or (1.0,) * config.block_size
+    greedy = config.confidence_temperatures_greedy or sampled
+    return torch.tensor([sampled, greedy], dtype=torch.float32, device="cpu")  # also under a meta device context
+
 AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q [T,H,hd], k [T,Hkv,hd], v) -> [T,H,hd]
 
 
@@ -165,6 +173,7 @@ class DSparkDrafter(nn.Module):
         )
         self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)  # [V, d]
         self.register_buffer("lm_head_weight", lm_head_weight.detach(), persistent=False)  # [V, d]
+        self.temperature_table = self.temperature_table.to(embed_weight.device)  # set with the config
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -304,13 +313,15 @@ class DSparkDrafter(nn.Module):
             prev = sampler.draw(z)
         tokens, probs, num_tokens = sampler.result()
         markov_prev = torch.stack(prevs, 1) if self.markov_head is not None else None
-        return DraftOutput(tokens, probs, self._confidence(h, markov_prev, batch.sampling.greedy), num_tokens)
+        greedy = batch.sampling.temperature == 0  # [R] bool on the device (greedy rows have temperature 0)
+        return DraftOutput(tokens, probs, self._confidence(h, markov_prev, greedy), num_tokens)
 
-    def _confidence(self, h: Tensor, prev: Tensor | None, greedy: Sequence[bool] | None = None) -> Tensor | None:
+    def _confidence(self, h: Tensor, prev: Tensor | None, greedy: Tensor) -> Tensor | None:
         """c_k = sigmoid((w . [h_k ; W1[prev_k]] + b) / T_k) in fp32; h: [R, B, d], prev: [R, B].
 
-        T_k: ``confidence_temperatures_greedy`` for rows whose request is greedy (``greedy[r]``) when the
-        checkpoint has them, else ``confidence_temperatures`` (sequential temperature scaling, section 5).
+        T_k: ``confidence_temperatures_greedy`` for rows whose request is greedy (``greedy`` ``[R]`` bool, on
+        the device) when the checkpoint has them, else ``confidence_temperatures`` (sequential temperature
+        scaling, section 5); read from ``temperature_table`` (no host copy per step).
         """
         if self.confidence_head is None:
             return None
@@ -319,17 +330,26 @@ class DSparkDrafter(nn.Module):
             feats = torch.cat((feats, self.markov_head.markov_w1(prev).float()), -1)  # [R, B, d+r]
         proj = self.confidence_head.proj
         logit = F.linear(feats, proj.weight.float(), proj.bias.float()).squeeze(-1)  # [R, B]
-        temps = self.confidence_temperature_matrix(greedy or [False] * logit.shape[0])
-        return torch.sigmoid(logit / temps.to(logit.device))
+        temps = self.temperature_table.index_select(0, greedy.long())  # [R, B]
+        return torch.sigmoid(logit / temps)
 
     def confidence_temperature_matrix(self, greedy: Sequence[bool]) -> Tensor:
         """Per row calibration temperatures [R, B] fp32 (CPU) for requests with the given greedy flags."""
-        ones = (1.0,) * self.config.block_size
-        sampled = self.config.confidence_temperatures or ones
-        greedy_t = self.config.confidence_temperatures_greedy or sampled
-        table = torch.tensor([sampled, greedy_t], dtype=torch.float32)  # [2, B]
         rows = torch.tensor([1 if g else 0 for g in greedy], dtype=torch.long)
-        return table[rows]
+        return _temperature_table(self.config)[rows]
+
+    @property
+    def config(self) -> DSparkConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: DSparkConfig) -> None:
+        """Setting the config refreshes ``temperature_table`` ``[2, B]`` fp32 (row 0 sampled, row 1 greedy
+        temperatures), a non-persistent buffer on the drafter's device (one copy here, none per step)."""
+        self._config = config
+        old = self._buffers.get("temperature_table")
+        table = _temperature_table(config)
+        self.register_buffer("temperature_table", table if old is None else table.to(old.device), persistent=False)
 
     @torch.no_grad()
     def propose(self, batch: DraftBatch) -> DraftOutput:

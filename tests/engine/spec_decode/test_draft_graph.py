@@ -11,10 +11,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is im
 
 import torch  # noqa: E402
 
+from sparkserve.engine.attention import build_attention_metadata  # noqa: E402
 from sparkserve.engine.config import EngineArgs  # noqa: E402
 from sparkserve.engine.core import EngineCore  # noqa: E402
 from sparkserve.engine.sampling.metadata import SamplingMetadata  # noqa: E402
-from sparkserve.engine.spec_decode.draft_graph import draft_step_graph  # noqa: E402
+from sparkserve.engine.spec_decode.draft_graph import (  # noqa: E402
+    block_attention_metadata,
+    draft_step_graph,
+    table_tensor,
+)
 from sparkserve.engine.spec_decode.speculator import Speculator  # noqa: E402
 from sparkserve.engine.step_graph import GraphKey  # noqa: E402
 from sparkserve.kernels.attention_metadata import build_ragged_metadata  # noqa: E402
@@ -39,12 +44,30 @@ def _speculator() -> tuple[Speculator, torch.nn.Module]:
     return spec, drafter
 
 
-def _propose(spec: Speculator, anchors: list[int], starts: list[int], graphs=None):  # noqa: ANN001, ANN202
+def _propose(spec: Speculator, anchors: list[int], starts: list[int], graphs=None, tables=None):  # noqa: ANN001, ANN202
     n = len(anchors)
     sampling = SamplingMetadata.build([SamplingParams(temperature=0.0)] * n, list(range(n)), [[]] * n, 61)
     with torch.inference_mode():
         return spec.propose(torch.tensor(anchors), torch.tensor(starts), starts, TABLES[:n], sampling, (False,) * n,
-                            graphs=graphs)
+                            graphs=graphs, table_tensor=tables)
+
+
+def test_eager_block_metadata_from_device_tables_equals_the_host_built_one() -> None:
+    """Without a graph the drafter builds its torch-path metadata from the staged tables on the device
+    (no host copy): the same tensors as ``build_attention_metadata``, the same drafts."""
+    spec, _ = _speculator()
+    starts = [6, 3, 9]
+    tables = spec.draft_tables(starts, TABLES)
+    built = block_attention_metadata(torch.tensor(starts), table_tensor(tables), 5, BLOCK, max(starts) + 5)
+    host = build_attention_metadata([5] * 3, torch.tensor(starts), torch.tensor(starts) + 5, tables, BLOCK,
+                                    causal=[False] * 3, max_kv_len=max(starts) + 5)
+    for name in ("slot_mapping", "short_q_index", "short_q_valid", "short_block_tables", "short_mask", "short_dst"):
+        assert torch.equal(getattr(built, name), getattr(host, name)), name
+    assert built.short_src is None and host.short_src is None and not host.prefills
+    anchors = [7, 11, 2]
+    staged, eager = _propose(spec, anchors, starts, tables=table_tensor(tables)), _propose(spec, anchors, starts)
+    assert torch.equal(staged.token_ids, eager.token_ids)
+    torch.testing.assert_close(staged.confidences, eager.confidences, atol=1e-6, rtol=1e-6)
 
 
 def test_drafter_steps_reuse_static_buffers_and_draft_as_the_eager_drafter() -> None:
@@ -117,3 +140,24 @@ def test_engine_serves_the_drafter_through_its_graphs_with_the_eager_tokens() ->
 def _accepted(step) -> int:  # noqa: ANN001
     spec = step.scheduler.spec_decoding
     return spec.num_accepted_tokens if spec is not None else 0
+
+
+def test_warm_up_compiles_the_drafters_kernel_shape_too() -> None:
+    """A drafter whose heads differ from the target's (G = 4 vs 2) gets its attention variants compiled
+    before ready (a recording compiler on the CPU), once each."""
+    import dataclasses
+
+    from sparkserve.engine.spec_decode.dspark import DSparkDrafter
+    from sparkserve.kernels import compile_check
+
+    target = tiny_target(seed=5, layers=3, head_dim=16)
+    config = dataclasses.replace(random_dspark(target, block_size=4).config, num_key_value_heads=1)
+    drafter = DSparkDrafter(config, target.model.embed_tokens.weight, target.model.lm_head_weight)
+    args = EngineArgs(dtype="float32", num_kv_blocks=16, block_size=8, max_num_seqs=2, verify_policy="fixed:3",
+                      attention_backend="triton", cuda_graphs="on", warm_up_kernels=False)
+    runner = EngineCore(args, loaded=target, drafter=drafter).runner
+    assert runner.draft_graphs is not None and runner.draft_graphs.kernel_heads == (1, 4)
+    names = runner.warm_up_kernels(compile_fn=lambda v, arch: compile_check.Resources(0.0, 1000, 4, 2))
+    expected = {v.name for g in (2, 4) for v in compile_check.served_variants(g, 16, torch.float32)}
+    assert set(names) == expected and len(names) == len(expected)
+    assert "attention torch.float32 G=4 M=16 hd=16 split=True" in names
