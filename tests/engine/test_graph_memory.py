@@ -98,3 +98,23 @@ def test_kv_cache_budget_subtracts_the_graphs_and_names_them_when_nothing_is_lef
 def test_the_cpu_engine_counts_no_graph_reserve() -> None:
     """Off CUDA the KV cache is sized by ``kv_cache_memory_gb`` (1 GiB): nothing of the device is reserved."""
     assert _engine(max_num_seqs=4).graph_reserve is None
+
+
+def test_window_scripts_graph_memory_check_runs_dry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/gpu_check.py's serving phase records the estimate against the capture's measurement; on the
+    CPU (no capture, an injected activation peak) the estimate is the reserve of the engine's keys."""
+    import importlib.util
+    from pathlib import Path
+
+    from sparkserve.engine import throughput_probe
+
+    spec = importlib.util.spec_from_file_location("gpu_check_mem", Path(__file__).resolve().parents[2] / "scripts"
+                                                  / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(throughput_probe, "activation_peak_bytes", lambda *args: 64 * 1000)
+    core = _engine(max_num_seqs=4)
+    result = gpu_check.graph_memory_check(core)
+    shapes = engine_graph_shapes(core.loaded.config, 8, 4, core.max_model_len, torch.float32, core.drafter)
+    assert result["estimated_bytes"] == graph_reserve(shapes, 64 * 1000, 64).total > 0
+    assert result["measured_bytes"] == 0 and result["keys"] == len(core.runner.graphs.q_lens) * 3 + 3
