@@ -123,7 +123,7 @@ def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128,
         gamma = spec.gamma if spec is not None else 0
         runner.model.compute_logits(hidden[: min(num_tokens, num_requests * (gamma + 1))])
         if spec is not None:
-            _synthetic_draft(runner, [ctx + q for q in q_lens], tables, sampled=False)
+            _synthetic_draft(runner, [ctx + q for q in q_lens], tables, sampled=False, use_graphs=use_graphs)
         synchronize(device)
         return time.perf_counter() - start
 
@@ -152,8 +152,10 @@ def make_draft_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) 
     return draft
 
 
-def _synthetic_draft(runner: ModelRunner, starts: list[int], tables: list[tuple[int, ...]], sampled: bool) -> None:
-    """One drafter forward for synthetic requests (greedy, or sampled at T = 1 without a seed)."""
+def _synthetic_draft(runner: ModelRunner, starts: list[int], tables: list[tuple[int, ...]], sampled: bool,
+                     use_graphs: bool = True) -> None:
+    """One drafter forward for synthetic requests (greedy, or sampled at T = 1 without a seed), through the
+    drafter's step graphs when the runner has them (as served) and ``use_graphs``."""
     spec = runner.speculator
     assert spec is not None
     num_requests = len(starts)
@@ -163,7 +165,7 @@ def _synthetic_draft(runner: ModelRunner, starts: list[int], tables: list[tuple[
     histories = [[0] * (s + 1) for s in starts] if spec.drafter.needs_token_history else None
     spec.propose(torch.zeros(num_requests, dtype=torch.int64, device=runner.device),
                  torch.tensor(starts, dtype=torch.int64, device=runner.device), starts, tables, sampling,
-                 (False,) * num_requests, histories)
+                 (False,) * num_requests, histories, graphs=runner.draft_graphs if use_graphs else None)
 
 
 def activation_peak_bytes(model, num_tokens: int, dtype: torch.dtype, device: torch.device) -> int:
