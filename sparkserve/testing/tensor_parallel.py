@@ -28,17 +28,6 @@ def reseeded_worker_main(rank: int, spec: WorkerSpec) -> None:
     worker_main(rank, dataclasses.replace(spec, settings=settings))
 
 
-def serve_with_diverging_workers() -> None:
-    """``sparkserve serve`` (arguments from ``sys.argv``) whose workers run :func:`reseeded_worker_main`;
-    run as ``python -c "from sparkserve.testing.tensor_parallel import serve_with_diverging_workers;
-    serve_with_diverging_workers()" serve ...`` (``-c``: spawned workers do not re-run a main module)."""
-    from sparkserve.cli import main
-    from sparkserve.engine.parallel import executor
-
-    executor.worker_main = reseeded_worker_main  # the spawn target WorkerPool names
-    main()
-
-
 def child_pids(pid: int) -> list[int]:
     """Processes whose parent is ``pid`` (Linux /proc)."""
     found = []

@@ -25,8 +25,12 @@ from sparkserve.testing.tensor_parallel import alive, worker_pids
 
 pytestmark = pytest.mark.live_server
 
-DIVERGING = ("from sparkserve.testing.tensor_parallel import serve_with_diverging_workers; "
-             "serve_with_diverging_workers()")
+# ``sparkserve serve`` (arguments from sys.argv) whose workers run ``reseeded_worker_main`` (``-c``: spawned
+# workers do not re-run a main module; the CLI is imported here, not from sparkserve.testing, by the layer rule).
+DIVERGING = ("from sparkserve.engine.parallel import executor; "
+             "from sparkserve.testing.tensor_parallel import reseeded_worker_main; "
+             "executor.worker_main = reseeded_worker_main; "
+             "from sparkserve.cli import main; main()")
 
 
 @pytest.fixture(scope="module")
