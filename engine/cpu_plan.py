@@ -184,16 +184,29 @@ def candidate_paths(quantization: str, dtype: str, gguf: bool, batch_invariant: 
     rule): dense always; the int4 paths for a GGUF file's blocks (``auto``, bf16 only: the fp32 int4
     kernel is scalar) and for ``int4``; int8 only under ``int8`` (its per-channel scales cannot express
     GGUF's per-32 blocks, so it is never the canonical weight of a GGUF model). Paths that are not exact
-    only with :func:`lossy_paths_allowed`. ``batch_invariant``: only ``dense_fixed``, the path
-    engine/quant.py serves every row count with in that mode."""
+    only with :func:`lossy_paths_allowed`. ``batch_invariant``: the paths engine/quant.py may serve every
+    row count with in that mode: for int4 weights the int4 kernels that agree bit for bit
+    (``int4_ws``, and ``int4_gemv`` where ``int4_kernels_agree``: the plan then picks one for all
+    buckets by decode-and-prefill time), never the dense copy; else ``dense_fixed``."""
+    int4_weights = quantization == "int4" or (quantization == "auto" and gguf and dtype == "bfloat16")
     if batch_invariant:
-        return ("dense_fixed",)
+        return _invariant_paths(int4_weights, dtype)
     int4 = tuple(name for name, p in PATHS.items() if name.startswith("int4") and (p.exact or lossy_paths_allowed()))
-    if quantization == "int4" or (quantization == "auto" and gguf and dtype == "bfloat16"):
+    if int4_weights:
         return ("dense", *int4)
     if quantization == "int8":
         return ("dense", "int8_gemv")
     return ("dense",)
+
+
+def _invariant_paths(int4_weights: bool, dtype: str) -> tuple[str, ...]:
+    """:func:`candidate_paths` in batch-invariant mode (engine/batch_invariant.py)."""
+    from sparkserve.engine.batch_invariant import int4_kernels_agree
+    from sparkserve.kernels import int4_cpu
+
+    if not int4_weights or not int4_cpu.load():
+        return ("dense_fixed",)
+    return ("int4_gemv", "int4_ws") if int4_kernels_agree(getattr(torch, dtype)) else ("int4_ws",)
 
 
 def row_buckets(max_rows: int) -> tuple[int, ...]:
