@@ -119,6 +119,14 @@ def test_mode_switch_config_cli_and_plan() -> None:
     timings = {("bfloat16", "dense_fixed", m): 1.0 for m in (1, 8)}
     plan = select_plan(timings, (1, 8), ("bfloat16",), ("dense_fixed",), batch_invariant=True)
     assert plan.paths == ("dense_fixed", "dense_fixed") and plan.quant_max_rows == 0
+    timings = {("bfloat16", "int4_gemv", 1): 1.0, ("bfloat16", "int4_gemv", 8): 5.0,
+               ("bfloat16", "int4_ws", 1): 2.0, ("bfloat16", "int4_ws", 8): 2.0}
+    pair = ("int4_gemv", "int4_ws")
+    one = select_plan(timings, (1, 8), ("bfloat16",), pair, batch_invariant=True, invariant_paths=frozenset(pair))
+    assert one.paths == ("int4_ws", "int4_ws")  # kernels not known to agree: one path for every bucket
+    mixed = select_plan(timings, (1, 8), ("bfloat16",), pair, batch_invariant=True, invariant_paths=frozenset(pair),
+                        same_bits=frozenset(pair))
+    assert mixed.paths == ("int4_gemv", "int4_ws")  # the same bits: each bucket its fastest
     layer = PATHS["dense_fixed"].build(torch.randn(8, 32), torch.float32)
     assert layer(torch.randn(3, 32)).shape == (3, 8)
 
