@@ -78,7 +78,7 @@ def int4_kernels_agree(dtype: torch.dtype) -> bool:
     """Whether torch's int4 kernel (``_weight_int4pack_mm_for_cpu``) gives, for activations in ``dtype``,
     the bits of the weight-stationary kernel at every probed row count (``_PROBE_SHAPES`` x
     ``_PROBE_ROWS``, random group-32 weights; once per process and dtype, at the first int4 call in the
-    mode: 2.8-4.7 s measured on the shared machine at load 8-11, not timed idle). Both then compute the
+    mode: 2.8-4.7 s for bf16 and fp32 together on the shared machine at load 8-11, not timed idle). Both then compute the
     canonical product (one fp32 fma per weight and row, in increasing k) and the mode may serve a weight
     with either at any row count. False where the weight-stationary kernel is not built, and on ATen's
     unvectorised path (``ATEN_CPU_CAPABILITY=default``: measured, it differs from the canonical product in
