@@ -179,7 +179,8 @@ def build_step_metadata(
 
     ``kernel_heads`` ``(Hkv, H / Hkv)``: the Triton kernels serve (``attention_backend`` triton); the step
     then carries their ``RaggedAttentionMetadata`` (``meta.kernel``) and its slot mapping, and the torch
-    path's padded groups and dense mask are not built. Otherwise ``build_attention_metadata``.
+    path's padded groups and dense mask are not built; in batch-invariant mode (engine/batch_invariant.py,
+    entered around the step) with the kernels' fixed tiles and splits. Otherwise ``build_attention_metadata``.
     Host lists in, so no device value is read back (``max_kv_len`` is ``max(kv_lens)``). ``num_sms``: the
     GPU's multiprocessors for the split-KV heuristic when ``device`` is the host (the runner builds on the
     host and stages the result to the GPU in one copy, ``engine/staging.py``).
@@ -190,7 +191,8 @@ def build_step_metadata(
     from sparkserve.kernels.attention_metadata import build_ragged_metadata
 
     kernel = build_ragged_metadata(q_lens, start_positions, kv_lens, block_tables.to(torch.int32), block_size,
-                                   *kernel_heads, device=device, max_kv_len=max(kv_lens, default=0), num_sms=num_sms)
+                                   *kernel_heads, device=device, max_kv_len=max(kv_lens, default=0), num_sms=num_sms,
+                                   batch_invariant=batch_invariant.is_enabled())
     return AttentionMetadata(slot_mapping=kernel.slot_mapping, short_q_index=None, short_q_valid=None,
                              short_block_tables=None, short_mask=None, prefills=[], num_tokens=kernel.num_tokens,
                              block_size=block_size, kernel=kernel)

@@ -184,16 +184,29 @@ def candidate_paths(quantization: str, dtype: str, gguf: bool, batch_invariant: 
     rule): dense always; the int4 paths for a GGUF file's blocks (``auto``, bf16 only: the fp32 int4
     kernel is scalar) and for ``int4``; int8 only under ``int8`` (its per-channel scales cannot express
     GGUF's per-32 blocks, so it is never the canonical weight of a GGUF model). Paths that are not exact
-    only with :func:`lossy_paths_allowed`. ``batch_invariant``: only ``dense_fixed``, the path
-    engine/quant.py serves every row count with in that mode."""
+    only with :func:`lossy_paths_allowed`. ``batch_invariant``: the paths engine/quant.py may serve every
+    row count with in that mode: for int4 weights the int4 kernels that agree bit for bit
+    (``int4_ws``, and ``int4_gemv`` where ``int4_kernels_agree``: the same bits, so the plan picks the
+    faster per bucket), never the dense copy; else ``dense_fixed``."""
+    int4_weights = quantization == "int4" or (quantization == "auto" and gguf and dtype == "bfloat16")
     if batch_invariant:
-        return ("dense_fixed",)
+        return _invariant_paths(int4_weights, dtype)
     int4 = tuple(name for name, p in PATHS.items() if name.startswith("int4") and (p.exact or lossy_paths_allowed()))
-    if quantization == "int4" or (quantization == "auto" and gguf and dtype == "bfloat16"):
+    if int4_weights:
         return ("dense", *int4)
     if quantization == "int8":
         return ("dense", "int8_gemv")
     return ("dense",)
+
+
+def _invariant_paths(int4_weights: bool, dtype: str) -> tuple[str, ...]:
+    """:func:`candidate_paths` in batch-invariant mode (engine/batch_invariant.py)."""
+    from sparkserve.engine.batch_invariant import int4_kernels_agree
+    from sparkserve.kernels import int4_cpu
+
+    if not int4_weights or not int4_cpu.load():
+        return ("dense_fixed",)
+    return ("int4_gemv", "int4_ws") if int4_kernels_agree(getattr(torch, dtype)) else ("int4_ws",)
 
 
 def row_buckets(max_rows: int) -> tuple[int, ...]:
@@ -318,7 +331,7 @@ class MemoryBudget:
 def select_plan(
     timings: Timings, buckets: Sequence[int], dtypes: Sequence[str], paths: Sequence[str],
     quantized: frozenset[str] | None = None, memory: MemoryBudget | None = None, batch_invariant: bool = False,
-    invariant_paths: frozenset[str] | None = None,
+    invariant_paths: frozenset[str] | None = None, same_bits: frozenset[str] = frozenset(),
 ) -> CpuPlan:
     """Pick the compute dtype and the fastest path per bucket from measured ``timings``.
 
@@ -329,12 +342,15 @@ def select_plan(
     smallest sum of logs over the buckets (the geometric mean: every bucket's ratio counts the same, so a
     1024-row bucket does not outweigh decode); ties: the earlier in ``dtypes``. ``batch_invariant``
     (issue 24's ``--batch-invariant``): one path of ``invariant_paths``, timed on every bucket, serves all
-    of them (mixing kernels by row count changes a row's bits with the batch).
+    of them (mixing kernels by row count changes a row's bits with the batch), unless every eligible path
+    is in ``same_bits`` (kernels that compute the same bits: each bucket then takes its fastest).
 
     Args:
         timings: (dtype, path, rows) -> seconds.
         quantized: the path names that need a quantised copy (default: from the registry).
         invariant_paths: the batch-invariant path names (default: from the registry).
+        same_bits: path names known to give the same bits as each other (``int4_gemv`` and ``int4_ws``
+            where ``int4_kernels_agree``).
     Raises:
         ValueError: no dtype has an eligible path timed on every bucket.
     """
@@ -344,9 +360,9 @@ def select_plan(
                  else frozenset(n for n, p in PATHS.items() if p.batch_invariant))
     best: tuple[float, CpuPlan] | None = None
     for dtype in dtypes:
-        chosen = _choose(timings, buckets, dtype, [
-            p for p in paths if (memory is None or memory.fits(dtype, p in quantized))
-            and (not batch_invariant or p in invariant)], batch_invariant)
+        eligible = [p for p in paths if (memory is None or memory.fits(dtype, p in quantized))
+                    and (not batch_invariant or p in invariant)]
+        chosen = _choose(timings, buckets, dtype, eligible, batch_invariant and not set(eligible) <= same_bits)
         if chosen is None:
             continue
         score = sum(math.log(timings[(dtype, p, m)]) for p, m in zip(chosen, buckets, strict=True))

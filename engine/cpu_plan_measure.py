@@ -151,7 +151,7 @@ def load_or_measure_plan(
         gguf: the model is a GGUF file (``auto`` keeps its blocks).
         max_rows: the step's token budget (largest bucket).
         memory_budget_bytes: memory the weights may take (None: unbounded).
-        batch_invariant: restrict to one batch-invariant path (issue 24).
+        batch_invariant: restrict to one batch-invariant path (issue 24; ``candidate_paths``).
     """
     path = plan_cache_path(key)
     if path.exists():
@@ -170,7 +170,11 @@ def load_or_measure_plan(
     if memory_budget_bytes is not None:
         quant = max(weight_bytes(config, d) for d in dtypes) // 4  # int4 codes + scales <= a quarter of fp32
         memory = MemoryBudget(memory_budget_bytes, {d: weight_bytes(config, d) for d in DTYPES}, quant)
-    plan = select_plan(timings, buckets, dtypes, paths, memory=memory, batch_invariant=batch_invariant)
+    # in the mode the candidates are invariant and compute the same bits (candidate_paths: int4_gemv and
+    # int4_ws only where they agree), so each bucket may take its fastest
+    plan = select_plan(timings, buckets, dtypes, paths, memory=memory, batch_invariant=batch_invariant,
+                       invariant_paths=frozenset(paths) if batch_invariant else None,
+                       same_bits=frozenset(paths) if batch_invariant else frozenset())
     logger.info("CPU plan measured in %.1f s: %s\n%s", time.perf_counter() - start, plan.summary(), plan.table())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

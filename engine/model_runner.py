@@ -96,9 +96,12 @@ class ModelRunner:
         self.block_size = block_size
         self.device = torch.device(device)
         use_kernels = attention_backend == "triton" or (attention_backend == "auto" and self.device.type == "cuda")
-        graphs = step_graphs if step_graphs is not None else use_kernels and self.device.type == "cuda"
+        graphs = (step_graphs if step_graphs is not None
+                  else use_kernels and self.device.type == "cuda" and not batch_invariant)
         if graphs and not use_kernels:
             raise ValueError("step graphs need the Triton attention kernels (attention_backend triton)")
+        if graphs and batch_invariant:  # the graphs' split-KV count follows the bucket, not the fixed split
+            raise ValueError("step graphs cannot serve --batch-invariant (use --cuda-graphs off)")
         self.kv_caches = [  # with graphs, block num_blocks is the pad rows' scratch block
             new_kv_cache(num_blocks + int(graphs), block_size, config.num_key_value_heads, config.head_dim, dtype,
                          self.device)

@@ -247,6 +247,17 @@ class Int4Weight:
         """The path a call of ``rows`` rows takes: "dense" (the GEMM on the dense copy) or an int4 path."""
         return self.routing.path_for(rows)
 
+    def invariant_path(self, rows: int) -> str | None:
+        """The path of a call of ``rows`` rows in batch-invariant mode (engine/batch_invariant.py), or None
+        (the dense fixed-tile GEMM). Only kernels that compute the canonical product bit for bit at every
+        row count: ``int4_ws``, and ``int4_gemv`` where ``int4_kernels_agree`` (then the routing's choice
+        between them stands). Beyond the routing's quantised rows: ``int4_ws`` if held, else ``int4_gemv``."""
+        held = [p for p, fmt in (("int4_ws", self.kernel), ("int4_gemv", self.planes)) if fmt]
+        if "int4_gemv" in held and not batch_invariant.int4_kernels_agree(self.dtype):
+            held.remove("int4_gemv")
+        routed = self.routing.path_for(rows)
+        return routed if routed in held else (held[0] if held else None)
+
     def __call__(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """x: [M, K] -> [M, N] in the weight's activation dtype, on ``path`` (default: :meth:`path_for`;
         "dense" is not served here)."""
@@ -302,12 +313,17 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  quant: QuantWeight | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, on the path ``quant``'s routing names for x's row count (asked per
     call; every path computes with the same canonical weight values). x: [M, K]. In batch-invariant mode
-    (engine/batch_invariant.py) every row count runs the one dense path on a fixed row tile."""
+    (engine/batch_invariant.py) every row count of an int4 weight runs its int4 kernels that agree bit for
+    bit (:meth:`Int4Weight.invariant_path`), any other weight the dense GEMM on a fixed row tile."""
     if batch_invariant.is_enabled():
-        return batch_invariant.invariant_linear(x, weight, bias)
-    if quant is None or x.device.type != "cpu":
+        path = (quant.invariant_path(x.shape[0]) if isinstance(quant, Int4Weight) and x.device.type == "cpu"
+                else None)
+        if path is None:
+            return batch_invariant.invariant_linear(x, weight, bias)
+    elif quant is None or x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    path = quant.path_for(x.shape[0])
+    else:
+        path = quant.path_for(x.shape[0])
     if path == "dense":
         return F.linear(x, weight, bias)
     out = quant(x, path)

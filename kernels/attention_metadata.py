@@ -10,6 +10,15 @@ groups, each launched once per layer with its own tile shape:
 - *short* (decode, verify blocks, drafter blocks: ``q_len * G <= SHORT_ROWS_MAX``): one tile each,
   ``block_m`` just large enough, and split-KV (flash-decoding) so a few long contexts still fill the GPU;
 - *long* (prefill chunks): ``block_m = LONG_BLOCK_M`` rows per tile, no split.
+
+Batch-invariant mode (``batch_invariant=True``, engine/batch_invariant.py's rule on the GPU): one group
+whose tile shape depends only on G (``invariant_block_m``), every sequence (decode, verify, prefill
+chunk) cut into tiles of ``block_m // G`` query tokens, and split-KV with a fixed chunk of
+``INVARIANT_SPLIT_KEYS`` keys at absolute positions (``TileGroup.split_keys``), combined in increasing
+split order. A row then runs the same operations in the same order whatever else is in the step, how
+its prompt was chunked and whether its context came from the cache: the splits and key blocks it
+reads are fixed by its position, extra splits or key blocks (for longer rows of the batch or of its
+tile) are fully masked for it and add exact zeros.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ MIN_BLOCK_M = 16  # tl.dot needs M >= 16
 MAX_SPLITS = 32
 MIN_KEYS_PER_SPLIT = 256  # split-KV only cuts contexts into chunks of at least this many keys
 CPU_NUM_SMS = 4  # "multiprocessors" assumed by the split heuristic off CUDA (interpreter tests)
+INVARIANT_SPLIT_KEYS = 256  # batch-invariant mode: keys per split, at absolute positions (a multiple of block_n)
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,8 @@ class TileGroup:
         block_q: query tokens per tile.
         num_splits: KV chunks per tile (split-KV); 1 = no split, the kernel writes the output directly.
         max_q_len: the longest query of the group's sequences (rows of split-KV scratch per tile).
+        split_keys: keys per split at absolute positions (batch-invariant mode); 0 = ``num_splits``
+            equal chunks of each tile's keys.
     """
 
     tile_seq: Tensor
@@ -49,6 +61,7 @@ class TileGroup:
     block_q: int
     num_splits: int
     max_q_len: int
+    split_keys: int = 0
 
     @property
     def num_tiles(self) -> int:
@@ -104,6 +117,7 @@ def build_ragged_metadata(
     max_kv_len: int | None = None,
     num_splits: int | None = None,
     num_sms: int | None = None,
+    batch_invariant: bool = False,
 ) -> RaggedAttentionMetadata:
     """Metadata of S sequences whose new tokens are laid out sequence after sequence (T rows).
 
@@ -117,6 +131,8 @@ def build_ragged_metadata(
         max_kv_len: host upper bound of ``kv_lens`` (else read from it).
         num_splits: force the split-KV count of the short group (tests, benchmarks); None = heuristic.
         num_sms: multiprocessors for the heuristic (None = the CUDA device's, ``CPU_NUM_SMS`` off CUDA).
+        batch_invariant: the fixed tiles and splits of the module docstring (``num_splits`` / ``num_sms``
+            unused).
     Raises:
         ValueError: a query length < 1, or G larger than ``SHORT_ROWS_MAX``.
     """
@@ -135,7 +151,8 @@ def build_ragged_metadata(
     bound = int(kv.max()) if max_kv_len is None else max_kv_len
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_NUM_SMS
-    groups = _tile_groups(list(q_lens), num_kv_heads, num_queries_per_kv, bound, num_splits, num_sms, device)
+    groups = (_invariant_group(list(q_lens), num_queries_per_kv, bound, device) if batch_invariant
+              else _tile_groups(list(q_lens), num_kv_heads, num_queries_per_kv, bound, num_splits, num_sms, device))
     return RaggedAttentionMetadata(
         cu_seqlens_q=cu.to(device), kv_lens=kv, start_pos=starts, block_tables=tables.contiguous(),
         causal=causal_t.to(device), slot_mapping=_slot_mapping(counts, cu, starts, tables, block_size),
@@ -180,11 +197,26 @@ def _tile_groups(q_lens: list[int], num_kv_heads: int, group: int, max_kv_len: i
     return tuple(groups)
 
 
+def invariant_block_m(group: int) -> int:
+    """Rows per tile in batch-invariant mode: a function of G alone (the smallest tile ``tl.dot`` takes)."""
+    return max(MIN_BLOCK_M, next_power_of_2(group))
+
+
+def _invariant_group(q_lens: list[int], group: int, max_kv_len: int, device: torch.device) -> tuple[TileGroup]:
+    """Batch-invariant mode's one group: every sequence in tiles of ``invariant_block_m(G) // G`` tokens,
+    ``INVARIANT_SPLIT_KEYS`` keys per split (as many splits as the longest context needs)."""
+    block_m = invariant_block_m(group)
+    block_q = block_m // group
+    tiles = [(s, i) for s, n in enumerate(q_lens) for i in range(0, n, block_q)]
+    splits = cdiv(max(max_kv_len, 1), INVARIANT_SPLIT_KEYS)
+    return (_group(tiles, block_m, block_q, splits, device, max(q_lens), INVARIANT_SPLIT_KEYS),)
+
+
 def _group(tiles: list[tuple[int, int]], block_m: int, block_q: int, splits: int, device: torch.device,
-           max_q_len: int) -> TileGroup:
+           max_q_len: int, split_keys: int = 0) -> TileGroup:
     seq = torch.tensor([s for s, _ in tiles], dtype=torch.int32, device=device)
     start = torch.tensor([i for _, i in tiles], dtype=torch.int32, device=device)
-    return TileGroup(seq, start, block_m, block_q, max(1, splits), max_q_len)
+    return TileGroup(seq, start, block_m, block_q, max(1, splits), max_q_len, split_keys)
 
 
 def split_heuristic(num_programs: int, max_kv_len: int, num_sms: int) -> int:

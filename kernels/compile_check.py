@@ -91,7 +91,8 @@ def attention_variant(dtype: torch.dtype, group: int, block_m: int, head_dim: in
     args = dict(q_ptr=dtype, k_cache_ptr=dtype, v_cache_ptr=dtype, out_ptr=dtype, o_partial_ptr=partial,
                 lse_ptr=partial, scale_log2=0.18,
                 QUERIES_PER_KV=group, BLOCK_Q=block_m // group, BLOCK_M=block_m, BLOCK_N=64, HEAD_DIM=head_dim,
-                BLOCK_SIZE=16, SPLIT=split, UPCAST=False, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                BLOCK_SIZE=16, SPLIT=split, UPCAST=False, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                SPLIT_KEYS=0)
     args.update(dict.fromkeys(("cu_seqlens_q_ptr", "kv_lens_ptr", "start_pos_ptr", "causal_ptr", "block_tables_ptr",
                                "tile_seq_ptr", "tile_q_start_ptr"), torch.int32))
     args.update(_ints("num_splits", "scratch_rows", "stride_qt", "stride_qh", "stride_ch", "stride_cb", "stride_cs", "stride_bt",
@@ -123,7 +124,7 @@ def combine_variant(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> Varia
 
     return Variant(f"combine{_tag(dtype)} hd={head_dim}", pa._combine_splits_kernel, dict(
         out_ptr=dtype, o_partial_ptr=torch.float32, lse_ptr=torch.float32, cu_seqlens_q_ptr=torch.int32,
-        tile_seq_ptr=torch.int32, tile_q_start_ptr=torch.int32, BLOCK_Q=5, SPLITS_PAD=4, HEAD_DIM=head_dim,
+        tile_seq_ptr=torch.int32, tile_q_start_ptr=torch.int32, BLOCK_Q=5, SPLITS_PAD=4, HEAD_DIM=head_dim, FIXED_ORDER=False,
         **_ints("num_splits", "scratch_rows", "stride_ot", "stride_oh", "stride_ps", "stride_pt", "stride_ph", "stride_ls",
                 "stride_lt")))
 

@@ -9,7 +9,10 @@ Algorithm: FlashAttention-2's online softmax (Dao 2023) over the paged KV cache,
 query heads of one KV head into the rows of a tile (each K/V block is read once per tile, never
 repeated), and split-KV (flash-decoding, Dao et al. 2023): ``num_splits`` programs per (tile, KV head)
 each cover a chunk of the keys and write a normalised partial output with its log-sum-exp; a second
-kernel combines them. Scores are computed in base 2 (``exp2``, scale pre-multiplied by log2 e) and
+kernel combines them. In batch-invariant mode (``TileGroup.split_keys``, kernels/attention_metadata.py)
+each split covers a fixed ``split_keys`` keys at absolute positions and the combine adds the splits in
+increasing order (a sequential sum, so the trailing empty splits of a longer batch add exact zeros);
+otherwise the splits are equal chunks of each tile's keys, combined by a tree sum. Scores are computed in base 2 (``exp2``, scale pre-multiplied by log2 e) and
 accumulated in fp32 whatever the input dtype (fp32 dots use IEEE precision: no TF32).
 
 Cache layout (``sparkserve.engine.attention.new_kv_cache``): head-major ``[Hkv, num_blocks, block_size, hd]``.
@@ -93,9 +96,10 @@ def _paged_attention_kernel(
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
     QUERIES_PER_KV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SPLIT_KEYS: tl.constexpr,
 ):
-    """One (tile, KV head, split): online softmax over the split's chunk of the tile's keys."""
+    """One (tile, KV head, split): online softmax over the split's chunk of the tile's keys (``SPLIT_KEYS``
+    > 0: keys ``[split * SPLIT_KEYS, (split + 1) * SPLIT_KEYS)``, the batch-invariant mode's fixed split)."""
     tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq = tl.load(tile_seq_ptr + tile)
     q_tile = tl.load(tile_q_start_ptr + tile)
@@ -116,7 +120,10 @@ def _paged_attention_kernel(
         q = q.to(tl.float32)
     last_pos = start + tl.minimum(q_tile + BLOCK_Q, q_len) - 1
     kv_end = tl.where(causal != 0, tl.minimum(kv_len, last_pos + 1), kv_len)  # keys any row of the tile sees
-    chunk = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
+    if SPLIT_KEYS > 0:
+        chunk = SPLIT_KEYS
+    else:
+        chunk = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
     kv_lo = split * chunk
     kv_hi = tl.minimum(kv_lo + chunk, kv_end)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -162,9 +169,10 @@ def _paged_attention_kernel(
 def _combine_splits_kernel(
     out_ptr, o_partial_ptr, lse_ptr, cu_seqlens_q_ptr, tile_seq_ptr, tile_q_start_ptr, num_splits, scratch_rows,
     stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
-    BLOCK_Q: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_Q: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, FIXED_ORDER: tl.constexpr,
 ):
-    """One (tile, query head): out = sum_s exp2(lse_s - max) o_s / sum_s exp2(lse_s - max)."""
+    """One (tile, query head): out = sum_s exp2(lse_s - max) o_s / sum_s exp2(lse_s - max); the sums in
+    increasing s with ``FIXED_ORDER`` (batch-invariant mode), else a tree sum over ``SPLITS_PAD``."""
     tile, head = tl.program_id(0), tl.program_id(1)
     seq = tl.load(tile_seq_ptr + tile)
     q_begin = tl.load(cu_seqlens_q_ptr + seq)
@@ -178,10 +186,21 @@ def _combine_splits_kernel(
             p_row = tile.to(tl.int64) * scratch_rows + i  # the tile's scratch row
             lse = tl.load(lse_ptr + splits.to(tl.int64) * stride_ls + p_row * stride_lt + head,
                           mask=splits < num_splits, other=float("-inf"))
-            weight = tl.exp2(lse - tl.max(lse, 0))  # [SPLITS_PAD]
-            o_off = splits[:, None].to(tl.int64) * stride_ps + p_row * stride_pt + head * stride_ph + dims[None, :]
-            o = tl.load(o_partial_ptr + o_off, mask=(splits < num_splits)[:, None], other=0.0)
-            o = tl.sum(o * weight[:, None], 0) / tl.sum(weight, 0)
+            lse_max = tl.max(lse, 0)  # a max: exact in any order
+            if FIXED_ORDER:
+                o = tl.zeros([HEAD_DIM], tl.float32)
+                total = tl.zeros([1], tl.float32)
+                for s in range(0, num_splits):
+                    w = tl.exp2(tl.load(lse_ptr + s * stride_ls + p_row * stride_lt + head + tl.zeros([1], tl.int64))
+                                - lse_max)  # [1]
+                    o += tl.load(o_partial_ptr + s * stride_ps + p_row * stride_pt + head * stride_ph + dims) * w
+                    total += w
+                o = o / total
+            else:
+                weight = tl.exp2(lse - lse_max)  # [SPLITS_PAD]
+                o_off = splits[:, None].to(tl.int64) * stride_ps + p_row * stride_pt + head * stride_ph + dims[None, :]
+                o = tl.load(o_partial_ptr + o_off, mask=(splits < num_splits)[:, None], other=0.0)
+                o = tl.sum(o * weight[:, None], 0) / tl.sum(weight, 0)
             tl.store(out_ptr + tok * stride_ot + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
 
 
@@ -229,13 +248,15 @@ def _launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: RaggedAttentionMe
         lse.stride(1),
         QUERIES_PER_KV=meta.num_queries_per_kv, BLOCK_Q=group.block_q, BLOCK_M=group.block_m,
         BLOCK_N=config.block_n, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[2], SPLIT=splits > 1, UPCAST=upcast,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **config.launch_options(),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_KEYS=group.split_keys,
+        **config.launch_options(),
     )
     if splits > 1:
         _combine_splits_kernel[(group.num_tiles, num_heads)](
             out, partial, lse, meta.cu_seqlens_q, group.tile_seq, group.tile_q_start, splits, scratch_rows,
             out.stride(0), out.stride(1), partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0),
             lse.stride(1), BLOCK_Q=group.block_q, SPLITS_PAD=next_power_of_2(splits), HEAD_DIM=head_dim,
+            FIXED_ORDER=group.split_keys > 0,
         )
 
 

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from sparkserve.engine import batch_invariant
 from sparkserve.engine.attention import build_attention_metadata, new_kv_cache, paged_attention
 from sparkserve.engine.loader import LoadedModel, default_model_path, load_model
+from sparkserve.engine.quant import Routing, quant_linear, quantize_int4
+from sparkserve.kernels import int4_cpu
 from sparkserve.testing.batch_invariance import check_invariance, summary
 
 
@@ -108,10 +110,60 @@ def test_mode_switch_config_cli_and_plan() -> None:
     assert engine_args_from(ns).batch_invariant and not EngineArgs().batch_invariant
     with pytest.raises(ValueError, match="compile"):
         EngineArgs(batch_invariant=True, compile=True)
-    assert candidate_paths("auto", "bfloat16", gguf=True, batch_invariant=True) == ("dense_fixed",)
+    assert candidate_paths("none", "float32", gguf=False, batch_invariant=True) == ("dense_fixed",)
+    int4_paths = candidate_paths("auto", "bfloat16", gguf=True, batch_invariant=True)
+    expected = (("int4_gemv", "int4_ws") if batch_invariant.int4_kernels_agree(torch.bfloat16)
+                else ("int4_ws",) if int4_cpu.load() else ("dense_fixed",))
+    assert int4_paths == expected
     assert PATHS["dense_fixed"].batch_invariant and not PATHS["dense"].batch_invariant
     timings = {("bfloat16", "dense_fixed", m): 1.0 for m in (1, 8)}
     plan = select_plan(timings, (1, 8), ("bfloat16",), ("dense_fixed",), batch_invariant=True)
     assert plan.paths == ("dense_fixed", "dense_fixed") and plan.quant_max_rows == 0
+    timings = {("bfloat16", "int4_gemv", 1): 1.0, ("bfloat16", "int4_gemv", 8): 5.0,
+               ("bfloat16", "int4_ws", 1): 2.0, ("bfloat16", "int4_ws", 8): 2.0}
+    pair = ("int4_gemv", "int4_ws")
+    one = select_plan(timings, (1, 8), ("bfloat16",), pair, batch_invariant=True, invariant_paths=frozenset(pair))
+    assert one.paths == ("int4_ws", "int4_ws")  # kernels not known to agree: one path for every bucket
+    mixed = select_plan(timings, (1, 8), ("bfloat16",), pair, batch_invariant=True, invariant_paths=frozenset(pair),
+                        same_bits=frozenset(pair))
+    assert mixed.paths == ("int4_gemv", "int4_ws")  # the same bits: each bucket its fastest
     layer = PATHS["dense_fixed"].build(torch.randn(8, 32), torch.float32)
     assert layer(torch.randn(3, 32)).shape == (3, 8)
+
+
+needs_int4_kernel = pytest.mark.skipif(not int4_cpu.load(), reason="weight-stationary int4 kernel not built")
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_linear_rows_do_not_depend_on_the_row_count(dtype) -> None:
+    """In the mode an int4 weight serves every row count, prefill sizes included, with int4 kernels of
+    one canonical product: each row of 1..20, 64 and 130 rows has the bits of the same row in a 130-row
+    call, and the canonical product's bits (int4_mm_reference). Off, the routing's dense GEMM above 4 rows
+    does not give those bits (the reason the mode keeps the int4 kernels)."""
+    torch.manual_seed(0)
+    block = quantize_int4(torch.randn(96, 576), dtype)
+    weight = block.canonical(dtype).to(dtype)  # [N, K] the dense copy
+    quant = block.pack(dtype, Routing.up_to(4))  # torch's int4 kernel up to 4 rows, dense above
+    x = torch.randn(130, 576).to(dtype)
+    with batch_invariant.batch_invariant_mode():
+        full = quant_linear(x, weight, None, quant)  # [130, N]
+        for rows in (*range(1, 21), 64):
+            assert torch.equal(quant_linear(x[:rows], weight, None, quant), full[:rows]), rows
+    assert torch.equal(full[:3], int4_cpu.int4_mm_reference(x[:3], block.canonical(dtype)))
+    assert not torch.equal(quant_linear(x, weight, None, quant)[:3], full[:3])
+
+
+@needs_int4_kernel
+def test_int4_invariant_path_keeps_only_agreeing_kernels(monkeypatch) -> None:
+    """The mode's path per row count: the routing's int4 kernel where both agree, else the weight-stationary
+    kernel; torch's kernel alone (no agreement) falls back to the dense fixed tile (None)."""
+    block = quantize_int4(torch.randn(64, 64), torch.bfloat16)
+    both = block.pack_as(torch.bfloat16, Routing(((4, "int4_gemv"), (16, "int4_ws"))))
+    gemv_only = block.pack_as(torch.bfloat16, Routing.up_to(4, "int4_gemv"))
+    monkeypatch.setattr(batch_invariant, "int4_kernels_agree", lambda dtype: True)
+    assert [both.invariant_path(m) for m in (1, 4, 5, 16, 17, 500)] == ["int4_gemv"] * 2 + ["int4_ws"] * 4
+    assert [gemv_only.invariant_path(m) for m in (1, 5, 500)] == ["int4_gemv"] * 3
+    monkeypatch.setattr(batch_invariant, "int4_kernels_agree", lambda dtype: False)
+    assert {both.invariant_path(m) for m in (1, 4, 5, 500)} == {"int4_ws"}
+    assert gemv_only.invariant_path(1) is None

@@ -2,7 +2,9 @@
 
 Prefill chunks (fresh, then after cached context), decode, verify blocks, the DSpark drafter's forward
 under ``fixed:K`` and ``dspark``: greedy tokens through the Triton kernels equal the torch path's on the same
-tiny seeded model. Also the store kernel on the model's strided ``v`` view (issue 26, breakage 1).
+tiny seeded model. Also the store kernel on the model's strided ``v`` view (issue 26, breakage 1), and
+``--batch-invariant`` through the kernels (issue 24: the same request alone, batched, chunked; with the
+mode off the same comparison differs on this model).
 """
 
 from __future__ import annotations
@@ -92,3 +94,30 @@ def test_profile_step_times_the_served_kernels_between_synchronisations(monkeypa
     monkeypatch.setattr(kernels, "store_and_attend", lambda *a, **k: events.append("kernel") or launch(*a, **k))
     seconds = profiler.make_step_fn(core.runner, core.num_blocks, context_len=20)(6, 2)
     assert seconds > 0 and events == ["sync"] + ["kernel"] * 3 + ["sync"]
+
+
+def test_batch_invariant_mode_through_the_triton_kernels() -> None:
+    """``--batch-invariant`` with the Triton attention (fixed tiles and splits): a seeded request's tokens and
+    logprob bits alone equal those beside two other requests and with its prompt prefilled in chunks of 8."""
+    target = tiny_target(seed=5, layers=2, head_dim=16)
+
+    def run(prompts: list[list[int]], budget: int) -> list[tuple[int, float]]:
+        args = EngineArgs(dtype="float32", num_kv_blocks=96, block_size=8, max_num_seqs=4, drafter="none",
+                          max_num_batched_tokens=budget, attention_backend="triton", batch_invariant=True,
+                          cpu_plan=False, enable_prefix_caching=False)
+        core = EngineCore(args, loaded=target)
+        params = SamplingParams(temperature=0.8, seed=3, max_tokens=4, ignore_eos=True, logprobs=0)
+        for i, prompt in enumerate(prompts):
+            core.add_request(core.make_request(f"r{i}", prompt, params))
+        out: list[tuple[int, float]] = []
+        while core.has_unfinished_requests():
+            for o in core.step():
+                if o.request_id == "r0":
+                    out += [(t, lp.logprob) for t, lp in zip(o.new_token_ids, o.new_logprobs, strict=True)]
+        return out
+
+    prompt = [(7 * i + 3) % 61 for i in range(40)]
+    alone = run([prompt], 64)
+    assert len(alone) == 4
+    assert run([prompt, [5, 9, 11, 2, 40, 33], [(3 * i) % 50 for i in range(30)]], 64) == alone
+    assert run([prompt], 8) == alone
