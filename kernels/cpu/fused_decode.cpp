@@ -13,7 +13,9 @@
 // softmax and every dot product accumulate in fp32. Only the order of the fp32 sums (and exp's last ulp)
 // may differ from ATen's vectorised kernels, so the outputs agree to fp32 rounding, not bit for bit.
 // Softmax: max-subtracted exp, scaled by the reciprocal of the sum (ATen's CPU softmax).
-// Threads: at::parallel_for (torch's OpenMP team) over tokens and over (query row, head) pairs.
+// Threads: at::parallel_for (torch's OpenMP team) over tokens and over (query row, KV head) pairs.
+// The hot loops are compiled for AVX-512, AVX2 and the baseline (GCC's target_clones picks at load time);
+// without FMA contraction the three give the same bits.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -178,35 +180,49 @@ void rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& 
   });
 }
 
-// Causal attention of query row (seq s, token t at position pos) for head h over keys 0 .. pos.
+// Causal attention of query row (token t at position pos, block table `table`) for the G query heads of KV
+// head kv_head over keys 0 .. pos: each key / value is read and widened to fp32 once for the G heads.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPARKSERVE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SPARKSERVE_CLONES
+#endif
+
 template <typename T>
-void attend_row(const float* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t pos, int64_t h,
-                const AttendArgs& a, std::vector<float>& scores, std::vector<float>& key, float* acc, T* out) {
-  const int64_t hd = a.head_dim, length = pos + 1;
-  const int64_t kv_head = h / (a.num_heads / a.num_kv_heads);
+SPARKSERVE_CLONES void attend_group(const float* q /* [G, hd] */, const T* k_cache, const T* v_cache, const int64_t* table, int64_t pos,
+                  int64_t kv_head, const AttendArgs& a, std::vector<float>& scores, std::vector<float>& row,
+                  std::vector<float>& acc, T* out /* [G, hd] */) {
+  const int64_t hd = a.head_dim, length = pos + 1, group = a.num_heads / a.num_kv_heads;
   const T* kc = k_cache + kv_head * a.cache_head_stride;
   const T* vc = v_cache + kv_head * a.cache_head_stride;
-  scores.resize(length);
-  float max_score = -INFINITY;
+  scores.resize(group * length);
   for (int64_t l = 0; l < length; ++l) {
     const T* k = kc + (table[l / a.block_size] * a.block_size + l % a.block_size) * hd;
-    for (int64_t d = 0; d < hd; ++d) key[d] = static_cast<float>(k[d]);
-    scores[l] = rd<T>(dot(q, key.data(), hd)) * a.scale;
-    max_score = std::max(max_score, scores[l]);
+    for (int64_t d = 0; d < hd; ++d) row[d] = static_cast<float>(k[d]);
+    for (int64_t g = 0; g < group; ++g) scores[g * length + l] = rd<T>(dot(q + g * hd, row.data(), hd)) * a.scale;
   }
-  float sum = 0.0f;
-  for (int64_t l = 0; l < length; ++l) {
-    scores[l] = std::exp(scores[l] - max_score);
-    sum += scores[l];
+  for (int64_t g = 0; g < group; ++g) {  // softmax of each head's scores, rounded to the dtype as eager's probs
+    float* s = scores.data() + g * length;
+    float max_score = -INFINITY, sum = 0.0f;
+    for (int64_t l = 0; l < length; ++l) max_score = std::max(max_score, s[l]);
+    for (int64_t l = 0; l < length; ++l) {
+      s[l] = std::exp(s[l] - max_score);
+      sum += s[l];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t l = 0; l < length; ++l) s[l] = rd<T>(s[l] * inv);
   }
-  const float inv = 1.0f / sum;
-  for (int64_t d = 0; d < hd; ++d) acc[d] = 0.0f;
+  std::fill(acc.begin(), acc.end(), 0.0f);
   for (int64_t l = 0; l < length; ++l) {
-    const float p = rd<T>(scores[l] * inv);
     const T* v = vc + (table[l / a.block_size] * a.block_size + l % a.block_size) * hd;
-    for (int64_t d = 0; d < hd; ++d) acc[d] += p * static_cast<float>(v[d]);
+    for (int64_t d = 0; d < hd; ++d) row[d] = static_cast<float>(v[d]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * length + l];
+      float* o = acc.data() + g * hd;
+      for (int64_t d = 0; d < hd; ++d) o[d] += p * row[d];
+    }
   }
-  for (int64_t d = 0; d < hd; ++d) out[d] = static_cast<T>(acc[d]);
+  for (int64_t i = 0; i < group * hd; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
 template <typename T>
@@ -218,15 +234,16 @@ void attend(const float* q_rot, const T* k_cache, const T* v_cache, const at::Te
   const bool* valid = q_valid.data_ptr<bool>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
-  const int64_t items = a.num_seqs * a.q_max * a.num_heads, hd = a.head_dim;
-  at::parallel_for(0, items, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, key(hd), acc(hd);
+  const int64_t items = a.num_seqs * a.q_max * a.num_kv_heads, hd = a.head_dim;
+  const int64_t group = a.num_heads / a.num_kv_heads;
+  at::parallel_for(0, items, 2, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, row(hd), acc(group * hd);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t row = i / a.num_heads, h = i % a.num_heads;
-      if (!valid[row]) continue;
-      const int64_t t = index[row], s = row / a.q_max;
-      attend_row<T>(q_rot + (t * a.num_heads + h) * hd, k_cache, v_cache, tables + s * a.max_blocks, pos[t], h, a,
-                    scores, key, acc.data(), op + (t * a.num_heads + h) * hd);
+      const int64_t r = i / a.num_kv_heads, kv_head = i % a.num_kv_heads;
+      if (!valid[r]) continue;
+      const int64_t t = index[r], s = r / a.q_max, head = kv_head * group;  // query heads head .. head + G - 1
+      attend_group<T>(q_rot + (t * a.num_heads + head) * hd, k_cache, v_cache, tables + s * a.max_blocks, pos[t],
+                      kv_head, a, scores, row, acc, op + (t * a.num_heads + head) * hd);
     }
   });
 }
