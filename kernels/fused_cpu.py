@@ -76,12 +76,12 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + delta, weight * rms_norm(x + delta))``; x, delta [T, d] contiguous, weight [d], one dtype.
     Without ``delta`` the first output is a copy of x. Raises RuntimeError on other shapes / dtypes."""
-    return torch.ops.sparkserve_fused.add_rms_norm(x, delta, weight, eps)
+    return torch.ops.sparkserve_fused.add_rms_norm.default(x, delta, weight, eps)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``; gate_up [T, 2 I] (gate | up) -> [T, I]."""
-    return torch.ops.sparkserve_fused.silu_mul(gate_up)
+    return torch.ops.sparkserve_fused.silu_mul.default(gate_up)
 
 
 def rope_store_attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_norm: torch.Tensor | None,
@@ -102,7 +102,7 @@ def rope_store_attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q
     Returns:
         [T, H, hd] in qkv's dtype. Raises RuntimeError on inconsistent shapes or dtypes.
     """
-    return torch.ops.sparkserve_fused.rope_store_attend(
+    return torch.ops.sparkserve_fused.rope_store_attend.default(  # .default: no overload resolution per call
         qkv, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, slot_mapping, positions, q_index, q_valid,
         block_tables, num_heads, num_kv_heads, scale)
 
