@@ -48,6 +48,7 @@ def compile_layers(model: torch.nn.Module) -> list[_EagerFallback]:
     Returns the wrappers (``failed`` tells whether one fell back). The model's numerics are unchanged
     up to inductor's fp32 reassociation (tests/engine/test_quant.py: fp32 within 1e-5, bf16 within 2 ulps)."""
     wrappers = []
+    model.fused_step = False  # the compiled bodies serve every step
     for i, layer in enumerate(model.layers):
         for side, fn in (("_pre", layer.pre_attention), ("_post", layer.post_attention)):
             wrapper = _EagerFallback(torch.compile(fn, dynamic=True), fn, f"layer {i} {side[1:]}")

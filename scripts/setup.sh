@@ -16,3 +16,6 @@ python -c "from sparkserve.engine.loader import default_model_path; print('embed
 # The weight-stationary int4 CPU kernel (kernels/int4_cpu.py), compiled once into ~/.cache/sparkserve/kernels;
 # without a working compiler the engine logs a warning and keeps torch's int4 kernel.
 python -m sparkserve.kernels.int4_cpu || echo "warning: int4 CPU kernel not built; torch's int4 kernel will be used" >&2
+# The fused CPU step (kernels/fused_cpu.py: norms, RoPE + KV store + attention, SiLU * up of small steps);
+# without it the layers run eagerly.
+python -m sparkserve.kernels.fused_cpu || echo "warning: fused CPU step not built; the layers will run eagerly" >&2

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparkserve.engine import batch_invariant
 from sparkserve.engine.attention import AttentionMetadata, paged_attention
 from sparkserve.engine.models.config import ModelConfig
 from sparkserve.engine.parallel.group import TensorParallelGroup
@@ -32,6 +33,7 @@ from sparkserve.engine.quant import (
     quantize_int4,
     quantize_int8,
 )
+from sparkserve.kernels import fused_cpu
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -139,6 +141,30 @@ class DecoderLayer(nn.Module):
         gate, up = quant_linear(h, self.gate_up_proj, None, quant.get("gate_up_proj")).chunk(2, dim=-1)  # [T, I] each
         return x + self._reduce(quant_linear(F.silu(gate) * up, self.down_proj, None, quant.get("down_proj")))
 
+    def forward_fused(
+        self,
+        x: torch.Tensor,  # [T, d] residual stream, without the previous layer's last residual
+        delta: torch.Tensor | None,  # [T, d] the previous layer's MLP output, still to be added to x
+        cos: torch.Tensor,  # [T, 1, hd/2]
+        sin: torch.Tensor,  # [T, 1, hd/2]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [Hkv, num_blocks, block_size, hd]
+        meta: AttentionMetadata,  # a step whose sequences are all short (meta.prefills empty)
+        positions: torch.Tensor,  # [T] int64
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (x [T, d], delta [T, d]): the layer's output is x + delta
+        """:meth:`forward` with everything between the linears in three fused CPU ops (kernels/fused_cpu.py);
+        the residual add closing the layer is left to the next layer's fused norm."""
+        quant = self.quant
+        x, h = fused_cpu.add_rms_norm(x, delta, self.input_layernorm, self.eps)
+        qkv = quant_linear(h, self.qkv_proj, self.qkv_bias, quant.get("qkv_proj"))  # [T, (H + 2 Hkv) hd]
+        attn = fused_cpu.rope_store_attend(
+            qkv, cos, sin, self.q_norm, self.k_norm, self.eps, kv_cache[0], kv_cache[1], meta.slot_mapping, positions,
+            meta.short_q_index, meta.short_q_valid, meta.short_block_tables, self.num_heads, self.num_kv_heads,
+            self.scale)  # [T, H, hd]
+        attn_out = quant_linear(attn.view(x.shape[0], self.q_size), self.o_proj, self.o_bias, quant.get("o_proj"))
+        x, h = fused_cpu.add_rms_norm(x, self._reduce(attn_out), self.post_attention_layernorm, self.eps)
+        gate_up = quant_linear(h, self.gate_up_proj, None, quant.get("gate_up_proj"))  # [T, 2 I]
+        return x, self._reduce(quant_linear(fused_cpu.silu_mul(gate_up), self.down_proj, None, quant.get("down_proj")))
+
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """A row-parallel linear's partial sums [T, d] -> the full output (the identity without TP)."""
         return partial if self.tp is None else self.tp.all_reduce(partial)
@@ -162,11 +188,14 @@ class LlamaForCausalLM(nn.Module):
         tp: the tensor-parallel group when this is one rank's shard (``engine/parallel/shard.py`` builds
             it: ``config`` is the shard's, the LM head holds the rank's ``ceil(V / tp)`` vocab rows, tied or
             not, and :meth:`compute_logits` gathers the full vocab).
+        fused_step: run CPU steps of short sequences (decode, verify) through the fused layer ops
+            (kernels/fused_cpu.py) where :meth:`_fused` allows; False keeps the eager layers always.
     Parameters are allocated uninitialised: fill them with :meth:`load_weights`.
     """
 
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype = torch.float32,
-                 max_positions: int | None = None, tp: TensorParallelGroup | None = None) -> None:
+                 max_positions: int | None = None, tp: TensorParallelGroup | None = None,
+                 fused_step: bool = True) -> None:
         super().__init__()
         self.config = config
         self.tp = tp
@@ -184,6 +213,7 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_sin", freqs.sin().to(dtype), persistent=False)  # [P, hd/2]
         self.lm_head_quant: QuantWeight | None = None  # quantised LM head for small M (engine/quant.py)
         self.quantization = "none"  # what load_weights kept quantised: none | gguf | int8 | int4
+        self.fused_step = fused_step
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -214,12 +244,37 @@ class LlamaForCausalLM(nn.Module):
         captured: dict[int, torch.Tensor] = {}
         if -1 in aux_layer_ids:
             captured[-1] = x
+        if self._fused(x, meta, kv_caches[0][0].dtype if kv_caches else None):
+            return self._forward_fused(x, cos, sin, positions, kv_caches, meta, aux_layer_ids, captured)
         for layer_id, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_caches[layer_id], meta)
             if layer_id in aux_layer_ids:
                 captured[layer_id] = x
         aux = torch.cat([captured[i] for i in aux_layer_ids], dim=-1) if aux_layer_ids else None
         return rms_norm(x, self.norm, self.config.rms_norm_eps), aux
+
+    def _fused(self, x: torch.Tensor, meta: AttentionMetadata, cache_dtype: torch.dtype | None) -> bool:
+        """Whether this step runs the fused layers (``fused_step``): a CPU step of short sequences only (decode,
+        verify blocks: no prefill chunk), the torch attention path, the cache in the model dtype, not in
+        batch-invariant mode (engine/batch_invariant.py keeps the eager layers), extension built."""
+        return (self.fused_step and x.device.type == "cpu" and not meta.prefills and meta.kernel is None
+                and meta.short_q_index is not None and x.dtype in (torch.float32, torch.bfloat16) and cache_dtype == x.dtype
+                and not batch_invariant.is_enabled() and fused_cpu.load())
+
+    def _forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                       kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                       aux_layer_ids: tuple[int, ...], captured: dict[int, torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward` through ``DecoderLayer.forward_fused``; each layer's output is carried as x + delta."""
+        delta: torch.Tensor | None = None
+        cos, sin = cos.contiguous(), sin.contiguous()
+        for layer_id, layer in enumerate(self.layers):
+            x, delta = layer.forward_fused(x, delta, cos, sin, kv_caches[layer_id], meta, positions)
+            if layer_id in aux_layer_ids:
+                x, delta = x + delta, None
+                captured[layer_id] = x
+        aux = torch.cat([captured[i] for i in aux_layer_ids], dim=-1) if aux_layer_ids else None
+        return fused_cpu.add_rms_norm(x, delta, self.norm, self.config.rms_norm_eps)[1], aux
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: [N, d] -> [N, V] float32 logits (vocab-parallel under TP: each rank's shard, gathered)."""
