@@ -251,7 +251,7 @@ class Int4Weight:
         """x: [M, K] -> [M, N] in the weight's activation dtype, on ``path`` (default: :meth:`path_for`;
         "dense" is not served here)."""
         path = path or self.path_for(x.shape[0])
-        a = x.to(self.dtype)
+        a = x if x.dtype == self.dtype else x.to(self.dtype)
         if path == "int4_ws":
             assert self.kernel is not None
             return int4_cpu.int4_mm(a, self.kernel)

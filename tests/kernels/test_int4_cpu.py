@@ -64,12 +64,13 @@ def test_fma32_rounds_once() -> None:
 
 
 # --------------------------------------------------------------------------- kernel vs reference
-@pytest.mark.parametrize(("isa", "direct_max_rows"), [("avx512", 16), ("avx512", 0), ("avx2", 16), ("portable", 16)])
+@pytest.mark.parametrize(("isa", "direct_max_rows"), [("avx512", 16), ("avx512", 0), ("avx2", 16), ("avx2", 0),
+                                                        ("portable", 16)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("n", "k", "planes"), [(101, 160, 1), (37, 96, 2), (130, 32, 1)])
 def test_every_row_count_equals_reference(kernel, isa, direct_max_rows, dtype, n, k, planes) -> None:
     """M = 1..16 (and 37, the tiled path), odd N (tile tails) and odd group counts, 1 or 2 planes, the
-    AVX-512 register passes and its L1-buffer path: bit-identical to the reference; every row of an M-row
+    AVX-512 and AVX2 register passes and their L1-buffer paths: bit-identical to the reference; every row of an M-row
     call equals that row's reference, so rows are independent of M (the reference is computed once)."""
     _isa(isa)
     block = random_block(n, k, planes)
