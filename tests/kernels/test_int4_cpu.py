@@ -130,9 +130,12 @@ def test_wrapper_checks_inputs(kernel, monkeypatch) -> None:
         repack_int4((torch.zeros(4, 40, dtype=torch.uint8),), (torch.ones(4, 1),), (torch.zeros(4, 1),), torch.float32)
     monkeypatch.setenv("SPARKSERVE_INT4_ISA", "avx2")
     assert int4_cpu.selected_isa() == "avx2"
+    assert torch.equal(int4_mm(torch.ones(2, 64), packed), int4_mm(torch.ones(2, 64), packed, isa="avx2"))
     monkeypatch.setenv("SPARKSERVE_INT4_ISA", "sse")
     with pytest.raises(ValueError, match="SPARKSERVE_INT4_ISA"):
         int4_cpu.selected_isa()
+    with pytest.raises(ValueError, match="SPARKSERVE_INT4_ISA"):  # the extension reads it per call
+        int4_mm(torch.ones(2, 64), packed)
 
 
 # --------------------------------------------------------------------------- engine wiring and fallback
