@@ -129,7 +129,7 @@ def linear_sweep(ms: list[int], repeats: int) -> dict:
     return out
 
 
-def engine_steps(rounds: int, max_tokens: int) -> dict:
+def engine_steps(rounds: int, max_tokens: int, kernels: tuple[str, ...] = tuple(ENGINE_KERNELS)) -> dict:
     """Median ms of verify (1 + 7 tokens) and decode steps at c = 1, whole step and target forward, with
     the int4 linears on this kernel and on torch's."""
     from sparkserve.engine.config import EngineArgs
@@ -139,7 +139,8 @@ def engine_steps(rounds: int, max_tokens: int) -> dict:
 
     configs = {"verify_fixed7": {"verify_policy": "fixed:7"}, "decode": {"drafter": "none"}}
     cores, forward_s = {}, {}
-    for kernel, (mode, routing) in ENGINE_KERNELS.items():
+    for kernel in kernels:
+        mode, routing = ENGINE_KERNELS[kernel]
         with kernel_mode(mode):
             for cname, kw in configs.items():
                 loaded = load_model(None, dtype=torch.bfloat16, quantization="auto", gemv_max_tokens=routing)
@@ -174,7 +175,7 @@ def engine_steps(rounds: int, max_tokens: int) -> dict:
                     forwards[key].append(forward_s[key][0] if forward_s[key] else float("nan"))
     result = {key: {"step_ms": round(statistics.median(v[2:]) * 1e3, 2), "target_forward_ms":
                     round(statistics.median(forwards[key][2:]) * 1e3, 2), "steps": len(v)} for key, v in steps.items()}
-    for kernel in ENGINE_KERNELS:
+    for kernel in kernels:
         v, d = result[f"verify_fixed7/{kernel}"], result[f"decode/{kernel}"]
         result[f"ratio_verify_to_decode/{kernel}"] = {
             "step": round(v["step_ms"] / d["step_ms"], 2),
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--engine", action="store_true", help="also the verify-vs-decode engine steps")
     parser.add_argument("--no-linears", action="store_true", help="skip part 1 (e.g. an engine-only run)")
     parser.add_argument("--rounds", type=int, default=3, help="requests per engine configuration")
+    parser.add_argument("--engine-kernels", nargs="+", choices=list(ENGINE_KERNELS), default=list(ENGINE_KERNELS),
+                        help="the engine configurations of part 2 (two engines each)")
     parser.add_argument("--emulate-avx2", action="store_true", help="also part 1 under AVX2 (child process)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="part 1's clock; cpu (with --threads 1): CPU time of the one thread, what a kernel "
@@ -209,7 +212,7 @@ def main() -> None:
                                 "int8dot_isa": os.environ.get("SPARKSERVE_INT4_ISA") or int4_cpu.supported_q8_isas()[-1]},
                     "note": ns.note, "clock": ns.clock, "linear_us": {} if ns.no_linears else linear_sweep(ns.m, ns.repeats)}
     if ns.engine:
-        result["engine_c1"] = engine_steps(ns.rounds, max_tokens=40)
+        result["engine_c1"] = engine_steps(ns.rounds, max_tokens=40, kernels=tuple(ns.engine_kernels))
         print(json.dumps(result["engine_c1"]), flush=True)
     if ns.emulate_avx2:
         child_out = Path(ns.out).with_suffix(".avx2.json")
