@@ -38,7 +38,7 @@ SOURCE = Path(__file__).parent / "cpu" / "int4_gemm.cpp"
 EXTENSION = "sparkserve_int4_cpu"
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
 AUTO_ISA = -1  # the extension reads SPARKSERVE_INT4_ISA, else takes the widest path the CPU has
-DIRECT_MAX_ROWS = 16  # AVX-512 / AVX2: register passes of 4 rows up to this many rows, else the L1 buffer
+DIRECT_MAX_ROWS = 16  # register passes up to this many rows (AVX2: 2, two planes: 8), else the L1 buffer
 
 
 class PackedInt4(NamedTuple):

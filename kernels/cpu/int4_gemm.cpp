@@ -10,8 +10,8 @@
 // The weight value is engine/quant.py's canonical one: per plane fma(q - 8, scale, zero) rounded once to
 // fp32, planes summed in fp32 (Q8_0 is two planes).
 //
-// Register passes (calls of at most direct_max_rows rows, at most two planes and then at most 8 rows; AVX-512
-// and AVX2): per pass
+// Register passes (calls of at most direct_max_rows rows, at most two planes; AVX-512 up to 16 rows, 8 for
+// two planes; AVX2 up to 2 rows): per pass
 // of up to 4 rows and 16-64 channels, one 64-byte load brings 8 inputs x 16 channels of codes; each
 // input's codes are a shift away (AVX-512: vpermps reads only the low 4 bits of an index, so a 16-entry
 // table maps code q to q - 8 in one instruction), dequantised once into a register and applied to every
@@ -438,12 +438,17 @@ void run_registers(const Problem& pr, int64_t isa, OutT* out) {
   });
 }
 
-constexpr int64_t kTwoPlaneRegisterRows = 8;  // two planes: above this the buffer path (LM head, one thread:
-                                              // 16 rows 13.5 ms buffer vs 15.4 ms register passes)
+// Register passes serve at most these many rows (and direct_max_rows); more take the buffer path. Measured
+// with one thread: two planes (the LM head) at 16 rows 13.5 ms buffer vs 15.4 ms register passes; AVX2 (16
+// ymm registers: passes of 16 channels) on 576 x 576, register vs buffer 30 / 39 us at 2 rows, 49 / 48 at 3,
+// 67 / 55 at 4.
+constexpr int64_t kTwoPlaneRegisterRows = 8;
+constexpr int64_t kAvx2RegisterRows = 2;
 
 template <typename OutT>
 void run(const Problem& pr, int64_t isa, int64_t direct_max_rows, OutT* out) {
-  const int64_t register_rows = pr.planes == 1 ? direct_max_rows : std::min(direct_max_rows, kTwoPlaneRegisterRows);
+  const int64_t cap = isa == kAvx2 ? kAvx2RegisterRows : pr.planes == 1 ? direct_max_rows : kTwoPlaneRegisterRows;
+  const int64_t register_rows = std::min(direct_max_rows, cap);
   if (isa != kPortable && pr.m <= register_rows && pr.planes <= 2) {
     run_registers(pr, isa, out);
     return;
