@@ -6,6 +6,8 @@
    (engine/quant.py's packing), dense bf16 and dense fp32 ``F.linear``. The four are timed in turns at each
    (shape, M), so background load on a shared machine hits them alike; each sample is the mean of a few
    calls, and the minimum over samples (the least disturbed) is the figure compared (median kept too).
+   ``--clock cpu --threads 1`` times the CPU seconds of one thread instead of wall time: what a kernel
+   costs a core, which other jobs on a shared machine disturb far less than the wall clock.
 2. Engine steps (``--engine``): median ``EngineCore.step`` wall time at c = 1 of a verify step of 1 + 7
    tokens (``--verify-policy fixed:7``, DSpark drafter) and of a decode step (``--drafter none``), and
    the target forward inside each, with every int4 linear routed to this kernel up to 16 rows, to its
@@ -50,11 +52,15 @@ ENGINE_KERNELS = {"weight_stationary": ("auto", Routing.up_to(16, "int4_ws")),
                   "default": ("auto", Routing.up_to(4)), "torch_int4": ("0", Routing.up_to(4))}
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU seconds (all threads)
+_clock = CLOCKS["wall"]
+
+
 def _mean_us(fn, inner: int) -> float:
-    start = time.perf_counter()
+    start = _clock()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - start) / inner * 1e6
+    return (_clock() - start) / inner * 1e6
 
 
 def _block(n: int, k: int, planes: int, gen: torch.Generator) -> BlockQuant:
@@ -123,7 +129,7 @@ def linear_sweep(ms: list[int], repeats: int) -> dict:
     return out
 
 
-def engine_steps(rounds: int, max_tokens: int) -> dict:
+def engine_steps(rounds: int, max_tokens: int, kernels: tuple[str, ...] = tuple(ENGINE_KERNELS)) -> dict:
     """Median ms of verify (1 + 7 tokens) and decode steps at c = 1, whole step and target forward, with
     the int4 linears on this kernel and on torch's."""
     from sparkserve.engine.config import EngineArgs
@@ -133,7 +139,8 @@ def engine_steps(rounds: int, max_tokens: int) -> dict:
 
     configs = {"verify_fixed7": {"verify_policy": "fixed:7"}, "decode": {"drafter": "none"}}
     cores, forward_s = {}, {}
-    for kernel, (mode, routing) in ENGINE_KERNELS.items():
+    for kernel in kernels:
+        mode, routing = ENGINE_KERNELS[kernel]
         with kernel_mode(mode):
             for cname, kw in configs.items():
                 loaded = load_model(None, dtype=torch.bfloat16, quantization="auto", gemv_max_tokens=routing)
@@ -168,7 +175,7 @@ def engine_steps(rounds: int, max_tokens: int) -> dict:
                     forwards[key].append(forward_s[key][0] if forward_s[key] else float("nan"))
     result = {key: {"step_ms": round(statistics.median(v[2:]) * 1e3, 2), "target_forward_ms":
                     round(statistics.median(forwards[key][2:]) * 1e3, 2), "steps": len(v)} for key, v in steps.items()}
-    for kernel in ENGINE_KERNELS:
+    for kernel in kernels:
         v, d = result[f"verify_fixed7/{kernel}"], result[f"decode/{kernel}"]
         result[f"ratio_verify_to_decode/{kernel}"] = {
             "step": round(v["step_ms"] / d["step_ms"], 2),
@@ -185,26 +192,33 @@ def main() -> None:
     parser.add_argument("--engine", action="store_true", help="also the verify-vs-decode engine steps")
     parser.add_argument("--no-linears", action="store_true", help="skip part 1 (e.g. an engine-only run)")
     parser.add_argument("--rounds", type=int, default=3, help="requests per engine configuration")
+    parser.add_argument("--engine-kernels", nargs="+", choices=list(ENGINE_KERNELS), default=list(ENGINE_KERNELS),
+                        help="the engine configurations of part 2 (two engines each)")
     parser.add_argument("--emulate-avx2", action="store_true", help="also part 1 under AVX2 (child process)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="part 1's clock; cpu (with --threads 1): CPU time of the one thread, what a kernel "
+                             "costs a core, steadier than wall time on a machine shared with other jobs")
     parser.add_argument("--note", default="")
     ns = parser.parse_args()
     if ns.threads:
         torch.set_num_threads(ns.threads)
+    global _clock
+    _clock = CLOCKS[ns.clock]
     if not int4_cpu.load():
         sys.exit("the int4 CPU kernel is not built: run scripts/setup.sh")
     result: dict = {"machine": {**machine(),
                                 "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                                 "int4_kernel_isa": int4_cpu.selected_isa(),
                                 "int8dot_isa": os.environ.get("SPARKSERVE_INT4_ISA") or int4_cpu.supported_q8_isas()[-1]},
-                    "note": ns.note, "linear_us": {} if ns.no_linears else linear_sweep(ns.m, ns.repeats)}
+                    "note": ns.note, "clock": ns.clock, "linear_us": {} if ns.no_linears else linear_sweep(ns.m, ns.repeats)}
     if ns.engine:
-        result["engine_c1"] = engine_steps(ns.rounds, max_tokens=40)
+        result["engine_c1"] = engine_steps(ns.rounds, max_tokens=40, kernels=tuple(ns.engine_kernels))
         print(json.dumps(result["engine_c1"]), flush=True)
     if ns.emulate_avx2:
         child_out = Path(ns.out).with_suffix(".avx2.json")
         env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "SPARKSERVE_INT4_ISA": "avx2"}
         subprocess.run([sys.executable, "-m", "sparkserve.benchmarks.bench_int4", "--out", str(child_out),
-                        "--repeats", str(ns.repeats), *(["--threads", str(ns.threads)] if ns.threads else []), "--m", *map(str, ns.m)], env=env, check=True)
+                        "--repeats", str(ns.repeats), "--clock", ns.clock, *(["--threads", str(ns.threads)] if ns.threads else []), "--m", *map(str, ns.m)], env=env, check=True)
         result["avx2_emulation"] = json.loads(child_out.read_text())
         child_out.unlink()
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)

@@ -229,13 +229,15 @@ class EngineCore:
             load_or_measure_plan,
             read_model_config,
         )
+        from sparkserve.kernels import int4_cpu
 
         config, gguf = read_model_config(args.model)
         dtypes = ("float32", "bfloat16") if args.dtype == "auto" else (args.dtype,)
         key = {"kind": "cpu_plan", "model": args.model or "default", "dtypes": ",".join(dtypes),
                "quantization": args.quantization, "max_rows": args.max_num_batched_tokens,
                "num_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": cpu_signature().key(),
-               "lossy_paths": lossy_paths_allowed()}
+               "lossy_paths": lossy_paths_allowed(),
+               "int4_kernel": int4_cpu.build_dir().name if int4_cpu.load() else "none"}  # new kernel: re-measure
         if args.batch_invariant:  # one batch-invariant path serves every bucket (engine/batch_invariant.py)
             key["batch_invariant"] = 1
         plan = load_or_measure_plan(config, key, dtypes, args.quantization, gguf, args.max_num_batched_tokens,

@@ -213,8 +213,8 @@ class BlockQuant:
             raise RuntimeError("the weight-stationary int4 kernel is not built (or SPARKSERVE_INT4_KERNEL=0)")
         kernel = (int4_cpu.repack_int4(self.codes, self.scales, self.zeros, dtype)
                   if "int4_ws" in routing.paths else None)
-        kernel_q8 = (int4_cpu.repack_int4_q8(self.codes, self.scales, self.zeros, dtype)
-                     if "int4_ws_q8" in routing.paths else None)
+        kernel_q8 = None if "int4_ws_q8" not in routing.paths else kernel or int4_cpu.repack_int4_q8(
+            self.codes, self.scales, self.zeros, dtype)  # one tile layout serves both kernels
         planes = []
         if "int4_gemv" in routing.paths:
             for codes, scales, zeros in zip(self.codes, self.scales, self.zeros, strict=True):
@@ -262,7 +262,7 @@ class Int4Weight:
         """x: [M, K] -> [M, N] in the weight's activation dtype, on ``path`` (default: :meth:`path_for`;
         "dense" is not served here)."""
         path = path or self.path_for(x.shape[0])
-        a = x.to(self.dtype)
+        a = x if x.dtype == self.dtype else x.to(self.dtype)
         if path == "int4_ws":
             assert self.kernel is not None
             return int4_cpu.int4_mm(a, self.kernel)
@@ -280,7 +280,8 @@ class Int4Weight:
 
     def nbytes(self) -> int:
         """Bytes of the packed codes and the scales / zeros of every format kept."""
-        total = sum(k.nbytes() for k in (self.kernel, self.kernel_q8) if k is not None)
+        kernels = [self.kernel, *([self.kernel_q8] if self.kernel_q8 is not self.kernel else [])]
+        total = sum(k.nbytes() for k in kernels if k is not None)
         return total + sum(p.numel() * p.element_size() + s.numel() * s.element_size() for p, s in self.planes)
 
 

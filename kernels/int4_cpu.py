@@ -37,14 +37,16 @@ BLOCK_N = 64  # output channels per packed tile
 SOURCE = Path(__file__).parent / "cpu" / "int4_gemm.cpp"
 EXTENSION = "sparkserve_int4_cpu"
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
-DIRECT_MAX_ROWS = 16  # AVX-512: register passes of 4 rows up to this many rows, else the L1 buffer (measured)
+AUTO_ISA = -1  # the extension reads SPARKSERVE_INT4_ISA, else takes the widest path the CPU has
+DIRECT_MAX_ROWS = 16  # register passes up to this many rows (AVX2: 2, two planes: 8), else the L1 buffer
 
 
 class PackedInt4(NamedTuple):
-    """A weight [n, k] repacked for the kernel (kernels/cpu/int4_gemm.cpp describes the tile layout).
+    """A weight [n, k] repacked for the kernels (kernels/cpu/int4_gemm.cpp describes the tile layout).
 
     Attributes:
-        codes: uint8 [P, ceil(n / 64), k / 32, 16, 64]; padding channels hold code 8 (weight 0).
+        codes: uint8 [P, ceil(n / 64), k / 32, 4, 64, 4] (:func:`repack_int4`); padding channels hold code 8
+            (weight 0).
         scales: float32 [P, ceil(n / 64), k / 32, 64], rounded to the serving dtype.
         zeros: float32, like scales.
         n: output channels; k: input features.
@@ -140,27 +142,21 @@ def _best_isa() -> str:
 # --------------------------------------------------------------------------- repack and wrapper
 def repack_int4(codes: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...], zeros: tuple[torch.Tensor, ...],
                 dtype: torch.dtype) -> PackedInt4:
-    """Planes of uint8 codes [N, K] (0..15) with float32 scales / zeros [N, K / 32] -> the kernel's tiles;
-    scales and zeros are rounded to ``dtype`` (the serving dtype) as the canonical weights define."""
-
-    def layout(c: torch.Tensor, tiles: int, k: int) -> torch.Tensor:  # [Np, K] -> [NB, G, 16, 64]
-        c = c.reshape(tiles, BLOCK_N, k // GROUP, 16, 2).permute(0, 2, 3, 1, 4)  # [NB, G, 16, 64, (2j, 2j+1)]
-        return c[..., 0] | (c[..., 1] << 4)
-
-    return _repack(codes, scales, zeros, dtype, layout)
-
-
-def repack_int4_q8(codes: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...], zeros: tuple[torch.Tensor, ...],
-                   dtype: torch.dtype) -> PackedInt4:
-    """Like :func:`repack_int4`, in the int8-dot kernel's layout: codes uint8 [P, ceil(N / 64), K / 32, 4, 64, 4],
-    byte (t, c, b) = code of input 8 t + b | code of input 8 t + 4 + b << 4 of channel c (four
-    consecutive inputs of one channel per 32-bit lane, as vpdpbusd / maddubs consume them)."""
+    """Planes of uint8 codes [N, K] (0..15) with float32 scales / zeros [N, K / 32] -> the kernels' tiles
+    (one layout for :func:`int4_mm` and :func:`int4_q8_mm`): codes uint8 [P, ceil(N / 64), K / 32, 4, 64, 4],
+    byte (t, c, b) = code of input 8 t + b | code of input 8 t + 4 + b << 4 of channel c (the eight codes
+    of inputs 8 t .. 8 t + 7 of one channel in one 32-bit lane: one shift brings each to the low bits, as
+    vpermps reads them, and four consecutive inputs per lane are what vpdpbusd / maddubs consume); scales and
+    zeros rounded to ``dtype`` (the serving dtype) as the canonical weights define."""
 
     def layout(c: torch.Tensor, tiles: int, k: int) -> torch.Tensor:  # [Np, K] -> [NB, G, 4, 64, 4]
         c = c.reshape(tiles, BLOCK_N, k // GROUP, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)  # [NB, G, t, 64, b, half]
         return c[..., 0] | (c[..., 1] << 4)
 
     return _repack(codes, scales, zeros, dtype, layout)
+
+
+repack_int4_q8 = repack_int4  # the int8-dot variant reads the same tiles
 
 
 def _repack(codes: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...], zeros: tuple[torch.Tensor, ...],
@@ -182,7 +178,8 @@ def _repack(codes: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...], z
 
 
 def _check_x(x: torch.Tensor, weight: PackedInt4, out_dtype: torch.dtype | None) -> torch.dtype:
-    """Both wrappers' checks; returns the output dtype. Raises ValueError / RuntimeError as they say."""
+    """Both wrappers' input checks, in Python (the extension makes the same ones); returns the output dtype.
+    Raises ValueError / RuntimeError as they say."""
     if x.ndim != 2 or x.shape[1] != weight.k:
         raise ValueError(f"x must be [M, {weight.k}], got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
@@ -198,12 +195,26 @@ def _check_x(x: torch.Tensor, weight: PackedInt4, out_dtype: torch.dtype | None)
 def int4_mm(x: torch.Tensor, weight: PackedInt4, out_dtype: torch.dtype | None = None,
             isa: str | None = None, direct_max_rows: int = DIRECT_MAX_ROWS) -> torch.Tensor:
     """x [M, K] (float32 / bfloat16, CPU) @ weight.T -> [M, N] in ``out_dtype`` (default x's dtype).
-    ``isa`` forces a code path (default :func:`selected_isa`); ``direct_max_rows`` (AVX-512): calls of
-    at most this many rows run the register passes, larger ones the L1-buffer path (same bits). Raises ValueError on a bad input and
-    RuntimeError when the extension is not loaded or the CPU lacks the path."""
-    out_dtype = _check_x(x, weight, out_dtype)
-    return torch.ops.sparkserve_int4.int4_mm(x, weight.codes, weight.scales, weight.zeros, weight.n, out_dtype,
-                                             ISAS[isa or selected_isa()], direct_max_rows)
+    ``isa`` forces a code path (default :func:`selected_isa`, resolved in the extension);
+    ``direct_max_rows`` (AVX-512, AVX2): calls of at most this many rows run the register passes, larger
+    ones the L1-buffer path (same bits). Raises ValueError on a bad input and RuntimeError when the
+    extension is not loaded or the CPU lacks the path."""
+    if not load():
+        raise RuntimeError("the int4 CPU kernel is not available (see the warning logged by load())")
+    try:  # the extension checks every input; the checks here only run to name what was wrong
+        return torch.ops.sparkserve_int4.int4_mm.default(x, weight.codes, weight.scales, weight.zeros, weight.n,
+                                                         out_dtype or x.dtype, ISAS[isa] if isa else AUTO_ISA,
+                                                         direct_max_rows)
+    except (RuntimeError, NotImplementedError):
+        _explain(x, weight, out_dtype, isa)
+        raise
+
+
+def _explain(x: torch.Tensor, weight: PackedInt4, out_dtype: torch.dtype | None, isa: str | None) -> None:
+    """After the extension refused a call: raise the ValueError naming a bad input, if there is one."""
+    _check_x(x, weight, out_dtype)
+    if isa is None:
+        selected_isa()
 
 
 def supported_q8_isas() -> tuple[str, ...]:
@@ -220,14 +231,14 @@ def int4_q8_mm(x: torch.Tensor, weight: PackedInt4, out_dtype: torch.dtype | Non
     path. ``weight`` from :func:`repack_int4_q8`. ``isa``: default ``SPARKSERVE_INT4_ISA``, else the widest of
     :func:`supported_q8_isas`. Raises ValueError on a bad input, RuntimeError when the extension is not
     loaded or the CPU lacks the path."""
-    if weight.codes.ndim != 6:
-        raise ValueError("weight must come from repack_int4_q8 (6-D codes)")
-    out_dtype = _check_x(x, weight, out_dtype)
-    isa = isa or os.environ.get("SPARKSERVE_INT4_ISA") or supported_q8_isas()[-1]
-    if isa not in ISAS:
-        raise ValueError(f"SPARKSERVE_INT4_ISA must be one of {sorted(ISAS)}, got {isa!r}")
-    return torch.ops.sparkserve_int4.int4_q8_mm(x, weight.codes, weight.scales, weight.zeros, weight.n, out_dtype,
-                                                ISAS[isa])
+    if not load():
+        raise RuntimeError("the int4 CPU kernel is not available (see the warning logged by load())")
+    try:
+        return torch.ops.sparkserve_int4.int4_q8_mm.default(x, weight.codes, weight.scales, weight.zeros, weight.n,
+                                                            out_dtype or x.dtype, ISAS[isa] if isa else AUTO_ISA)
+    except (RuntimeError, NotImplementedError):
+        _explain(x, weight, out_dtype, isa)
+        raise
 
 
 # --------------------------------------------------------------------------- pure-torch reference

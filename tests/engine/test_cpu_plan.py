@@ -226,6 +226,7 @@ def test_greedy_text_under_every_plan(dtype, tiny_folder, tmp_path, monkeypatch)
     from sparkserve.engine.config import EngineArgs
     from sparkserve.engine.core import EngineCore
     from sparkserve.engine.quant import int4_formats
+    from sparkserve.kernels import int4_cpu
     from sparkserve.scheduler.sampling_params import SamplingParams
     from sparkserve.testing.exactness import NEAR_TIE_EPS, assert_same_or_near_tie, top2_gap_fn
     from sparkserve.testing.reference import greedy_reference
@@ -252,6 +253,9 @@ def test_greedy_text_under_every_plan(dtype, tiny_folder, tmp_path, monkeypatch)
     assert planned.profile_key()["plan"] == planned.plan.summary()
     routings = {q.routing for layer in planned.loaded.model.layers for q in layer.quant.values()}
     assert planned.routing == planned.plan.routing() and routings == {int4_formats(planned.routing, 1)}
+    # the plan's key names the int4 kernel's build, so a new kernel is measured again
+    stored = [json.loads(p.read_text())["key"] for p in (tmp_path / "sparkserve" / "plans").glob("*.json")]
+    assert [k["int4_kernel"] for k in stored] == [int4_cpu.build_dir().name if int4_cpu.load() else "none"]
     for label, engine in (("cap1", core(1)), ("cap4", core(4)), ("cap16", core(16)), ("planned", planned)):
         assert all(layer.quant for layer in engine.loaded.model.layers)
         for i, out in enumerate(engine.generate_batch(prompts, params)):

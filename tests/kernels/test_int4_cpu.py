@@ -64,12 +64,13 @@ def test_fma32_rounds_once() -> None:
 
 
 # --------------------------------------------------------------------------- kernel vs reference
-@pytest.mark.parametrize(("isa", "direct_max_rows"), [("avx512", 16), ("avx512", 0), ("avx2", 16), ("portable", 16)])
+@pytest.mark.parametrize(("isa", "direct_max_rows"), [("avx512", 16), ("avx512", 0), ("avx2", 16), ("avx2", 0),
+                                                        ("portable", 16)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("n", "k", "planes"), [(101, 160, 1), (37, 96, 2), (130, 32, 1)])
 def test_every_row_count_equals_reference(kernel, isa, direct_max_rows, dtype, n, k, planes) -> None:
     """M = 1..16 (and 37, the tiled path), odd N (tile tails) and odd group counts, 1 or 2 planes, the
-    AVX-512 register passes and its L1-buffer path: bit-identical to the reference; every row of an M-row
+    AVX-512 and AVX2 register passes and their L1-buffer paths: bit-identical to the reference; every row of an M-row
     call equals that row's reference, so rows are independent of M (the reference is computed once)."""
     _isa(isa)
     block = random_block(n, k, planes)
@@ -129,9 +130,12 @@ def test_wrapper_checks_inputs(kernel, monkeypatch) -> None:
         repack_int4((torch.zeros(4, 40, dtype=torch.uint8),), (torch.ones(4, 1),), (torch.zeros(4, 1),), torch.float32)
     monkeypatch.setenv("SPARKSERVE_INT4_ISA", "avx2")
     assert int4_cpu.selected_isa() == "avx2"
+    assert torch.equal(int4_mm(torch.ones(2, 64), packed), int4_mm(torch.ones(2, 64), packed, isa="avx2"))
     monkeypatch.setenv("SPARKSERVE_INT4_ISA", "sse")
     with pytest.raises(ValueError, match="SPARKSERVE_INT4_ISA"):
         int4_cpu.selected_isa()
+    with pytest.raises(ValueError, match="SPARKSERVE_INT4_ISA"):  # the extension reads it per call
+        int4_mm(torch.ones(2, 64), packed)
 
 
 # --------------------------------------------------------------------------- engine wiring and fallback
