@@ -9,7 +9,7 @@ reductions); this is the CPU torch version.
 * **int4 linears** (engine/quant.py ``Int4Weight.invariant_path``): one family of kernels for every row
   count, prefill included: the weight-stationary kernel (``int4_ws``, kernels/int4_cpu.py: one fp32 fma
   chain per output in increasing k, invariant by construction) and torch's int4 kernel (``int4_gemv``)
-  where :func:`int4_kernels_agree` finds it computes the same bits (it does on AVX-512 and AVX2 here; not
+  where ``engine.quant.int4_kernels_agree`` finds it computes the same bits (it does on AVX-512 and AVX2 here; not
   on ATen's unvectorised path). So decode keeps the int4 speed and a row's bits never depend on the
   batch; the dense copy is not used for these weights in the mode (its bf16 rounding differs).
 * **Other linears** (:func:`invariant_linear`: dense models, int8, an int4 weight without a kernel
@@ -32,7 +32,6 @@ model can serve engines with the mode on and off.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -64,43 +63,6 @@ def batch_invariant_mode(enabled: bool = True) -> Iterator[None]:
 def is_enabled() -> bool:
     """Whether the current context runs in batch-invariant mode."""
     return _ENABLED.get()
-
-
-# int4_kernels_agree's probe: K values of the served models (SmolLM2: 576, 1536), N (a multiple of 16, torch's
-# packing rule) with a partial 64-column
-# tile, and row counts across both kernels' tilings (1-17 rows, the L1-buffer path, ATen's 4-row blocks)
-_PROBE_SHAPES = ((96, 576), (80, 1536))
-_PROBE_ROWS = (*range(1, 18), 64, 257)
-
-
-@functools.cache
-def int4_kernels_agree(dtype: torch.dtype) -> bool:
-    """Whether torch's int4 kernel (``_weight_int4pack_mm_for_cpu``) gives, for activations in ``dtype``,
-    the bits of the weight-stationary kernel at every probed row count (``_PROBE_SHAPES`` x
-    ``_PROBE_ROWS``, random group-32 weights; once per process and dtype, at the first int4 call in the
-    mode: 2.8-4.7 s for bf16 and fp32 together on the shared machine at load 8-11, not timed idle). Both then compute the
-    canonical product (one fp32 fma per weight and row, in increasing k) and the mode may serve a weight
-    with either at any row count. False where the weight-stationary kernel is not built, and on ATen's
-    unvectorised path (``ATEN_CPU_CAPABILITY=default``: measured, it differs from the canonical product in
-    about one output of 10^5, too rarely for a small probe to see). Measured True on AVX-512 and AVX2,
-    bf16 and fp32.
-    """
-    from sparkserve.engine.quant import Routing, quantize_int4
-    from sparkserve.kernels import int4_cpu
-
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or not int4_cpu.load():
-        return False
-    generator = torch.Generator().manual_seed(0)
-    both = Routing(((1 << 30, "int4_gemv"),))
-    for n, k in _PROBE_SHAPES:
-        block = quantize_int4(torch.randn(n, k, generator=generator), dtype)
-        gemv = block.pack_as(dtype, both)
-        packed = int4_cpu.repack_int4(block.codes, block.scales, block.zeros, dtype)
-        x = torch.randn(max(_PROBE_ROWS), k, generator=generator).to(dtype)  # [M, K]
-        for rows in _PROBE_ROWS:
-            if not torch.equal(gemv(x[:rows], "int4_gemv"), int4_cpu.int4_mm(x[:rows], packed)):
-                return False
-    return True
 
 
 def padded_rows(rows: int) -> int:

@@ -201,7 +201,7 @@ def candidate_paths(quantization: str, dtype: str, gguf: bool, batch_invariant: 
 
 def _invariant_paths(int4_weights: bool, dtype: str) -> tuple[str, ...]:
     """:func:`candidate_paths` in batch-invariant mode (engine/batch_invariant.py)."""
-    from sparkserve.engine.batch_invariant import int4_kernels_agree
+    from sparkserve.engine.quant import int4_kernels_agree
     from sparkserve.kernels import int4_cpu
 
     if not int4_weights or not int4_cpu.load():

@@ -56,6 +56,7 @@ Memory: both copies together are ~1.25x the bf16 model (SmolLM2-135M: +60 MB of 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -253,7 +254,7 @@ class Int4Weight:
         row count: ``int4_ws``, and ``int4_gemv`` where ``int4_kernels_agree`` (then the routing's choice
         between them stands). Beyond the routing's quantised rows: ``int4_ws`` if held, else ``int4_gemv``."""
         held = [p for p, fmt in (("int4_ws", self.kernel), ("int4_gemv", self.planes)) if fmt]
-        if "int4_gemv" in held and not batch_invariant.int4_kernels_agree(self.dtype):
+        if "int4_gemv" in held and not int4_kernels_agree(self.dtype):
             held.remove("int4_gemv")
         routed = self.routing.path_for(rows)
         return routed if routed in held else (held[0] if held else None)
@@ -422,3 +423,39 @@ def quantize_int8(weight: torch.Tensor, dtype: torch.dtype,
     scale = (w.abs().amax(1) / 127).clamp_min(1e-8).to(dtype)
     codes = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return Int8Weight(codes, scale, routing), codes.float() * scale.float()[:, None]
+
+
+# int4_kernels_agree's probe: K values of the served models (SmolLM2: 576, 1536), N (a multiple of 16, torch's
+# packing rule) with a partial 64-column
+# tile, and row counts across both kernels' tilings (1-17 rows, the L1-buffer path, ATen's 4-row blocks)
+_PROBE_SHAPES = ((96, 576), (80, 1536))
+_PROBE_ROWS = (*range(1, 18), 64, 257)
+
+
+@functools.cache
+def int4_kernels_agree(dtype: torch.dtype) -> bool:
+    """Whether torch's int4 kernel (``_weight_int4pack_mm_for_cpu``) gives, for activations in ``dtype``,
+    the bits of the weight-stationary kernel at every probed row count (``_PROBE_SHAPES`` x
+    ``_PROBE_ROWS``, random group-32 weights; once per process and dtype, at the first int4 call in the
+    mode: 2.8-4.7 s for bf16 and fp32 together on the shared machine at load 8-11, not timed idle). Both then compute the
+    canonical product (one fp32 fma per weight and row, in increasing k) and the mode may serve a weight
+    with either at any row count. False where the weight-stationary kernel is not built, and on ATen's
+    unvectorised path (``ATEN_CPU_CAPABILITY=default``: measured, it differs from the canonical product in
+    about one output of 10^5, too rarely for a small probe to see). Measured True on AVX-512 and AVX2,
+    bf16 and fp32.
+    """
+    from sparkserve.kernels import int4_cpu
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or not int4_cpu.load():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    both = Routing(((1 << 30, "int4_gemv"),))
+    for n, k in _PROBE_SHAPES:
+        block = quantize_int4(torch.randn(n, k, generator=generator), dtype)
+        gemv = block.pack_as(dtype, both)
+        packed = int4_cpu.repack_int4(block.codes, block.scales, block.zeros, dtype)
+        x = torch.randn(max(_PROBE_ROWS), k, generator=generator).to(dtype)  # [M, K]
+        for rows in _PROBE_ROWS:
+            if not torch.equal(gemv(x[:rows], "int4_gemv"), int4_cpu.int4_mm(x[:rows], packed)):
+                return False
+    return True

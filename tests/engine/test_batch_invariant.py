@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparkserve.engine import batch_invariant
+from sparkserve.engine import batch_invariant, quant
 from sparkserve.engine.attention import build_attention_metadata, new_kv_cache, paged_attention
 from sparkserve.engine.loader import LoadedModel, default_model_path, load_model
 from sparkserve.engine.quant import Routing, quant_linear, quantize_int4
@@ -112,7 +112,7 @@ def test_mode_switch_config_cli_and_plan() -> None:
         EngineArgs(batch_invariant=True, compile=True)
     assert candidate_paths("none", "float32", gguf=False, batch_invariant=True) == ("dense_fixed",)
     int4_paths = candidate_paths("auto", "bfloat16", gguf=True, batch_invariant=True)
-    expected = (("int4_gemv", "int4_ws") if batch_invariant.int4_kernels_agree(torch.bfloat16)
+    expected = (("int4_gemv", "int4_ws") if quant.int4_kernels_agree(torch.bfloat16)
                 else ("int4_ws",) if int4_cpu.load() else ("dense_fixed",))
     assert int4_paths == expected
     assert PATHS["dense_fixed"].batch_invariant and not PATHS["dense"].batch_invariant
@@ -161,9 +161,9 @@ def test_int4_invariant_path_keeps_only_agreeing_kernels(monkeypatch) -> None:
     block = quantize_int4(torch.randn(64, 64), torch.bfloat16)
     both = block.pack_as(torch.bfloat16, Routing(((4, "int4_gemv"), (16, "int4_ws"))))
     gemv_only = block.pack_as(torch.bfloat16, Routing.up_to(4, "int4_gemv"))
-    monkeypatch.setattr(batch_invariant, "int4_kernels_agree", lambda dtype: True)
+    monkeypatch.setattr(quant, "int4_kernels_agree", lambda dtype: True)
     assert [both.invariant_path(m) for m in (1, 4, 5, 16, 17, 500)] == ["int4_gemv"] * 2 + ["int4_ws"] * 4
     assert [gemv_only.invariant_path(m) for m in (1, 5, 500)] == ["int4_gemv"] * 3
-    monkeypatch.setattr(batch_invariant, "int4_kernels_agree", lambda dtype: False)
+    monkeypatch.setattr(quant, "int4_kernels_agree", lambda dtype: False)
     assert {both.invariant_path(m) for m in (1, 4, 5, 500)} == {"int4_ws"}
     assert gemv_only.invariant_path(1) is None
