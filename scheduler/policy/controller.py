@@ -207,13 +207,19 @@ class SpeculationController:
         self.last_sampled_fraction = drafting_sampled / self.last_num_drafting if self.last_num_drafting else 0.0
         return flags
 
-    def drafts_after_prefill(self) -> bool:
-        """Requests finishing their prefill draft (``Speculation.drafts_after_prefill``) unless the policy
-        is none, the guard holds speculation off, or the gate drafted for nobody in this step."""
+    def drafts_after_prefill(self, num_requests: int) -> list[bool]:
+        """Which requests finishing their prefill draft (``Speculation.drafts_after_prefill``): none when the
+        policy is none, the guard holds speculation off, or the gate drafted for nobody in this step; on a
+        fresh server (no confidences seen) only the first, and only when no decode request drafts (one
+        drafter row learns what drafts are worth; drafting for all c at once would spend a drafter row on
+        each before knowing); otherwise all."""
         if self.policy.kind == "none" or (self.guard is not None and not self.guard.speculating):
-            return False
-        gated = self.gate_drafting and self.profile is not None and self.policy.needs_profile
-        return not (gated and self.last_num_drafting == 0 and self._mean_confidences is not None)
+            return [False] * num_requests
+        if not (self.gate_drafting and self.profile is not None and self.policy.needs_profile):
+            return [True] * num_requests
+        if self._mean_confidences is None:
+            return [i == 0 and not self.last_num_drafting for i in range(num_requests)]
+        return [self.last_num_drafting != 0] * num_requests
 
     def on_verified(self, request: Request, confidences: tuple[float, ...], num_verified: int,
                     num_accepted: int) -> None:
