@@ -81,13 +81,13 @@ def instrument(core: EngineCore) -> Timers:
     return timers
 
 
-def run(core: EngineCore, batch: int, max_tokens: int, tokenizer) -> dict:
+def run(core: EngineCore, batch: int, max_tokens: int, tokenizer, tag: str = "") -> dict:
     timers = instrument(core)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for i in range(batch):
         text = PROMPTS[i % len(PROMPTS)] + f" ({i})"
         prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
-        core.add_request(core.make_request(f"b{batch}-{i}", prompt, params))
+        core.add_request(core.make_request(f"{tag}b{batch}-{i}", prompt, params))
     while core.has_unfinished_requests():
         timers.current = defaultdict(float)
         start = time.perf_counter()
@@ -132,28 +132,37 @@ def machine() -> dict:
             "load_avg": os.getloadavg()}
 
 
+def engine_args(config: str, max_batch: int) -> EngineArgs:
+    """EngineArgs of a ``--configs`` entry: ``none`` (no drafter), ``off`` (the DSpark drafter loaded, its
+    context fed, nobody drafting: verify policy none), or a verify policy; ``+eager`` feeds the drafter's
+    context every step (``lazy_drafter_context=False``)."""
+    name, _, option = config.partition("+")
+    return EngineArgs(drafter="none" if name == "none" else None,
+                      verify_policy={"none": None, "off": "none"}.get(name, name), max_num_seqs=max_batch,
+                      max_num_batched_tokens=max(1024, 8 * max_batch), lazy_drafter_context=option != "eager")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--configs", nargs="+", default=["none", "fixed:3"],
-                        help="verify policies; 'none' serves without a drafter")
+                        help="'none' (no drafter), 'off' (drafter loaded, nobody drafts) or a verify policy; "
+                             "'+eager' feeds the drafter's context every step")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the alternation (configs in turn per batch)")
     parser.add_argument("--label", default="after")
     parser.add_argument("--out", required=True)
     ns = parser.parse_args()
     torch.set_num_threads(2)
     results = []
-    cores: dict[str, EngineCore] = {}
-    for config in ns.configs:
-        args = EngineArgs(drafter="none" if config == "none" else None,
-                          verify_policy=None if config == "none" else config, max_num_seqs=max(ns.batch),
-                          max_num_batched_tokens=max(1024, 8 * max(ns.batch)))
-        cores[config] = EngineCore(args)
-    for batch in ns.batch:
-        for config, core in cores.items():  # configs alternate at each batch size (drift hits both)
-            row = {"label": ns.label, "config": config, "batch": batch, **run(core, batch, ns.max_tokens, core.tokenizer)}
-            print(json.dumps(row), flush=True)
-            results.append(row)
+    cores = {config: EngineCore(engine_args(config, max(ns.batch))) for config in ns.configs}
+    for rnd in range(ns.rounds):
+        for batch in ns.batch:
+            for config, core in cores.items():  # configs alternate at each batch size (drift hits both)
+                row = {"label": ns.label, "round": rnd, "config": config, "batch": batch,
+                       **run(core, batch, ns.max_tokens, core.tokenizer, f"r{rnd}")}
+                print(json.dumps(row), flush=True)
+                results.append(row)
     out = {"machine": machine(), "max_tokens": ns.max_tokens, "results": results}
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.out).write_text(json.dumps(out, indent=2) + "\n")

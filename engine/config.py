@@ -50,6 +50,8 @@ class EngineArgs:
         online_calibration: correct draft confidences online from verification outcomes.
         spec_guard: with dspark / dspark-async, back speculation off while verify steps measurably emit
             fewer tokens per second than plain steps would (``sparkserve.scheduler.policy.guard``).
+        lazy_drafter_context: store a request's rows in the drafter's context cache only when it drafts
+            (``engine/spec_decode/context_feed.py``); False feeds every row every step.
         enable_prefix_caching: reuse the KV (and the drafter's context) of cached full blocks.
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         gpu_memory_utilization: on CUDA, the fraction of device memory the engine may use; the KV
@@ -113,6 +115,7 @@ class EngineArgs:
     suffix_global: bool = False
     online_calibration: bool = True
     spec_guard: bool = True
+    lazy_drafter_context: bool = True
     enable_prefix_caching: bool = True
     device: str = "auto"
     gpu_memory_utilization: float = 0.9

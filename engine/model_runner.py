@@ -3,7 +3,8 @@
 The scheduler decides *what* runs and who drafts; the runner only executes a ``SchedulerOutput``:
 1. apply the schedule's diff to the persistent batch and build the flat inputs (``engine/input_batch.py``);
 2. run the target once over the ragged batch (prefill chunks, decode tokens, verify blocks);
-3. store every row's target features in the drafter's context cache;
+3. store the target features of the rows of requests that draft (with any they left pending) in the drafter's
+   context cache (``engine/spec_decode/context_feed.py``);
 4. verify (or plainly sample, l_r = 0) the sequences that reached the end of their known tokens
    (``engine/spec_decode/verifier.py``);
 5. draft the next block for the sequences the scheduler marked ``draft``.
@@ -26,6 +27,7 @@ from sparkserve.engine.models.llama import LlamaForCausalLM
 from sparkserve.engine.sampling.logprobs import PromptLogprobs
 from sparkserve.engine.sampling.mask import LogitsMask, RequestLogitsMask
 from sparkserve.engine.sampling.metadata import SamplingMetadata
+from sparkserve.engine.spec_decode.context_feed import FeedRows
 from sparkserve.engine.spec_decode.draft_graph import draft_step_graph, table_tensor
 from sparkserve.engine.spec_decode.draft_store import DraftStore
 from sparkserve.engine.spec_decode.drafter import DraftOutput
@@ -185,13 +187,14 @@ class ModelRunner:
         drafts with their confidences (the drafter reads the accepted counts on the device). Extra
         transfers happen only for logprobs, logits masks and drafters that read token histories.
         """
-        for rid in (*out.finished_request_ids, *out.preempted_request_ids):
+        released = (*out.finished_request_ids, *out.preempted_request_ids)
+        for rid in released:
             self.drafts.drop(rid)
             self.prompt_logprobs.drop(rid)
             if self.mask is not None:
                 self.mask.release(rid)
-            if self.speculator is not None:
-                self.speculator.drafter.release(rid)
+        if self.speculator is not None and released:
+            self.speculator.release(released)
         if isinstance(self.mask, RequestLogitsMask):
             for seq in out.seqs:
                 if seq.new_request is not None:
@@ -213,7 +216,10 @@ class ModelRunner:
         else:
             hidden, aux = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention, aux_ids)
         if self.speculator is not None:
-            self.speculator.add_context(aux, inputs.positions, inputs.slot_mapping)
+            eager = {sample_seqs[i].request_id for i in drafting}
+            rows = [FeedRows(s.request_id, s.start_pos, s.num_new_tokens, s.request_id in eager or not s.sample
+                             or s.num_known_tokens > 1) for s in out.seqs]
+            self.speculator.feed_step(rows, aux, inputs.positions, inputs.slot_mapping)
         if self.prompt_logprobs.active:  # only requests that ask for prompt logprobs pay for them
             self.prompt_logprobs.compute(out.seqs, hidden, self.model.compute_logits, self.batch.token_ids,
                                          [self.batch.requests[s.request_id].row for s in out.seqs], result)
@@ -239,6 +245,9 @@ class ModelRunner:
     def _record(self, seqs: Sequence[ScheduledSeq], emitted: list[list[int]], verified: VerifyOutput,
                 result: RunnerOutput) -> None:
         self.batch.record_all(seqs, emitted, [len(e) - 1 for e in emitted])
+        if self.speculator is not None:  # rows past the accepted drafts are never context
+            for seq, tokens in zip(seqs, emitted, strict=True):
+                self.speculator.truncate(seq.request_id, seq.start_pos + seq.num_known_tokens + len(tokens) - 1)
         for i, seq in enumerate(seqs):
             result.sampled_token_ids[seq.request_id] = emitted[i]
             logprobs = verified.logprobs(i, emitted[i])

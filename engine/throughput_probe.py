@@ -117,8 +117,10 @@ def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128,
             positions, slots = positions.to(device), meta.slot_mapping
             aux_ids = spec.target_layer_ids if spec is not None else ()
             hidden, aux = runner.model(ids, positions, runner.kv_caches, meta, aux_ids)
-        if spec is not None:  # a real step stores every row's features in the drafter's context cache
-            spec.add_context(aux, positions, slots)
+        if spec is not None:  # a step drafting for all stores every row's features in the drafter's context cache
+            extra = num_tokens - num_requests if spec.feed is not None else num_tokens  # lazy: R rows go with the draft
+            if extra:
+                spec.add_context(aux[:extra], positions[:extra], slots[:extra])
         # logits only for verify rows (<= gamma + 1 per request); the rest of B is prefill
         gamma = spec.gamma if spec is not None else 0
         runner.model.compute_logits(hidden[: min(num_tokens, num_requests * (gamma + 1))])
@@ -155,10 +157,20 @@ def make_draft_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) 
 def _synthetic_draft(runner: ModelRunner, starts: list[int], tables: list[tuple[int, ...]], sampled: bool,
                      use_graphs: bool = True) -> None:
     """One drafter forward for synthetic requests (greedy, or sampled at T = 1 without a seed), through the
-    drafter's step graphs when the runner has them (as served) and ``use_graphs``."""
+    drafter's step graphs when the runner has them (as served) and ``use_graphs``. With the lazy context
+    feed (``Speculator.feed``) a request's context rows are stored when it drafts, so drafting also stores
+    one row per request here (its anchor's predecessor): the profile's drafter time then holds what a plain
+    step saves by not drafting."""
     spec = runner.speculator
     assert spec is not None
     num_requests = len(starts)
+    if spec.feed is not None and spec.target_layer_ids:
+        bs = runner.block_size
+        slots = torch.tensor([t[(s - 1) // bs] * bs + (s - 1) % bs for s, t in zip(starts, tables, strict=True)],
+                             dtype=torch.int64, device=runner.device)
+        width = len(spec.target_layer_ids) * runner.config.hidden_size
+        spec.add_context(torch.zeros(num_requests, width, dtype=runner.kv_caches[0][0].dtype, device=runner.device),
+                         torch.tensor(starts, dtype=torch.int64, device=runner.device) - 1, slots)
     params = SamplingParams(temperature=1.0 if sampled else 0.0)
     sampling = SamplingMetadata.build([params] * num_requests, list(range(num_requests)), [[]] * num_requests,
                                       runner.config.vocab_size, runner.device)

@@ -237,8 +237,11 @@ class Scheduler:
                 self._top_up_prefills(plan)
         seqs = [self._make_seq(r, 1, plan.num_spec.get(r.request_id, 0), r.request_id not in plan.no_draft)
                 for r in plan.decode]
-        prefill_draft = self.speculation is None or self.speculation.drafts_after_prefill()
-        seqs += [self._make_seq(r, n, 0, prefill_draft) for r, n in plan.chunks + plan.admitted]
+        chunks = plan.chunks + plan.admitted
+        finishing = [r.num_computed_tokens + n == r.num_tokens for r, n in chunks]
+        drafts = iter(self.speculation.drafts_after_prefill(sum(finishing)) if self.speculation is not None
+                      else [True] * sum(finishing))
+        seqs += [self._make_seq(r, n, 0, f and next(drafts)) for (r, n), f in zip(chunks, finishing, strict=True)]
         finished, self._finished_ids = frozenset(self._finished_ids), set()
         self._last_reported = finished
         return SchedulerOutput(

@@ -45,9 +45,10 @@ class Speculation(Protocol):
         """Per decode request (FCFS order): draft after this step? Asked before any of those drafts exist."""
         ...
 
-    def drafts_after_prefill(self) -> bool:
-        """Do requests that finish their prefill in this step draft? (The gate has no estimate for them;
-        False while speculation is held off or when the gate drafted for nobody: a plain step.)"""
+    def drafts_after_prefill(self, num_requests: int) -> Sequence[bool]:
+        """Per request finishing its prefill in this step (FCFS order), does it draft? (The gate has no
+        estimate for them; all False while speculation is held off or when the gate drafted for nobody:
+        a plain step; on a fresh server at most one, to learn what drafts are worth.)"""
         ...
 
     def on_verified(self, request: Request, confidences: tuple[float, ...], num_verified: int,

@@ -5,10 +5,11 @@ sequence position p lives at the slot of position p in a separate per-drafter-la
 number of blocks. So it is paged like the target's cache, counted in the same block budget, freed with
 the request, trimmed with rejected slots, and rebuilt by the re-prefill after a recompute preemption.
 
-Context rows are stored for EVERY row of a step (prefill chunks, anchors, verified drafts, rejected ones
+Context rows are stored for every row of a step (prefill chunks, anchors, verified drafts, rejected ones
 too): a rejected draft's row sits at a position >= the request's next anchor position, which the next
 draft block overwrites before it attends to it (or which lies in a block the request gives back), so it
-is never read; storing all rows needs no per-step index of the accepted ones.
+is never read. With ``lazy_context`` (the default) a request's rows are stored only when it drafts again
+(``context_feed.py``): steps where nobody drafts then cost what ``--drafter none`` costs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 from sparkserve.engine.attention import SHORT_QUERY_MAX
 from sparkserve.engine.sampling.metadata import SamplingMetadata
 from sparkserve.engine.spec_decode import draft_graph
+from sparkserve.engine.spec_decode.context_feed import FeedRows, LazyContextFeed
 from sparkserve.engine.spec_decode.drafter import DraftBatch, Drafter, DraftMaskFn, DraftOutput
 from sparkserve.engine.spec_decode.dspark import DSparkDrafter
 from sparkserve.engine.step_graph import StepGraph
@@ -35,10 +37,15 @@ class Speculator:
         block_size: tokens per block.
         dtype: cache dtype.
         max_num_seqs: most requests drafted in one step (scratch blocks per row).
+        lazy_context: keep the context rows of requests that do not draft pending (``context_feed.py``).
+        flush_on_release: with ``lazy_context``, store a finished or preempted request's pending rows (its
+            blocks may be reused through the prefix cache) instead of dropping them.
+        pending_capacity: rows the pending arena holds before everything pending is caught up at once.
     """
 
     def __init__(self, drafter: Drafter, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 max_num_seqs: int) -> None:
+                 max_num_seqs: int, lazy_context: bool = True, flush_on_release: bool = True,
+                 pending_capacity: int = 2048) -> None:
         if not isinstance(drafter, Drafter):
             raise TypeError(f"{type(drafter).__name__} does not implement the Drafter Protocol")
         self.drafter = drafter
@@ -49,6 +56,8 @@ class Speculator:
         self.scratch_per_row = -(-self.gamma // block_size) + 1
         total = num_blocks + max_num_seqs * self.scratch_per_row
         self.kv_caches = drafter.make_kv_caches(total, block_size, dtype)
+        self.feed = (LazyContextFeed(self.add_context, pending_capacity, flush_on_release)
+                     if lazy_context and self.target_layer_ids else None)
 
     @property
     def gamma(self) -> int:
@@ -84,6 +93,35 @@ class Speculator:
         drafters without target features."""
         if features is not None and features.shape[0] and self.target_layer_ids:
             self.drafter.add_context(features, positions, slot_mapping, self.kv_caches)
+
+    def feed_step(
+        self,
+        rows: Sequence[FeedRows],  # the step's scheduled sequences, in row order
+        features: Tensor | None,  # [T, m * d_target] target hidden states of the step's rows
+        positions: Tensor,  # [T] int64
+        slot_mapping: Tensor,  # [T] int64
+    ) -> None:
+        """Store the step's context rows: all of them now (eager feed), or only the rows of sequences marked
+        ``eager`` together with their pending rows (lazy feed)."""
+        if features is None or not features.shape[0] or not self.target_layer_ids:
+            return
+        if self.feed is None:
+            self.add_context(features, positions, slot_mapping)
+        else:
+            self.feed.step(rows, features, positions, slot_mapping)
+
+    def truncate(self, request_id: str, end: int) -> None:
+        """The request's rows at positions >= ``end`` were rejected drafts: never store them later."""
+        if self.feed is not None:
+            self.feed.truncate(request_id, end)
+
+    def release(self, request_ids: Sequence[str]) -> None:
+        """Requests finished or were preempted: the drafter's per-request state goes, pending rows are
+        stored (``flush_on_release``) or dropped."""
+        for rid in request_ids:
+            self.drafter.release(rid)
+        if self.feed is not None:
+            self.feed.release(request_ids)
 
     def propose(
         self,

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from sparkserve.scheduler.policy.acceptance import RequestAcceptance
 from sparkserve.scheduler.policy.calibration import CalibrationRow, OnlineCalibration
 from sparkserve.scheduler.policy.common import VerifyPlan, VerifyRequest
 from sparkserve.scheduler.policy.dspark_planner import plan_budget_k, plan_drafting
@@ -118,6 +119,7 @@ class SpeculationController:
         num_lookahead_tokens: gamma (drafting rule ``request_rules.may_draft``).
         calibration: the online correction of confidences, None to rank by the drafter's own.
         guard: backs speculation off where it measurably loses (``guard.py``), None for no guard.
+        acceptance: per-request acceptance ratios and probes (``acceptance.py``), None for neither.
         last_plan: the plan of the latest step.
         last_num_drafting / last_sampled_fraction: the gate's latest choice.
     """
@@ -129,6 +131,7 @@ class SpeculationController:
     num_lookahead_tokens: int = 1
     calibration: OnlineCalibration | None = field(default_factory=OnlineCalibration)
     guard: SpeculationGuard | None = None
+    acceptance: RequestAcceptance | None = field(default_factory=RequestAcceptance)
     last_plan: VerifyPlan | None = None
     last_num_drafting: int | None = None
     last_sampled_fraction: float = 0.0
@@ -166,7 +169,13 @@ class SpeculationController:
                 snapshot = _DraftingCost(snapshot, self.last_num_drafting, self.last_sampled_fraction)
             self._next_k = self._pool().submit(plan_budget_k, all_reqs, snapshot, prefill_tokens, budget)
         self.last_plan = plan
-        return list(plan.lengths[: len(reqs)])
+        lengths = list(plan.lengths[: len(reqs)])
+        if self.acceptance is not None and self.policy.needs_profile:  # probes: the drafts exist already
+            for i, request in enumerate(requests):
+                if request.drafts.token_ids:
+                    probe = self.acceptance.probe_length(request.request_id, len(request.drafts.token_ids))
+                    lengths[i] = max(lengths[i], probe)
+        return lengths
 
     def select_drafting(self, requests: Sequence[Request], context: VerifyContext) -> list[bool]:
         """Per decode request, draft after this step? (``Speculation.select_drafting``).
@@ -202,35 +211,54 @@ class SpeculationController:
             first = next((i for i, e in enumerate(estimates) if e is None), None)
             estimates = [VerifyRequest((), 0) if e is None and i != first else e for i, e in enumerate(estimates)]
         flags = plan_drafting(estimates, self.profile, max(0, prefill_tokens), context.token_budget, fraction)
+        flags = self._probe_drafting(requests, estimates, flags, max(0, prefill_tokens), context.token_budget, fraction)
         self.last_num_drafting = sum(flags)
         drafting_sampled = sum(f and s for f, s in zip(flags, sampled, strict=True))
         self.last_sampled_fraction = drafting_sampled / self.last_num_drafting if self.last_num_drafting else 0.0
         return flags
 
-    def drafts_after_prefill(self) -> bool:
-        """Requests finishing their prefill draft (``Speculation.drafts_after_prefill``) unless the policy
-        is none, the guard holds speculation off, or the gate drafted for nobody in this step."""
+    def drafts_after_prefill(self, num_requests: int) -> list[bool]:
+        """Which requests finishing their prefill draft (``Speculation.drafts_after_prefill``): none when the
+        policy is none, the guard holds speculation off, or the gate drafted for nobody in this step; on a
+        fresh server (no confidences seen) only the first, and only when no decode request drafts (one
+        drafter row learns what drafts are worth; drafting for all c at once would spend a drafter row on
+        each before knowing); otherwise all."""
         if self.policy.kind == "none" or (self.guard is not None and not self.guard.speculating):
-            return False
-        gated = self.gate_drafting and self.profile is not None and self.policy.needs_profile
-        return not (gated and self.last_num_drafting == 0 and self._mean_confidences is not None)
+            return [False] * num_requests
+        if not (self.gate_drafting and self.profile is not None and self.policy.needs_profile):
+            return [True] * num_requests
+        if self._mean_confidences is None:
+            return [i == 0 and not self.last_num_drafting for i in range(num_requests)]
+        return [self.last_num_drafting != 0] * num_requests
 
     def on_verified(self, request: Request, confidences: tuple[float, ...], num_verified: int,
                     num_accepted: int) -> None:
-        """A verify step's outcome (``Speculation.on_verified``): feeds the online calibration."""
+        """A verify step's outcome (``Speculation.on_verified``): feeds the request's acceptance ratio (against
+        the table's prediction before this outcome) and the online calibration."""
+        if self.acceptance is not None:
+            predicted = (self.calibration.correct(request.drafts.drafter, request.sampling_params.greedy, confidences)
+                         if self.calibration is not None else confidences)
+            self.acceptance.observe(request.request_id, predicted, num_verified, num_accepted)
         if self.calibration is not None:
             self.calibration.observe(request.drafts.drafter, request.sampling_params.greedy, confidences, num_verified,
                                      num_accepted)
 
     def corrected(self, drafter: str, request: Request, confidences: tuple[float, ...]) -> tuple[float, ...]:
-        """Confidences as the policy ranks them: corrected online for this drafter and temperature class."""
-        if self.calibration is None or not confidences:
+        """Confidences as the policy ranks them: corrected online for this drafter and temperature class, then
+        by the request's own acceptance ratio."""
+        if not confidences:
             return confidences
-        return self.calibration.correct(drafter, request.sampling_params.greedy, confidences)
+        if self.calibration is not None:
+            confidences = self.calibration.correct(drafter, request.sampling_params.greedy, confidences)
+        if self.acceptance is not None:
+            confidences = self.acceptance.correct(request.request_id, confidences)
+        return confidences
 
     def on_finished(self, request_id: str) -> None:
         """Release a finished request's state (``Speculation.on_finished``: every finish, aborts too)."""
         self._first_token_time.pop(request_id, None)
+        if self.acceptance is not None:
+            self.acceptance.release(request_id)
 
     # ---------------------------------------------------------------- feedback
     def observe_step(self, step: StepObservation) -> None:
@@ -297,6 +325,23 @@ class SpeculationController:
             decode_time_s=now - first,
             num_decode_tokens=max(0, request.num_output_tokens - 1),
         )
+
+    def _probe_drafting(self, requests: Sequence[Request], estimates: list[VerifyRequest | None], flags: list[bool],
+                        prefill_tokens: int, token_budget: int, fraction: float) -> list[bool]:
+        """Probing requests the gate left out draft when drafting would pay with their own latest stated
+        confidences (``acceptance.py``): the correction's caution must not keep a good drafter from ever
+        being verified, and where even the stated confidences do not pay nobody probes."""
+        if self.acceptance is None or self.profile is None:
+            return flags
+        probing = [not f and e is not None and bool(r.drafts.last_confidences) and self.acceptance.probing(r.request_id)
+                   for f, e, r in zip(flags, estimates, requests, strict=True)]
+        if not any(probing):
+            return flags
+        now = self.clock()
+        optimistic = [self._verify_request(r, now, r.drafts.last_confidences, e.max_verify) if p and e is not None else e
+                      for p, e, r in zip(probing, estimates, requests, strict=True)]
+        stated = plan_drafting(optimistic, self.profile, prefill_tokens, token_budget, fraction)
+        return [f or (p and s) for f, p, s in zip(flags, probing, stated, strict=True)]
 
     def _observe_confidences(self, confidences: Sequence[float]) -> None:
         mean = self._mean_confidences

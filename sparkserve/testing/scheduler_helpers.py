@@ -113,8 +113,8 @@ class ScriptedSpeculation:
     def select_drafting(self, requests: Sequence[Request], context: VerifyContext) -> Sequence[bool]:
         return [True] * len(requests) if self.gate is None else self.gate(requests, context)
 
-    def drafts_after_prefill(self) -> bool:
-        return True
+    def drafts_after_prefill(self, num_requests: int) -> Sequence[bool]:
+        return [True] * num_requests
 
     def on_verified(self, request: Request, confidences: tuple[float, ...], num_verified: int,
                     num_accepted: int) -> None:

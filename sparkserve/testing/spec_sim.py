@@ -50,11 +50,13 @@ def machine_profile(machine: SimMachine, optimism: float = 1.0, max_tokens: int 
 
 @dataclass(frozen=True)
 class SimResult:
-    """Totals of a simulated run: tokens emitted, simulated seconds, draft tokens verified."""
+    """Totals of a simulated run: tokens emitted, simulated seconds, draft tokens verified, and the index of
+    the first step that verified at least two drafts (None if none did)."""
 
     tokens: int
     seconds: float
     verify_tokens: int
+    first_multi_verify_step: int | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -85,7 +87,8 @@ def simulate(
         sched.add_request(make_request(f"r{i}", prompt_len=8, max_tokens=max_tokens, temperature=0.0,
                                        ignore_eos=True))
     true_p: dict[str, tuple[float, ...]] = {}
-    tokens = verify = draft_id = 0
+    tokens = verify = draft_id = num_steps = 0
+    first_multi: int | None = None
     while sched.has_unfinished_requests():
         out = sched.schedule()
         sampled, drafts = {}, {}
@@ -109,9 +112,12 @@ def simulate(
         spec = stats.spec_decoding
         duration = machine.step_time(stats.num_batched_tokens, stats.num_decode_requests, stats.num_drafting)
         clock[0] += duration
+        if spec is not None and first_multi is None and any(d.num_draft_tokens >= 2 for d in spec.drafts):
+            first_multi = num_steps
+        num_steps += 1
         if controller is not None:
             verify += spec.num_draft_tokens if spec else 0
             controller.observe_step(StepObservation(
                 stats.num_batched_tokens, stats.num_decode_requests, stats.num_drafting, duration,
                 spec.num_draft_tokens if spec else 0, spec.num_accepted_tokens if spec else 0))
-    return SimResult(tokens, clock[0], verify)
+    return SimResult(tokens, clock[0], verify, first_multi)

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from sparkserve.scheduler.policy.acceptance import RequestAcceptance
 from sparkserve.scheduler.policy.calibration import OnlineCalibration, conservative_calibration
 from sparkserve.scheduler.policy.controller import SpeculationController
 from sparkserve.scheduler.policy.guard import SpeculationGuard
@@ -96,10 +97,11 @@ def test_guard_rejects_bad_input() -> None:
         SpeculationGuard().observe(4, 4, 0, 0.0, 0.02)
 
 
-def _controller(profile, conservative: bool = True, guard: bool = True) -> SpeculationController:
+def _controller(profile, conservative: bool = True, guard: bool = True, acceptance: bool = True) -> SpeculationController:
     calibration = conservative_calibration() if conservative else OnlineCalibration()
     return SpeculationController(parse_policy("dspark"), OnlineProfile(profile), num_lookahead_tokens=4,
-                                 calibration=calibration, guard=SpeculationGuard() if guard else None)
+                                 calibration=calibration, guard=SpeculationGuard() if guard else None,
+                                 acceptance=RequestAcceptance() if acceptance else None)
 
 
 def _drafts(stated: float, true: float):
@@ -131,3 +133,58 @@ def test_good_drafts_keep_their_gain_at_low_load() -> None:
     spec = simulate(controller, machine, _drafts(0.9, 0.9), 4, 1)
     assert spec.tokens_per_s >= 1.5 * plain.tokens_per_s
     assert controller.guard.num_backoffs == 0 and spec.verify_tokens > 0
+
+
+# Verify rows at half a plain step each: verifying 4 drafts costs 2.9x a plain step at c = 1, so only
+# drafts near their true 0.9 survival pay; the drafter states 0.6 (under-confident), the conservative
+# calibration makes that 0.48.
+EXPENSIVE_VERIFY = SimMachine(fixed_s=0.02, row_s=0.001, verify_row_s=0.01, draft_s=0.002)
+
+
+def test_good_drafts_earn_their_verification_fast() -> None:
+    """Issue 25: a request whose drafts verify well earns its verification within 16 steps through its own
+    acceptance ratio and probes, and ends >= 1.15x plain decoding; without them (the calibration table
+    alone) it never verifies two drafts in a step and stays at 1.0x."""
+    plain = simulate(None, EXPENSIVE_VERIFY, _drafts(0.6, 0.9), 4, 1)
+    spec = simulate(_controller(machine_profile(EXPENSIVE_VERIFY)), EXPENSIVE_VERIFY, _drafts(0.6, 0.9), 4, 1)
+    table_only = simulate(_controller(machine_profile(EXPENSIVE_VERIFY), acceptance=False), EXPENSIVE_VERIFY,
+                          _drafts(0.6, 0.9), 4, 1)
+    assert spec.first_multi_verify_step is not None and spec.first_multi_verify_step < 16, spec
+    assert spec.tokens_per_s >= 1.15 * plain.tokens_per_s, (spec, plain)
+    assert table_only.first_multi_verify_step is None and table_only.tokens_per_s < 1.02 * plain.tokens_per_s
+
+
+@pytest.mark.parametrize("concurrency", [1, 4, 16])
+def test_losing_drafts_still_back_off_with_probes(concurrency: int) -> None:
+    """An over-confident drafter (states 0.9, true 0.3): probes and per-request ratios do not make it
+    verify more than the table alone would, and speculation stays >= 0.97x plain (the guard backs off
+    where it verified)."""
+    n = 2 * concurrency + 4
+    plain = simulate(None, EXPENSIVE_VERIFY, _drafts(0.9, 0.3), n, concurrency)
+    controller = _controller(machine_profile(EXPENSIVE_VERIFY))
+    spec = simulate(controller, EXPENSIVE_VERIFY, _drafts(0.9, 0.3), n, concurrency)
+    table_only = simulate(_controller(machine_profile(EXPENSIVE_VERIFY), acceptance=False), EXPENSIVE_VERIFY,
+                          _drafts(0.9, 0.3), n, concurrency)
+    assert spec.verify_tokens <= max(table_only.verify_tokens, 2 * concurrency)
+    assert spec.tokens_per_s >= 0.97 * plain.tokens_per_s, (spec, plain)
+    if spec.verify_tokens > 8:
+        assert controller.guard.num_backoffs > 0
+
+
+def test_request_acceptance_ratio_and_probes() -> None:
+    acc = RequestAcceptance(prior_weight=2.0, uncertainty_z=0.0, probe_drafts=2, probe_positions=4, max_probes=2)
+    assert acc.ratio("r") == 1.0 and acc.correct("r", (0.5, 0.4)) == (0.5, 0.4)
+    assert acc.probing("r") and acc.probe_length("r", 4) == 2 and acc.probe_length("r", 1) == 1
+    acc.observe("r", (0.5, 0.5, 0.5), num_verified=3, num_accepted=3)  # 3 reached, all accepted
+    assert acc.ratio("r") == pytest.approx((3 + 2) / (1.5 + 2))
+    assert acc.correct("r", (0.9,)) == (0.99,)  # capped: a ratio never claims certainty
+    acc.observe("r", (0.5, 0.5), num_verified=2, num_accepted=0)  # 1 reached, rejected
+    assert acc.ratio("r") == pytest.approx((3 + 2) / (2.0 + 2)) and not acc.probing("r")
+    assert acc.probe_length("r", 4) == 0
+    lower = RequestAcceptance(uncertainty_z=1.0)
+    lower.observe("r", (0.5,), 1, 1)
+    assert lower.ratio("r") == pytest.approx((1 + 2) / 2.5 - (0.25 + 0.5) ** 0.5 / 2.5)
+    acc.release("r")
+    assert acc.num_tracked_requests == 0
+    with pytest.raises(ValueError):
+        RequestAcceptance(prior_weight=0.0)

@@ -473,3 +473,27 @@ def test_hook_drafting_gate_by_policy_and_estimates() -> None:
     async_hook._budget_k = 5
     async_hook.select_drafting(reqs, ctx)
     assert async_hook._budget_k is None
+
+
+def test_prefill_drafting_on_a_fresh_server_is_one_request() -> None:
+    """Issue 25: c requests finishing their prefill together on a fresh server do not all draft (each
+    drafter row costs before anything is known): only the first, and none when a decode request already
+    drafts to learn; once confidences are known, all of them or none as the gate did."""
+    from sparkserve.scheduler.policy.controller import SpeculationController
+    from sparkserve.scheduler.request import DraftState, Request
+    from sparkserve.scheduler.sampling_params import SamplingParams
+    from sparkserve.scheduler.speculation import VerifyContext
+
+    hook = SpeculationController(parse_policy("dspark"), WithDrafter(0.2))
+    assert hook.drafts_after_prefill(16) == [True] + [False] * 15
+    unknown = Request("u", [1, 2, 3], SamplingParams(max_tokens=100))
+    assert hook.select_drafting([unknown], VerifyContext(17, 1, 64)) == [True]
+    assert hook.drafts_after_prefill(3) == [False] * 3  # the decode request learns
+    strong = Request("s", [1, 2, 3], SamplingParams(max_tokens=100))
+    strong.drafts = DraftState(last_confidences=(0.95,) * 4, last_num_tokens=strong.num_tokens)
+    assert hook.select_drafting([strong], VerifyContext(1, 1, 64)) == [True]
+    assert hook.drafts_after_prefill(2) == [True, True]
+    hook.last_num_drafting = 0
+    assert hook.drafts_after_prefill(2) == [False, False]
+    assert SpeculationController(parse_policy("fixed:3"), WithDrafter(0.2)).drafts_after_prefill(2) == [True, True]
+    assert SpeculationController(parse_policy("none")).drafts_after_prefill(2) == [False, False]

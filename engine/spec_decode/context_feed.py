@@ -1,0 +1,213 @@
+"""Lazy feeding of the drafter's context cache: a request's context rows are projected only when it drafts.
+
+A feature drafter (DSpark / DFlash) reads, for each context row at position p, the K/V that
+``Drafter.add_context`` projects from the target's features at p (``speculator.py``). Projecting every
+row of every step costs a drafter pass (fc, norm, per-layer k/v projections, RoPE, cache store) even in
+steps where nobody drafts, which makes a server whose policy gates speculation off slower than
+``--drafter none`` (issue 25). Instead, the rows of requests that do not draft after the step are kept
+*pending*: their features, positions and cache slots are copied into an *arena* (one preallocated buffer
+of ``capacity`` rows), and projected later in one batched ``add_context`` call (the *catch-up*):
+
+- when the request drafts again (its pending rows go with the step's own rows, before the drafter runs);
+- when the arena is full (every pending row of every request at once: one chunk);
+- when the request finishes or is preempted, if its blocks may be reused through the prefix cache
+  (``flush_on_release``), else they are dropped.
+
+The drafter then holds exactly the context rows it would have had with eager feeding: the same
+features at the same positions and slots, projected row by row (``add_context`` has no cross-row
+terms), so draft quality is unchanged; only the batch the rows are projected in differs. A pending row
+is always valid: rows at positions a request recomputes or rejected drafts are discarded
+(``truncate``), so the catch-up never writes into a block the request gave back. Prefill chunks are
+fed eagerly (their full blocks may be shared through the prefix cache while the request still runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+StoreFn = Callable[[Tensor, Tensor, Tensor], None]
+"""``(features [N, F], positions [N] int64, slot_mapping [N] int64) -> None``: project and store rows."""
+
+
+@dataclass(frozen=True)
+class FeedRows:
+    """One scheduled sequence's rows in a step (the step's rows are the sequences' rows in order).
+
+    Attributes:
+        request_id: the request.
+        start_pos: position of its first row.
+        num_rows: rows it has in the step (known tokens + drafts verified).
+        eager: project its rows (and its pending ones) in this step: it drafts after the step, or the
+            rows are a prefill chunk.
+    """
+
+    request_id: str
+    start_pos: int
+    num_rows: int
+    eager: bool
+
+
+@dataclass
+class _Span:
+    """Pending rows ``arena[lo : lo + n]`` of one request at positions ``pos .. pos + n - 1``."""
+
+    lo: int
+    pos: int
+    n: int
+
+
+class LazyContextFeed:
+    """The pending context rows of every request and the arena holding them (module docstring).
+
+    Args:
+        store: projects and stores rows in the drafter's cache (``Drafter.add_context`` on its pools).
+        capacity: arena rows; when pending rows would exceed it, all of them are caught up at once.
+        flush_on_release: catch up a finished or preempted request's rows instead of dropping them.
+    """
+
+    def __init__(self, store: StoreFn, capacity: int = 2048, flush_on_release: bool = True) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1 row, got {capacity}")
+        self.store = store
+        self.capacity = capacity
+        self.flush_on_release = flush_on_release
+        self._arena: tuple[Tensor, Tensor, Tensor] | None = None  # ([C, F] features, [C] positions, [C] slots)
+        self._used = 0
+        self._pending: dict[str, list[_Span]] = {}
+
+    @property
+    def num_pending_rows(self) -> int:
+        return sum(s.n for spans in self._pending.values() for s in spans)
+
+    def pending_positions(self, request_id: str) -> list[int]:
+        """Positions of a request's pending rows, in order (tests, diagnostics)."""
+        return [s.pos + k for s in self._pending.get(request_id, ()) for k in range(s.n)]
+
+    def step(self, seqs: Sequence[FeedRows], features: Tensor, positions: Tensor, slot_mapping: Tensor) -> None:
+        """Feed one step's rows: ``features`` ``[T', F]`` (T' >= T rows; the first T are the sequences' rows in
+        order), ``positions`` / ``slot_mapping`` ``[T']`` int64. Eager sequences are projected now together
+        with their pending rows (one ``store`` call); the others' rows become pending."""
+        eager_rows: list[int] = []
+        lazy: list[tuple[FeedRows, int]] = []  # (sequence, first step row)
+        catch_up: list[int] = []
+        row = 0
+        for seq in seqs:
+            self.truncate(seq.request_id, seq.start_pos)
+            if seq.eager:
+                eager_rows.extend(range(row, row + seq.num_rows))
+                catch_up.extend(self._take(seq.request_id))
+            elif seq.num_rows:
+                lazy.append((seq, row))
+            row += seq.num_rows
+        if not lazy and not catch_up:  # everybody eager, nothing pending: the eager feed's one call
+            if row:
+                self.store(features[:row], positions[:row], slot_mapping[:row])
+        elif eager_rows or catch_up:
+            self._store_mixed(features, positions, slot_mapping, eager_rows, catch_up)
+        self._append(lazy, features, positions, slot_mapping)
+
+    def truncate(self, request_id: str, end: int) -> None:
+        """Discard a request's pending rows at positions >= ``end`` (recomputed, or rejected drafts)."""
+        spans = self._pending.get(request_id)
+        while spans and spans[-1].pos + spans[-1].n > end:
+            last = spans[-1]
+            if last.pos >= end:
+                spans.pop()
+            else:
+                last.n = end - last.pos
+        if spans is not None and not spans:
+            del self._pending[request_id]
+            self._reset_if_empty()
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        """Requests finished or were preempted: catch their rows up in one call (``flush_on_release``) or
+        drop them."""
+        rows: list[int] = []
+        for rid in request_ids:
+            taken = self._take(rid)
+            if self.flush_on_release:
+                rows.extend(taken)
+        if rows:
+            self._store_arena(rows)
+        self._reset_if_empty()
+
+    def flush_all(self) -> None:
+        """Catch up every pending row in one call and empty the arena."""
+        rows = [r for rid in list(self._pending) for r in self._take(rid)]
+        if rows:
+            self._store_arena(rows)
+        self._reset_if_empty()
+
+    # ---------------------------------------------------------------- internals
+    def _take(self, request_id: str) -> list[int]:
+        """Arena rows of a request's pending rows (removed from pending)."""
+        return [s.lo + k for s in self._pending.pop(request_id, ()) for k in range(s.n)]
+
+    def _reset_if_empty(self) -> None:
+        if not self._pending:
+            self._used = 0
+
+    def _store_rows(self, features: Tensor, positions: Tensor, slots: Tensor, rows: list[int] | None) -> None:
+        if rows is None:
+            self.store(features, positions, slots)
+            return
+        index = torch.tensor(rows, dtype=torch.int64, device=features.device)
+        self.store(features.index_select(0, index), positions.index_select(0, index), slots.index_select(0, index))
+
+    def _store_arena(self, rows: list[int]) -> None:
+        assert self._arena is not None
+        self._store_rows(*self._arena, rows)
+
+    def _store_mixed(self, features: Tensor, positions: Tensor, slots: Tensor, step_rows: list[int],
+                     arena_rows: list[int]) -> None:
+        """One store of this step's ``step_rows`` and the arena's ``arena_rows``."""
+        parts = []
+        device = features.device
+        if arena_rows:
+            assert self._arena is not None
+            index = torch.tensor(arena_rows, dtype=torch.int64, device=device)
+            parts.append(tuple(t.index_select(0, index) for t in self._arena))
+        if step_rows:
+            index = torch.tensor(step_rows, dtype=torch.int64, device=device)
+            parts.append(tuple(t.index_select(0, index) for t in (features, positions, slots)))
+        f, p, s = (torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts, strict=True))
+        self.store(f, p, s)
+
+    def _append(self, lazy: list[tuple[FeedRows, int]], features: Tensor, positions: Tensor, slots: Tensor) -> None:
+        """Copy the lazy sequences' rows into the arena (catching everything up first when it is full)."""
+        count = sum(seq.num_rows for seq, _ in lazy)
+        if not count:
+            return
+        if self._used + count > self.capacity:
+            self.flush_all()
+        if count > self.capacity:  # more rows than the arena holds: feed them now
+            self._store_rows(features, positions, slots, [r for seq, first in lazy for r in range(first, first + seq.num_rows)])
+            return
+        if self._arena is None or self._arena[0].shape[1] != features.shape[1]:
+            self._arena = (features.new_empty(self.capacity, features.shape[1]),
+                           positions.new_empty(self.capacity), slots.new_empty(self.capacity))
+        arena_f, arena_p, arena_s = self._arena
+        lo = self._used
+        contiguous = all(first == lazy[0][1] + sum(s.num_rows for s, _ in lazy[:i]) for i, (_, first) in enumerate(lazy))
+        if contiguous:
+            first = lazy[0][1]
+            for dst, src in ((arena_f, features), (arena_p, positions), (arena_s, slots)):
+                dst[lo : lo + count].copy_(src[first : first + count])
+        else:
+            index = torch.tensor([r for seq, first in lazy for r in range(first, first + seq.num_rows)],
+                                 dtype=torch.int64, device=features.device)
+            for dst, src in ((arena_f, features), (arena_p, positions), (arena_s, slots)):
+                dst[lo : lo + count] = src.index_select(0, index)
+        for seq, _ in lazy:
+            spans = self._pending.setdefault(seq.request_id, [])
+            last = spans[-1] if spans else None
+            if last is not None and last.lo + last.n == lo and last.pos + last.n == seq.start_pos:
+                last.n += seq.num_rows
+            else:
+                spans.append(_Span(lo, seq.start_pos, seq.num_rows))
+            lo += seq.num_rows
+        self._used = lo
