@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -20,9 +19,9 @@ import torch
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.server.launch import free_port, spawn, stop_all, wait_ready
 from sparkserve.testing.exactness import assert_same_or_near_tie, top2_gap_fn
 from sparkserve.testing.reference import reference_logits
-from sparkserve.testing.server_harness import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -96,22 +95,17 @@ def _workers(pid: int) -> list[int]:
     return sorted(result)
 
 
-def test_killed_worker_stops_server(smollm2) -> None:
+def test_killed_worker_stops_server(smollm2, tmp_path: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen(
+    server = spawn(
+        "tp-server",
         [sys.executable, "-m", "sparkserve.cli", "serve", "--port", str(port), "--tensor-parallel-size", "3",
          "--drafter", "none", "--dtype", "float32", "--no-cpu-plan", "--num-kv-blocks", "64", "--num-threads", "1",
          "--quantization", "none", "--served-model-name", "tp-test"],
-        stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+        f"http://127.0.0.1:{port}", log_path=tmp_path / "server.log")
+    url, proc = server.url, server.proc
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+        wait_ready([server], 240, path="/health", interval_s=0.5)
         workers = _workers(proc.pid)
         assert len(workers) == 2, workers
         body = {"model": "tp-test", "prompt": "Once upon a time", "max_tokens": 400, "stream": True, "ignore_eos": True}
@@ -121,11 +115,9 @@ def test_killed_worker_stops_server(smollm2) -> None:
         time.sleep(2.0)  # mid-stream
         os.kill(workers[0], signal.SIGKILL)
         assert proc.wait(timeout=60) == 1
-        stderr = proc.stderr.read()
-        assert "tensor-parallel worker rank" in stderr and "exited with status -9" in stderr, stderr[-2000:]
+        log = server.log_tail(200)
+        assert "tensor-parallel worker rank" in log and "exited with status -9" in log, log[-2000:]
         time.sleep(1.0)
         assert not [w for w in workers if Path(f"/proc/{w}").exists()], "orphaned worker"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_all([server], 10)
