@@ -4,6 +4,11 @@ check of a change that must not slow the engine (issue 27: "within 3 %").
     python -m sparkserve.benchmarks.bench_revisions --rev before=c689a9b --rev after=HEAD \\
         --rounds 4 --batch 1 16 --configs none --out bench_results/layers2_step_before_after.json
 
+    # the same in pieces (each under the bench lock), then pooled:
+    ... --work-dir /tmp/revs --rounds 2 --out piece0.json
+    ... --work-dir /tmp/revs --rounds 2 --first-round 2 --out piece1.json
+    python -m sparkserve.benchmarks.bench_revisions --merge piece0.json piece1.json --out pooled.json
+
 Each revision is exported with ``git archive`` into a temporary folder and run as its own process with
 that folder first on ``PYTHONPATH`` (``sparkserve/__init__.py`` then maps ``sparkserve.engine`` to the
 folder's ``engine/``, which each child reports back), the same virtual environment, and its own
@@ -12,9 +17,9 @@ copy of ``bench_step_breakdown`` (``benchmarks/`` or, in older trees, ``loadtest
 seams every version has: engine step tok/s = batch / median ``EngineCore.step`` wall time over steady
 decode steps (greedy, ``ignore_eos``).
 
-Order: one unmeasured warm-up process per revision (fills its caches), then ``--rounds`` rounds, the
-revisions in order on even rounds and reversed on odd ones (ABBA), so slow drift on a shared machine
-hits both sides alike. The summary per (config, batch): every revision's tok/s per round, the ratio of
+Order: one unmeasured warm-up process per revision (fills its caches; skipped when ``--work-dir`` already
+holds the revision), then ``--rounds`` rounds numbered from ``--first-round``, the revisions in order on
+even rounds and reversed on odd ones (ABBA), so slow drift on a shared machine hits both sides alike. The summary per (config, batch): every revision's tok/s per round, the ratio of
 each revision's median to the first revision's, and the per-round paired ratio (the two processes of a
 round ran back to back) with its median, minimum and maximum: the spread says what the run can resolve.
 
@@ -42,15 +47,13 @@ BENCH_PATHS = ("benchmarks/bench_step_breakdown.py", "loadtests/bench_step_break
 """Where a revision keeps the step bench (it moved to benchmarks/ in issue 27)."""
 
 
-def export(rev: str, repo: Path, into: Path) -> tuple[Path, str]:
-    """``git archive`` of ``rev`` extracted under ``into``; returns the folder and the full commit hash."""
-    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", rev], check=True, capture_output=True,
-                            text=True).stdout.strip()
+def export(commit: str, repo: Path, into: Path) -> Path:
+    """``git archive`` of ``commit`` (a full hash) extracted into ``into / commit[:12]``."""
     archive = subprocess.run(["git", "-C", str(repo), "archive", commit], check=True, capture_output=True).stdout
     folder = into / commit[:12]
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
         tar.extractall(folder, filter="data")
-    return folder, commit
+    return folder
 
 
 def bench_module(tree: Path) -> str:
@@ -112,11 +115,47 @@ def summarize(processes: list[dict], labels: list[str]) -> list[dict]:
     return summary
 
 
+def prepare(revs: list[tuple[str, str]], repo: Path, work: Path) -> tuple[dict, dict, dict, list[str]]:
+    """Export every revision under ``work`` (kept when already there) with its cache folder; returns the
+    trees, full commits and engine origins by label, and the labels whose tree is new (to warm up)."""
+    trees, commits, origins, fresh = {}, {}, {}, []
+    for label, rev in revs:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", rev], check=True, capture_output=True,
+                                text=True).stdout.strip()
+        if not (work / commit[:12]).is_dir():
+            export(commit, repo, work)
+            fresh.append(label)
+        trees[label], commits[label] = work / commit[:12], commit
+        cache = work / f"cache-{commit[:12]}"
+        cache.mkdir(exist_ok=True)
+        origins[label] = engine_origin(trees[label], cache)
+        if not origins[label].startswith(str(trees[label])):
+            sys.exit(f"{label}: sparkserve.engine came from {origins[label]}, not {trees[label]}")
+    return trees, commits, origins, fresh
+
+
+def merge(paths: list[Path]) -> dict:
+    """Pool the processes of several runs (pieces of one comparison: same revisions and bench arguments)."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    labels = list(docs[0]["revisions"])
+    if any(list(d["revisions"]) != labels or d["bench_args"] != docs[0]["bench_args"] for d in docs):
+        sys.exit("the pieces compare different revisions or bench arguments")
+    processes = [p for d in docs for p in d["processes"]]
+    return {**docs[0], "command": [d["command"] for d in docs], "pieces": [str(p) for p in paths],
+            "machine": [d["machine"] for d in docs], "load_avg_during": [d["load_avg_during"] for d in docs],
+            "seconds": sum(d["seconds"] for d in docs), "summary": summarize(processes, labels),
+            "processes": processes}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rev", action="append", required=True, metavar="LABEL=REV",
+    parser.add_argument("--rev", action="append", default=[], metavar="LABEL=REV",
                         help="a labelled git revision (repeat; the first is the baseline of the ratios)")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--first-round", type=int, default=0, help="number of this piece's first round")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="keep the exported trees and their caches here between pieces (default: a temporary one)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, help="pool these runs' JSON into --out")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--configs", nargs="+", default=["none"])
     parser.add_argument("--max-tokens", type=int, default=48)
@@ -124,24 +163,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repo", type=Path, default=Path.cwd())
     parser.add_argument("--out", type=Path, required=True)
     ns = parser.parse_args(argv)
+    if ns.merge:
+        doc = merge(ns.merge)
+        ns.out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(json.dumps(doc["summary"], indent=1))
+        return
+    if len(ns.rev) < 2:
+        parser.error("two --rev at least")
     revs = [tuple(item.split("=", 1)) for item in ns.rev]
     labels = [label for label, _ in revs]
     bench_args = ["--batch", *map(str, ns.batch), "--configs", *ns.configs, "--max-tokens", str(ns.max_tokens)]
     started, load = time.time(), [os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="bench-revisions-") as tmp:
-        trees, commits, origins = {}, {}, {}
-        for label, rev in revs:
-            trees[label], commits[label] = export(rev, ns.repo, Path(tmp))
-            (Path(tmp) / f"cache-{label}").mkdir()
-            origins[label] = engine_origin(trees[label], Path(tmp) / f"cache-{label}")
-            if not origins[label].startswith(str(trees[label])):
-                sys.exit(f"{label}: sparkserve.engine came from {origins[label]}, not {trees[label]}")
+        work = ns.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        trees, commits, origins, fresh = prepare(revs, ns.repo, work)
         processes = []
-        schedule = [(None, label) for label in labels]  # warm-up, unmeasured
-        for k in range(ns.rounds):
+        schedule = [(None, label) for label in fresh]  # warm-up, unmeasured
+        for k in range(ns.first_round, ns.first_round + ns.rounds):
             schedule += [(k, label) for label in (labels if k % 2 == 0 else labels[::-1])]
         for k, label in schedule:
-            rows = run_once(trees[label], Path(tmp) / f"cache-{label}", bench_args, label, ns.timeout_s)
+            cache = work / f"cache-{commits[label][:12]}"
+            rows = run_once(trees[label], cache, bench_args, label, ns.timeout_s)
             processes.append({"round": k, "label": label, "rows": rows, "load_avg": os.getloadavg()})
             load.append(os.getloadavg())
             print(json.dumps({"round": k, "label": label,
