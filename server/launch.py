@@ -132,9 +132,15 @@ def spawn(name: str, argv: Sequence[str], url: str, *, env: Mapping[str, str] | 
     return ServerProcess(name, url.rstrip("/"), proc, log_path)
 
 
+READY_REQUEST_TIMEOUT_S = 12.0
+"""How long one readiness request may take: ``sparkserve serve``'s ``/ready`` runs a one-token generation
+limited to 10 s (``ReadinessProbe``), which a loaded machine can need most of."""
+
+
 def wait_ready(servers: Sequence[ServerProcess], timeout_s: float, path: str = "/ready",
                interval_s: float = 0.2) -> None:
-    """Wait until ``GET url + path`` answers 200 for every server (polled together, every ``interval_s``).
+    """Wait until ``GET url + path`` answers 200 for every server (polled together, every ``interval_s``;
+    each request may take ``READY_REQUEST_TIMEOUT_S``).
 
     Raises:
         LaunchError: a server exited first, or ``timeout_s`` seconds passed (the message names the first
@@ -147,7 +153,7 @@ def wait_ready(servers: Sequence[ServerProcess], timeout_s: float, path: str = "
             if not server.alive():
                 raise LaunchError(f"{server.name} ({server.url}) exited with status {server.proc.returncode} "
                                   f"during start-up:\n{server.log_tail()}")
-            if http_status(server.url + path) == 200:
+            if http_status(server.url + path, READY_REQUEST_TIMEOUT_S) == 200:
                 pending.remove(server)
         if not pending:
             return
