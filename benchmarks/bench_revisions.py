@@ -105,6 +105,9 @@ def summarize(processes: list[dict], labels: list[str]) -> list[dict]:
         for label in labels[1:]:
             rounds = sorted(set(base) & set(per_label[label]))
             paired = [per_label[label][k] / base[k] for k in rounds]
+            if not paired:  # no round with both sides yet (warm-up only, or a cut-off piece)
+                cell[f"{label}_over_{labels[0]}"] = None
+                continue
             cell[f"{label}_over_{labels[0]}"] = {
                 "ratio_of_medians": round(statistics.median(per_label[label].values())
                                           / statistics.median(base.values()), 4),
@@ -190,17 +193,17 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({"round": k, "label": label,
                               "tok_per_s": {f"{r['config']}@{r['batch']}": round(r['batch'] * 1000 / r['total'], 2)
                                             for r in rows}}), flush=True)
-    doc = {"benchmark": "engine step tok/s on several revisions, alternating (bench_revisions)",
-           "command": " ".join([sys.executable, "-m", "sparkserve.benchmarks.bench_revisions", *(argv or sys.argv[1:])]),
-           "revisions": {label: {"rev": rev, "commit": commits[label], "engine_from": origins[label]}
-                         for label, rev in revs},
-           "bench_args": bench_args, "machine": machine(), "load_avg_during": load,
-           "seconds": round(time.time() - started, 1), "summary": summarize(processes, labels),
-           "processes": processes}
-    ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(doc, indent=1) + "\n")
+            doc = {"benchmark": "engine step tok/s on several revisions, alternating (bench_revisions)",
+                   "command": " ".join([sys.executable, "-m", "sparkserve.benchmarks.bench_revisions",
+                                        *(argv or sys.argv[1:])]),
+                   "revisions": {label: {"rev": rev, "commit": commits[label], "engine_from": origins[label]}
+                                 for label, rev in revs},
+                   "bench_args": bench_args, "machine": machine(), "load_avg_during": load,
+                   "seconds": round(time.time() - started, 1), "summary": summarize(processes, labels),
+                   "processes": processes}
+            ns.out.parent.mkdir(parents=True, exist_ok=True)
+            ns.out.write_text(json.dumps(doc, indent=1) + "\n")  # after every process: a cut-off run keeps its rows
     print(json.dumps(doc["summary"], indent=1))
-
 
 if __name__ == "__main__":
     main()

@@ -35,3 +35,8 @@ def test_summary_pairs_each_round_and_leaves_the_warm_up_out() -> None:
     assert ratio["paired"] == [1.25, 1.0]
     assert (ratio["paired_min"], ratio["paired_max"], ratio["paired_median"]) == (1.0, 1.25, 1.125)
     assert ratio["ratio_of_medians"] == pytest.approx(350.0 / 400.0)
+
+
+def test_summary_without_a_pair_has_no_ratio() -> None:
+    (cell,) = summarize([_process(None, "before", 1.0), _process(0, "before", 10.0)], ["before", "after"])
+    assert cell["after_over_before"] is None and cell["tok_per_s"] == {"before": [400.0], "after": []}
