@@ -10,7 +10,8 @@ check of a change that must not slow the engine (issue 27: "within 3 %").
     python -m sparkserve.benchmarks.bench_revisions --merge piece0.json piece1.json --out pooled.json
 
 Each revision is exported with ``git archive`` into a temporary folder and run as its own process with
-that folder first on ``PYTHONPATH`` (``sparkserve/__init__.py`` then maps ``sparkserve.engine`` to the
+that folder as its working directory and first on ``PYTHONPATH`` (``python -m`` puts the working directory
+ahead of ``PYTHONPATH``, so a checkout's own ``sparkserve/`` would win elsewhere; ``sparkserve/__init__.py`` then maps ``sparkserve.engine`` to the
 folder's ``engine/``, which each child reports back), the same virtual environment, and its own
 ``XDG_CACHE_HOME`` (revisions keep their own CPU plan and kernel caches). Each revision runs its own
 copy of ``bench_step_breakdown`` (``benchmarks/`` or, in older trees, ``loadtests/``), whose timers wrap
@@ -71,7 +72,7 @@ def child_env(tree: Path, cache: Path) -> dict[str, str]:
 def engine_origin(tree: Path, cache: Path) -> str:
     """Where ``sparkserve.engine`` is imported from with ``tree`` on the path (must be inside ``tree``)."""
     code = "import sparkserve.engine as e; print(e.__file__)"
-    return subprocess.run([sys.executable, "-c", code], env=child_env(tree, cache), check=True,
+    return subprocess.run([sys.executable, "-c", code], env=child_env(tree, cache), cwd=tree, check=True,
                           capture_output=True, text=True).stdout.strip()
 
 
@@ -80,7 +81,8 @@ def run_once(tree: Path, cache: Path, bench_args: list[str], label: str, timeout
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         argv = [sys.executable, "-m", bench_module(tree), *bench_args, "--label", label, "--out", str(out)]
-        done = subprocess.run(argv, env=child_env(tree, cache), capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(argv, env=child_env(tree, cache), cwd=tree, capture_output=True, text=True,
+                              timeout=timeout_s)
         if done.returncode != 0:
             sys.exit(f"{label} failed ({done.returncode}):\n{done.stderr[-3000:]}")
         return json.loads(out.read_text())["results"]
