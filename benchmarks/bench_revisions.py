@@ -11,8 +11,9 @@ check of a change that must not slow the engine (issue 27: "within 3 %").
 
 Each revision is exported with ``git archive`` into a temporary folder and run as its own process with
 that folder as its working directory and first on ``PYTHONPATH`` (``python -m`` puts the working directory
-ahead of ``PYTHONPATH``, so a checkout's own ``sparkserve/`` would win elsewhere; ``sparkserve/__init__.py`` then maps ``sparkserve.engine`` to the
-folder's ``engine/``, which each child reports back), the same virtual environment, and its own
+ahead of ``PYTHONPATH``: elsewhere a checkout's own ``sparkserve/`` would win). Its ``sparkserve/__init__.py``
+then maps ``sparkserve.engine`` to the folder's ``engine/``, which each child reports back. The same
+virtual environment serves every revision; each has its own
 ``XDG_CACHE_HOME`` (revisions keep their own CPU plan and kernel caches). Each revision runs its own
 copy of ``bench_step_breakdown`` (``benchmarks/`` or, in older trees, ``loadtests/``), whose timers wrap
 seams every version has: engine step tok/s = batch / median ``EngineCore.step`` wall time over steady
