@@ -140,14 +140,20 @@ def prepare(revs: list[tuple[str, str]], repo: Path, work: Path) -> tuple[dict, 
     return trees, commits, origins, fresh
 
 
-def merge(paths: list[Path]) -> dict:
-    """Pool the processes of several runs (pieces of one comparison: same revisions and bench arguments)."""
+def merge(paths: list[Path], exclude_rounds: frozenset[int] = frozenset()) -> dict:
+    """Pool the processes of several runs (pieces of one comparison: same revisions and bench arguments);
+    the rounds in ``exclude_rounds`` count as warm-up (kept in the processes with ``round`` None and
+    ``excluded_round`` set, left out of the summary)."""
     docs = [json.loads(p.read_text()) for p in paths]
     labels = list(docs[0]["revisions"])
     if any(list(d["revisions"]) != labels or d["bench_args"] != docs[0]["bench_args"] for d in docs):
         sys.exit("the pieces compare different revisions or bench arguments")
     processes = [p for d in docs for p in d["processes"]]
+    for p in processes:
+        if p["round"] in exclude_rounds:
+            p["excluded_round"], p["round"] = p["round"], None
     return {**docs[0], "command": [d["command"] for d in docs], "pieces": [str(p) for p in paths],
+            "excluded_rounds": sorted(exclude_rounds),
             "machine": [d["machine"] for d in docs], "load_avg_during": [d["load_avg_during"] for d in docs],
             "seconds": sum(d["seconds"] for d in docs), "summary": summarize(processes, labels),
             "processes": processes}
@@ -162,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="keep the exported trees and their caches here between pieces (default: a temporary one)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, help="pool these runs' JSON into --out")
+    parser.add_argument("--exclude-round", type=int, action="append", default=[],
+                        help="with --merge: a round to count as warm-up (e.g. one that ran with cold caches)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--configs", nargs="+", default=["none"])
     parser.add_argument("--max-tokens", type=int, default=48)
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     ns = parser.parse_args(argv)
     if ns.merge:
-        doc = merge(ns.merge)
+        doc = merge(ns.merge, frozenset(ns.exclude_round))
         ns.out.write_text(json.dumps(doc, indent=1) + "\n")
         print(json.dumps(doc["summary"], indent=1))
         return

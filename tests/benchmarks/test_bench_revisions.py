@@ -40,3 +40,21 @@ def test_summary_pairs_each_round_and_leaves_the_warm_up_out() -> None:
 def test_summary_without_a_pair_has_no_ratio() -> None:
     (cell,) = summarize([_process(None, "before", 1.0), _process(0, "before", 10.0)], ["before", "after"])
     assert cell["after_over_before"] is None and cell["tok_per_s"] == {"before": [400.0], "after": []}
+
+
+def test_merge_pools_pieces_and_can_count_a_round_as_warm_up(tmp_path: Path) -> None:
+    import json
+
+    from sparkserve.benchmarks.bench_revisions import merge
+
+    base = {"revisions": {"before": {}, "after": {}}, "bench_args": ["--batch", "4"], "command": "c", "machine": {},
+            "load_avg_during": [], "seconds": 1.0}
+    pieces = [[_process(0, "before", 1.0), _process(0, "after", 1.0)],  # e.g. cold caches
+              [_process(1, "after", 8.0), _process(1, "before", 10.0)]]
+    for i, processes in enumerate(pieces):
+        (tmp_path / f"p{i}.json").write_text(json.dumps({**base, "processes": processes}))
+    paths = [tmp_path / "p0.json", tmp_path / "p1.json"]
+    assert merge(paths)["summary"][0]["after_over_before"]["paired"] == [1.0, 1.25]
+    doc = merge(paths, frozenset({0}))
+    assert doc["summary"][0]["after_over_before"]["paired"] == [1.25]
+    assert [p.get("excluded_round") for p in doc["processes"]] == [0, 0, None, None]
