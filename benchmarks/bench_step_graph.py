@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sparkserve.benchmarks.bench_step_breakdown import machine
-from sparkserve.engine.attention import build_step_metadata
+from sparkserve.engine.attention import build_step_metadata, new_kv_cache
 from sparkserve.engine.cpu_plan import cpu_signature
 from sparkserve.engine.staging import HostStaging
 from sparkserve.engine.step_graph import StepGraph, default_buckets
@@ -52,7 +52,8 @@ def main() -> None:
     ns = parser.parse_args()
     max_blocks = ns.context // BLOCK + 2
     target = tiny_target(seed=0, head_dim=16)
-    graph = StepGraph(target.model, [], HEADS, BLOCK, max_blocks, scratch_block=0,
+    caches = [new_kv_cache(1, BLOCK, HEADS[0], 16, torch.float32)]  # host staging only: no forward runs
+    graph = StepGraph(target.model, caches, HEADS, BLOCK, max_blocks, scratch_block=0,
                       buckets=default_buckets(max(ns.batch)), staging=HostStaging(torch.device("cpu")))
     staging = HostStaging(torch.device("cpu"), pack_on_cpu=True)
     rows = []

@@ -85,6 +85,7 @@ def main() -> None:
     # (TP, torch threads per rank): TP = 1 with all cores and with half of them (the per-rank share at TP = 2)
     configs = {f"tp1_threads{cores_n}": (1, cores_n), f"tp1_threads{half}": (1, half), f"tp2_threads{half}": (2, half)}
     rounds: dict[str, list[dict]] = {name: [] for name in configs}
+    load_before = os.getloadavg()
     try:
         for tp, threads in configs.values():  # warm-up, not recorded
             _round(engines[tp], threads, ns.batch, ns.prompt_len, 2)
@@ -100,6 +101,7 @@ def main() -> None:
     result = {
         "benchmark": "tensor_parallel_cpu", "machine": machine() | {"cpu_flags": " ".join(signature.flags)},
         "note": "shared 2-core machine: TP=2 splits the same cores between two processes (gloo over loopback)",
+        "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
         "model": dataclasses.asdict(CONFIG), "batch": ns.batch, "prompt_len": ns.prompt_len,
         "max_tokens": ns.max_tokens, "rounds": rounds, "decode_step_ms_median": med,
         "tp2_over_tp1_decode_step": {name: med[tp2] / med[name] for name in configs if name != tp2},

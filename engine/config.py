@@ -137,13 +137,6 @@ class EngineArgs:
                              "order is not fixed)")
         if self.tensor_parallel_size > 1 and self.compile:
             raise ValueError("--compile is not supported with --tensor-parallel-size > 1")
-        if self.tensor_parallel_size > 1 and self.drafter != "none" and self.profile_path is None:
-            from sparkserve.scheduler.policy.spec import parse_policy
-
-            if parse_policy(self.verify_policy or "dspark").needs_profile:
-                raise ValueError(f"--verify-policy {self.verify_policy or 'dspark'} measures a throughput profile at "
-                                 "start-up, which tensor parallelism cannot (rank 0 alone would run the sharded "
-                                 "step): pass --verify-policy fixed:K or none, or --profile PATH")
         if self.dtype not in ("float32", "bfloat16", "auto"):
             raise ValueError(f"dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
         if self.block_size < 1:

@@ -15,6 +15,7 @@ from torch import nn
 
 from sparkserve.engine.config import EngineArgs, resolve_device
 from sparkserve.engine.cpu_plan import CpuPlan
+from sparkserve.engine.graph_memory import GraphReserve, engine_graph_shapes, graph_reserve, kv_cache_budget
 from sparkserve.engine.loader import LoadedModel, load_model
 from sparkserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from sparkserve.engine.outputs import EngineStats, StepStats
@@ -105,6 +106,7 @@ class EngineCore:
             if args.quantization == "int4" and self.device.type == "cpu":  # its decoder layers, by the same routing
                 quantize_linears_(getattr(getattr(drafter, "dspark", drafter), "layers", nn.ModuleList()), self.routing)
         self.drafter = drafter
+        self.graph_reserve: GraphReserve | None = None  # the step graphs' reserve when it sized the KV cache
         num_blocks = args.num_kv_blocks
         if num_blocks is None:
             per_block = kv_cache_bytes_per_block(shard_config(config, args.tensor_parallel_size), args.block_size,
@@ -135,9 +137,14 @@ class EngineCore:
                 batch_invariant=args.batch_invariant)
             if args.warm_up_kernels:  # CUDA with the Triton kernels: compile_check's list, then the step graphs
                 self.runner.warm_up_kernels()
+                _log_graph_memory(self.graph_reserve, self.runner.graph_memory_bytes)
         if self.runner.compiled:
             self.runner.warm_up_compile(make_step_fn(self.runner, num_blocks))
-        self.controller = self._make_controller(profile)
+        try:  # the start-up probe steps every tensor-parallel rank: a failure must stop the workers
+            self.controller = self._make_controller(profile)
+        except BaseException:
+            self.close()
+            raise
         gamma = drafter.num_speculative_tokens if drafter is not None else 0
         self.kv_events = (KVEventPublisher(args.kv_events_endpoint, args.kv_events_topic,
                                            replay_endpoint=args.kv_events_replay_endpoint)
@@ -202,13 +209,12 @@ class EngineCore:
 
         free, total = torch.cuda.mem_get_info(self.device)
         peak = activation_peak_bytes(self.loaded.model, args.max_num_batched_tokens, dtype, self.device)
-        peak += _split_scratch_reserve(self.loaded.config, args, self.drafter)
-        budget = int(total * args.gpu_memory_utilization) - (total - free) - peak
-        if budget <= 0:
-            raise ValueError(f"no memory left for the KV cache at --gpu-memory-utilization "
-                             f"{args.gpu_memory_utilization} ({(total - free) / 2**30:.1f} GiB in use, "
-                             f"{peak / 2**30:.1f} GiB activation peak)")
-        return budget
+        if _step_graphs_on(args):  # what the step graphs will hold (engine/graph_memory.py)
+            shapes = engine_graph_shapes(self.loaded.config, args.block_size, args.max_num_seqs, self.max_model_len,
+                                         dtype, self.drafter)
+            self.graph_reserve = graph_reserve(shapes, peak, args.max_num_batched_tokens)
+        return kv_cache_budget(total, total - free, args.gpu_memory_utilization, peak,
+                               _split_scratch_reserve(self.loaded.config, args, self.drafter), self.graph_reserve)
 
     def _cpu_plan(self) -> CpuPlan | None:
         """The CPU plan (cached, else measured; logged as a table) on the CPU with ``--cpu-plan``; None
@@ -239,8 +245,8 @@ class EngineCore:
         return plan
 
     def profile_key(self) -> dict[str, str | int]:
-        """What a cached throughput profile of this engine is valid for (model, dtype, device,
-        drafter and its draft vocabulary, step budgets, threads)."""
+        """What a cached throughput profile of this engine is valid for (model, dtype, device and tensor-parallel
+        size, drafter and its draft vocabulary, step budgets, threads)."""
         args = self.args
         drafter = f"{args.drafter or 'default'}@{effective_draft_vocab(args)}"
         if args.speculative_method != "dspark":
@@ -248,6 +254,8 @@ class EngineCore:
         device = "cpu" if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
         if self.runner.graphs is not None:  # graph-served steps follow the bucket staircase
             device += "+graphs"
+        if args.tensor_parallel_size > 1:  # every rank's step, measured together (per-rank threads below)
+            device += f"+tp{args.tensor_parallel_size}"
         return profile_key(self.model_name, self.dtype_name, drafter, args.max_num_batched_tokens,
                            args.max_num_seqs, torch.get_num_threads(), device, quantization=self.quantization_key(),
                            compiled=self.runner.compiled, plan=self.plan.summary() if self.plan is not None else "")
@@ -372,6 +380,21 @@ class EngineCore:
             if steps is not None and self.last_step is not None:
                 steps.append(self.last_step)
         return [tokens[rid] for rid in ids]
+
+
+def _step_graphs_on(args: EngineArgs) -> bool:
+    """Whether the runner on CUDA will serve steps through graphs (``ModelRunner``'s ``step_graphs`` rule)."""
+    return args.cuda_graphs == "on" or (args.cuda_graphs == "auto" and args.attention_backend in ("auto", "triton"))
+
+
+def _log_graph_memory(reserve: GraphReserve | None, measured: int) -> None:
+    """The step graphs' reserve against what their capture took (``torch.cuda.memory_reserved`` growth);
+    a warning when the capture took more (the KV cache then eats the activations' room)."""
+    if reserve is None or not measured:
+        return
+    log = logger.warning if measured > reserve.total else logger.info
+    log("step graphs: %.1f MiB reserved before sizing the KV cache, their capture took %.1f MiB",
+        reserve.total / 2**20, measured / 2**20)
 
 
 def _split_scratch_reserve(config, args: EngineArgs, drafter: Drafter | None) -> int:  # noqa: ANN001

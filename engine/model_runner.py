@@ -26,13 +26,13 @@ from sparkserve.engine.models.llama import LlamaForCausalLM
 from sparkserve.engine.sampling.logprobs import PromptLogprobs
 from sparkserve.engine.sampling.mask import LogitsMask, RequestLogitsMask
 from sparkserve.engine.sampling.metadata import SamplingMetadata
+from sparkserve.engine.spec_decode.draft_graph import draft_step_graph, table_tensor
 from sparkserve.engine.spec_decode.draft_store import DraftStore
 from sparkserve.engine.spec_decode.drafter import DraftOutput
 from sparkserve.engine.spec_decode.rejection import DraftProbs, RaggedDrafts
 from sparkserve.engine.spec_decode.speculator import Speculator
 from sparkserve.engine.spec_decode.verifier import Verifier, VerifyInput, VerifyOutput, emitted_tokens
-from sparkserve.engine.step_graph import StepGraph, default_buckets
-from sparkserve.kernels.attention_metadata import SHORT_ROWS_MAX
+from sparkserve.engine.step_graph import StepGraph, default_buckets, graph_q_lens
 from sparkserve.kernels.common import interpreting
 from sparkserve.scheduler.outputs import DraftProposal, RunnerOutput, ScheduledSeq, SchedulerOutput
 
@@ -66,7 +66,8 @@ class ModelRunner:
             :meth:`warm_up_compile` before serving).
         step_graphs: run decode and uniform verify steps through ``engine/step_graph.py`` (CUDA graphs at
             padded buckets; the same static buffers eagerly off CUDA); None = on CUDA with the Triton kernels.
-            The KV cache then holds one extra block, the pad rows' scratch block.
+            The KV cache then holds one extra block, the pad rows' scratch block. A DSpark drafter's block
+            forward is served the same way (``engine/spec_decode/draft_graph.py``).
     """
 
     def __init__(
@@ -116,6 +117,9 @@ class ModelRunner:
         self.verifier = Verifier(mask, unseeded_coupling, use_kernels=use_kernels)
         self.mask = mask
         self.graphs = _step_graphs(self, heads, num_blocks, max_num_seqs, gamma) if graphs else None
+        self.draft_graphs = (draft_step_graph(speculator, self.graphs.buckets, self.batch.block_table.shape[1],
+                                              self.graphs.pool) if self.graphs is not None and speculator else None)
+        self.graph_memory_bytes = 0  # device memory the graphs' capture took (``warm_up_kernels``, CUDA)
         self.compiled = False
         if compile:
             from sparkserve.engine.compile_step import compile_layers
@@ -137,8 +141,9 @@ class ModelRunner:
 
     def warm_up_kernels(self, compile_fn: Callable | None = None) -> list[str]:
         """Before serving on CUDA with the Triton kernels: compile ``kernels/compile_check``'s warm-up list for
-        this model (``served_variants``; RuntimeError when one exceeds the card's shared memory), then
-        capture every step graph. ``compile_fn(variant, arch)`` replaces the compiler (dry runs on the CPU,
+        this model and for a DSpark drafter served by graphs when its heads differ (``served_variants``;
+        RuntimeError when one exceeds the card's shared memory), then capture every step graph (the target's,
+        then the drafter's). ``compile_fn(variant, arch)`` replaces the compiler (dry runs on the CPU,
         where nothing is captured). Returns the variant names compiled ([] when the kernels do not serve)."""
         heads = self.batch.kernel_heads
         if heads is None or (self.device.type != "cuda" and compile_fn is None):
@@ -150,12 +155,17 @@ class ModelRunner:
         limit = (torch.cuda.get_device_properties(self.device).shared_memory_per_block_optin if cuda
                  else compile_check.SM90_SHARED_MEMORY_PER_BLOCK)
         start = time.perf_counter()
-        done = compile_check.warm_up(heads[1], self.config.head_dim, self.kv_caches[0][0].dtype, 10 * major + minor,
-                                     limit, compile_fn)
-        captured = self.graphs.capture_all() if self.graphs is not None else 0
+        shapes = [(heads[1], self.config.head_dim)]  # (G, head dim): the target's, then the drafter graphs'
+        if self.draft_graphs is not None:
+            shapes.append((self.draft_graphs.kernel_heads[1], self.speculator.kv_caches[0][0].shape[-1]))
+        done = [v for group, head_dim in dict.fromkeys(shapes) for v in compile_check.warm_up(
+            group, head_dim, self.kv_caches[0][0].dtype, 10 * major + minor, limit, compile_fn)]
+        reserved = torch.cuda.memory_reserved(self.device) if cuda else 0
+        captured = sum(g.capture_all() for g in (self.graphs, self.draft_graphs) if g is not None)
+        self.graph_memory_bytes = torch.cuda.memory_reserved(self.device) - reserved if cuda else 0
         logger.info("kernels warmed up: %d variants compiled, %d step graphs captured in %.1f s", len(done), captured,
                     time.perf_counter() - start)
-        return [name for name, _ in done]
+        return list(dict.fromkeys(name for name, _ in done))
 
     # ------------------------------------------------------------------ step
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -255,12 +265,17 @@ class ModelRunner:
                                dtype=torch.bool)  # [D]
         known_end = torch.tensor([s.start_pos + s.num_known_tokens for s in seqs], dtype=torch.int64)  # [N]
         draft_rows = torch.tensor(drafting, dtype=torch.int64)  # [R_d]
+        draft_tables = None  # [R_d, W] int32 the drafter's block tables (read on the device)
+        if drafting and self.speculator.device_tables:
+            states = [self.batch.requests[rids[i]] for i in drafting]
+            draft_tables = table_tensor(self.speculator.draft_tables([seqs[i].end_pos for i in drafting],
+                                                                     [st.block_ids for st in states]))
         return _StepTensors(
             drafts=torch.tensor([t for s in seqs for t in s.spec_token_ids], dtype=torch.int64),
             sampling=self.batch.sampling_metadata(rids, host), first_positions=known_end,
             draft_rows=draft_rows, draft_known_end=known_end.index_select(0, draft_rows),
             draft_sampling=self.batch.sampling_metadata([rids[i] for i in drafting], host) if drafting else None,
-            draft_q=tuple(draft_q), one_hot=one_hot)
+            draft_q=tuple(draft_q), one_hot=one_hot, draft_tables=draft_tables)
 
     def _verify_input(self, seqs: Sequence[ScheduledSeq], logits: torch.Tensor, small: _StepTensors) -> VerifyInput:
         """Drafts from the scheduler (``ScheduledSeq.spec_token_ids``), their q from the draft store."""
@@ -298,7 +313,7 @@ class ModelRunner:
 
         histories = [self.batch.history(rid) for rid in rids] if spec.drafter.needs_token_history else None
         out = spec.propose(anchors, starts, [seqs[i].end_pos for i in rows], [st.block_ids for st in states],
-                           sampling, coupled, histories, mask_fn, rids)
+                           sampling, coupled, histories, mask_fn, rids, self.draft_graphs, small.draft_tables)
         free = out.q_rows if out.q_rows is not None else [
             r for r in range(len(rows)) if not sampling.greedy[r] and not coupled[r]]
         return _Drafted(out, free)
@@ -340,11 +355,9 @@ class ModelRunner:
 
 def _step_graphs(runner: ModelRunner, heads: tuple[int, int], num_blocks: int, max_num_seqs: int,
                  gamma: int) -> StepGraph:
-    """The runner's ``StepGraph``: decode (q = 1) and verify blocks of K = 1, 2, 4, 8 and gamma drafts (those
-    the block size and one short kernel tile hold) at ``default_buckets(max_num_seqs)``; the scratch block is
-    the cache's last (``num_blocks``)."""
-    limit = min(runner.block_size, SHORT_ROWS_MAX // heads[1])
-    q_lens = sorted({1} | {1 + k for k in (1, 2, 4, 8, gamma) if 1 <= k <= gamma and 1 + k <= limit})
+    """The runner's ``StepGraph``: decode (q = 1) and verify blocks (``graph_q_lens``) at
+    ``default_buckets(max_num_seqs)``; the scratch block is the cache's last (``num_blocks``)."""
+    q_lens = graph_q_lens(runner.block_size, heads[1], gamma)
     aux_ids = runner.speculator.target_layer_ids if runner.speculator is not None else ()
     return StepGraph(runner.model, runner.kv_caches, heads, runner.block_size, runner.batch.block_table.shape[1],
                      scratch_block=num_blocks, buckets=default_buckets(max_num_seqs), q_lens=q_lens,
@@ -366,6 +379,8 @@ class _StepTensors:
         draft_q: per sampling sequence, the stored q ``[K, V']`` of its freely sampled drafts (already on the
             device: not staged), or None (one-hot drafts, or none).
         one_hot: ``[D]`` bool, which drafts are one-hot (``DraftProbs.one_hot``).
+        draft_tables: ``[R_d, W]`` int32 the drafting rows' drafter block tables when the drafter reads them
+            on the device (``Speculator.device_tables``; ``Speculator.draft_tables``), else None.
     """
 
     drafts: torch.Tensor
@@ -376,6 +391,7 @@ class _StepTensors:
     draft_sampling: SamplingMetadata | None
     draft_q: tuple[torch.Tensor | None, ...]
     one_hot: torch.Tensor
+    draft_tables: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

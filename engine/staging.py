@@ -110,6 +110,11 @@ def _layout(specs: Sequence[tuple[Sequence[int], torch.dtype]]) -> tuple[list[in
     return offsets, total
 
 
+def packed_nbytes(specs: Sequence[tuple[Sequence[int], torch.dtype]]) -> int:
+    """Bytes of tensors of these (shape, dtype) packed as :func:`packed_views` lays them out."""
+    return _layout(specs)[1]
+
+
 def packed_views(specs: Sequence[tuple[Sequence[int], torch.dtype]], device: torch.device
                  ) -> tuple[Tensor, list[Tensor]]:
     """A zeroed device byte buffer and views of it with these (shape, dtype), in :meth:`HostStaging.copy_into`'s

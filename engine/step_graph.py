@@ -16,6 +16,11 @@ On CUDA each key's forward is captured once (``torch.cuda.graph``, one memory po
 first as nano-vllm does) and replayed; elsewhere :meth:`StepGraph.run` runs the same forward eagerly on the
 same static buffers, so everything but the capture call (buffer handling, padding, metadata, bucket choice)
 is exercised on the CPU (under ``TRITON_INTERPRET=1``). Prefill and mixed steps stay eager.
+
+The DSpark drafter's block forward (``q = gamma`` bidirectional tokens per request, ``causal=False``) uses
+the same machinery (``engine/spec_decode/draft_graph.py``): its inputs are computed on the device from the
+verify step's accepted counts, so they are filled with :meth:`StepGraph.stage_device` (device copies only),
+and it shares the target's memory pool.
 """
 
 from __future__ import annotations
@@ -42,6 +47,14 @@ def default_buckets(max_batch: int) -> tuple[int, ...]:
     """1, 2, 4, 8, then every 16 up to ``max_batch`` (which is always included)."""
     buckets = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
     return tuple(sorted(set(buckets)))
+
+
+def graph_q_lens(block_size: int, group: int, gamma: int) -> tuple[int, ...]:
+    """Query tokens per sequence the target's graphs serve: decode (1) and verify blocks of K = 1, 2, 4, 8 and
+    ``gamma`` drafts, those the scratch block (``block_size`` tokens) and one short kernel tile
+    (``q * group <= SHORT_ROWS_MAX``) hold."""
+    limit = min(block_size, SHORT_ROWS_MAX // group)
+    return tuple(sorted({1} | {1 + k for k in (1, 2, 4, 8, gamma) if 1 <= k <= gamma and 1 + k <= limit}))
 
 
 class GraphKey(NamedTuple):
@@ -82,27 +95,33 @@ class StepGraph:
     """Uniform steps of ``model`` at padded buckets over static buffers (module docstring).
 
     Args:
-        model: the target (``LlamaForCausalLM``), its ``kv_caches`` (head-major, ``engine.attention.new_kv_cache``).
+        model: the forward, ``model(input_ids [N], positions [N], kv_caches, AttentionMetadata, aux_layer_ids)
+            -> (hidden [N, d], aux [N, A * d] or None)``: the target (``LlamaForCausalLM``) or the DSpark
+            drafter's backbone; ``kv_caches``: its paged pools (head-major, ``engine.attention.new_kv_cache``).
         kernel_heads: ``(Hkv, G)``; block_size / max_blocks: the block tables' shape per row.
-        scratch_block: a KV block no sequence owns (pad rows write and read there).
+        scratch_block: the first of ``scratch_blocks`` consecutive KV blocks no sequence owns (pad rows write
+            and read there; pad row column j is block ``scratch_block + min(j, scratch_blocks - 1)``).
         buckets: padded batch sizes; q_lens: query tokens per sequence served by graphs (1 = decode).
         staging: the runner's host staging (one copy per step); a private one when None.
         aux_layer_ids: the model's auxiliary outputs (the drafter's context features), captured too.
         num_splits: split-KV count of every key (None: ``split_heuristic`` per bucket at the longest context).
+        causal: False for bidirectional blocks (the DSpark drafter's).
+        pool: the CUDA graph memory pool to share (another ``StepGraph``'s ``pool``); a new one when None.
     Raises:
-        ValueError: a q_len over the scratch block or past one short tile of the kernels.
+        ValueError: a q_len over the scratch blocks or past one short tile of the kernels.
     """
 
     def __init__(self, model, kv_caches: list[tuple[Tensor, Tensor]], kernel_heads: tuple[int, int],  # noqa: ANN001
                  block_size: int, max_blocks: int, scratch_block: int, buckets: Sequence[int],
                  q_lens: Sequence[int] = (1,), staging: HostStaging | None = None,
-                 aux_layer_ids: tuple[int, ...] = (), num_splits: int | None = None) -> None:
+                 aux_layer_ids: tuple[int, ...] = (), num_splits: int | None = None, causal: bool = True,
+                 scratch_blocks: int = 1, pool: object | None = None) -> None:
         for q in q_lens:
-            if not 1 <= q <= block_size or q * kernel_heads[1] > SHORT_ROWS_MAX:
-                raise ValueError(f"q_len {q}: a graph step needs 1 <= q <= block size {block_size} and "
-                                 f"q * G <= {SHORT_ROWS_MAX}")
+            if not 1 <= q <= scratch_blocks * block_size or q * kernel_heads[1] > SHORT_ROWS_MAX:
+                raise ValueError(f"q_len {q}: a graph step needs 1 <= q <= {scratch_blocks} scratch block(s) of "
+                                 f"{block_size} tokens and q * G <= {SHORT_ROWS_MAX}")
         self.model, self.kv_caches = model, kv_caches
-        self.device = model.embed_tokens.weight.device
+        self.device = kv_caches[0][0].device
         self.kernel_heads = kernel_heads
         self.block_size, self.max_blocks, self.scratch_block = block_size, max_blocks, scratch_block
         self.buckets = tuple(sorted(set(buckets)))
@@ -110,8 +129,15 @@ class StepGraph:
         self.staging = staging if staging is not None else HostStaging(self.device)
         self.aux_layer_ids = aux_layer_ids
         self.num_splits = num_splits
+        self.causal = causal
         self.steps: dict[GraphKey, StaticStep] = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        if pool is None and self.device.type == "cuda":
+            pool = torch.cuda.graph_pool_handle()
+        self.pool = pool
+        # [max_blocks] int32 the pad rows' block table (on the host for ``stage``, on the device for ``stage_device``)
+        self.pad_table = torch.arange(max_blocks).clamp_(max=scratch_blocks - 1).add_(scratch_block).to(torch.int32)
+        self._pad_table_device = (torch.arange(max_blocks, device=self.device).clamp_(max=scratch_blocks - 1)
+                                  .add_(scratch_block).to(torch.int32))
 
     @property
     def replays(self) -> int:
@@ -145,7 +171,7 @@ class StepGraph:
                           block_m, block_m // group, splits, q)
         meta = RaggedAttentionMetadata(
             cu_seqlens_q=torch.arange(0, rows * q + 1, q, dtype=i32, device=dev), kv_lens=kv_lens,
-            start_pos=start_pos, block_tables=tables, causal=torch.ones(rows, dtype=i32, device=dev),
+            start_pos=start_pos, block_tables=tables, causal=torch.full((rows,), int(self.causal), dtype=i32, device=dev),
             slot_mapping=slots, groups=(tiles,), num_tokens=rows * q, block_size=self.block_size,
             num_queries_per_kv=group, max_kv_len=max_kv_len)
         step = StaticStep(key, packed, input_ids, positions, meta)
@@ -166,7 +192,7 @@ class StepGraph:
         num_seqs = len(kv_lens)
         pad = rows - num_seqs
         pos = torch.cat([positions.to(torch.int64), torch.arange(q).repeat(pad)])  # [N]
-        tables = torch.full((rows, self.max_blocks), self.scratch_block, dtype=torch.int32)
+        tables = self.pad_table.repeat(rows, 1)  # [rows, max_blocks]
         width = min(block_tables.shape[1], self.max_blocks)
         tables[:num_seqs, :width] = block_tables[:, :width].to(torch.int32)
         owner = torch.arange(rows).repeat_interleave(q)  # [N] sequence of each token
@@ -175,6 +201,33 @@ class StepGraph:
         ids = torch.cat([input_ids.to(torch.int64), torch.zeros(pad * q, dtype=torch.int64)])
         self.staging.copy_into([ids, pos, slots, lens, lens - q, tables], step.packed)
         step.num_tokens = num_seqs * q
+        return step
+
+    def stage_device(self, step: StaticStep, input_ids: Tensor, positions: Tensor, block_tables: Tensor,
+                     kv_lens: Tensor) -> StaticStep:
+        """:meth:`stage` from tensors already on the device (the drafter's anchors and their positions come
+        from the verify step there): device copies and arithmetic only, no host read, no host copy.
+
+        Args:
+            input_ids / positions: ``[n * q]`` int64 device tensors, sequence after sequence.
+            block_tables: ``[n, >= 1]`` device block ids (columns past ``max_blocks`` dropped).
+            kv_lens: ``[n]`` device ints (context + this step's tokens).
+        """
+        q, rows = step.key
+        num_seqs, meta = int(kv_lens.shape[0]), step.meta
+        num_tokens = num_seqs * q
+        step.input_ids.zero_()[:num_tokens].copy_(input_ids)
+        token = torch.arange(rows * q, device=self.device)  # [N]
+        step.positions.copy_(token % q)[:num_tokens].copy_(positions)
+        width = min(int(block_tables.shape[1]), self.max_blocks)
+        meta.block_tables.copy_(self._pad_table_device.expand(rows, -1))[:num_seqs, :width].copy_(
+            block_tables[:, :width])
+        meta.kv_lens.fill_(q)[:num_seqs].copy_(kv_lens)
+        meta.start_pos.copy_(meta.kv_lens - q)
+        pos = step.positions
+        meta.slot_mapping.copy_(meta.block_tables.long()[token // q, pos // self.block_size] * self.block_size
+                                + pos % self.block_size)
+        step.num_tokens = num_tokens
         return step
 
     def run(self, step: StaticStep) -> tuple[Tensor, Tensor | None]:

@@ -6,6 +6,10 @@ row (a verify step needs logits for all ``1 + l_r`` rows), and, with a drafter, 
 forward for the R requests. With a drafter, the drafter forward alone is also timed per R
 (``draft_time_s``: what a step saves for each request the scheduler does not draft for). The result
 is cached on disk keyed by model / dtype / device / settings.
+
+Under tensor parallelism every rank runs each synthetic step together (``TensorParallelRunner.probe_timers``
+broadcasts it): the sharded forward's all-reduces need every rank, and a served step costs what all ranks
+stepping together cost, so the profile is rank 0's time of the whole group's step.
 """
 
 from __future__ import annotations
@@ -14,16 +18,51 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
 from sparkserve.engine.attention import build_attention_metadata, build_step_metadata
 from sparkserve.engine.model_runner import ModelRunner
 from sparkserve.engine.sampling.metadata import SamplingMetadata
+from sparkserve.engine.spec_decode.speculator import Speculator
+from sparkserve.engine.step_graph import StepGraph
 from sparkserve.scheduler.profile import ThroughputProfile, default_grid, measure_profile, profile_cache_path
 from sparkserve.scheduler.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+class ProbeTimers(NamedTuple):
+    """What the start-up probe times on one engine.
+
+    Attributes:
+        step: ``step(B, R) -> seconds`` of one synthetic step (:func:`make_step_fn`).
+        draft: ``draft(R, sampled) -> seconds`` of one drafter forward (:func:`make_draft_fn`); None without
+            a drafter.
+    """
+
+    step: Callable[[int, int], float]
+    draft: Callable[[int, bool], float] | None
+
+
+@runtime_checkable
+class ProbedRunner(Protocol):
+    """A runner that times the probe's steps itself (``TensorParallelRunner``: on every rank together)."""
+
+    graphs: StepGraph | None
+    speculator: Speculator | None
+
+    def probe_timers(self, num_blocks: int) -> ProbeTimers: ...
+
+
+def probe_timers(runner: ModelRunner | ProbedRunner, num_blocks: int) -> ProbeTimers:
+    """The probe's timers: :func:`make_step_fn` / :func:`make_draft_fn` on a single-process runner, the
+    runner's own (``ProbedRunner.probe_timers``) otherwise."""
+    if isinstance(runner, ProbedRunner):
+        return runner.probe_timers(num_blocks)
+    draft = make_draft_fn(runner, num_blocks) if runner.speculator is not None else None
+    return ProbeTimers(make_step_fn(runner, num_blocks), draft)
 
 
 def _synthetic_tables(
@@ -84,7 +123,7 @@ def make_step_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128,
         gamma = spec.gamma if spec is not None else 0
         runner.model.compute_logits(hidden[: min(num_tokens, num_requests * (gamma + 1))])
         if spec is not None:
-            _synthetic_draft(runner, [ctx + q for q in q_lens], tables, sampled=False)
+            _synthetic_draft(runner, [ctx + q for q in q_lens], tables, sampled=False, use_graphs=use_graphs)
         synchronize(device)
         return time.perf_counter() - start
 
@@ -113,8 +152,10 @@ def make_draft_fn(runner: ModelRunner, num_blocks: int, context_len: int = 128) 
     return draft
 
 
-def _synthetic_draft(runner: ModelRunner, starts: list[int], tables: list[tuple[int, ...]], sampled: bool) -> None:
-    """One drafter forward for synthetic requests (greedy, or sampled at T = 1 without a seed)."""
+def _synthetic_draft(runner: ModelRunner, starts: list[int], tables: list[tuple[int, ...]], sampled: bool,
+                     use_graphs: bool = True) -> None:
+    """One drafter forward for synthetic requests (greedy, or sampled at T = 1 without a seed), through the
+    drafter's step graphs when the runner has them (as served) and ``use_graphs``."""
     spec = runner.speculator
     assert spec is not None
     num_requests = len(starts)
@@ -124,7 +165,7 @@ def _synthetic_draft(runner: ModelRunner, starts: list[int], tables: list[tuple[
     histories = [[0] * (s + 1) for s in starts] if spec.drafter.needs_token_history else None
     spec.propose(torch.zeros(num_requests, dtype=torch.int64, device=runner.device),
                  torch.tensor(starts, dtype=torch.int64, device=runner.device), starts, tables, sampling,
-                 (False,) * num_requests, histories)
+                 (False,) * num_requests, histories, graphs=runner.draft_graphs if use_graphs else None)
 
 
 def activation_peak_bytes(model, num_tokens: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -171,7 +212,7 @@ def profile_key(model_name: str, dtype: str, drafter: str, max_num_batched_token
 
 
 def load_or_measure_profile(
-    runner: ModelRunner, num_blocks: int, key: dict, max_num_batched_tokens: int, max_num_seqs: int,
+    runner: ModelRunner | ProbedRunner, num_blocks: int, key: dict, max_num_batched_tokens: int, max_num_seqs: int,
     path: str | None = None, progress: bool = True, repeats: int = 2,
 ) -> ThroughputProfile:
     """``--profile PATH`` if given; else the on-disk cache for ``key``; else measure and cache."""
@@ -192,9 +233,9 @@ def load_or_measure_profile(
     buckets = runner.graphs.buckets if runner.graphs is not None else ()
     batch_grid, request_grid = default_grid(max_num_batched_tokens, max_num_seqs, buckets)
     logger.info("profiling SPS(B, R) over %d x %d cells (cached afterwards)", len(batch_grid), len(request_grid))
-    draft_fn = make_draft_fn(runner, num_blocks) if runner.speculator is not None else None
-    profile = measure_profile(make_step_fn(runner, num_blocks), batch_grid, request_grid, repeats=repeats,
-                              warmup=1, progress=progress, key=key, draft_fn=draft_fn)
+    timers = probe_timers(runner, num_blocks)
+    profile = measure_profile(timers.step, batch_grid, request_grid, repeats=repeats,
+                              warmup=1, progress=progress, key=key, draft_fn=timers.draft)
     Path(cache).parent.mkdir(parents=True, exist_ok=True)
     profile.save(cache)
     return profile

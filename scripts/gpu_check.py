@@ -220,25 +220,28 @@ def trivial_kernel() -> dict:
 
 
 def engine_smoke(device: str, max_tokens: int = 8, graphs: str = "auto") -> dict:
-    """Greedy generation on a seeded tiny model (head dim 16: the kernels' smallest) with no speculation and
-    with fixed:3 from an oracle drafter, step graphs as ``graphs`` says (auto: on CUDA), and once more with
-    every step eager: the finish reasons of every request, the steps the graphs served, and a failure when
-    the eager tokens differ or CUDA served no graph step."""
+    """Greedy generation on a seeded tiny model (head dim 16: the kernels' smallest) with no speculation,
+    with fixed:3 from an oracle drafter and from a seeded random DSpark drafter (its block forward through
+    the drafter's step graphs), step graphs as ``graphs`` says (auto: on CUDA), and once more with every
+    step eager: the finish reasons of every request, the steps the graphs served, and a failure when any
+    run's tokens differ from the eager run's or CUDA served no graph step (target or drafter)."""
     from sparkserve.engine.config import EngineArgs
     from sparkserve.engine.core import EngineCore
     from sparkserve.scheduler.sampling_params import SamplingParams
     from sparkserve.testing.oracle import OracleDrafter
-    from sparkserve.testing.tiny import tiny_target
+    from sparkserve.testing.tiny import random_dspark, tiny_target
 
     result: dict = {"status": "ok", "device": device}
     prompts = [[(5 * i + 3) % 61 for i in range(n)] for n in (40, 7, 3)]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    for run in ("none", "fixed:3", "none eager"):  # graphs as configured (on CUDA: decode / verify replays)
-        policy = run.split()[0]
+    for run in ("none", "fixed:3", "dspark fixed:3", "none eager"):  # graphs as configured (CUDA: replays)
+        policy = run.split()[-1] if run.startswith("dspark") else run.split()[0]
         try:
             target = tiny_target(seed=4, head_dim=16)
             target.model.to(device)
-            drafter = OracleDrafter(target, block_size=3, seed=1, error_rate=0.5) if policy != "none" else None
+            drafter = None if policy == "none" else (
+                random_dspark(target, block_size=3, seed=2).to(device) if run.startswith("dspark")
+                else OracleDrafter(target, block_size=3, seed=1, error_rate=0.5))
             args = EngineArgs(dtype="float32", device=device, num_kv_blocks=64, block_size=16, max_num_seqs=4,
                               max_num_batched_tokens=32, drafter=None if drafter else "none",
                               verify_policy=None if policy == "none" else policy,
@@ -250,9 +253,10 @@ def engine_smoke(device: str, max_tokens: int = 8, graphs: str = "auto") -> dict
             result[run] = {"error": repr(exc), "traceback": traceback.format_exc()[-2000:]}
         if "error" in result[run] or result[run]["finish_errors"]:
             result["status"] = "failed"
-    if result["status"] == "ok" and (result["none"]["tokens"] != result["none eager"]["tokens"]
-                                     or (device == "cuda" and not result["none"]["graph_replays"])):
-        result["status"] = "failed"  # graph steps must be served, with the eager steps' tokens
+    if result["status"] == "ok" and (
+            any(result[run]["tokens"] != result["none eager"]["tokens"] for run in ("none", "fixed:3", "dspark fixed:3"))
+            or (device == "cuda" and not (result["none"]["graph_replays"] and result["dspark fixed:3"]["draft_graph_replays"]))):
+        result["status"] = "failed"  # graph steps must be served (target and drafter), with the eager steps' tokens
     return result
 
 
@@ -261,9 +265,10 @@ def smoke_outcome(core, prompts: list[list[int]], params) -> dict:
     from sparkserve.testing.engine_run import run_to_end
 
     run = run_to_end(core, prompts, params, prefix="smoke")
-    graphs = core.runner.graphs
+    graphs, draft_graphs = core.runner.graphs, core.runner.draft_graphs
     return {"tokens": run.tokens, "finish_reasons": run.finish_reasons, "finish_errors": run.num_errors,
-            "graph_replays": None if graphs is None else graphs.replays}
+            "graph_replays": None if graphs is None else graphs.replays,
+            "draft_graph_replays": None if draft_graphs is None else draft_graphs.replays}
 
 
 # ---------------------------------------------------------------- phase 1: tests
@@ -462,6 +467,7 @@ def serve_policy(policy: str, prompts: list[list[int]], args: argparse.Namespace
                  result: dict) -> None:
     """One policy's cells (appended as each ends) and its staircase."""
     core = make_core(policy)
+    result.setdefault("graph_memory", {})[policy] = guarded(lambda: graph_memory_check(core))
     serve_level(core, prompts[:4], 4, 8)  # warm-up
     for c in args.concurrency:
         if deadline.left() < 15:
@@ -472,6 +478,22 @@ def serve_policy(policy: str, prompts: list[list[int]], args: argparse.Namespace
         result["graph_vs_eager"] = graph_vs_eager(core)
     result["staircase"][policy] = staircase(core)
     free_core(core)
+
+
+def graph_memory_check(core) -> dict:
+    """The step graphs' reserve as the KV-cache sizing estimates it (engine/graph_memory.py, from this
+    device's activation peak) against what their capture took before ready (``graph_memory_bytes``), bytes."""
+    from sparkserve.engine.graph_memory import engine_graph_shapes, graph_reserve
+    from sparkserve.engine.throughput_probe import activation_peak_bytes
+
+    args, runner = core.args, core.runner
+    dtype = runner.kv_caches[0][0].dtype
+    peak = activation_peak_bytes(core.loaded.model, args.max_num_batched_tokens, dtype, core.device)
+    shapes = engine_graph_shapes(core.loaded.config, args.block_size, args.max_num_seqs, core.max_model_len, dtype,
+                                 core.drafter)
+    reserve = graph_reserve(shapes, peak, args.max_num_batched_tokens)
+    return {"estimated_bytes": reserve.total, **dataclasses.asdict(reserve), "measured_bytes": runner.graph_memory_bytes,
+            "activation_peak_bytes": peak, "keys": sum(len(s.keys) for s in shapes)}
 
 
 def serving_prompts(limit: int = 256) -> list[list[int]]:

@@ -340,15 +340,18 @@ def run_profile(ns: argparse.Namespace, engine_args: EngineArgs) -> Path:
     cache = profile_cache_path(key)
     if ns.remeasure:
         cache.unlink(missing_ok=True)
-    profile = load_or_measure_profile(
-        core.runner,
-        core.num_blocks,
-        key,
-        engine_args.max_num_batched_tokens,
-        engine_args.max_num_seqs,
-        progress=True,
-        repeats=ns.repeats,
-    )
+    try:  # under tensor parallelism every rank steps through the probe
+        profile = load_or_measure_profile(
+            core.runner,
+            core.num_blocks,
+            key,
+            engine_args.max_num_batched_tokens,
+            engine_args.max_num_seqs,
+            progress=True,
+            repeats=ns.repeats,
+        )
+    finally:
+        core.close()
     out = Path(ns.out)
     profile.save(out)
     print(f"throughput profile written to {out} (cache: {cache})")

@@ -2,7 +2,8 @@
 
 ``start_tensor_parallel`` spawns ranks 1 .. tp - 1 (``engine/parallel/worker.py``), joins the group as rank
 0 and returns a :class:`TensorParallelRunner`: the engine's runner, which broadcasts each plan and then
-executes it on rank 0's own shard. A monitor thread watches the workers: one that exits while serving
+executes it on rank 0's own shard (and at start-up each synthetic step of the throughput probe, so the
+profile is measured with every rank stepping). A monitor thread watches the workers: one that exits while serving
 (killed, crashed, or parted from rank 0) is logged with its rank and exit status, the others are killed
 and the server process exits with status 1 at once (rank 0 may be blocked inside a collective that will
 never complete, so no clean unwinding is attempted). ``close`` stops the workers and leaves the group.
@@ -14,8 +15,10 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -29,11 +32,21 @@ from sparkserve.engine.parallel.group import (
     init_group,
 )
 from sparkserve.engine.parallel.rank_runner import ModelBuild, RunnerSettings, build_rank_runner
-from sparkserve.engine.parallel.worker import StepMessage, WorkerSpec, rank_device, worker_main
+from sparkserve.engine.parallel.worker import (
+    WORKER_FAILED_EXIT_CODE,
+    ProbeMessage,
+    StepMessage,
+    WorkerSpec,
+    rank_device,
+    run_probe,
+    worker_main,
+)
 from sparkserve.engine.sampling.mask import LogitsMask
 from sparkserve.engine.spec_decode.drafter import Drafter
 from sparkserve.engine.spec_decode.speculator import Speculator
 from sparkserve.engine.step_faults import EngineBrokenError
+from sparkserve.engine.step_graph import StepGraph
+from sparkserve.engine.throughput_probe import ProbeTimers
 from sparkserve.scheduler.outputs import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -43,9 +56,20 @@ WORKER_DIED_EXIT_CODE = 1
 _JOIN_TIMEOUT_S = 10.0
 
 
+def death_reason(exitcode: int | None) -> str:
+    """Why a worker with this exit status ended, in words (its own message, if any, is in the log above)."""
+    if exitcode is None:
+        return "no exit status"
+    if exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    if exitcode == WORKER_FAILED_EXIT_CODE:
+        return "its step failed or its tokens parted from rank 0's"
+    return "exited on its own"
+
+
 def _die(rank: int, exitcode: int | None) -> None:
-    logger.critical("tensor-parallel worker rank %d exited with status %s while serving: stopping the server "
-                    "(exit status %d)", rank, exitcode, WORKER_DIED_EXIT_CODE)
+    logger.critical("tensor-parallel worker rank %d exited with status %s (%s) while serving: stopping the server "
+                    "(exit status %d)", rank, exitcode, death_reason(exitcode), WORKER_DIED_EXIT_CODE)
     logging.shutdown()
     os._exit(WORKER_DIED_EXIT_CODE)
 
@@ -124,6 +148,36 @@ class TensorParallelRunner:
     def speculator(self) -> Speculator | None:
         return self.local.speculator
 
+    @property
+    def graphs(self) -> StepGraph | None:
+        return self.local.graphs
+
+    def probe_timers(self, num_blocks: int) -> ProbeTimers:
+        """The start-up throughput probe's timers (``engine/throughput_probe.py``), run by every rank together:
+        each call broadcasts a :class:`ProbeMessage`, then runs the timer on rank 0's shard. The seconds are
+        rank 0's wall time from the broadcast to the end of its part, as for a served step (collectives wait
+        for the slowest rank)."""
+
+        def step(num_tokens: int, num_requests: int) -> float:
+            return self._probe(ProbeMessage("step", num_blocks, (num_tokens, num_requests)))
+
+        def draft(num_requests: int, sampled: bool = False) -> float:
+            return self._probe(ProbeMessage("draft", num_blocks, (num_requests, int(sampled))))
+
+        return ProbeTimers(step, draft if self.local.speculator is not None else None)
+
+    def _probe(self, message: ProbeMessage) -> float:
+        if self._broken or self._closed:
+            raise EngineBrokenError("the tensor-parallel group is out of step after a failed step")
+        start = time.perf_counter()
+        try:
+            self.tp.broadcast_object(message)
+            run_probe(self.local, message)
+        except Exception as exc:
+            self._broken = True
+            raise EngineBrokenError(f"tensor-parallel probe step failed on rank 0: {exc!r}") from exc
+        return time.perf_counter() - start
+
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """Broadcast ``out`` with rank 0's previous tokens, then execute it here (``ModelRunner.execute``)."""
         if self._broken or self._closed:
@@ -151,6 +205,8 @@ class TensorParallelRunner:
                 logger.exception("stopping the tensor-parallel workers failed")
         self.pool.close(stopped)
         destroy_group()
+        logger.info("tensor-parallel workers stopped (exit statuses %s)",
+                    [p.exitcode for p in self.pool.processes])
 
 
 def free_port() -> int:

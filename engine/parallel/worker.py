@@ -7,6 +7,10 @@ executes the same plan on its shard; its logits are the gathered full-vocab logi
 and drafts are rank 0's. It checks that against rank 0's previous output (carried in the message) and
 exits non-zero on any difference or error; rank 0's monitor then stops the server.
 
+At start-up rank 0 may measure its throughput profile (``engine/throughput_probe.py``): each synthetic step
+of the probe is broadcast as a :class:`ProbeMessage` and run here too, so the sharded forward's collectives
+meet on every rank (rank 0 alone would wait in its first all-reduce until the group's timeout).
+
 A worker never outlives the server: it ignores SIGINT (Ctrl-C reaches the whole process group; the
 server decides) and exits when its parent process is gone (even after SIGKILL).
 """
@@ -22,12 +26,15 @@ import sys
 import threading
 import traceback
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from sparkserve.engine.model_runner import ModelRunner
 from sparkserve.engine.parallel.group import destroy_group, init_group
 from sparkserve.engine.parallel.rank_runner import ModelBuild, RunnerSettings, build_rank_runner
 from sparkserve.engine.structured.logits_mask import GrammarLogitsMask
+from sparkserve.engine.throughput_probe import make_draft_fn, make_step_fn
 from sparkserve.scheduler.outputs import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -47,6 +54,23 @@ class StepMessage:
 
     plan: SchedulerOutput
     previous_tokens: dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class ProbeMessage:
+    """One synthetic step of the start-up throughput probe, broadcast by rank 0
+    (``TensorParallelRunner.probe_timers``).
+
+    Attributes:
+        timer: "step" (``make_step_fn``: target forward, logits, drafter forward) or "draft" (``make_draft_fn``:
+            the drafter forward alone).
+        num_blocks: the KV pool the synthetic block tables wrap around (rank 0's ``num_blocks``).
+        args: the timer's arguments: (B tokens, R requests) for "step", (R requests, sampled) for "draft".
+    """
+
+    timer: Literal["step", "draft"]
+    num_blocks: int
+    args: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -110,6 +134,9 @@ def _serve(rank: int, spec: WorkerSpec) -> None:
         message = tp.broadcast_object(None)
         if message is None:
             break
+        if isinstance(message, ProbeMessage):
+            run_probe(runner, message)
+            continue
         assert isinstance(message, StepMessage)
         if message.previous_tokens != mine:
             raise RanksDivergedError(f"rank {rank} parted from rank 0 at step {step}: rank 0 sampled "
@@ -117,6 +144,20 @@ def _serve(rank: int, spec: WorkerSpec) -> None:
         mine = dict(runner.execute(message.plan).sampled_token_ids)
         step += 1
     destroy_group()
+
+
+def run_probe(runner: ModelRunner, message: ProbeMessage) -> float:
+    """Run one probe timer on this rank's runner; returns its seconds (rank 0's are the profile's).
+
+    Raises:
+        ValueError: an unknown timer, or "draft" without a drafter.
+    """
+    if message.timer == "step":
+        return make_step_fn(runner, message.num_blocks)(*message.args)
+    if message.timer == "draft":
+        num_requests, sampled = message.args
+        return make_draft_fn(runner, message.num_blocks)(num_requests, bool(sampled))
+    raise ValueError(f"unknown probe timer {message.timer!r}")
 
 
 def _exit_with_parent() -> None:

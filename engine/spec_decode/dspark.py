@@ -23,13 +23,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparkserve.engine.attention import build_attention_metadata, new_kv_cache, paged_attention, store_kv
+from sparkserve.engine.attention import (
+    AttentionMetadata,
+    build_attention_metadata,
+    new_kv_cache,
+    paged_attention,
+    store_kv,
+)
 from sparkserve.engine.models.llama import apply_rope, rms_norm
 from sparkserve.engine.spec_decode.draft_sampling import SlotSampler
 from sparkserve.engine.spec_decode.drafter import DraftBatch, DraftOutput, KVCache
 from sparkserve.engine.spec_decode.dspark_config import DSparkConfig
 
 __all__ = ["DSparkConfig", "DSparkDrafter", "rope_at"]
+
+
+def _temperature_table(config: DSparkConfig) -> Tensor:
+    """``[2, B]`` fp32 the confidence calibration temperatures: row 0 for sampled requests, row 1 for greedy
+    ones (``confidence_temperatures_greedy``, else the sampled row; all 1 when the checkpoint has none)."""
+    sampled = config.confidence_temperatures or (1.0,) * config.block_size
+    greedy = config.confidence_temperatures_greedy or sampled
+    return torch.tensor([sampled, greedy], dtype=torch.float32, device="cpu")  # also under a meta device context
 
 AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q [T,H,hd], k [T,Hkv,hd], v) -> [T,H,hd]
 
@@ -159,6 +173,7 @@ class DSparkDrafter(nn.Module):
         )
         self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)  # [V, d]
         self.register_buffer("lm_head_weight", lm_head_weight.detach(), persistent=False)  # [V, d]
+        self.temperature_table = self.temperature_table.to(embed_weight.device)  # set with the config
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -226,23 +241,38 @@ class DSparkDrafter(nn.Module):
         int64 tensor or list); max_start: a host bound of the starts (no host sync when given).
         """
         num_reqs, B, d = anchor_ids.shape[0], self.config.block_size, self.config.hidden_size
-        device = self.embed_weight.device
-        ids = torch.full((num_reqs, B), self.config.mask_token_id, dtype=torch.int64, device=device)
-        ids[:, 0] = anchor_ids
-        x = F.embedding(ids.flatten(), self.embed_weight).to(self.fc.weight.dtype)  # [R*B, d]
-        offsets = torch.arange(B, device=device)
-        starts_t = torch.as_tensor(starts, dtype=torch.int64, device=device)  # [R]
-        positions = (starts_t[:, None] + offsets).flatten()  # [R*B]
+        starts_t = torch.as_tensor(starts, dtype=torch.int64, device=self.embed_weight.device)  # [R]
+        ids, positions = self.block_inputs(anchor_ids, starts_t)
         meta = build_attention_metadata(
             q_lens=[B] * num_reqs, start_positions=starts_t, kv_lens=starts_t + B,
             block_tables=[list(t) for t in block_tables], block_size=block_size,
-            causal=[False] * num_reqs, device=device, max_kv_len=None if max_start is None else max_start + B,
+            causal=[False] * num_reqs, device=starts_t.device, max_kv_len=None if max_start is None else max_start + B,
         )
+        return self.backbone(ids, positions, kv_caches, meta)[0].view(num_reqs, B, d)
+
+    def block_inputs(self, anchor_ids: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
+        """Input ids ``[R * B]`` (each block: its anchor, then B - 1 mask tokens) and positions ``[R * B]``
+        (``start .. start + B - 1``) from the anchors ``[R]`` and their positions ``starts`` ``[R]`` int64, on
+        the starts' device by device ops only (no host copy: ``engine/spec_decode/draft_graph.py``)."""
+        num_reqs, B = anchor_ids.shape[0], self.config.block_size
+        ids = torch.full((num_reqs, B), self.config.mask_token_id, dtype=torch.int64, device=starts.device)
+        ids[:, 0] = anchor_ids
+        positions = starts[:, None] + torch.arange(B, device=starts.device)  # [R, B]
+        return ids.flatten(), positions.flatten()
+
+    @torch.no_grad()
+    def backbone(self, input_ids: Tensor, positions: Tensor, kv_caches: list[KVCache], meta: AttentionMetadata,
+                 aux_layer_ids: tuple[int, ...] = ()) -> tuple[Tensor, None]:
+        """The decoder layers over block rows: input ids ``[N]`` at ``positions`` ``[N]`` -> (``norm(x)``
+        ``[N, d]``, None). The block writes its own K/V through ``meta``'s slot mapping and attends
+        bidirectionally (``meta`` non-causal). The signature of the target's forward, so ``StepGraph`` serves
+        both (``aux_layer_ids`` is unused: the drafter has no auxiliary outputs)."""
+        x = F.embedding(input_ids, self.embed_weight).to(self.fc.weight.dtype)  # [N, d]
         scale = self.config.head_dim**-0.5
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             attend = partial(paged_attention, k_cache=k_cache, v_cache=v_cache, meta=meta, scale=scale)
             x = layer(x, positions, attend)
-        return self.norm(x).view(num_reqs, B, d)
+        return self.norm(x), None
 
     def base_logits(self, h: Tensor) -> Tensor:
         """U = lm_head(h) with the target's head: [R, B, d] -> [R, B, V'] fp32 (section 2 step 7).
@@ -283,13 +313,15 @@ class DSparkDrafter(nn.Module):
             prev = sampler.draw(z)
         tokens, probs, num_tokens = sampler.result()
         markov_prev = torch.stack(prevs, 1) if self.markov_head is not None else None
-        return DraftOutput(tokens, probs, self._confidence(h, markov_prev, batch.sampling.greedy), num_tokens)
+        greedy = batch.sampling.temperature == 0  # [R] bool on the device (greedy rows have temperature 0)
+        return DraftOutput(tokens, probs, self._confidence(h, markov_prev, greedy), num_tokens)
 
-    def _confidence(self, h: Tensor, prev: Tensor | None, greedy: Sequence[bool] | None = None) -> Tensor | None:
+    def _confidence(self, h: Tensor, prev: Tensor | None, greedy: Tensor) -> Tensor | None:
         """c_k = sigmoid((w . [h_k ; W1[prev_k]] + b) / T_k) in fp32; h: [R, B, d], prev: [R, B].
 
-        T_k: ``confidence_temperatures_greedy`` for rows whose request is greedy (``greedy[r]``) when the
-        checkpoint has them, else ``confidence_temperatures`` (sequential temperature scaling, section 5).
+        T_k: ``confidence_temperatures_greedy`` for rows whose request is greedy (``greedy`` ``[R]`` bool, on
+        the device) when the checkpoint has them, else ``confidence_temperatures`` (sequential temperature
+        scaling, section 5); read from ``temperature_table`` (no host copy per step).
         """
         if self.confidence_head is None:
             return None
@@ -298,17 +330,26 @@ class DSparkDrafter(nn.Module):
             feats = torch.cat((feats, self.markov_head.markov_w1(prev).float()), -1)  # [R, B, d+r]
         proj = self.confidence_head.proj
         logit = F.linear(feats, proj.weight.float(), proj.bias.float()).squeeze(-1)  # [R, B]
-        temps = self.confidence_temperature_matrix(greedy or [False] * logit.shape[0])
-        return torch.sigmoid(logit / temps.to(logit.device))
+        temps = self.temperature_table.index_select(0, greedy.long())  # [R, B]
+        return torch.sigmoid(logit / temps)
 
     def confidence_temperature_matrix(self, greedy: Sequence[bool]) -> Tensor:
         """Per row calibration temperatures [R, B] fp32 (CPU) for requests with the given greedy flags."""
-        ones = (1.0,) * self.config.block_size
-        sampled = self.config.confidence_temperatures or ones
-        greedy_t = self.config.confidence_temperatures_greedy or sampled
-        table = torch.tensor([sampled, greedy_t], dtype=torch.float32)  # [2, B]
         rows = torch.tensor([1 if g else 0 for g in greedy], dtype=torch.long)
-        return table[rows]
+        return _temperature_table(self.config)[rows]
+
+    @property
+    def config(self) -> DSparkConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: DSparkConfig) -> None:
+        """Setting the config refreshes ``temperature_table`` ``[2, B]`` fp32 (row 0 sampled, row 1 greedy
+        temperatures), a non-persistent buffer on the drafter's device (one copy here, none per step)."""
+        self._config = config
+        old = self._buffers.get("temperature_table")
+        table = _temperature_table(config)
+        self.register_buffer("temperature_table", table if old is None else table.to(old.device), persistent=False)
 
     @torch.no_grad()
     def propose(self, batch: DraftBatch) -> DraftOutput:
@@ -319,4 +360,10 @@ class DSparkDrafter(nn.Module):
         """
         h = self.block_hidden_states(batch.anchor_ids, batch.starts, batch.block_tables, batch.block_size,
                                      batch.kv_caches, batch.max_start)
+        return self.propose_from_hidden(h, batch)
+
+    @torch.no_grad()
+    def propose_from_hidden(self, h: Tensor, batch: DraftBatch) -> DraftOutput:
+        """Steps 7-9 from the backbone's output ``h`` ``[R, B, d]`` (``block_hidden_states``, or a step graph's
+        replay): LM head, Markov head, sampling, confidences."""
         return self.sample_block(h, self.base_logits(h), batch)

@@ -18,8 +18,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from sparkserve.engine.attention import SHORT_QUERY_MAX
 from sparkserve.engine.sampling.metadata import SamplingMetadata
+from sparkserve.engine.spec_decode import draft_graph
 from sparkserve.engine.spec_decode.drafter import DraftBatch, Drafter, DraftMaskFn, DraftOutput
+from sparkserve.engine.spec_decode.dspark import DSparkDrafter
+from sparkserve.engine.step_graph import StepGraph
 
 
 class Speculator:
@@ -92,9 +96,14 @@ class Speculator:
         token_histories: list[list[int]] | None = None,
         mask: DraftMaskFn | None = None,
         request_ids: Sequence[str] = (),
+        graphs: StepGraph | None = None,
+        table_tensor: Tensor | None = None,  # [R, W] the draft tables on the device (staged), or None
     ) -> DraftOutput:
         """One batched drafter forward for R requests (``token_histories``: prompt + outputs, anchor last,
-        for drafters that need them)."""
+        for drafters that need them). With ``graphs`` (``draft_graph.draft_step_graph``) a DSpark backbone
+        runs through its bucket's static buffers (a CUDA graph replay on CUDA), reading ``table_tensor``
+        (built from ``draft_tables`` and copied here when None); without a graph, a given ``table_tensor``
+        lets the eager forward build its attention metadata on the device (no host copy)."""
         batch = DraftBatch(
             anchor_ids=anchor_ids, starts=starts, max_start=max(max_starts, default=0),
             block_tables=self.draft_tables(max_starts, block_tables),
@@ -102,4 +111,22 @@ class Speculator:
             token_histories=token_histories if self.drafter.needs_token_history else None, mask=mask,
             request_ids=tuple(request_ids),
         )
-        return self.drafter.propose(batch)
+        key = draft_graph.graph_key(graphs, batch.num_rows) if graphs is not None else None
+        drafter = self.drafter
+        if not self.device_tables or (key is None and table_tensor is None):
+            return drafter.propose(batch)
+        assert isinstance(drafter, DSparkDrafter)
+        if table_tensor is None:
+            table_tensor = draft_graph.table_tensor(batch.block_tables).to(anchor_ids.device)
+        if key is not None:
+            h = draft_graph.graph_hidden_states(graphs, key, drafter, anchor_ids, starts, table_tensor)
+        else:
+            h = draft_graph.eager_hidden_states(drafter, anchor_ids, starts, table_tensor, batch.max_start,
+                                                self.block_size, self.kv_caches)
+        return drafter.propose_from_hidden(h, batch)
+
+    @property
+    def device_tables(self) -> bool:
+        """The drafter's forward reads its block tables as one device tensor (``propose``'s ``table_tensor``,
+        staged with the step's inputs): a DSpark / DFlash drafter whose blocks fit the short attention group."""
+        return isinstance(self.drafter, DSparkDrafter) and self.gamma <= SHORT_QUERY_MAX

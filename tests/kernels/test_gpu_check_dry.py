@@ -30,9 +30,9 @@ def test_dry_run_without_git_or_carried_files_runs_the_probe(tmp_path: Path, mon
     probe = json.loads((out / "phase0_probe.json").read_text())
     smoke = probe["engine_smoke"]
     assert probe["status"] == "ok" and smoke["device"] == "cpu"
-    for policy in ("none", "fixed:3"):
+    for policy in ("none", "fixed:3", "dspark fixed:3"):
         assert smoke[policy]["finish_errors"] == 0 and [len(t) for t in smoke[policy]["tokens"]] == [8, 8, 8]
-    assert smoke["none"]["tokens"] == smoke["fixed:3"]["tokens"]  # speculation is lossless
+    assert smoke["none"]["tokens"] == smoke["fixed:3"]["tokens"] == smoke["dspark fixed:3"]["tokens"]  # lossless
 
 
 def test_probe_reports_error_finishes_and_serving_keeps_measured_cells(tmp_path: Path,

@@ -101,7 +101,7 @@ def test_profile_times_decode_cells_through_the_static_buffers() -> None:
 
 def test_gpu_check_window_paths_serve_graph_steps_dry() -> None:
     """The device windows' graph checks run on the CPU (interpreter): window 1's smoke serves decode and
-    verify steps through the step graphs with the eager run's tokens; window 2's graph-vs-eager decode
+    verify steps, and the DSpark drafter's blocks, through the step graphs with the eager run's tokens; window 2's graph-vs-eager decode
     timing measures both paths."""
     import importlib.util
     from pathlib import Path
@@ -113,6 +113,7 @@ def test_gpu_check_window_paths_serve_graph_steps_dry() -> None:
     smoke = gpu_check.engine_smoke("cpu", max_tokens=8, graphs="on")
     assert smoke["status"] == "ok", smoke
     assert smoke["none"]["graph_replays"] >= 2 and smoke["fixed:3"]["graph_replays"] >= 1  # decode and verify
+    assert smoke["dspark fixed:3"]["draft_graph_replays"] >= 1 and smoke["fixed:3"]["draft_graph_replays"] is None
     assert smoke["none eager"]["graph_replays"] is None
     assert smoke["none"]["tokens"] == smoke["fixed:3"]["tokens"] == smoke["none eager"]["tokens"]
     target = tiny_target(seed=5, layers=2, head_dim=16)
