@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -39,8 +38,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from sparkserve.loadtests.bench.cli import machine_info
-from sparkserve.server.replicas import ReplicaSetConfig, http_ok, launch, router_argv
-from sparkserve.testing.server_harness import free_port, free_port_run
+from sparkserve.server.launch import ServerProcess, free_port, free_port_run, spawn, stop_all, wait_ready
+from sparkserve.server.replicas import ReplicaSetConfig, launch, router_argv
 
 POLICIES = ("round_robin", "power_of_two", "cache_aware", "kv_aware")
 SINGLE = "single_2_threads"
@@ -59,14 +58,6 @@ def prefix_counters(urls: list[str]) -> tuple[float, float]:
             elif family.name == "sparkserve:prefix_cache_hits":
                 hits += total
     return queries, hits
-
-
-def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not http_ok(f"{url}/health"):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} not healthy after {timeout_s:.0f} s")
-        time.sleep(0.2)
 
 
 def cpu_flags() -> list[str]:
@@ -101,12 +92,14 @@ def start_targets(stack: ExitStack, log_dir: Path, names: list[str]) -> dict[str
                             router_args=("--prometheus-port", str(free_port())), kv_events_base_port=free_port_run(4))
     stack.enter_context(launch(pair, log_dir))  # its router is the kv_aware target
     targets = {"kv_aware": (pair.router_url, pair.replica_urls)}
+    routers: list[ServerProcess] = []
+    stack.callback(stop_all, routers)
     for policy in POLICIES[:-1]:  # one more router per policy in front of the same pair
         config = ReplicaSetConfig(num_replicas=2, policy=policy, port=free_port(),
                                   replica_base_port=pair.replica_base_port,
                                   router_args=("--prometheus-port", str(free_port())))
-        router = subprocess.Popen(router_argv(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        stack.callback(lambda p=router: (p.terminate(), p.wait()))
+        routers.append(spawn(f"router_{policy}", router_argv(config), config.router_url,
+                             log_path=log_dir / f"router_{policy}.log"))
         targets[policy] = (config.router_url, pair.replica_urls)
     if SINGLE in names:
         single = ReplicaSetConfig(num_replicas=1, serve_args=SERVE_ARGS, policy="round_robin", port=free_port(),
@@ -114,8 +107,7 @@ def start_targets(stack: ExitStack, log_dir: Path, names: list[str]) -> dict[str
                                   router_args=("--prometheus-port", str(free_port())))
         stack.enter_context(launch(single, log_dir))
         targets[SINGLE] = (single.replica_urls[0], single.replica_urls)
-    for url, _ in targets.values():  # the policy routers: up once they see healthy workers
-        wait_healthy(url)
+    wait_ready(routers, 60.0, path="/health")  # the policy routers: up once they see healthy workers
     return {name: targets[name] for name in names}
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from fastapi import Body, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -126,10 +126,7 @@ class ReadinessProbe:
 
 def _request_metrics(metrics: object) -> RequestMetrics | None:
     """``metrics`` if it takes request events (see :class:`sparkserve.server.serving.RequestMetrics`), else None."""
-    names = ("on_prompt_tokens", "on_generation_tokens", "on_request_rejected", "on_request_finished")
-    if metrics is not None and all(callable(getattr(metrics, n, None)) for n in names):
-        return cast(RequestMetrics, metrics)
-    return None
+    return metrics if isinstance(metrics, RequestMetrics) else None
 
 
 async def drain(state: ServerState, timeout_s: float) -> bool:

@@ -20,6 +20,8 @@ class Tokenizer(Protocol):
     """The part of ``sparkserve.engine.tokenizer.Tokenizer`` the server uses."""
 
     eos_token_id: int | None
+    bos_token_id: int | None
+    chat_template: str | None  # jinja source; None when the model ships none
     stop_token_ids: tuple[int, ...]
     vocab_size: int
     max_token_bytes: int  # upper bound on the UTF-8 bytes one token stands for
@@ -40,7 +42,8 @@ class Tokenizer(Protocol):
 
 class RequestOutput(Protocol):
     """One output delta of a request (``sparkserve.engine.outputs.RequestOutput``): every field the server
-    reads (times for metrics, the prefix-cache hit and the verify step's row for ``usage``)."""
+    reads (times for metrics, the prefix-cache hit and the verify step's row for ``usage``, the prompt's
+    logprobs), so the server reads them as attributes, never with a default."""
 
     @property
     def request_id(self) -> str: ...
@@ -64,6 +67,8 @@ class RequestOutput(Protocol):
     def num_cached_tokens(self) -> int: ...
     @property
     def speculation(self) -> DraftOutcome | None: ...
+    @property
+    def prompt_logprobs(self) -> tuple[TokenLogprob, ...] | None: ...
 
 
 class EngineClient(Protocol):

@@ -94,12 +94,12 @@ def engine_error_to_api_error(exc: BaseException) -> ApiError | None:
     if isinstance(exc, RequestRejectedError):
         return ApiError(
             400,
-            getattr(exc, "message", None) or str(exc),
-            param=getattr(exc, "param", None),
-            code=getattr(exc, "code", None),
+            exc.message or str(exc),
+            param=exc.param,
+            code=exc.code,
         )
     if isinstance(exc, QueueFullError):
-        retry_after = max(1, math.ceil(float(getattr(exc, "retry_after_s", 1.0))))
+        retry_after = max(1, math.ceil(exc.retry_after_s))
         return ApiError(
             429,
             str(exc) or "The server is overloaded: the waiting queue is full. Retry later.",

@@ -26,11 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -39,6 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+
+from sparkserve.server.launch import ServerProcess, environ_with, spawn, stop_all, wait_ready
 
 logger = logging.getLogger("sparkserve.replicas")
 
@@ -148,47 +148,15 @@ class ReplicaSet:
     """Running processes: ``replicas[i]`` serves ``config.replica_urls[i]``; ``router`` fronts them."""
 
     config: ReplicaSetConfig
-    replicas: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    router: subprocess.Popen[bytes] | None = None
+    replicas: list[ServerProcess] = field(default_factory=list)
+    router: ServerProcess | None = None
 
-    def processes(self) -> list[subprocess.Popen[bytes]]:
+    def processes(self) -> list[ServerProcess]:
         return ([self.router] if self.router is not None else []) + self.replicas
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM the router, then the replicas; SIGKILL whatever is alive after ``timeout_s``."""
-        for proc in self.processes():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for proc in self.processes():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def http_ok(url: str, timeout_s: float = 2.0) -> bool:
-    """True when ``GET url`` answers 2xx."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return 200 <= response.status < 300
-    except OSError:
-        return False
-
-
-def _wait_healthy(urls: Sequence[str], procs: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    pending = list(zip(urls, procs, strict=True))
-    while pending:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not healthy after {timeout_s:.0f} s: {[u for u, _ in pending]}")
-        for url, proc in list(pending):
-            if proc.poll() is not None:
-                raise RuntimeError(f"{url}: the process exited with status {proc.returncode} during start-up")
-            if http_ok(f"{url}/health"):
-                pending.remove((url, proc))
-        time.sleep(0.2)
+        stop_all(self.processes(), timeout_s)
 
 
 def replica_argv(config: ReplicaSetConfig, index: int) -> list[str]:
@@ -232,30 +200,29 @@ def launch(config: ReplicaSetConfig, log_dir: Path | None = None) -> Iterator[Re
     stop everything on exit (also on an exception, e.g. a start-up timeout).
 
     Each child's stdout and stderr go to ``log_dir/<name>.log`` (None: inherited). With
-    ``threads_per_replica`` set, ``OMP_NUM_THREADS`` is set to it as well.
+    ``threads_per_replica`` set, ``OMP_NUM_THREADS`` is set to it as well. Started, waited for and
+    stopped by :mod:`.launch`.
+
+    Raises:
+        LaunchError: a replica or the router exited during start-up or did not answer ``/health`` within
+            ``config.startup_timeout_s`` seconds.
     """
-    env = dict(os.environ)
-    if config.threads_per_replica is not None:
-        env["OMP_NUM_THREADS"] = str(config.threads_per_replica)
+    env = environ_with({"OMP_NUM_THREADS": str(config.threads_per_replica)}
+                       if config.threads_per_replica is not None else None)
     running = ReplicaSet(config)
 
-    def spawn(argv: list[str], name: str) -> subprocess.Popen[bytes]:
-        out = None if log_dir is None else open(log_dir / f"{name}.log", "ab")  # noqa: SIM115
-        try:
-            return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                    start_new_session=True)
-        finally:
-            if out is not None:
-                out.close()
+    def start(argv: list[str], name: str, url: str) -> ServerProcess:
+        log_path = None if log_dir is None else log_dir / f"{name}.log"
+        return spawn(name, argv, url, env=env, log_path=log_path, new_session=True)
 
     try:
-        for i in range(config.num_replicas):
-            running.replicas.append(spawn(replica_argv(config, i), f"replica{i}"))
-        _wait_healthy(config.replica_urls, running.replicas, config.startup_timeout_s)
+        for i, url in enumerate(config.replica_urls):
+            running.replicas.append(start(replica_argv(config, i), f"replica{i}", url))
+        wait_ready(running.replicas, config.startup_timeout_s, path="/health")
         api_key = serve_flag(config.serve_args, "--api-key")
         model = served_model(config.replica_urls[0], api_key) if config.kv_events else None
-        running.router = spawn(router_argv(config, model), "router")
-        _wait_healthy([config.router_url], [running.router], config.startup_timeout_s)
+        running.router = start(router_argv(config, model), "router", config.router_url)
+        wait_ready([running.router], config.startup_timeout_s, path="/health")
         yield running
     finally:
         running.stop()
@@ -313,9 +280,10 @@ def run(ns: argparse.Namespace) -> int:
             print(f"router on {config.router_url} ({config.policy}) -> {' '.join(config.replica_urls)}",
                   flush=True)
             while stop["signal"] is None:
-                exited = [p for p in running.processes() if p.poll() is not None]
+                exited = [p for p in running.processes() if not p.alive()]
                 if exited:
-                    logger.error("a child exited (status %s): stopping the others", exited[0].returncode)
+                    logger.error("%s exited (status %s): stopping the others", exited[0].name,
+                                 exited[0].proc.returncode)
                     return 1
                 time.sleep(0.2)
         return 0

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import anyio
 from fastapi import Request
@@ -45,8 +45,10 @@ logger = logging.getLogger(__name__)
 _background_tasks: set[asyncio.Task[object]] = set()
 
 
+@runtime_checkable
 class RequestMetrics(Protocol):
-    """The request-level part of :class:`sparkserve.server.metrics.ServerMetrics` the server feeds."""
+    """The request-level part of :class:`sparkserve.server.metrics.ServerMetrics` the server feeds (a
+    metrics hook that only renders, ``MetricsRenderer``, is not one: ``isinstance`` tells them apart)."""
 
     def on_prompt_tokens(self, n: int) -> None: ...
 
@@ -207,7 +209,7 @@ class _Choice:
         self.num_output_tokens += delta.num_tokens
         token_ids = tuple(out.new_token_ids[: delta.num_tokens])
         logprobs = None if out.new_logprobs is None else tuple(out.new_logprobs[: delta.num_tokens])
-        prompt = getattr(out, "prompt_logprobs", None)  # engines without prompt logprobs: None
+        prompt = out.prompt_logprobs
         if delta.stop is not None:
             self.finished = True
             return ChoiceUpdate(self.index, delta.text, token_ids, logprobs, "stop", delta.stop, prompt)

@@ -81,7 +81,7 @@ def build_chat_prompt(
         ApiError: 400 when the contents cannot fit the context (checked before tokenizing) or the
             template rejects the messages.
     """
-    messages, extra = chat_messages(req, getattr(tokenizer, "chat_template", None))
+    messages, extra = chat_messages(req, tokenizer.chat_template)
     check_text_fits(["".join(m["content"] for m in messages) + json.dumps(extra)], tokenizer, max_model_len, "messages")
     try:
         return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt, **extra)

@@ -147,7 +147,7 @@ def tokenizer_info(state: ServerState) -> TokenizerInfoResponse:
         return None if token_id is None else token_text(tokenizer, token_id)
 
     return TokenizerInfoResponse(
-        eos_token=text(tokenizer.eos_token_id), bos_token=text(getattr(tokenizer, "bos_token_id", None)),
-        chat_template=getattr(tokenizer, "chat_template", None), vocab_size=tokenizer.vocab_size,
+        eos_token=text(tokenizer.eos_token_id), bos_token=text(tokenizer.bos_token_id),
+        chat_template=tokenizer.chat_template, vocab_size=tokenizer.vocab_size,
         max_model_len=engine.max_model_len,
     )

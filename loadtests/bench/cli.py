@@ -158,8 +158,9 @@ def run(ns: argparse.Namespace) -> dict:
     launch_specs = [(n, f"{flags} {ns.launch_args}".strip()) for n, flags in _parse_named(ns.launch, "--launch")]
     launched = launch_servers(launch_specs, ns.launch_timeout, parallel=ns.launch_parallel) if launch_specs else []
     try:
+        flags = dict(launch_specs)
         for s in launched:
-            targets.append(Target(s.name, s.url, launch_flags=s.flags))
+            targets.append(Target(s.name, normalize_url(s.url), launch_flags=flags[s.name]))
         for t in targets:
             t.model, t.api_key = ns.model or "", ns.api_key
         want = ns.ignore_eos != "off"

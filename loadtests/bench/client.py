@@ -14,9 +14,6 @@ import asyncio
 import json
 import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +28,7 @@ from sparkserve.loadtests.bench.metrics import (
     chunk_tokens_from_cumulative,
     estimate_chunk_tokens,
 )
+from sparkserve.server.launch import LOCALHOST, ServerProcess, free_port, spawn, stop_all, wait_ready
 
 
 @dataclass
@@ -251,98 +249,42 @@ def metrics_delta(before: dict | None, after: dict | None) -> dict[str, Any] | N
     }
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class LaunchedServer:
-    """A ``sparkserve serve`` subprocess started by the bench."""
-
-    name: str
-    flags: str
-    port: int
-    proc: subprocess.Popen
-    log_path: str
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def log_tail(self, n: int = 20) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return "".join(f.readlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM (drain), then SIGKILL after ``timeout_s``."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
 def launch_servers(specs: list[tuple[str, str]], ready_timeout_s: float = 900.0,
                    python: str = sys.executable, ports: list[int] | None = None,
                    parallel: bool = False, program: list[str] | None = None,
-                   env: dict[str, str] | None = None) -> list[LaunchedServer]:
+                   env: dict[str, str] | None = None) -> list[ServerProcess]:
     """Start ``python -m sparkserve serve --host 127.0.0.1 --port P FLAGS`` for every (name, FLAGS),
     each on a free port (or ``ports[i]``), and wait until every /ready answers 200. One after the
     other by default (a server's start-up, which may measure its throughput profile, then has the
     machine to itself); ``parallel`` starts them all at once (faster, e.g. in tests). All stay up
-    together, so the bench can alternate between them. The one launcher of ``sparkserve serve`` for
-    the benches and tests: ``program`` replaces ``python -m sparkserve`` (e.g. another
-    install's ``sparkserve`` executable, run with this environment as it is: no checkout put first on
-    ``PYTHONPATH``), ``env`` is added to the children's environment.
+    together, so the bench can alternate between them. ``program`` replaces ``python -m sparkserve``
+    (e.g. another install's ``sparkserve`` executable, run with this environment as it is: no checkout
+    put first on ``PYTHONPATH``), ``env`` is added to the children's environment. Each child logs to a
+    temporary file (``ServerProcess.log_path``). Started, waited for and stopped by
+    :mod:`sparkserve.server.launch`, the one launcher.
 
     Raises:
-        RuntimeError: a server exited or did not become ready in time (all are stopped, the error
+        LaunchError: a server exited or did not become ready in time (all are stopped, the error
             carries its log's tail).
     """
-    servers: list[LaunchedServer] = []
+    servers: list[ServerProcess] = []
     try:
         for i, (name, flags) in enumerate(specs):
             port = ports[i] if ports else free_port()
-            log = tempfile.NamedTemporaryFile(prefix=f"sparkserve-bench-{name}-", suffix=".log", delete=False)
-            cmd = [*(program or [python, "-m", "sparkserve"]), "serve", "--host", "127.0.0.1",
+            with tempfile.NamedTemporaryFile(prefix=f"sparkserve-bench-{name}-", suffix=".log", delete=False) as log:
+                log_path = Path(log.name)
+            cmd = [*(program or [python, "-m", "sparkserve"]), "serve", "--host", LOCALHOST,
                    "--port", str(port), "--drain-timeout", "5", *shlex.split(flags)]
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**(_child_env() if program is None else os.environ), **(env or {})})
-            log.close()
-            servers.append(LaunchedServer(name, flags, port, proc, log.name))
+            child_env = {**(_child_env() if program is None else os.environ), **(env or {})}
+            servers.append(spawn(name, cmd, f"http://{LOCALHOST}:{port}", env=child_env, log_path=log_path))
             if not parallel:
-                _wait_ready([servers[-1]], ready_timeout_s)
+                wait_ready(servers[-1:], ready_timeout_s, interval_s=0.5)
         if parallel:
-            _wait_ready(servers, ready_timeout_s)
+            wait_ready(servers, ready_timeout_s, interval_s=0.5)
     except BaseException:
         stop_servers(servers)
         raise
     return servers
-
-
-def _wait_ready(servers: list[LaunchedServer], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    pending = list(servers)
-    while pending:
-        for s in list(pending):
-            if s.proc.poll() is not None:
-                raise RuntimeError(f"server {s.name} ({s.flags!r}) exited with {s.proc.returncode}:\n{s.log_tail()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{s.port}/ready", timeout=2).status_code == 200:
-                    pending.remove(s)
-            except httpx.HTTPError:
-                pass
-        if pending and time.monotonic() > deadline:
-            raise RuntimeError(f"server {pending[0].name} not ready after {timeout_s} s:\n{pending[0].log_tail()}")
-        if pending:
-            time.sleep(0.5)
 
 
 def _child_env() -> dict[str, str]:
@@ -353,13 +295,9 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
-def stop_servers(servers: list[LaunchedServer]) -> None:
-    """Stop every launched server (SIGTERM to all first, then wait for each)."""
-    for s in servers:
-        if s.proc.poll() is None:
-            s.proc.send_signal(signal.SIGTERM)
-    for s in servers:
-        s.stop()
+def stop_servers(servers: list[ServerProcess], timeout_s: float = 30.0) -> None:
+    """Stop every launched server (SIGTERM to all first, SIGKILL to any alive after ``timeout_s``)."""
+    stop_all(servers, timeout_s)
 
 
 def run_sync(coro):

@@ -39,6 +39,8 @@ class FakeTokenizer:
     and 3 merges (``Hello``, ``, wor``, ``ld!``)."""
 
     eos_token_id = EOS
+    bos_token_id = None
+    chat_template = None  # the ChatML markup is built in (apply_chat_template)
     stop_token_ids = (EOS, IM_END)
     all_special_ids = tuple(_SPECIALS)
     special_tokens = {v: k for k, v in _SPECIALS.items()}

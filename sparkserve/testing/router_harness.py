@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,9 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sparkserve.server.replicas import ReplicaSet, ReplicaSetConfig, launch, router_binary
-from sparkserve.testing.server_harness import free_port, free_port_run
-
-FAKE_REPLICA_COMMAND = (sys.executable, "-m", "sparkserve.testing.fake_engine")
+from sparkserve.testing.server_harness import FAKE_ENGINE_COMMAND, free_port, free_port_run
 
 
 def require_router() -> str:
@@ -47,7 +44,7 @@ def replica_set(num_replicas: int, policy: str, log_dir: Path, *, fake: bool, se
     config = ReplicaSetConfig(
         num_replicas=num_replicas, serve_args=serve_args, policy=policy, port=free_port(),
         replica_base_port=base, threads_per_replica=None if fake else 1, router_args=router_flags(*router_args),
-        replica_command=FAKE_REPLICA_COMMAND if fake else ReplicaSetConfig.replica_command, startup_timeout_s=180,
+        replica_command=FAKE_ENGINE_COMMAND if fake else ReplicaSetConfig.replica_command, startup_timeout_s=180,
         kv_events_base_port=kv_base,
     )
     with launch(config, log_dir) as running:

@@ -1,47 +1,40 @@
-"""Run a sparkserve app on a real uvicorn server in a background thread (test helper)."""
+"""Servers for tests, all started through :mod:`sparkserve.server.launch` (the one launcher): a
+sparkserve app on a real uvicorn server in a background thread (``run_server``), the fake engine's
+server as a child process (``launch_fake_engine``); its port helpers, ``http_status`` and ``wait_for``."""
 
 from __future__ import annotations
 
-import socket
-import threading
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
-import uvicorn
 
 from sparkserve.server.app import build_app
+from sparkserve.server.launch import (
+    LOCALHOST,
+    ServerProcess,
+    free_port,
+    free_port_at,
+    free_port_run,
+    http_status,
+    serve_in_thread,
+    spawn,
+    stop_all,
+    wait_ready,
+)
 from sparkserve.testing.fake_engine import FakeEngine
 
+__all__ = ["FAKE_ENGINE_COMMAND", "RunningServer", "free_port", "free_port_at", "free_port_run", "http_status", "launch_fake_engine",
+           "run_server", "wait_for"]
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def free_port_run(count: int, avoid: range = range(0)) -> int:
-    """A port ``p`` with ``p .. p + count - 1`` all free now and outside ``avoid`` (a single free port can
-    be followed by a taken one: other tests on the machine hold ports too)."""
-    while True:
-        base = free_port()
-        run = range(base, base + count)
-        if all(free_port_at(p) for p in run) and not set(run) & set(avoid):
-            return base
-
-
-def free_port_at(port: int) -> bool:
-    """True when ``port`` can be bound on 127.0.0.1 now."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+FAKE_ENGINE_COMMAND = (sys.executable, "-m", "sparkserve.testing.fake_engine")
+"""The fake engine's server as a program (``python -m sparkserve.testing.fake_engine --port P ...``)."""
 
 
 @dataclass
@@ -63,42 +56,39 @@ class RunningServer:
 def run_server(
     engine: FakeEngine | None = None, uvicorn_options: dict[str, Any] | None = None, **app_kwargs: Any
 ) -> Iterator[RunningServer]:
-    """Serve ``build_app(engine, **app_kwargs)`` on 127.0.0.1 until the block exits
+    """Serve ``build_app(engine, **app_kwargs)`` on 127.0.0.1 from a thread until the block exits
     (``uvicorn_options``: extra ``uvicorn.Config`` arguments)."""
     engine = engine or FakeEngine()
+    with serve_in_thread(build_app(engine, **app_kwargs), **(uvicorn_options or {})) as url:
+        yield RunningServer(url, engine, app_kwargs.get("api_key") or "unused")
+
+
+@contextmanager
+def launch_fake_engine(*args: str, log_path: Path | None = None, timeout_s: float = 60.0,
+                       stop_timeout_s: float = 10.0) -> Iterator[ServerProcess]:
+    """The fake engine's HTTP server (``server/http_server.py``: drain, watchdog) as a child process with
+    the flags ``args``, on a free port; yields once ``/health`` answers 200 and stops it on exit (SIGTERM,
+    then SIGKILL after ``stop_timeout_s``).
+
+    Raises:
+        LaunchError: it exited or did not answer within ``timeout_s`` seconds.
+    """
     port = free_port()
-    config = uvicorn.Config(
-        build_app(engine, **app_kwargs), host="127.0.0.1", port=port, log_level="warning",
-        **(uvicorn_options or {}),
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
+    server = spawn("fake-engine", [*FAKE_ENGINE_COMMAND, "--port", str(port), *args], f"http://{LOCALHOST}:{port}",
+                   log_path=log_path)
     try:
-        yield RunningServer(f"http://127.0.0.1:{port}", engine, app_kwargs.get("api_key") or "unused")
+        wait_ready([server], timeout_s, path="/health")
+        yield server
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        stop_all([server], stop_timeout_s)
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout_s`` passes; returns its last value."""
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0, interval_s: float = 0.02) -> bool:
+    """Poll ``predicate`` every ``interval_s`` seconds until it is true or ``timeout_s`` passes; returns its
+    last value."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.02)
+        time.sleep(interval_s)
     return predicate()
-
-
-def http_status(url: str) -> int | None:
-    """``GET url``'s status code, None when nothing answers."""
-    try:
-        return httpx.get(url, timeout=2).status_code
-    except httpx.HTTPError:
-        return None

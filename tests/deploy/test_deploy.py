@@ -11,7 +11,6 @@ import importlib.util
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ import yaml
 
 from sparkserve.scheduler.policy.calibration import CalibrationRow
 from sparkserve.scheduler.stats import DraftOutcome, SpecDecodingStats
+from sparkserve.server.launch import free_port, spawn
 from sparkserve.server.metrics import ServerMetrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -333,12 +333,6 @@ def test_grafana_provisioning_points_at_dashboards() -> None:
 # ---- every expression against a real Prometheus -------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class FakeFeed:
     """ServerMetrics fed a little synthetic traffic before every scrape."""
 
@@ -421,24 +415,17 @@ def test_every_expression_returns_data_from_prometheus(tmp_path: Path) -> None:
             }
         )
     )
-    prom = subprocess.Popen(
-        [
-            tool("prometheus"),
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "prometheus.log").open("w"),
-    )
+    prom = spawn("prometheus", [tool("prometheus"), f"--config.file={config}",
+                                f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                 f"http://127.0.0.1:{prom_port}", log_path=tmp_path / "prometheus.log")
     try:
         exprs = promql_exprs.all_exprs(rate_interval="30s")
         missing: dict[str, str] = {}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             time.sleep(1)
-            if prom.poll() is not None:
-                pytest.fail(f"prometheus exited: {(tmp_path / 'prometheus.log').read_text()[-2000:]}")
+            if not prom.alive():
+                pytest.fail(f"prometheus exited: {prom.log_tail()}")
             try:
                 answers = {e.source: (e.expr, query(prom_port, e.expr)) for e in exprs}
             except OSError:
@@ -453,6 +440,5 @@ def test_every_expression_returns_data_from_prometheus(tmp_path: Path) -> None:
         assert not missing, "expressions without data:\n" + "\n".join(f"{s}: {m}" for s, m in missing.items())
         assert len(exprs) > 50
     finally:
-        prom.terminate()
-        prom.wait(timeout=30)
+        prom.stop()
         server.shutdown()

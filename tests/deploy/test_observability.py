@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +29,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,9 @@ import openai
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
+from sparkserve.server.launch import LaunchError, ServerProcess, free_port, spawn, stop_all, wait_ready
+from sparkserve.testing.server_harness import http_status, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -57,28 +59,6 @@ def _load_promql_exprs():
     sys.modules.setdefault("promql_exprs", module)  # dataclasses resolve their module by name
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
-
-
-def http_status(url: str) -> int | None:
-    try:
-        return httpx.get(url, timeout=5).status_code
-    except httpx.HTTPError:
-        return None
 
 
 def prometheus_binary() -> str:
@@ -128,13 +108,22 @@ def write_profile(path: Path) -> None:
 class Live:
     """The running server and Prometheus, and what the test sent."""
 
-    url: str
-    prom_url: str
-    proc: subprocess.Popen[bytes]
-    prom: subprocess.Popen[bytes]
-    log: Path
+    server: ServerProcess
+    prom: ServerProcess
     model: str = ""
     usages: list[openai.types.CompletionUsage] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def prom_url(self) -> str:
+        return self.prom.url
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.server.proc
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
@@ -161,17 +150,7 @@ class Live:
         return float(result[0]["value"][1]) if result else None
 
     def server_log(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        return self.server.log_tail(60)
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +169,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         "--drafter", str(tmp / "drafter"), "--verify-policy", "dspark", "--profile", str(tmp / "profile.json"),
         "--drain-timeout", str(DRAIN_TIMEOUT_S), "--default-max-tokens", "32", "--log-level", "warning",
     ]  # fmt: skip
-    log = tmp / "server.log"
-    proc = subprocess.Popen(server_cmd, cwd=tmp, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    server = spawn("sparkserve", server_cmd, f"http://127.0.0.1:{port}", log_path=tmp / "server.log", cwd=tmp)
     config = tmp / "prometheus.yml"
     config.write_text(
         yaml.safe_dump(
@@ -203,29 +181,19 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             }
         )
     )
-    prom = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp / "prometheus.log").open("wb"),
-    )
-    running = Live(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{prom_port}", proc, prom, log)
+    prom = spawn("prometheus", [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                                f"--web.listen-address=127.0.0.1:{prom_port}"],
+                 f"http://127.0.0.1:{prom_port}", log_path=tmp / "prometheus.log")
+    running = Live(server, prom)
     try:
-        if not wait_for(
-            lambda: http_status(running.url + "/ready") == 200 or proc.poll() is not None, 120, 0.5
-        ):
-            pytest.fail(f"server not ready in 120 s:\n{running.server_log()}")
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{running.server_log()}")
+        try:
+            wait_ready([server], 120, interval_s=0.5)
+        except LaunchError as exc:
+            pytest.fail(str(exc))
         running.model = running.client().models.list().data[0].id
         yield running
     finally:
-        _stop(proc)
-        _stop(prom)
+        stop_all([server, prom], 10)
 
 
 # ---- load ---------------------------------------------------------------------------------------

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ from sparkserve.server.app import build_app
 from sparkserve.server.http_guard import HeaderTimeoutH11Protocol
 from sparkserve.server.protocol import MAX_LOGIT_BIAS_ENTRIES, MAX_MESSAGES, MAX_STOP_STRING_CHARS
 from sparkserve.testing.fake_engine import IM_END, IM_START, FakeEngine
-from sparkserve.testing.server_harness import RunningServer, free_port, http_status, run_server, wait_for
+from sparkserve.testing.server_harness import RunningServer, launch_fake_engine, run_server
 
 MODEL = "fake-model"
 CHAT = "/v1/chat/completions"
@@ -193,32 +191,23 @@ def test_engine_error_mid_stream_then_serves_on(srv: RunningServer) -> None:
         assert http.post(CHAT, json={"model": MODEL, "messages": chat("hi")}).status_code == 200
 
 
-def _serve_fake(*args: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "sparkserve.testing.fake_engine", "--port", str(port), *args])
-    url = f"http://127.0.0.1:{port}"
-    assert wait_for(lambda: http_status(url + "/health") == 200, timeout_s=60)
-    return proc, url
-
-
 def test_drain_timeout_ends_streams_cleanly_then_exits() -> None:
     """Streams still running when --drain-timeout ends get a last chunk with finish_reason "abort",
     their usage chunk and [DONE] within the timeout; the process then exits 0."""
-    proc, url = _serve_fake("--drain-timeout", "2")
-    try:
+    with launch_fake_engine("--drain-timeout", "2") as server:
         bodies: dict[int, str] = {}
 
         def stream(i: int) -> None:
             body = {"model": MODEL, "prompt": "{delay=0.2} [[" + "z" * 200 + "]]", "stream": True,
                     "stream_options": {"include_usage": True}}
-            bodies[i] = httpx.post(url + "/v1/completions", json=body, timeout=30).text
+            bodies[i] = httpx.post(server.url + "/v1/completions", json=body, timeout=30).text
 
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
         for t in threads:
             t.start()
         time.sleep(1.0)
         start = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(timeout=20)
         assert time.monotonic() - start < 2.5  # within the timeout (+ scheduling slack)
@@ -228,19 +217,14 @@ def test_drain_timeout_ends_streams_cleanly_then_exits() -> None:
             chunks = [json.loads(d) for d in data[:-1]]
             assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
             assert chunks[-2]["choices"][0]["finish_reason"] == "abort"
-        assert proc.wait(timeout=10) == 0
-    finally:
-        proc.kill()
+        assert server.proc.wait(timeout=10) == 0
 
 
 def test_engine_death_exits_the_process_non_zero() -> None:
-    proc, url = _serve_fake()
-    try:
-        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "{die=1}", "stream": True})
+    with launch_fake_engine() as server:
+        r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "{die=1}", "stream": True})
         assert sse_data(r.text)[-1] == "[DONE]"
-        assert proc.wait(timeout=15) == 1
-    finally:
-        proc.kill()
+        assert server.proc.wait(timeout=15) == 1
 
 
 def test_no_prompts_or_keys_in_logs_at_the_default_level(caplog: pytest.LogCaptureFixture) -> None:

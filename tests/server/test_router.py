@@ -34,12 +34,17 @@ from sparkserve.server.replicas import (
 from sparkserve.server.router_fields import UNSUPPORTED_VALUES
 from sparkserve.testing.fake_engine import FakeEngine
 from sparkserve.testing.router_harness import (
-    FAKE_REPLICA_COMMAND,
     replica_set,
     requests_served,
     require_router,
 )
-from sparkserve.testing.server_harness import free_port, free_port_run, run_server, wait_for
+from sparkserve.testing.server_harness import (
+    FAKE_ENGINE_COMMAND,
+    free_port,
+    free_port_run,
+    run_server,
+    wait_for,
+)
 
 # What vllm-router 0.1.17 adds to a forwarded chat / completions body (recorded on the wire).
 ROUTER_CHAT_FIELDS = {
@@ -174,7 +179,7 @@ def test_killed_replica_loses_only_its_in_flight_requests(tmp_path: Path) -> Non
             futures = [pool.submit(send, i) for i in range(num_clients)]
             assert wait_for(lambda: len(outcomes) >= 2 * num_clients, 10.0)
             served_by_victim = requests_served(running.config.replica_urls[1])
-            running.replicas[1].send_signal(signal.SIGKILL)
+            running.replicas[1].proc.send_signal(signal.SIGKILL)
             for future in futures:
                 future.result(timeout=120)
         failures = [o for o in outcomes if o != "ok"]
@@ -260,7 +265,7 @@ def start_launcher(log_dir: Path) -> subprocess.Popen[str]:
     replica_base = free_port_run(2)  # both replica ports free (one free port may be followed by a taken one)
     router_port = free_port_run(1, avoid=range(replica_base, replica_base + 2))
     argv = [sys.executable, "-m", "sparkserve", "replicas", "--num-replicas", "2", "--port", str(router_port),
-            "--replica-base-port", str(replica_base), "--replica-command", " ".join(FAKE_REPLICA_COMMAND),
+            "--replica-base-port", str(replica_base), "--replica-command", " ".join(FAKE_ENGINE_COMMAND),
             f"--router-arg=--prometheus-port={free_port()}", "--log-dir", str(log_dir)]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
 

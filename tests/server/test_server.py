@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +28,13 @@ from sparkserve.testing.fake_engine import (
     FakeTokenizer,
     QueueFullError,
 )
-from sparkserve.testing.server_harness import RunningServer, free_port, http_status, run_server, wait_for
+from sparkserve.testing.server_harness import (
+    RunningServer,
+    http_status,
+    launch_fake_engine,
+    run_server,
+    wait_for,
+)
 
 MODEL = "fake-model"
 TOK = FakeTokenizer()
@@ -392,13 +396,8 @@ def test_metrics_hook() -> None:
 
 def test_sigterm_drains_then_exits() -> None:
     """SIGTERM during a stream: the stream completes, new requests get 503, the process exits 0."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sparkserve.testing.fake_engine", "--port", str(port), "--drain-timeout", "10"]
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        assert wait_for(lambda: http_status(url + "/health") == 200, timeout_s=30)
+    with launch_fake_engine("--drain-timeout", "10", timeout_s=30) as server:
+        url = server.url
         reply = "w" * 40
         result: dict[str, str] = {}
 
@@ -409,7 +408,7 @@ def test_sigterm_drains_then_exits() -> None:
         thread = threading.Thread(target=stream)
         thread.start()
         time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signal.SIGTERM)
         assert wait_for(lambda: http_status(url + "/ready") == 503)
         r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
@@ -418,9 +417,7 @@ def test_sigterm_drains_then_exits() -> None:
         assert (
             data[-1] == "[DONE]" and "".join(json.loads(d)["choices"][0]["text"] for d in data[:-1]) == reply
         )
-        assert proc.wait(timeout=15) == 0
-    finally:
-        proc.kill()
+        assert server.proc.wait(timeout=15) == 0
 
 
 # ---- request metrics (ServerMetrics fed by the serving layer) ----------------------------------------

@@ -107,7 +107,7 @@ def test_locust_headless_run(servers, tmp_path: Path) -> None:
     env = {**os.environ, "SPARKSERVE_WEIGHTS": "chat=1,completions=1,disconnect=1,bad=1", "SPARKSERVE_MAX_TOKENS": "8",
            "SPARKSERVE_SHAPE": "steady", "SPARKSERVE_USERS": "4", "SPARKSERVE_DURATION": "5"}
     locustfile = Path(__file__).resolve().parents[3] / "loadtests" / "locustfile.py"
-    proc = subprocess.run([sys.executable, "-m", "locust", "-f", str(locustfile), "--host", servers["plain"].url[:-3],
+    proc = subprocess.run([sys.executable, "-m", "locust", "-f", str(locustfile), "--host", servers["plain"].url,
                            "--headless", "--csv", str(prefix), "--only-summary", "--stop-timeout", "10"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
