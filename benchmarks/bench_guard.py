@@ -77,10 +77,12 @@ class Recorder:
         return rec
 
 
-def run_default(prompts: list[list[int]], max_tokens: int, seed: int, overrides: dict) -> tuple[float, int, list[dict], dict]:
-    """One fresh default engine (``overrides``: EngineArgs fields) on all prompts at once. Returns
-    (wall s, tokens, step records, the start-up profile)."""
-    core = EngineCore(EngineArgs(seed=seed, max_num_seqs=max(len(prompts), 1), **overrides))
+def run_default(prompts: list[list[int]], max_tokens: int, seed: int, overrides: dict,
+                concurrency: int = 0) -> tuple[float, int, list[dict], dict]:
+    """One fresh default engine (``overrides``: EngineArgs fields) on all prompts, at most ``concurrency``
+    running at once (0: all; the rest wait and are admitted as others finish). Returns (wall s, tokens,
+    step records, the start-up profile)."""
+    core = EngineCore(EngineArgs(seed=seed, max_num_seqs=concurrency or max(len(prompts), 1), **overrides))
     rec, ctrl = Recorder(core), core.controller
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
@@ -108,8 +110,9 @@ def run_default(prompts: list[list[int]], max_tokens: int, seed: int, overrides:
     return wall, tokens, steps, base
 
 
-def run_plain(prompts: list[list[int]], max_tokens: int, seed: int) -> tuple[float, int, list[dict]]:
-    core = EngineCore(EngineArgs(seed=seed, drafter="none", max_num_seqs=max(len(prompts), 1)))
+def run_plain(prompts: list[list[int]], max_tokens: int, seed: int, concurrency: int = 0) -> tuple[float, int, list[dict]]:
+    """:func:`run_default` for ``--drafter none``: (wall s, tokens, step records)."""
+    core = EngineCore(EngineArgs(seed=seed, drafter="none", max_num_seqs=concurrency or max(len(prompts), 1)))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     steps: list = []
     start = time.perf_counter()
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", nargs="+", default=["mtbench+gsm8k"])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--num-prompts", type=int, default=0, help="prompts per cell (0: = c)")
+    ap.add_argument("--num-prompts", type=int, default=0,
+                    help="prompts per cell, at most c running at once (0: c prompts)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repetitions", type=int, default=1)
     ap.add_argument("--engine-args", default="{}", help="JSON of EngineArgs fields for the default engine")
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     cells = []
     for spec in args.sets:
         for c in args.concurrency:
-            texts = prompt_set(spec, max(c, args.num_prompts))[:c]
+            texts = prompt_set(spec, max(c, args.num_prompts))
             prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
             for rep in range(args.repetitions):
                 order = ["default", "none"] if rep % 2 == 0 else ["none", "default"]
@@ -182,9 +186,9 @@ def main(argv: list[str] | None = None) -> None:
                 for name in order:
                     if name == "default":
                         res["default_wall_s"], res["default_tokens"], steps, profile = run_default(prompts, args.max_tokens, rep,
-                                                                                          json.loads(args.engine_args))
+                                                                                          json.loads(args.engine_args), c)
                     else:
-                        res["none_wall_s"], res["none_tokens"], plain_steps = run_plain(prompts, args.max_tokens, rep)
+                        res["none_wall_s"], res["none_tokens"], plain_steps = run_plain(prompts, args.max_tokens, rep, c)
                 res["ratio_tok_s"] = (res["default_tokens"] / res["default_wall_s"]) / (res["none_tokens"] / res["none_wall_s"])
                 res.update(summarise(steps, plain_steps))
                 print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}), flush=True)
