@@ -23,12 +23,13 @@ returns False, and the layers run eagerly. ``SPARKSERVE_FUSED_STEP=0`` disables 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 from pathlib import Path
 
 import torch
+
+from sparkserve.kernels import cpp_build
 
 logger = logging.getLogger(__name__)
 
@@ -38,22 +39,14 @@ EXTENSION = "sparkserve_fused_cpu"
 
 def library_path() -> Path:
     """The compiled library: one folder per (source, torch version) under the kernel cache."""
-    root = Path(os.environ.get("SPARKSERVE_KERNEL_CACHE", Path.home() / ".cache" / "sparkserve" / "kernels"))
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
-    return root / f"fused_cpu-{digest}" / f"{EXTENSION}.so"
+    return cpp_build.library_path(SOURCE, "fused_cpu", EXTENSION)
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile the extension (the install step runs this). Returns the library's path; raises whatever
+    """Compile the extension (the install step runs this; kernels/cpp_build.py: ``-ffp-contract=off`` keeps
+    each rounding point the eager ops'). Returns the library's path; raises whatever
     torch.utils.cpp_extension raises when no compiler works."""
-    from torch.utils.cpp_extension import load as cpp_load
-
-    folder = library_path().parent
-    folder.mkdir(parents=True, exist_ok=True)
-    # -ffp-contract=off: no fused multiply-adds, so each rounding point matches the eager ops'
-    cpp_load(name=EXTENSION, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
-             extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=verbose)
-    return library_path()
+    return cpp_build.build(SOURCE, "fused_cpu", EXTENSION, verbose)
 
 
 @functools.cache

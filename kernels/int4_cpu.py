@@ -21,7 +21,6 @@ engine keeps torch's int4 kernel. Environment: ``SPARKSERVE_INT4_KERNEL=0`` disa
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from sparkserve.kernels import cpp_build
 
 logger = logging.getLogger(__name__)
 
@@ -66,28 +67,18 @@ class PackedInt4(NamedTuple):
 # --------------------------------------------------------------------------- build and load
 def build_dir() -> Path:
     """Where the compiled extension lives: one folder per (source, torch version)."""
-    root = Path(os.environ.get("SPARKSERVE_KERNEL_CACHE", Path.home() / ".cache" / "sparkserve" / "kernels"))
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
-    return root / f"int4_cpu-{digest}"
+    return library_path().parent
 
 
 def library_path() -> Path:
     """The shared library :func:`build` writes."""
-    return build_dir() / f"{EXTENSION}.so"
+    return cpp_build.library_path(SOURCE, "int4_cpu", EXTENSION)
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile the extension (once; the install step runs this). Returns the library's path.
-    Raises whatever torch.utils.cpp_extension raises when no compiler works."""
-    from torch.utils.cpp_extension import load as cpp_load
-
-    folder = build_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    # -fopenmp: at::parallel_for's OpenMP region is compiled into the extension; libgomp.so.1 resolves to
-    # the copy torch already loaded (same soname), so the kernel runs on the engine's OpenMP team.
-    cpp_load(name=EXTENSION, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
-             extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=verbose)
-    return library_path()
+    """Compile the extension (once; the install step runs this; kernels/cpp_build.py). Returns the library's
+    path. Raises whatever torch.utils.cpp_extension raises when no compiler works."""
+    return cpp_build.build(SOURCE, "int4_cpu", EXTENSION, verbose)
 
 
 @functools.cache
