@@ -192,8 +192,7 @@ class LazyContextFeed:
                            positions.new_empty(self.capacity), slots.new_empty(self.capacity))
         arena_f, arena_p, arena_s = self._arena
         lo = self._used
-        contiguous = all(first == lazy[0][1] + sum(s.num_rows for s, _ in lazy[:i]) for i, (_, first) in enumerate(lazy))
-        if contiguous:
+        if lazy[-1][1] + lazy[-1][0].num_rows - lazy[0][1] == count:  # rows in order, so no gap means one run
             first = lazy[0][1]
             for dst, src in ((arena_f, features), (arena_p, positions), (arena_s, slots)):
                 dst[lo : lo + count].copy_(src[first : first + count])
