@@ -16,9 +16,9 @@
 // (Cephes' expf polynomial, within 2 ulp of std::exp), so the loops around it vectorise.
 // Threads: at::parallel_for (torch's OpenMP team) over tokens and over (query row, KV head) pairs.
 // The hot loops (one function per row / token / query group) are compiled for AVX-512, AVX2 and the baseline
-// (GCC's target_clones picks at load time); bf16 rounding and exp are branch-free arithmetic, and without FMA
-// contraction the three clones give the same bits (built with -fno-trapping-math, kernels/fused_cpu.py: the
-// selects of exp_ps and round_bf16 if-convert).
+// and picked per call (fused_isa: the widest the CPU has, or SPARKSERVE_FUSED_ISA); bf16 rounding and exp are
+// branch-free arithmetic, and without FMA contraction the three give the same bits (built with
+// -fno-trapping-math, kernels/fused_cpu.py: the selects of exp_ps and round_bf16 if-convert).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -29,27 +29,82 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPARKSERVE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define SPARKSERVE_X86 1
+#endif
+#define SPARKSERVE_INLINE inline __attribute__((always_inline))
+
+// The code path of the hot loops: each is compiled three times (AVX-512, AVX2, the baseline ISA) and picked per
+// call: SPARKSERVE_FUSED_ISA=avx512|avx2|baseline forces one (an error when the CPU lacks it), else the widest
+// the CPU has. Without FMA contraction and with branch-free rounding and exp the three give the same bits.
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+bool isa_supported(Isa isa) {
+#ifdef SPARKSERVE_X86
+  if (isa == Isa::kAvx512) return __builtin_cpu_supports("avx512f");
+  if (isa == Isa::kAvx2) return __builtin_cpu_supports("avx2");
+  return true;
 #else
-#define SPARKSERVE_CLONES
+  return isa == Isa::kBaseline;
+#endif
+}
+
+Isa fused_isa() {  // read per call (getenv is cheap), so a test can switch paths within one process
+  const char* forced = std::getenv("SPARKSERVE_FUSED_ISA");
+  if (forced == nullptr || *forced == '\0') {
+    for (Isa isa : {Isa::kAvx512, Isa::kAvx2})
+      if (isa_supported(isa)) return isa;
+    return Isa::kBaseline;
+  }
+  const char* names[] = {"baseline", "avx2", "avx512"};
+  for (int i = 0; i < 3; ++i) {
+    if (std::strcmp(forced, names[i]) == 0) {
+      TORCH_CHECK(isa_supported(static_cast<Isa>(i)), "SPARKSERVE_FUSED_ISA=", forced, ": this CPU lacks it");
+      return static_cast<Isa>(i);
+    }
+  }
+  TORCH_CHECK(false, "SPARKSERVE_FUSED_ISA must be one of avx512, avx2, baseline, got ", forced);
+}
+
+// Defines name<T>(isa, args...): name##_body<T> (SPARKSERVE_INLINE, like every helper it calls) inlined into
+// one function per ISA (GCC's target attribute), chosen by isa.
+#ifdef SPARKSERVE_X86
+#define SPARKSERVE_ISA_VARIANTS(name, PARAMS, ARGS)                                                          \
+  template <typename T>                                                                                      \
+  __attribute__((target("avx512f"))) void name##_avx512 PARAMS { name##_body<T> ARGS; }                       \
+  template <typename T>                                                                                      \
+  __attribute__((target("avx2"))) void name##_avx2 PARAMS { name##_body<T> ARGS; }                            \
+  template <typename T>                                                                                      \
+  void name##_baseline PARAMS { name##_body<T> ARGS; }                                                       \
+  template <typename T, typename... A>                                                                       \
+  void name(Isa isa, A&&... args) {                                                                          \
+    if (isa == Isa::kAvx512) name##_avx512<T>(std::forward<A>(args)...);                                     \
+    else if (isa == Isa::kAvx2) name##_avx2<T>(std::forward<A>(args)...);                                    \
+    else name##_baseline<T>(std::forward<A>(args)...);                                                       \
+  }
+#else
+#define SPARKSERVE_ISA_VARIANTS(name, PARAMS, ARGS)                                                          \
+  template <typename T, typename... A>                                                                       \
+  void name(Isa, A&&... args) { name##_body<T>(std::forward<A>(args)...); }
 #endif
 
 // fp32 <-> bits without aliasing (the compiler vectorises these: no branch, no call).
-inline uint32_t bits_of(float x) {
+SPARKSERVE_INLINE uint32_t bits_of(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof u);
   return u;
 }
 
-inline float float_of(uint32_t u) {
+SPARKSERVE_INLINE float float_of(uint32_t u) {
   float x;
   std::memcpy(&x, &u, sizeof x);
   return x;
@@ -57,27 +112,27 @@ inline float float_of(uint32_t u) {
 
 // Round an fp32 to bf16 (nearest, ties to even; NaN -> 0x7FC0) and widen back: c10::BFloat16's rounding,
 // written branch-free so the loops around it vectorise.
-inline float round_bf16(float x) {
+SPARKSERVE_INLINE float round_bf16(float x) {
   const uint32_t u = bits_of(x);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
   return float_of(x != x ? 0x7FC00000u : rounded);
 }
 
 template <typename T>
-inline float rd(float x) {  // round to the model dtype and back (identity for fp32)
+SPARKSERVE_INLINE float rd(float x) {  // round to the model dtype and back (identity for fp32)
   if constexpr (std::is_same_v<T, float>) return x;
   else if constexpr (std::is_same_v<T, c10::BFloat16>) return round_bf16(x);
   else return static_cast<float>(static_cast<T>(x));
 }
 
 template <typename T>
-inline float widen(T x) {  // a dtype value as fp32 (bf16: its bits shifted up)
+SPARKSERVE_INLINE float widen(T x) {  // a dtype value as fp32 (bf16: its bits shifted up)
   if constexpr (std::is_same_v<T, c10::BFloat16>) return float_of(static_cast<uint32_t>(x.x) << 16);
   else return static_cast<float>(x);
 }
 
 template <typename T>
-inline T narrow(float x) {  // x already holds a dtype value (rd<T>): store it exactly
+SPARKSERVE_INLINE T narrow(float x) {  // x already holds a dtype value (rd<T>): store it exactly
   if constexpr (std::is_same_v<T, c10::BFloat16>) return c10::BFloat16(static_cast<uint16_t>(bits_of(x) >> 16), c10::BFloat16::from_bits());
   else return static_cast<T>(x);
 }
@@ -85,7 +140,7 @@ inline T narrow(float x) {  // x already holds a dtype value (rd<T>): store it e
 // e^x in fp32 without a call, so loops of it vectorise (Cephes' expf: Cody-Waite reduction by ln 2 and a degree-6
 // polynomial, relative error ~1e-7, within 2 ulp of std::exp); 0 below -87.3, inf above 88.7, NaN kept. Plain
 // multiplies and adds (no contraction): every ISA clone gives the same bits.
-inline float exp_ps(float x) {
+SPARKSERVE_INLINE float exp_ps(float x) {
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -102,7 +157,7 @@ inline float exp_ps(float x) {
   return x < -87.3f ? 0.0f : (x > 88.7f ? INFINITY : (x != x ? x : e));
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
+SPARKSERVE_INLINE float dot(const float* a, const float* b, int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // eight independent sums: the compiler vectorises them
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -114,7 +169,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 // h = w * rd(x * rsqrt(mean(x^2) + eps)) with x in fp32 (x already holds dtype values); n elements.
 template <typename T>
-inline void rms_norm_row(const float* x, const T* w, float eps, int64_t n, float* out) {
+SPARKSERVE_INLINE void rms_norm_row(const float* x, const T* w, float eps, int64_t n, float* out) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -128,7 +183,7 @@ inline void rms_norm_row(const float* x, const T* w, float eps, int64_t n, float
 
 // Rows [begin, end) of add_rms_norm: x_out = rd(x + delta), h = rms_norm(x_out); row, normed: [n] scratch.
 template <typename T>
-SPARKSERVE_CLONES void add_rms_norm_rows(const T* xp, const T* dp, const T* wp, float eps, int64_t n, int64_t begin,
+SPARKSERVE_INLINE void add_rms_norm_rows_body(const T* xp, const T* dp, const T* wp, float eps, int64_t n, int64_t begin,
                                          int64_t end, T* xo, T* hp, float* row, float* normed) {
   for (int64_t r = begin; r < end; ++r) {
     for (int64_t k = 0; k < n; ++k) {
@@ -140,6 +195,9 @@ SPARKSERVE_CLONES void add_rms_norm_rows(const T* xp, const T* dp, const T* wp, 
     for (int64_t k = 0; k < n; ++k) hp[r * n + k] = narrow<T>(normed[k]);
   }
 }
+SPARKSERVE_ISA_VARIANTS(add_rms_norm_rows,
+                        (const T* xp, const T* dp, const T* wp, float eps, int64_t n, int64_t begin, int64_t end, T* xo, T* hp, float* row, float* normed),
+                        (xp, dp, wp, eps, n, begin, end, xo, hp, row, normed))
 
 template <typename T>
 void add_rms_norm_impl(const at::Tensor& x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
@@ -150,9 +208,10 @@ void add_rms_norm_impl(const at::Tensor& x, const c10::optional<at::Tensor>& del
   const T* wp = weight.data_ptr<T>();
   T* xo = x_out.data_ptr<T>();
   T* hp = h.data_ptr<T>();
+  const Isa isa = fused_isa();
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> row(n), normed(n);
-    add_rms_norm_rows<T>(xp, dp, wp, eps, n, begin, end, xo, hp, row.data(), normed.data());
+    add_rms_norm_rows<T>(isa, xp, dp, wp, eps, n, begin, end, xo, hp, row.data(), normed.data());
   });
 }
 
@@ -179,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const c10::
 
 // Rows [begin, end) of silu_mul: out = rd(silu(gate)) * up, rounded; inter = I.
 template <typename T>
-SPARKSERVE_CLONES void silu_mul_rows(const T* gp, int64_t inter, int64_t begin, int64_t end, T* op) {
+SPARKSERVE_INLINE void silu_mul_rows_body(const T* gp, int64_t inter, int64_t begin, int64_t end, T* op) {
   for (int64_t r = begin; r < end; ++r) {
     const T* g = gp + r * 2 * inter;
     const T* u = g + inter;
@@ -190,13 +249,17 @@ SPARKSERVE_CLONES void silu_mul_rows(const T* gp, int64_t inter, int64_t begin, 
     }
   }
 }
+SPARKSERVE_ISA_VARIANTS(silu_mul_rows,
+                        (const T* gp, int64_t inter, int64_t begin, int64_t end, T* op),
+                        (gp, inter, begin, end, op))
 
 template <typename T>
 void silu_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
   const int64_t rows = gate_up.size(0), inter = out.size(1);
   const T* gp = gate_up.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) { silu_mul_rows<T>(gp, inter, begin, end, op); });
+  const Isa isa = fused_isa();
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) { silu_mul_rows<T>(isa, gp, inter, begin, end, op); });
 }
 
 at::Tensor silu_mul(const at::Tensor& gate_up) {
@@ -212,11 +275,12 @@ struct AttendArgs {
   int64_t num_tokens, num_heads, num_kv_heads, head_dim, block_size, cache_head_stride;
   int64_t num_seqs, q_max, max_blocks;
   float eps, scale;
+  Isa isa;
 };
 
 // One head's vector from qkv (already dtype values) -> optional norm -> RoPE, into out (fp32 holding dtype values).
 template <typename T>
-inline void rope_head(const T* src, const T* norm_w, const T* cos, const T* sin, const AttendArgs& a, float* tmp,
+SPARKSERVE_INLINE void rope_head(const T* src, const T* norm_w, const T* cos, const T* sin, const AttendArgs& a, float* tmp,
                       float* out) {
   const int64_t hd = a.head_dim, half = hd / 2;
   for (int64_t d = 0; d < hd; ++d) tmp[d] = widen(src[d]);
@@ -231,7 +295,7 @@ inline void rope_head(const T* src, const T* norm_w, const T* cos, const T* sin,
 
 // Token t's q heads rotated into q_rot [H, hd]; its k heads rotated and its v heads stored at the token's slot.
 template <typename T>
-SPARKSERVE_CLONES void rope_store_token(const T* row, const T* c, const T* s, const T* q_norm, const T* k_norm,
+SPARKSERVE_INLINE void rope_store_token_body(const T* row, const T* c, const T* s, const T* q_norm, const T* k_norm,
                                         T* k_cache, T* v_cache, int64_t slot, const AttendArgs& a, float* tmp,
                                         float* rot, float* q_rot) {
   const int64_t hd = a.head_dim;
@@ -246,6 +310,9 @@ SPARKSERVE_CLONES void rope_store_token(const T* row, const T* c, const T* s, co
     }
   }
 }
+SPARKSERVE_ISA_VARIANTS(rope_store_token,
+                        (const T* row, const T* c, const T* s, const T* q_norm, const T* k_norm, T* k_cache, T* v_cache, int64_t slot, const AttendArgs& a, float* tmp, float* rot, float* q_rot),
+                        (row, c, s, q_norm, k_norm, k_cache, v_cache, slot, a, tmp, rot, q_rot))
 
 template <typename T>
 void rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const T* q_norm,
@@ -257,7 +324,7 @@ void rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& 
   at::parallel_for(0, a.num_tokens, 4, [&](int64_t begin, int64_t end) {
     std::vector<float> tmp(hd), rot(hd);
     for (int64_t t = begin; t < end; ++t)
-      rope_store_token<T>(qp + t * width, cp + t * half, sp + t * half, q_norm, k_norm, k_cache, v_cache, slots[t], a,
+      rope_store_token<T>(a.isa, qp + t * width, cp + t * half, sp + t * half, q_norm, k_norm, k_cache, v_cache, slots[t], a,
                           tmp.data(), rot.data(), q_rot + t * a.num_heads * hd);
   });
 }
@@ -266,7 +333,7 @@ void rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& 
 // head kv_head over keys 0 .. pos: each key / value is read and widened to fp32 once for the G heads, block by
 // block of the table (no division per key).
 template <typename T>
-SPARKSERVE_CLONES void attend_group(const float* q /* [G, hd] */, const T* k_cache, const T* v_cache,
+SPARKSERVE_INLINE void attend_group_body(const float* q /* [G, hd] */, const T* k_cache, const T* v_cache,
                                     const int64_t* table, int64_t pos, int64_t kv_head, const AttendArgs& a,
                                     std::vector<float>& scores, std::vector<float>& row, std::vector<float>& acc,
                                     T* out /* [G, hd] */) {
@@ -305,6 +372,9 @@ SPARKSERVE_CLONES void attend_group(const float* q /* [G, hd] */, const T* k_cac
   }
   for (int64_t i = 0; i < group * hd; ++i) out[i] = narrow<T>(rd<T>(o[i]));
 }
+SPARKSERVE_ISA_VARIANTS(attend_group,
+                        (const float* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t pos, int64_t kv_head, const AttendArgs& a, std::vector<float>& scores, std::vector<float>& row, std::vector<float>& acc, T* out),
+                        (q, k_cache, v_cache, table, pos, kv_head, a, scores, row, acc, out))
 
 template <typename T>
 void attend(const float* q_rot, const T* k_cache, const T* v_cache, const at::Tensor& positions,
@@ -323,7 +393,7 @@ void attend(const float* q_rot, const T* k_cache, const T* v_cache, const at::Te
       const int64_t r = i / a.num_kv_heads, kv_head = i % a.num_kv_heads;
       if (!valid[r]) continue;
       const int64_t t = index[r], s = r / a.q_max, head = kv_head * group;  // query heads head .. head + G - 1
-      attend_group<T>(q_rot + (t * a.num_heads + head) * hd, k_cache, v_cache, tables + s * a.max_blocks, pos[t],
+      attend_group<T>(a.isa, q_rot + (t * a.num_heads + head) * hd, k_cache, v_cache, tables + s * a.max_blocks, pos[t],
                       kv_head, a, scores, row, acc, op + (t * a.num_heads + head) * hd);
     }
   });
@@ -354,7 +424,7 @@ at::Tensor rope_store_attend(const at::Tensor& qkv, const at::Tensor& cos, const
               "q_index / q_valid must be [S, q_max], block_tables [S, max_blocks]");
   AttendArgs a{tokens, num_heads, num_kv_heads, hd, k_cache.size(2), k_cache.size(1) * k_cache.size(2) * hd,
                q_index.size(0), q_index.size(1), block_tables.size(1), static_cast<float>(eps),
-               static_cast<float>(scale)};
+               static_cast<float>(scale), fused_isa()};
   at::Tensor out = at::zeros({tokens, num_heads, hd}, qkv.options());
   std::vector<float> q_rot(tokens * num_heads * hd);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "rope_store_attend", [&] {
