@@ -12,16 +12,23 @@ full arms give the run-to-run spread to read it against::
         python -m sparkserve.benchmarks.bench_profile_grid --arms cut full cut --out bench_results/profile_cut_avx2.json
 
 Writes JSON naming the machine (CPU model, SIMD flags, ATen level, load average before and after).
+
+``--replay FILE`` measures nothing: it replays the recorded calls of FILE's full arms through the cut, once as
+recorded (the cut's fewer repetitions included) and once with every call of a cell returning the value the full
+run kept for it (the cut's grid and interpolation alone, free of the run's noise), and prints both errors.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from sparkserve.benchmarks.bench_step_breakdown import machine
@@ -29,6 +36,7 @@ from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.engine.throughput_probe import probe_timers
 from sparkserve.scheduler.profile import ThroughputProfile, default_grid, measure_profile
+from sparkserve.scheduler.profile.measure import time_cell
 
 
 def recorded(fn, calls: list[list]):  # noqa: ANN001, ANN201
@@ -51,12 +59,54 @@ def prediction_error(profile: ThroughputProfile, reference: ThroughputProfile) -
             "max": round(errors[-1], 4), "cells": len(errors)}
 
 
+def _calls(rows: list[list]) -> dict[tuple, list[float]]:
+    """Recorded ``[*args, seconds]`` rows -> {args: [seconds, ...]} in call order."""
+    calls: dict[tuple, list[float]] = defaultdict(list)
+    for *key, seconds in rows:
+        calls[tuple(key)].append(seconds)
+    return calls
+
+
+def _replayed(calls: dict[tuple, list[float]], kept: dict[tuple, float] | None) -> Callable[..., float]:
+    """``fn(*args)``: the recorded calls of args in order (``kept`` None), else the kept value of args."""
+    iters = {key: iter(v) for key, v in calls.items()}
+    return (lambda *k: next(iters[k])) if kept is None else (lambda *k: kept[k])
+
+
+def _kept(calls: dict[tuple, list[float]]) -> dict[tuple, float]:
+    """The value ``measure_profile`` kept for each cell of a full run (``time_cell`` over its recorded calls)."""
+    return {k: time_cell(functools.partial(_replayed({k: v}, None), *k), 2, 1, 0.25) for k, v in calls.items()}
+
+
+def replay(arm: dict) -> dict[str, dict[str, float]]:
+    """The cut profile rebuilt from a full arm's recorded calls, its error against that arm's profile: ``as_recorded``
+    (the same calls in order) and ``structure`` (each cell's kept value: grid and interpolation alone)."""
+    steps, drafts = _calls(arm["step_calls"]), _calls(arm["draft_calls"])
+    full = ThroughputProfile.from_dict(arm["profile"])
+    grid = default_grid(int(full.batch_tokens[-1]), int(full.num_requests[-1]), cut=True)
+    out = {}
+    for name in ("as_recorded", "structure"):
+        kept = _kept(steps) if name == "structure" else None
+        draft_kept = _kept(drafts) if name == "structure" else None
+        cut = measure_profile(_replayed(steps, kept), *grid, repeats=2, warmup=1, cut=True,
+                              draft_fn=_replayed(drafts, draft_kept) if drafts else None)
+        out[name] = prediction_error(cut, full)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arms", nargs="+", choices=("full", "cut"), default=["cut", "full", "cut"])
     parser.add_argument("--label", default="run")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", default=None, help="JSON to write (required unless --replay)")
+    parser.add_argument("--replay", default=None, help="a bench_profile_grid JSON: replay its full arms' calls")
     ns = parser.parse_args()
+    if ns.replay is not None:
+        doc = json.loads(Path(ns.replay).read_text())
+        print(json.dumps([replay(arm) for arm in doc["arms"] if arm["arm"] == "full"], indent=1))
+        return
+    if ns.out is None:
+        parser.error("--out is required")
     load_before = os.getloadavg()
     start = time.perf_counter()
     args = EngineArgs()
