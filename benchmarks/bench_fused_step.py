@@ -9,6 +9,9 @@ overhead the issue asks to bring from about half the step to <= 20 % at batch 1:
 
     python -m sparkserve.benchmarks.bench_fused_step --batch 1 4 --threads 1 2 --out bench_results/fused_step.json
 
+``--clock cpu`` times with the calling thread's CPU time (``time.thread_time``) instead of the wall clock: with
+one torch thread every op runs on that thread, so a loaded machine's preemptions drop out of every figure.
+
 Writes JSON with the machine (CPU model, SIMD flags, ATen level, load average) and per cell the medians in
 milliseconds and the eager / fused ratios.
 """
@@ -31,18 +34,19 @@ from sparkserve.scheduler.sampling_params import SamplingParams
 
 
 class LinearTimer:
-    """Wraps ``llama.quant_linear`` (the model's every linear call) and sums its seconds."""
+    """Wraps ``llama.quant_linear`` (the model's every linear call) and sums its seconds on ``clock``."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.perf_counter) -> None:  # noqa: ANN001
         self.seconds = 0.0
         self.real = llama.quant_linear
+        self.clock = clock
 
     def __call__(self, *args):  # noqa: ANN002, ANN204
-        start = time.perf_counter()
+        start = self.clock()
         try:
             return self.real(*args)
         finally:
-            self.seconds += time.perf_counter() - start
+            self.seconds += self.clock() - start
 
 
 def measure(core: EngineCore, fused: bool, steps: int, linears: LinearTimer) -> list[dict[str, float]]:
@@ -52,10 +56,12 @@ def measure(core: EngineCore, fused: bool, steps: int, linears: LinearTimer) -> 
     real_forward = model.forward
     forward_s = [0.0, 0.0]  # this step's forward seconds, linear seconds inside it
 
+    clock = linears.clock
+
     def timed_forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        before, start = linears.seconds, time.perf_counter()
+        before, start = linears.seconds, clock()
         out = real_forward(*args, **kwargs)
-        forward_s[0] += time.perf_counter() - start
+        forward_s[0] += clock() - start
         forward_s[1] += linears.seconds - before
         return out
 
@@ -63,9 +69,9 @@ def measure(core: EngineCore, fused: bool, steps: int, linears: LinearTimer) -> 
     rows = []
     for _ in range(steps):
         forward_s[:] = [0.0, 0.0]
-        start, linears.seconds = time.perf_counter(), 0.0
+        start, linears.seconds = clock(), 0.0
         core.step()
-        rows.append({"step": time.perf_counter() - start, "forward": forward_s[0], "linears_in_forward": forward_s[1],
+        rows.append({"step": clock() - start, "forward": forward_s[0], "linears_in_forward": forward_s[1],
                      "linears": linears.seconds})
     del model.forward
     return rows
@@ -104,9 +110,11 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["bfloat16"])
     parser.add_argument("--steps", type=int, default=8, help="steps per arm per round")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: perf_counter; cpu: the calling thread's CPU time (one thread: load-proof)")
     parser.add_argument("--out", required=True)
     ns = parser.parse_args()
-    linears = LinearTimer()
+    linears = LinearTimer(time.thread_time if ns.clock == "cpu" else time.perf_counter)
     llama.quant_linear = linears
     results = []
     for dtype in ns.dtype:
@@ -117,7 +125,8 @@ def main() -> None:
                 cell = {"dtype": dtype, "threads": threads, **run_cell(core, batch, ns.steps, ns.rounds, linears)}
                 print(json.dumps(cell), flush=True)
                 results.append(cell)
-    out = {"machine": machine(), "steps_per_arm": ns.steps, "rounds": ns.rounds, "results": results}
+    out = {"machine": machine(), "clock": ns.clock, "steps_per_arm": ns.steps, "rounds": ns.rounds,
+           "results": results}
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.out).write_text(json.dumps(out, indent=2) + "\n")
 

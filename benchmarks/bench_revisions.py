@@ -66,8 +66,22 @@ def bench_module(tree: Path) -> str:
     raise FileNotFoundError(f"no step bench in {tree} (looked for {BENCH_PATHS})")
 
 
-def child_env(tree: Path, cache: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(tree), "XDG_CACHE_HOME": str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
+def child_env(tree: Path, cache: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: this one, the tree first on ``PYTHONPATH``, its cache, and ``extra`` (``--env``)."""
+    return {**os.environ, "PYTHONPATH": str(tree), "XDG_CACHE_HOME": str(cache), "PYTHONDONTWRITEBYTECODE": "1",
+            **(extra or {})}
+
+
+def parse_env(items: list[str], labels: list[str]) -> dict[str, dict[str, str]]:
+    """``--env LABEL:NAME=VALUE`` items -> {label: {name: value}}; SystemExit on an unknown label or bad item."""
+    env: dict[str, dict[str, str]] = {label: {} for label in labels}
+    for item in items:
+        label, _, assignment = item.partition(":")
+        name, eq, value = assignment.partition("=")
+        if label not in env or not name or not eq:
+            sys.exit(f"--env {item!r}: expected LABEL:NAME=VALUE with LABEL one of {labels}")
+        env[label][name] = value
+    return env
 
 
 def engine_origin(tree: Path, cache: Path) -> str:
@@ -77,12 +91,13 @@ def engine_origin(tree: Path, cache: Path) -> str:
                           capture_output=True, text=True).stdout.strip()
 
 
-def run_once(tree: Path, cache: Path, bench_args: list[str], label: str, timeout_s: float) -> list[dict]:
-    """One process of the step bench in ``tree``; returns its rows."""
+def run_once(tree: Path, cache: Path, bench_args: list[str], label: str, timeout_s: float,
+             extra_env: dict[str, str] | None = None) -> list[dict]:
+    """One process of the step bench in ``tree`` (with ``extra_env``); returns its rows."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         argv = [sys.executable, "-m", bench_module(tree), *bench_args, "--label", label, "--out", str(out)]
-        done = subprocess.run(argv, env=child_env(tree, cache), cwd=tree, capture_output=True, text=True,
+        done = subprocess.run(argv, env=child_env(tree, cache, extra_env), cwd=tree, capture_output=True, text=True,
                               timeout=timeout_s)
         if done.returncode != 0:
             sys.exit(f"{label} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -172,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --merge: a round to count as warm-up (e.g. one that ran with cold caches)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--configs", nargs="+", default=["none"])
+    parser.add_argument("--env", action="append", default=[], metavar="LABEL:NAME=VALUE",
+                        help="an environment variable for one revision's processes (repeat; e.g. the same commit "
+                             "twice, once with SPARKSERVE_FUSED_STEP=0)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--timeout-s", type=float, default=300.0, help="per child process")
     parser.add_argument("--repo", type=Path, default=Path.cwd())
@@ -186,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("two --rev at least")
     revs = [tuple(item.split("=", 1)) for item in ns.rev]
     labels = [label for label, _ in revs]
+    envs = parse_env(ns.env, labels)
     bench_args = ["--batch", *map(str, ns.batch), "--configs", *ns.configs, "--max-tokens", str(ns.max_tokens)]
     started, load = time.time(), [os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="bench-revisions-") as tmp:
@@ -198,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             schedule += [(k, label) for label in (labels if k % 2 == 0 else labels[::-1])]
         for k, label in schedule:
             cache = work / f"cache-{commits[label][:12]}"
-            rows = run_once(trees[label], cache, bench_args, label, ns.timeout_s)
+            rows = run_once(trees[label], cache, bench_args, label, ns.timeout_s, envs[label])
             processes.append({"round": k, "label": label, "rows": rows, "load_avg": os.getloadavg()})
             load.append(os.getloadavg())
             print(json.dumps({"round": k, "label": label,
@@ -207,8 +226,8 @@ def main(argv: list[str] | None = None) -> None:
             doc = {"benchmark": "engine step tok/s on several revisions, alternating (bench_revisions)",
                    "command": " ".join([sys.executable, "-m", "sparkserve.benchmarks.bench_revisions",
                                         *(argv or sys.argv[1:])]),
-                   "revisions": {label: {"rev": rev, "commit": commits[label], "engine_from": origins[label]}
-                                 for label, rev in revs},
+                   "revisions": {label: {"rev": rev, "commit": commits[label], "engine_from": origins[label],
+                                         "env": envs[label]} for label, rev in revs},
                    "bench_args": bench_args, "machine": machine(), "load_avg_during": load,
                    "seconds": round(time.time() - started, 1), "summary": summarize(processes, labels),
                    "processes": processes}

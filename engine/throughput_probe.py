@@ -225,9 +225,11 @@ def profile_key(model_name: str, dtype: str, drafter: str, max_num_batched_token
 
 def load_or_measure_profile(
     runner: ModelRunner | ProbedRunner, num_blocks: int, key: dict, max_num_batched_tokens: int, max_num_seqs: int,
-    path: str | None = None, progress: bool = True, repeats: int = 2,
+    path: str | None = None, progress: bool = True, repeats: int = 2, cut: bool = True,
 ) -> ThroughputProfile:
-    """``--profile PATH`` if given; else the on-disk cache for ``key``; else measure and cache."""
+    """``--profile PATH`` if given; else the on-disk cache for ``key``; else measure and cache: with ``cut`` (a
+    first start) the cut grid (``default_grid`` / ``measure_profile`` with ``cut``: fewer, shorter cells, the
+    online profile correcting the rest), else every cell (``sparkserve profile``)."""
     if path is not None:
         given = ThroughputProfile.load(path)
         if not _same_key(given.key, key):
@@ -243,11 +245,12 @@ def load_or_measure_profile(
         logger.warning("throughput profile %s was measured for %s, not %s: measuring again", cache,
                        dict(cached.key), dict(key))
     buckets = runner.graphs.buckets if runner.graphs is not None else ()
-    batch_grid, request_grid = default_grid(max_num_batched_tokens, max_num_seqs, buckets)
-    logger.info("profiling SPS(B, R) over %d x %d cells (cached afterwards)", len(batch_grid), len(request_grid))
+    batch_grid, request_grid = default_grid(max_num_batched_tokens, max_num_seqs, buckets, cut=cut)
+    logger.info("profiling SPS(B, R) over %d x %d cells%s (cached afterwards)", len(batch_grid), len(request_grid),
+                " (cut grid: the online profile corrects the rest)" if cut else "")
     timers = probe_timers(runner, num_blocks)
     profile = measure_profile(timers.step, batch_grid, request_grid, repeats=repeats,
-                              warmup=1, progress=progress, key=key, draft_fn=timers.draft)
+                              warmup=1, progress=progress, key=key, draft_fn=timers.draft, cut=cut)
     Path(cache).parent.mkdir(parents=True, exist_ok=True)
     profile.save(cache)
     return profile

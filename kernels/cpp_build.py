@@ -18,20 +18,21 @@ from pathlib import Path
 import torch
 
 
-def library_path(source: Path, stem: str, extension: str) -> Path:
-    """Where the compiled ``extension`` of ``source`` lives (the file may not exist yet)."""
+def library_path(source: Path, stem: str, extension: str, cflags: tuple[str, ...] = ()) -> Path:
+    """Where the compiled ``extension`` of ``source`` lives (the file may not exist yet); ``cflags``, the
+    extension's own flags beyond the shared ones, are part of the hash."""
     root = Path(os.environ.get("SPARKSERVE_KERNEL_CACHE", Path.home() / ".cache" / "sparkserve" / "kernels"))
-    digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + " ".join(cflags).encode()).hexdigest()[:16]
     return root / f"{stem}-{digest}" / f"{extension}.so"
 
 
-def build(source: Path, stem: str, extension: str, verbose: bool = False) -> Path:
-    """Compile ``source`` into :func:`library_path` (the install step runs this). Returns the library's path.
-    Raises whatever torch.utils.cpp_extension raises when no compiler works."""
+def build(source: Path, stem: str, extension: str, verbose: bool = False, cflags: tuple[str, ...] = ()) -> Path:
+    """Compile ``source`` into :func:`library_path` with the shared flags and ``cflags`` (the install step runs
+    this). Returns the library's path. Raises whatever torch.utils.cpp_extension raises when no compiler works."""
     from torch.utils.cpp_extension import load as cpp_load
 
-    path = library_path(source, stem, extension)
+    path = library_path(source, stem, extension, cflags)
     path.parent.mkdir(parents=True, exist_ok=True)
     cpp_load(name=extension, sources=[str(source)], build_directory=str(path.parent), is_python_module=False,
-             extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=verbose)
+             extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *cflags], extra_ldflags=["-fopenmp"], verbose=verbose)
     return path

@@ -16,8 +16,10 @@ text by DESIGN.md section 7's near-tie rule). The same idea as llama.cpp's fused
 
 Build: ``python -m sparkserve.kernels.fused_cpu`` (scripts/setup.sh runs it) compiles once into
 ``$SPARKSERVE_KERNEL_CACHE`` (default ``~/.cache/sparkserve/kernels``), a folder named after the hash of
-the source and the torch version. :func:`load` never compiles: without the library it logs one warning and
-returns False, and the layers run eagerly. ``SPARKSERVE_FUSED_STEP=0`` disables the fused step.
+the source, the torch version and its own flags. :func:`load` never compiles: without the library it logs one
+warning and returns False, and the layers run eagerly. ``SPARKSERVE_FUSED_STEP=0`` disables the fused step;
+``SPARKSERVE_FUSED_ISA=avx512|avx2|baseline`` forces the hot loops' code path (:data:`ISAS`; an emulated AVX2
+machine sets it beside ``ATEN_CPU_CAPABILITY=avx2``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -35,18 +38,25 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "cpu" / "fused_decode.cpp"
 EXTENSION = "sparkserve_fused_cpu"
+ISAS = ("avx512", "avx2", "baseline")
+"""The hot loops' code paths, widest first: ``SPARKSERVE_FUSED_ISA`` forces one (read per call; a RuntimeError
+when the CPU lacks it), else the widest the CPU has. The three give the same bits."""
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+CFLAGS = ("-fno-trapping-math",)
+"""No FP trap is ever read, so GCC may if-convert the selects of the branch-free exp and bf16 rounding and vectorise
+their loops (values unchanged: no reassociation, no contraction)."""
 
 
 def library_path() -> Path:
     """The compiled library: one folder per (source, torch version) under the kernel cache."""
-    return cpp_build.library_path(SOURCE, "fused_cpu", EXTENSION)
+    return cpp_build.library_path(SOURCE, "fused_cpu", EXTENSION, CFLAGS)
 
 
 def build(verbose: bool = False) -> Path:
     """Compile the extension (the install step runs this; kernels/cpp_build.py: ``-ffp-contract=off`` keeps
     each rounding point the eager ops'). Returns the library's path; raises whatever
     torch.utils.cpp_extension raises when no compiler works."""
-    return cpp_build.build(SOURCE, "fused_cpu", EXTENSION, verbose)
+    return cpp_build.build(SOURCE, "fused_cpu", EXTENSION, verbose, CFLAGS)
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""bench_revisions: which step bench a tree holds, and the paired before / after ratios of its summary."""
+"""bench_revisions: which step bench a tree holds, the paired before / after ratios of its summary, per-revision env."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sparkserve.benchmarks.bench_revisions import bench_module, summarize
+from sparkserve.benchmarks.bench_revisions import bench_module, child_env, parse_env, summarize
 
 
 def test_bench_module_finds_the_bench_where_the_revision_keeps_it(tmp_path: Path) -> None:
@@ -58,3 +58,14 @@ def test_merge_pools_pieces_and_can_count_a_round_as_warm_up(tmp_path: Path) -> 
     doc = merge(paths, frozenset({0}))
     assert doc["summary"][0]["after_over_before"]["paired"] == [1.25]
     assert [p.get("excluded_round") for p in doc["processes"]] == [0, 0, None, None]
+
+
+def test_env_applies_to_its_label_only(tmp_path: Path) -> None:
+    envs = parse_env(["eager:SPARKSERVE_FUSED_STEP=0", "eager:X=a=b"], ["main", "eager"])
+    assert envs == {"main": {}, "eager": {"SPARKSERVE_FUSED_STEP": "0", "X": "a=b"}}
+    child = child_env(tmp_path, tmp_path / "cache", envs["eager"])
+    assert child["SPARKSERVE_FUSED_STEP"] == "0" and child["PYTHONPATH"] == str(tmp_path)
+    assert "X" not in child_env(tmp_path, tmp_path / "cache", envs["main"])
+    for bad in ("other:A=1", "eager:A", "eager:=1"):
+        with pytest.raises(SystemExit):
+            parse_env([bad], ["main", "eager"])

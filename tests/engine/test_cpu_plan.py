@@ -260,3 +260,27 @@ def test_greedy_text_under_every_plan(dtype, tiny_folder, tmp_path, monkeypatch)
         assert all(layer.quant for layer in engine.loaded.model.layers)
         for i, out in enumerate(engine.generate_batch(prompts, params)):
             assert_same_or_near_tie(out, refs[i], gaps[i], eps=eps, label=f"{dtype} {label}[{i}]")
+
+
+def test_first_start_measures_the_cut_grid_and_the_profile_command_the_full_one(tmp_path, monkeypatch) -> None:
+    """``load_or_measure_profile`` (a first start) asks for the cut grid and cut cells; ``cut=False``
+    (``sparkserve profile``) for every cell of the full grid."""
+    from sparkserve.engine import throughput_probe as profiler
+    from sparkserve.scheduler.profile import ThroughputProfile, default_grid
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    asked = []
+
+    def fake_measure(step_fn, batch_grid, request_grid, **kw):
+        asked.append((batch_grid, request_grid, kw["cut"]))
+        return ThroughputProfile.from_measurements((1, 2), (1,), ((0.01,), (0.02,)), kw["key"])
+
+    monkeypatch.setattr(profiler, "measure_profile", fake_measure)
+    monkeypatch.setattr(profiler, "make_step_fn", lambda runner, num_blocks: None)
+    runner = type("Runner", (), {"speculator": None, "graphs": None})()
+    profiler.load_or_measure_profile(runner, 8, profiler.profile_key("m", "bf16", "none", 1024, 64, 2), 1024, 64,
+                                     progress=False)
+    profiler.load_or_measure_profile(runner, 8, profiler.profile_key("m", "fp32", "none", 1024, 64, 2), 1024, 64,
+                                     progress=False, cut=False)
+    assert asked == [(*default_grid(1024, 64, cut=True), True), (*default_grid(1024, 64), False)]
+    assert asked[0][0][-1] == 512 and asked[1][0][-1] == 1024

@@ -102,3 +102,46 @@ def test_bad_inputs_are_refused() -> None:
         fused_cpu.rope_store_attend(qkv, *args[:5], cache[0].bfloat16(), *args[6:])
     with pytest.raises(RuntimeError, match="delta must match"):
         fused_cpu.add_rms_norm(x, x[:, :-1].contiguous(), torch.ones(64), 1e-6)
+
+
+def _available_isas(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The code paths this CPU can run (SPARKSERVE_FUSED_ISA refuses the others)."""
+    found = []
+    for isa in fused_cpu.ISAS:
+        monkeypatch.setenv("SPARKSERVE_FUSED_ISA", isa)
+        try:
+            fused_cpu.silu_mul(torch.zeros(1, 2))
+        except RuntimeError as err:
+            assert "lacks it" in str(err)
+            continue
+        found.append(isa)
+    return found
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_code_path_gives_the_same_bits(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AVX-512, AVX2 and the baseline build of the hot loops (forced by SPARKSERVE_FUSED_ISA, read per call):
+    the same bits for a ragged verify step with q / k norm, its KV cache writes, and SiLU * up at the extremes
+    of the branch-free exp (underflow, overflow, inf, NaN)."""
+    isas = _available_isas(monkeypatch)
+    assert "baseline" in isas and (len(isas) > 1 or not fused_cpu.X86), isas
+    config = _config(True)
+    layer = _layer(config, dtype)
+    gate = torch.tensor([-1000.0, -90.0, -87.0, -5.0, 0.0, 3.0, 88.0, 89.0, 1000.0, float("inf"), float("-inf"),
+                         float("nan")])
+    gate_up = torch.cat([gate, torch.linspace(-2, 2, len(gate))]).to(dtype)[None]
+    results = {}
+    for isa in isas:
+        monkeypatch.setenv("SPARKSERVE_FUSED_ISA", isa)
+        x, cos, sin, cache, meta, positions = _step(config, dtype, [4, 1, 8], [9, 30, 3])
+        residual, delta = layer.forward_fused(x, None, cos.contiguous(), sin.contiguous(), cache, meta, positions)
+        results[isa] = (residual + delta, *cache, fused_cpu.silu_mul(gate_up))
+    for isa in isas[1:]:
+        for got, first in zip(results[isa], results[isas[0]], strict=True):
+            assert torch.equal(got.nan_to_num(), first.nan_to_num()), isa
+    g, up = gate_up.float().chunk(2, dim=-1)
+    torch.testing.assert_close(results[isas[0]][-1].float(), (F.silu(g) * up).to(dtype).float(), equal_nan=True,
+                               **TOLERANCE[dtype])
+    monkeypatch.setenv("SPARKSERVE_FUSED_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="SPARKSERVE_FUSED_ISA must be one of"):
+        fused_cpu.add_rms_norm(x, None, torch.ones(64, dtype=dtype), 1e-6)
