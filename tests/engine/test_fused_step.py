@@ -47,7 +47,8 @@ def fused_calls(monkeypatch) -> list[int]:
 
 
 def _generate(loaded: LoadedModel, dtype: str, fused: bool, prompts: list[list[int]], **kw: object) -> list[list[int]]:
-    settings: dict[str, object] = {"drafter": "none", "num_kv_blocks": 128, "max_num_seqs": 4, "cpu_plan": False, **kw}
+    settings: dict[str, object] = {"drafter": "none", "num_kv_blocks": 128, "max_num_seqs": 4, "cpu_plan": False,
+                                   "batch_invariant": False, **kw}  # the fused decode beside eager prefill
     args = EngineArgs(dtype=dtype, **settings)  # type: ignore[arg-type]
     core = EngineCore(args, loaded=loaded)
     loaded.model.fused_step = fused

@@ -420,7 +420,8 @@ def test_the_engine_warms_up_compile_checks_list_for_its_model_shape() -> None:
     from sparkserve.testing.tiny import tiny_target
 
     core = EngineCore(EngineArgs(dtype="float32", num_kv_blocks=16, block_size=8, max_num_seqs=2, drafter="none",
-                                 attention_backend="triton"), loaded=tiny_target(seed=1, head_dim=16))
+                                 attention_backend="triton", batch_invariant=False),  # the mode's list: below
+                      loaded=tiny_target(seed=1, head_dim=16))
     compiled: list[tuple[str, int]] = []
 
     def record(variant: compile_check.Variant, arch: int) -> compile_check.Resources:
