@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -117,6 +118,39 @@ def chunked_attention(
     partial = torch.matmul(e.to(q.dtype), v_chunks).float()  # [Hkv, S, n, M, hd]
     out = partial.cumsum(2)[:, :, -1] / sums.unsqueeze(-1)  # [Hkv, S, M, hd]
     return out.to(q.dtype)
+
+
+def fused_rows_metadata(meta: AttentionMetadata) -> AttentionMetadata:
+    """``meta`` with every sequence's query rows in the short group's format (``short_q_index`` [S, q_max],
+    ``short_q_valid``, ``short_block_tables`` [S, max_blocks]) and no long sequence left: the fused CPU step
+    (kernels/fused_cpu.py ``rope_store_attend``) then serves prefill chunks too.
+
+    The mode runs every CPU step through the fused ops when they serve the model (``LlamaForCausalLM._fused``),
+    so a position's bits never depend on whether it was prefilled or decoded: the fused attention computes each
+    query row over its keys 0 .. position in one sequential order (one fp32 dot per key, one softmax sum, one
+    ``P @ V`` accumulation in key order), whatever the other rows of the call. A long sequence's rows are listed
+    in zig-zag order (first, last, second, second to last ...): the causal row costs grow with the position, and
+    each pair costs the same, so the op's static split of rows over threads is balanced; the order changes no
+    row's bits. The dense mask and the scatter indices of the eager short group are dropped (unused).
+    Raises ValueError for a bidirectional sequence (a drafter block: the fused attention is causal).
+    """
+    index = [] if meta.short_q_index is None else [meta.short_q_index]  # each [S_i, q_max_i]
+    valid = [] if meta.short_q_valid is None else [meta.short_q_valid]
+    tables = [] if meta.short_block_tables is None else [meta.short_block_tables]
+    for seq in meta.prefills:
+        if not seq.causal:
+            raise ValueError("the fused step attends causally: a bidirectional block cannot run through it")
+        i = torch.arange(seq.q_len)
+        zigzag = torch.where(i % 2 == 0, i // 2, seq.q_len - 1 - i // 2)  # [q_len] each row once
+        index.append((seq.q_start + zigzag)[None].to(seq.slots.device))
+        valid.append(torch.ones(1, seq.q_len, dtype=torch.bool, device=seq.slots.device))
+        tables.append((seq.slots[::meta.block_size] // meta.block_size)[None])  # [1, ceil(kv_len / block)]
+    q_max = max(t.shape[1] for t in index)
+    blocks = max(t.shape[1] for t in tables)
+    return replace(meta, short_q_index=torch.cat([_pad_to(t, 1, q_max) for t in index]),
+                   short_q_valid=torch.cat([_pad_to(t, 1, q_max, False) for t in valid]),
+                   short_block_tables=torch.cat([_pad_to(t, 1, blocks) for t in tables]).contiguous(),
+                   short_mask=None, short_dst=None, short_src=None, prefills=[], _bias={})
 
 
 def _pad_to(x: torch.Tensor, dim: int, size: int, value: float | bool = 0) -> torch.Tensor:

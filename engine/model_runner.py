@@ -164,7 +164,8 @@ class ModelRunner:
         if self.draft_graphs is not None:
             shapes.append((self.draft_graphs.kernel_heads[1], self.speculator.kv_caches[0][0].shape[-1]))
         done = [v for group, head_dim in dict.fromkeys(shapes) for v in compile_check.warm_up(
-            group, head_dim, self.kv_caches[0][0].dtype, 10 * major + minor, limit, compile_fn)]
+            group, head_dim, self.kv_caches[0][0].dtype, 10 * major + minor, limit, compile_fn,
+            batch_invariant=self.batch_invariant)]
         reserved = torch.cuda.memory_reserved(self.device) if cuda else 0
         captured = sum(g.capture_all() for g in (self.graphs, self.draft_graphs) if g is not None)
         self.graph_memory_bytes = torch.cuda.memory_reserved(self.device) - reserved if cuda else 0

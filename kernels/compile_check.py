@@ -9,7 +9,8 @@ device image's Triton (3.6) may choose differently, so the GPU probe reads the c
 
 Served attention variants: SmolLM2-135M (G = 9 / 3 = 3, hd 64) and Qwen3-0.6B (G = 16 / 8 = 2, hd 128),
 bf16 and fp32, tiles of 16 / 32 / 64 rows (the short group: decode, verify blocks, drafter blocks; 64 is
-also the long group's), with and without split-KV.
+also the long group's), with and without split-KV; and batch-invariant mode's (one tile shape per G, fixed
+256-key splits, the fixed-order combine).
 
     TRITON_INTERPRET=0 python -m sparkserve.kernels.compile_check          # every variant (~3-5 minutes)
     TRITON_INTERPRET=0 python -m sparkserve.kernels.compile_check --quick  # four representative ones (CPU test)
@@ -84,7 +85,10 @@ def _ints(*names: str) -> dict:
     return dict.fromkeys(names, 7)
 
 
-def attention_variant(dtype: torch.dtype, group: int, block_m: int, head_dim: int, split: bool) -> Variant:
+def attention_variant(dtype: torch.dtype, group: int, block_m: int, head_dim: int, split: bool,
+                      split_keys: int = 0) -> Variant:
+    """The attention kernel at one tile shape; ``split_keys`` > 0: batch-invariant mode's fixed split of that
+    many keys (kernels/attention_metadata.py ``INVARIANT_SPLIT_KEYS``)."""
     from sparkserve.kernels import paged_attention as pa
 
     partial = torch.float32 if split else dtype
@@ -92,13 +96,14 @@ def attention_variant(dtype: torch.dtype, group: int, block_m: int, head_dim: in
                 lse_ptr=partial, scale_log2=0.18,
                 QUERIES_PER_KV=group, BLOCK_Q=block_m // group, BLOCK_M=block_m, BLOCK_N=64, HEAD_DIM=head_dim,
                 BLOCK_SIZE=16, SPLIT=split, UPCAST=False, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                SPLIT_KEYS=0)
+                SPLIT_KEYS=split_keys)
     args.update(dict.fromkeys(("cu_seqlens_q_ptr", "kv_lens_ptr", "start_pos_ptr", "causal_ptr", "block_tables_ptr",
                                "tile_seq_ptr", "tile_q_start_ptr"), torch.int32))
     args.update(_ints("num_splits", "scratch_rows", "stride_qt", "stride_qh", "stride_ch", "stride_cb", "stride_cs", "stride_bt",
                       "stride_ot", "stride_oh", "stride_ps", "stride_pt", "stride_ph", "stride_ls", "stride_lt"))
-    return Variant(f"attention {dtype} G={group} M={block_m} hd={head_dim} split={split}", pa._paged_attention_kernel,
-                   args)
+    mode = f" split_keys={split_keys}" if split_keys else ""
+    return Variant(f"attention {dtype} G={group} M={block_m} hd={head_dim} split={split}{mode}",
+                   pa._paged_attention_kernel, args)
 
 
 def rejection_variant(has_q: bool) -> Variant:
@@ -119,12 +124,15 @@ def _tag(dtype: torch.dtype) -> str:
     return "" if dtype == torch.bfloat16 else f" {_TYPES[dtype]}"
 
 
-def combine_variant(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> Variant:
+def combine_variant(head_dim: int, dtype: torch.dtype = torch.bfloat16, fixed_order: bool = False) -> Variant:
+    """The split combine; ``fixed_order``: batch-invariant mode's sum in increasing split order."""
     from sparkserve.kernels import paged_attention as pa
 
-    return Variant(f"combine{_tag(dtype)} hd={head_dim}", pa._combine_splits_kernel, dict(
+    name = f"combine{_tag(dtype)} hd={head_dim}{' fixed_order' if fixed_order else ''}"
+    return Variant(name, pa._combine_splits_kernel, dict(
         out_ptr=dtype, o_partial_ptr=torch.float32, lse_ptr=torch.float32, cu_seqlens_q_ptr=torch.int32,
-        tile_seq_ptr=torch.int32, tile_q_start_ptr=torch.int32, BLOCK_Q=5, SPLITS_PAD=4, HEAD_DIM=head_dim, FIXED_ORDER=False,
+        tile_seq_ptr=torch.int32, tile_q_start_ptr=torch.int32, BLOCK_Q=5, SPLITS_PAD=4, HEAD_DIM=head_dim,
+        FIXED_ORDER=fixed_order,
         **_ints("num_splits", "scratch_rows", "stride_ot", "stride_oh", "stride_ps", "stride_pt", "stride_ph", "stride_ls",
                 "stride_lt")))
 
@@ -147,24 +155,33 @@ def coupling_variant() -> Variant:
         BLOCK_R=1, BLOCK_V=1024, **_ints("stride_l", "num_rows", "vocab")))
 
 
-def served_variants(group: int, head_dim: int, dtype: torch.dtype) -> list[Variant]:
+def served_variants(group: int, head_dim: int, dtype: torch.dtype, batch_invariant: bool = False) -> list[Variant]:
     """The variants one model serves: attention in ``dtype`` at its G = H / Hkv and head dim (tiles of
     16 / 32 / 64 rows, with and without split-KV), the split combine and the KV store at its head dim, and
-    the verification kernels. This is the engine's warm-up list on CUDA (:func:`warm_up`) and, over
-    ``SERVED_SHAPES`` in bf16 and fp32, what :func:`variants` checks: one source of truth."""
-    attention = [attention_variant(dtype, group, block_m, head_dim, split)
-                 for block_m in (16, 32, 64) for split in (False, True)]
-    return [*attention, combine_variant(head_dim, dtype), store_variant(head_dim, dtype), rejection_variant(True),
-            rejection_variant(False), coupling_variant()]
+    the verification kernels; with ``batch_invariant`` (``--batch-invariant``) instead the mode's attention
+    (one tile of ``invariant_block_m(G)`` rows, fixed ``INVARIANT_SPLIT_KEYS``-key splits, one split or
+    several) and its fixed-order combine. This is the engine's warm-up list on CUDA (:func:`warm_up`) and, over
+    ``SERVED_SHAPES`` in bf16 and fp32, both modes, what :func:`variants` checks: one source of truth."""
+    from sparkserve.kernels.attention_metadata import INVARIANT_SPLIT_KEYS, invariant_block_m
+
+    if batch_invariant:
+        attention = [attention_variant(dtype, group, invariant_block_m(group), head_dim, split, INVARIANT_SPLIT_KEYS)
+                     for split in (False, True)]
+    else:
+        attention = [attention_variant(dtype, group, block_m, head_dim, split)
+                     for block_m in (16, 32, 64) for split in (False, True)]
+    return [*attention, combine_variant(head_dim, dtype, fixed_order=batch_invariant), store_variant(head_dim, dtype),
+            rejection_variant(True), rejection_variant(False), coupling_variant()]
 
 
 def variants() -> Iterator[Variant]:
     """Every served specialisation (dtypes, head dims, tile shapes, split or not) and the other kernels:
-    the union of ``served_variants`` over ``SERVED_SHAPES`` in bf16 and fp32, each once."""
+    the union of ``served_variants`` over ``SERVED_SHAPES`` in bf16 and fp32, batch-invariant mode off and on,
+    each once."""
     seen: set[str] = set()
     for dtype in (torch.bfloat16, torch.float32):
-        for group, head_dim in SERVED_SHAPES.values():
-            for variant in served_variants(group, head_dim, dtype):
+        for (group, head_dim), mode in ((shape, mode) for mode in (False, True) for shape in SERVED_SHAPES.values()):
+            for variant in served_variants(group, head_dim, dtype, mode):
                 if variant.name not in seen:
                     seen.add(variant.name)
                     yield variant
@@ -173,7 +190,7 @@ def variants() -> Iterator[Variant]:
 def warm_up(group: int, head_dim: int, dtype: torch.dtype, arch: int,
             limit: int = SM90_SHARED_MEMORY_PER_BLOCK,
             compile_fn: Callable[[Variant, int], Resources] | None = None,
-            max_workers: int = 8) -> list[tuple[str, Resources]]:
+            max_workers: int = 8, batch_invariant: bool = False) -> list[tuple[str, Resources]]:
     """Compile the model's ``served_variants`` for ``arch`` (e.g. 90) before the server reports ready: every
     served specialisation compiles for this card and fits its shared memory, or the engine fails at start
     instead of on a request. (The JIT's launches may specialise integer arguments differently, so the
@@ -181,7 +198,7 @@ def warm_up(group: int, head_dim: int, dtype: torch.dtype, arch: int,
     too.) The variants compile in threads (``max_workers``; Triton's compiler and ptxas release the GIL for
     part of the time: 11 variants took 18 s with 4 threads vs 29 s one by one on a shared 2-core machine,
     0.04 s from Triton's cache). Returns each variant's name and resources; ``compile_fn`` replaces
-    :func:`compile_variant` (dry runs on the CPU).
+    :func:`compile_variant` (dry runs on the CPU); ``batch_invariant``: the mode's variants.
 
     Raises:
         RuntimeError: a variant needs more shared memory per block than ``limit`` (the card's opt-in limit).
@@ -189,7 +206,7 @@ def warm_up(group: int, head_dim: int, dtype: torch.dtype, arch: int,
     from concurrent.futures import ThreadPoolExecutor
 
     compile_fn = compile_fn or compile_variant
-    served = served_variants(group, head_dim, dtype)
+    served = served_variants(group, head_dim, dtype, batch_invariant)
     with ThreadPoolExecutor(max(1, min(max_workers, os.cpu_count() or 1))) as pool:
         compiled = list(pool.map(lambda v: compile_fn(v, arch), served))
     done = []
@@ -201,8 +218,10 @@ def warm_up(group: int, head_dim: int, dtype: torch.dtype, arch: int,
 
 
 def quick_variants() -> Iterator[Variant]:
-    """A few representative ones (the CPU test): split decode attention in bf16, rejection, coupling, store."""
-    wanted = {"attention torch.bfloat16 G=3 M=16 hd=64 split=True", "rejection has_q=True", "coupled_choice", "store_kv"}
+    """A few representative ones (the CPU test): split decode attention in bf16 (default and batch-invariant
+    mode), the mode's combine, rejection, coupling, store."""
+    wanted = {"attention torch.bfloat16 G=3 M=16 hd=64 split=True", "rejection has_q=True", "coupled_choice", "store_kv",
+              "attention torch.bfloat16 G=3 M=16 hd=64 split=True split_keys=256", "combine hd=64 fixed_order"}
     return (v for v in variants() if v.name in wanted)
 
 

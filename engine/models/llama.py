@@ -248,6 +248,8 @@ class LlamaForCausalLM(nn.Module):
         if -1 in aux_layer_ids:
             captured[-1] = x
         if self._fused(x, meta, kv_caches[0][0].dtype if kv_caches else None):
+            if meta.prefills:  # batch-invariant mode only: prefill chunks through the fused ops too
+                meta = batch_invariant.fused_rows_metadata(meta)
             return self._forward_fused(x, cos, sin, positions, kv_caches, meta, aux_layer_ids, captured)
         for layer_id, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_caches[layer_id], meta)
@@ -257,12 +259,15 @@ class LlamaForCausalLM(nn.Module):
         return rms_norm(x, self.norm, self.config.rms_norm_eps), aux
 
     def _fused(self, x: torch.Tensor, meta: AttentionMetadata, cache_dtype: torch.dtype | None) -> bool:
-        """Whether this step runs the fused layers (``fused_step``): a CPU step of short sequences only (decode,
-        verify blocks: no prefill chunk), the torch attention path, the cache in the model dtype, not in
-        batch-invariant mode (engine/batch_invariant.py keeps the eager layers), extension built."""
-        return (self.fused_step and x.device.type == "cpu" and not meta.prefills and meta.kernel is None
-                and meta.short_q_index is not None and x.dtype in (torch.float32, torch.bfloat16) and cache_dtype == x.dtype
-                and not batch_invariant.is_enabled() and fused_cpu.load())
+        """Whether this step runs the fused layers (``fused_step``): a CPU step on the torch attention path, the
+        cache in the model dtype, extension built; and either a step of short sequences only (decode, verify
+        blocks: no prefill chunk) or any step in batch-invariant mode, where every step runs them (prefill
+        chunks included: ``batch_invariant.fused_rows_metadata``), so the choice never depends on the step and a
+        position gets the same bits prefilled, recomputed after preemption or decoded."""
+        if not (self.fused_step and x.device.type == "cpu" and meta.kernel is None
+                and x.dtype in (torch.float32, torch.bfloat16) and cache_dtype == x.dtype and fused_cpu.load()):
+            return False
+        return batch_invariant.is_enabled() if meta.prefills else meta.short_q_index is not None
 
     def _forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                        kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,

@@ -1,7 +1,7 @@
 """The fused decode step (kernels/fused_cpu.py, ``LlamaForCausalLM.fused_step``) on the real SmolLM2: greedy
 text equals the eager layers' or parts at a near-tie (DESIGN.md section 7), fp32 and bf16 (the default
 server's GGUF int4 + bf16), batched decode, and speculative verify blocks (fp32); the fused ops really serve those
-steps, and prefill chunks and the batch-invariant mode keep the eager layers."""
+steps, and prefill chunks keep the eager layers (except in batch-invariant mode, where every step runs fused)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def fused_calls(monkeypatch) -> list[int]:
 
 
 def _generate(loaded: LoadedModel, dtype: str, fused: bool, prompts: list[list[int]], **kw: object) -> list[list[int]]:
-    settings: dict[str, object] = {"drafter": "none", "num_kv_blocks": 128, "max_num_seqs": 4, "cpu_plan": False, **kw}
+    settings: dict[str, object] = {"drafter": "none", "num_kv_blocks": 128, "max_num_seqs": 4, "cpu_plan": False,
+                                   "batch_invariant": False, **kw}  # the fused decode beside eager prefill
     args = EngineArgs(dtype=dtype, **settings)  # type: ignore[arg-type]
     core = EngineCore(args, loaded=loaded)
     loaded.model.fused_step = fused
@@ -85,16 +86,19 @@ def test_fused_greedy_equals_eager(smollm2, smollm2_bf16, fused_calls, dtype: st
         loaded.model.fused_step = True
 
 
-def test_batch_invariant_mode_and_prefill_keep_the_eager_layers(fused_calls) -> None:
-    """A tiny target's decode step runs fused, the same step in batch-invariant mode and a prefill chunk do not."""
+def test_prefill_keeps_the_eager_layers_except_in_batch_invariant_mode(fused_calls) -> None:
+    """A tiny target's decode step runs fused and a prefill chunk eagerly; in batch-invariant mode both run fused
+    (one path for every row: engine/batch_invariant.py ``fused_rows_metadata``)."""
     model = tiny_target(head_dim=16).model
     caches = [new_kv_cache(16, 4, 2, 16, torch.float32) for _ in model.layers]
     decode = build_attention_metadata([1, 1], [5, 9], [6, 10], [[0, 1], [2, 3, 4]], 4)
     ids, positions = torch.tensor([3, 4]), torch.tensor([5, 9])
     model(ids, positions, caches, decode)
     assert len(fused_calls) == len(model.layers)
-    with batch_invariant_mode(True):
-        model(ids, positions, caches, decode)
     prefill = build_attention_metadata([20], [0], [20], [[5, 6, 7, 8, 9]], 4)
     model(torch.arange(2, 22), torch.arange(20), caches, prefill)
     assert len(fused_calls) == len(model.layers)
+    with batch_invariant_mode(True):
+        model(ids, positions, caches, decode)
+        model(torch.arange(2, 22), torch.arange(20), caches, prefill)
+    assert fused_calls[len(model.layers):] == [2] * len(model.layers) + [20] * len(model.layers)

@@ -391,7 +391,8 @@ def test_kernels_compile_for_sm90() -> None:
     proc = subprocess.run([sys.executable, "-m", "sparkserve.kernels.compile_check", "--quick"], cwd=Path(__file__).resolve().parents[2],
                           env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok ") == 4 and proc.stdout.count("shared=") == 4 and "num_stages=" in proc.stdout
+    assert proc.stdout.count("ok ") == 6 and proc.stdout.count("shared=") == 6 and "num_stages=" in proc.stdout
+    assert "split_keys=256" in proc.stdout and "fixed_order" in proc.stdout  # batch-invariant mode's variants
 
 
 def test_compile_check_fails_a_variant_over_the_sm90_shared_memory(monkeypatch: pytest.MonkeyPatch,
@@ -419,7 +420,8 @@ def test_the_engine_warms_up_compile_checks_list_for_its_model_shape() -> None:
     from sparkserve.testing.tiny import tiny_target
 
     core = EngineCore(EngineArgs(dtype="float32", num_kv_blocks=16, block_size=8, max_num_seqs=2, drafter="none",
-                                 attention_backend="triton"), loaded=tiny_target(seed=1, head_dim=16))
+                                 attention_backend="triton", batch_invariant=False),  # the mode's list: below
+                      loaded=tiny_target(seed=1, head_dim=16))
     compiled: list[tuple[str, int]] = []
 
     def record(variant: compile_check.Variant, arch: int) -> compile_check.Resources:
@@ -437,6 +439,28 @@ def test_the_engine_warms_up_compile_checks_list_for_its_model_shape() -> None:
             assert {v.name for v in compile_check.served_variants(group, head_dim, dtype)} <= every
     with pytest.raises(RuntimeError, match="shared memory"):
         compile_check.warm_up(3, 64, torch.bfloat16, 90, limit=999, compile_fn=record)
+
+
+def test_batch_invariant_engine_warms_up_the_modes_variants() -> None:
+    """With ``--batch-invariant`` the warm-up compiles the mode's attention (one tile of ``invariant_block_m(G)``
+    rows, 256-key splits) and its fixed-order combine, and ``variants()`` lists them for every served shape."""
+    from sparkserve.engine.config import EngineArgs
+    from sparkserve.engine.core import EngineCore
+    from sparkserve.kernels import compile_check
+    from sparkserve.testing.tiny import tiny_target
+
+    core = EngineCore(EngineArgs(dtype="float32", num_kv_blocks=16, block_size=8, max_num_seqs=2, drafter="none",
+                                 attention_backend="triton", batch_invariant=True),
+                      loaded=tiny_target(seed=1, head_dim=16))
+    names = core.runner.warm_up_kernels(compile_fn=lambda variant, arch: compile_check.Resources(0.0, 1000, 4, 2))
+    assert names == [v.name for v in compile_check.served_variants(2, 16, torch.float32, batch_invariant=True)]
+    assert "attention torch.float32 G=2 M=16 hd=16 split=True split_keys=256" in names
+    assert "combine fp32 hd=16 fixed_order" in names and not any("M=32" in n for n in names)
+    every = {v.name for v in compile_check.variants()}
+    for group, head_dim in compile_check.SERVED_SHAPES.values():
+        for dtype in (torch.bfloat16, torch.float32):
+            mode = {v.name for v in compile_check.served_variants(group, head_dim, dtype, batch_invariant=True)}
+            assert mode <= every and any("split_keys=256" in n for n in mode)
 
 
 def test_the_engine_warms_up_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
