@@ -11,13 +11,13 @@
 // fp32, planes summed in fp32 (Q8_0 is two planes).
 //
 // Register passes (calls of at most direct_max_rows rows, at most two planes; AVX-512 up to 16 rows, 8 for
-// two planes; AVX2 up to 2 rows): per pass
-// of up to 4 rows and 16-64 channels, one 64-byte load brings 8 inputs x 16 channels of codes; each
-// input's codes are a shift away (AVX-512: vpermps reads only the low 4 bits of an index, so a 16-entry
-// table maps code q to q - 8 in one instruction), dequantised once into a register and applied to every
-// row of the pass, the accumulators staying in registers over the whole K loop (weight-stationary; the
-// idea of ggml's repacked q4_0_8x8 layout). The work per weight is then one fma to dequantise plus one
-// per row: the kernel is bound by fma throughput (benchmarks/bench_int4.py). Larger calls (and the
+// two planes; AVX2 up to 2 rows): per pass of up to 4 rows and 16-64 channels (AVX-512: 5-8 rows over 32
+// channels, exact_avx512.h), one 64-byte load brings 8 inputs x 16 channels of codes; each input's codes
+// are a shift away (AVX-512: vpermps reads only the low 4 bits of an index, so a 16-entry table maps code q
+// to q - 8 in one instruction), dequantised once into a register and applied to every row of the pass,
+// the accumulators staying in registers over the whole K loop (weight-stationary; the idea of ggml's
+// repacked q4_0_8x8 layout). The work per weight is then one fma to dequantise plus one per row: the
+// kernel is bound by fma throughput (benchmarks/bench_int4.py). Larger calls (and the
 // portable path) dequantise each tile and group once into an L1 buffer [32, 64] applied to every row.
 // Each output element is ONE fp32 accumulator updated by fma in increasing k (k = 0 .. K - 1), starting
 // from +0, on every code path (AVX-512, AVX2, portable; register or buffer). So a row's bits depend

@@ -28,7 +28,8 @@ constexpr int64_t kBlockN = 64;
 constexpr int64_t kHalfN = 32;                // channels per work unit of the register paths
 constexpr int64_t kTileBytes = 16 * kBlockN;  // codes of one (plane, tile, group)
 constexpr int kShift[8] = {0, 8, 16, 24, 4, 12, 20, 28};  // bit of input 8 t + i's code in lane (t, c)
-constexpr int64_t kPassRows = 4;              // rows per register pass
+constexpr int64_t kPassRows = 4;              // rows per register pass over 64 channels
+constexpr int64_t kWidePassRows = 8;          // AVX-512: rows per register pass over 32 channels
 
 enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 

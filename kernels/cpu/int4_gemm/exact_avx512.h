@@ -127,23 +127,38 @@ __attribute__((target("avx512f"))) void pass_avx512(const Problem& pr, int64_t b
     for (int i = 0; i < CW; ++i) _mm512_storeu_ps(acc + r * kBlockN + c0 + 16 * i, a[r][i]);
 }
 
-// Every row over channels [c0, c0 + width) of tile b (width 32 or 64), in register passes of up to 4 rows.
+// Every row over channels [c0, c0 + width) of tile b (width 32 or 64), in register passes over groups of up
+// to kWidePassRows rows: a group of at most 4 rows in one pass over 64 channels (4 zmm per row), a larger one
+// in passes of all its rows over 32 channels (2 zmm per row: 8 rows hold 16 accumulators), so each weight is
+// dequantised once per group of 8 rows rather than once per 4 (one fma per weight and row plus one per
+// weight and group: 8 rows 9 fmas per weight instead of 10). The order of each output's fmas is unchanged.
 template <int P>
 __attribute__((target("avx512f"))) void passes_avx512(const Problem& pr, int64_t b, int64_t c0, int64_t width,
                                                       float* acc) {
-  for (int64_t r0 = 0; r0 < pr.m; r0 += kPassRows) {
+  for (int64_t r0 = 0; r0 < pr.m; r0 += kWidePassRows) {
     const float* x = pr.x + r0 * pr.k;
     float* a = acc + r0 * kBlockN;
-    const int64_t rows = std::min(kPassRows, pr.m - r0) + (width == kBlockN ? 0 : 4);
-    switch (rows) {  // rows + 4 for a half tile
-      case 1: pass_avx512<1, 4, P>(pr, b, c0, x, a); break;
-      case 2: pass_avx512<2, 4, P>(pr, b, c0, x, a); break;
-      case 3: pass_avx512<3, 4, P>(pr, b, c0, x, a); break;
-      case 4: pass_avx512<4, 4, P>(pr, b, c0, x, a); break;
-      case 5: pass_avx512<1, 2, P>(pr, b, c0, x, a); break;
-      case 6: pass_avx512<2, 2, P>(pr, b, c0, x, a); break;
-      case 7: pass_avx512<3, 2, P>(pr, b, c0, x, a); break;
-      default: pass_avx512<4, 2, P>(pr, b, c0, x, a); break;
+    const int64_t rows = std::min(kWidePassRows, pr.m - r0);
+    if (rows <= kPassRows && width == kBlockN) {
+      switch (rows) {
+        case 1: pass_avx512<1, 4, P>(pr, b, c0, x, a); break;
+        case 2: pass_avx512<2, 4, P>(pr, b, c0, x, a); break;
+        case 3: pass_avx512<3, 4, P>(pr, b, c0, x, a); break;
+        default: pass_avx512<4, 4, P>(pr, b, c0, x, a); break;
+      }
+      continue;
+    }
+    for (int64_t c = c0; c < c0 + width; c += kHalfN) {
+      switch (rows) {
+        case 1: pass_avx512<1, 2, P>(pr, b, c, x, a); break;
+        case 2: pass_avx512<2, 2, P>(pr, b, c, x, a); break;
+        case 3: pass_avx512<3, 2, P>(pr, b, c, x, a); break;
+        case 4: pass_avx512<4, 2, P>(pr, b, c, x, a); break;
+        case 5: pass_avx512<5, 2, P>(pr, b, c, x, a); break;
+        case 6: pass_avx512<6, 2, P>(pr, b, c, x, a); break;
+        case 7: pass_avx512<7, 2, P>(pr, b, c, x, a); break;
+        default: pass_avx512<8, 2, P>(pr, b, c, x, a); break;
+      }
     }
   }
 }
