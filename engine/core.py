@@ -91,9 +91,10 @@ class EngineCore:
         self.routing = (Routing.up_to(args.quant_gemv_max_tokens) if args.quant_gemv_max_tokens is not None
                         else self.plan.routing() if self.plan is not None else Routing.up_to(DEFAULT_GEMV_MAX_TOKENS))
         dtype = torch.bfloat16 if self.dtype_name == "bfloat16" else torch.float32
-        if loaded is None:
+        if loaded is None:  # the LM head by the plan's own entry for it, if any
+            head = self.plan.lm_head_routing() if self.plan is not None and args.quant_gemv_max_tokens is None else None
             loaded = load_model(args.model, dtype=dtype, device=self.device, quantization=args.quantization,
-                                gemv_max_tokens=self.routing)
+                                gemv_max_tokens=self.routing, lm_head_routing=head)
         else:  # a shared, already loaded model decides the device
             self.device = loaded.model.embed_tokens.weight.device
         self.loaded = loaded
@@ -224,9 +225,10 @@ class EngineCore:
         args = self.args
         if self.device.type != "cpu" or not args.cpu_plan:
             return None
-        from sparkserve.engine.cpu_plan import cpu_signature, lossy_paths_allowed
+        from sparkserve.engine.cpu_plan import PLAN_FORMAT_VERSION, cpu_signature, lossy_paths_allowed
         from sparkserve.engine.cpu_plan_measure import (
             available_memory_bytes,
+            lm_head_planes,
             load_or_measure_plan,
             read_model_config,
         )
@@ -238,11 +240,13 @@ class EngineCore:
                "quantization": args.quantization, "max_rows": args.max_num_batched_tokens,
                "num_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": cpu_signature().key(),
                "lossy_paths": lossy_paths_allowed(),
-               "int4_kernel": int4_cpu.build_dir().name if int4_cpu.load() else "none"}  # new kernel: re-measure
+               "int4_kernel": int4_cpu.build_dir().name if int4_cpu.load() else "none",  # new kernel: re-measure
+               "plan_format": PLAN_FORMAT_VERSION}  # its own cache file: older code never reads a newer plan
         if args.batch_invariant:  # one batch-invariant path serves every bucket (engine/batch_invariant.py)
             key["batch_invariant"] = 1
         plan = load_or_measure_plan(config, key, dtypes, args.quantization, gguf, args.max_num_batched_tokens,
-                                    memory_budget_bytes=available_memory_bytes(), batch_invariant=args.batch_invariant)
+                                    memory_budget_bytes=available_memory_bytes(), batch_invariant=args.batch_invariant,
+                                    lm_head_planes=lm_head_planes(args.model, args.quantization))
         if args.dtype == "auto":
             logger.info("compute dtype %s chosen by measurement (text differs between dtypes)", plan.dtype)
         return plan

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "neon", "sve", "sve2", "bf16")
 DTYPES = ("float32", "bfloat16")
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2  # 2: the LM head's own entry
 
 
 # --------------------------------------------------------------------------- the machine
@@ -235,6 +235,9 @@ class CpuPlan:
         quantized: path names that need the quantised weight copy (from the registry at selection).
         timings: the measurements the choice was made from (seconds).
         batch_invariant: selected under the batch-invariant restriction (one invariant path).
+        lm_head: ``(max_rows, path)`` per LM-head bucket (:func:`select_lm_head`), beyond the last bucket
+            dense; empty: the LM head follows :meth:`routing` like the decoder linears.
+        lm_head_timings: the LM head's measurements (seconds of one call), keyed like ``timings``.
     """
 
     dtype: str
@@ -243,6 +246,8 @@ class CpuPlan:
     quantized: frozenset[str] = frozenset()
     timings: Mapping[tuple[str, str, int], float] = field(default_factory=dict, hash=False)
     batch_invariant: bool = False
+    lm_head: tuple[tuple[int, str], ...] = ()
+    lm_head_timings: Mapping[tuple[str, str, int], float] = field(default_factory=dict, hash=False)
 
     def path_for(self, rows: int) -> str:
         """The path serving ``rows`` rows: the smallest bucket >= rows (the last one beyond)."""
@@ -272,6 +277,20 @@ class CpuPlan:
             limits.pop()
         return Routing(tuple(limits))
 
+    def lm_head_routing(self) -> Routing | None:
+        """The LM head's own :class:`~sparkserve.engine.quant.Routing` (each run of buckets on one path as one
+        limit, trailing dense dropped), or None when the plan has no LM-head entry (then :meth:`routing`
+        serves it)."""
+        from sparkserve.engine.quant import Routing
+
+        if not self.lm_head:
+            return None
+        runs = [e for e, after in zip(self.lm_head, (*self.lm_head[1:], None), strict=True)
+                if after is None or after[1] != e[1]]  # a run of buckets on one path: its largest
+        while runs and runs[-1][1] == "dense":
+            runs.pop()
+        return Routing(tuple(runs))
+
     def summary(self) -> str:
         """A short stable string for cache keys, e.g. ``bfloat16:int4_gemv<=4,dense``."""
         runs: list[str] = []
@@ -279,7 +298,8 @@ class CpuPlan:
             if i + 1 < len(self.paths) and self.paths[i + 1] == path:
                 continue
             runs.append(f"{path}<={self.buckets[i]}" if i + 1 < len(self.paths) else path)
-        return f"{self.dtype}:{','.join(runs)}{'|invariant' if self.batch_invariant else ''}"
+        head = f"|head:{routing.summary() or 'dense'}" if (routing := self.lm_head_routing()) is not None else ""
+        return f"{self.dtype}:{','.join(runs)}{'|invariant' if self.batch_invariant else ''}{head}"
 
     def table(self) -> str:
         """One readable table: rows M, milliseconds per path and dtype, the choice."""
@@ -297,16 +317,20 @@ class CpuPlan:
         return {"version": PLAN_FORMAT_VERSION, "dtype": self.dtype, "buckets": list(self.buckets),
                 "paths": list(self.paths), "quantized": sorted(self.quantized),
                 "batch_invariant": self.batch_invariant,
-                "timings": [[d, p, m, t] for (d, p, m), t in sorted(self.timings.items())]}
+                "timings": [[d, p, m, t] for (d, p, m), t in sorted(self.timings.items())],
+                "lm_head": [list(e) for e in self.lm_head],
+                "lm_head_timings": [[d, p, m, t] for (d, p, m), t in sorted(self.lm_head_timings.items())]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> CpuPlan:
         if data.get("version") != PLAN_FORMAT_VERSION:
             raise ValueError(f"unsupported plan version {data.get('version')!r}")
-        timings = {(str(d), str(p), int(m)): float(t) for d, p, m, t in data["timings"]}  # type: ignore[union-attr]
+        timings, head_timings = ({(str(d), str(p), int(m)): float(t) for d, p, m, t in data[name]}  # type: ignore[union-attr]
+                                 for name in ("timings", "lm_head_timings"))
         return cls(str(data["dtype"]), tuple(int(b) for b in data["buckets"]),  # type: ignore[union-attr]
                    tuple(str(p) for p in data["paths"]), frozenset(data["quantized"]),  # type: ignore[union-attr, arg-type]
-                   timings, bool(data["batch_invariant"]))
+                   timings, bool(data["batch_invariant"]),
+                   tuple((int(m), str(p)) for m, p in data["lm_head"]), head_timings)  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -391,3 +415,20 @@ def _choose(timings: Timings, buckets: tuple[int, ...], dtype: str, eligible: li
             return None
         chosen.append(min(timed, key=lambda p, m=m: (timings[(dtype, p, m)], timed.index(p))))
     return tuple(chosen)
+
+
+def select_lm_head(timings: Timings, buckets: Sequence[int], dtype: str,
+                   paths: Sequence[str]) -> tuple[tuple[int, str], ...]:
+    """The LM head's own entry: per bucket the fastest of ``paths`` timed there in ``dtype`` (ties: the earlier
+    in ``paths``). The LM head is the largest matmul ([vocab, hidden]: SmolLM2's Q8_0 head has two int4
+    planes) and runs only on the sampled rows, so its crossover differs from the decoder linears' (probed:
+    dense 1.3x faster at 9-16 rows where the decoder linears keep int4). Every path computes with the
+    canonical weight values (engine/quant.py), so the choice changes speed, not the exactness rule.
+
+    Raises:
+        ValueError: a bucket where none of ``paths`` is timed.
+    """
+    chosen = _choose(timings, tuple(buckets), dtype, list(paths), one_path=False)
+    if chosen is None:
+        raise ValueError(f"the LM head has a bucket of {tuple(buckets)} where none of {tuple(paths)} is timed")
+    return tuple(zip(buckets, chosen, strict=True))

@@ -7,15 +7,20 @@ shared machine hits all of them alike) and each keeps its fastest round (interfe
 From ``SMALL_BUCKET`` rows on, a non-dense candidate more than ``prune_ratio`` times slower than the best
 of its bucket is not timed at larger buckets (the fp32 int4 kernel is scalar: ~30x slower); dense paths are always timed (the fallback
 every bucket needs). Buckets above ``SMALL_BUCKET`` rows get two timed rounds.
+
+The LM head gets its own entry (``CpuPlan.lm_head``) where it is served quantised (a GGUF file's Q4 / Q8_0
+head under ``--quantization auto`` in bf16): its shape with its plane count, timed the same way in the
+chosen dtype at buckets up to ``LM_HEAD_MAX_ROWS`` (it runs only on the sampled rows; beyond: dense).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -23,10 +28,12 @@ import torch
 from sparkserve.engine.cpu_plan import (
     DTYPES,
     PATHS,
+    PLAN_FORMAT_VERSION,
     CpuPlan,
     MemoryBudget,
     candidate_paths,
     row_buckets,
+    select_lm_head,
     select_plan,
 )
 from sparkserve.engine.models.config import ModelConfig
@@ -34,6 +41,8 @@ from sparkserve.engine.models.config import ModelConfig
 logger = logging.getLogger(__name__)
 
 SMALL_BUCKET = 64  # buckets up to this many rows get ``repeats`` rounds, larger ones one
+LM_HEAD_MAX_ROWS = 64  # the LM head's largest bucket (sampled rows: 1 + drafts per decode request)
+Build = Callable[[str, torch.Tensor, torch.dtype], Callable[[torch.Tensor], torch.Tensor]]  # (path, w, dtype)
 
 
 def linear_shapes(config: ModelConfig) -> tuple[tuple[int, int, int], ...]:
@@ -56,17 +65,18 @@ def weight_bytes(config: ModelConfig, dtype: str) -> int:
 
 def measure_timings(
     shapes: Sequence[tuple[int, int, int]], buckets: Sequence[int], candidates: Sequence[tuple[str, str]],
-    repeats: int = 3, prune_ratio: float = 4.0, progress: bool = False, seed: int = 0,
+    repeats: int = 3, prune_ratio: float = 4.0, progress: bool = False, seed: int = 0, build: Build | None = None,
 ) -> dict[tuple[str, str, int], float]:
     """Seconds of one forward's decoder-layer linears per (dtype, path, rows) for each candidate
     (dtype, path): the fastest round of one layer's calls, times the layer count. Candidates whose
-    ``build`` raises RuntimeError are left out."""
+    ``build`` (default: the registry's, ``PATHS[path].build``) raises RuntimeError are left out."""
     gen = torch.Generator().manual_seed(seed)
     weights = [torch.randn(n, k, generator=gen) * k ** -0.5 for n, k, _ in shapes]
+    build = build or (lambda path, w, dtype: PATHS[path].build(w, dtype))
     fns: dict[tuple[str, str], list] = {}
     for dtype, path in candidates:
         try:
-            fns[(dtype, path)] = [PATHS[path].build(w, getattr(torch, dtype)) for w in weights]
+            fns[(dtype, path)] = [build(path, w, getattr(torch, dtype)) for w in weights]
         except RuntimeError as exc:
             logger.info("plan: path %s unavailable in %s (%s)", path, dtype, exc)
     dtypes = sorted({d for d, _ in candidates})
@@ -106,6 +116,57 @@ def _calls_scale(shapes: Sequence[tuple[int, int, int]]) -> int:
     return max(c for _, _, c in shapes)
 
 
+def lm_head_planes(model: str | None, quantization: str) -> int:
+    """The int4 planes the LM head is served with: a GGUF file's output head (or tied embedding) kept in
+    blocks under ``--quantization auto`` (Q4_0 / Q4_1: one plane, Q8_0: two); 0 (dense) otherwise."""
+    from sparkserve.engine.loader import default_model_path
+
+    path = Path(model) if model is not None else default_model_path()
+    if quantization != "auto" or not (path.is_file() and path.suffix == ".gguf"):
+        return 0
+    from sparkserve.engine.gguf_loader import open_gguf
+
+    tensors = {t.name: t for t in open_gguf(path).tensors}
+    head = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    return 0 if head is None else {"Q4_0": 1, "Q4_1": 1, "Q8_0": 2}.get(head.tensor_type.name, 0)
+
+
+def lm_head_build(planes: int) -> Build:
+    """:func:`measure_timings`' build for the LM head: a weight of ``planes`` int4 planes (2: Q8_0's,
+    engine/quant.py ``quantize_q8_planes``), packed and served as the engine serves it (``BlockQuant.pack``:
+    a two-plane weight's ``int4_gemv`` runs the weight-stationary kernel where it is built)."""
+    from sparkserve.engine.quant import Routing, quantize_int4, quantize_q8_planes
+
+    def build(path: str, weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+        if path == "dense":
+            return PATHS["dense"].build(weight, dtype)
+        block = quantize_q8_planes(weight) if planes == 2 else quantize_int4(weight, dtype)
+        packed = block.pack(dtype, Routing.up_to(1 << 30, path))
+        served = packed.routing.limits[0][1]
+        return lambda x: packed(x, served)
+
+    return build
+
+
+def served_paths(paths: Sequence[str], planes: int) -> tuple[str, ...]:
+    """``paths`` named as a weight of ``planes`` planes is served (engine/quant.py ``int4_formats``), each once."""
+    from sparkserve.engine.quant import Routing, int4_formats
+
+    served = (p if p == "dense" else int4_formats(Routing.up_to(1, p), planes).limits[0][1] for p in paths)
+    return tuple(dict.fromkeys(served))
+
+
+def measure_lm_head(config: ModelConfig, planes: int, dtype: str, paths: Sequence[str], max_rows: int,
+                    progress: bool = False) -> tuple[dict[tuple[str, str, int], float], tuple[tuple[int, str], ...]]:
+    """Time the LM head ([vocab, hidden], ``planes`` int4 planes) on ``paths`` in ``dtype`` at buckets up to
+    ``min(max_rows, LM_HEAD_MAX_ROWS)``; returns (timings, the plan's LM-head entry)."""
+    buckets = row_buckets(min(max_rows, LM_HEAD_MAX_ROWS))
+    served = served_paths(paths, planes)
+    timings = measure_timings(((config.vocab_size, config.hidden_size, 1),), buckets, [(dtype, p) for p in served],
+                              progress=progress, build=lm_head_build(planes))
+    return timings, select_lm_head(timings, buckets, dtype, served)
+
+
 def read_model_config(model: str | None) -> tuple[ModelConfig, bool]:
     """(ModelConfig, is a GGUF file) of a GGUF file or HF folder (None: the embedded model), without
     loading weights."""
@@ -140,6 +201,7 @@ def plan_cache_path(key: Mapping[str, object], cache_dir: str | Path | None = No
 def load_or_measure_plan(
     config: ModelConfig, key: Mapping[str, object], dtypes: Sequence[str], quantization: str, gguf: bool,
     max_rows: int, memory_budget_bytes: int | None = None, batch_invariant: bool = False, progress: bool = True,
+    lm_head_planes: int = 0,
 ) -> CpuPlan:
     """The cached plan for ``key`` (which must name the machine: ``cpu_signature``), else measure, select,
     cache and return it. A cached file whose stored key differs from ``key`` is measured again (never
@@ -152,15 +214,22 @@ def load_or_measure_plan(
         max_rows: the step's token budget (largest bucket).
         memory_budget_bytes: memory the weights may take (None: unbounded).
         batch_invariant: restrict to one batch-invariant path (issue 24; ``candidate_paths``).
+        lm_head_planes: the LM head's int4 planes (:func:`lm_head_planes`; 0: dense, no entry of its own).
+            Outside the batch-invariant mode, a quantised head served in bf16 gets its own entry
+            (:func:`measure_lm_head`).
     """
     path = plan_cache_path(key)
     if path.exists():
         data = json.loads(path.read_text())
-        if data.get("key") == json.loads(json.dumps(dict(key), default=str)):
+        if data.get("key") != json.loads(json.dumps(dict(key), default=str)):
+            logger.warning("CPU plan cache %s was measured for another key %s: measuring again", path, data.get("key"))
+        elif data["plan"].get("version") != PLAN_FORMAT_VERSION:
+            logger.info("CPU plan cache %s has format %s, not %s: measuring again", path, data["plan"].get("version"),
+                        PLAN_FORMAT_VERSION)
+        else:
             plan = CpuPlan.from_dict(data["plan"])
             logger.info("CPU plan from cache %s: %s", path, plan.summary())
             return plan
-        logger.warning("CPU plan cache %s was measured for another key %s: measuring again", path, data.get("key"))
     buckets = row_buckets(max_rows)
     candidates = [(d, p) for d in dtypes for p in candidate_paths(quantization, d, gguf, batch_invariant)]
     paths = tuple(dict.fromkeys(p for _, p in candidates))
@@ -175,6 +244,10 @@ def load_or_measure_plan(
     plan = select_plan(timings, buckets, dtypes, paths, memory=memory, batch_invariant=batch_invariant,
                        invariant_paths=frozenset(paths) if batch_invariant else None,
                        same_bits=frozenset(paths) if batch_invariant else frozenset())
+    if lm_head_planes and not batch_invariant and plan.dtype == "bfloat16":
+        head_timings, head = measure_lm_head(config, lm_head_planes, plan.dtype,
+                                             [p for d, p in candidates if d == plan.dtype], max_rows, progress)
+        plan = dataclasses.replace(plan, lm_head=head, lm_head_timings=head_timings)
     logger.info("CPU plan measured in %.1f s: %s\n%s", time.perf_counter() - start, plan.summary(), plan.table())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -53,7 +53,8 @@ def default_model_path() -> pathlib.Path:
 
 def load_model(path: str | os.PathLike[str] | None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", max_positions: int | None = None,
-               quantization: str = "none", gemv_max_tokens: Routing | int = DEFAULT_GEMV_MAX_TOKENS) -> LoadedModel:
+               quantization: str = "none", gemv_max_tokens: Routing | int = DEFAULT_GEMV_MAX_TOKENS,
+               lm_head_routing: Routing | None = None) -> LoadedModel:
     """Load weights, config and tokenizer.
 
     Args:
@@ -68,6 +69,7 @@ def load_model(path: str | os.PathLike[str] | None, dtype: torch.dtype = torch.f
             on the CPU: on other devices "auto" serves dense, int8 / int4 raise ValueError.
         gemv_max_tokens: the quantised linears' per-call routing (engine/quant.py's ``Routing``, e.g. the CPU
             plan's), or an int n: torch's int4 / int8 kernel for calls of at most n rows.
+        lm_head_routing: a quantised LM head's own routing (the CPU plan's LM-head entry); None: as above.
     """
     if quantization not in QUANTIZATION_MODES:
         raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, got {quantization!r}")
@@ -95,7 +97,7 @@ def load_model(path: str | os.PathLike[str] | None, dtype: torch.dtype = torch.f
         raise FileNotFoundError(f"{path} is neither a .gguf file nor a folder with config.json")
     with torch.device(device):
         model = LlamaForCausalLM(config, dtype=dtype, max_positions=max_positions)
-    model.load_weights(weights, quantization, gemv_max_tokens)
+    model.load_weights(weights, quantization, gemv_max_tokens, lm_head_routing)
     return LoadedModel(model.eval(), config, tokenizer, name)
 
 

@@ -392,12 +392,28 @@ def gguf_block_quant(raw: np.ndarray, qtype_name: str, shape: tuple[int, int]) -
     if qtype_name == "Q8_0":
         blocks = np.ascontiguousarray(raw).reshape(n, nb, 34)
         d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        q = blocks[..., 2:34].copy().view(np.int8).astype(np.int16).reshape(n, k) + 128  # 0..255
-        hi, lo = (q >> 4).astype(np.uint8), (q & 0x0F).astype(np.uint8)
-        d_t = torch.from_numpy(d)
-        return BlockQuant((torch.from_numpy(hi), torch.from_numpy(lo)), (16.0 * d_t, d_t),
-                          (torch.zeros_like(d_t), 8.0 * d_t))
+        q = blocks[..., 2:34].copy().view(np.int8).reshape(n, k)
+        return q8_planes(torch.from_numpy(q), torch.from_numpy(d))
     return None
+
+
+def q8_planes(q: torch.Tensor, d: torch.Tensor) -> BlockQuant:
+    """Q8_0 (``w = d * q``: q int8 [N, K], d float32 [N, K / 32]) as two int4 planes, exactly: with
+    ``q + 128 = 16 h + l``, ``w = (h - 8) * 16 d + ((l - 8) * d + 8 d)`` (module docstring)."""
+    u = q.to(torch.int16) + 128  # [N, K] in 0..255
+    return BlockQuant(((u >> 4).to(torch.uint8), (u & 0x0F).to(torch.uint8)), (16.0 * d, d),
+                      (torch.zeros_like(d), 8.0 * d))
+
+
+def quantize_q8_planes(weight: torch.Tensor) -> BlockQuant:
+    """Symmetric group-32 int8 of a dense [N, K] weight (GGUF Q8_0's rule: ``d = max|w| / 127`` per group,
+    ``q = round(w / d)``) as :func:`q8_planes`: the two-plane weight a Q8_0 LM head is served as (the CPU
+    plan times that shape with it)."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // GROUP, GROUP)
+    d = (w.abs().amax(-1) / 127).clamp_min(1e-8)  # [N, K / 32]
+    q = torch.round(w / d[..., None]).clamp(-127, 127).to(torch.int8).reshape(n, k)
+    return q8_planes(q, d)
 
 
 # --------------------------------------------------------------------------- load-time quantisation

@@ -2,8 +2,8 @@
 
 Each extension is compiled by ``torch.utils.cpp_extension.load`` into
 ``$SPARKSERVE_KERNEL_CACHE/<stem>-<hash>`` (default cache ``~/.cache/sparkserve/kernels``), the hash covering
-the source and the torch version, so an edited kernel or another torch builds anew and a stale library is
-never loaded. Flags: ``-O3``; ``-ffp-contract=off`` (no fused multiply-adds the source did not write, so
+the source, the headers in the folder named after it (``cpu/int4_gemm.cpp`` includes ``cpu/int4_gemm/*.h``)
+and the torch version, so an edited kernel or another torch builds anew and a stale library is never loaded. Flags: ``-O3``; ``-ffp-contract=off`` (no fused multiply-adds the source did not write, so
 each rounding point is the one the source and its reference define); ``-fopenmp`` (``at::parallel_for``'s
 OpenMP region is compiled in; libgomp.so.1 resolves to the copy torch already loaded, so the kernels run on
 the engine's OpenMP team). No ``-march``: the sources dispatch on the CPU's flags at run time.
@@ -22,7 +22,9 @@ def library_path(source: Path, stem: str, extension: str, cflags: tuple[str, ...
     """Where the compiled ``extension`` of ``source`` lives (the file may not exist yet); ``cflags``, the
     extension's own flags beyond the shared ones, are part of the hash."""
     root = Path(os.environ.get("SPARKSERVE_KERNEL_CACHE", Path.home() / ".cache" / "sparkserve" / "kernels"))
-    digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + " ".join(cflags).encode()).hexdigest()[:16]
+    parts = sorted(source.with_suffix("").glob("*.h"))  # the source's own headers, in name order
+    text = b"".join([source.read_bytes(), *(p.name.encode() + p.read_bytes() for p in parts)])
+    digest = hashlib.sha256(text + torch.__version__.encode() + " ".join(cflags).encode()).hexdigest()[:16]
     return root / f"{stem}-{digest}" / f"{extension}.so"
 
 

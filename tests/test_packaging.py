@@ -44,6 +44,7 @@ def test_wheel_has_one_top_level_package(wheel: Path) -> None:
         assert f"sparkserve/{sub}/__init__.py" in names, sub
     assert any(n.startswith("sparkserve/engine/spec_decode/weights/") for n in names)  # package data
     assert "sparkserve/kernels/cpu/int4_gemm.cpp" in names  # compiled after install (kernels/int4_cpu.py)
+    assert "sparkserve/kernels/cpu/int4_gemm/common.h" in names  # with the headers it includes
     assert not any(n.startswith(("tests/", "sparkserve/tests/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "sparkserve = sparkserve.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -291,7 +291,8 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | BlockQuant]], quantization: str = "none",
-                     gemv_max_tokens: Routing | int = DEFAULT_GEMV_MAX_TOKENS) -> None:
+                     gemv_max_tokens: Routing | int = DEFAULT_GEMV_MAX_TOKENS,
+                     lm_head_routing: Routing | None = None) -> None:
         """Copy Hugging Face-named tensors (``model.layers.3.self_attn.q_proj.weight`` ...) into the
         fused parameters, casting to the model dtype. Raises ValueError on an unknown name or when a
         parameter is left unfilled.
@@ -299,7 +300,8 @@ class LlamaForCausalLM(nn.Module):
         Quantisation (engine/quant.py): a ``BlockQuant`` value (GGUF Q4_0 / Q4_1 / Q8_0 blocks) fills
         its parameter with the canonical dequantised values and, when every row of the (fused) parameter
         came quantised, keeps the packed int4 copy, routed per call by ``gemv_max_tokens`` (a ``Routing``, or
-        an int n: the quantised kernel for at most n rows).
+        an int n: the quantised kernel for at most n rows); a quantised LM head by ``lm_head_routing`` when
+        given (the CPU plan's entry for it).
         ``quantization`` "int8" / "int4" then quantises the dense decoder-layer linears
         (:meth:`quantize_`); "none" / "auto" keep dense tensors dense.
         """
@@ -333,7 +335,7 @@ class LlamaForCausalLM(nn.Module):
         missing = expected - filled
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:5]}")
-        self._attach_quant(staged, gemv_max_tokens)
+        self._attach_quant(staged, gemv_max_tokens, lm_head_routing)
         if staged:
             self.quantization = "gguf"
         if quantization in ("int8", "int4"):
@@ -363,8 +365,10 @@ class LlamaForCausalLM(nn.Module):
                     layer.quant[leaf] = q8
         self.quantization = mode if self.quantization == "none" else f"{self.quantization}+{mode}"
 
-    def _attach_quant(self, staged: dict[str, list[tuple[int, BlockQuant]]], max_tokens: Routing | int) -> None:
-        """Pack the staged blocks of every parameter whose rows all came quantised (same plane layout)."""
+    def _attach_quant(self, staged: dict[str, list[tuple[int, BlockQuant]]], max_tokens: Routing | int,
+                      lm_head_routing: Routing | None = None) -> None:
+        """Pack the staged blocks of every parameter whose rows all came quantised (same plane layout); the
+        LM head by ``lm_head_routing`` when given."""
         for param_name, pieces in staged.items():
             pieces.sort(key=lambda p: p[0])
             if sum(p.shape[0] for _, p in pieces) != self.get_parameter(param_name).shape[0]:
@@ -374,11 +378,11 @@ class LlamaForCausalLM(nn.Module):
                 continue
             merged = BlockQuant(*(tuple(torch.cat([getattr(p, f)[i] for _, p in pieces]) for i in range(len(first.codes)))
                                   for f in ("codes", "scales", "zeros")))
-            quant = merged.pack(self.norm.dtype, max_tokens)
             if param_name in ("embed_tokens.weight", "lm_head"):
                 if (param_name == "lm_head") == (self.lm_head is not None):  # the LM head (tied: the embedding)
-                    self.lm_head_quant = quant
+                    self.lm_head_quant = merged.pack(self.norm.dtype, lm_head_routing or max_tokens)
                 continue
+            quant = merged.pack(self.norm.dtype, max_tokens)
             layer_name, leaf = param_name.rsplit(".", 1)
             self.get_submodule(layer_name).quant[leaf] = quant
 

@@ -6,6 +6,7 @@ near-tie (bf16 rule, DESIGN.md section 7)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -19,6 +20,7 @@ from sparkserve.engine.cpu_plan import (
     cpu_signature,
     parse_cpuinfo,
     row_buckets,
+    select_lm_head,
     select_plan,
 )
 
@@ -136,6 +138,120 @@ def test_plan_round_trip_and_table() -> None:
     table = plan.table().splitlines()
     assert len(table) == 1 + len(AVX2) and "int4_gemv bf16 ms" in table[0] and table[1].startswith("1 |")
     assert "78.000" in table[1] and table[1].endswith("float32 dense")
+
+
+# --------------------------------------------------------------------------- the LM head's own entry
+def test_select_lm_head_per_bucket_and_routing() -> None:
+    """Each LM-head bucket takes its fastest timed path (ties: the earlier path); the entry becomes its own
+    routing (trailing dense dropped), distinct from the decoder linears', survives the cache round trip and
+    shows in the summary; without an entry the LM head follows the decoder routing (None)."""
+    buckets, paths = (1, 2, 4, 8, 16), ("dense", "int4_ws")
+    for winners in itertools.product(range(2), repeat=len(buckets)):
+        timings = {("bfloat16", p, m): (1.0 if i == w else 2.0) * m
+                   for m, w in zip(buckets, winners, strict=True) for i, p in enumerate(paths)}
+        entry = select_lm_head(timings, buckets, "bfloat16", paths)
+        assert entry == tuple((m, paths[w]) for m, w in zip(buckets, winners, strict=True))
+    probed = {("bfloat16", "int4_ws", m): 1.0 * m for m in buckets} | {("bfloat16", "dense", m): 9.0 for m in buckets}
+    probed[("bfloat16", "dense", 16)] = 16 / 1.3  # the probe: dense 1.3x faster at 9-16 rows
+    entry = select_lm_head(probed, buckets, "bfloat16", paths)
+    assert entry == ((1, "int4_ws"), (2, "int4_ws"), (4, "int4_ws"), (8, "int4_ws"), (16, "dense"))
+    assert select_lm_head({("bfloat16", "dense", 1): 1.0, ("bfloat16", "dense", 2): 1.0}, (1, 2), "bfloat16",
+                          paths) == ((1, "dense"), (2, "dense"))
+    with pytest.raises(ValueError, match="LM head"):
+        select_lm_head({("bfloat16", "dense", 1): 1.0}, (1, 2), "bfloat16", paths)
+    decoder = select_plan(_table(NATIVE), tuple(AVX2), ("bfloat16",), ("dense", "int4_gemv"))
+    assert decoder.lm_head_routing() is None
+    plan = dataclasses.replace(decoder, lm_head=entry, lm_head_timings=probed)
+    assert plan.lm_head_routing().limits == ((8, "int4_ws"),) and plan.lm_head_routing().path_for(9) == "dense"
+    assert plan.routing() == decoder.routing() and plan.summary() == "bfloat16:int4_gemv<=1,dense|head:int4_ws<=8"
+    assert CpuPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    all_dense = dataclasses.replace(decoder, lm_head=((1, "dense"),))
+    assert all_dense.lm_head_routing().limits == () and all_dense.summary().endswith("|head:dense")
+
+
+def test_lm_head_measured_with_its_shape_and_planes(tmp_path, monkeypatch) -> None:
+    """A quantised LM head (lm_head_planes > 0) is timed at its own [vocab, hidden] shape with the paths as a
+    weight of that many planes is served (two planes: torch's int4 GEMV runs as the weight-stationary
+    kernel where it is built), at buckets up to LM_HEAD_MAX_ROWS; the entry lands in the cached plan. A dense
+    head (0 planes) and the batch-invariant mode get no entry."""
+    from sparkserve.engine import cpu_plan_measure
+    from sparkserve.kernels import int4_cpu
+    from sparkserve.testing.tiny import tiny_target
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def fake_timings(shapes, buckets, candidates, **kw):
+        calls.append((tuple(shapes), tuple(buckets), tuple(candidates), kw.get("build")))
+        dense = {m: 2.0 if m < 16 else 0.5 for m in buckets}  # int4 faster up to 8 rows, dense above
+        return {(d, p, m): (dense[m] if p == "dense" else 1.0) * m for d, p in candidates for m in buckets}
+
+    monkeypatch.setattr(cpu_plan_measure, "measure_timings", fake_timings)
+    config = tiny_target(layers=1).config
+    args = (config, {"kind": "cpu_plan", "machine": "x"}, ("bfloat16",), "auto", True, 256)
+    plan = cpu_plan_measure.load_or_measure_plan(*args, progress=False, lm_head_planes=2)
+    (_, _, decoder, _), (shapes, buckets, head, build) = calls
+    assert shapes == ((config.vocab_size, config.hidden_size, 1),) and buckets == (1, 2, 4, 8, 16, 32, 64)
+    ws = "int4_ws" if int4_cpu.load() else "int4_gemv"
+    assert [p for _, p in head] == ["dense", ws] and build is not None
+    assert {p for _, p in decoder} >= {"dense", "int4_gemv"}
+    assert plan.lm_head == ((1, ws), (2, ws), (4, ws), (8, ws), (16, "dense"), (32, "dense"), (64, "dense"))
+    assert cpu_plan_measure.load_or_measure_plan(*args, progress=False, lm_head_planes=2) == plan and len(calls) == 2
+    calls.clear()
+    other = (config, {"kind": "cpu_plan", "machine": "y"}, *args[2:])
+    assert cpu_plan_measure.load_or_measure_plan(*other, progress=False).lm_head == () and len(calls) == 1
+    invariant = (config, {"kind": "cpu_plan", "machine": "z"}, *args[2:])
+    monkeypatch.setattr(cpu_plan_measure, "candidate_paths", lambda *a, **k: ("int4_ws",))
+    plan = cpu_plan_measure.load_or_measure_plan(*invariant, progress=False, batch_invariant=True, lm_head_planes=2)
+    assert plan.lm_head == () and len(calls) == 2
+
+
+def test_lm_head_build_serves_the_canonical_product() -> None:
+    """The LM-head timing build computes what the engine serves: a two-plane weight's int4 path and dense
+    path give the canonical product (fp32: the same values; bf16 within the dense copy's rounding)."""
+    from sparkserve.engine.cpu_plan_measure import lm_head_build
+    from sparkserve.engine.quant import quantize_q8_planes
+
+    gen = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(96, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    canonical = quantize_q8_planes(weight).canonical(torch.float32)  # [96, 64]
+    assert (canonical - weight).abs().max() <= weight.abs().max() / 127  # Q8_0's rounding, no more
+    build = lm_head_build(2)
+    quantised = build("int4_gemv", weight, torch.float32)(x)
+    torch.testing.assert_close(quantised, x @ canonical.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(build("dense", weight, torch.float32)(x), x @ weight.T)
+
+
+def test_lm_head_planes_of_the_served_file() -> None:
+    """The embedded SmolLM2 file's LM head (the tied Q8_0 embedding) is served as two int4 planes under
+    ``auto``; other quantisation modes keep it dense (0)."""
+    from sparkserve.engine.cpu_plan_measure import lm_head_planes
+    from sparkserve.engine.loader import default_model_path
+
+    try:
+        default_model_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    assert lm_head_planes(None, "auto") == 2
+    assert lm_head_planes(None, "none") == 0 and lm_head_planes(None, "int4") == 0
+
+
+def test_lm_head_routing_reaches_the_lm_head() -> None:
+    """``load_weights``' ``lm_head_routing`` routes the quantised LM head alone; the decoder linears keep theirs."""
+    from sparkserve.engine.quant import Routing, int4_formats
+    from sparkserve.testing.int4_blocks import random_block
+    from sparkserve.testing.tiny import tiny_target
+
+    model = tiny_target(vocab=64, layers=1).model  # torch's int4 packing wants N divisible by 16
+    config = model.config
+    decoder, head = Routing.up_to(4, "int4_gemv"), Routing(((8, "int4_ws"), (16, "int4_gemv")))
+    staged = {"lm_head": [(0, random_block(config.vocab_size, config.hidden_size, planes=1))],
+              "layers.0.o_proj": [(0, random_block(config.hidden_size, config.hidden_size))]}
+    model._attach_quant(staged, decoder, head)
+    assert model.lm_head_quant.routing == int4_formats(head, 1)
+    assert model.layers[0].quant["o_proj"].routing == int4_formats(decoder, 1)
+    model._attach_quant(staged, decoder)
+    assert model.lm_head_quant.routing == int4_formats(decoder, 1)
 
 
 # --------------------------------------------------------------------------- caches keyed by the machine
