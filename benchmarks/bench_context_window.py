@@ -31,9 +31,10 @@ from sparkserve.scheduler.stats import SpecDecodingStats
 
 
 def run(loaded: LoadedModel, prompts: list[list[int]], window: int, draft_prob: float, max_tokens: int,
-        verify_policy: str) -> dict:
+        verify_policy: str, num_kv_blocks: int) -> dict:
     """One engine at ``window``: greedy outputs and the run's drafting counts."""
-    core = EngineCore(EngineArgs(seed=0, max_num_seqs=len(prompts), verify_policy=verify_policy), loaded)
+    core = EngineCore(EngineArgs(seed=0, max_num_seqs=len(prompts), verify_policy=verify_policy,
+                                 num_kv_blocks=num_kv_blocks), loaded)
     feed = core.runner.speculator.feed
     assert feed is not None, "the lazy feed is off"
     feed.window = window
@@ -60,15 +61,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--draft-prob", type=float, nargs="+", default=[1.0, 0.1])
     ap.add_argument("--window", type=int, nargs="+", default=[4, 16, 64, 1_000_000])
     ap.add_argument("--verify-policy", default="fixed:3")
+    ap.add_argument("--num-kv-blocks", type=int, default=1024, help="KV blocks per engine (memory: one at a time)")
     ap.add_argument("--out", default="bench_results/context_window.json")
     args = ap.parse_args(argv)
-    first = EngineCore(EngineArgs(drafter="none"))
+    first = EngineCore(EngineArgs(drafter="none", num_kv_blocks=16))
     tokenizer, loaded = first.tokenizer, first.loaded
+    del first
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": t}]))
                for t in prompt_set(args.sets, args.num_prompts)]
     cells = []
     for p in args.draft_prob:
-        runs = [run(loaded, prompts, w, p, args.max_tokens, args.verify_policy) for w in args.window]
+        runs = [run(loaded, prompts, w, p, args.max_tokens, args.verify_policy, args.num_kv_blocks) for w in args.window]
         widest = runs[-1]["outputs"]  # greedy: every window must give the same text (lossless)
         for r in runs:
             r["same_outputs_as_widest"] = r.pop("outputs") == widest

@@ -215,13 +215,13 @@ def main(argv: list[str] | None = None) -> None:
                 order = ["default", "none"] if rep % 2 == 0 else ["none", "default"]
                 res: dict = {"set": spec, "concurrency": c, "repetition": rep, "order": order}
                 for name in order:
+                    gc.collect()  # the recorder's hooks make cycles: free the last engine's KV cache first
                     if name == "default":
                         res["default_step_s"], res["default_tokens"], steps, used = run_default(
                             prompts, args.max_tokens, rep, overrides, c, loaded, args.temperature, profile)
                     else:
                         res["none_step_s"], res["none_tokens"], plain_steps = run_plain(
                             prompts, args.max_tokens, rep, c, loaded, args.temperature)
-                gc.collect()  # the recorder's hooks make cycles: free the engines' KV caches before the next cell
                 res["ratio_tok_s"] = (res["default_tokens"] / res["default_step_s"]) / (res["none_tokens"] / res["none_step_s"])
                 res.update(summarise(steps, plain_steps))
                 print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}), flush=True)
