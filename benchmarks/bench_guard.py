@@ -226,14 +226,14 @@ def main(argv: list[str] | None = None) -> None:
                 res.update(summarise(steps, plain_steps))
                 print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}), flush=True)
                 cells.append(res)
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every cell: a cut-off run keeps them
+                Path(args.out).write_text(json.dumps({"machine": machine(), "args": vars(args), "cells": cells}, indent=1))
                 for trace in args.trace:
                     if trace.rsplit(":", 2)[:2] != [spec, str(c)] or rep:
                         continue
                     Path(trace.rsplit(":", 1)[1]).write_text(json.dumps(
                         {"set": spec, "concurrency": c, "machine": machine(), "profile": used, "steps": steps,
                          "plain_steps": plain_steps}, separators=(",", ":")))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine(), "args": vars(args), "cells": cells}, indent=1))
 
 
 if __name__ == "__main__":
