@@ -1,7 +1,8 @@
 """Diagnosis of the load-aware policy (issue 25): per step, what the policy predicted against what happened.
 
-In-process engines (no HTTP), a fresh one per cell (no warm calibration; the loaded target is shared, so a
-cell does not pay a model load): for each prompt set and concurrency c, the default engine (DSpark drafter,
+In-process engines (no HTTP), a fresh one per cell (no warm calibration; the loaded target and the start-up
+profile of an engine at the default ``max_num_seqs``, as a served default has, are shared, so a cell pays no
+model load and no profile measurement): for each prompt set and concurrency c, the default engine (DSpark drafter,
 dspark policy; ``--engine-args`` changes it) and a plain one (``--drafter none``) run the same prompts, at
 most c at once, alternating A/B per repetition; ``--temperature`` > 0 samples with the same per-request
 seeds in both arms. Throughput is tokens over the seconds spent inside ``EngineCore.step()`` (both arms
