@@ -1,8 +1,12 @@
 """Diagnosis of the load-aware policy (issue 25): per step, what the policy predicted against what happened.
 
-In-process engines (no HTTP), a fresh one per cell (no warm calibration): for each prompt set and
-concurrency c, the default engine (DSpark drafter, dspark policy) and a plain one (``--drafter none``)
-run the same c prompts at once (``generate_batch``), alternating A/B per repetition. For every step of
+In-process engines (no HTTP), a fresh one per cell (no warm calibration; the loaded target and the start-up
+profile of an engine at the default ``max_num_seqs``, as a served default has, are shared, so a cell pays no
+model load and no profile measurement): for each prompt set and concurrency c, the default engine (DSpark drafter,
+dspark policy; ``--engine-args`` changes it) and a plain one (``--drafter none``) run the same prompts, at
+most c at once, alternating A/B per repetition; ``--temperature`` > 0 samples with the same per-request
+seeds in both arms. Throughput is tokens over the seconds spent inside ``EngineCore.step()`` (both arms
+timed alike; the recorder's bookkeeping between steps is not). For every step of
 the default engine it records B, R, the measured step time, the time the policy's profile predicted for
 that step (with the drafting gate's cost) and for a plain step of the same R, the expected tokens E of
 the plan against the realised ones (R + accepted drafts), the drafter's profiled share, and the gate's
@@ -16,6 +20,7 @@ are written for the replay tests (tests/scheduler/policy/data/).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -24,7 +29,9 @@ from pathlib import Path
 from sparkserve.benchmarks.bench_step_breakdown import machine
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
+from sparkserve.engine.loader import LoadedModel
 from sparkserve.loadtests.prompts import load_prompts
+from sparkserve.scheduler.profile import ThroughputProfile
 from sparkserve.scheduler.profile.grid import drafting_step_time
 from sparkserve.scheduler.sampling_params import SamplingParams
 
@@ -77,21 +84,34 @@ class Recorder:
         return rec
 
 
+def request_params(n: int, max_tokens: int, temperature: float, seed: int) -> list[SamplingParams]:
+    """Per prompt: greedy at T = 0; at T > 0 seeded sampling (prompt i of repetition ``seed``: 1000 seed + i),
+    so both arms sample the same streams."""
+    return [SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True,
+                           seed=1000 * seed + i if temperature > 0 else None) for i in range(n)]
+
+
 def run_default(prompts: list[list[int]], max_tokens: int, seed: int, overrides: dict,
-                concurrency: int = 0) -> tuple[float, int, list[dict], dict]:
-    """One fresh default engine (``overrides``: EngineArgs fields) on all prompts, at most ``concurrency``
-    running at once (0: all; the rest wait and are admitted as others finish). Returns (wall s, tokens,
-    step records, the start-up profile)."""
-    core = EngineCore(EngineArgs(seed=seed, max_num_seqs=concurrency or max(len(prompts), 1), **overrides))
+                concurrency: int = 0, loaded: LoadedModel | None = None, temperature: float = 0.0,
+                profile: dict | None = None) -> tuple[float, int, list[dict], dict]:
+    """One fresh default engine (``overrides``: EngineArgs fields; ``loaded`` and ``profile``: the target and the
+    start-up profile shared by every engine of the run, each with its own online corrections and calibration,
+    None: load / measure them) on all prompts, at most ``concurrency``
+    running at once (0: all; the rest wait and are admitted as others finish). Returns (seconds inside
+    ``step()``, tokens, step records, the start-up profile): the recorder's work between steps is not timed."""
+    core = EngineCore(EngineArgs(seed=seed, max_num_seqs=concurrency or max(len(prompts), 1), **overrides), loaded,
+                      profile=ThroughputProfile.from_dict(profile) if profile is not None else None)
     rec, ctrl = Recorder(core), core.controller
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
+    for i, (p, params) in enumerate(zip(prompts, request_params(len(prompts), max_tokens, temperature, seed),
+                                        strict=True)):
         core.add_request(core.make_request(f"r{i}", p, params))
-    steps, tokens, start = [], 0, time.perf_counter()
+    steps, tokens, elapsed = [], 0, 0.0
     while core.has_unfinished_requests():
         profile = ctrl.profile.current  # the policy's view before the step (the engine corrects it after)
         num_drafting, fraction = ctrl.last_num_drafting, ctrl.last_sampled_fraction
+        start = time.perf_counter()
         outs = core.step()
+        elapsed += time.perf_counter() - start
         tokens += sum(len(o.new_token_ids) for o in outs)
         if core.last_step is None:
             continue
@@ -100,26 +120,32 @@ def run_default(prompts: list[list[int]], max_tokens: int, seed: int, overrides:
         predicted = drafting_step_time(profile, s.num_batched_tokens, s.num_decode_requests, drafting, fraction)
         plain = drafting_step_time(profile, s.num_decode_requests, s.num_decode_requests, 0)
         steps.append(rec.step_record(predicted, plain, profile.draft_time(s.num_drafting)))
-    wall = time.perf_counter() - start
     guard = ctrl.guard.stats() if ctrl.guard is not None else None
     if guard is not None:
         steps.append({"guard": {"num_backoffs": guard.num_backoffs, "last_speedup": guard.last_speedup,
                                 "plain_scale": guard.plain_scale}})
     base = ctrl.profile.base.to_dict()
     ctrl.close()
-    return wall, tokens, steps, base
+    return elapsed, tokens, steps, base
 
 
-def run_plain(prompts: list[list[int]], max_tokens: int, seed: int, concurrency: int = 0) -> tuple[float, int, list[dict]]:
-    """:func:`run_default` for ``--drafter none``: (wall s, tokens, step records)."""
-    core = EngineCore(EngineArgs(seed=seed, drafter="none", max_num_seqs=concurrency or max(len(prompts), 1)))
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    steps: list = []
-    start = time.perf_counter()
-    out = core.generate_batch(prompts, params, steps=steps)
-    wall = time.perf_counter() - start
-    return wall, sum(map(len, out)), [{"B": s.scheduler.num_batched_tokens, "R": s.scheduler.num_decode_requests,
-                                       "duration_s": s.duration_s} for s in steps]
+def run_plain(prompts: list[list[int]], max_tokens: int, seed: int, concurrency: int = 0,
+              loaded: LoadedModel | None = None, temperature: float = 0.0) -> tuple[float, int, list[dict]]:
+    """:func:`run_default` for ``--drafter none``: (seconds inside ``step()``, tokens, step records)."""
+    core = EngineCore(EngineArgs(seed=seed, drafter="none", max_num_seqs=concurrency or max(len(prompts), 1)), loaded)
+    for i, (p, params) in enumerate(zip(prompts, request_params(len(prompts), max_tokens, temperature, seed),
+                                        strict=True)):
+        core.add_request(core.make_request(f"r{i}", p, params))
+    steps, tokens, elapsed = [], 0, 0.0
+    while core.has_unfinished_requests():
+        start = time.perf_counter()
+        outs = core.step()
+        elapsed += time.perf_counter() - start
+        tokens += sum(len(o.new_token_ids) for o in outs)
+        if core.last_step is not None:
+            steps.append(core.last_step)
+    return elapsed, tokens, [{"B": s.scheduler.num_batched_tokens, "R": s.scheduler.num_decode_requests,
+                              "duration_s": s.duration_s} for s in steps]
 
 
 def summarise(steps: list[dict], plain_steps: list[dict]) -> dict:
@@ -168,13 +194,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-prompts", type=int, default=0,
                     help="prompts per cell, at most c running at once (0: c prompts)")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="> 0: seeded sampling, the same seeds in both arms")
     ap.add_argument("--repetitions", type=int, default=1)
     ap.add_argument("--engine-args", default="{}", help="JSON of EngineArgs fields for the default engine")
     ap.add_argument("--trace", action="append", default=[], metavar="SET:C:PATH",
                     help="write the steps of this cell as a trace (repeatable)")
     ap.add_argument("--out", default="bench_results/guard_diagnosis.json")
     args = ap.parse_args(argv)
-    tokenizer = EngineCore(EngineArgs(drafter="none")).tokenizer
+    overrides = json.loads(args.engine_args)
+    first = EngineCore(EngineArgs(**overrides))  # loads the target and its profile once: every engine shares them
+    tokenizer, loaded = first.tokenizer, first.loaded
+    profile = first.controller.profile.base.to_dict() if first.controller and first.controller.profile else None
+    first.close()
+    del first  # its KV cache: only the loaded target is kept
     cells = []
     for spec in args.sets:
         for c in args.concurrency:
@@ -184,23 +216,25 @@ def main(argv: list[str] | None = None) -> None:
                 order = ["default", "none"] if rep % 2 == 0 else ["none", "default"]
                 res: dict = {"set": spec, "concurrency": c, "repetition": rep, "order": order}
                 for name in order:
+                    gc.collect()  # the recorder's hooks make cycles: free the last engine's KV cache first
                     if name == "default":
-                        res["default_wall_s"], res["default_tokens"], steps, profile = run_default(prompts, args.max_tokens, rep,
-                                                                                          json.loads(args.engine_args), c)
+                        res["default_step_s"], res["default_tokens"], steps, used = run_default(
+                            prompts, args.max_tokens, rep, overrides, c, loaded, args.temperature, profile)
                     else:
-                        res["none_wall_s"], res["none_tokens"], plain_steps = run_plain(prompts, args.max_tokens, rep, c)
-                res["ratio_tok_s"] = (res["default_tokens"] / res["default_wall_s"]) / (res["none_tokens"] / res["none_wall_s"])
+                        res["none_step_s"], res["none_tokens"], plain_steps = run_plain(
+                            prompts, args.max_tokens, rep, c, loaded, args.temperature)
+                res["ratio_tok_s"] = (res["default_tokens"] / res["default_step_s"]) / (res["none_tokens"] / res["none_step_s"])
                 res.update(summarise(steps, plain_steps))
                 print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}), flush=True)
                 cells.append(res)
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every cell: a cut-off run keeps them
+                Path(args.out).write_text(json.dumps({"machine": machine(), "args": vars(args), "cells": cells}, indent=1))
                 for trace in args.trace:
                     if trace.rsplit(":", 2)[:2] != [spec, str(c)] or rep:
                         continue
                     Path(trace.rsplit(":", 1)[1]).write_text(json.dumps(
-                        {"set": spec, "concurrency": c, "machine": machine(), "profile": profile, "steps": steps,
+                        {"set": spec, "concurrency": c, "machine": machine(), "profile": used, "steps": steps,
                          "plain_steps": plain_steps}, separators=(",", ":")))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine(), "args": vars(args), "cells": cells}, indent=1))
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ class EngineCore:
             speculator = None
             if drafter is not None:
                 speculator = Speculator(drafter, num_blocks, args.block_size, dtype, args.max_num_seqs,
-                                        args.lazy_drafter_context, args.enable_prefix_caching)
+                                        args.lazy_drafter_context)
             self.runner = ModelRunner(
                 self.loaded.model, config, num_blocks, args.block_size, dtype, device=self.device,
                 speculator=speculator, attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,

@@ -6,19 +6,29 @@ row of every step costs a drafter pass (fc, norm, per-layer k/v projections, RoP
 steps where nobody drafts, which makes a server whose policy gates speculation off slower than
 ``--drafter none`` (issue 25). Instead, the rows of requests that do not draft after the step are kept
 *pending*: their features, positions and cache slots are copied into an *arena* (one preallocated buffer
-of ``capacity`` rows), and projected later in one batched ``add_context`` call (the *catch-up*):
+of ``capacity`` rows), and projected in one batched ``add_context`` call (the *catch-up*) only when the
+request drafts again (its pending rows go with the step's own rows, before the drafter runs).
 
-- when the request drafts again (its pending rows go with the step's own rows, before the drafter runs);
-- when the arena is full (every pending row of every request at once: one chunk);
-- when the request finishes or is preempted, if its blocks may be reused through the prefix cache
-  (``flush_on_release``), else they are dropped.
+The catch-up projects only a bounded *window*: the request's latest ``window`` pending rows (older ones are
+dropped), and nothing pending is ever projected for its own sake:
 
-The drafter then holds exactly the context rows it would have had with eager feeding: the same
-features at the same positions and slots, projected row by row (``add_context`` has no cross-row
-terms), so draft quality is unchanged; only the batch the rows are projected in differs. A pending row
-is always valid: rows at positions a request recomputes or rejected drafts are discarded
-(``truncate``), so the catch-up never writes into a block the request gave back. Prefill chunks are
-fed eagerly (their full blocks may be shared through the prefix cache while the request still runs).
+- a finished or preempted request's pending rows are dropped (``release``), never projected;
+- when the arena is full, each request's latest rows are compacted to its front (a copy, no projection;
+  at most ``window`` each, fewer when many requests share the arena); if they and the step's rows still do
+  not fit, everything pending is dropped.
+
+So a server in which nobody drafts projects no context row after the prefill chunks, whatever the run's
+length. A dropped row leaves its slot in the drafter's cache unwritten (whatever an earlier occupant of
+the block left there): the drafter then attends to a stale row at that position. That is lossless, since
+the drafter's context only shapes the drafts, which the target verifies; it costs draft quality only for
+a request that drafts again after more than ``window`` rows without drafting (or whose prefix-cached
+blocks come from a request that was not drafting), and only through rows further than ``window``
+positions behind its anchor (docs/benchmarks.md, "The catch-up window"). Within the window the drafter
+holds exactly the rows eager feeding gives: the same features at the same positions and slots, projected
+row by row (``add_context`` has no cross-row terms). A pending row is always valid: rows at positions a
+request recomputes or rejected drafts are discarded (``truncate``), so the catch-up never writes into a
+block the request gave back. Prefill chunks are fed eagerly (their full blocks may be shared through the
+prefix cache while the request still runs).
 """
 
 from __future__ import annotations
@@ -60,21 +70,34 @@ class _Span:
     n: int
 
 
+DEFAULT_WINDOW = 64
+"""Pending rows kept per request (the catch-up window): the rows eager feeding gives within the last 64
+positions before the anchor; measured on acceptance in docs/benchmarks.md ("The catch-up window")."""
+
+
 class LazyContextFeed:
     """The pending context rows of every request and the arena holding them (module docstring).
 
     Args:
         store: projects and stores rows in the drafter's cache (``Drafter.add_context`` on its pools).
-        capacity: arena rows; when pending rows would exceed it, all of them are caught up at once.
-        flush_on_release: catch up a finished or preempted request's rows instead of dropping them.
+        capacity: arena rows; when it is full the kept rows are compacted to its front, each request keeping
+            at most ``capacity // (2 * pending requests)`` of its latest rows (everything is dropped when that
+            is 0).
+        window: pending rows kept per request, its latest ones (``DEFAULT_WINDOW``).
+
+    Raises:
+        ValueError: ``capacity`` or ``window`` below 1.
     """
 
-    def __init__(self, store: StoreFn, capacity: int = 2048, flush_on_release: bool = True) -> None:
+    def __init__(self, store: StoreFn, capacity: int = 2048, window: int = DEFAULT_WINDOW) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1 row, got {capacity}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1 row, got {window}")
         self.store = store
         self.capacity = capacity
-        self.flush_on_release = flush_on_release
+        self.window = window
+        self.num_dropped_rows = 0  # pending rows dropped unprojected (window, release, full arena)
         self._arena: tuple[Tensor, Tensor, Tensor] | None = None  # ([C, F] features, [C] positions, [C] slots)
         self._used = 0
         self._pending: dict[str, list[_Span]] = {}
@@ -90,7 +113,7 @@ class LazyContextFeed:
     def step(self, seqs: Sequence[FeedRows], features: Tensor, positions: Tensor, slot_mapping: Tensor) -> None:
         """Feed one step's rows: ``features`` ``[T', F]`` (T' >= T rows; the first T are the sequences' rows in
         order), ``positions`` / ``slot_mapping`` ``[T']`` int64. Eager sequences are projected now together
-        with their pending rows (one ``store`` call); the others' rows become pending."""
+        with their latest ``window`` pending rows (one ``store`` call); the others' rows become pending."""
         eager_rows: list[int] = []
         lazy: list[tuple[FeedRows, int]] = []  # (sequence, first step row)
         catch_up: list[int] = []
@@ -124,19 +147,13 @@ class LazyContextFeed:
             self._reset_if_empty()
 
     def release(self, request_ids: Iterable[str]) -> None:
-        """Requests finished or were preempted: catch their rows up in one call (``flush_on_release``) or
-        drop them."""
-        rows: list[int] = []
+        """Requests finished or were preempted: their pending rows are dropped, never projected."""
         for rid in request_ids:
-            taken = self._take(rid)
-            if self.flush_on_release:
-                rows.extend(taken)
-        if rows:
-            self._store_arena(rows)
+            self.num_dropped_rows += sum(s.n for s in self._pending.pop(rid, ()))
         self._reset_if_empty()
 
     def flush_all(self) -> None:
-        """Catch up every pending row in one call and empty the arena."""
+        """Catch up every request's window of pending rows in one call and empty the arena (tests, diagnostics)."""
         rows = [r for rid in list(self._pending) for r in self._take(rid)]
         if rows:
             self._store_arena(rows)
@@ -144,23 +161,21 @@ class LazyContextFeed:
 
     # ---------------------------------------------------------------- internals
     def _take(self, request_id: str) -> list[int]:
-        """Arena rows of a request's pending rows (removed from pending)."""
-        return [s.lo + k for s in self._pending.pop(request_id, ()) for k in range(s.n)]
+        """Arena rows of a request's latest ``window`` pending rows (all removed from pending; the older ones
+        are dropped)."""
+        spans = self._pending.pop(request_id, [])
+        self.num_dropped_rows += _trim_front(spans, self.window)
+        return [s.lo + k for s in spans for k in range(s.n)]
 
     def _reset_if_empty(self) -> None:
         if not self._pending:
             self._used = 0
 
-    def _store_rows(self, features: Tensor, positions: Tensor, slots: Tensor, rows: list[int] | None) -> None:
-        if rows is None:
-            self.store(features, positions, slots)
-            return
-        index = torch.tensor(rows, dtype=torch.int64, device=features.device)
-        self.store(features.index_select(0, index), positions.index_select(0, index), slots.index_select(0, index))
-
     def _store_arena(self, rows: list[int]) -> None:
+        """Project the arena's ``rows`` in one call."""
         assert self._arena is not None
-        self._store_rows(*self._arena, rows)
+        index = torch.tensor(rows, dtype=torch.int64, device=self._arena[0].device)
+        self.store(*(t.index_select(0, index) for t in self._arena))
 
     def _store_mixed(self, features: Tensor, positions: Tensor, slots: Tensor, step_rows: list[int],
                      arena_rows: list[int]) -> None:
@@ -178,28 +193,30 @@ class LazyContextFeed:
         self.store(f, p, s)
 
     def _append(self, lazy: list[tuple[FeedRows, int]], features: Tensor, positions: Tensor, slots: Tensor) -> None:
-        """Copy the lazy sequences' rows into the arena (catching everything up first when it is full)."""
+        """Copy the lazy sequences' rows into the arena (compacting it first when full; dropping everything
+        pending when even the compacted rows and these do not fit)."""
         count = sum(seq.num_rows for seq, _ in lazy)
         if not count:
             return
         if self._used + count > self.capacity:
-            self.flush_all()
-        if count > self.capacity:  # more rows than the arena holds: feed them now
-            self._store_rows(features, positions, slots, [r for seq, first in lazy for r in range(first, first + seq.num_rows)])
+            self._compact()
+        if self._used + count > self.capacity:
+            self.num_dropped_rows += self.num_pending_rows + count
+            self._pending.clear()
+            self._used = 0
             return
         if self._arena is None or self._arena[0].shape[1] != features.shape[1]:
             self._arena = (features.new_empty(self.capacity, features.shape[1]),
                            positions.new_empty(self.capacity), slots.new_empty(self.capacity))
-        arena_f, arena_p, arena_s = self._arena
         lo = self._used
-        if lazy[-1][1] + lazy[-1][0].num_rows - lazy[0][1] == count:  # rows in order, so no gap means one run
-            first = lazy[0][1]
-            for dst, src in ((arena_f, features), (arena_p, positions), (arena_s, slots)):
-                dst[lo : lo + count].copy_(src[first : first + count])
+        first_row = lazy[0][1]
+        if lazy[-1][1] + lazy[-1][0].num_rows - first_row == count:  # rows in order, so no gap means one run
+            for dst, src in zip(self._arena, (features, positions, slots), strict=True):
+                dst[lo : lo + count].copy_(src[first_row : first_row + count])
         else:
             index = torch.tensor([r for seq, first in lazy for r in range(first, first + seq.num_rows)],
                                  dtype=torch.int64, device=features.device)
-            for dst, src in ((arena_f, features), (arena_p, positions), (arena_s, slots)):
+            for dst, src in zip(self._arena, (features, positions, slots), strict=True):
                 dst[lo : lo + count] = src.index_select(0, index)
         for seq, _ in lazy:
             spans = self._pending.setdefault(seq.request_id, [])
@@ -210,3 +227,39 @@ class LazyContextFeed:
                 spans.append(_Span(lo, seq.start_pos, seq.num_rows))
             lo += seq.num_rows
         self._used = lo
+
+    def _compact(self) -> None:
+        """Move the kept rows to the arena's front, each request keeping at most its latest
+        ``capacity // (2 * pending requests)`` rows (a copy, no projection)."""
+        if not self._pending or self._arena is None:
+            self._used = 0
+            return
+        limit = min(self.window, self.capacity // (2 * len(self._pending)))
+        rows: list[int] = []
+        for spans in self._pending.values():
+            self.num_dropped_rows += _trim_front(spans, limit)
+        self._pending = {rid: spans for rid, spans in self._pending.items() if spans}
+        for spans in self._pending.values():
+            for span in spans:
+                rows.extend(range(span.lo, span.lo + span.n))
+                span.lo = len(rows) - span.n
+        if rows:
+            index = torch.tensor(rows, dtype=torch.int64, device=self._arena[0].device)
+            for t in self._arena:
+                t[: len(rows)] = t.index_select(0, index)
+        self._used = len(rows)
+
+
+def _trim_front(spans: list[_Span], limit: int) -> int:
+    """Drop the oldest rows of one request's spans so that at most ``limit`` remain; returns the rows dropped."""
+    excess = sum(s.n for s in spans) - limit
+    dropped = max(0, excess)
+    while excess > 0:
+        first = spans[0]
+        if first.n <= excess:
+            spans.pop(0)
+            excess -= first.n
+        else:
+            first.lo, first.pos, first.n = first.lo + excess, first.pos + excess, first.n - excess
+            excess = 0
+    return dropped

@@ -8,8 +8,8 @@ the request, trimmed with rejected slots, and rebuilt by the re-prefill after a 
 Context rows are stored for every row of a step (prefill chunks, anchors, verified drafts, rejected ones
 too): a rejected draft's row sits at a position >= the request's next anchor position, which the next
 draft block overwrites before it attends to it (or which lies in a block the request gives back), so it
-is never read. With ``lazy_context`` (the default) a request's rows are stored only when it drafts again
-(``context_feed.py``): steps where nobody drafts then cost what ``--drafter none`` costs.
+is never read. With ``lazy_context`` (the default) a request's rows are stored only when it drafts again,
+from a bounded window of its latest rows (``context_feed.py``): steps where nobody drafts then project nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor
 from sparkserve.engine.attention import SHORT_QUERY_MAX
 from sparkserve.engine.sampling.metadata import SamplingMetadata
 from sparkserve.engine.spec_decode import draft_graph
-from sparkserve.engine.spec_decode.context_feed import FeedRows, LazyContextFeed
+from sparkserve.engine.spec_decode.context_feed import DEFAULT_WINDOW, FeedRows, LazyContextFeed
 from sparkserve.engine.spec_decode.drafter import DraftBatch, Drafter, DraftMaskFn, DraftOutput
 from sparkserve.engine.spec_decode.dspark import DSparkDrafter
 from sparkserve.engine.step_graph import StepGraph
@@ -38,14 +38,13 @@ class Speculator:
         dtype: cache dtype.
         max_num_seqs: most requests drafted in one step (scratch blocks per row).
         lazy_context: keep the context rows of requests that do not draft pending (``context_feed.py``).
-        flush_on_release: with ``lazy_context``, store a finished or preempted request's pending rows (its
-            blocks may be reused through the prefix cache) instead of dropping them.
-        pending_capacity: rows the pending arena holds before everything pending is caught up at once.
+        pending_capacity: rows the pending arena holds (``LazyContextFeed``'s ``capacity``).
+        context_window: pending rows kept per request, its latest (``LazyContextFeed``'s ``window``).
     """
 
     def __init__(self, drafter: Drafter, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 max_num_seqs: int, lazy_context: bool = True, flush_on_release: bool = True,
-                 pending_capacity: int = 2048) -> None:
+                 max_num_seqs: int, lazy_context: bool = True, pending_capacity: int = 2048,
+                 context_window: int = DEFAULT_WINDOW) -> None:
         if not isinstance(drafter, Drafter):
             raise TypeError(f"{type(drafter).__name__} does not implement the Drafter Protocol")
         self.drafter = drafter
@@ -56,7 +55,7 @@ class Speculator:
         self.scratch_per_row = -(-self.gamma // block_size) + 1
         total = num_blocks + max_num_seqs * self.scratch_per_row
         self.kv_caches = drafter.make_kv_caches(total, block_size, dtype)
-        self.feed = (LazyContextFeed(self.add_context, pending_capacity, flush_on_release)
+        self.feed = (LazyContextFeed(self.add_context, pending_capacity, context_window)
                      if lazy_context and self.target_layer_ids else None)
 
     @property
@@ -116,8 +115,7 @@ class Speculator:
             self.feed.truncate(request_id, end)
 
     def release(self, request_ids: Sequence[str]) -> None:
-        """Requests finished or were preempted: the drafter's per-request state goes, pending rows are
-        stored (``flush_on_release``) or dropped."""
+        """Requests finished or were preempted: the drafter's per-request state and pending rows go."""
         for rid in request_ids:
             self.drafter.release(rid)
         if self.feed is not None:

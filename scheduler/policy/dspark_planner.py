@@ -46,7 +46,8 @@ from typing import NamedTuple
 import numpy as np
 
 from sparkserve.scheduler.policy.common import VerifyPlan, VerifyRequest
-from sparkserve.scheduler.profile.grid import StepTimeModel, drafting_step_time
+from sparkserve.scheduler.profile.grid import StepTimeModel, ThroughputProfile, drafting_step_time
+from sparkserve.scheduler.profile.online import OnlineProfile
 
 
 class Slot(NamedTuple):
@@ -149,24 +150,45 @@ def plan_budget_k(
     num_requests = len(prev_reqs)
     base = _base_tokens(num_requests, prefill_tokens, token_budget)
     slots = ranked_slots(prev_reqs)[: token_budget - base]
-    return _best_prefix(slots, num_requests, lambda k, _: profile.step_time(base + k, num_requests))
+    return _best_prefix(slots, num_requests, lambda k, _: profile.step_time(base + k, num_requests),
+                        monotone=monotone_profile(profile))
+
+
+def monotone_profile(profile: StepTimeModel) -> bool:
+    """Whether ``profile``'s step time is non-decreasing in B and R and its drafter time in the drafting
+    requests: true of every ``ThroughputProfile`` (its ``__post_init__`` rejects a grid or drafter curve that
+    decreases, and both are interpolated linearly) and of an ``OnlineProfile`` (its corrected grid is one,
+    its drafter curve the base's times a constant)."""
+    return isinstance(profile, (ThroughputProfile, OnlineProfile))
 
 
 def _best_prefix(
-    slots: Sequence[Slot], num_requests: int, step_time: Callable[[int, int], float], margin: float = 0.0
+    slots: Sequence[Slot], num_requests: int, step_time: Callable[[int, int], float], margin: float = 0.0,
+    monotone: bool = False,
 ) -> int:
     """Full search: the k maximising ``Theta(k) = (R + sum_{top k} w a) / step_time(k, owners_k)``, where
     owners_k = distinct requests among the top k slots; 0 unless some Theta(k) exceeds ``(1 - margin)``
-    x Theta(0); smallest k on ties."""
+    x Theta(0); smallest k on ties.
+
+    With ``monotone`` (``step_time`` non-decreasing in k and owners, ``monotone_profile``) the search stops
+    at the first k where even every remaining slot's gain at this step time could not beat the best:
+    ``Theta(k') <= (R + sum_{all} w a) / step_time(k, owners_k)`` for every k' > k (gains are >= 0), so the
+    result is the full search's. Where drafts are poor (nobody drafts) that is after a few slots instead of
+    all R * gamma step-time evaluations (issue 25: the gate's cost in steps where nobody drafts)."""
     objective = float(num_requests)
     best_k, best = 0, (1.0 - margin) * objective / step_time(0, 0)
+    remaining = sum(slot.weighted for slot in slots)
     owners: set[int] = set()
     for k, slot in enumerate(slots, start=1):
         objective += slot.weighted
+        remaining -= slot.weighted
         owners.add(slot.request)
-        theta = objective / step_time(k, len(owners))
+        time_k = step_time(k, len(owners))
+        theta = objective / time_k
         if theta > best:
             best_k, best = k, theta
+        elif monotone and (objective + max(remaining, 0.0)) * (1.0 + 1e-9) / time_k < best:
+            break
     return best_k
 
 
@@ -229,6 +251,6 @@ def plan_drafting(
         return drafting_step_time(profile, base + k, num_requests, forced + num_owners, sampled_fraction)
 
     slots = ranked_slots([estimates[i] for i in known])[: token_budget - base]  # type: ignore[misc]
-    best_k = _best_prefix(slots, num_requests, step_time, margin)
+    best_k = _best_prefix(slots, num_requests, step_time, margin, monotone_profile(profile))
     chosen = {known[slot.request] for slot in slots[:best_k]}
     return [unknown[i] or i in chosen for i in range(num_requests)]

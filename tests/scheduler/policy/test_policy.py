@@ -497,3 +497,29 @@ def test_prefill_drafting_on_a_fresh_server_is_one_request() -> None:
     assert hook.drafts_after_prefill(2) == [False, False]
     assert SpeculationController(parse_policy("fixed:3"), WithDrafter(0.2)).drafts_after_prefill(2) == [True, True]
     assert SpeculationController(parse_policy("none")).drafts_after_prefill(2) == [False, False]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.lists(st.sampled_from([0.0, 0.3, 0.6, 0.9, 0.99, 1.0]), min_size=1, max_size=7), min_size=1, max_size=8),
+    st.sampled_from([0.0, 0.0005, 0.001, 0.002, 0.004, 0.008]),  # drafter s per request, steps ~20-40 ms
+    st.sampled_from([0.0, 0.5, 1.0]),
+    st.integers(0, 12),
+)
+def test_gate_early_exit_on_a_monotone_profile_is_the_full_search(confidence_lists, cost, fraction, prefill) -> None:
+    """``plan_drafting`` and ``plan_budget_k`` stop early on a ``ThroughputProfile`` (monotone by construction,
+    issue 25: the gate's cost where nobody drafts); their choice must be the full search's, which runs
+    when the profile is wrapped in a model the planner cannot tell is monotone."""
+    base = ThroughputProfile.load(PROFILE_PATH)
+    profile = ThroughputProfile(base.batch_tokens, base.num_requests, base.step_time_s, base.key,
+                                tuple(cost * r for r in base.num_requests), tuple(4 * cost * r for r in base.num_requests))
+
+    class Opaque:  # the same times, not recognisably monotone: the planner searches every slot
+        has_draft_time = True
+        step_time = staticmethod(profile.step_time)
+        draft_time = staticmethod(profile.draft_time)
+
+    reqs = [req(*c) for c in confidence_lists]
+    assert (plan_drafting(reqs, profile, prefill, 512, fraction)
+            == plan_drafting(reqs, Opaque(), prefill, 512, fraction))
+    assert plan_budget_k(reqs, profile, prefill, 512) == plan_budget_k(reqs, Opaque(), prefill, 512)
