@@ -17,8 +17,12 @@ the global log error is ``|log k| * (1 - global_rate) ** n`` after n steps; with
 catches up, the residuals pick up part of the transient, at most about
 ``cell_rate / global_rate * |log k|`` (8% of the log change with the defaults: < 6% for k = 2), and
 give it back at the slower rate. A persistent per-cell shape error settles in ~1 / cell_rate (50)
-observations of that cell. Each observation's log ratio is clipped to ``+-max_log_ratio`` so a
-single stall (GC pause, page fault) cannot swing the profile.
+observations of that cell. Each observation's log ratio is clipped to ``+-max_log_ratio`` around
+the current global estimate g, so a single stall (GC pause, page fault) cannot swing the profile,
+while a profile that is k times off for good (measured on a loaded machine, then cached) is
+followed all the way: g moves up to ``global_rate * max_log_ratio`` per step towards log k
+(k = 20 within about 15 steps with the defaults). A global correction beyond 2x either way after 64
+steps is logged once: the cached profile should be re-measured.
 
 Limitation: residuals are local to the observed cells and the corrected grid is re-made monotone
 (cumulative max), so a cell observed to run faster than the global scale says is still predicted no
@@ -27,13 +31,18 @@ faster than a smaller neighbouring step that carries only the global scale.
 
 from __future__ import annotations
 
+import logging
 import math
 
 from sparkserve.scheduler.profile.grid import ThroughputProfile, smooth_monotone
 
+logger = logging.getLogger(__name__)
+
 
 class OnlineProfile:
     """A ``ThroughputProfile`` corrected online; predicts with the same interface."""
+
+    CONTRADICTED_FACTOR = 2.0  # a global correction beyond this (either way) after 64 steps is logged once
 
     def __init__(
         self,
@@ -52,6 +61,7 @@ class OnlineProfile:
         self._log_scale = 0.0  # g
         self._residual = [[0.0] * len(base.num_requests) for _ in base.batch_tokens]  # [B grid][R grid]
         self._current: ThroughputProfile | None = base
+        self._warned = False
 
     @property
     def scale(self) -> float:
@@ -63,8 +73,19 @@ class OnlineProfile:
         if not (math.isfinite(measured_step_time_s) and measured_step_time_s > 0):
             raise ValueError(f"measured step time must be > 0 seconds, got {measured_step_time_s}")
         log_ratio = math.log(measured_step_time_s / self.base.step_time(num_tokens, num_requests))
-        log_ratio = max(-self.max_log_ratio, min(self.max_log_ratio, log_ratio))
-        self._log_scale += self.global_rate * (log_ratio - self._log_scale)
+        # clip around the current global estimate, not around the base: a single stall moves g by at most
+        # global_rate * max_log_ratio, while a profile that is persistently k times off (one measured on a
+        # loaded machine and cached) is still followed all the way, whatever k
+        deviation = max(-self.max_log_ratio, min(self.max_log_ratio, log_ratio - self._log_scale))
+        log_ratio = self._log_scale + deviation
+        self._log_scale += self.global_rate * deviation
+        if (not self._warned and self.num_observations >= 64
+                and abs(self._log_scale) > math.log(self.CONTRADICTED_FACTOR)):
+            self._warned = True
+            logger.warning(
+                "the throughput profile (key %s) is contradicted by the served steps: they run %.2fx its "
+                "prediction; the online correction is used, but re-measure it (`sparkserve profile`, or delete "
+                "the cached file) so the next start does not begin from it", self.base.key, self.scale)
         target = log_ratio - self._log_scale
         for i, k, weight in self.base.cell_weights(num_tokens, num_requests):
             self._residual[i][k] += self.cell_rate * weight * (target - self._residual[i][k])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -332,6 +333,28 @@ def test_online_profile_noisy_slowdown() -> None:
         b, r = points[step % len(points)]
         online.observe(b, r, 2.0 * base.step_time(b, r) * math.exp(rng.normal(0, 0.05)))
     assert max_relative_error(online, 2.0) < 0.1
+
+
+def test_online_profile_follows_a_stale_profile_all_the_way(caplog: pytest.LogCaptureFixture) -> None:
+    """A cached profile 20x too slow (measured on a loaded machine): the per-step clip bounds each move
+    of the global scale, not how far it goes, so the prediction ends at the served speed; the
+    contradiction is logged once. A profile off by 1.5x (within the factor 2) is not."""
+    base = ThroughputProfile.load(PROFILE_PATH)
+    online = OnlineProfile(base)
+    with caplog.at_level(logging.WARNING, logger="sparkserve.scheduler.profile.online"):
+        for step in range(1, 81):
+            online.observe(8, 1, base.step_time(8, 1) / 20)
+            if step == 3:
+                assert online.scale > 0.3  # three steps move it by at most 4^(0.25 * 3)
+        assert online.step_time(8, 1) / base.step_time(8, 1) == pytest.approx(1 / 20, rel=0.02)
+        assert max_relative_error(online, 1 / 20) < 0.05
+    assert sum("contradicted" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    online = OnlineProfile(base)
+    with caplog.at_level(logging.WARNING, logger="sparkserve.scheduler.profile.online"):
+        for _ in range(80):
+            online.observe(8, 1, base.step_time(8, 1) * 1.5)
+    assert not any("contradicted" in r.getMessage() for r in caplog.records)
 
 
 def test_online_profile_clips_outliers_and_learns_shape() -> None:
