@@ -83,7 +83,9 @@ class EngineArgs:
             subscriber that missed some (scheduler/kv_events_replay.py); None: no replay.
         batch_invariant: every reducing op computes each row in one fixed order, so a request's text
             does not depend on the batch, the prefill chunking or the prefix cache
-            (engine/batch_invariant.py, docs/batch_invariance.md); opt-in (its cost: docs/benchmarks.md).
+            (engine/batch_invariant.py, docs/batch_invariance.md). None (default): on where the mode holds
+            and costs little, the CPU (:meth:`batch_invariant_on`; its cost: docs/benchmarks.md); True: on
+            (``--batch-invariant``, also on CUDA); False: off (``--no-batch-invariant``).
     """
 
     model: str | None = None
@@ -130,7 +132,7 @@ class EngineArgs:
     kv_events_endpoint: str | None = None
     kv_events_topic: str = ""
     kv_events_replay_endpoint: str | None = None
-    batch_invariant: bool = False
+    batch_invariant: bool | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -170,6 +172,16 @@ class EngineArgs:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.batch_invariant and self.compile:
             raise ValueError("--batch-invariant runs the eager layers: it cannot be combined with --compile")
+
+
+    def batch_invariant_on(self, device: str) -> bool:
+        """Whether an engine on ``device`` (a resolved torch device type: "cpu" / "cuda") runs in batch-invariant
+        mode: ``batch_invariant`` when set; by default on the CPU, unless ``--compile``, tensor parallelism or
+        forced step graphs rule it out. Off by default on CUDA, whose linears (cuBLAS) are not invariant."""
+        if self.batch_invariant is not None:
+            return self.batch_invariant
+        return (device == "cpu" and not self.compile and self.tensor_parallel_size == 1
+                and self.cuda_graphs != "on")
 
 
 def resolve_device(spec: str) -> str:

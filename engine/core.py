@@ -136,7 +136,7 @@ class EngineCore:
                 max_model_len=self.max_model_len, engine_seed=args.seed, mask=logits_mask,
                 unseeded_coupling=args.unseeded_coupling, compile=args.compile,
                 step_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
-                batch_invariant=args.batch_invariant)
+                batch_invariant=args.batch_invariant_on(self.device.type))
             if args.warm_up_kernels:  # CUDA with the Triton kernels: compile_check's list, then the step graphs
                 self.runner.warm_up_kernels()
                 _log_graph_memory(self.graph_reserve, self.runner.graph_memory_bytes)
@@ -242,10 +242,11 @@ class EngineCore:
                "lossy_paths": lossy_paths_allowed(),
                "int4_kernel": int4_cpu.build_dir().name if int4_cpu.load() else "none",  # new kernel: re-measure
                "plan_format": PLAN_FORMAT_VERSION}  # its own cache file: older code never reads a newer plan
-        if args.batch_invariant:  # one batch-invariant path serves every bucket (engine/batch_invariant.py)
+        invariant = args.batch_invariant_on("cpu")
+        if invariant:  # one batch-invariant path serves every bucket (engine/batch_invariant.py)
             key["batch_invariant"] = 1
         plan = load_or_measure_plan(config, key, dtypes, args.quantization, gguf, args.max_num_batched_tokens,
-                                    memory_budget_bytes=available_memory_bytes(), batch_invariant=args.batch_invariant,
+                                    memory_budget_bytes=available_memory_bytes(), batch_invariant=invariant,
                                     lm_head_planes=lm_head_planes(args.model, args.quantization))
         if args.dtype == "auto":
             logger.info("compute dtype %s chosen by measurement (text differs between dtypes)", plan.dtype)

@@ -132,7 +132,9 @@ def _add_engine_args(s: argparse.ArgumentParser) -> None:
                         "docs/tensor_parallel.md)")
     s.add_argument("--batch-invariant", dest="batch_invariant", action="store_true", default=d.batch_invariant,
                    help="every reducing op computes each row in one fixed order: a request's text does not depend "
-                        "on the batch, the prefill chunking or the prefix cache (slower: docs/batch_invariance.md)")
+                        "on the batch, the prefill chunking or the prefix cache (default on the CPU; docs/batch_invariance.md)")
+    s.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
+                   help="the fastest path per step, whose last bits may depend on the batch")
     s.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True,
                    help="reuse the KV of full blocks computed before (default)")
     s.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
@@ -286,7 +288,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         kv_events_endpoint=getattr(ns, "kv_events_endpoint", None),
         kv_events_topic=getattr(ns, "kv_events_topic", ""),
         kv_events_replay_endpoint=getattr(ns, "kv_events_replay_endpoint", None),
-        batch_invariant=getattr(ns, "batch_invariant", False),
+        batch_invariant=getattr(ns, "batch_invariant", None),
     )
 
 

@@ -53,15 +53,16 @@ class InvarianceResult:
         return [t for t, _ in self.reference] == [t for t, _ in self.tokens]
 
 
-def base_args(dtype: str, batch_invariant: bool, **kw: object) -> EngineArgs:
-    """Small-cache engine arguments for the checks (speculation off unless ``kw`` says otherwise)."""
+def base_args(dtype: str, batch_invariant: bool | None, **kw: object) -> EngineArgs:
+    """Small-cache engine arguments for the checks (speculation off unless ``kw`` says otherwise);
+    ``batch_invariant`` None: the default configuration's choice (``EngineArgs.batch_invariant_on``)."""
     defaults: dict[str, object] = {"num_kv_blocks": 256, "block_size": 16, "max_num_batched_tokens": 256,
                                    "max_num_seqs": 16, "drafter": "none", "cpu_plan": False}
     defaults.update(kw)
     return EngineArgs(dtype=dtype, batch_invariant=batch_invariant, **defaults)  # type: ignore[arg-type]
 
 
-def check_invariance(loaded: LoadedModel, dtype: str, batch_invariant: bool, max_tokens: int = 5,
+def check_invariance(loaded: LoadedModel, dtype: str, batch_invariant: bool | None, max_tokens: int = 5,
                      settings: tuple[str, ...] = SETTINGS) -> list[InvarianceResult]:
     """Run the checks of the module docstring on ``loaded``; returns one result per setting and kind."""
     tok = loaded.tokenizer

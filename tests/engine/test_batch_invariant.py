@@ -1,6 +1,7 @@
 """Batch-invariant mode (issue 24) on the real SmolLM2: the same request gives the same tokens cold and
 warm, alone and batched, in one prefill chunk and in chunks of 16, streamed and not, with speculation on
-(DSpark, hybrid) and off; bf16 (the default server's GGUF int4 + bf16) and fp32, each against itself.
+(DSpark, hybrid) and off; bf16 (the default server's GGUF int4 + bf16) and fp32, each against itself, in the
+default configuration (the mode is on by default on the CPU).
 The mode off runs the same checks and prints how many differ. A deliberately row-count-dependent linear
 is caught."""
 
@@ -12,10 +13,11 @@ import torch.nn.functional as F
 
 from sparkserve.engine import batch_invariant, quant
 from sparkserve.engine.attention import build_attention_metadata, new_kv_cache, paged_attention
+from sparkserve.engine.core import EngineCore
 from sparkserve.engine.loader import LoadedModel, default_model_path, load_model
 from sparkserve.engine.quant import Routing, quant_linear, quantize_int4
 from sparkserve.kernels import int4_cpu
-from sparkserve.testing.batch_invariance import check_invariance, summary
+from sparkserve.testing.batch_invariance import base_args, check_invariance, summary
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +27,12 @@ def smollm2_bf16(smollm2) -> LoadedModel:
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_mode_on_every_setting_gives_the_same_tokens(smollm2, smollm2_bf16, dtype) -> None:
+def test_default_configuration_every_setting_gives_the_same_tokens(smollm2, smollm2_bf16, dtype) -> None:
+    """The issue's checks (a)-(e) with the mode left at its default, which is on on the CPU."""
     loaded = smollm2_bf16 if dtype == "bfloat16" else smollm2
-    results = check_invariance(loaded, dtype, batch_invariant=True)
-    print(f"batch-invariant mode on, {dtype}: {summary(results)}")
+    assert EngineCore(base_args(dtype, None), loaded=loaded).runner.batch_invariant
+    results = check_invariance(loaded, dtype, batch_invariant=None)
+    print(f"default configuration (batch-invariant mode on), {dtype}: {summary(results)}")
     assert len(results) == 12
     assert all(r.equal for r in results), summary(results)
 
@@ -106,8 +110,13 @@ def test_mode_switch_config_cli_and_plan() -> None:
     with batch_invariant.batch_invariant_mode():
         assert batch_invariant.is_enabled()
     assert not batch_invariant.is_enabled()
-    ns = build_parser(include_train=False).parse_args(["serve", "--batch-invariant"])
-    assert engine_args_from(ns).batch_invariant and not EngineArgs().batch_invariant
+    parser = build_parser(include_train=False)
+    assert engine_args_from(parser.parse_args(["serve", "--batch-invariant"])).batch_invariant
+    assert engine_args_from(parser.parse_args(["serve", "--no-batch-invariant"])).batch_invariant is False
+    default = engine_args_from(parser.parse_args(["serve"]))
+    assert default.batch_invariant is None and default.batch_invariant_on("cpu") and not default.batch_invariant_on("cuda")
+    assert not EngineArgs(batch_invariant=False).batch_invariant_on("cpu") and EngineArgs(batch_invariant=True).batch_invariant_on("cuda")
+    assert not EngineArgs(compile=True).batch_invariant_on("cpu") and not EngineArgs(cuda_graphs="on").batch_invariant_on("cpu")
     with pytest.raises(ValueError, match="compile"):
         EngineArgs(batch_invariant=True, compile=True)
     assert candidate_paths("none", "float32", gguf=False, batch_invariant=True) == ("dense_fixed",)
