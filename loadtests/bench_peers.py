@@ -106,14 +106,16 @@ def bench_argv(cell: Cell, round_: int, targets: list[str], out: Path, *, datase
 def run_cell(ns: argparse.Namespace) -> dict:
     """Run one cell (``ns.concurrency``, ``ns.round``) over ``ns.target`` and write ``c{C}_r{R}.json``."""
     cell = cell_for(ns.concurrency)
-    out = Path(ns.out_dir) / f"c{cell.concurrency}_r{ns.round}.json"
-    argv = bench_argv(cell, ns.round, list(ns.target), out, dataset=ns.dataset, max_tokens=ns.max_tokens)
+    out = Path(ns.out_dir) / f"c{cell.concurrency}_r{ns.round}{'_' + ns.part if ns.part else ''}.json"
+    targets = [t for t in ns.target if not ns.only or t.split("=", 1)[0] in ns.only]
+    argv = bench_argv(cell, ns.round, targets, out, dataset=ns.dataset, max_tokens=ns.max_tokens)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     load_before, started = list(os.getloadavg()), time.time()
     doc = run(parser.parse_args(argv))
     pids = dict(item.split("=", 1) for item in ns.pid)
-    doc["peers_cell"] = {"concurrency": cell.concurrency, "round": ns.round, "load_avg_before": load_before,
+    doc["peers_cell"] = {"concurrency": cell.concurrency, "round": ns.round, "part": ns.part,
+                         "load_avg_before": load_before,
                          "wall_s": time.time() - started,
                          "rss_mib_after": {name: tree_rss_mib(int(pid)) for name, pid in pids.items()}}
     out.write_text(json.dumps(doc, indent=2))
@@ -126,35 +128,38 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def goal_ratios(per_target: dict[int, dict[str, dict[str, float]]]) -> dict:
-    """The issue's goals from one round's pooled figures.
+Figures = dict[str, dict[str, float]]  # target name -> {"output_throughput": ..., "per_user_median": ...}
+
+
+def goal_ratios(parts: dict[int, list[Figures]]) -> dict:
+    """The issue's goals from one round's figures.
 
     Args:
-        per_target: concurrency -> target name -> {"output_throughput": aggregate output tok/s,
-            "per_user_median": median per-user tok/s}; a target or cell that did not run is absent.
+        parts: concurrency -> the cell's runs (one, or several when a long cell was split into parts
+            that share a sparkserve target), each target name -> {"output_throughput": aggregate output
+            tok/s, "per_user_median": median per-user tok/s}; a target or cell that did not run is absent.
 
     Returns:
-        ``c1_per_user``: none / llama at c = 1 (goal >= 0.8); ``c64_aggregate``: default and none over
-        llama and over vLLM at c = 64 (goal >= 3); ``aggregate_by_c``: each sparkserve target's
-        aggregate over the grid's concurrencies and whether it never falls (``non_decreasing``).
-        A ratio whose operands are missing is None.
+        ``c1_per_user``: none and default over llama at c = 1 (goal >= 0.8); ``c64_aggregate``: default
+        and none over llama and over vLLM at c = 64 (goal >= 3); each ratio from one run that served
+        both (alternated), None when no run did. ``aggregate_by_c``: each target's aggregate over the
+        concurrencies (its first run at each) and whether it never falls (``non_decreasing``).
     """
-    def get(c: int, name: str, key: str) -> float | None:
-        return per_target.get(c, {}).get(name, {}).get(key)
+    def pair(c: int, a: str, b: str, key: str) -> float | None:
+        both = next((f for f in parts.get(c, []) if a in f and b in f), None)
+        return None if both is None else _ratio(both[a].get(key), both[b].get(key))
 
-    c64 = {f"{s}/{p}": _ratio(get(64, s, "output_throughput"), get(64, p, "output_throughput"))
-           for s in SPARKSERVE for p in PEERS}
+    def first(c: int, name: str) -> float | None:
+        return next((f[name]["output_throughput"] for f in parts.get(c, []) if name in f), None)
+
     by_c = {}
     for name in (*SPARKSERVE, *PEERS):
-        series = [(c, get(c, name, "output_throughput")) for c in sorted(per_target)]
-        values = [v for _, v in series if v is not None]
-        by_c[name] = {"values": dict(series),
-                      "non_decreasing": all(b >= a for a, b in zip(values, values[1:], strict=False))}
-    return {"c1_per_user": {"none/llama": _ratio(get(1, "none", "per_user_median"), get(1, "llama", "per_user_median")),
-                            "default/llama": _ratio(get(1, "default", "per_user_median"),
-                                                    get(1, "llama", "per_user_median")),
-                            "goal": 0.8},
-            "c64_aggregate": {**c64, "goal": 3.0},
+        series = {c: first(c, name) for c in sorted(parts)}
+        values = [v for v in series.values() if v is not None]
+        by_c[name] = {"values": series, "non_decreasing": all(b >= a for a, b in zip(values, values[1:], strict=False))}
+    return {"c1_per_user": {f"{s}/llama": pair(1, s, "llama", "per_user_median") for s in SPARKSERVE} | {"goal": 0.8},
+            "c64_aggregate": {f"{s}/{p}": pair(64, s, p, "output_throughput") for s in SPARKSERVE for p in PEERS}
+            | {"goal": 3.0},
             "aggregate_by_c": by_c}
 
 
@@ -163,7 +168,7 @@ def summarize_cells(docs: list[dict]) -> dict:
     rounds: dict[int, dict] = {}
     for doc in docs:
         info = doc["peers_cell"]
-        rnd = rounds.setdefault(info["round"], {"cells": [], "per_target": {}})
+        rnd = rounds.setdefault(info["round"], {"cells": [], "parts": {}})
         figures = {}
         for level in doc["levels"]:
             m = level["metrics"]
@@ -171,16 +176,19 @@ def summarize_cells(docs: list[dict]) -> dict:
                 "output_throughput": m["output_throughput"], "per_user_median": m["per_user_tokens_per_s"]["median"],
                 "ttft_p50_ms": m["ttft_ms"]["median"], "tpot_p50_ms": m["tpot_ms"]["median"],
                 "completed": m["completed"], "failed": m["failed"]}
-        rnd["per_target"].setdefault(info["concurrency"], {}).update(figures)
-        rnd["cells"].append({"concurrency": info["concurrency"], "load_avg_before": info["load_avg_before"],
+        rnd["parts"].setdefault(info["concurrency"], []).append((info.get("part", ""), figures))
+        rnd["cells"].append({"concurrency": info["concurrency"], "part": info.get("part", ""),
+                             "max_tokens": doc["config"]["max_tokens"],
+                             "targets": list(figures), "load_avg_before": info["load_avg_before"],
                              "load_avg_after": doc["machine"]["load_avg_1_5_15"], "wall_s": info["wall_s"],
                              "rss_mib_after": info["rss_mib_after"], "time_utc": doc["machine"]["time_utc"],
                              "git_commit": doc["machine"]["git_commit"]})
     out = {"machine": docs[0]["machine"] if docs else None, "rounds": {}}
     for r, rnd in sorted(rounds.items()):
-        per_target = dict(sorted(rnd["per_target"].items()))
-        out["rounds"][r] = {"cells": sorted(rnd["cells"], key=lambda x: x["concurrency"]),
-                            "per_target": per_target, "goals": goal_ratios(per_target)}
+        parts = {c: [f for _, f in sorted(runs, key=lambda x: x[0])] for c, runs in sorted(rnd["parts"].items())}
+        out["rounds"][r] = {"cells": sorted(rnd["cells"], key=lambda x: (x["concurrency"], x["part"])),
+                            "per_target": {c: [f for f in runs] for c, runs in parts.items()},
+                            "goals": goal_ratios(parts)}
     return out
 
 
@@ -192,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--target", action="append", required=True, metavar="NAME=URL")
     c.add_argument("--pid", action="append", default=[], metavar="NAME=PID", help="a server's pid (memory)")
     c.add_argument("--round", type=int, default=0, help="0 first; a repeat draws with another seed, order reversed")
+    c.add_argument("--only", nargs="+", default=[], metavar="NAME",
+                   help="run these targets only (a long cell split into parts that share a sparkserve target)")
+    c.add_argument("--part", default="", help="label of this part (file name suffix)")
     c.add_argument("--dataset", default="mtbench+gsm8k")
     c.add_argument("--max-tokens", type=int, default=128)
     c.add_argument("--out-dir", default="bench_results/peers_stop24")

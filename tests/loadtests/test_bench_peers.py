@@ -66,7 +66,7 @@ def test_goal_ratios_from_injected_figures() -> None:
         1: {"default": _figures(90, 95), "none": _figures(80, 84), "llama": _figures(100, 105), "vllm": _figures(30, 31)},
         64: {"default": _figures(300, 5), "none": _figures(330, 5), "llama": _figures(100, 1.5), "vllm": _figures(120, 2)},
     }
-    goals = goal_ratios(per_target)
+    goals = goal_ratios({c: [f] for c, f in per_target.items()})
     assert goals["c1_per_user"]["none/llama"] == pytest.approx(0.8)
     assert goals["c1_per_user"]["default/llama"] == pytest.approx(95 / 105)
     assert goals["c64_aggregate"]["none/llama"] == pytest.approx(3.3)
@@ -74,15 +74,26 @@ def test_goal_ratios_from_injected_figures() -> None:
     assert goals["aggregate_by_c"]["none"]["non_decreasing"]
     per_target[64]["none"] = _figures(79, 1)  # falls from c = 1 to 64
     per_target[64].pop("vllm")  # a peer that did not serve
-    goals = goal_ratios(per_target)
+    goals = goal_ratios({c: [f] for c, f in per_target.items()})
     assert not goals["aggregate_by_c"]["none"]["non_decreasing"]
     assert goals["c64_aggregate"]["none/vllm"] is None and goals["c64_aggregate"]["default/vllm"] is None
+
+
+def test_goal_ratios_take_each_pair_from_one_run() -> None:
+    # c = 64 split into two parts that share "none": each ratio comes from the part that served both
+    parts = {64: [{"default": _figures(300, 5), "none": _figures(330, 5), "llama": _figures(100, 1.5)},
+                  {"none": _figures(200, 3), "vllm": _figures(50, 1)}]}
+    c64 = goal_ratios(parts)["c64_aggregate"]
+    assert c64["none/llama"] == pytest.approx(3.3) and c64["none/vllm"] == pytest.approx(4.0)
+    assert c64["default/vllm"] is None  # never served beside vLLM
+    assert goal_ratios(parts)["aggregate_by_c"]["none"]["values"] == {64: 330}
 
 
 def _doc(c: int, round_: int, agg: dict[str, float]) -> dict:
     metrics = {name: {"output_throughput": v, "per_user_tokens_per_s": {"median": v / c}, "ttft_ms": {"median": 1.0},
                       "tpot_ms": {"median": 2.0}, "completed": c, "failed": 0} for name, v in agg.items()}
     return {"machine": {"load_avg_1_5_15": [1.0, 1.0, 1.0], "time_utc": "t", "git_commit": "g"},
+            "config": {"max_tokens": 128},
             "levels": [{"target": n, "metrics": m} for n, m in metrics.items()],
             "peers_cell": {"concurrency": c, "round": round_, "load_avg_before": [2.0, 2.0, 2.0], "wall_s": 9.0,
                            "rss_mib_after": {"none": 500.0}}}
