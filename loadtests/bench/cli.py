@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: send ignore_eos when every target accepts it (one setting for all)")
     d.add_argument("--extra-body", default=None, help="JSON merged into every request body")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--skip-prompts", type=int, default=0,
+                   help="pass over the shuffled set's first N conversations (a grid split over several runs "
+                        "with one seed: each run skips what the earlier ones sent)")
     r = p.add_argument_group("load")
     r.add_argument("--request-rate", type=float, nargs="+", default=[math.inf],
                    help="conversations per second (inf = all at once; default inf)")
@@ -124,8 +127,8 @@ def validate(ns: argparse.Namespace) -> None:
         raise ValueError("--base-url is for one server; use --target NAME=URL for each when comparing")
     if ns.multi_turn and ns.endpoint != "chat":
         raise ValueError("--multi-turn needs --endpoint chat")
-    if min(ns.num_prompts, ns.max_tokens, ns.repetitions) < 1 or ns.warmup < 0:
-        raise ValueError("--num-prompts, --max-tokens and --repetitions must be >= 1, --warmup >= 0")
+    if min(ns.num_prompts, ns.max_tokens, ns.repetitions) < 1 or min(ns.warmup, ns.skip_prompts) < 0:
+        raise ValueError("--num-prompts, --max-tokens and --repetitions must be >= 1, --warmup and --skip-prompts >= 0")
     if any(c < 0 for c in ns.max_concurrency) or any(not r > 0 for r in ns.request_rate) or not ns.burstiness > 0:
         raise ValueError("--max-concurrency must be >= 0, --request-rate and --burstiness > 0")
     ns.slos = parse_slos(ns.goodput)
@@ -174,7 +177,8 @@ def run(ns: argparse.Namespace) -> dict:
             t.ignore_eos = use_ie
         pool = PromptPool(ns.dataset, max_tokens=ns.max_tokens, seed=ns.seed, multi_turn=ns.multi_turn,
                           category=ns.category, random_input_len=ns.random_input_len,
-                          random_output_len=ns.random_output_len, random_range_ratio=ns.random_range_ratio)
+                          random_output_len=ns.random_output_len, random_range_ratio=ns.random_range_ratio,
+                          skip=ns.skip_prompts)
         levels = [Level(rate, c or None) for rate in ns.request_rate for c in ns.max_concurrency]
         settings = RunSettings(ns.endpoint, ns.temperature, ns.request_timeout, ns.burstiness, ns.seed,
                                ns.extra, not ns.no_scrape)

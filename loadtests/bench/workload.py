@@ -66,6 +66,8 @@ class PromptPool:
         category: Spec-Bench (or MT-bench) category filter (single sets only).
         random_input_len / random_output_len / random_range_ratio: the random set's prompt and
             output lengths in tokens, each drawn uniformly in [len * (1 - r), len * (1 + r)].
+        skip: conversations of the shuffled set to pass over first (not handed out), so a grid run
+            as several invocations with one seed sends each prompt once.
 
     Raises:
         KeyError: unknown dataset; FileNotFoundError / ValueError as :func:`load_conversations`.
@@ -73,7 +75,7 @@ class PromptPool:
 
     def __init__(self, dataset: str, *, max_tokens: int, seed: int = 0, multi_turn: bool = False,
                  category: str | None = None, random_input_len: int = 256, random_output_len: int = 128,
-                 random_range_ratio: float = 0.0) -> None:
+                 random_range_ratio: float = 0.0, skip: int = 0) -> None:
         names, categories = [], []
         for part in dataset.split("+"):
             name, _, own = part.partition(":")
@@ -84,6 +86,8 @@ class PromptPool:
                 raise KeyError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)} or join sets by '+'")
         if not 0.0 <= random_range_ratio < 1.0:
             raise ValueError("random_range_ratio must be in [0, 1)")
+        if skip < 0:
+            raise ValueError("skip must be >= 0")
         self.dataset = "+".join(DATASETS[n] for n in names)
         self.categories = categories
         self.max_tokens = max_tokens
@@ -102,6 +106,8 @@ class PromptPool:
         self._next = 0
         self.handed_out = 0
         self.reused = 0
+        self.take(skip)  # passed over: neither handed out nor counted as reused
+        self.handed_out = self.reused = 0
 
     def _draw(self, length: int) -> int:
         ratio = self._random[2]
