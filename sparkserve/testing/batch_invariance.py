@@ -144,3 +144,20 @@ def summary(results: list[InvarianceResult]) -> str:
     tokens = sum(not r.same_tokens for r in results)
     return (f"{len(differ)} of {len(results)} differ, {tokens} in their tokens"
             + (f": {', '.join(differ)}" if differ else ""))
+
+
+def count_fused_attention_rows(monkeypatch) -> list[int]:  # noqa: ANN001 (a pytest MonkeyPatch)
+    """Wrap the fused CPU attention op so each call appends its query row count to the returned list (one
+    call per layer of a fused step); the wrapper stays until ``monkeypatch`` undoes it."""
+    from sparkserve.engine.models import llama
+    from sparkserve.kernels import fused_cpu
+
+    calls: list[int] = []
+    real = fused_cpu.rope_store_attend
+
+    def counted(*args):  # noqa: ANN002, ANN202
+        calls.append(args[0].shape[0])
+        return real(*args)
+
+    monkeypatch.setattr(llama.fused_cpu, "rope_store_attend", counted)
+    return calls

@@ -13,9 +13,9 @@ from sparkserve.engine.batch_invariant import batch_invariant_mode
 from sparkserve.engine.config import EngineArgs
 from sparkserve.engine.core import EngineCore
 from sparkserve.engine.loader import LoadedModel, default_model_path, load_model
-from sparkserve.engine.models import llama
 from sparkserve.kernels import fused_cpu
 from sparkserve.scheduler.sampling_params import SamplingParams
+from sparkserve.testing.batch_invariance import count_fused_attention_rows
 from sparkserve.testing.exactness import NEAR_TIE_EPS, assert_same_or_near_tie, top2_gap_fn
 from sparkserve.testing.tiny import tiny_target
 
@@ -35,15 +35,7 @@ def smollm2_bf16(smollm2) -> LoadedModel:
 @pytest.fixture
 def fused_calls(monkeypatch) -> list[int]:
     """Counts the fused attention op's calls (one per layer of a fused step)."""
-    calls: list[int] = []
-    real = fused_cpu.rope_store_attend
-
-    def counted(*args):  # noqa: ANN002, ANN202
-        calls.append(args[0].shape[0])
-        return real(*args)
-
-    monkeypatch.setattr(llama.fused_cpu, "rope_store_attend", counted)
-    return calls
+    return count_fused_attention_rows(monkeypatch)
 
 
 def _generate(loaded: LoadedModel, dtype: str, fused: bool, prompts: list[list[int]], **kw: object) -> list[list[int]]:

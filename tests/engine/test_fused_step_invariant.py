@@ -12,9 +12,9 @@ import torch
 
 from sparkserve.engine.attention import build_attention_metadata, new_kv_cache
 from sparkserve.engine.batch_invariant import batch_invariant_mode, fused_rows_metadata
-from sparkserve.engine.models import llama
 from sparkserve.engine.models.llama import LlamaForCausalLM
 from sparkserve.kernels import fused_cpu
+from sparkserve.testing.batch_invariance import count_fused_attention_rows
 from sparkserve.testing.tiny import tiny_target
 
 pytestmark = pytest.mark.skipif(not fused_cpu.load(), reason="fused CPU extension not built (scripts/setup.sh)")
@@ -71,15 +71,7 @@ def _model(dtype: torch.dtype) -> LlamaForCausalLM:
 @pytest.fixture
 def fused_rows(monkeypatch) -> list[int]:
     """Rows of each fused attention call (one per layer of a fused step)."""
-    calls: list[int] = []
-    real = fused_cpu.rope_store_attend
-
-    def counted(*args):  # noqa: ANN002, ANN202
-        calls.append(args[0].shape[0])
-        return real(*args)
-
-    monkeypatch.setattr(llama.fused_cpu, "rope_store_attend", counted)
-    return calls
+    return count_fused_attention_rows(monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
